@@ -1,0 +1,22 @@
+"""nbq: run notebook work on many processes and machines.
+
+``nbq.Client()`` is a concurrent.futures.Executor: submit, map, starmap and
+gather, with live progress and results as pandas DataFrames.
+"""
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
+
+from .client import Client
+from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, SerializationError,
+                     SignatureError, WorkerLost)
+from .future import FAILURE, PENDING, REVOKED, STARTED, SUCCESS, Future
+from .mapresult import MapResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client", "Future", "MapResult", "as_completed", "wait",
+    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
+    "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED",
+    "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
+    "BrokerUnavailable", "InputError",
+]

@@ -1,0 +1,517 @@
+"""The ZeroMQ broker: in-memory queues between clients and worker processes.
+
+One ROUTER socket serves everyone; the first byte of a peer's identity says
+what it is: ``c`` a client's receiving socket, ``t`` a client's sending
+socket, ``s`` a worker supervisor (``nbq worker``), ``w`` one worker process.
+
+Message kinds (header ``k``), see protocol.py for the frame layout:
+
+  from a client     hello (rx socket) · fn · tasks · cancel · watch · mapend · info · bye
+  from a supervisor hb (heartbeat, answered) · lost (a worker process died) · bye
+  from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
+  to a client       welcome · res · started · reply
+  to a worker       fn · tasks
+
+Dispatch is by credit: a worker process holds at most one message of tasks
+at a time, so a task handed to a worker is started (a batch of tasks measured
+at under a millisecond each may share a message, lasting ~2 ms in all).
+Sockets have no high-water mark and ROUTER_MANDATORY is set, so nothing is
+dropped silently: a result for a client that is gone stays in the result
+store until ``result_expires``, where any client can fetch it by id.
+
+A worker process that dies has its tasks re-run once; a task whose process
+dies a second time fails with WorkerLost.  A chunk re-run after a death
+reports item by item, so the item that kills its process fails alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import protocol
+from .errors import SignatureError, WorkerLost
+
+log = logging.getLogger("nbq.broker")
+
+#: A broker checks the signature itself of messages up to this size; larger
+#: ones are forwarded and verified by the receiver that unpickles them.
+VERIFY_MAX = 1 << 20
+HEARTBEAT = 1.0          # seconds between supervisor heartbeats
+HEARTBEAT_TIMEOUT = 4.0  # silence after which a supervisor and its processes are dead
+BATCH_SECONDS = 0.002    # a batch of short tasks lasts about this long
+BATCH_MAX = 256
+DEFAULT_RESULT_EXPIRES = 86400.0
+
+
+@dataclass(eq=False)
+class Task:
+    """A task as the broker sees it: its header item and payload, never unpickled."""
+    item: dict
+    frames: list
+    original: list | None  # the message it came in, when it was alone: forwarded as is
+    done: int = 0          # items reported during the current dispatch
+    where: str = "queued"  # "queued", or the id of the worker process running it
+
+    @property
+    def id(self) -> str:
+        return self.item["id"]
+
+
+@dataclass(eq=False)
+class Proc:
+    """One worker process (a child of a supervisor)."""
+    wid: str
+    sid: str
+    pid: int
+    queues: tuple
+    running: list = field(default_factory=list)
+    functions: set = field(default_factory=set)
+    idle: bool = True
+
+
+@dataclass(eq=False)
+class Supervisor:
+    sid: str
+    host: str
+    pid: int
+    concurrency: int
+    queues: tuple
+    seen: float
+    procs: set = field(default_factory=set)
+
+
+class Broker:
+    """Routes tasks to worker processes and results back; run() until stop()."""
+
+    def __init__(self, key: bytes, bind: str | list[str] = "tcp://127.0.0.1:5555",
+                 context: zmq.Context | None = None,
+                 result_expires: float = DEFAULT_RESULT_EXPIRES,
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self.signer = protocol.Signer(key)
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.addresses = []
+        for addr in [bind] if isinstance(bind, str) else bind:
+            if addr.startswith("tcp://") and addr.endswith(":0"):
+                port = self.sock.bind_to_random_port(addr.rsplit(":", 1)[0])
+                addr = f"{addr.rsplit(':', 1)[0]}:{port}"
+            else:
+                self.sock.bind(addr)
+            self.addresses.append(addr)
+        self._stop_r = self.ctx.socket(zmq.PAIR)
+        self._stop_addr = f"inproc://nbq-broker-stop-{id(self)}"
+        self._stop_r.bind(self._stop_addr)
+        self.result_expires = result_expires
+        self.heartbeat_timeout = heartbeat_timeout
+
+        self.queues: dict[str, deque] = {}
+        self.tasks: dict[str, Task] = {}
+        self.functions: dict[str, list] = {}
+        self.procs: dict[str, Proc] = {}
+        self.supervisors: dict[str, Supervisor] = {}
+        self.clients: dict[str, bytes] = {}          # client id -> routing id of its rx socket
+        self.unsent: dict[str, list] = {}            # messages for a client not connected yet
+        self.results: dict[str, list] = {}           # task id -> [(item, frames)] parts
+        self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
+        self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
+        self.expiry: deque = deque()                 # (time, kind, id) in time order
+        self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
+        self._started: dict[str, list] = {}
+        self._timer = 0.0
+        self._handlers = {
+            "hello": self._on_hello, "fn": self._on_fn, "tasks": self._on_tasks,
+            "cancel": self._on_cancel, "watch": self._on_watch, "mapend": self._on_mapend,
+            "info": self._on_info, "bye": self._on_bye, "hb": self._on_hb,
+            "lost": self._on_lost, "res": self._on_res,
+        }
+
+    # -- loop -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stop() is called from any thread."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._stop_r, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(HEARTBEAT * 1000 / 2))
+                if self._stop_r in events:
+                    break
+                if self.sock in events:
+                    self._drain()
+                now = time.monotonic()
+                if now >= self._timer:
+                    self._timer = now + HEARTBEAT / 2
+                    self.check_heartbeats(now)
+                    self.expire(time.time())
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask run() to return; safe from another thread."""
+        s = self.ctx.socket(zmq.PAIR)
+        s.connect(self._stop_addr)
+        s.send(b"")
+        s.close(linger=1000)
+
+    def _shutdown(self) -> None:
+        for sup in self.supervisors.values():
+            self._send(b"s" + sup.sid.encode(), {"k": "stop"})
+        self.sock.close(linger=200)
+        self._stop_r.close(linger=0)
+
+    def _drain(self) -> None:
+        for _ in range(10000):
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.handle(msg)
+        try:
+            self.dispatch()
+            self._flush_started()
+        except Exception:  # a bug here must not take the broker down with every queued task
+            log.exception("error dispatching tasks")
+
+    def handle(self, msg: list) -> None:
+        """Handle one message; anything malformed is logged and dropped, never fatal."""
+        peer = msg[0].bytes
+        body = msg[1:]
+        try:
+            verify = protocol.frame_size(body[2:]) <= VERIFY_MAX
+            header, frames = self.signer.decode(body, verify=verify)
+            handler = self._handlers[header["k"]]
+        except (SignatureError, KeyError, TypeError, IndexError) as e:
+            log.warning("dropped a message from %r: %s", peer[:40], e or "unknown kind")
+            return
+        try:
+            handler(peer, header, frames, body)
+        except Exception:  # a bad but signed message must not stop the broker
+            log.exception("error handling %r from %r", header.get("k"), peer[:40])
+
+    def _send(self, peer: bytes, header: dict, frames: list = ()) -> bool:
+        return self._send_raw(peer, self.signer.encode(header, frames))
+
+    def _send_raw(self, peer: bytes, msg: list) -> bool:
+        try:
+            self.sock.send_multipart([peer, *msg], copy=False)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+
+    def _to_client(self, cid: str, msg: list) -> None:
+        peer = self.clients.get(cid)
+        if peer is None or not self._send_raw(peer, msg):
+            self.unsent.setdefault(cid, []).append(msg)
+
+    # -- clients --------------------------------------------------------------
+
+    def _on_hello(self, peer, header, frames, body):
+        if peer[:1] == b"w":
+            sup = self._supervisor(header)
+            proc = Proc(header["w"], header["s"], header["pid"], tuple(sup.queues))
+            self.procs[proc.wid] = proc
+            sup.procs.add(proc.wid)
+            return
+        cid = header["c"]
+        self.clients[cid] = peer
+        self._send(peer, {"k": "welcome", "rq": header.get("rq")})
+        for msg in self.unsent.pop(cid, ()):
+            self._to_client(cid, msg)
+
+    def _on_bye(self, peer, header, frames, body):
+        if peer[:1] == b"s":
+            sup = self.supervisors.pop(header["s"], None)
+            if sup:
+                for wid in sup.procs:
+                    self._proc_gone(wid, died=False)
+            return
+        cid = header["c"]
+        self.clients.pop(cid, None)
+        self.unsent.pop(cid, None)
+
+    def _on_fn(self, peer, header, frames, body):
+        self.functions[header["h"]] = frames
+
+    def _on_tasks(self, peer, header, frames, body):
+        items = header["t"]
+        alone = len(items) == 1 and "a" not in items[0]
+        for item, payload in protocol.split(items, frames):
+            item["c"] = header["c"]
+            task = Task(item, payload, body if alone else None)
+            self.tasks[task.id] = task
+            mp = item.get("mp")
+            if mp is not None:
+                meta = self.maps.get(mp)
+                if meta is None:
+                    meta = self.maps[mp] = {"total": None, "chunks": [], "c": item["c"],
+                                            "star": item.get("m") == "star"}
+                    self._expire_later("map", mp)
+                meta["chunks"].append(task.id)
+            self.queues.setdefault(item.get("q", "default"), deque()).append(task)
+
+    def _on_mapend(self, peer, header, frames, body):
+        meta = self.maps.get(header["mp"])
+        if meta is not None:
+            meta["total"] = header["total"]
+
+    def _on_cancel(self, peer, header, frames, body):
+        answer = {}
+        for tid in header["ids"]:
+            task = self.tasks.get(tid)
+            if task is not None and task.where == "queued":
+                task.where = "cancelled"  # skipped when its queue reaches it
+                del self.tasks[tid]
+                self._store(tid, {"id": tid, "rv": 1, "s": task.item.get("s0", 0),
+                                  "n": task.item.get("n", 1), "nf": 0}, [])
+                answer[tid] = True
+            else:
+                answer[tid] = False
+        self._reply(header, answer)
+
+    def _reply(self, header: dict, result) -> None:
+        cid = header["c"]
+        msg = self.signer.encode({"k": "reply", "rq": header["rq"], "r": result})
+        self._to_client(cid, msg)
+
+    def _on_watch(self, peer, header, frames, body):
+        """Send a client what is stored for task ids and maps, and what comes later."""
+        cid = header["c"]
+        ids = list(header.get("ids", ()))
+        maps = {}
+        for mp in header.get("maps", ()):
+            meta = self.maps.get(mp)
+            if meta is not None:
+                maps[mp] = {"total": meta["total"], "star": meta["star"],
+                            "chunks": [(t, self._chunk_range(t)) for t in meta["chunks"]]}
+                ids.extend(meta["chunks"])
+        known = {}
+        for tid in ids:
+            parts = self.results.get(tid)
+            task = self.tasks.get(tid)
+            if task is not None:
+                self.watchers.setdefault(tid, set()).add(cid)
+                known[tid] = "STARTED" if task.where != "queued" else "PENDING"
+            elif parts is not None:
+                known[tid] = "DONE"
+        self._reply(header, {"maps": maps, "known": known})
+        for tid in ids:
+            for item, payload in self.results.get(tid, ()):
+                self._to_client(cid, self.signer.encode({"k": "res", "t": [item]}, payload))
+
+    def _chunk_range(self, tid: str) -> tuple:
+        task = self.tasks.get(tid)
+        if task is not None:
+            return (task.item.get("s0", 0), task.item.get("n", 1))
+        parts = self.results.get(tid) or [({"s0": 0, "n": 1}, None)]
+        return (parts[0][0].get("s0", 0), parts[0][0].get("n", 1))
+
+    def _on_info(self, peer, header, frames, body):
+        workers = [{
+            "id": s.sid, "host": s.host, "pid": s.pid, "concurrency": s.concurrency,
+            "queues": list(s.queues),
+            "active": sum(len(self.procs[w].running) for w in s.procs if w in self.procs),
+            "processes": sorted(self.procs[w].pid for w in s.procs if w in self.procs),
+        } for s in self.supervisors.values()]
+        queues = {q: sum(1 for t in d if t.where == "queued") for q, d in self.queues.items()}
+        self._reply(header, {"workers": workers, "queues": queues,
+                             "tasks": len(self.tasks), "results": len(self.results)})
+
+    # -- workers --------------------------------------------------------------
+
+    def _supervisor(self, header: dict) -> Supervisor:
+        """The supervisor a heartbeat or worker hello names, registered on first sight."""
+        sid = header["s"]
+        sup = self.supervisors.get(sid)
+        if sup is None:
+            sup = self.supervisors[sid] = Supervisor(
+                sid, header["host"], header["spid"], header["conc"], tuple(header["q"]),
+                time.monotonic())
+            log.info("worker %s joined (%s pid %s, %s processes)", sid, sup.host, sup.pid,
+                     sup.concurrency)
+        return sup
+
+    def _on_hb(self, peer, header, frames, body):
+        self._supervisor(header).seen = time.monotonic()
+        self._send(peer, {"k": "hb"})
+
+    def _on_lost(self, peer, header, frames, body):
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"))
+
+    def check_heartbeats(self, now: float) -> None:
+        """Declare supervisors silent for longer than the timeout dead, with their processes."""
+        for sup in [s for s in self.supervisors.values()
+                    if now - s.seen > self.heartbeat_timeout]:
+            log.warning("worker %s stopped sending heartbeats; re-queueing its tasks", sup.sid)
+            del self.supervisors[sup.sid]
+            for wid in sup.procs:
+                self._proc_gone(wid, died=True, how="stopped answering heartbeats")
+
+    def _proc_gone(self, wid: str, died: bool, how: str = "") -> None:
+        proc = self.procs.pop(wid, None)
+        if proc is None:
+            return
+        sup = self.supervisors.get(proc.sid)
+        if sup:
+            sup.procs.discard(wid)
+        for task in proc.running:
+            if task.where != wid:
+                continue
+            if died:
+                self._retry_after_death(task, f"worker process {proc.pid} {how}")
+            else:
+                task.where = "queued"
+                task.done = 0
+                self.queues.setdefault(task.item.get("q", "default"), deque()).appendleft(task)
+
+    def _retry_after_death(self, task: Task, why: str) -> None:
+        """Re-run a task once after its process died; an item that kills twice fails alone."""
+        item = dict(task.item)
+        pos = item.get("skip", 0) + task.done
+        n = item.get("n", 1)
+        if item.get("a", 0) >= 1:
+            self._fail_item(task, pos, why)
+            pos += 1
+        if pos >= n:
+            self._finish(task.id)
+            return
+        item.update(a=1, skip=pos, st=1 if n - pos > 1 else 0)
+        retry = Task(item, task.frames, None)
+        self.tasks[task.id] = retry
+        self.queues.setdefault(item.get("q", "default"), deque()).appendleft(retry)
+
+    def _fail_item(self, task: Task, pos: int, why: str) -> None:
+        exc = WorkerLost(f"{why} while running task {task.id}"
+                         + (f" (item {task.item.get('s0', 0) + pos})" if task.item.get("n", 1) > 1 else "")
+                         + "; it was re-run once and its process died again")
+        record = protocol.error_record(exc)
+        mode = task.item.get("m", "call")
+        payload = protocol.dumps(record if mode == "call" else ([None], {0: record}))
+        item = {"id": task.id, "s": pos, "n": 1, "ok": 0, "nf": len(payload)}
+        self._deliver(task, item, payload)
+
+    def _on_res(self, peer, header, frames, body):
+        proc = self.procs.get(header.get("w", ""))
+        parts = list(protocol.split(header["t"], frames))
+        owners = set()
+        for item, payload in parts:
+            task = self.tasks.get(item["id"])
+            if task is None or (proc is not None and task.where != proc.wid):
+                continue  # cancelled, or a late answer from a process declared dead
+            owners.add(task.item["c"])
+        for item, payload in parts:
+            task = self.tasks.get(item["id"])
+            if task is None or (proc is not None and task.where != proc.wid):
+                continue
+            d = item.get("d")
+            if d is not None:
+                h = task.item.get("h")
+                old = self.cost.get(h)
+                self.cost[h] = d if old is None else 0.8 * old + 0.2 * d
+            self._deliver(task, item, payload, forward=len(owners) != 1)
+        if len(owners) == 1:
+            self._to_client(owners.pop(), body)
+        if proc is not None and header.get("rdy"):
+            proc.running = [t for t in proc.running if t.where == proc.wid and t.id in self.tasks]
+            proc.idle = not proc.running
+
+    def _deliver(self, task: Task, item: dict, payload: list, forward: bool = True) -> None:
+        """Store a result part, forward it to its client and watchers, finish the task when complete."""
+        item = dict(item, s0=task.item.get("s0", 0))
+        self.results.setdefault(task.id, []).append((item, payload))
+        if forward:
+            self._to_client(task.item["c"], self.signer.encode({"k": "res", "t": [item]}, payload))
+        for cid in self.watchers.get(task.id, ()):
+            if cid != task.item["c"]:
+                self._to_client(cid, self.signer.encode({"k": "res", "t": [item]}, payload))
+        task.done += item.get("n", 1)
+        if task.item.get("skip", 0) + task.done >= task.item.get("n", 1):
+            self._finish(task.id)
+
+    def _finish(self, tid: str) -> None:
+        self.tasks.pop(tid, None)
+        self.watchers.pop(tid, None)
+        self._expire_later("res", tid)
+
+    def _store(self, tid: str, item: dict, payload: list) -> None:
+        self.results.setdefault(tid, []).append((item, payload))
+        self._expire_later("res", tid)
+
+    def _expire_later(self, kind: str, key: str) -> None:
+        self.expiry.append((time.time() + self.result_expires, kind, key))
+
+    def expire(self, now: float) -> None:
+        """Drop results and map records older than result_expires."""
+        while self.expiry and self.expiry[0][0] <= now:
+            _, kind, key = self.expiry.popleft()
+            (self.results if kind == "res" else self.maps).pop(key, None)
+
+    # -- dispatch -------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to idle worker processes, batching short ones."""
+        for proc in self.procs.values():
+            if not proc.idle:
+                continue
+            batch = self._take(proc)
+            if not batch:
+                continue
+            proc.idle = False
+            proc.running = batch
+            for t in batch:
+                t.where = proc.wid
+                t.done = 0
+                if t.item.get("f"):
+                    self._started.setdefault(t.item["c"], []).append(t.id)
+            peer = b"w" + proc.wid.encode()
+            for h in {t.item["h"] for t in batch} - proc.functions:
+                fn = self.functions.get(h)
+                if fn is not None:
+                    self._send(peer, {"k": "fn", "h": h}, fn)
+                    proc.functions.add(h)
+            if len(batch) == 1 and batch[0].original is not None:
+                self._send_raw(peer, batch[0].original)
+            else:
+                items, frames = [], []
+                for t in batch:
+                    items.append(t.item)
+                    frames.extend(t.frames)
+                self._send(peer, {"k": "tasks", "t": items}, frames)
+
+    def _take(self, proc: Proc) -> list:
+        for q in proc.queues:
+            dq = self.queues.get(q)
+            while dq and dq[0].where != "queued":
+                dq.popleft()
+            if not dq:
+                continue
+            first = dq.popleft()
+            cost = self.cost.get(first.item.get("h"))
+            if cost is None or cost > BATCH_SECONDS / 2 or not dq:
+                return [first]
+            limit = min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6)),
+                        max(1, len(dq) // max(1, len(self.procs))))
+            batch = [first]
+            while dq and len(batch) < limit:
+                t = dq.popleft()
+                if t.where == "queued":
+                    batch.append(t)
+            return batch
+        return []
+
+    def _flush_started(self) -> None:
+        if not self._started:
+            return
+        for cid, ids in self._started.items():
+            self._to_client(cid, self.signer.encode({"k": "started", "ids": ids}))
+        self._started = {}

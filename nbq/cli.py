@@ -1,0 +1,114 @@
+"""The ``nbq`` command: broker, worker, status, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import NbqError
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; errors are one readable line and exit code 1, not a traceback."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (NbqError, OSError, TimeoutError, ValueError) as e:
+        print(f"nbq {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nbq", description="Run Python work on many processes and machines.")
+    p.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="run a ZeroMQ broker")
+    b.add_argument("--bind", action="append", help=f"address to listen on (default {DEFAULT_BIND}); "
+                   "repeat for several")
+    b.add_argument("--result-expires", type=float, default=86400.0, help="seconds results are kept")
+    b.set_defaults(run=_broker)
+
+    w = sub.add_parser("worker", help="run worker processes for a broker")
+    w.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER or "
+                   f"{DEFAULT_BIND.replace('tcp://', 'tcp://')})")
+    w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: number of CPUs)")
+    w.add_argument("-Q", "--queues", default="default", help="comma-separated queues to consume")
+    w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
+    w.set_defaults(run=_worker)
+
+    s = sub.add_parser("status", help="show workers and queues of a broker")
+    s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
+    s.set_defaults(run=_status)
+
+    d = sub.add_parser("demo", help="run a map on an embedded cluster: progress, DataFrame, speed")
+    d.add_argument("--items", type=int, default=300_000, help="items to map (default 300,000)")
+    d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
+    d.set_defaults(run=_demo)
+
+    for parser in (b, w, s):
+        parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
+                            "$NBQ_KEY_FILE or ~/.config/nbq/key)")
+    return p
+
+
+def _address(given: str | None) -> str:
+    return given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
+
+
+def _broker(args) -> None:
+    import signal
+
+    from . import keys
+    from .broker import Broker
+    broker = Broker(keys.load_key(args.key_file), args.bind or [DEFAULT_BIND],
+                    result_expires=args.result_expires)
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    print(f"nbq broker listening on {', '.join(broker.addresses)}", flush=True)
+    broker.run()
+
+
+def _worker(args) -> None:
+    from . import keys, transport
+    from .worker.supervisor import Supervisor
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    key = keys.load_key(args.key_file)
+    address = _address(args.broker)
+    sup = Supervisor(transport.supervisor_connector(address, key),
+                     transport.worker_connector(address, key), args.concurrency,
+                     [q for q in args.queues.split(",") if q], args.lifeline)
+    why = sup.run()
+    if why in ("the broker never answered", "the broker stopped answering"):
+        raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
+    logging.getLogger("nbq.worker").info("stopping: %s", why)
+
+
+def _status(args) -> None:
+    from .client import Client
+    address = _address(args.broker)
+    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+        st = client.status()
+    print(f"broker {address}: {st['tasks']} tasks in progress, {st['results']} results stored")
+    print(f"{'worker':<40} {'host':<20} {'pid':>7} {'procs':>5} {'active':>6}  queues")
+    for w in st["workers"]:
+        print(f"{w['id']:<40} {w['host']:<20} {w['pid']:>7} {w['concurrency']:>5} "
+              f"{w['active']:>6}  {','.join(w['queues'])}")
+    if not st["workers"]:
+        print("(no workers)")
+    print("queue lengths: " + (", ".join(f"{q}={n}" for q, n in sorted(st["queues"].items()))
+                               or "(no queues yet)"))
+
+
+def _demo(args) -> None:
+    from .demo import run
+    run(args.items, args.workers)

@@ -1,0 +1,503 @@
+"""nbq.Client: a concurrent.futures.Executor whose work runs on nbq workers.
+
+The user's threads pickle and send; one background receiver thread completes
+futures, fills map results and reads the next chunks of lazy maps.  Nothing
+in the caller's thread polls.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+import types
+import uuid
+import weakref
+from collections import OrderedDict
+from concurrent.futures import CancelledError
+from typing import Any, Callable, Iterable
+
+from . import keys, protocol
+from .errors import BrokerUnavailable, InputError, NbqError, SerializationError
+from .future import Future
+from .mapresult import MapResult, _Chunker
+from .transport import client_connection
+
+log = logging.getLogger("nbq.client")
+
+CONNECT_TIMEOUT = 10.0
+MAX_CHUNKSIZE = 10_000
+UNSIZED_CHUNKSIZE = 64
+CHUNKS_PER_PROCESS = 4
+FUNCTION_CACHE = 256
+
+_current: "weakref.ref[Client] | None" = None
+
+
+def current_client() -> "Client":
+    """The most recently created client that is still open."""
+    client = _current() if _current is not None else None
+    if client is None or client._closed:
+        raise NbqError("no nbq client is open: create one with nbq.Client()")
+    return client
+
+
+class Client(concurrent.futures.Executor):
+    """Submit work to nbq workers.
+
+    ``Client()`` starts a private broker and ``os.cpu_count()`` worker processes;
+    ``Client(address)`` connects to a running broker (and starts ``workers``
+    local worker processes on it when given).  NBQ_BROKER supplies the
+    address when none is given.
+    """
+
+    def __init__(self, address: str | None = None, workers: int | None = None, *,
+                 key_file: str | None = None, result_expires: float | None = None,
+                 timeout: float = CONNECT_TIMEOUT) -> None:
+        global _current
+        from .cluster import LocalCluster
+        address = address or os.environ.get("NBQ_BROKER") or None
+        self.key = keys.load_key(key_file)
+        self.id = uuid.uuid4().hex[:16]
+        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires)
+        self.address = self._cluster.address
+        self._closed = False
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._futures: dict[str, Future] = {}
+        self._chunks: dict[str, tuple[MapResult, int, int]] = {}
+        self._feeders: dict[str, tuple[MapResult, _Chunker, dict]] = {}
+        self._requests: dict[int, tuple[concurrent.futures.Future, Callable | None]] = {}
+        self._fn_cache: OrderedDict = OrderedDict()
+        self._fn_sent: set[str] = set()
+        self._nprocs: tuple[float, int] = (0.0, 0)
+        try:
+            self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
+                                           self._cluster.context)
+        except Exception:
+            self._cluster.close()
+            raise
+        self._receiver = threading.Thread(target=_receive_loop, args=(weakref.ref(self), self._conn),
+                                          name=f"nbq-receiver-{self.id}", daemon=True)
+        self._receiver.start()
+        welcome = self._new_request(None)
+        self._conn.hello(welcome[0])
+        try:
+            welcome[1].result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._shutdown_now()
+            raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
+                                    f"{timeout:g} s: start one with `nbq broker`, or check the "
+                                    "address and that both sides use the same key") from None
+        _current = weakref.ref(self)
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    # -- submitting -----------------------------------------------------------
+
+    def submit(self, fn: Callable, /, *args, queue: str = "default", **kwargs) -> Future:
+        """Run fn(*args, **kwargs) on a worker; ``queue`` routes it (default "default")."""
+        self._check_open()
+        h = self._ship(fn)
+        payload = protocol.dumps_call(_name(fn), args, kwargs)
+        tid = f"{self.id}-{next(self._seq)}"
+        fut = Future(tid, self)
+        self._futures[tid] = fut
+        self._conn.send({"k": "tasks", "t": [{"id": tid, "h": h, "q": queue, "f": 1,
+                                              "nf": len(payload)}]}, payload)
+        return fut
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int | None = None, queue: str = "default") -> MapResult:
+        """fn over the items of the iterables (zipped), in chunks; see MapResult."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        if len(iterables) == 1:
+            return self._map(fn, iterables[0], False, timeout, chunksize, queue)
+        sized = all(hasattr(it, "__len__") for it in iterables)
+        source = list(zip(*iterables)) if sized else zip(*iterables)
+        return self._map(fn, source, True, timeout, chunksize, queue)
+
+    def starmap(self, fn: Callable, iterable: Iterable, chunksize: int | None = None,
+                timeout: float | None = None, queue: str = "default") -> MapResult:
+        """fn(*args) for each tuple of args in iterable; see MapResult."""
+        return self._map(fn, iterable, True, timeout, chunksize, queue)
+
+    def _map(self, fn, source, star: bool, timeout, chunksize, queue) -> MapResult:
+        self._check_open()
+        total = len(source) if hasattr(source, "__len__") and hasattr(source, "__getitem__") else None
+        if chunksize is None:
+            chunksize = self._default_chunksize(total)
+        elif chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        h = self._ship(fn)
+        map_id = f"{self.id}-m{next(self._seq)}"
+        keep = None if total is not None else []
+        res = MapResult(self, map_id, star=star, total=total,
+                        deadline=None if timeout is None else time.monotonic() + timeout,
+                        args=source if total is not None else keep)
+        chunker = _Chunker(source, chunksize, keep)
+        window = max(16, 4 * self._processes())
+        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id}
+        self._feeders[map_id] = (res, chunker, {"window": window, "task": task, "name": _name(fn)})
+        self._feed(map_id, in_caller=True)
+        return res
+
+    def _feed(self, map_id: str, in_caller: bool = False) -> None:
+        """Send chunks of a map until its window is full or its input is exhausted."""
+        entry = self._feeders.get(map_id)
+        if entry is None:
+            return
+        res, chunker, opts = entry
+        while len(res._chunks) < opts["window"] and not chunker.exhausted:
+            try:
+                start, items = chunker.next()
+            except InputError as e:
+                if in_caller:
+                    self._abandon_map(res)
+                    raise
+                if res._total is None:  # the item that could not be read fails in its place
+                    res._grow(1)
+                res._fail(chunker.position, 1, e)
+                chunker.position += 1
+                break
+            if not items:
+                break
+            if res._total is None:
+                res._grow(len(items))
+            try:
+                payload = protocol.dumps_named(items, f"an item among {start}..{start + len(items) - 1} "
+                                                      f"of the input of map({opts['name']})")
+            except SerializationError as e:
+                if in_caller:
+                    self._abandon_map(res)
+                    raise
+                res._fail(start, len(items), e)
+                continue
+            tid = f"{map_id}:{start}"
+            res._chunks[tid] = (start, len(items))
+            self._chunks[tid] = (res, start, len(items))
+            self._conn.send({"k": "tasks", "t": [dict(opts["task"], id=tid, s0=start, n=len(items),
+                                                      nf=len(payload))]}, payload)
+        if chunker.exhausted:
+            del self._feeders[map_id]
+            if res._total is None:
+                res._set_total(chunker.position)
+            self._conn.send({"k": "mapend", "mp": map_id, "total": chunker.position})
+
+    def _abandon_map(self, res: MapResult) -> None:
+        self._feeders.pop(res.id, None)
+        if res._chunks:
+            self._cancel_tasks(list(res._chunks))
+        for tid in list(res._chunks):
+            self._chunks.pop(tid, None)
+
+    def _default_chunksize(self, total: int | None) -> int:
+        if total is None:
+            return UNSIZED_CHUNKSIZE
+        per = CHUNKS_PER_PROCESS * max(1, self._processes())
+        return max(1, min(MAX_CHUNKSIZE, math.ceil(total / per)))
+
+    def _processes(self) -> int:
+        """Worker processes serving this broker (asked at most every 5 s)."""
+        if self._cluster.workers:
+            return self._cluster.workers
+        checked, n = self._nprocs
+        if time.monotonic() - checked > 5.0:
+            try:
+                n = sum(w["concurrency"] for w in self.workers())
+            except TimeoutError:
+                n = 0
+            self._nprocs = (time.monotonic(), n)
+        return n
+
+    def _ship(self, fn: Callable) -> str:
+        """Send fn's pickle to the broker once; returns its content hash.
+
+        Plain functions are re-pickled only when their code, defaults, closure
+        or the globals they name are rebound, so a notebook edit is always seen.
+        """
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        key = _fingerprint(fn)
+        h = self._fn_cache.get(key) if key is not None else None
+        if h is None:
+            payload = protocol.dumps_named(fn, f"the function {_name(fn)}")
+            h = protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload))
+            with self._lock:
+                if h not in self._fn_sent:
+                    self._conn.send({"k": "fn", "h": h}, payload)
+                    self._fn_sent.add(h)
+            if key is not None:
+                self._fn_cache[key] = h
+                if len(self._fn_cache) > FUNCTION_CACHE:
+                    self._fn_cache.popitem(last=False)
+        else:
+            self._fn_cache.move_to_end(key)
+        return h
+
+    # -- results --------------------------------------------------------------
+
+    def gather(self, futures: Iterable[Future] | MapResult, timeout: float | None = None) -> list:
+        """Results in input order, raising the first failure."""
+        if isinstance(futures, MapResult):
+            return futures.result(timeout)
+        futures = list(futures)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for f in futures]
+
+    def workers(self) -> list[dict]:
+        """Connected workers: id, host, pid, concurrency, active, queues, processes."""
+        return self._request("info")["workers"]
+
+    def status(self) -> dict:
+        """Workers, queue lengths and counts of tasks and stored results at the broker."""
+        return self._request("info")
+
+    def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
+        """Block until worker processes with at least n slots in all are connected."""
+        deadline = time.monotonic() + timeout
+        while sum(len(w["processes"]) for w in self.workers()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} worker processes joined within {timeout:g} s")
+            time.sleep(0.05)
+
+    def _cancel_tasks(self, ids: list[str]) -> dict[str, bool]:
+        if threading.current_thread() is self._receiver:
+            return {}
+        return self._request("cancel", ids=ids)
+
+    def _cancel_map(self, res: MapResult) -> int:
+        feeder = self._feeders.pop(res.id, None)  # read no more input
+        if feeder is not None and res._total is None:
+            res._set_total(feeder[1].position)
+            self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
+        answer = self._cancel_tasks(list(res._chunks))
+        count = 0
+        for tid, ok in answer.items():
+            entry = self._chunks.pop(tid, None) if ok else None
+            if entry is not None:
+                _, start, n = entry
+                res._chunks.pop(tid, None)
+                res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+                count += n
+        return count
+
+    def _find_map(self, map_id: str) -> MapResult:
+        holder: dict = {}
+
+        def register(reply: dict) -> None:  # runs on the receiver thread, before the results
+            meta = reply["maps"].get(map_id)
+            if meta is None:
+                return
+            chunks = meta["chunks"]
+            total = meta["total"]
+            if total is None:
+                total = max((s + n for _, (s, n) in chunks), default=0)
+            res = MapResult(self, map_id, star=meta["star"], total=total)
+            for tid, (start, n) in chunks:
+                res._chunks[tid] = (start, n)
+                self._chunks[tid] = (res, start, n)
+            holder["res"] = res
+
+        self._request("watch", maps=[map_id], on_reply=register)
+        if "res" not in holder:
+            raise NbqError(f"no map with id {map_id!r} is known to the broker at {self.address} "
+                           "(its results may have expired)")
+        return holder["res"]
+
+    # -- requests ---------------------------------------------------------------
+
+    def _new_request(self, on_reply: Callable | None):
+        rq = next(self._seq)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._requests[rq] = (fut, on_reply)
+        return rq, fut
+
+    def _request(self, kind: str, timeout: float = CONNECT_TIMEOUT, on_reply: Callable | None = None,
+                 **fields) -> Any:
+        if self._closed:
+            raise RuntimeError("this nbq client has been shut down")
+        rq, fut = self._new_request(on_reply)
+        self._conn.send(dict(fields, k=kind, rq=rq))
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._requests.pop(rq, None)
+            raise TimeoutError(f"the broker at {self.address} did not answer {kind!r} within "
+                               f"{timeout:g} s") from None
+
+    # -- receiving (receiver thread) --------------------------------------------
+
+    def _on_message(self, header: dict, frames: list) -> None:
+        kind = header.get("k")
+        if kind == "res":
+            for item, payload in protocol.split(header["t"], frames):
+                self._on_result(item, payload)
+        elif kind == "started":
+            for tid in header["ids"]:
+                fut = self._futures.get(tid)
+                if fut is not None and fut._state == "PENDING":
+                    fut.set_running_or_notify_cancel()
+        elif kind in ("reply", "welcome"):
+            entry = self._requests.pop(header.get("rq"), None)
+            if entry is not None:
+                fut, on_reply = entry
+                result = header.get("r")
+                try:
+                    if on_reply is not None:
+                        on_reply(result)
+                except Exception as e:
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(result)
+
+    def _on_result(self, item: dict, payload: list) -> None:
+        tid = item["id"]
+        fut = self._futures.pop(tid, None)
+        if fut is not None:
+            if item.get("rv"):
+                fut.cancel()
+                return
+            try:
+                value = protocol.loads(payload)
+            except Exception as e:
+                fut.set_exception(SerializationError(
+                    f"the result of task {tid} could not be unpickled here: {type(e).__name__}: {e}"))
+                return
+            if fut._state == "PENDING":
+                fut.set_running_or_notify_cancel()
+            if item.get("ok"):
+                fut.set_result(value)
+            else:
+                fut.set_exception(protocol.rebuild_error(value))
+            return
+        entry = self._chunks.get(tid)
+        if entry is None:
+            return  # a repeat of a result already seen, or not ours
+        res, chunk_start, chunk_n = entry
+        start = chunk_start + item.get("s", 0)
+        n = item.get("n", 1)
+        if item.get("rv"):
+            res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        else:
+            try:
+                values, errors = protocol.loads(payload)
+                errors = {i: protocol.rebuild_error(r) for i, r in errors.items()}
+            except Exception as e:
+                values, errors = [None] * n, dict.fromkeys(range(n), SerializationError(
+                    f"results of map {res.id} items {start}..{start + n - 1} could not be "
+                    f"unpickled here: {type(e).__name__}: {e}"))
+            res._deliver(start, values, errors)
+        if res._done.find(0, chunk_start, chunk_start + chunk_n) == -1:
+            del self._chunks[tid]
+            res._chunks.pop(tid, None)
+            self._feed(res.id)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("cannot submit to an nbq client after shutdown")
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; wait for what was submitted; stop local workers and broker."""
+        if self._closed:
+            return
+        self._closed = True
+        if cancel_futures:
+            pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
+            pending += list(self._chunks)
+            if pending:
+                answer = self._request_unchecked("cancel", ids=pending)
+                for tid, ok in answer.items():
+                    fut = self._futures.pop(tid, None) if ok else None
+                    if fut is not None:
+                        concurrent.futures.Future.cancel(fut)
+                    chunk = self._chunks.pop(tid, None) if ok else None
+                    if chunk is not None:
+                        res, start, n = chunk
+                        res._chunks.pop(tid, None)
+                        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        if wait:
+            for fut in list(self._futures.values()):
+                concurrent.futures.wait([fut])
+            for res, *_ in list(self._chunks.values()):
+                res._wait(res.done, None)
+        self._shutdown_now()
+
+    def _request_unchecked(self, kind: str, **fields):
+        closed, self._closed = self._closed, False
+        try:
+            return self._request(kind, **fields)
+        finally:
+            self._closed = closed
+
+    def _shutdown_now(self) -> None:
+        self._closed = True
+        self._conn.wake()
+        self._receiver.join(5.0)
+        self._conn.close()
+        self._cluster.close()
+
+    def __repr__(self) -> str:
+        return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"
+
+
+def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
+    """The receiver thread: completes futures and maps until the client closes."""
+    while True:
+        messages = conn.receive(1.0)
+        client = client_ref()
+        if client is None:
+            return
+        for header, frames in messages:
+            try:
+                client._on_message(header, frames)
+            except Exception:
+                log.exception("error handling a %r message", header.get("k"))
+        if client._closed and not client._requests:
+            return
+        del client
+
+
+def _shutdown_at_exit(client_ref: "weakref.ref[Client]") -> None:
+    client = client_ref()
+    if client is not None and not client._closed:
+        client._shutdown_now()
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _fingerprint(fn) -> tuple | None:
+    """What decides whether a cached pickle of fn is still right; None: pickle every time."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    code = fn.__code__
+    g = fn.__globals__
+    names = _global_names(code)
+    cells = tuple(id(c.cell_contents) if _filled(c) else None for c in fn.__closure__ or ())
+    return (fn, code, id(fn.__defaults__), id(fn.__kwdefaults__), cells,
+            tuple(id(g.get(n)) for n in names))
+
+
+def _global_names(code) -> tuple:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_global_names(const))
+    return tuple(names)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False

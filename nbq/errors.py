@@ -1,0 +1,53 @@
+"""nbq's exceptions: every one derives from NbqError."""
+from __future__ import annotations
+
+
+class NbqError(Exception):
+    """Base of every error nbq raises."""
+
+
+class SignatureError(NbqError):
+    """A message had a missing or wrong HMAC signature; its payload was never unpickled."""
+
+
+class SerializationError(NbqError, TypeError):
+    """A function, argument or result could not be pickled; the message names which."""
+
+
+class WorkerLost(NbqError):
+    """The worker process running a task died (killed, crashed, out of memory) twice."""
+
+
+class BrokerUnavailable(NbqError, ConnectionError):
+    """The broker could not be reached or stopped answering."""
+
+
+class InputError(NbqError):
+    """The iterable given to map raised while it was being read."""
+
+
+class RemoteError(NbqError):
+    """A remote exception whose type could not be rebuilt here.
+
+    Carries the remote type name, message and traceback text.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self):
+        return (RemoteError, (self.type_name, self.message, self.traceback))
+
+
+class RemoteTraceback(Exception):
+    """Holds the worker's traceback text; attached as ``__cause__`` of a remote error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

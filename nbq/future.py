@@ -1,0 +1,47 @@
+"""nbq.Future: a concurrent.futures.Future with a task id and Celery-style state names."""
+from __future__ import annotations
+
+import concurrent.futures
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+
+PENDING = "PENDING"
+STARTED = "STARTED"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+
+
+class Future(concurrent.futures.Future):
+    """The eventual result of one task; works with concurrent.futures.wait and as_completed."""
+
+    def __init__(self, task_id: str, client=None) -> None:
+        super().__init__()
+        self.id = task_id
+        self._client = client
+
+    @property
+    def state(self) -> str:
+        """One of PENDING, STARTED, SUCCESS, FAILURE, REVOKED."""
+        with self._condition:
+            s = self._state
+            if s == FINISHED:
+                return FAILURE if self._exception is not None else SUCCESS
+            if s == RUNNING:
+                return STARTED
+            if s in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return REVOKED
+            return PENDING
+
+    def cancel(self) -> bool:
+        """Cancel the task if no worker has started it; True means it will never run."""
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state != "PENDING":
+                return False
+        if self._client is None or not self._client._cancel_tasks([self.id]).get(self.id):
+            return False
+        return super().cancel()
+
+    def __repr__(self) -> str:
+        return f"<nbq.Future {self.id} {self.state}>"

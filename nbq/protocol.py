@@ -1,0 +1,173 @@
+"""Message layout, signing and pickling: the one format every transport carries.
+
+A message is a list of frames::
+
+    [header, signature, payload_0, ..., payload_n]
+
+* ``header`` is compact JSON (never pickle), so a broker can route a message
+  without loading anything a sender chose.  ``header["k"]`` is the kind.
+* ``signature`` is HMAC-SHA256 under the shared key over the header and every
+  payload frame, each preceded by its length, so frames cannot be re-cut.
+* payload frames are what the kind defines; pickled objects take one frame
+  for the pickle stream plus one per protocol-5 out-of-band buffer (large
+  arrays and bytes travel as their own frames, never copied into the pickle).
+
+The receiver that unpickles a payload always verifies the signature first
+(``decode``); a bad one raises SignatureError and nothing is loaded.
+
+Several items may share one message (a batch): the header lists them, each
+with ``nf``, the number of payload frames it owns, in order (``split``).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import pickle
+import traceback
+from typing import Any, Iterable, Sequence
+
+import cloudpickle
+
+from .errors import RemoteError, RemoteTraceback, SerializationError, SignatureError
+
+#: Buffers at least this large leave the pickle stream as their own frame.
+OUT_OF_BAND_MIN = 64 * 1024
+
+_dumps_json = json.JSONEncoder(separators=(",", ":")).encode
+_loads_json = json.loads
+
+
+class Signer:
+    """HMAC-SHA256 over a header and payload frames under one key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._base = hmac.new(key, digestmod=hashlib.sha256)
+
+    def sign(self, header: bytes, frames: Sequence) -> bytes:
+        mac = self._base.copy()
+        mac.update(header)
+        for f in frames:
+            buf = f.buffer if hasattr(f, "buffer") else f
+            mac.update(len(buf).to_bytes(8, "little"))
+            mac.update(buf)
+        return mac.digest()
+
+    def encode(self, header: dict, frames: Sequence = ()) -> list:
+        """Frames to send: header, signature, payload."""
+        h = _dumps_json(header).encode()
+        return [h, self.sign(h, frames), *frames]
+
+    def decode(self, msg: Sequence, verify: bool = True) -> tuple[dict, list]:
+        """Split a received message into (header, payload frames), checking the signature.
+
+        ``verify=False`` is only for a broker forwarding a large message it never
+        unpickles; the final receiver verifies it.
+        """
+        if len(msg) < 2:
+            raise SignatureError("message has no signature frame")
+        h = _bytes(msg[0])
+        payload = list(msg[2:])
+        if verify and not hmac.compare_digest(self.sign(h, payload), _bytes(msg[1])):
+            raise SignatureError("message signature does not match the shared key")
+        try:
+            header = _loads_json(h)
+        except ValueError as e:
+            raise SignatureError(f"message header is not valid JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise SignatureError("message header is not a JSON object")
+        return header, payload
+
+
+def _bytes(frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def frame_size(frames: Iterable) -> int:
+    """Total payload bytes of frames (bytes or zmq.Frame)."""
+    return sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+
+
+def split(items: list[dict], frames: list) -> Iterable[tuple[dict, list]]:
+    """Pair each batch item with its own payload frames (``nf`` of them)."""
+    i = 0
+    for item in items:
+        n = item.get("nf", 0)
+        yield item, frames[i:i + n]
+        i += n
+
+
+# -- pickling ---------------------------------------------------------------
+
+def dumps(obj: Any) -> list:
+    """Pickle obj (cloudpickle, protocol 5) to frames: the stream, then out-of-band buffers."""
+    buffers: list = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large), *buffers]
+
+
+def loads(frames: Sequence) -> Any:
+    """Inverse of dumps; frames may be bytes or zmq.Frame (zero copy)."""
+    views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    return pickle.loads(views[0], buffers=views[1:])
+
+
+def dumps_named(obj: Any, what: str) -> list:
+    """dumps, turning any failure into a SerializationError that says what failed."""
+    try:
+        return dumps(obj)
+    except Exception as e:  # pickling raises many types: TypeError, PicklingError, AttributeError...
+        raise SerializationError(f"{what} could not be pickled: {type(e).__name__}: {e}") from e
+
+
+def dumps_call(fn_name: str, args: tuple, kwargs: dict) -> list:
+    """Pickle a call's arguments; on failure name the argument that cannot be pickled."""
+    try:
+        return dumps((args, kwargs))
+    except Exception:
+        for i, a in enumerate(args):
+            dumps_named(a, f"argument {i} ({type(a).__name__}) of {fn_name}")
+        for k, v in kwargs.items():
+            dumps_named(v, f"keyword argument {k!r} ({type(v).__name__}) of {fn_name}")
+        raise
+
+
+def function_hash(payload: bytes) -> str:
+    """Content hash naming a pickled function on brokers and workers."""
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
+# -- errors -------------------------------------------------------------------
+
+def error_record(exc: BaseException) -> tuple:
+    """A picklable description of exc: (type name, message, traceback text, pickled exc or None)."""
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        blob = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(blob)  # exceptions with odd __init__ signatures pickle but do not load
+    except Exception:
+        blob = None
+    return (f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb, blob)
+
+
+def rebuild_error(record: tuple) -> BaseException:
+    """The exception a record describes, with the remote traceback as its cause."""
+    type_name, message, tb, blob = record
+    exc = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message, tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    exc.remote_traceback = tb
+    return exc

@@ -1,0 +1,70 @@
+"""The transport interface: what a client, a supervisor and a worker process need of a broker.
+
+Each transport (zmq.py, and others) implements these three connections; all
+above them (client.py, worker/) is written against this interface only.
+Messages are (header dict, payload frames) pairs as protocol.py defines;
+a connection signs what it sends and verifies what it receives.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class ClientConnection(ABC):
+    """A client's link: send from any thread, receive on the client's receiver thread."""
+
+    @abstractmethod
+    def send(self, header: dict, frames: list = ()) -> None:
+        """Send one message to the broker; thread-safe."""
+
+    @abstractmethod
+    def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
+        """Messages for this client (waiting up to timeout seconds); receiver thread only."""
+
+    @abstractmethod
+    def wake(self) -> None:
+        """Make a pending receive() return now; thread-safe."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release sockets; the broker keeps this client's results for result_expires."""
+
+
+class SupervisorConnection(ABC):
+    """A supervisor's link: heartbeats, deaths of its processes, orders from the broker."""
+
+    @abstractmethod
+    def heartbeat(self, info: dict) -> None:
+        """Tell the broker this supervisor is alive."""
+
+    @abstractmethod
+    def lost(self, wid: str, how: str) -> None:
+        """Report that worker process wid died, so its tasks are re-run or failed."""
+
+    @abstractmethod
+    def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
+        """Wait for broker messages or readable fds; returns (messages, ready fds)."""
+
+    @abstractmethod
+    def close(self, goodbye: bool) -> None:
+        """Leave; with goodbye the broker re-queues running tasks without counting a death."""
+
+
+class WorkerConnection(ABC):
+    """A worker process's link: fetch tasks, fetch functions, report results."""
+
+    @abstractmethod
+    def fetch(self) -> list[tuple[dict, list]]:
+        """Block until the next batch of tasks arrives."""
+
+    @abstractmethod
+    def function(self, h: str) -> list:
+        """Payload frames of the function with content hash h."""
+
+    @abstractmethod
+    def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
+        """Send result parts; ready means this process has finished its batch."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release sockets."""

@@ -1,0 +1,178 @@
+"""The ZeroMQ transport: DEALER sockets talking to nbq's broker (broker.py).
+
+A client has two sockets so that user threads can send while the receiver
+thread blocks: ``t<client id>`` sends, ``c<client id>`` receives.  Supervisors
+are ``s<id>`` and worker processes ``w<id>``.  No socket has a high-water mark:
+flow is bounded by the work submitted, and nothing is ever dropped.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+
+from .. import protocol
+from ..errors import SignatureError
+from .base import ClientConnection, SupervisorConnection, WorkerConnection
+
+log = logging.getLogger("nbq.transport")
+
+
+def _dealer(ctx: zmq.Context, identity: bytes, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    return sock
+
+
+def _decode(signer: protocol.Signer, msg: list):
+    try:
+        return signer.decode(msg)
+    except SignatureError as e:
+        log.warning("dropped a message: %s", e)
+        return None
+
+
+class ZmqClient(ClientConnection):
+    def __init__(self, address: str, key: bytes, client_id: str,
+                 context: zmq.Context | None = None) -> None:
+        self.ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self.signer = protocol.Signer(key)
+        self.cid = client_id
+        self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address)
+        self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address)
+        self._lock = threading.Lock()
+        wake_addr = f"inproc://nbq-wake-{client_id}"
+        self._wake_r = self.ctx.socket(zmq.PAIR)
+        self._wake_r.bind(wake_addr)
+        self._wake_w = self.ctx.socket(zmq.PAIR)
+        self._wake_w.connect(wake_addr)
+        self._poller = zmq.Poller()
+        self._poller.register(self._rx, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+
+    def hello(self, rq: int) -> None:
+        """Announce the receiving socket; the broker answers with welcome."""
+        self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
+
+    def send(self, header: dict, frames: list = ()) -> None:
+        header["c"] = self.cid
+        msg = self.signer.encode(header, frames)
+        with self._lock:
+            self._tx.send_multipart(msg, copy=False)
+
+    def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
+        events = dict(self._poller.poll(None if timeout is None else timeout * 1000))
+        if self._wake_r in events:
+            while self._wake_r.poll(0):
+                self._wake_r.recv()
+        out = []
+        while True:
+            try:
+                msg = self._rx.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return out
+            decoded = _decode(self.signer, msg)
+            if decoded is not None:
+                out.append(decoded)
+
+    def wake(self) -> None:
+        with self._lock:
+            self._wake_w.send(b"")
+
+    def close(self) -> None:
+        try:
+            self.send({"k": "bye"})
+        except zmq.ZMQError:
+            pass
+        for s in (self._rx, self._tx, self._wake_r, self._wake_w):
+            s.close(linger=500)
+        if self._own_ctx:
+            self.ctx.term()
+
+
+class ZmqSupervisor(SupervisorConnection):
+    def __init__(self, address: str, key: bytes, sid: str) -> None:
+        self.ctx = zmq.Context()
+        self.signer = protocol.Signer(key)
+        self.sid = sid
+        self.sock = _dealer(self.ctx, b"s" + sid.encode(), address)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+
+    def _send(self, header: dict) -> None:
+        header["s"] = self.sid
+        self.sock.send_multipart(self.signer.encode(header))
+
+    def heartbeat(self, info: dict) -> None:
+        self._send(dict(info, k="hb"))
+
+    def lost(self, wid: str, how: str) -> None:
+        self._send({"k": "lost", "w": wid, "how": how})
+
+    def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
+        for fd in fds:
+            self._poller.register(fd, zmq.POLLIN)
+        try:
+            events = dict(self._poller.poll(timeout * 1000))
+        finally:
+            for fd in fds:
+                self._poller.unregister(fd)
+        messages = []
+        if self.sock in events:
+            while True:
+                try:
+                    msg = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                decoded = _decode(self.signer, msg)
+                if decoded is not None:
+                    messages.append(decoded[0])
+        return messages, [fd for fd in fds if fd in events]
+
+    def close(self, goodbye: bool) -> None:
+        if goodbye:
+            self._send({"k": "bye"})
+        self.sock.close(linger=500 if goodbye else 0)
+        self.ctx.term()
+
+
+class ZmqWorker(WorkerConnection):
+    def __init__(self, address: str, key: bytes, wid: str, hello: dict) -> None:
+        self.ctx = zmq.Context()
+        self.signer = protocol.Signer(key)
+        self.wid = wid
+        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address)
+        self._functions: dict[str, list] = {}
+        self.sock.send_multipart(self.signer.encode(dict(hello, k="hello", w=wid)))
+
+    def fetch(self) -> list[tuple[dict, list]]:
+        while True:
+            decoded = _decode(self.signer, self.sock.recv_multipart(copy=False))
+            if decoded is None:
+                continue
+            header, frames = decoded
+            if header["k"] == "fn":
+                self._functions[header["h"]] = frames
+            elif header["k"] == "tasks":
+                return list(protocol.split(header["t"], frames))
+
+    def function(self, h: str) -> list:
+        return self._functions.pop(h)
+
+    def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
+        items, frames = [], []
+        for item, payload in results:
+            items.append(item)
+            frames.extend(payload)
+        msg = self.signer.encode({"k": "res", "w": self.wid, "t": items, "rdy": int(ready)}, frames)
+        self.sock.send_multipart(msg, copy=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+        self.ctx.term()

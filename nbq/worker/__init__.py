@@ -1,0 +1,1 @@
+"""Workers: a supervisor (``nbq worker``) keeps N worker processes that fetch, run and report."""

@@ -1,0 +1,116 @@
+"""Running one task item: the function cache, the three call modes, error records.
+
+Modes (header ``m``): ``call`` runs fn(*args, **kwargs) once; ``map`` runs fn(x)
+and ``star`` fn(*x) for each item of a chunk, each item failing alone.
+Results are pairs (header item, payload frames) ready for the transport.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from .. import protocol
+from ..errors import SerializationError
+
+FUNCTION_CACHE = 512
+
+
+class Functions:
+    """Functions by content hash, unpickled on first use; payloads come from ``fetch``."""
+
+    def __init__(self, fetch: Callable[[str], list]) -> None:
+        self._fetch = fetch
+        self._loaded: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, h: str):
+        try:
+            self._loaded.move_to_end(h)
+            return self._loaded[h]
+        except KeyError:
+            pass
+        try:
+            fn = protocol.loads(self._fetch(h))
+        except Exception as e:  # a module missing here, a broken pickle: every task of it fails
+            fn = _Unloadable(e)
+        self._loaded[h] = fn
+        if len(self._loaded) > FUNCTION_CACHE:
+            self._loaded.popitem(last=False)
+        return fn
+
+
+class _Unloadable:
+    """Stands in for a function whose payload would not unpickle on this worker."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None]) -> None:
+    """Run one task, passing each result part to emit (item by item when ``st`` is set)."""
+    tid = item["id"]
+    base = {"id": tid, "s0": item.get("s0", 0)}
+    t0 = time.perf_counter()
+    if item.get("m", "call") == "call":
+        try:
+            args, kwargs = protocol.loads(frames)
+            value = fn(*args, **kwargs)
+        except BaseException as e:
+            payload, ok = protocol.dumps(protocol.error_record(e)), 0
+        else:
+            payload, ok = _dump_value(value, f"the result of task {tid}")
+        emit(dict(base, s=0, n=1, ok=ok, nf=len(payload), d=time.perf_counter() - t0), payload)
+        return
+    try:
+        items = protocol.loads(frames)
+    except BaseException as e:  # the whole chunk's input is unreadable: every item fails
+        items, load_error = None, protocol.error_record(e)
+    star = item["m"] == "star"
+    start = item.get("skip", 0)
+    n = item.get("n", 1)
+    stream = item.get("st")
+    values: list = []
+    errors: dict = {}
+    part = start
+    for i in range(start, n):
+        if items is None:
+            values.append(None)
+            errors[i - part] = load_error
+        else:
+            try:
+                values.append(fn(*items[i]) if star else fn(items[i]))
+            except BaseException as e:
+                values.append(None)
+                errors[i - part] = protocol.error_record(e)
+        if stream:
+            _emit_chunk(base, part, values, errors, t0, emit)
+            values, errors, part, t0 = [], {}, i + 1, time.perf_counter()
+    if values or not stream:
+        _emit_chunk(base, part, values, errors, t0, emit)
+
+
+def _emit_chunk(base: dict, start: int, values: list, errors: dict, t0: float, emit) -> None:
+    try:
+        payload = protocol.dumps((values, errors))
+    except Exception:
+        for i, v in enumerate(values):
+            if i not in errors:
+                bad, ok = _dump_value(v, f"the result of item {base['s0'] + start + i}")
+                if not ok:
+                    values[i] = None
+                    errors[i] = protocol.loads(bad)
+        payload = protocol.dumps((values, errors))
+    emit(dict(base, s=start, n=len(values), nf=len(payload), d=time.perf_counter() - t0), payload)
+
+
+def _dump_value(value, what: str) -> tuple[list, int]:
+    """Pickle a result; an unpicklable one becomes the error record saying so."""
+    try:
+        return protocol.dumps(value), 1
+    except Exception as e:
+        err = SerializationError(f"{what} ({type(value).__name__}) could not be pickled: "
+                                 f"{type(e).__name__}: {e}")
+        return protocol.dumps(protocol.error_record(err)), 0

@@ -1,0 +1,31 @@
+"""A worker process: fetch a batch, run it, report results, repeat."""
+from __future__ import annotations
+
+import time
+
+from ..transport.base import WorkerConnection
+from .execute import Functions, run
+
+#: Results of a long batch are sent at least this often, so a slow task late in
+#: a batch never holds back the results of the quick ones before it.
+FLUSH_SECONDS = 0.005
+
+
+def serve(conn: WorkerConnection) -> None:
+    """Serve tasks until the process is stopped."""
+    functions = Functions(conn.function)
+    while True:
+        batch = conn.fetch()
+        out: list = []
+        flushed = time.monotonic()
+        for item, frames in batch:
+            if item.get("st"):
+                run(item, frames, functions.get(item["h"]),
+                    lambda r, p: conn.report([(r, p)], ready=False))
+            else:
+                run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
+            if out and time.monotonic() - flushed > FLUSH_SECONDS:
+                conn.report(out, ready=False)
+                out = []
+                flushed = time.monotonic()
+        conn.report(out, ready=True)

@@ -1,0 +1,182 @@
+"""The supervisor behind ``nbq worker``: keeps N worker processes alive and the broker informed.
+
+Worker processes are forked from the supervisor (a fresh, single-threaded
+interpreter), die with it (PR_SET_PDEATHSIG), and are replaced when they die;
+the broker is told at once so the dead process's task is re-run or failed.
+The supervisor itself exits when its broker stops answering heartbeats, when
+the broker says stop, or when its lifeline (a pipe from an embedding client)
+closes, so no process outlives the client that started it, even a SIGKILLed one.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Callable
+
+from ..transport.base import SupervisorConnection, WorkerConnection
+from . import process
+
+log = logging.getLogger("nbq.worker")
+
+HEARTBEAT = 1.0
+BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone
+CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
+
+
+class Supervisor:
+    """Forks and watches worker processes; run() returns when it is time to stop."""
+
+    def __init__(self, connect: Callable[[str], SupervisorConnection],
+                 connect_worker: Callable[[str, dict], WorkerConnection],
+                 concurrency: int, queues: list[str], lifeline: int | None = None) -> None:
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
+        self.concurrency = concurrency
+        self.queues = list(queues)
+        self.lifeline = lifeline
+        self._connect = connect
+        self._connect_worker = connect_worker
+        self.children: dict[int, str] = {}
+        self._count = 0
+        self._stopping = False
+
+    @property
+    def info(self) -> dict:
+        return {"s": self.sid, "host": self.host, "spid": self.pid,
+                "conc": self.concurrency, "q": self.queues}
+
+    def run(self) -> str:
+        """Serve until told to stop; returns why it stopped."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        conn = self._connect(self.sid)
+        goodbye = True
+        try:
+            conn.heartbeat(self.info)
+            for _ in range(self.concurrency):
+                self._spawn()
+            answered = None
+            started = next_beat = time.monotonic()
+            fds = [wake_r] + ([self.lifeline] if self.lifeline is not None else [])
+            while not self._stopping:
+                messages, ready = conn.poll(max(0.0, next_beat - time.monotonic()), fds)
+                now = time.monotonic()
+                for header in messages:
+                    if header["k"] == "hb":
+                        answered = now
+                    elif header["k"] == "stop":
+                        return "the broker is shutting down"
+                if wake_r in ready:
+                    os.read(wake_r, 4096)
+                self._reap(conn)
+                if self.lifeline in ready:
+                    return "the client that started this worker is gone"
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT
+                    conn.heartbeat(self.info)
+                if answered is None and now - started > CONNECT_TIMEOUT:
+                    goodbye = False
+                    return "the broker never answered"
+                if answered is not None and now - answered > BROKER_TIMEOUT:
+                    goodbye = False
+                    return "the broker stopped answering"
+            return "asked to stop"
+        finally:
+            self._stop_children()
+            conn.close(goodbye)
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self._stopping = True
+
+    def _spawn(self) -> None:
+        wid = f"{self.sid}/{self._count}"
+        self._count += 1
+        pid = os.fork()
+        if pid == 0:  # the worker process
+            code = 0
+            try:
+                _become_child(self.pid)
+                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())))
+            except BaseException:
+                log.exception("worker process %s failed", wid)
+                code = 1
+            finally:
+                os._exit(code)
+        self.children[pid] = wid
+
+    def _reap(self, conn: SupervisorConnection) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            wid = self.children.pop(pid, None)
+            if wid is None:
+                continue
+            how = _describe_exit(status)
+            log.warning("worker process %s (pid %d) %s; starting a new one", wid, pid, how)
+            conn.lost(wid, how)
+            if not self._stopping:
+                self._spawn()
+
+    def _stop_children(self) -> None:
+        for pid in self.children:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.children.pop(pid, None)
+            else:
+                time.sleep(0.01)
+        for pid in self.children:
+            _kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self.children.clear()
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"was killed by signal {sig} ({signal.Signals(sig).name})"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def _become_child(parent: int) -> None:
+    """Signal setup of a forked worker process; it dies when the supervisor dies."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor still kills its children when it stops
+    if os.getppid() != parent:
+        os._exit(0)
