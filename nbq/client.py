@@ -22,7 +22,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
 from . import keys, protocol
-from .errors import BrokerUnavailable, InputError, NbqError, SerializationError
+from .errors import BrokerUnavailable, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -65,7 +65,8 @@ class Client(concurrent.futures.Executor):
         self.id = uuid.uuid4().hex[:16]
         self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires)
         self.address = self._cluster.address
-        self._closed = False
+        self._closed = False      # no new work accepted
+        self._stopped = False     # the receiver thread should return
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._futures: dict[str, Future] = {}
@@ -153,21 +154,16 @@ class Client(concurrent.futures.Executor):
             return
         res, chunker, opts = entry
         while len(res._chunks) < opts["window"] and not chunker.exhausted:
-            try:
-                start, items = chunker.next()
-            except InputError as e:
-                if in_caller:
-                    self._abandon_map(res)
-                    raise
-                if res._total is None:  # the item that could not be read fails in its place
-                    res._grow(1)
-                res._fail(chunker.position, 1, e)
+            start, items, error = chunker.next()
+            if error is not None:  # the item that could not be read fails in its place
+                if res._total is None:
+                    res._grow(len(items) + 1)
+                res._fail(chunker.position, 1, error)
                 chunker.position += 1
-                break
-            if not items:
-                break
-            if res._total is None:
+            elif res._total is None:
                 res._grow(len(items))
+            if not items:
+                continue
             try:
                 payload = protocol.dumps_named(items, f"an item among {start}..{start + len(items) - 1} "
                                                       f"of the input of map({opts['name']})")
@@ -438,7 +434,7 @@ class Client(concurrent.futures.Executor):
             self._closed = closed
 
     def _shutdown_now(self) -> None:
-        self._closed = True
+        self._closed = self._stopped = True
         self._conn.wake()
         self._receiver.join(5.0)
         self._conn.close()
@@ -460,7 +456,7 @@ def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
                 client._on_message(header, frames)
             except Exception:
                 log.exception("error handling a %r message", header.get("k"))
-        if client._closed and not client._requests:
+        if client._stopped:
             return
         del client
 

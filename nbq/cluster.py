@@ -46,7 +46,9 @@ class LocalCluster:
 
     def _start_workers(self, key: bytes) -> None:
         r, w = os.pipe()
-        env = dict(os.environ, NBQ_KEY=key.decode())
+        # local workers import what the client can: its modules, its notebook's folder
+        path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
+        env = dict(os.environ, NBQ_KEY=key.decode(), PYTHONPATH=path)
         cmd = [sys.executable, "-m", "nbq", "worker", "--broker", self.address,
                "--concurrency", str(self.workers), "--lifeline", str(r)]
         try:

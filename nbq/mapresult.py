@@ -238,18 +238,22 @@ class _Chunker:
         self.exhausted = False
         self._keep = keep
 
-    def next(self) -> tuple[int, list]:
+    def next(self) -> tuple[int, list, InputError | None]:
+        """The next chunk: (start position, items, the error that ended the input or None)."""
         start = self.position
+        items: list = []
+        error = None
         try:
-            items = list(itertools.islice(self._it, self.chunksize))
+            for x in itertools.islice(self._it, self.chunksize):
+                items.append(x)
         except Exception as e:
-            self.exhausted = True
-            raise InputError(f"the map's input raised {type(e).__name__} after "
-                             f"{start} items: {e}") from e
-        if len(items) < self.chunksize:
+            error = InputError(f"the map's input raised {type(e).__name__} after "
+                               f"{start + len(items)} items: {e}")
+            error.__cause__ = e
+        if error is not None or len(items) < self.chunksize:
             self.exhausted = True
         self.position += len(items)
         if self._keep is not None:
             self._keep.extend(items)
-        return start, items
+        return start, items, error
 

@@ -1,0 +1,132 @@
+"""Shared fixtures: real brokers and worker processes, started and stopped by their own handles."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import nbq
+
+TRANSPORTS = ["zmq"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _key(tmp_path_factory):
+    """Every nbq process of the suite signs with a key of its own, not the user's."""
+    path = tmp_path_factory.mktemp("key") / "key"
+    os.environ["NBQ_KEY_FILE"] = str(path)
+    os.environ.pop("NBQ_KEY", None)
+    os.environ.pop("NBQ_BROKER", None)
+    yield path
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll predicate until it returns a true value (returned) or fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Processes:
+    """Starts nbq commands as subprocesses and stops every one of them at teardown."""
+
+    def __init__(self, tmp_path) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tmp_path
+
+    def nbq(self, *args: str, **kw) -> subprocess.Popen:
+        return self.start([sys.executable, "-m", "nbq", *args], **kw)
+
+    def start(self, cmd: list[str], **kw) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.STDOUT)
+        kw.setdefault("text", True)
+        p = subprocess.Popen(cmd, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def start_broker(procs: Processes) -> str:
+    """An `nbq broker` subprocess on a free loopback port; returns its address."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    p = procs.nbq("broker", "--bind", address)
+    line = p.stdout.readline()
+    assert "listening" in line, line
+    return address
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
+
+
+def make_client(transport: str, procs: Processes | None = None, workers: int = 2, **kw) -> nbq.Client:
+    """A client on the given transport with `workers` local worker processes, all connected."""
+    if transport == "zmq":
+        client = nbq.Client(workers=workers, **kw)
+    else:
+        raise ValueError(transport)
+    client.wait_for_workers(workers)
+    return client
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def shared_client(request):
+    """One client per module and transport, for tests that leave no state behind."""
+    client = make_client(request.param)
+    yield client
+    client.shutdown()
+
+
+@pytest.fixture
+def client(transport, procs):
+    """A fresh client for tests that change or break things."""
+    c = make_client(transport, procs)
+    yield c
+    c.shutdown(wait=False)

@@ -1,0 +1,306 @@
+"""Executor conformance, run against every transport: concurrent.futures semantics hold."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import time
+
+import pytest
+
+import nbq
+from conftest import make_client, wait_until
+
+
+def test_is_an_executor(shared_client):
+    assert isinstance(shared_client, concurrent.futures.Executor)
+
+
+def test_submit_result_and_state(shared_client):
+    fut = shared_client.submit(pow, 2, 10)
+    assert isinstance(fut, nbq.Future) and isinstance(fut, concurrent.futures.Future)
+    assert fut.result(timeout=10) == 1024
+    assert fut.state == nbq.SUCCESS == "SUCCESS"
+    assert fut.id and fut.id != shared_client.submit(pow, 2, 1).id
+
+
+def test_kwargs_lambdas_closures_and_classes(shared_client):
+    offset = 10
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    f = shared_client.submit(lambda p, scale=1: Point(p.x * scale + offset), Point(3), scale=2)
+    assert f.result(timeout=10).x == 16
+
+
+def test_rebinding_a_global_is_seen():
+    """A function re-submitted after a global it names is rebound uses the new value."""
+    global FACTOR
+    with make_client("zmq", workers=1) as c:
+        FACTOR = 2
+        assert c.submit(lambda x: x * FACTOR, 5).result(10) == 10
+        FACTOR = 3
+        assert c.submit(lambda x: x * FACTOR, 5).result(10) == 15
+
+
+def test_remote_exception_keeps_type_and_traceback(shared_client):
+    def boom(x):
+        raise KeyError(f"no {x}")
+    fut = shared_client.submit(boom, "key")
+    with pytest.raises(KeyError, match="no key") as info:
+        fut.result(timeout=10)
+    assert "in boom" in str(info.value.__cause__)
+    assert fut.state == nbq.FAILURE
+    assert isinstance(fut.exception(), KeyError)
+
+
+class UnloadableError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def test_exception_that_does_not_unpickle_is_remote_error(shared_client):
+    def boom():
+        raise UnloadableError(1, 2)
+    with pytest.raises(nbq.RemoteError) as info:
+        shared_client.submit(boom).result(timeout=10)
+    assert info.value.type_name.endswith("UnloadableError")
+    assert info.value.message == "1-2" and "in boom" in info.value.traceback
+
+
+def test_unpicklable_argument_fails_in_caller(shared_client):
+    lock = threading.Lock()
+    with pytest.raises(nbq.SerializationError, match="argument 0 .lock. of"):
+        shared_client.submit(id, lock)
+    with pytest.raises(nbq.SerializationError, match="input of map"):
+        shared_client.map(id, [1, lock, 3])
+    with pytest.raises(nbq.SerializationError, match="the function"):
+        shared_client.submit(lambda: lock.locked())
+
+
+def test_unpicklable_result_fails_that_task_only(shared_client):
+    fut = shared_client.submit(threading.Lock)
+    with pytest.raises(nbq.SerializationError, match="could not be pickled"):
+        fut.result(timeout=10)
+    res = shared_client.map(lambda i: threading.Lock() if i == 2 else i, range(5), chunksize=5)
+    errs = res.errors() if res.done() else (res._wait(res.done, 10), res.errors())[1]
+    assert list(errs) == [2] and isinstance(errs[2], nbq.SerializationError)
+    assert [v for i, v in enumerate(res._values) if i != 2] == [0, 1, 3, 4]
+
+
+def test_memory_error_fails_alone_and_worker_keeps_serving(shared_client):
+    def hog():
+        raise MemoryError("pretend the heap is full")
+    with pytest.raises(MemoryError):
+        shared_client.submit(hog).result(timeout=10)
+    assert shared_client.submit(abs, -3).result(timeout=10) == 3
+
+
+def test_map_in_order_with_first_error_raised(shared_client):
+    def f(x):
+        if x in (7, 3):
+            raise ValueError(x)
+        return x * 2
+    res = shared_client.map(f, range(10), chunksize=2)
+    it = iter(res)
+    assert [next(it) for _ in range(3)] == [0, 2, 4]
+    with pytest.raises(ValueError, match="3"):
+        next(it)
+    with pytest.raises(ValueError, match="3"):
+        res.result(timeout=10)
+    assert sorted(res.errors()) == [3, 7]
+
+
+def test_map_several_iterables_and_starmap(shared_client):
+    assert list(shared_client.map(pow, [2, 3, 4], [2, 2, 2])) == [4, 9, 16]
+    assert shared_client.starmap(pow, [(2, 3), (3, 3)]).result(10) == [8, 27]
+    assert list(shared_client.map(pow, iter([2, 3]), iter([1, 1, 1]))) == [2, 3]
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7, 10_000])
+def test_map_10000_items(shared_client, chunksize):
+    res = shared_client.map(lambda x: x * x, range(10_000), chunksize=chunksize)
+    assert len(res) == 10_000
+    assert res.result(timeout=60) == [x * x for x in range(10_000)]
+    assert res.done() and res.errors() == {}
+
+
+def test_failing_item_does_not_fail_its_chunk(shared_client):
+    res = shared_client.map(lambda x: 1 // (x % 10), range(100), chunksize=50)
+    res._wait(res.done, 20)
+    assert sorted(res.errors()) == list(range(0, 100, 10))
+    assert all(isinstance(e, ZeroDivisionError) for e in res.errors().values())
+    assert [v for i, v in enumerate(res._values) if i % 10] == [1 // (i % 10) for i in range(100) if i % 10]
+
+
+def test_map_timeout(client):
+    res = client.map(time.sleep, [0.0, 5.0], timeout=0.5, chunksize=1)
+    it = iter(res)
+    assert next(it) is None
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        next(it)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_result_timeout(shared_client):
+    fut = shared_client.submit(time.sleep, 0.5)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.1)
+    assert fut.result(timeout=10) is None
+
+
+def test_as_completed_and_wait(shared_client):
+    futs = [shared_client.submit(time.sleep, d) for d in (0.6, 0.0)]
+    first = next(nbq.as_completed(futs, timeout=10))
+    assert first is futs[1]
+    done, not_done = nbq.wait(futs, timeout=10, return_when=nbq.ALL_COMPLETED)
+    assert done == set(futs) and not not_done
+    done, _ = concurrent.futures.wait([shared_client.submit(abs, -1)], timeout=10)
+    assert done.pop().result() == 1
+
+
+def test_mapresult_as_completed_modes(shared_client):
+    def f(x):
+        if x == 2:
+            raise ValueError("two")
+        return x
+    res = shared_client.map(f, range(5), chunksize=1)
+    assert sorted(res.as_completed(errors="skip")) == [(0, 0), (1, 1), (3, 3), (4, 4)]
+    pairs = dict(res.as_completed(errors="include"))
+    assert isinstance(pairs.pop(2), ValueError) and pairs == {0: 0, 1: 1, 3: 3, 4: 4}
+    with pytest.raises(ValueError):
+        list(res.as_completed())
+    with pytest.raises(ValueError, match="errors must be one of"):
+        list(res.as_completed(errors="ignore"))
+
+
+def test_generator_input_is_read_lazily(shared_client):
+    read = []
+
+    def numbers():
+        for i in range(10_000_000):
+            read.append(i)
+            yield i
+
+    res = shared_client.map(lambda x: x, numbers(), chunksize=100)
+    assert res.total is None
+    # only a bounded window has been read: not ten million items
+    assert len(read) <= 100 * 64
+    res.cancel()
+    assert len(res) <= 100 * 200
+
+
+def test_generator_input_completes_and_input_error_fails_its_position(shared_client):
+    res = shared_client.map(lambda x: -x, (i for i in range(1000)), chunksize=64)
+    assert res.result(timeout=20) == [-i for i in range(1000)] and len(res) == 1000
+
+    def broken():
+        yield from range(300)
+        raise OSError("disk gone")
+
+    res = shared_client.map(abs, broken(), chunksize=64)
+    res._wait(res.done, 20)
+    assert len(res) == 301 and list(res.errors()) == [300]
+    assert isinstance(res.errors()[300], nbq.InputError)
+
+
+def test_submit_after_shutdown_raises(transport, procs):
+    c = make_client(transport, procs, workers=1)
+    c.shutdown()
+    with pytest.raises(RuntimeError):
+        c.submit(abs, 1)
+    with pytest.raises(RuntimeError):
+        c.map(abs, [1])
+
+
+def test_shutdown_waits_for_submitted_work(transport, procs, tmp_path):
+    marker = tmp_path / "done"
+    with make_client(transport, procs, workers=1) as c:
+        fut = c.submit(lambda: (time.sleep(0.5), marker.write_text("x")))
+    assert fut.done() and marker.exists()
+
+
+def test_cancel_queued_task_never_runs(transport, procs, tmp_path):
+    c = make_client(transport, procs, workers=1)
+    try:
+        blocker = c.submit(time.sleep, 1.0)
+        wait_until(lambda: blocker.state == nbq.STARTED, what="the blocker to start")
+        marker = tmp_path / "ran"
+        queued = c.submit(lambda: marker.write_text("ran"))
+        assert queued.state == nbq.PENDING
+        assert queued.cancel() is True
+        assert queued.cancelled() and queued.state == nbq.REVOKED
+        assert blocker.cancel() is False  # started: cannot cancel
+        blocker.result(timeout=10)
+        assert c.submit(abs, -2).result(timeout=10) == 2  # the worker has moved past it
+        assert not marker.exists()
+        with pytest.raises(concurrent.futures.CancelledError):
+            queued.result()
+    finally:
+        c.shutdown(wait=False)
+
+
+def test_mapresult_cancel_counts_and_marks_items(transport, procs, tmp_path):
+    c = make_client(transport, procs, workers=1)
+    try:
+        res = c.map(lambda x: (time.sleep(0.2), x)[1], range(20), chunksize=2)
+        wait_until(lambda: res.counts()["done"] >= 2, what="the first chunk")
+        n = res.cancel()
+        assert 10 <= n <= 16
+        res._wait(res.done, 10)
+        errs = res.errors()
+        assert len(errs) == n
+        assert all(isinstance(e, concurrent.futures.CancelledError) for e in errs.values())
+    finally:
+        c.shutdown(wait=False)
+
+
+def test_thousand_tasks_exactly_once(shared_client, tmp_path):
+    log = tmp_path / "log"
+
+    def note(i):
+        with open(log, "a") as f:
+            f.write(f"{i}\n")
+        return i
+    futs = [shared_client.submit(note, i) for i in range(1000)]
+    assert shared_client.gather(futs, timeout=60) == list(range(1000))
+    lines = log.read_text().split()
+    assert sorted(map(int, lines)) == list(range(1000))
+
+
+def test_hundred_thousand_submits_before_reading(shared_client):
+    futs = [shared_client.submit(abs, -i) for i in range(100_000)]
+    assert shared_client.gather(futs, timeout=120) == list(range(100_000))
+
+
+def test_workers_listing(shared_client):
+    (w,) = shared_client.workers()
+    assert w["concurrency"] == 2 and len(w["processes"]) == 2
+    assert w["host"] and w["pid"] != os.getpid() and w["active"] >= 0
+
+
+def test_map_result_by_id_from_another_client(shared_client):
+    res = shared_client.map(lambda x: x + 1, range(100), chunksize=10)
+    res.result(timeout=20)
+    other = nbq.Client(shared_client.address)
+    try:
+        again = nbq.MapResult.from_id(res.id, client=other)
+        assert again.result(timeout=10) == list(range(1, 101))
+        with pytest.raises(nbq.NbqError, match="no map with id"):
+            nbq.MapResult.from_id("nope", client=other)
+    finally:
+        other.shutdown()
+
+
+def test_to_dataframe_from_a_map(shared_client):
+    res = shared_client.map(lambda x: {"x": x, "sq": x * x}, range(50))
+    df = res.to_dataframe(include_args=True)
+    assert list(df.columns) == ["arg", "x", "sq"] and len(df) == 50
+    assert df["sq"].dtype == "int64" and df.loc[7, "sq"] == 49
+    res = shared_client.starmap(lambda a, b: a / b, [(1, 1), (1, 0), (3, 1)])
+    df = res.to_dataframe(include_args=True, errors="include")
+    assert list(df.columns) == ["arg0", "arg1", "result", "error"]
+    assert "ZeroDivisionError" in df.loc[1, "error"] and df.loc[2, "result"] == 3.0

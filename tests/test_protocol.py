@@ -1,0 +1,61 @@
+"""Signing, frame layout and pickling, without any sockets."""
+import pickle
+
+import numpy as np
+import pytest
+
+from nbq import protocol
+from nbq.errors import RemoteError, SerializationError, SignatureError
+
+
+def test_roundtrip_and_tamper():
+    s = protocol.Signer(b"k1")
+    msg = s.encode({"k": "x", "n": 1}, [b"abc", b"def"])
+    header, frames = s.decode(msg)
+    assert header == {"k": "x", "n": 1} and frames == [b"abc", b"def"]
+    for i in range(len(msg)):
+        bad = list(msg)
+        bad[i] = bytes(bad[i]) + b"!"
+        with pytest.raises(SignatureError):
+            s.decode(bad)
+    with pytest.raises(SignatureError):
+        protocol.Signer(b"k2").decode(msg)
+    # re-cutting frames keeps the bytes but must not keep the signature
+    with pytest.raises(SignatureError):
+        s.decode([msg[0], msg[1], b"abcd", b"ef"])
+    with pytest.raises(SignatureError):
+        s.decode([msg[0]])
+
+
+def test_large_buffers_travel_out_of_band():
+    a = np.arange(1_000_000, dtype=np.float64)
+    frames = protocol.dumps({"a": a, "small": np.arange(3)})
+    assert len(frames) == 2 and len(frames[0]) < 10_000
+    assert frames[1].nbytes == a.nbytes
+    out = protocol.loads(frames)
+    assert np.array_equal(out["a"], a) and list(out["small"]) == [0, 1, 2]
+
+
+def test_unpicklable_argument_is_named():
+    import threading
+    with pytest.raises(SerializationError, match=r"keyword argument 'lock' \(lock\) of f"):
+        protocol.dumps_call("f", (1, 2), {"lock": threading.Lock()})
+    with pytest.raises(SerializationError, match=r"argument 1 \(generator\) of g"):
+        protocol.dumps_call("g", (1, (x for x in [])), {})
+
+
+class Odd(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def test_error_records_keep_type_or_become_remote_error():
+    try:
+        raise KeyError("missing")
+    except KeyError as e:
+        rec = protocol.error_record(e)
+    exc = protocol.rebuild_error(pickle.loads(pickle.dumps(rec)))
+    assert type(exc) is KeyError and "raise KeyError" in str(exc.__cause__)
+    rec = protocol.error_record(Odd(1, 2))  # pickles, but will not unpickle
+    exc = protocol.rebuild_error(rec)
+    assert isinstance(exc, RemoteError) and exc.type_name.endswith("Odd") and exc.message == "1"
