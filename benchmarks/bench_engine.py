@@ -1,6 +1,6 @@
 """Engine benchmark: nbq against ProcessPoolExecutor, loky and Dask, each on 2 local workers.
 
-Each (system, workload) pair runs in a fresh executor; one table is printed at the end.
+Each (system, workload) pair runs in a fresh executor in a child process; one table is printed.
 
     python benchmarks/bench_engine.py [--systems nbq,ppe,loky,dask] [--workloads W0,W3] [--quick]
 """
@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import importlib
+import json
+import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -21,6 +25,7 @@ from typing import Any, Callable
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nbq from this checkout
 warnings.filterwarnings("ignore", message="Sending large graph")  # Dask, W4: that cost is measured
 MB, WORKERS, CHUNK = 2**20, 2, 10_000
+RESULT = "@@result "  # prefix of the child's result line on stdout
 
 
 # --- tasks: module level so ProcessPoolExecutor pickles them by reference ------------------
@@ -80,9 +85,9 @@ class Adapter:
         return [f.result() for f in futs]
 
     def close(self) -> None:
-        """Shut the executor down."""
+        """Shut the executor down, dropping work a failed workload left queued."""
         if self.ex is not None:
-            self.ex.shutdown(wait=True)
+            self.ex.shutdown(wait=True, cancel_futures=True)
 
 
 class NbqAdapter(Adapter):
@@ -111,6 +116,10 @@ class LokyAdapter(PpeAdapter):
     def start(self) -> None:
         import loky
         self.ex = loky.get_reusable_executor(max_workers=WORKERS)
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, kill_workers=True)  # loky has no cancel_futures
 
 
 class DaskAdapter(Adapter):
@@ -206,15 +215,11 @@ WORKLOADS = {"W0": w0_startup, "W1": w1_roundtrip, "W2": w2_submits,
              "W3": w3_map, "W4": w4_bulk, "W5": w5_sleep}
 
 
-# --- harness ------------------------------------------------------------------------------
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise TimeoutError("workload timed out")
-
-
-def run_one(system: str, wl: str, quick: bool, timeout: int) -> dict[str, float]:
-    """One workload on a fresh executor; {} on failure, with the error on stderr."""
+# --- harness: each (system, workload) runs in a child process of its own, under a timeout ---
+def run_one(system: str, wl: str, quick: bool) -> dict[str, float]:
+    """In the child: one workload on a fresh executor; {} on failure, with the error on stderr."""
+    importlib.import_module(MODULES[system])  # imports are not part of W0
     ad = ADAPTERS[system]()
-    signal.alarm(timeout)
     try:
         if wl != "W0":
             ad.start()
@@ -225,12 +230,27 @@ def run_one(system: str, wl: str, quick: bool, timeout: int) -> dict[str, float]
         traceback.print_exc(file=sys.stderr)
         return {}
     finally:
-        signal.alarm(timeout)
         try:
             ad.close()
         except Exception as e:  # noqa: BLE001
             print(f"[{system} {wl}] close failed: {type(e).__name__}: {e}", file=sys.stderr)
-        signal.alarm(0)
+
+
+def run_isolated(system: str, wl: str, quick: bool, timeout: float) -> dict[str, float]:
+    """In the parent: run_one in a new process group, killed whole if it outlives timeout."""
+    cmd = [sys.executable, __file__, "--one", f"{system}:{wl}"] + (["--quick"] if quick else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        print(f"[{system} {wl}] timed out after {timeout:g} s", file=sys.stderr)
+        return {}
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the child left running (workers, brokers)
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
+    return json.loads(lines[-1][len(RESULT):]) if lines else {}
 
 
 def fmt(v: float | None) -> str:
@@ -246,7 +266,7 @@ def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], floa
     head = ["workload", "better"] + systems + [f"nbq/{p}" for p in peers]
     body = []
     for r in rows:
-        line = [r, "lower" if r.endswith(("(s)", "(ms)", "(x)")) else "higher"]
+        line = [r, "-" if r.endswith("failed)") else "lower" if r.endswith(("(s)", "(ms)", "(x)")) else "higher"]
         line += [fmt(cells.get((s, r))) for s in systems]
         ratios = [(cells.get(("nbq", r)), cells.get((p, r))) for p in peers]
         body.append(line + [f"{a / b:.2f}" if a is not None and b else "-" for a, b in ratios])
@@ -272,20 +292,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--systems", help="comma list from nbq,ppe,loky,dask (default: all that import)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list from W0..W5")
     ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds allowed per workload run")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per workload run")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "system:workload" in a child
     args = ap.parse_args(argv)
+    if args.one:
+        system, wl = args.one.split(":")
+        print(RESULT + json.dumps(run_one(system, wl, args.quick)), flush=True)
+        return
     systems = args.systems.split(",") if args.systems else [s for s in ADAPTERS if available(s)]
     wls = args.workloads.split(",")
     bad = [x for x in systems if x not in ADAPTERS] + [x for x in wls if x not in WORKLOADS]
     if bad:
         ap.error(f"unknown system(s)/workload(s): {', '.join(bad)}")
-    signal.signal(signal.SIGALRM, _on_alarm)
     rows: list[str] = []
     cells: dict[tuple[str, str], float] = {}  # (system, row) -> value; a missing cell prints err
     for wl in wls:
         for s in systems:
             print(f"running {s} {wl} ...", file=sys.stderr, flush=True)
-            for r, v in run_one(s, wl, args.quick, args.timeout).items():
+            for r, v in run_isolated(s, wl, args.quick, args.timeout).items():
                 rows += [] if r in rows else [r]
                 cells[(s, r)] = v
         rows += [] if any(r.startswith(wl + " ") for r in rows) else [f"{wl} (all failed)"]

@@ -68,6 +68,7 @@ class Client(concurrent.futures.Executor):
         self._closed = False      # no new work accepted
         self._stopped = False     # the receiver thread should return
         self._lock = threading.Lock()
+        self._feed_lock = threading.RLock()
         self._seq = itertools.count()
         self._futures: dict[str, Future] = {}
         self._chunks: dict[str, tuple[MapResult, int, int]] = {}
@@ -148,7 +149,14 @@ class Client(concurrent.futures.Executor):
         return res
 
     def _feed(self, map_id: str, in_caller: bool = False) -> None:
-        """Send chunks of a map until its window is full or its input is exhausted."""
+        """Send chunks of a map until its window is full or its input is exhausted.
+
+        The caller's thread fills the first window; the receiver thread refills it.
+        """
+        with self._feed_lock:
+            self._feed_locked(map_id, in_caller)
+
+    def _feed_locked(self, map_id: str, in_caller: bool) -> None:
         entry = self._feeders.get(map_id)
         if entry is None:
             return
@@ -268,10 +276,11 @@ class Client(concurrent.futures.Executor):
         return self._request("cancel", ids=ids)
 
     def _cancel_map(self, res: MapResult) -> int:
-        feeder = self._feeders.pop(res.id, None)  # read no more input
-        if feeder is not None and res._total is None:
-            res._set_total(feeder[1].position)
-            self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
+        with self._feed_lock:
+            feeder = self._feeders.pop(res.id, None)  # read no more input
+            if feeder is not None and res._total is None:
+                res._set_total(feeder[1].position)
+                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
         answer = self._cancel_tasks(list(res._chunks))
         count = 0
         for tid, ok in answer.items():
