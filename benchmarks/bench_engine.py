@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import statistics
@@ -19,8 +20,9 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nbq from this checkout
 warnings.filterwarnings("ignore", message="Sending large graph")  # Dask, W4: that cost is measured
@@ -124,7 +126,6 @@ class LokyAdapter(PpeAdapter):
 
 class DaskAdapter(Adapter):
     def start(self) -> None:
-        import logging
         from distributed import Client, LocalCluster
         self.cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
                                     dashboard_address=None, silence_logs=logging.CRITICAL)
@@ -173,7 +174,7 @@ def w0_startup(ad: Adapter, quick: bool) -> dict[str, float]:
 
 def w1_roundtrip(ad: Adapter, quick: bool) -> dict[str, float]:
     """Single-task round trips in a row after 20 warm-ups: median and p99 (ms)."""
-    lat = [timed(lambda: ad.submit(inc, i).result(), lambda r: r == i + 1) * 1e3
+    lat = [timed(lambda i=i: ad.submit(inc, i).result(), lambda r, i=i: r == i + 1) * 1e3
            for i in range(20 + (50 if quick else 200))][20:]
     return {f"W1 {len(lat)} round trips median (ms)": statistics.median(lat),
             f"W1 {len(lat)} round trips p99 (ms)": statistics.quantiles(lat, n=100)[98]}
@@ -182,14 +183,14 @@ def w1_roundtrip(ad: Adapter, quick: bool) -> dict[str, float]:
 def w2_submits(ad: Adapter, quick: bool) -> dict[str, float]:
     """Many trivial submits, then wait for all (tasks/s)."""
     n = 1_000 if quick else 10_000
-    dt = timed(lambda: ad.gather([ad.submit(inc, i) for i in range(n)]), lambda r: r == list(range(1, n + 1)))
+    dt = timed(lambda: ad.gather([ad.submit(inc, i) for i in range(n)]), lambda r: r == [*range(1, n + 1)])
     return {f"W2 {n:,} submits (tasks/s)": n / dt}
 
 
 def w3_map(ad: Adapter, quick: bool) -> dict[str, float]:
     """Trivial function mapped over many items (items/s)."""
     n = 100_000 if quick else 1_000_000
-    dt = timed(lambda: ad.map_inc(n), lambda r: r == list(range(1, n + 1)))
+    dt = timed(lambda: ad.map_inc(n), lambda r: r == [*range(1, n + 1)])
     return {f"W3 map {n:,} items (items/s)": n / dt}
 
 
@@ -199,7 +200,8 @@ def w4_bulk(ad: Adapter, quick: bool) -> dict[str, float]:
     nb = (10 if quick else 100) * MB
     arr = np.ones(nb // 8)
     t_in = min(timed(lambda: ad.submit(nbytes_of, arr).result(), lambda r: r == nb) for _ in range(3))
-    t_out = min(timed(lambda: ad.submit(make_array, nb).result(), lambda r: r.nbytes == nb) for _ in range(3))
+    t_out = min(timed(lambda: ad.submit(make_array, nb).result(), lambda r: r.nbytes == nb)
+                for _ in range(3))
     return {f"W4 {nb // MB} MB in (MB/s)": nb / MB / t_in, f"W4 {nb // MB} MB out (MB/s)": nb / MB / t_out}
 
 
@@ -255,9 +257,7 @@ def run_isolated(system: str, wl: str, quick: bool, timeout: float) -> dict[str,
 
 def fmt(v: float | None) -> str:
     """A cell: 'err' if missing, else precision by magnitude."""
-    if v is None:
-        return "err"
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+    return "err" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
 def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], float]) -> str:
@@ -266,7 +266,8 @@ def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], floa
     head = ["workload", "better"] + systems + [f"nbq/{p}" for p in peers]
     body = []
     for r in rows:
-        line = [r, "-" if r.endswith("failed)") else "lower" if r.endswith(("(s)", "(ms)", "(x)")) else "higher"]
+        lower = r.endswith(("(s)", "(ms)", "(x)"))
+        line = [r, "-" if r.endswith("failed)") else "lower" if lower else "higher"]
         line += [fmt(cells.get((s, r))) for s in systems]
         ratios = [(cells.get(("nbq", r)), cells.get((p, r))) for p in peers]
         body.append(line + [f"{a / b:.2f}" if a is not None and b else "-" for a, b in ratios])
@@ -314,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
                 cells[(s, r)] = v
         rows += [] if any(r.startswith(wl + " ") for r in rows) else [f"{wl} (all failed)"]
     print(f"\n{WORKERS} workers, Python {sys.version.split()[0]}{', --quick' if args.quick else ''}\n")
-    print(table(rows, systems, cells), flush=True)
+    print(table(rows, systems, cells))
+    if "nbq" in systems:
+        print("\nnbq/X = nbq's figure / X's: > 1 favours nbq where 'better' is higher.", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
   from a client     hello (rx socket) · fn · tasks · cancel · watch · mapend · info · bye
   from a supervisor hb (heartbeat, answered) · lost (a worker process died) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
+                    · rej (a message it got failed its signature check)
   to a client       welcome · res · started · reply
   to a worker       fn · tasks
 
@@ -37,11 +38,15 @@ from .errors import SignatureError, WorkerLost
 
 log = logging.getLogger("nbq.broker")
 
-#: A broker checks the signature itself of messages up to this size; larger
-#: ones are forwarded and verified by the receiver that unpickles them.
+#: The broker checks the signature of every message it re-signs or that is at
+#: most this large.  A larger message holding one task or one result is only
+#: ever forwarded as the bytes that came in (the receiver that unpickles it
+#: verifies it); should it need re-sending in another form (a retry), the
+#: broker verifies it first.  So the broker never signs what it has not checked.
 VERIFY_MAX = 1 << 20
 HEARTBEAT = 1.0          # seconds between supervisor heartbeats
 HEARTBEAT_TIMEOUT = 4.0  # silence after which a supervisor and its processes are dead
+MAX_DEATHS = 3           # deaths of a task's process with no item to blame before it fails
 BATCH_SECONDS = 0.002    # a batch of short tasks lasts about this long
 BATCH_MAX = 256
 DEFAULT_RESULT_EXPIRES = 86400.0
@@ -53,12 +58,21 @@ class Task:
     item: dict
     frames: list
     original: list | None  # the message it came in, when it was alone: forwarded as is
-    done: int = 0          # items reported during the current dispatch
+    verified: bool = True  # False: a large message, checked only by the worker so far
     where: str = "queued"  # "queued", or the id of the worker process running it
+    delivered: bytearray | None = None  # per item: has a result reached its client
+    ndelivered: int = 0
+
+    def __post_init__(self) -> None:
+        if self.delivered is None:
+            self.delivered = bytearray(self.item.get("n", 1))
 
     @property
     def id(self) -> str:
         return self.item["id"]
+
+    def undelivered(self) -> list[int]:
+        return [i for i, d in enumerate(self.delivered) if not d]
 
 
 @dataclass(eq=False)
@@ -119,18 +133,19 @@ class Broker:
         self.supervisors: dict[str, Supervisor] = {}
         self.clients: dict[str, bytes] = {}          # client id -> routing id of its rx socket
         self.unsent: dict[str, list] = {}            # messages for a client not connected yet
-        self.results: dict[str, list] = {}           # task id -> [(item, frames)] parts
+        self.results: dict[str, list] = {}           # task id -> [(item, frames, raw)] parts
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
         self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
         self.expiry: deque = deque()                 # (time, kind, id) in time order
         self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
         self._started: dict[str, list] = {}
         self._timer = 0.0
+        self._verified = True  # whether the message being handled had its signature checked
         self._handlers = {
             "hello": self._on_hello, "fn": self._on_fn, "tasks": self._on_tasks,
             "cancel": self._on_cancel, "watch": self._on_watch, "mapend": self._on_mapend,
             "info": self._on_info, "bye": self._on_bye, "hb": self._on_hb,
-            "lost": self._on_lost, "res": self._on_res,
+            "lost": self._on_lost, "res": self._on_res, "rej": self._on_rej,
         }
 
     # -- loop -----------------------------------------------------------------
@@ -186,8 +201,8 @@ class Broker:
         peer = msg[0].bytes
         body = msg[1:]
         try:
-            verify = protocol.frame_size(body[2:]) <= VERIFY_MAX
-            header, frames = self.signer.decode(body, verify=verify)
+            self._verified = protocol.frame_size(body[2:]) <= VERIFY_MAX or not _forwardable(body[0])
+            header, frames = self.signer.decode(body, verify=self._verified)
             handler = self._handlers[header["k"]]
         except (SignatureError, KeyError, TypeError, IndexError) as e:
             log.warning("dropped a message from %r: %s", peer[:40], e or "unknown kind")
@@ -248,7 +263,7 @@ class Broker:
         alone = len(items) == 1 and "a" not in items[0]
         for item, payload in protocol.split(items, frames):
             item["c"] = header["c"]
-            task = Task(item, payload, body if alone else None)
+            task = Task(item, payload, body if alone else None, verified=self._verified)
             self.tasks[task.id] = task
             mp = item.get("mp")
             if mp is not None:
@@ -306,14 +321,14 @@ class Broker:
                 known[tid] = "DONE"
         self._reply(header, {"maps": maps, "known": known})
         for tid in ids:
-            for item, payload in self.results.get(tid, ()):
-                self._to_client(cid, self.signer.encode({"k": "res", "t": [item]}, payload))
+            for part in self.results.get(tid, ()):
+                self._to_client(cid, self._result_message(part))
 
     def _chunk_range(self, tid: str) -> tuple:
         task = self.tasks.get(tid)
         if task is not None:
             return (task.item.get("s0", 0), task.item.get("n", 1))
-        parts = self.results.get(tid) or [({"s0": 0, "n": 1}, None)]
+        parts = self.results.get(tid) or [({"s0": 0, "n": 1}, None, None)]
         return (parts[0][0].get("s0", 0), parts[0][0].get("n", 1))
 
     def _on_info(self, peer, header, frames, body):
@@ -346,7 +361,7 @@ class Broker:
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):
-        self._proc_gone(header["w"], died=True, how=header.get("how", "died"))
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"))
 
     def check_heartbeats(self, now: float) -> None:
         """Declare supervisors silent for longer than the timeout dead, with their processes."""
@@ -357,7 +372,7 @@ class Broker:
             for wid in sup.procs:
                 self._proc_gone(wid, died=True, how="stopped answering heartbeats")
 
-    def _proc_gone(self, wid: str, died: bool, how: str = "") -> None:
+    def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None) -> None:
         proc = self.procs.pop(wid, None)
         if proc is None:
             return
@@ -365,77 +380,132 @@ class Broker:
         if sup:
             sup.procs.discard(wid)
         for task in proc.running:
-            if task.where != wid:
+            if task.where != wid or task.id not in self.tasks:
                 continue
             if died:
-                self._retry_after_death(task, f"worker process {proc.pid} {how}")
+                self._retry_after_death(task, f"worker process {proc.pid} {how}", at)
             else:
                 task.where = "queued"
-                task.done = 0
                 self.queues.setdefault(task.item.get("q", "default"), deque()).appendleft(task)
 
-    def _retry_after_death(self, task: Task, why: str) -> None:
-        """Re-run a task once after its process died; an item that kills twice fails alone."""
+    def _retry_after_death(self, task: Task, why: str, at: list | None) -> None:
+        """Re-run the undelivered items of a task whose process died.
+
+        The first death re-runs the task item by item.  When a re-run dies, the
+        item it was running (the supervisor read it from the process's marker)
+        fails with WorkerLost and the others run again.  A task that keeps
+        dying with no item to blame fails after MAX_DEATHS.
+        """
+        if not task.verified:  # it is about to be re-signed: check it first
+            try:
+                self.signer.decode(task.original)
+            except SignatureError:
+                log.warning("dropped task %s: its signature does not match the shared key", task.id)
+                for pos in task.undelivered():
+                    self._fail_items(task, pos, 1, SignatureError(
+                        f"task {task.id} was dropped: its message's signature does not match "
+                        "the shared key"))
+                return
         item = dict(task.item)
-        pos = item.get("skip", 0) + task.done
-        n = item.get("n", 1)
+        exclude = set(item.get("ex", ()))
+        todo = [p for p in task.undelivered() if p not in exclude]
+        killer = None
         if item.get("a", 0) >= 1:
-            self._fail_item(task, pos, why)
-            pos += 1
-        if pos >= n:
+            if at and at[0] == task.id and at[1] in todo:
+                killer = at[1]
+            elif len(todo) == 1:
+                killer = todo[0]
+        if killer is not None:
+            self._fail_item(task, killer, why)
+            exclude.add(killer)
+            todo.remove(killer)
+        else:
+            item["a"] = item.get("a", 0) + 1
+            if item["a"] > MAX_DEATHS:
+                for p in todo:
+                    self._fail_item(task, p, why)
+                return
+        if not todo:
             self._finish(task.id)
             return
-        item.update(a=1, skip=pos, st=1 if n - pos > 1 else 0)
-        retry = Task(item, task.frames, None)
+        item.update(skip=todo[0], ex=sorted(exclude), st=1)
+        retry = Task(item, task.frames, None, delivered=task.delivered, ndelivered=task.ndelivered)
         self.tasks[task.id] = retry
         self.queues.setdefault(item.get("q", "default"), deque()).appendleft(retry)
 
     def _fail_item(self, task: Task, pos: int, why: str) -> None:
         exc = WorkerLost(f"{why} while running task {task.id}"
                          + (f" (item {task.item.get('s0', 0) + pos})" if task.item.get("n", 1) > 1 else "")
-                         + "; it was re-run once and its process died again")
+                         + "; it was re-run and its process died again")
+        self._fail_items(task, pos, 1, exc)
+
+    def _fail_items(self, task: Task, start: int, n: int, exc: Exception) -> None:
+        """Deliver exc as the result of items start..start+n of task."""
         record = protocol.error_record(exc)
-        mode = task.item.get("m", "call")
-        payload = protocol.dumps(record if mode == "call" else ([None], {0: record}))
-        item = {"id": task.id, "s": pos, "n": 1, "ok": 0, "nf": len(payload)}
-        self._deliver(task, item, payload)
+        if task.item.get("m", "call") == "call":
+            payload = protocol.dumps(record)
+        else:
+            payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), record)))
+        self._deliver(task, {"id": task.id, "s": start, "n": n, "ok": 0, "nf": len(payload)}, payload)
+
+    def _on_rej(self, peer, header, frames, body):
+        """A worker dropped a message whose signature failed: fail its tasks, free the worker."""
+        proc = self.procs.get(header["w"])
+        if proc is None:
+            return
+        for tid in header["ids"]:
+            task = self.tasks.get(tid)
+            if task is not None and task.where == proc.wid:
+                for pos in task.undelivered():
+                    self._fail_items(task, pos, 1, SignatureError(
+                        f"worker process {proc.pid} refused task {tid}: its message's signature "
+                        "does not match the shared key (tampered with, or sent with another key)"))
+        proc.running = [t for t in proc.running if t.id in self.tasks]
+        proc.idle = not proc.running
 
     def _on_res(self, peer, header, frames, body):
         proc = self.procs.get(header.get("w", ""))
-        parts = list(protocol.split(header["t"], frames))
-        owners = set()
-        for item, payload in parts:
+        parts = []
+        for item, payload in protocol.split(header["t"], frames):
             task = self.tasks.get(item["id"])
-            if task is None or (proc is not None and task.where != proc.wid):
-                continue  # cancelled, or a late answer from a process declared dead
-            owners.add(task.item["c"])
-        for item, payload in parts:
-            task = self.tasks.get(item["id"])
-            if task is None or (proc is not None and task.where != proc.wid):
-                continue
+            # a late answer from a process since declared dead still counts: items are deduplicated
+            if task is not None and (proc is None or task.where == proc.wid):
+                parts.append((task, item, payload))
+        owners = {task.item["c"] for task, _, _ in parts}
+        whole = len(owners) == 1 and len(parts) == len(header["t"])
+        for task, item, payload in parts:
             d = item.get("d")
             if d is not None:
                 h = task.item.get("h")
                 old = self.cost.get(h)
                 self.cost[h] = d if old is None else 0.8 * old + 0.2 * d
-            self._deliver(task, item, payload, forward=len(owners) != 1)
-        if len(owners) == 1:
+            self._deliver(task, item, payload, forward=not whole,
+                          raw=None if self._verified else body)
+        if whole:
             self._to_client(owners.pop(), body)
         if proc is not None and header.get("rdy"):
             proc.running = [t for t in proc.running if t.where == proc.wid and t.id in self.tasks]
             proc.idle = not proc.running
 
-    def _deliver(self, task: Task, item: dict, payload: list, forward: bool = True) -> None:
-        """Store a result part, forward it to its client and watchers, finish the task when complete."""
-        item = dict(item, s0=task.item.get("s0", 0))
-        self.results.setdefault(task.id, []).append((item, payload))
+    def _deliver(self, task: Task, item: dict, payload: list, forward: bool = True,
+                 raw: list | None = None) -> None:
+        """Store a result part, forward it to its client and watchers, finish the task when complete.
+
+        raw is the message it came in when the broker did not verify it: then
+        that message, and never a re-signed copy, is what anyone is sent.
+        """
+        part = (dict(item, s0=task.item.get("s0", 0)), payload, raw)
+        self.results.setdefault(task.id, []).append(part)
         if forward:
-            self._to_client(task.item["c"], self.signer.encode({"k": "res", "t": [item]}, payload))
+            self._to_client(task.item["c"], self._result_message(part))
         for cid in self.watchers.get(task.id, ()):
             if cid != task.item["c"]:
-                self._to_client(cid, self.signer.encode({"k": "res", "t": [item]}, payload))
-        task.done += item.get("n", 1)
-        if task.item.get("skip", 0) + task.done >= task.item.get("n", 1):
+                self._to_client(cid, self._result_message(part))
+        start, n = item.get("s", 0), item.get("n", 1)
+        fresh = n - task.delivered.count(1, start, start + n)
+        task.delivered[start:start + n] = b"\x01" * n
+        task.ndelivered += fresh
+        if task.ndelivered >= len(task.delivered):
             self._finish(task.id)
 
     def _finish(self, tid: str) -> None:
@@ -444,8 +514,12 @@ class Broker:
         self._expire_later("res", tid)
 
     def _store(self, tid: str, item: dict, payload: list) -> None:
-        self.results.setdefault(tid, []).append((item, payload))
+        self.results.setdefault(tid, []).append((item, payload, None))
         self._expire_later("res", tid)
+
+    def _result_message(self, part: tuple) -> list:
+        item, payload, raw = part
+        return raw if raw is not None else self.signer.encode({"k": "res", "t": [item]}, payload)
 
     def _expire_later(self, kind: str, key: str) -> None:
         self.expiry.append((time.time() + self.result_expires, kind, key))
@@ -470,7 +544,6 @@ class Broker:
             proc.running = batch
             for t in batch:
                 t.where = proc.wid
-                t.done = 0
                 if t.item.get("f"):
                     self._started.setdefault(t.item["c"], []).append(t.id)
             peer = b"w" + proc.wid.encode()
@@ -497,12 +570,14 @@ class Broker:
                 continue
             first = dq.popleft()
             cost = self.cost.get(first.item.get("h"))
-            if cost is None or cost > BATCH_SECONDS / 2 or not dq:
+            if cost is None or cost > BATCH_SECONDS / 2 or not dq or not first.verified:
                 return [first]
             limit = min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6)),
                         max(1, len(dq) // max(1, len(self.procs))))
             batch = [first]
             while dq and len(batch) < limit:
+                if not dq[0].verified:  # goes alone, as it came
+                    break
                 t = dq.popleft()
                 if t.where == "queued":
                     batch.append(t)
@@ -515,3 +590,13 @@ class Broker:
         for cid, ids in self._started.items():
             self._to_client(cid, self.signer.encode({"k": "started", "ids": ids}))
         self._started = {}
+
+
+def _forwardable(header: bytes) -> bool:
+    """Whether a large message may travel unverified: one task or one result, forwarded as is."""
+    try:
+        h = protocol.loads_header(header)
+        items = h["t"]
+        return h["k"] in ("tasks", "res") and len(items) == 1 and "a" not in items[0]
+    except Exception:
+        return False

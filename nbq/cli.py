@@ -90,6 +90,8 @@ def _worker(args) -> None:
     why = sup.run()
     if why in ("the broker never answered", "the broker stopped answering"):
         raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
+    if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
+        raise NbqError(f"the broker at {address} shut down; this worker stops with it")
     logging.getLogger("nbq.worker").info("stopping: %s", why)
 
 

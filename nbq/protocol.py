@@ -79,6 +79,11 @@ class Signer:
         return header, payload
 
 
+def loads_header(frame) -> dict:
+    """Parse a header frame (JSON, never pickle: safe before the signature is checked)."""
+    return _loads_json(_bytes(frame))
+
+
 def _bytes(frame) -> bytes:
     return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
 

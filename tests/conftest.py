@@ -63,6 +63,11 @@ class Processes:
         self.tmp = tmp_path
 
     def nbq(self, *args: str, **kw) -> subprocess.Popen:
+        """`nbq ARGS` as a subprocess that can import the test modules (as a user's workers
+        import the user's modules)."""
+        here = os.path.dirname(os.path.abspath(__file__))
+        kw.setdefault("env", dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (here, os.environ.get("PYTHONPATH")) if p)))
         return self.start([sys.executable, "-m", "nbq", *args], **kw)
 
     def start(self, cmd: list[str], **kw) -> subprocess.Popen:

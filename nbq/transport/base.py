@@ -38,8 +38,8 @@ class SupervisorConnection(ABC):
         """Tell the broker this supervisor is alive."""
 
     @abstractmethod
-    def lost(self, wid: str, how: str) -> None:
-        """Report that worker process wid died, so its tasks are re-run or failed."""
+    def lost(self, wid: str, how: str, at: tuple[str, int] | None) -> None:
+        """Report that worker process wid died (running item at[1] of task at[0], if known)."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:

@@ -7,6 +7,7 @@ flow is bounded by the work submitted, and nothing is ever dropped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -112,8 +113,8 @@ class ZmqSupervisor(SupervisorConnection):
     def heartbeat(self, info: dict) -> None:
         self._send(dict(info, k="hb"))
 
-    def lost(self, wid: str, how: str) -> None:
-        self._send({"k": "lost", "w": wid, "how": how})
+    def lost(self, wid: str, how: str, at: tuple[str, int] | None) -> None:
+        self._send({"k": "lost", "w": wid, "how": how, "at": at})
 
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         for fd in fds:
@@ -153,14 +154,24 @@ class ZmqWorker(WorkerConnection):
 
     def fetch(self) -> list[tuple[dict, list]]:
         while True:
-            decoded = _decode(self.signer, self.sock.recv_multipart(copy=False))
+            msg = self.sock.recv_multipart(copy=False)
+            decoded = _decode(self.signer, msg)
             if decoded is None:
+                self._reject(msg)
                 continue
             header, frames = decoded
             if header["k"] == "fn":
                 self._functions[header["h"]] = frames
             elif header["k"] == "tasks":
                 return list(protocol.split(header["t"], frames))
+
+    def _reject(self, msg: list) -> None:
+        """Tell the broker which tasks a badly signed message named, so they fail and we get more."""
+        try:
+            ids = [t["id"] for t in json.loads(msg[0].bytes)["t"]]
+        except Exception:
+            ids = []
+        self.sock.send_multipart(self.signer.encode({"k": "rej", "w": self.wid, "ids": ids}))
 
     def function(self, h: str) -> list:
         return self._functions.pop(h)

@@ -49,8 +49,14 @@ class _Unloadable:
         raise self.error
 
 
-def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None]) -> None:
-    """Run one task, passing each result part to emit (item by item when ``st`` is set)."""
+def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
+        mark: Callable[[str, int], None] | None = None) -> None:
+    """Run one task, passing each result part to emit.
+
+    A re-run after a death (``st`` set) goes item by item: each item is marked
+    before it runs and reported when done, and items in ``ex`` (those that
+    killed their process) are not run again.
+    """
     tid = item["id"]
     base = {"id": tid, "s0": item.get("s0", 0)}
     t0 = time.perf_counter()
@@ -72,10 +78,17 @@ def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None]) -> Non
     start = item.get("skip", 0)
     n = item.get("n", 1)
     stream = item.get("st")
+    exclude = set(item.get("ex", ()))
     values: list = []
     errors: dict = {}
     part = start
     for i in range(start, n):
+        if stream:
+            if i in exclude:
+                part = i + 1
+                continue
+            if mark is not None:
+                mark(tid, i)
         if items is None:
             values.append(None)
             errors[i - part] = load_error

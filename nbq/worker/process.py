@@ -5,23 +5,27 @@ import time
 
 from ..transport.base import WorkerConnection
 from .execute import Functions, run
+from .marker import Marker
 
 #: Results of a long batch are sent at least this often, so a slow task late in
 #: a batch never holds back the results of the quick ones before it.
 FLUSH_SECONDS = 0.005
 
 
-def serve(conn: WorkerConnection) -> None:
-    """Serve tasks until the process is stopped."""
+def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
+    """Serve tasks until the process is stopped; re-runs mark their items in marker."""
     functions = Functions(conn.function)
+    mark = marker.mark if marker is not None else None
     while True:
         batch = conn.fetch()
         out: list = []
         flushed = time.monotonic()
         for item, frames in batch:
-            if item.get("st"):
+            if item.get("st") or item.get("a"):
                 run(item, frames, functions.get(item["h"]),
-                    lambda r, p: conn.report([(r, p)], ready=False))
+                    lambda r, p: conn.report([(r, p)], ready=False), mark)
+                if marker is not None:
+                    marker.clear()
             else:
                 run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
             if out and time.monotonic() - flushed > FLUSH_SECONDS:

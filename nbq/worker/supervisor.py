@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..transport.base import SupervisorConnection, WorkerConnection
 from . import process
+from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
 
@@ -42,7 +43,7 @@ class Supervisor:
         self.lifeline = lifeline
         self._connect = connect
         self._connect_worker = connect_worker
-        self.children: dict[int, str] = {}
+        self.children: dict[int, tuple[str, Marker]] = {}
         self._count = 0
         self._stopping = False
 
@@ -104,18 +105,19 @@ class Supervisor:
     def _spawn(self) -> None:
         wid = f"{self.sid}/{self._count}"
         self._count += 1
+        marker = Marker()
         pid = os.fork()
         if pid == 0:  # the worker process
             code = 0
             try:
                 _become_child(self.pid)
-                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())))
+                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker)
             except BaseException:
                 log.exception("worker process %s failed", wid)
                 code = 1
             finally:
                 os._exit(code)
-        self.children[pid] = wid
+        self.children[pid] = (wid, marker)
 
     def _reap(self, conn: SupervisorConnection) -> None:
         while self.children:
@@ -125,12 +127,14 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            wid = self.children.pop(pid, None)
-            if wid is None:
+            child = self.children.pop(pid, None)
+            if child is None:
                 continue
+            wid, marker = child
             how = _describe_exit(status)
             log.warning("worker process %s (pid %d) %s; starting a new one", wid, pid, how)
-            conn.lost(wid, how)
+            conn.lost(wid, how, marker.read())
+            marker.close()
             if not self._stopping:
                 self._spawn()
 
