@@ -11,7 +11,15 @@ from abc import ABC, abstractmethod
 
 
 class ClientConnection(ABC):
-    """A client's link: send from any thread, receive on the client's receiver thread."""
+    """A client's link: send from any thread, receive on the client's receiver thread.
+
+    Client → broker kinds: fn, tasks, cancel, watch, mapend, info, bye (see
+    broker.py for their fields); broker → client: welcome, res, started, reply.
+    """
+
+    @abstractmethod
+    def hello(self, rq: int) -> None:
+        """Announce this client; the broker answers {"k": "welcome", "rq": rq}."""
 
     @abstractmethod
     def send(self, header: dict, frames: list = ()) -> None:
