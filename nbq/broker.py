@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from . import protocol
-from .errors import SignatureError, WorkerLost
+from . import deaths, protocol
+from .errors import SignatureError
 
 log = logging.getLogger("nbq.broker")
 
@@ -46,8 +46,8 @@ log = logging.getLogger("nbq.broker")
 VERIFY_MAX = 1 << 20
 HEARTBEAT = 1.0          # seconds between supervisor heartbeats
 HEARTBEAT_TIMEOUT = 4.0  # silence after which a supervisor and its processes are dead
-MAX_DEATHS = 3           # deaths of a task's process with no item to blame before it fails
 BATCH_SECONDS = 0.002    # a batch of short tasks lasts about this long
+STARTED_DELAY = 0.01     # a task still running this long after dispatch is reported STARTED
 BATCH_MAX = 256
 DEFAULT_RESULT_EXPIRES = 86400.0
 
@@ -138,7 +138,7 @@ class Broker:
         self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
         self.expiry: deque = deque()                 # (time, kind, id) in time order
         self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
-        self._started: dict[str, list] = {}
+        self._started: list[tuple[float, Task]] = []  # dispatched, not yet reported STARTED
         self._timer = 0.0
         self._verified = True  # whether the message being handled had its signature checked
         self._handlers = {
@@ -157,12 +157,14 @@ class Broker:
         poller.register(self._stop_r, zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll(HEARTBEAT * 1000 / 2))
+                wait = STARTED_DELAY if self._started else HEARTBEAT / 2
+                events = dict(poller.poll(wait * 1000))
                 if self._stop_r in events:
                     break
                 if self.sock in events:
                     self._drain()
                 now = time.monotonic()
+                self._flush_started(now)
                 if now >= self._timer:
                     self._timer = now + HEARTBEAT / 2
                     self.check_heartbeats(now)
@@ -192,7 +194,6 @@ class Broker:
             self.handle(msg)
         try:
             self.dispatch()
-            self._flush_started()
         except Exception:  # a bug here must not take the broker down with every queued task
             log.exception("error dispatching tasks")
 
@@ -389,13 +390,7 @@ class Broker:
                 self.queues.setdefault(task.item.get("q", "default"), deque()).appendleft(task)
 
     def _retry_after_death(self, task: Task, why: str, at: list | None) -> None:
-        """Re-run the undelivered items of a task whose process died.
-
-        The first death re-runs the task item by item.  When a re-run dies, the
-        item it was running (the supervisor read it from the process's marker)
-        fails with WorkerLost and the others run again.  A task that keeps
-        dying with no item to blame fails after MAX_DEATHS.
-        """
+        """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
         if not task.verified:  # it is about to be re-signed: check it first
             try:
                 self.signer.decode(task.original)
@@ -406,47 +401,19 @@ class Broker:
                         f"task {task.id} was dropped: its message's signature does not match "
                         "the shared key"))
                 return
-        item = dict(task.item)
-        exclude = set(item.get("ex", ()))
-        todo = [p for p in task.undelivered() if p not in exclude]
-        killer = None
-        if item.get("a", 0) >= 1:
-            if at and at[0] == task.id and at[1] in todo:
-                killer = at[1]
-            elif len(todo) == 1:
-                killer = todo[0]
-        if killer is not None:
-            self._fail_item(task, killer, why)
-            exclude.add(killer)
-            todo.remove(killer)
-        else:
-            item["a"] = item.get("a", 0) + 1
-            if item["a"] > MAX_DEATHS:
-                for p in todo:
-                    self._fail_item(task, p, why)
-                return
-        if not todo:
+        fail, item = deaths.after_death(task.item, task.undelivered(), at)
+        for pos in fail:
+            self._fail_items(task, pos, 1, deaths.lost_error(task.item, pos, why))
+        if item is None:
             self._finish(task.id)
             return
-        item.update(skip=todo[0], ex=sorted(exclude), st=1)
         retry = Task(item, task.frames, None, delivered=task.delivered, ndelivered=task.ndelivered)
         self.tasks[task.id] = retry
         self.queues.setdefault(item.get("q", "default"), deque()).appendleft(retry)
 
-    def _fail_item(self, task: Task, pos: int, why: str) -> None:
-        exc = WorkerLost(f"{why} while running task {task.id}"
-                         + (f" (item {task.item.get('s0', 0) + pos})" if task.item.get("n", 1) > 1 else "")
-                         + "; it was re-run and its process died again")
-        self._fail_items(task, pos, 1, exc)
-
     def _fail_items(self, task: Task, start: int, n: int, exc: Exception) -> None:
         """Deliver exc as the result of items start..start+n of task."""
-        record = protocol.error_record(exc)
-        if task.item.get("m", "call") == "call":
-            payload = protocol.dumps(record)
-        else:
-            payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), record)))
-        self._deliver(task, {"id": task.id, "s": start, "n": n, "ok": 0, "nf": len(payload)}, payload)
+        self._deliver(task, *deaths.failure(task.item, start, n, exc))
 
     def _on_rej(self, peer, header, frames, body):
         """A worker dropped a message whose signature failed: fail its tasks, free the worker."""
@@ -534,6 +501,7 @@ class Broker:
 
     def dispatch(self) -> None:
         """Hand queued tasks to idle worker processes, batching short ones."""
+        now = time.monotonic()
         for proc in self.procs.values():
             if not proc.idle:
                 continue
@@ -545,7 +513,7 @@ class Broker:
             for t in batch:
                 t.where = proc.wid
                 if t.item.get("f"):
-                    self._started.setdefault(t.item["c"], []).append(t.id)
+                    self._started.append((now, t))
             peer = b"w" + proc.wid.encode()
             for h in {t.item["h"] for t in batch} - proc.functions:
                 fn = self.functions.get(h)
@@ -584,19 +552,21 @@ class Broker:
             return batch
         return []
 
-    def _flush_started(self) -> None:
-        if not self._started:
-            return
-        for cid, ids in self._started.items():
+    def _flush_started(self, now: float) -> None:
+        """Report STARTED for tasks still running STARTED_DELAY after dispatch.
+
+        A quick task's result is its only message; a long one is seen STARTED
+        within ~10 ms.
+        """
+        due: dict[str, list] = {}
+        keep = []
+        for t0, task in self._started:
+            if self.tasks.get(task.id) is not task or task.where == "queued":
+                continue
+            if now - t0 >= STARTED_DELAY:
+                due.setdefault(task.item["c"], []).append(task.id)
+            else:
+                keep.append((t0, task))
+        self._started = keep
+        for cid, ids in due.items():
             self._to_client(cid, self.signer.encode({"k": "started", "ids": ids}))
-        self._started = {}
-
-
-def _forwardable(header: bytes) -> bool:
-    """Whether a large message may travel unverified: one task or one result, forwarded as is."""
-    try:
-        h = protocol.loads_header(header)
-        items = h["t"]
-        return h["k"] in ("tasks", "res") and len(items) == 1 and "a" not in items[0]
-    except Exception:
-        return False

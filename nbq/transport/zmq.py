@@ -73,14 +73,11 @@ class ZmqClient(ClientConnection):
             while self._wake_r.poll(0):
                 self._wake_r.recv()
         out = []
-        while True:
-            try:
-                msg = self._rx.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return out
-            decoded = _decode(self.signer, msg)
+        while self._rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            decoded = _decode(self.signer, self._rx.recv_multipart(copy=False))
             if decoded is not None:
                 out.append(decoded)
+        return out
 
     def wake(self) -> None:
         with self._lock:
