@@ -30,6 +30,8 @@ from .transport import client_connection
 log = logging.getLogger("nbq.client")
 
 CONNECT_TIMEOUT = 10.0
+DIRECT_SEND = 64 * 1024  # tasks with payloads this large skip the outbox and go at once
+BURST = 0.0002           # a submit sooner than this after the previous one joins a batch
 MAX_CHUNKSIZE = 10_000
 UNSIZED_CHUNKSIZE = 64
 CHUNKS_PER_PROCESS = 4
@@ -69,6 +71,8 @@ class Client(concurrent.futures.Executor):
         self._stopped = False     # the receiver thread should return
         self._lock = threading.Lock()
         self._feed_lock = threading.RLock()
+        self._outbox: list[tuple[dict, list]] = []  # tasks the receiver thread sends, batched
+        self._last_send = 0.0
         self._seq = itertools.count()
         self._futures: dict[str, Future] = {}
         self._chunks: dict[str, tuple[MapResult, int, int]] = {}
@@ -108,9 +112,39 @@ class Client(concurrent.futures.Executor):
         tid = f"{self.id}-{next(self._seq)}"
         fut = Future(tid, self)
         self._futures[tid] = fut
-        self._conn.send({"k": "tasks", "t": [{"id": tid, "h": h, "q": queue, "f": 1,
-                                              "nf": len(payload)}]}, payload)
+        self._send_task({"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}, payload)
         return fut
+
+    def _send_task(self, item: dict, payload: list) -> None:
+        """Send a task, or queue it for the receiver thread to send with others as one message.
+
+        A lone submit goes at once (lowest latency); submits in quick succession
+        are queued and leave as a few large messages (highest throughput).
+        Large payloads always go at once, alone, so they are never copied.
+        """
+        now = time.perf_counter()
+        with self._lock:
+            burst = now - self._last_send < BURST
+            self._last_send = now
+            if not self._outbox and (not burst or protocol.frame_size(payload) >= DIRECT_SEND):
+                self._conn.send({"k": "tasks", "t": [item]}, payload)
+                return
+            first = not self._outbox
+            self._outbox.append((item, payload))
+        if first:
+            self._conn.wake()
+
+    def _flush_outbox(self) -> None:
+        with self._lock:
+            if not self._outbox:
+                return
+            out, self._outbox = self._outbox, []
+            items, frames = [], []
+            for item, payload in out:
+                items.append(item)
+                frames.extend(payload)
+            # sent under the lock, so batches leave in the order they were queued
+            self._conn.send({"k": "tasks", "t": items}, frames)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int | None = None, queue: str = "default") -> MapResult:
@@ -184,8 +218,8 @@ class Client(concurrent.futures.Executor):
             tid = f"{map_id}:{start}"
             res._chunks[tid] = (start, len(items))
             self._chunks[tid] = (res, start, len(items))
-            self._conn.send({"k": "tasks", "t": [dict(opts["task"], id=tid, s0=start, n=len(items),
-                                                      nf=len(payload))]}, payload)
+            self._send_task(dict(opts["task"], id=tid, s0=start, n=len(items), nf=len(payload)),
+                            payload)
         if chunker.exhausted:
             del self._feeders[map_id]
             if res._total is None:
@@ -328,6 +362,7 @@ class Client(concurrent.futures.Executor):
         if self._closed:
             raise RuntimeError("this nbq client has been shut down")
         rq, fut = self._new_request(on_reply)
+        self._flush_outbox()  # a request (a cancel, say) must follow the tasks it names
         self._conn.send(dict(fields, k=kind, rq=rq))
         try:
             return fut.result(timeout)
@@ -443,6 +478,7 @@ class Client(concurrent.futures.Executor):
             self._closed = closed
 
     def _shutdown_now(self) -> None:
+        self._flush_outbox()
         self._closed = self._stopped = True
         self._conn.wake()
         self._receiver.join(5.0)
@@ -460,6 +496,7 @@ def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
         client = client_ref()
         if client is None:
             return
+        client._flush_outbox()
         for header, frames in messages:
             try:
                 client._on_message(header, frames)
