@@ -133,6 +133,7 @@ class Broker:
         self.supervisors: dict[str, Supervisor] = {}
         self.clients: dict[str, bytes] = {}          # client id -> routing id of its rx socket
         self.unsent: dict[str, list] = {}            # messages for a client not connected yet
+        self._outgoing: list[tuple[str, list]] = []  # for clients, sent after dispatching
         self.results: dict[str, list] = {}           # task id -> [(item, frames, raw)] parts
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
         self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
@@ -165,6 +166,7 @@ class Broker:
                     self._drain()
                 now = time.monotonic()
                 self._flush_started(now)
+                self._flush_clients()
                 if now >= self._timer:
                     self._timer = now + HEARTBEAT / 2
                     self.check_heartbeats(now)
@@ -226,9 +228,15 @@ class Broker:
             return False
 
     def _to_client(self, cid: str, msg: list) -> None:
-        peer = self.clients.get(cid)
-        if peer is None or not self._send_raw(peer, msg):
-            self.unsent.setdefault(cid, []).append(msg)
+        """Queue a message for a client; sent once idle workers have their next tasks."""
+        self._outgoing.append((cid, msg))
+
+    def _flush_clients(self) -> None:
+        out, self._outgoing = self._outgoing, []
+        for cid, msg in out:
+            peer = self.clients.get(cid)
+            if peer is None or not self._send_raw(peer, msg):
+                self.unsent.setdefault(cid, []).append(msg)
 
     # -- clients --------------------------------------------------------------
 
@@ -242,8 +250,7 @@ class Broker:
         cid = header["c"]
         self.clients[cid] = peer
         self._send(peer, {"k": "welcome", "rq": header.get("rq")})
-        for msg in self.unsent.pop(cid, ()):
-            self._to_client(cid, msg)
+        self._outgoing.extend((cid, msg) for msg in self.unsent.pop(cid, ()))
 
     def _on_bye(self, peer, header, frames, body):
         if peer[:1] == b"s":

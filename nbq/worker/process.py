@@ -20,7 +20,8 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
         batch = conn.fetch()
         out: list = []
         flushed = time.monotonic()
-        for item, frames in batch:
+        last = len(batch) - 1
+        for i, (item, frames) in enumerate(batch):
             if item.get("st") or item.get("a"):
                 run(item, frames, functions.get(item["h"]),
                     lambda r, p: conn.report([(r, p)], ready=False), mark)
@@ -28,7 +29,7 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
                     marker.clear()
             else:
                 run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
-            if out and time.monotonic() - flushed > FLUSH_SECONDS:
+            if out and i < last and time.monotonic() - flushed > FLUSH_SECONDS:
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()
