@@ -10,6 +10,7 @@ from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, Seria
                      SignatureError, WorkerLost)
 from .future import FAILURE, PENDING, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
+from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,12 @@ __all__ = [
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
-    "BrokerUnavailable", "InputError",
+    "BrokerUnavailable", "InputError", "progress",
 ]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext nbq``: the %nbq and %%remote magics (IPython is imported only now)."""
+    from .magics import load_ipython_extension as load
+    load(ipython)
+

@@ -187,8 +187,16 @@ class Client(concurrent.futures.Executor):
 
         The caller's thread fills the first window; the receiver thread refills it.
         """
-        with self._feed_lock:
-            self._feed_locked(map_id, in_caller)
+        entry = self._feeders.get(map_id)
+        try:
+            with self._feed_lock:
+                self._feed_locked(map_id, in_caller)
+        except SerializationError:
+            # cancel what was sent outside the lock: the receiver thread, which must
+            # deliver the cancel's reply, may be waiting for the lock to refill this map
+            if in_caller and entry is not None:
+                self._abandon_map(entry[0])
+            raise
 
     def _feed_locked(self, map_id: str, in_caller: bool) -> None:
         entry = self._feeders.get(map_id)
@@ -211,7 +219,7 @@ class Client(concurrent.futures.Executor):
                                                       f"of the input of map({opts['name']})")
             except SerializationError as e:
                 if in_caller:
-                    self._abandon_map(res)
+                    self._feeders.pop(map_id, None)  # _feed cancels the chunks already sent
                     raise
                 res._fail(start, len(items), e)
                 continue
@@ -401,7 +409,7 @@ class Client(concurrent.futures.Executor):
         fut = self._futures.pop(tid, None)
         if fut is not None:
             if item.get("rv"):
-                fut.cancel()
+                fut._revoked()
                 return
             try:
                 value = protocol.loads(payload)
@@ -457,7 +465,7 @@ class Client(concurrent.futures.Executor):
                 for tid, ok in answer.items():
                     fut = self._futures.pop(tid, None) if ok else None
                     if fut is not None:
-                        concurrent.futures.Future.cancel(fut)
+                        fut._revoked()
                     chunk = self._chunks.pop(tid, None) if ok else None
                     if chunk is not None:
                         res, start, n = chunk

@@ -41,7 +41,15 @@ class Future(concurrent.futures.Future):
                 return False
         if self._client is None or not self._client._cancel_tasks([self.id]).get(self.id):
             return False
-        return super().cancel()
+        self._client._futures.pop(self.id, None)
+        return self._revoked()
+
+    def _revoked(self) -> bool:
+        """Mark cancelled here (the broker has agreed) and wake every waiter, as an executor does."""
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()
+        return True
 
     def __repr__(self) -> str:
         return f"<nbq.Future {self.id} {self.state}>"

@@ -216,6 +216,21 @@ class MapResult:
         from .client import current_client
         return (client or current_client())._find_map(map_id)
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """text/plain with the counts: what nbconvert and GitHub show."""
+        from .progress import format_counts
+        return {"text/plain": f"{self!r}\n{format_counts(self.counts())}"}
+
+    def _ipython_display_(self) -> None:
+        """In a Jupyter kernel, displaying a MapResult shows its live progress widget."""
+        from .progress import in_kernel
+        if in_kernel():
+            from .widgets import widget_progress
+            widget_progress(self)
+        else:
+            from IPython.display import display
+            display(self._repr_mimebundle_(), raw=True)
+
     def __repr__(self) -> str:
         c = self.counts()
         total = "?" if c["total"] is None else c["total"]

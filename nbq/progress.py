@@ -54,9 +54,92 @@ class TextBar:
             self.stream.flush()
 
 
+def in_kernel() -> bool:
+    """True inside a Jupyter kernel (ZMQInteractiveShell), where widgets can be shown.
+
+    IPython is only looked at if something already imported it.
+    """
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    shell = ipython.get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def show(res, display: Callable | None = None):
-    """Attach display (default: a text bar on stderr) to res and draw it once now."""
+    """Attach display to res and draw it once now.
+
+    The default display is an ipywidgets bar in a Jupyter kernel (see
+    widgets.py) and a text bar on stderr elsewhere.
+    """
+    if display is None and in_kernel():
+        from .widgets import widget_progress
+        return widget_progress(res)
     display = display or TextBar()
     res.add_listener(display)
     display(res)
     return display
+
+
+class FuturesProgress:
+    """Makes a list of futures look like a MapResult to progress displays (counts, listeners)."""
+
+    def __init__(self, futures) -> None:
+        self.futures = list(futures)
+        self.id = f"{len(self.futures)} futures"
+        self._lock = threading.Lock()
+        self._listeners: list[Callable] = []
+        self._done = self._failed = 0
+        self._started = time.monotonic()
+        self._finished_at: float | None = None if self.futures else self._started
+        for f in self.futures:
+            f.add_done_callback(self._on_done)
+
+    def _on_done(self, f) -> None:
+        with self._lock:
+            self._done += 1
+            if f.cancelled() or f.exception() is not None:
+                self._failed += 1
+            if self._done >= len(self.futures) and self._finished_at is None:
+                self._finished_at = time.monotonic()
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn(self)
+
+    def add_listener(self, fn: Callable) -> None:
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable) -> None:
+        with self._lock:
+            self._listeners.remove(fn)
+
+    def counts(self) -> dict:
+        """done, failed, total, elapsed, rate (as MapResult.counts)."""
+        with self._lock:
+            done, failed = self._done, self._failed
+        end = self._finished_at or time.monotonic()
+        elapsed = end - self._started
+        return {"done": done, "failed": failed, "total": len(self.futures), "elapsed": elapsed,
+                "rate": done / elapsed if elapsed > 0 else 0.0}
+
+    def done(self) -> bool:
+        with self._lock:
+            return self._done >= len(self.futures)
+
+
+def progress(obj, display: Callable | None = None):
+    """Live progress of a MapResult or of a list of futures: ``nbq.progress(futures)``."""
+    if not (hasattr(obj, "counts") and hasattr(obj, "add_listener")):
+        obj = FuturesProgress(obj)
+    return show(obj, display)
+
+
+class _CallableModule(type(sys)):
+    """Lets ``nbq.progress(...)`` be called while ``nbq.progress`` stays this module."""
+
+    def __call__(self, obj, display: Callable | None = None):
+        return progress(obj, display)
+
+
+sys.modules[__name__].__class__ = _CallableModule

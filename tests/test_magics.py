@@ -1,0 +1,273 @@
+"""%load_ext nbq, %nbq and %%remote on a real InteractiveShell against real workers."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import nbq
+from conftest import wait_until
+
+pytest.importorskip("IPython")
+
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.utils.capture import capture_output  # noqa: E402
+
+from nbq.magics import RemoteCellError, analyze  # noqa: E402
+
+
+@pytest.fixture
+def shell(shared_client):
+    """The IPython shell with the extension loaded and the shared client as its default."""
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbq")
+    magics = sh.magics_manager.registry["NbqMagics"]
+    magics.client = shared_client
+    saved = dict(sh.user_ns)
+    yield sh
+    magics.client = None
+    for name in set(sh.user_ns) - set(saved):
+        del sh.user_ns[name]
+
+
+def run(sh, cell: str):
+    with capture_output() as cap:
+        r = sh.run_cell(cell)
+    return r, cap
+
+
+# -- the AST pass -------------------------------------------------------------------
+
+def test_analyze_handles_scopes():
+    reads, assigns, imports = analyze(
+        "import numpy as np\n"
+        "from os import path as p\n"
+        "ys = [x * k for x in xs if x > lo]\n"
+        "def f(a, b=default):\n"
+        "    global counter\n"
+        "    counter = a + offset\n"
+        "    return [b for b in range(a)]\n"
+        "g = lambda q: q + shift\n"
+        "total += 1\n"
+        "class C(Base):\n"
+        "    attr = cls_src\n"
+        "    def m(self):\n"
+        "        return self\n"
+        "try:\n    pass\nexcept Exception as err:\n    pass\n")
+    assert {"xs", "lo", "k", "default", "offset", "shift", "total", "Base", "cls_src"} <= reads
+    assert not {"x", "a", "b", "q", "self"} & reads
+    assert {"np", "p", "ys", "f", "g", "counter", "total", "C", "err"} <= assigns
+    assert not {"x", "a", "q", "attr", "m"} & assigns
+    assert imports == {"np", "p"}
+
+
+# -- %%remote -------------------------------------------------------------------------
+
+def test_namespace_round_trip(shell):
+    import json
+    shell.user_ns.update(a=5, scale=3, mod=json)
+    r, cap = run(shell, "%%remote\n"
+                        "import math\n"
+                        "ys = [a * i for i in range(4)]\n"
+                        "def f(x):\n"
+                        "    return x * scale\n"
+                        "z = f(a) + math.floor(2.5)\n"
+                        "s = mod.dumps({'a': a})\n"
+                        "a = a + 1\n")
+    assert r.success, (r.error_in_exec, cap.stdout, cap.stderr)
+    ns = shell.user_ns
+    assert ns["ys"] == [0, 5, 10, 15] and ns["z"] == 17 and ns["s"] == '{"a": 5}'
+    assert ns["a"] == 6 and ns["scale"] == 3
+    assert ns["math"].floor(1.5) == 1     # the cell's import, brought back by name
+    assert ns["f"](2) == 6                # a function defined remotely works here
+
+
+def test_stdout_and_stderr_appear_in_order(shell):
+    r, cap = run(shell, "%%remote\nimport sys\nprint('one')\nprint('two', file=sys.stderr)\n"
+                        "print('three')\n")
+    assert r.success
+    assert cap.stdout == "one\nthree\n" and cap.stderr == "two\n"
+
+
+def test_output_streams_while_the_cell_runs(shell, tmp_path):
+    """The remote cell prints, then waits for a file that the test creates only once the
+    print has reached this process's stdout: it finishes early only if output streams."""
+    go = tmp_path / "go"
+    shell.user_ns["go"] = str(go)
+    cell = ("%%remote\nimport os, time\nprint('first')\nt0 = time.monotonic()\n"
+            "while not os.path.exists(go) and time.monotonic() - t0 < 10:\n"
+            "    time.sleep(0.01)\n"
+            "print('released' if os.path.exists(go) else 'not streamed')\n")
+    with capture_output() as cap:
+        def release():
+            try:
+                wait_until(lambda: "first" in cap.stdout, timeout=15, what="streamed output")
+            finally:
+                if "first" in cap.stdout:
+                    go.touch()
+        t = threading.Thread(target=release)
+        t.start()
+        r = shell.run_cell(cell)
+        t.join()
+    assert r.success
+    assert cap.stdout == "first\nreleased\n"
+
+
+def test_display_and_last_expression_are_rich(shell):
+    pd = pytest.importorskip("pandas")
+    shell.user_ns["pd"] = pd
+    r, cap = run(shell, "%%remote\n"
+                        "df = pd.DataFrame({'x': [1, 2], 'y': ['a', 'b']})\n"
+                        "display(df.head(1))\n"
+                        "from IPython.display import display as d2, HTML\n"
+                        "d2(HTML('<b>bold</b>'))\n"
+                        "df.describe()\n")
+    assert r.success, cap.stderr
+    kinds = [o.data for o in cap.outputs]
+    assert len(kinds) == 3
+    assert "<table" in kinds[0]["text/html"] and "text/plain" in kinds[0]
+    assert kinds[1]["text/html"] == "<b>bold</b>"
+    assert "count" in kinds[2]["text/html"] and "mean" in kinds[2]["text/plain"]
+    assert list(shell.user_ns["df"]["x"]) == [1, 2]
+
+
+def test_remote_exception_fails_the_cell_with_the_remote_traceback(shell):
+    r, cap = run(shell, "%%remote\n"
+                        "print('before')\n"
+                        "def g(v):\n"
+                        "    return 1 / v\n"
+                        "bad = g(0)\n")
+    assert not r.success
+    assert isinstance(r.error_in_exec, RemoteCellError)
+    assert "before" in cap.stdout
+    tb = r.error_in_exec.remote_traceback
+    assert "ZeroDivisionError" in tb
+    assert "line 5" in tb and "line 4, in g" in tb and "return 1 / v" in tb
+    assert "bad" not in shell.user_ns
+
+
+def test_unpicklable_name_fails_before_sending(shell, shared_client):
+    shell.user_ns["lock"] = threading.Lock()
+    seq = next(shared_client._seq)
+    r, cap = run(shell, "%%remote\nwith lock:\n    got = 1\n")
+    assert not r.success
+    msg = str(r.error_in_exec)
+    assert "'lock'" in msg and "nothing was sent" in msg
+    assert next(shared_client._seq) == seq + 1     # no task was submitted
+    assert "got" not in shell.user_ns
+
+
+def test_syntax_error_sends_nothing(shell, shared_client):
+    seq = next(shared_client._seq)
+    r, cap = run(shell, "%%remote\nx = (1,\n")
+    assert not r.success
+    assert next(shared_client._seq) == seq + 1
+
+
+def test_bg_returns_at_once_leaving_a_future(shell):
+    t0 = time.monotonic()
+    r, cap = run(shell, "%%remote --bg\nimport time\ntime.sleep(1.0)\nlate = 42\n")
+    took = time.monotonic() - t0
+    assert r.success and took < 0.8, took
+    fut = shell.user_ns["_"]
+    assert isinstance(fut, nbq.Future)
+    assert fut.result(timeout=30).error is None
+    wait_until(lambda: shell.user_ns.get("late") == 42, what="the name bound after --bg")
+
+
+def test_interrupt_cancels_a_task_not_yet_started(shell):
+    """Ctrl-C (SIGINT) while the cell waits: the cell fails and its queued task is revoked."""
+    import os
+    import signal
+    magics = shell.magics_manager.registry["NbqMagics"]
+    magics.last = None
+
+    def interrupt():
+        wait_until(lambda: magics.last is not None, what="the cell's task")
+        time.sleep(0.2)    # let run_cell reach its wait: the signal must land inside it
+        os.kill(os.getpid(), signal.SIGINT)
+    t = threading.Thread(target=interrupt)
+    t.start()
+    r, cap = run(shell, "%%remote --queue nobody-serves-this --timeout 20\nnever = 1\n")
+    t.join()
+    assert not r.success and isinstance(r.error_in_exec, KeyboardInterrupt)
+    assert magics.last.state == nbq.REVOKED and magics.last.cancelled()
+
+
+def test_timeout(shell):
+    r, cap = run(shell, "%%remote --timeout 0.3\nimport time\ntime.sleep(2)\n")
+    assert not r.success and "no result within 0.3 s" in str(r.error_in_exec)
+
+
+def test_all_runs_once_on_every_process(shell, shared_client):
+    procs = {f"{w['host']}:{p}" for w in shared_client.workers() for p in w["processes"]}
+    r, cap = run(shell, "%%remote --all\nimport os\npid = os.getpid()\nprint('pid', pid)\n")
+    assert r.success, cap.stderr
+    pids = shell.user_ns["pid"]
+    assert set(pids) == procs and len(procs) == 2
+    assert all(key.endswith(f":{pid}") for key, pid in pids.items())
+    for key, pid in pids.items():
+        assert f"[{key}]\npid {pid}\n" in cap.stdout
+
+
+# -- %nbq ---------------------------------------------------------------------------
+
+def test_nbq_connect_status_workers_shutdown():
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbq")
+    magics = sh.magics_manager.registry["NbqMagics"]
+    with capture_output() as cap:
+        sh.run_line_magic("nbq", "connect --workers 1")
+    client = magics.client
+    try:
+        assert "connected to tcp://" in cap.stdout
+        with capture_output() as cap:
+            sh.run_line_magic("nbq", "status")
+        data = cap.outputs[0].data
+        assert "1 workers" in data["text/plain"] and "queues:" in data["text/plain"]
+        assert "<table>" in data["text/html"]
+        with capture_output() as cap:
+            sh.run_line_magic("nbq", "workers")
+        assert str(client.workers()[0]["pid"]) in cap.outputs[0].data["text/plain"]
+        with capture_output() as cap:
+            r = sh.run_cell("%%remote\nanswer = 6 * 7\n")
+        assert r.success and sh.user_ns.pop("answer") == 42
+    finally:
+        with capture_output():
+            sh.run_line_magic("nbq", "shutdown")
+    assert client._closed and magics.client is None
+
+
+# -- the %%remote notebook on a real kernel ------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_remote_notebook_runs_on_a_real_kernel(tmp_path):
+    """notebooks/remote.ipynb on the venv's ipykernel: streams, HTML, --all, --bg, and the
+    one error (in the cell tagged raises-exception) with the cell's own line numbers."""
+    from pathlib import Path
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "remote.ipynb"
+    committed = nbformat.read(path, as_version=4)
+    assert not [o for c in committed.cells for o in c.get("outputs", [])
+                if o.output_type == "error"], "error outputs are committed"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    errors = [(c, o) for c in cells for o in c.outputs if o.output_type == "error"]
+    assert len(errors) == 1
+    cell, err = errors[0]
+    assert "raises-exception" in cell.metadata.get("tags", [])
+    assert err.ename == "RemoteCellError" and "line 7, in <module>" in "".join(err.traceback)
+    html = [o.data["text/html"] for c in cells for o in c.outputs if "text/html" in o.get("data", {})]
+    assert sum("<table" in h for h in html) >= 3           # status table, head(), describe()
+    streamed = "".join(o.get("text", "") for c in cells for o in c.outputs
+                       if o.output_type == "stream")
+    assert "computed on process" in streamed and streamed.count("hello from") == 2
+    results = [o.data["text/plain"] for c in cells for o in c.outputs
+               if o.output_type == "execute_result"]
+    assert "(81, (10, 2))" in results and "42" in results
+    assert any(r.startswith("{") and r.count(":") == 4 for r in results), results  # pid per worker
