@@ -12,7 +12,7 @@ import pytest
 
 import nbq
 
-TRANSPORTS = ["zmq"]
+TRANSPORTS = ["zmq", "redis"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -111,10 +111,41 @@ def transport(request) -> str:
     return request.param
 
 
+_redis = None      # the session's private redis-server, started on first use
+_redis_dir = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_session(tmp_path_factory):
+    """Where the private Redis keeps its files; stops it (by its handle) at the end."""
+    global _redis, _redis_dir
+    _redis_dir = tmp_path_factory.mktemp("redis")
+    yield
+    if _redis is not None:
+        _redis.stop()
+        _redis = None
+
+
+def redis_server():
+    """The session's private redis-server (AOF, own temp dir, free 127.0.0.1 port), started lazily."""
+    global _redis
+    if _redis is None:
+        from redis_server import RedisServer
+        _redis = RedisServer(_redis_dir)
+    return _redis
+
+
+def redis_url(**query) -> str:
+    """A fresh, flushed database of the session's private Redis."""
+    return redis_server().url(**query)
+
+
 def make_client(transport: str, procs: Processes | None = None, workers: int = 2, **kw) -> nbq.Client:
     """A client on the given transport with `workers` local worker processes, all connected."""
     if transport == "zmq":
         client = nbq.Client(workers=workers, **kw)
+    elif transport == "redis":
+        client = nbq.Client(redis_url(), workers=workers, **kw)
     else:
         raise ValueError(transport)
     client.wait_for_workers(workers)

@@ -7,30 +7,41 @@ from ..errors import NbqError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def _check(address: str) -> None:
+def _check(address: str) -> bool:
+    """Whether address is a Redis one (else ZeroMQ); raises for any other scheme."""
+    if address.startswith(REDIS_SCHEMES):
+        return True
     if not address.startswith(ZMQ_SCHEMES):
         raise NbqError(f"unsupported broker address {address!r}: use tcp://host:port "
-                       "(an `nbq broker`) or ipc://path")
+                       "(an `nbq broker`), ipc://path, or redis://[user:password@]host:port/db")
+    return False
 
 
 def client_connection(address: str, key: bytes, client_id: str, context=None) -> ClientConnection:
     """A client's connection to the broker at address."""
-    _check(address)
+    if _check(address):
+        from .redis import RedisClient
+        return RedisClient(address, key, client_id)
     from .zmq import ZmqClient
     return ZmqClient(address, key, client_id, context)
 
 
 def supervisor_connector(address: str, key: bytes) -> Callable[[str], SupervisorConnection]:
     """A factory of supervisor connections (called in the supervisor process)."""
-    _check(address)
+    if _check(address):
+        from .redis import RedisSupervisor
+        return lambda sid: RedisSupervisor(address, key, sid)
     from .zmq import ZmqSupervisor
     return lambda sid: ZmqSupervisor(address, key, sid)
 
 
 def worker_connector(address: str, key: bytes) -> Callable[[str, dict], WorkerConnection]:
     """A factory of worker-process connections (called after fork, in each process)."""
-    _check(address)
+    if _check(address):
+        from .redis import RedisWorker
+        return lambda wid, hello: RedisWorker(address, key, wid, hello)
     from .zmq import ZmqWorker
     return lambda wid, hello: ZmqWorker(address, key, wid, hello)
