@@ -1,0 +1,938 @@
+"""The Redis transport: Redis is the broker; no nbq broker process runs.
+
+Key schema (prefix ``nbq:``, in the database the URL names)::
+
+  nbq:q:{queue}       Stream of tasks, one entry per task, consumer group ``nbq``.
+                      Fields: h (header JSON), s (HMAC signature), 0..n (payload
+                      frames): the signed message of protocol.py, as is.  Each
+                      worker process is a consumer (its worker id); an entry is
+                      XACKed and XDELed (trimmed) in the same Lua call that
+                      stores its last result, so delivery is at-least-once and
+                      the stream holds only queued and running tasks.
+  nbq:fn:{hash}       a function's signed message, packed (SET NX, expiry result_expires)
+  nbq:st:{task id}    "started": set by a worker, atomically with the revoke check
+  nbq:rv:{task id}    "revoked": set by cancel only when st: and r: are absent
+  nbq:r:{task id}     List of the task's result parts (packed signed messages),
+                      expiry result_expires: fetched by id from any client
+  nbq:rs:{client id}  Stream of messages for one client (field m: a packed
+                      signed message): results, started notices; the client
+                      XREADs it and XTRIMs what it has read
+  nbq:wk:{client id}  Stream the client's wake() adds to (MAXLEN 1), read with rs:
+  nbq:wt:{task id}    Set of client ids watching a task (results copied to their rs:)
+  nbq:m:{map id}      Hash: star, c (client), total (at mapend)
+  nbq:mc:{map id}     List of "chunk-task-id start n" of a map
+  nbq:hb:{sid}        a supervisor's heartbeat (its info as JSON), expiry HEARTBEAT_TIMEOUT
+  nbq:procs:{sid}     Hash worker id -> pid of the supervisor's processes
+  nbq:sups            Set of supervisor ids (dead ones removed when noticed)
+  nbq:queues          Set of queue names that have a stream
+  nbq:done            Sorted set task id -> time finished (counts stored results)
+
+Requests that the ZeroMQ broker answers (cancel, watch, info) are answered
+by the client's own sender thread from Redis state, and delivered as
+``reply`` messages through receive(), so client.py does not know the
+difference.  A supervisor's ``lost`` report and the entries of workers whose
+heartbeat expired (claimed by live workers within a few seconds) follow the
+same rules as the ZeroMQ broker (deaths.py).
+
+Every message read from Redis is verified before anything in it is
+unpickled; a bad entry is logged, acknowledged and deleted.  Scripts touch
+keys they compute from a prefix, so this needs a standalone Redis (not Cluster).
+
+Dispatch: a worker process reads one entry (XREADGROUP COUNT 1); when the
+function is known to be quick (its measured cost, as broker.py's), it reads
+up to a ~2 ms batch more.  The START script marks a batch started unless
+revoked, atomically, so cancel() returning True means the task never runs.
+When a batch ends, the worker takes its next batch before storing the last
+results (as the ZeroMQ broker hands out the next task with "ready"), so a
+client that sees a result and cancels the rest finds the next task started
+on both transports.
+
+Connection trouble: every call retries with backoff and a log line (redis-py's
+own retries are off, so none is hidden).  An XREADGROUP whose reply was lost
+with the connection leaves entries pending on the consumer, unseen: after any
+connection error an idle worker re-reads its own pending entries (id 0).  A
+supervisor keeps its processes through an outage (it answers its own
+heartbeats while it retries), once it has reached Redis at least once.
+
+The URL may carry ``?result_expires=SECONDS`` (default one day); the
+client and its workers must agree on it (local workers get the same URL).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import select
+import threading
+import time
+from collections import deque
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .. import deaths, protocol
+from ..broker import DEFAULT_RESULT_EXPIRES, HEARTBEAT_TIMEOUT
+from ..errors import BrokerUnavailable, NbqError, SignatureError
+from .base import ClientConnection, SupervisorConnection, WorkerConnection
+
+log = logging.getLogger("nbq.transport.redis")
+
+P = "nbq:"
+GROUP = "nbq"
+BLOCK_MS = 1000           # a worker's XREADGROUP wait; reclaim checks run between waits
+RECLAIM_EVERY = 1.0       # seconds between a worker's looks for dead workers' entries
+BATCH_SECONDS = 0.002     # a batch of short tasks lasts about this long (as in broker.py)
+BATCH_MAX = 256
+CONNECT_TIMEOUT = 10.0
+BACKOFF_MAX = 5.0
+
+
+# -- addresses, connections, retries ------------------------------------------
+
+def parse_address(address: str) -> tuple[str, str, float]:
+    """(URL for redis-py, URL safe to print (no password), result_expires) of an address."""
+    parts = urlsplit(address)
+    query = parse_qsl(parts.query)
+    expires = DEFAULT_RESULT_EXPIRES
+    kept = []
+    for k, v in query:
+        if k == "result_expires":
+            expires = float(v)
+        else:
+            kept.append((k, v))
+    url = urlunsplit(parts._replace(query=urlencode(kept)))
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    safe = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return url, safe, expires
+
+
+def connect(url: str, safe: str) -> redis.Redis:
+    """A redis-py client (hiredis when installed) that keeps sockets alive and never times out reads."""
+    try:
+        # no retries inside redis-py: every connection error reaches retrying(), which
+        # logs it and lets a worker look for deliveries whose reply was lost with it
+        return redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5.0,
+                                    socket_timeout=None, health_check_interval=30,
+                                    retry=Retry(NoBackoff(), 0))
+    except ValueError as e:
+        raise NbqError(f"bad Redis address {safe}: {e}") from None
+
+
+def _auth_error(safe: str, e: Exception) -> NbqError:
+    return NbqError(f"Redis at {safe} refused the credentials (wrong password or user): "
+                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def retrying(what: str, safe: str, fn, give_up=lambda: False, on_error=None):
+    """fn() until it works, waiting with backoff and saying so while Redis is unreachable."""
+    delay = 0.05
+    logged = False
+    while True:
+        try:
+            result = fn()
+            if logged:
+                log.warning("%s: Redis at %s is back", what, safe)
+            return result
+        except redis.AuthenticationError as e:
+            raise _auth_error(safe, e) from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if on_error is not None:
+                on_error()
+            if give_up():
+                raise
+            if not logged or delay >= BACKOFF_MAX:
+                log.warning("%s: Redis at %s unavailable (%s); retrying in %.1f s",
+                            what, safe, e, delay)
+                logged = True
+            time.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+        except redis.ResponseError as e:
+            if "LOADING" in str(e) or "MASTERDOWN" in str(e):
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            raise
+
+
+def check(r: redis.Redis, safe: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Ping Redis: a wrong password is a one-line NbqError, no answer a BrokerUnavailable."""
+    deadline = time.monotonic() + timeout
+    try:
+        retrying("connecting", safe, r.ping, give_up=lambda: time.monotonic() > deadline)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise BrokerUnavailable(f"no Redis answered at {safe} within {timeout:g} s: {e}") from None
+
+
+def pack(frames) -> bytes:
+    """Frames as one string (8-byte little-endian length before each)."""
+    out = []
+    for f in frames:
+        out.append(len(memoryview(f).cast("B")).to_bytes(8, "little"))
+        out.append(f)
+    return b"".join(out)
+
+
+def unpack(blob: bytes) -> list:
+    mv = memoryview(blob)
+    out, i = [], 0
+    while i < len(mv):
+        n = int.from_bytes(mv[i:i + 8], "little")
+        out.append(mv[i + 8:i + 8 + n])
+        i += 8 + n
+    return out
+
+
+def entry_fields(msg: list) -> dict:
+    """A signed message as stream fields: h, s, 0..n."""
+    fields = {"h": msg[0], "s": msg[1]}
+    for i, f in enumerate(msg[2:]):
+        fields[str(i)] = f
+    return fields
+
+
+def entry_frames(fields: dict) -> list:
+    return [fields[b"h"], fields[b"s"], *(fields[str(i).encode()] for i in range(len(fields) - 2))]
+
+
+def group(r: redis.Redis, queue: str) -> str:
+    """The stream key of a queue, its consumer group made sure of (from the start: id 0)."""
+    key = P + "q:" + queue
+    try:
+        r.xgroup_create(key, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+    r.sadd(P + "queues", queue)
+    return key
+
+
+# -- Lua scripts (atomic steps) ---------------------------------------------
+
+# ARGV: prefix, ttl, now, nparts, [task id, owner client, packed part]*, nmsg, [client, packed]*,
+#       nadd, [queue key, nfields, fields...]*, nack, [queue key, entry id, task id]*
+REPORT = """
+local p, ttl, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local i = 4
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local tid, owner, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
+  local rk = p .. 'r:' .. tid
+  redis.call('RPUSH', rk, blob); redis.call('EXPIRE', rk, ttl)
+  for _, w in ipairs(redis.call('SMEMBERS', p .. 'wt:' .. tid)) do
+    if w ~= owner then
+      local sk = p .. 'rs:' .. w
+      redis.call('XADD', sk, '*', 'm', blob); redis.call('EXPIRE', sk, ttl)
+    end
+  end
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local sk = p .. 'rs:' .. ARGV[i]
+  redis.call('XADD', sk, '*', 'm', ARGV[i + 1]); redis.call('EXPIRE', sk, ttl); i = i + 2
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local qk, nf = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
+  local args = {'XADD', qk, '*'}
+  for k = 0, nf - 1 do
+    local name = 'h'
+    if k == 1 then name = 's' elseif k > 1 then name = tostring(k - 2) end
+    args[#args + 1] = name; args[#args + 1] = ARGV[i + k]
+  end
+  i = i + nf
+  redis.call(unpack(args))
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local qk, eid, tid = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
+  redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
+  if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid) end
+end
+if n > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
+return 1
+"""
+
+# ARGV: prefix, ttl, worker id, n, [queue key, entry id, task id]*, nmsg, [client, packed]*
+# -> per entry 1 (run it) or 0 (revoked: acked and deleted, never run)
+START = """
+local p, ttl, wid = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local i = 5
+local out = {}
+for k = 1, tonumber(ARGV[4]) do
+  local qk, eid, tid = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
+  if redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
+    redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
+    out[k] = 0
+  else
+    redis.call('SET', p .. 'st:' .. tid, wid, 'EX', ttl)
+    out[k] = 1
+  end
+end
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local sk = p .. 'rs:' .. ARGV[i]
+  redis.call('XADD', sk, '*', 'm', ARGV[i + 1]); redis.call('EXPIRE', sk, ttl); i = i + 2
+end
+return out
+"""
+
+# ARGV: prefix, ttl, n, [task id, packed revoked part]* -> per task 1 (cancelled) or 0
+CANCEL = """
+local p, ttl = ARGV[1], tonumber(ARGV[2])
+local i = 4
+local out = {}
+for k = 1, tonumber(ARGV[3]) do
+  local tid, blob = ARGV[i], ARGV[i + 1]; i = i + 2
+  if redis.call('EXISTS', p .. 'st:' .. tid) == 1 or redis.call('EXISTS', p .. 'r:' .. tid) == 1 then
+    out[k] = 0
+  else
+    redis.call('SET', p .. 'rv:' .. tid, '1', 'EX', ttl)
+    redis.call('RPUSH', p .. 'r:' .. tid, blob); redis.call('EXPIRE', p .. 'r:' .. tid, ttl)
+    out[k] = 1
+  end
+end
+return out
+"""
+
+
+class Store:
+    """What clients, supervisors and workers share: a connection, the key, scripts, result storage."""
+
+    def __init__(self, address: str, key: bytes) -> None:
+        self.url, self.safe, self.ttl = parse_address(address)
+        self.ttl_s = max(1, int(round(self.ttl)))
+        self.r = connect(self.url, self.safe)
+        self.signer = protocol.Signer(key)
+        self.troubles = 0  # connection errors so far: a reply lost with one may hide a delivery
+        self._report = self.r.register_script(REPORT)
+        self._start = self.r.register_script(START)
+        self._cancel = self.r.register_script(CANCEL)
+
+    def retry(self, what: str, fn, give_up=lambda: False):
+        return retrying(what, self.safe, fn, give_up, self._trouble)
+
+    def _trouble(self) -> None:
+        self.troubles += 1
+
+    def decode(self, frames: list, where: str):
+        """Verified (header, payload), or None (logged) when the signature is wrong."""
+        try:
+            return self.signer.decode(frames)
+        except (SignatureError, IndexError, TypeError) as e:
+            log.warning("dropped %s: %s", where, e)
+            return None
+
+    def store(self, parts: list[tuple[dict, dict, list]], adds=(), acks=()) -> None:
+        """Store result parts [(task item, result item, payload)], add entries, ack entries: atomically.
+
+        Each part goes to the task's result list and watchers; the parts of one
+        client travel to its result stream as one message.
+        """
+        args: list = [P, self.ttl_s, time.time(), len(parts)]
+        by_client: dict[str, tuple[list, list]] = {}
+        for task, item, payload in parts:
+            item = dict(item, s0=task.get("s0", 0))
+            args += [item["id"], task.get("c", ""),
+                     pack(self.signer.encode({"k": "res", "t": [item]}, payload))]
+            items, frames = by_client.setdefault(task.get("c", ""), ([], []))
+            items.append(item)
+            frames.extend(payload)
+        msgs = [(c, pack(self.signer.encode({"k": "res", "t": items}, frames)))
+                for c, (items, frames) in by_client.items() if c]
+        args.append(len(msgs))
+        for c, blob in msgs:
+            args += [c, blob]
+        args.append(len(adds))
+        for qk, msg in adds:
+            args += [qk, len(msg), *msg]
+        args.append(len(acks))
+        for qk, eid, tid in acks:
+            args += [qk, eid, tid]
+        self.retry("storing results", lambda: self._report(args=args))
+
+    def delivered(self, tid: str, n: int) -> list[int]:
+        """Positions of a task with no stored result yet (from the headers: nothing is unpickled)."""
+        done = bytearray(n)
+        for blob in self.retry("reading results", lambda: self.r.lrange(P + "r:" + tid, 0, -1)):
+            try:
+                for item in protocol.loads_header(unpack(blob)[0])["t"]:
+                    s, k = item.get("s", 0), item.get("n", 1)
+                    done[s:s + k] = b"\x01" * len(done[s:s + k])
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue
+        return [i for i, d in enumerate(done) if not d]
+
+    def after_death(self, qk: str, eid, fields: dict | None, why: str, at, died: bool = True) -> None:
+        """Re-queue or fail a claimed entry whose worker process is gone (rules: deaths.py)."""
+        if not fields:
+            self.retry("acking", lambda: (self.r.xack(qk, GROUP, eid), self.r.xdel(qk, eid)))
+            return
+        msg = entry_frames(fields)
+        decoded = self.decode(msg, f"entry {eid!r} of {qk}")
+        if decoded is None or decoded[0].get("k") != "tasks":
+            self.store([], acks=[(qk, eid, "")])
+            return
+        header, payload = decoded
+        task = header["t"][0]
+        if not died:  # a worker that left in good order: the same message, queued again
+            self.store([], adds=[(qk, msg)], acks=[(qk, eid, "")])
+            return
+        fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at)
+        parts = [(task, *deaths.failure(task, pos, 1, deaths.lost_error(task, pos, why)))
+                 for pos in fail]
+        adds = []
+        if retry is not None:
+            adds.append((qk, self.signer.encode({"k": "tasks", "t": [retry]}, payload)))
+            log.warning("re-queued task %s: %s", task["id"], why)
+        self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
+
+    def claim(self, qk: str, consumer: str, to: str, min_idle_ms: int) -> list:
+        """Claim the pending entries of consumer (idle at least min_idle_ms) for consumer `to`."""
+        pending = self.r.xpending_range(qk, GROUP, "-", "+", 10_000, consumername=consumer)
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            return []
+        return self.r.xclaim(qk, GROUP, to, min_idle_ms, ids)
+
+
+# -- client -----------------------------------------------------------------
+
+class RedisClient(ClientConnection):
+    """A client: a sender thread plays the broker's part for this client; receive() reads rs:."""
+
+    def __init__(self, address: str, key: bytes, client_id: str, context=None) -> None:
+        self.store = Store(address, key)
+        self.signer = self.store.signer
+        self.cid = client_id
+        check(self.store.r, self.store.safe)
+        self._rx = connect(self.store.url, self.store.safe)  # the receiver's blocking reads
+        self._rs, self._wk = P + "rs:" + client_id, P + "wk:" + client_id
+        self._last = {self._rs: "0-0", self._wk: "0-0"}
+        self._inbox: deque = deque()
+        self._outbox: deque = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._queues: set[str] = set()
+        self._maps: set[str] = set()
+        self._sender = threading.Thread(target=self._send_loop, name=f"nbq-redis-sender-{client_id}",
+                                        daemon=True)
+        self._sender.start()
+
+    def hello(self, rq: int) -> None:
+        self._reply_local({"k": "welcome", "rq": rq})
+
+    def send(self, header: dict, frames: list = ()) -> None:
+        header["c"] = self.cid
+        with self._cv:
+            self._outbox.append((header, list(frames)))
+            self._cv.notify()
+
+    def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
+        out = []
+        while self._inbox:
+            out.append(self._inbox.popleft())
+        if out:
+            block = None
+        else:
+            block = 0 if timeout is None else max(1, int(timeout * 1000))
+        trim = self._last[self._rs]
+
+        def read():
+            pipe = self._rx.pipeline(transaction=False)
+            if trim != "0-0":
+                pipe.xtrim(self._rs, minid=trim)
+            pipe.xread(dict(self._last), block=block)
+            return pipe.execute()[-1]
+
+        try:
+            got = self.store.retry("receiving", read, give_up=lambda: self._closing)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return out
+        for stream, entries in got or ():
+            stream = stream.decode() if isinstance(stream, bytes) else stream
+            for eid, fields in entries:
+                self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
+                if stream == self._rs and fields and b"m" in fields:
+                    decoded = self.store.decode(unpack(fields[b"m"]), "a message for this client")
+                    if decoded is not None:
+                        out.append(decoded)
+        while self._inbox:
+            out.append(self._inbox.popleft())
+        return out
+
+    def wake(self) -> None:
+        try:
+            self.store.r.xadd(self._wk, {"w": b""}, maxlen=1, approximate=False)
+        except redis.RedisError:
+            pass
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._sender.join(10.0)
+        try:
+            self.store.r.delete(self._rs, self._wk)
+        except redis.RedisError:
+            pass
+        self.store.r.close()
+        self._rx.close()
+
+    # -- the sender thread: the broker's part for this client ------------------
+
+    def _reply_local(self, header: dict, frames: list = ()) -> None:
+        self._inbox.append((header, list(frames)))
+        self.wake()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._outbox and not self._closing:
+                    self._cv.wait()
+                if not self._outbox:
+                    return
+                batch = []
+                while self._outbox and len(batch) < 2000:
+                    batch.append(self._outbox.popleft())
+            try:
+                self._handle(batch)
+            except NbqError as e:
+                log.error("%s", e)
+            except Exception:
+                log.exception("error sending to Redis at %s", self.store.safe)
+
+    def _handle(self, batch: list) -> None:
+        simple: list = []
+        for header, frames in batch:
+            if header["k"] in ("cancel", "watch", "info"):
+                self._flush(simple)
+                simple = []
+                handler = getattr(self, "_on_" + header["k"])
+                try:
+                    answer, messages = self.store.retry(header["k"], lambda: handler(header))
+                except Exception:  # the request must still be answered, or the caller waits
+                    log.exception("error answering %r from Redis state", header["k"])
+                    answer, messages = ({} if header["k"] == "cancel" else
+                                        {"maps": {}, "known": {}} if header["k"] == "watch" else
+                                        {"workers": [], "queues": {}, "tasks": 0, "results": 0}), []
+                self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
+                self._inbox.extend(messages)
+                self.wake()
+            else:
+                simple.append((header, frames))
+        self._flush(simple)
+
+    def _flush(self, messages: list) -> None:
+        if not messages:
+            return
+        st = self.store
+        for header, _ in messages:
+            if header["k"] == "tasks":
+                for item in header["t"]:
+                    q = item.get("q", "default")
+                    if q not in self._queues:
+                        st.retry("creating a queue", lambda: group(st.r, q))
+                        self._queues.add(q)
+        cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
+        hashes = set()
+        for header, frames in messages:
+            k = header["k"]
+            if k == "fn":
+                fk = P + "fn:" + header["h"]
+                blob = pack(self.signer.encode({"k": "fn", "h": header["h"]}, frames))
+                cmds.append(("set", (fk, blob), {"nx": True, "ex": st.ttl_s}))
+                cmds.append(("expire", (fk, st.ttl_s), {}))
+            elif k == "tasks":
+                for item, payload in protocol.split(header["t"], frames):
+                    item["c"] = self.cid
+                    msg = self.signer.encode({"k": "tasks", "t": [item]}, payload)
+                    cmds.append(("xadd", (P + "q:" + item.get("q", "default"), entry_fields(msg)), {}))
+                    hashes.add(item.get("h"))
+                    mp = item.get("mp")
+                    if mp is not None:
+                        if mp not in self._maps:
+                            self._maps.add(mp)
+                            cmds.append(("hset", (P + "m:" + mp,), {"mapping": {
+                                "star": int(item.get("m") == "star"), "c": self.cid}}))
+                            cmds.append(("expire", (P + "m:" + mp, st.ttl_s), {}))
+                        cmds.append(("rpush", (P + "mc:" + mp,
+                                               f"{item['id']} {item.get('s0', 0)} {item.get('n', 1)}"), {}))
+                        cmds.append(("expire", (P + "mc:" + mp, st.ttl_s), {}))
+            elif k == "mapend":
+                cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
+                cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
+        for h in hashes - {None}:
+            cmds.append(("expire", (P + "fn:" + h, st.ttl_s), {}))
+
+        def execute():
+            pipe = st.r.pipeline(transaction=False)
+            for name, args, kwargs in cmds:
+                getattr(pipe, name)(*args, **kwargs)
+            return pipe.execute()
+
+        if cmds:
+            st.retry("sending", execute)
+
+    def _on_cancel(self, header: dict):
+        ids = list(header["ids"])
+        args: list = [P, self.store.ttl_s, len(ids)]
+        for tid in ids:
+            args += [tid, pack(self.signer.encode({"k": "res", "t": [
+                {"id": tid, "rv": 1, "s": 0, "n": 1, "nf": 0}]}))]
+        flags = self.store._cancel(args=args)
+        return {tid: bool(f) for tid, f in zip(ids, flags)}, []
+
+    def _on_watch(self, header: dict):
+        r = self.store.r
+        ids = list(header.get("ids", ()))
+        maps = {}
+        for mp in header.get("maps", ()):
+            meta = r.hgetall(P + "m:" + mp)
+            if not meta:
+                continue
+            chunks = []
+            for line in r.lrange(P + "mc:" + mp, 0, -1):
+                tid, s0, n = line.decode().split()
+                chunks.append((tid, (int(s0), int(n))))
+            total = meta.get(b"total")
+            maps[mp] = {"total": int(total) if total is not None else None,
+                        "star": bool(int(meta.get(b"star", 0))), "chunks": chunks}
+            ids.extend(t for t, _ in chunks)
+        pipe = r.pipeline(transaction=False)
+        for tid in ids:  # subscribe first, then read: nothing falls between
+            pipe.sadd(P + "wt:" + tid, self.cid)
+            pipe.expire(P + "wt:" + tid, self.store.ttl_s)
+        pipe.execute()
+        pipe = r.pipeline(transaction=False)
+        for tid in ids:
+            pipe.lrange(P + "r:" + tid, 0, -1)
+            pipe.exists(P + "st:" + tid)
+        got = pipe.execute() if ids else []
+        known, messages = {}, []
+        for i, tid in enumerate(ids):
+            parts, started = got[2 * i], got[2 * i + 1]
+            known[tid] = "DONE" if parts else "STARTED" if started else "PENDING"
+            for blob in parts:
+                decoded = self.store.decode(unpack(blob), f"a stored result of {tid}")
+                if decoded is not None:
+                    messages.append(decoded)
+        return {"maps": maps, "known": known}, messages
+
+    def _on_info(self, header: dict):
+        return info(self.store), []
+
+
+def info(store: Store) -> dict:
+    """Workers (live supervisors) and queue lengths, as the ZeroMQ broker's info reply."""
+    r = store.r
+    sids = sorted(s.decode() for s in r.smembers(P + "sups"))
+    pipe = r.pipeline(transaction=False)
+    for sid in sids:
+        pipe.get(P + "hb:" + sid)
+        pipe.hgetall(P + "procs:" + sid)
+    got = pipe.execute()
+    queues = {q.decode() for q in r.smembers(P + "queues")}
+    sups = []
+    for i, sid in enumerate(sids):
+        hb, procs = got[2 * i], got[2 * i + 1]
+        if hb is None:
+            continue
+        meta = json.loads(hb)
+        queues.update(meta["q"])
+        sups.append((sid, meta, procs))
+    active: dict[str, int] = {}
+    lengths, tasks = {}, 0
+    for q in sorted(queues):
+        qk = P + "q:" + q
+        try:
+            summary = r.xpending(qk, GROUP)
+        except redis.ResponseError:  # no stream or group yet
+            lengths[q] = 0
+            continue
+        n = r.xlen(qk)
+        tasks += n
+        lengths[q] = n - summary["pending"]
+        for c in summary.get("consumers") or ():
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            sid = name.split("/")[0]
+            active[sid] = active.get(sid, 0) + int(c["pending"])
+    workers = [{"id": sid, "host": meta["host"], "pid": meta["spid"], "concurrency": meta["conc"],
+                "queues": list(meta["q"]), "active": active.get(sid, 0),
+                "processes": sorted(int(p) for p in procs.values())} for sid, meta, procs in sups]
+    results = r.zcount(P + "done", time.time() - store.ttl, "+inf")
+    return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results}
+
+
+# -- supervisor ---------------------------------------------------------------
+
+class RedisSupervisor(SupervisorConnection):
+    """Heartbeats as a key with expiry; a dead process's entries re-queued by deaths.py's rules."""
+
+    def __init__(self, address: str, key: bytes, sid: str) -> None:
+        self.store = Store(address, key)
+        self.sid = sid
+        self.queues: list[str] = []
+        self._messages: list[dict] = []
+        self._ever = False
+        self._next_try = 0.0
+        self._delay = 0.05
+        check(self.store.r, self.store.safe)
+
+    def heartbeat(self, info: dict) -> None:
+        self.queues = list(info.get("q", ()))
+        now = time.monotonic()
+        if now < self._next_try:  # Redis is away: keep waiting, keep the processes
+            self._messages.append({"k": "hb"})
+            return
+        try:
+            pipe = self.store.r.pipeline(transaction=False)
+            pipe.set(P + "hb:" + self.sid, json.dumps(info), px=int(HEARTBEAT_TIMEOUT * 1000))
+            pipe.sadd(P + "sups", self.sid)
+            pipe.expire(P + "procs:" + self.sid, int(HEARTBEAT_TIMEOUT * 3))
+            pipe.execute()
+        except redis.AuthenticationError as e:
+            raise _auth_error(self.store.safe, e) from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.warning("heartbeat: Redis at %s unavailable (%s); retrying in %.1f s",
+                        self.store.safe, e, self._delay)
+            self._next_try = now + self._delay
+            self._delay = min(self._delay * 2, BACKOFF_MAX)
+            if not self._ever:
+                return  # never reached: the supervisor gives up after its connect timeout
+        else:
+            self._ever = True
+            self._delay = 0.05
+            self._next_try = 0.0
+        self._messages.append({"k": "hb"})
+
+    def lost(self, wid: str, how: str, at) -> None:
+        st = self.store
+
+        def handle():
+            pid = st.r.hget(P + "procs:" + self.sid, wid)
+            why = f"worker process {pid.decode() if pid else wid} {how}"
+            for q in self.queues:
+                qk = P + "q:" + q
+                for eid, fields in st.claim(qk, wid, self.sid, 0):
+                    st.after_death(qk, eid, fields, why, at)
+                st.r.xgroup_delconsumer(qk, GROUP, wid)
+            st.r.hdel(P + "procs:" + self.sid, wid)
+
+        st.retry("re-queueing a dead process's tasks", handle)
+
+    def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
+        if self._messages:
+            timeout = 0
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            ready = []
+        messages, self._messages = self._messages, []
+        return messages, ready
+
+    def close(self, goodbye: bool) -> None:
+        st = self.store
+        if goodbye:
+            def leave():
+                consumers = [w.decode() for w in st.r.hkeys(P + "procs:" + self.sid)] + [self.sid]
+                for q in self.queues:
+                    qk = P + "q:" + q
+                    for wid in consumers:
+                        for eid, fields in st.claim(qk, wid, self.sid, 0):
+                            st.after_death(qk, eid, fields, "", None, died=False)
+                        st.r.xgroup_delconsumer(qk, GROUP, wid)
+                st.r.delete(P + "hb:" + self.sid, P + "procs:" + self.sid)
+                st.r.srem(P + "sups", self.sid)
+            try:
+                st.retry("leaving", leave, give_up=lambda: True)
+            except redis.RedisError as e:
+                log.warning("could not leave Redis at %s in good order: %s", st.safe, e)
+        st.r.close()
+
+
+# -- worker process ------------------------------------------------------------
+
+class RedisWorker(WorkerConnection):
+    """One consumer of the queues' groups: XREADGROUP, run, store results and XACK atomically."""
+
+    def __init__(self, address: str, key: bytes, wid: str, hello: dict) -> None:
+        self.store = Store(address, key)
+        self.wid = wid
+        self.sid = hello["s"]
+        st = self.store
+
+        def join():
+            keys = [group(st.r, q) for q in hello["q"]]
+            st.r.hset(P + "procs:" + self.sid, wid, hello["pid"])
+            st.r.expire(P + "procs:" + self.sid, int(HEARTBEAT_TIMEOUT * 3))
+            return keys
+
+        self.keys = st.retry("joining", join)
+        self._batch: dict[str, tuple[str, str, dict]] = {}  # task id -> (queue key, entry id, item)
+        self._held: deque = deque()  # entries read but left for the next batch
+        self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
+        self._troubles_seen = self.store.troubles
+        self._cost: dict[str, float] = {}
+        self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
+
+    def fetch(self) -> list[tuple[dict, list]]:
+        batch, self._prefetched = self._prefetched, []
+        while True:
+            if time.monotonic() >= self._next_reclaim:  # busy or idle, every RECLAIM_EVERY
+                self._next_reclaim = time.monotonic() + RECLAIM_EVERY
+                try:
+                    self._reclaim()
+                except redis.RedisError as e:
+                    log.warning("looking for dead workers' tasks failed: %s", e)
+            if batch:
+                return batch
+            batch = self._next_batch(block=True)
+
+    def _next_batch(self, block: bool) -> list[tuple[dict, list]]:
+        """The next batch, marked started; [] when none came (within BLOCK_MS if block)."""
+        st = self.store
+        if st.troubles != self._troubles_seen and block:
+            # An XREADGROUP whose reply was lost with a connection left its entries
+            # pending on this consumer, unseen: read this consumer's own history (id 0).
+            self._troubles_seen = st.troubles
+            held = {eid for _, eid, _ in self._held}
+            got = st.retry("recovering tasks", lambda: st.r.xreadgroup(
+                GROUP, self.wid, dict.fromkeys(self.keys, "0"), count=BATCH_MAX))
+            self._held.extend((s.decode(), eid, f) for s, es in got or () for eid, f in es
+                              if eid not in held)
+        if self._held:
+            entries = [self._held.popleft()]
+        else:
+            got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
+                GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1,
+                block=BLOCK_MS if block else None))
+            entries = [(s.decode(), eid, f) for s, es in got or () for eid, f in es]
+            if not entries:
+                return []
+        batch = self._verify(entries)
+        if batch and self._cheap(batch[0][2]):
+            batch += self._more(batch[0])
+        return [(item, payload) for _, _, item, payload in self._begin(batch)]
+
+    def _cheap(self, item: dict) -> bool:
+        cost = self._cost.get(item.get("h"))
+        return cost is not None and cost <= BATCH_SECONDS / 2
+
+    def _more(self, first) -> list:
+        """More entries of the first's queue for a batch of short tasks; others wait in _held."""
+        st = self.store
+        qk = first[0]
+        limit = min(BATCH_MAX, int(BATCH_SECONDS / max(self._cost[first[2].get("h")], 1e-6))) - 1
+        if limit <= 0:
+            return []
+        got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
+            GROUP, self.wid, {qk: ">"}, count=limit))
+        out = []
+        for entry in self._verify([(s.decode(), eid, f) for s, es in got or () for eid, f in es]):
+            if self._cheap(entry[2]):
+                out.append(entry)
+            else:
+                self._held.append((entry[0], entry[1], entry[4]))
+        return out
+
+    def _verify(self, entries: list) -> list:
+        """(queue key, entry id, item, payload, fields) of entries whose signature holds."""
+        out, bad = [], []
+        for qk, eid, fields in entries:
+            try:
+                frames = entry_frames(fields) if fields else None
+            except KeyError:
+                frames = None
+            decoded = self.store.decode(frames, f"entry {eid!r} of {qk}") if frames else None
+            if decoded is None or decoded[0].get("k") != "tasks" or len(decoded[0].get("t", ())) != 1:
+                bad.append((qk, eid, ""))
+                continue
+            header, payload = decoded
+            out.append((qk, eid, header["t"][0], payload, fields))
+        if bad:
+            self.store.store([], acks=bad)
+        return out
+
+    def _begin(self, batch: list) -> list:
+        """Mark the batch started unless revoked (atomically); tell submitters of `f` tasks."""
+        if not batch:
+            return []
+        st = self.store
+        args: list = [P, st.ttl_s, self.wid, len(batch)]
+        started: dict[str, list] = {}
+        for qk, eid, item, _, _ in batch:
+            args += [qk, eid, item["id"]]
+            if item.get("f") and item.get("c"):
+                started.setdefault(item["c"], []).append(item["id"])
+        args.append(len(started))
+        for c, ids in started.items():
+            args += [c, pack(st.signer.encode({"k": "started", "ids": ids}))]
+        flags = st.retry("starting tasks", lambda: st._start(args=args))
+        out = []
+        for entry, ok in zip(batch, flags):
+            if ok:
+                qk, eid, item, payload, _ = entry
+                self._batch[item["id"]] = (qk, eid, item)
+                out.append((qk, eid, item, payload))
+        return out
+
+    def function(self, h: str) -> list:
+        blob = self.store.retry("fetching a function", lambda: self.store.r.get(P + "fn:" + h))
+        if blob is None:
+            raise NbqError(f"function {h} is not stored at {self.store.safe} (expired?)")
+        decoded = self.store.decode(unpack(blob), f"function {h}")
+        if decoded is None:
+            raise SignatureError(f"function {h} was refused: its signature does not match the "
+                                 "shared key")
+        return decoded[1]
+
+    def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
+        parts = []
+        for item, payload in results:
+            entry = self._batch.get(item["id"])
+            task = entry[2] if entry else {"id": item["id"]}
+            d = item.get("d")
+            h = task.get("h")
+            if d is not None and h is not None:
+                old = self._cost.get(h)
+                self._cost[h] = d if old is None else 0.8 * old + 0.2 * d
+            parts.append((task, item, payload))
+        acks = []
+        if ready:
+            acks = [(qk, eid, tid) for tid, (qk, eid, _) in self._batch.items()]
+            self._batch = {}
+            # Take the next batch before the results are seen, as the ZeroMQ broker hands
+            # a worker its next task with its "ready": so a client that sees a result and
+            # cancels what follows finds the next task already started, on both transports.
+            self._prefetched = self._next_batch(block=False)
+        self.store.store(parts, acks=acks)
+
+    def _reclaim(self) -> None:
+        """Claim and re-queue the entries of consumers whose supervisor's heartbeat expired."""
+        st = self.store
+        r = st.r
+        for sid in [s.decode() for s in r.smembers(P + "sups")]:
+            if not r.exists(P + "hb:" + sid):
+                r.srem(P + "sups", sid)
+                r.delete(P + "procs:" + sid)
+        for qk in self.keys:
+            summary = r.xpending(qk, GROUP)
+            for c in summary.get("consumers") or ():
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                sid = name.split("/")[0]
+                if sid == self.sid or r.exists(P + "hb:" + sid):
+                    continue
+                why = f"worker {sid} stopped answering heartbeats"
+                for eid, fields in st.claim(qk, name, self.wid, int(HEARTBEAT_TIMEOUT * 250)):
+                    st.after_death(qk, eid, fields, why, None)
+                if not r.xpending_range(qk, GROUP, "-", "+", 1, consumername=name):
+                    r.xgroup_delconsumer(qk, GROUP, name)
+
+    def close(self) -> None:
+        self.store.r.close()
