@@ -5,6 +5,7 @@ gather, with live progress and results as pandas DataFrames.
 """
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 
+from .asyncresult import AsyncResult
 from .client import Client
 from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, SerializationError,
                      SignatureError, WorkerLost)
@@ -15,7 +16,7 @@ from . import progress  # a module that is also callable: nbq.progress(futures_o
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Future", "MapResult", "as_completed", "wait",
+    "Client", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",

@@ -295,8 +295,12 @@ class Broker:
             if task is not None and task.where == "queued":
                 task.where = "cancelled"  # skipped when its queue reaches it
                 del self.tasks[tid]
-                self._store(tid, {"id": tid, "rv": 1, "s": task.item.get("s0", 0),
-                                  "n": task.item.get("n", 1), "nf": 0}, [])
+                part = ({"id": tid, "rv": 1, "s": 0, "s0": task.item.get("s0", 0),
+                         "n": task.item.get("n", 1), "nf": 0}, [], None)
+                self._store_part(tid, part)
+                # the owner learns it from the reply when it asked; otherwise from this
+                for cid in {task.item["c"], *self.watchers.pop(tid, ())} - {header["c"]}:
+                    self._to_client(cid, self._result_message(part))
                 answer[tid] = True
             else:
                 answer[tid] = False
@@ -487,8 +491,8 @@ class Broker:
         self.watchers.pop(tid, None)
         self._expire_later("res", tid)
 
-    def _store(self, tid: str, item: dict, payload: list) -> None:
-        self.results.setdefault(tid, []).append((item, payload, None))
+    def _store_part(self, tid: str, part: tuple) -> None:
+        self.results.setdefault(tid, []).append(part)
         self._expire_later("res", tid)
 
     def _result_message(self, part: tuple) -> list:

@@ -334,6 +334,22 @@ class Client(concurrent.futures.Executor):
                 count += n
         return count
 
+    def _watch_task(self, tid: str) -> Future:
+        """A Future for any task id on this broker, filled from stored and later results."""
+        fut = self._futures.get(tid)
+        if fut is not None:
+            return fut
+        fut = Future(tid, self)
+        fut._foreign = True  # not this client's work: shutdown does not wait for it
+        self._futures[tid] = fut
+
+        def known(reply: dict) -> None:  # receiver thread, before any resent result
+            if reply["known"].get(tid) == "STARTED" and fut._state == "PENDING":
+                fut.set_running_or_notify_cancel()
+
+        self._request("watch", ids=[tid], on_reply=known)
+        return fut
+
     def _find_map(self, map_id: str) -> MapResult:
         holder: dict = {}
 
@@ -473,7 +489,8 @@ class Client(concurrent.futures.Executor):
                         res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
         if wait:
             for fut in list(self._futures.values()):
-                concurrent.futures.wait([fut])
+                if not getattr(fut, "_foreign", False):
+                    concurrent.futures.wait([fut])
             for res, *_ in list(self._chunks.values()):
                 res._wait(res.done, None)
         self._shutdown_now()

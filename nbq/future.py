@@ -46,6 +46,9 @@ class Future(concurrent.futures.Future):
 
     def _revoked(self) -> bool:
         """Mark cancelled here (the broker has agreed) and wake every waiter, as an executor does."""
+        with self._condition:
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return True
         if not super().cancel():
             return False
         self.set_running_or_notify_cancel()

@@ -1,0 +1,73 @@
+"""nbq.AsyncResult: a task found by its id, from any client on the same broker (Celery's API)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import NbqError
+from .future import FAILURE, SUCCESS
+
+
+class AsyncResult:
+    """The state and result of the task with this id, wherever it was submitted.
+
+    Results are kept for ``result_expires``; an id the broker does not know
+    (never submitted, or expired) stays PENDING, as in Celery.
+    """
+
+    def __init__(self, task_id: str, client=None) -> None:
+        from .client import current_client
+        self.id = task_id
+        self._client = client or current_client()
+        self._future = self._client._watch_task(task_id)
+
+    @property
+    def state(self) -> str:
+        """PENDING, STARTED, SUCCESS, FAILURE or REVOKED."""
+        return self._future.state
+
+    status = state
+
+    def ready(self) -> bool:
+        """True once the task has a result, failed, or was revoked."""
+        return self._future.done()
+
+    def successful(self) -> bool:
+        return self.state == SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == FAILURE
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+        """Wait for the result; a failure is raised, or returned when propagate is False."""
+        try:
+            return self._future.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as e:
+            if propagate:
+                raise
+            return e
+
+    @property
+    def result(self) -> Any:
+        """The value, the exception of a failed task, or None while not ready."""
+        if not self._future.done() or self._future.cancelled():
+            return None
+        return self._future.exception() or self._future.result()
+
+    @property
+    def traceback(self) -> str | None:
+        """The worker's traceback text of a failed task."""
+        if self.state != FAILURE:
+            return None
+        return getattr(self._future.exception(), "remote_traceback", None)
+
+    def revoke(self, terminate: bool = False) -> bool:
+        """Cancel the task if no worker has started it; True means it never runs."""
+        if terminate:
+            raise NbqError("revoke(terminate=True) is not supported yet: only tasks no worker "
+                           "has started can be revoked")
+        return self._future.cancel()
+
+    def __repr__(self) -> str:
+        return f"<nbq.AsyncResult {self.id} {self.state}>"

@@ -1,0 +1,94 @@
+"""nbq.AsyncResult: a task found by id from another client, on every transport."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import nbq
+from conftest import wait_until
+
+
+@pytest.fixture
+def other(shared_client):
+    """A second client on the same broker, with no workers of its own."""
+    c = nbq.Client(shared_client.address)
+    yield c
+    c.shutdown()
+
+
+def test_result_by_id_from_another_client(shared_client, other):
+    fut = shared_client.submit(pow, 2, 8)
+    res = nbq.AsyncResult(fut.id, client=other)
+    assert res.get(timeout=10) == 256
+    assert res.id == fut.id and res.ready() and res.successful() and not res.failed()
+    assert res.state == nbq.SUCCESS and res.result == 256 and res.traceback is None
+    assert nbq.AsyncResult(fut.id, client=other).get(timeout=10) == 256  # stored: asked again
+
+
+def test_failure_by_id_carries_type_and_traceback(shared_client, other):
+    def boom():
+        raise ValueError("nope")
+    fut = shared_client.submit(boom)
+    with pytest.raises(ValueError):
+        fut.result(timeout=10)
+    res = nbq.AsyncResult(fut.id, client=other)
+    with pytest.raises(ValueError, match="nope"):
+        res.get(timeout=10)
+    assert res.failed() and res.state == nbq.FAILURE
+    assert isinstance(res.get(timeout=10, propagate=False), ValueError)
+    assert isinstance(res.result, ValueError) and "in boom" in res.traceback
+
+
+def test_running_task_seen_started_then_done(shared_client, other):
+    fut = shared_client.submit(time.sleep, 0.6)
+    wait_until(lambda: fut.state == nbq.STARTED, what="the task to start")
+    res = nbq.AsyncResult(fut.id, client=other)
+    assert res.state == nbq.STARTED and not res.ready()
+    assert res.get(timeout=10) is None and res.successful()
+
+
+def test_unknown_id_is_pending(other):
+    res = nbq.AsyncResult("no-such-task", client=other)
+    assert res.state == nbq.PENDING and not res.ready() and res.result is None
+    with pytest.raises(TimeoutError):
+        res.get(timeout=0.2)
+
+
+def test_revoke_from_another_client(transport, procs, tmp_path):
+    from conftest import make_client
+    c = make_client(transport, procs, workers=1)
+    try:
+        blocker = c.submit(time.sleep, 0.8)
+        wait_until(lambda: blocker.state == nbq.STARTED, what="the blocker to start")
+        marker = tmp_path / "ran"
+        queued = c.submit(lambda: marker.write_text("ran"))
+        with nbq.Client(c.address) as other:
+            res = nbq.AsyncResult(queued.id, client=other)
+            assert res.revoke() is True
+            assert res.state == nbq.REVOKED and res.ready()
+        blocker.result(timeout=10)
+        assert c.submit(abs, -1).result(timeout=10) == 1
+        assert not marker.exists()
+        with pytest.raises(nbq.NbqError, match="terminate=True"):
+            nbq.AsyncResult(blocker.id, client=c).revoke(terminate=True)
+    finally:
+        c.shutdown(wait=False)
+
+
+def test_owner_sees_a_revoke_by_another_client(transport, procs, request):
+    if transport == "redis":
+        request.applymarker(pytest.mark.xfail(
+            reason="missing feature: the Redis cancel script stores the revocation but does not "
+                   "push it to the owner's result stream", strict=True))
+    from conftest import make_client
+    c = make_client(transport, procs, workers=1)
+    try:
+        blocker = c.submit(time.sleep, 0.8)
+        wait_until(lambda: blocker.state == nbq.STARTED, what="the blocker to start")
+        queued = c.submit(abs, -1)
+        with nbq.Client(c.address) as other:
+            assert nbq.AsyncResult(queued.id, client=other).revoke() is True
+        wait_until(lambda: queued.state == nbq.REVOKED, timeout=3, what="the owner to see the revoke")
+    finally:
+        c.shutdown(wait=False)
