@@ -37,6 +37,26 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
+def execute_notebook(path, tmp_path):
+    """Run a notebook top to bottom on the venv's ipykernel (nbclient); returns it executed.
+
+    Fails if the notebook as committed holds error outputs."""
+    import nbclient
+    import nbformat
+    committed = nbformat.read(path, as_version=4)
+    assert not [o for c in committed.cells for o in c.get("outputs", [])
+                if o.output_type == "error"], "error outputs are committed"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return nb
+
+
+def standalone_broker(transport: str, procs: "Processes") -> str:
+    """The address of a broker no client owns: an `nbq broker` subprocess, or a fresh Redis db."""
+    return start_broker(procs) if transport == "zmq" else redis_url()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

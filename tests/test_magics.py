@@ -9,12 +9,10 @@ import pytest
 import nbq
 from conftest import wait_until
 
-pytest.importorskip("IPython")
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
 
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from IPython.utils.capture import capture_output  # noqa: E402
-
-from nbq.magics import RemoteCellError, analyze  # noqa: E402
+from nbq.magics import RemoteCellError, analyze
 
 
 @pytest.fixture
@@ -115,7 +113,7 @@ def test_output_streams_while_the_cell_runs(shell, tmp_path):
 
 
 def test_display_and_last_expression_are_rich(shell):
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     shell.user_ns["pd"] = pd
     r, cap = run(shell, "%%remote\n"
                         "df = pd.DataFrame({'x': [1, 2], 'y': ['a', 'b']})\n"
@@ -246,16 +244,8 @@ def test_remote_notebook_runs_on_a_real_kernel(tmp_path):
     """notebooks/remote.ipynb on the venv's ipykernel: streams, HTML, --all, --bg, and the
     one error (in the cell tagged raises-exception) with the cell's own line numbers."""
     from pathlib import Path
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    path = Path(__file__).resolve().parent.parent / "notebooks" / "remote.ipynb"
-    committed = nbformat.read(path, as_version=4)
-    assert not [o for c in committed.cells for o in c.get("outputs", [])
-                if o.output_type == "error"], "error outputs are committed"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    from conftest import execute_notebook
+    nb = execute_notebook(Path(__file__).resolve().parent.parent / "notebooks" / "remote.ipynb", tmp_path)
     cells = [c for c in nb.cells if c.cell_type == "code"]
     errors = [(c, o) for c in cells for o in c.outputs if o.output_type == "error"]
     assert len(errors) == 1

@@ -48,30 +48,6 @@ def test_two_workers_share_a_thousand_tasks_exactly_once(procs, tmp_path):
     assert len({pid for pid, _ in lines}) == 2  # both workers took a share
 
 
-def test_sigkilled_supervisor_task_finishes_on_another_worker(procs, tmp_path):
-    url = redis_url()
-    (w1,) = _workers(procs, url, 1)
-    runs = tmp_path / "runs"
-
-    def slow():
-        _append(runs, f"{os.getpid()}\n")
-        time.sleep(0.5)
-        return "done"
-
-    with nbq.Client(url) as client:
-        client.wait_for_workers(1)
-        fut = client.submit(slow)
-        wait_until(runs.exists, what="the task to start")
-        (w2,) = _workers(procs, url, 1)
-        client.wait_for_workers(2)
-        t0 = time.monotonic()
-        os.kill(w1.pid, signal.SIGKILL)  # the supervisor only: its child dies with it (PDEATHSIG)
-        assert fut.result(timeout=15) == "done"
-        assert time.monotonic() - t0 < 15
-        assert len(runs.read_text().split()) == 2
-        wait_until(lambda: [w["pid"] for w in client.workers()] == [w2.pid], what="the dead worker to leave")
-
-
 def test_redis_restarted_mid_run_loses_nothing(procs, tmp_path):
     server = RedisServer(tmp_path / "redis")  # its own server: this one is restarted
     try:

@@ -10,9 +10,9 @@ import pytest
 import nbq
 from conftest import wait_until
 
-ipywidgets = pytest.importorskip("ipywidgets")
+import ipywidgets
 
-from nbq.widgets import ProgressWidget, widget_progress  # noqa: E402
+from nbq.widgets import ProgressWidget, widget_progress
 
 
 def square(x):
@@ -151,16 +151,8 @@ def _widget_states(nb) -> dict:
 def test_quickstart_notebook_runs_on_a_real_kernel(tmp_path):
     """nbclient runs notebooks/quickstart.ipynb top to bottom on the venv's ipykernel:
     no errors, the map's bar saved green at 2,000/2,000 (widget state and text/plain)."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    path = NOTEBOOKS / "quickstart.ipynb"
-    committed = nbformat.read(path, as_version=4)
-    assert not [o for c in committed.cells for o in c.get("outputs", [])
-                if o.output_type == "error"], "error outputs are committed"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    from conftest import execute_notebook
+    nb = execute_notebook(NOTEBOOKS / "quickstart.ipynb", tmp_path)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     bars = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
