@@ -255,14 +255,17 @@ def run_isolated(system: str, wl: str, quick: bool, timeout: float) -> dict[str,
     return json.loads(lines[-1][len(RESULT):]) if lines else {}
 
 
-def fmt(v: float | None) -> str:
-    """A cell: 'err' if missing, else precision by magnitude."""
+def fmt(v: float | str | None) -> str:
+    """A cell: 'err' if missing, a word (such as 'timeout') as is, else precision by magnitude."""
+    if isinstance(v, str):
+        return v
     return "err" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
-def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], float]) -> str:
+def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], float],
+          peers_of_interest: tuple[str, ...] = ("ppe", "dask")) -> str:
     """Fixed-width table, also valid Markdown, with nbq/ppe and nbq/dask ratio columns."""
-    peers = [p for p in ("ppe", "dask") if p in systems and "nbq" in systems]
+    peers = [p for p in peers_of_interest if p in systems and "nbq" in systems]
     head = ["workload", "better"] + systems + [f"nbq/{p}" for p in peers]
     body = []
     for r in rows:
@@ -270,7 +273,8 @@ def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], floa
         line = [r, "-" if r.endswith("failed)") else "lower" if lower else "higher"]
         line += [fmt(cells.get((s, r))) for s in systems]
         ratios = [(cells.get(("nbq", r)), cells.get((p, r))) for p in peers]
-        body.append(line + [f"{a / b:.2f}" if a is not None and b else "-" for a, b in ratios])
+        body.append(line + [f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b
+                            else "-" for a, b in ratios])
     w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     def out(cols: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cols)) + " |"
@@ -278,13 +282,13 @@ def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], floa
     return "\n".join([out(head), sep] + [out(b) for b in body])
 
 
-def available(system: str) -> bool:
+def available(system: str, modules: dict[str, str] = MODULES) -> bool:
     """True if the system imports (nbq must also have Client)."""
     try:
-        mod = importlib.import_module(MODULES[system])
+        mod = importlib.import_module(modules[system])
     except Exception:  # noqa: BLE001
         return False
-    return system != "nbq" or hasattr(mod, "Client")
+    return not system.startswith("nbq") or hasattr(mod, "Client")
 
 
 def main(argv: list[str] | None = None) -> None:

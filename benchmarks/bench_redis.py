@@ -263,39 +263,6 @@ ROWS: dict[str, list[str]] = {}  # workload -> row labels seen so far (for a tim
 PEERS = ("celery", "rq")
 
 
-def fmt(v: float | str | None) -> str:
-    return v if isinstance(v, str) else be.fmt(v)
-
-
-def table(rows: list[str], systems: list[str], cells: dict) -> str:
-    """bench_engine's table, with nbq/celery and nbq/rq ratio columns."""
-    peers = [p for p in PEERS if p in systems and "nbq" in systems]
-    head = ["workload", "better"] + systems + [f"nbq/{p}" for p in peers]
-    body = []
-    for r in rows:
-        lower = r.endswith(("(s)", "(ms)", "(x)"))
-        line = [r, "-" if r.endswith("failed)") else "lower" if lower else "higher"]
-        line += [fmt(cells.get((s, r))) for s in systems]
-        nums = [(cells.get(("nbq", r)), cells.get((p, r))) for p in peers]
-        line += [f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else "-"
-                 for a, b in nums]
-        body.append(line)
-    w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-
-    def out(cols: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cols)) + " |"
-    sep = "|" + "|".join("-" * (n + 1) + ":" if i else "-" * (n + 2) for i, n in enumerate(w)) + "|"
-    return "\n".join([out(head), sep] + [out(b) for b in body])
-
-
-def available(system: str) -> bool:
-    try:
-        mod = importlib.import_module(MODULES[system])
-    except Exception:  # noqa: BLE001
-        return False
-    return not system.startswith("nbq") or hasattr(mod, "Client")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse options, start the private Redis, run every (system, workload) pair, print the table."""
     global BULK_TIMEOUT
@@ -313,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         system, wl = args.one.split(":")
         print(RESULT + json.dumps(run_one(system, wl, args.quick, args.url)), flush=True)
         return
-    systems = args.systems.split(",") if args.systems else [s for s in ADAPTERS if available(s)]
+    systems = args.systems.split(",") if args.systems else [s for s in ADAPTERS if be.available(s, MODULES)]
     wls = args.workloads.split(",")
     bad = [x for x in systems if x not in ADAPTERS] + [x for x in wls if x not in WORKLOADS]
     if bad:
@@ -349,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             server.stop()
     print(f"\n{WORKERS} workers, Python {sys.version.split()[0]}, one private Redis "
           f"(AOF everysec){', --quick' if args.quick else ''}\n")
-    print(table(rows, systems, cells))
+    print(be.table(rows, systems, cells, PEERS))
     if "nbq" in systems:
         print("\nnbq = nbq on Redis; nbq/X = nbq's figure / X's: > 1 favours nbq where 'better' is "
               "higher.", flush=True)
