@@ -218,41 +218,53 @@ WORKLOADS = {"W0": w0_startup, "W1": w1_roundtrip, "W2": w2_submits,
 
 
 # --- harness: each (system, workload) runs in a child process of its own, under a timeout ---
-def run_one(system: str, wl: str, quick: bool) -> dict[str, float]:
-    """In the child: one workload on a fresh executor; {} on failure, with the error on stderr."""
-    importlib.import_module(MODULES[system])  # imports are not part of W0
-    ad = ADAPTERS[system]()
+def run_adapter(ad: "Adapter", workload: Callable, label: str, quick: bool,
+                warm: bool = True) -> dict[str, float]:
+    """In a child: one workload on an adapter (started and warmed unless warm=False);
+    {} on failure, with the error on stderr."""
     try:
-        if wl != "W0":
+        if warm:
             ad.start()
-            ad.submit(inc, 0).result()  # workers up before anything is timed
-        return WORKLOADS[wl](ad, quick)
+            ad.submit(inc, 0).result(timeout=60)  # workers up before anything is timed
+        return workload(ad, quick)
     except Exception as e:  # noqa: BLE001 - report and go on
-        print(f"[{system} {wl}] {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"[{label}] {type(e).__name__}: {e}", file=sys.stderr)
         traceback.print_exc(file=sys.stderr)
         return {}
     finally:
         try:
             ad.close()
         except Exception as e:  # noqa: BLE001
-            print(f"[{system} {wl}] close failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"[{label}] close failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-def run_isolated(system: str, wl: str, quick: bool, timeout: float) -> dict[str, float]:
-    """In the parent: run_one in a new process group, killed whole if it outlives timeout."""
-    cmd = [sys.executable, __file__, "--one", f"{system}:{wl}"] + (["--quick"] if quick else [])
+def child_result(cmd: list[str], timeout: float, label: str) -> dict | None:
+    """In the parent: run cmd in a new process group, killed whole when done or past timeout;
+    its result line as a dict ({} if none), or None if it timed out."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        print(f"[{system} {wl}] timed out after {timeout:g} s", file=sys.stderr)
-        return {}
+        print(f"[{label}] timed out after {timeout:g} s", file=sys.stderr)
+        return None
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever the child left running (workers, brokers)
     lines = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
     return json.loads(lines[-1][len(RESULT):]) if lines else {}
+
+
+def run_one(system: str, wl: str, quick: bool) -> dict[str, float]:
+    """In the child: one workload on a fresh executor."""
+    importlib.import_module(MODULES[system])  # imports are not part of W0
+    return run_adapter(ADAPTERS[system](), WORKLOADS[wl], f"{system} {wl}", quick, warm=wl != "W0")
+
+
+def run_isolated(system: str, wl: str, quick: bool, timeout: float) -> dict[str, float]:
+    """In the parent: run_one in a child process of its own."""
+    cmd = [sys.executable, __file__, "--one", f"{system}:{wl}"] + (["--quick"] if quick else [])
+    return child_result(cmd, timeout, f"{system} {wl}") or {}
 
 
 def fmt(v: float | str | None) -> str:

@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -221,42 +220,19 @@ WORKLOADS = {"W1": be.w1_roundtrip, "W2": be.w2_submits, "W3": be.w3_map, "W4": 
 
 # --- harness: like bench_engine's, plus the Redis URL of the pair's database ---------------
 def run_one(system: str, wl: str, quick: bool, url: str | None) -> dict[str, float | str]:
-    """In the child: one workload on freshly started workers; {} on failure, error on stderr."""
+    """In the child: one workload on freshly started workers."""
     if url:
         os.environ[URL_ENV] = url
     importlib.import_module(MODULES[system])
-    ad = ADAPTERS[system](url)
-    try:
-        ad.start()
-        ad.submit(be.inc, 0).result(timeout=60)  # workers up before anything is timed
-        return WORKLOADS[wl](ad, quick)
-    except Exception as e:  # noqa: BLE001 - report and go on
-        print(f"[{system} {wl}] {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
-        return {}
-    finally:
-        try:
-            ad.close()
-        except Exception as e:  # noqa: BLE001
-            print(f"[{system} {wl}] close failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return be.run_adapter(ADAPTERS[system](url), WORKLOADS[wl], f"{system} {wl}", quick)
 
 
 def run_isolated(system: str, wl: str, quick: bool, timeout: float, url: str | None) -> dict:
-    """In the parent: run_one in a new process group (its workers included), killed whole on timeout."""
+    """In the parent: run_one in a child process of its own (its workers included)."""
     cmd = [sys.executable, __file__, "--one", f"{system}:{wl}", "--bulk-timeout", str(BULK_TIMEOUT)]
     cmd += (["--url", url] if url else []) + (["--quick"] if quick else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        print(f"[{system} {wl}] timed out after {timeout:g} s", file=sys.stderr)
-        return {r: "timeout" for r in ROWS.get(wl, [])}
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever the child left running
-    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
-    return json.loads(lines[-1][len(RESULT):]) if lines else {}
+    result = be.child_result(cmd, timeout, f"{system} {wl}")
+    return {r: "timeout" for r in ROWS.get(wl, [])} if result is None else result
 
 
 ROWS: dict[str, list[str]] = {}  # workload -> row labels seen so far (for a timed-out pair's cells)
