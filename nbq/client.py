@@ -513,6 +513,16 @@ class Client(concurrent.futures.Executor):
     def __repr__(self) -> str:
         return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """In a notebook: the broker, its workers and queue lengths as a table."""
+        if self._closed:
+            return {"text/plain": repr(self)}
+        from .status import status_bundle
+        try:
+            return status_bundle(self.address, self._request("info", timeout=2.0))
+        except TimeoutError:
+            return {"text/plain": f"{self!r} (the broker did not answer)"}
+
 
 def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
     """The receiver thread: completes futures and maps until the client closes."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
-import html
 import io
 import os
 import shlex
@@ -51,6 +50,8 @@ import cloudpickle
 import zmq
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .status import status_bundle
 
 #: Names of the user namespace that are never shipped (IPython's own).
 NEVER_SHIP = frozenset({"In", "Out", "get_ipython", "exit", "quit", "_", "__", "___",
@@ -559,7 +560,7 @@ class NbqMagics(Magics):
         client = self._client()
         st = client.status()
         from IPython.display import display
-        display(_status_bundle(client, st, workers_only=args.command == "workers"), raw=True)
+        display(status_bundle(client.address, st, workers_only=args.command == "workers"), raw=True)
         return None
 
     def _connect(self, address: str | None, workers: int | None):
@@ -728,30 +729,6 @@ class NbqMagics(Magics):
                                   f"{r.error[1]} ({len(errors)} of {len(results)} processes failed)",
                                   r.error[2])
         return None
-
-
-def _status_bundle(client, st: dict, workers_only: bool = False) -> dict:
-    """text/plain and text/html for %nbq status / %nbq workers."""
-    rows = [(w["id"], w["host"], w["pid"], w["concurrency"], w["active"],
-             ",".join(w.get("queues", []))) for w in st["workers"]]
-    head = ("worker", "host", "pid", "processes", "active", "queues")
-    lines = [f"nbq broker {client.address}: {len(rows)} workers"]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    for r in [head, *rows]:
-        lines.append("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>"
-                    for r in rows)
-    table = ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>"
-             f"<tbody>{cells}</tbody></table>")
-    title = f"<b>nbq broker</b> <code>{html.escape(client.address)}</code>"
-    if not workers_only:
-        queues = st.get("queues", {})
-        lines.append("queues: " + (", ".join(f"{q}={n}" for q, n in queues.items()) or "none")
-                     + f"; tasks {st.get('tasks', 0)}, results stored {st.get('results', 0)}")
-        table += ("<p>queues: " + (", ".join(f"{html.escape(q)}: {n}" for q, n in queues.items())
-                                   or "none")
-                  + f"; tasks {st.get('tasks', 0)}, results stored {st.get('results', 0)}</p>")
-    return {"text/plain": "\n".join(lines), "text/html": f"{title}{table}"}
 
 
 def load_ipython_extension(ipython) -> None:

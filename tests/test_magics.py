@@ -261,3 +261,10 @@ def test_remote_notebook_runs_on_a_real_kernel(tmp_path):
                if o.output_type == "execute_result"]
     assert "(81, (10, 2))" in results and "42" in results
     assert any(r.startswith("{") and r.count(":") == 4 for r in results), results  # pid per worker
+
+
+def test_client_rich_repr_lists_broker_workers_and_queues(shared_client):
+    bundle = shared_client._repr_mimebundle_()
+    (w,) = shared_client.workers()
+    assert "<table" in bundle["text/html"] and str(w["pid"]) in bundle["text/html"]
+    assert shared_client.address in bundle["text/plain"] and "queues" in bundle["text/plain"]
