@@ -324,15 +324,21 @@ class Client(concurrent.futures.Executor):
                 res._set_total(feeder[1].position)
                 self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
         answer = self._cancel_tasks(list(res._chunks))
-        count = 0
-        for tid, ok in answer.items():
-            entry = self._chunks.pop(tid, None) if ok else None
-            if entry is not None:
-                _, start, n = entry
-                res._chunks.pop(tid, None)
-                res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
-                count += n
-        return count
+        return sum(self._revoke(tid) for tid, ok in answer.items() if ok)
+
+    def _revoke(self, tid: str) -> int:
+        """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
+        fut = self._futures.pop(tid, None)
+        if fut is not None:
+            fut._revoked()
+            return 1
+        entry = self._chunks.pop(tid, None)
+        if entry is None:
+            return 0
+        res, start, n = entry
+        res._chunks.pop(tid, None)
+        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        return n
 
     def _watch_task(self, tid: str) -> Future:
         """A Future for any task id on this broker, filled from stored and later results."""
@@ -422,11 +428,14 @@ class Client(concurrent.futures.Executor):
 
     def _on_result(self, item: dict, payload: list) -> None:
         tid = item["id"]
+        if item.get("rv"):
+            chunk = self._chunks.get(tid)
+            self._revoke(tid)
+            if chunk is not None:
+                self._feed(chunk[0].id)  # the window has room again
+            return
         fut = self._futures.pop(tid, None)
         if fut is not None:
-            if item.get("rv"):
-                fut._revoked()
-                return
             try:
                 value = protocol.loads(payload)
             except Exception as e:
@@ -446,17 +455,14 @@ class Client(concurrent.futures.Executor):
         res, chunk_start, chunk_n = entry
         start = chunk_start + item.get("s", 0)
         n = item.get("n", 1)
-        if item.get("rv"):
-            res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
-        else:
-            try:
-                values, errors = protocol.loads(payload)
-                errors = {i: protocol.rebuild_error(r) for i, r in errors.items()}
-            except Exception as e:
-                values, errors = [None] * n, dict.fromkeys(range(n), SerializationError(
-                    f"results of map {res.id} items {start}..{start + n - 1} could not be "
-                    f"unpickled here: {type(e).__name__}: {e}"))
-            res._deliver(start, values, errors)
+        try:
+            values, errors = protocol.loads(payload)
+            errors = {i: protocol.rebuild_error(r) for i, r in errors.items()}
+        except Exception as e:
+            values, errors = [None] * n, dict.fromkeys(range(n), SerializationError(
+                f"results of map {res.id} items {start}..{start + n - 1} could not be "
+                f"unpickled here: {type(e).__name__}: {e}"))
+        res._deliver(start, values, errors)
         if res._done.find(0, chunk_start, chunk_start + chunk_n) == -1:
             del self._chunks[tid]
             res._chunks.pop(tid, None)
@@ -479,14 +485,8 @@ class Client(concurrent.futures.Executor):
             if pending:
                 answer = self._request_unchecked("cancel", ids=pending)
                 for tid, ok in answer.items():
-                    fut = self._futures.pop(tid, None) if ok else None
-                    if fut is not None:
-                        fut._revoked()
-                    chunk = self._chunks.pop(tid, None) if ok else None
-                    if chunk is not None:
-                        res, start, n = chunk
-                        res._chunks.pop(tid, None)
-                        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+                    if ok:
+                        self._revoke(tid)
         if wait:
             for fut in list(self._futures.values()):
                 if not getattr(fut, "_foreign", False):

@@ -41,8 +41,8 @@ class Future(concurrent.futures.Future):
                 return False
         if self._client is None or not self._client._cancel_tasks([self.id]).get(self.id):
             return False
-        self._client._futures.pop(self.id, None)
-        return self._revoked()
+        self._client._revoke(self.id)
+        return self.cancelled()
 
     def _revoked(self) -> bool:
         """Mark cancelled here (the broker has agreed) and wake every waiter, as an executor does."""
