@@ -137,6 +137,7 @@ class Broker:
         self.results: dict[str, list] = {}           # task id -> [(item, frames, raw)] parts
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
         self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
+        self.joins: dict[str, dict] = {}             # join key -> {"m": member set, "fired": bool}
         self.expiry: deque = deque()                 # (time, kind, id) in time order
         self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
         self._started: list[tuple[float, Task]] = []  # dispatched, not yet reported STARTED
@@ -145,7 +146,7 @@ class Broker:
         self._handlers = {
             "hello": self._on_hello, "fn": self._on_fn, "tasks": self._on_tasks,
             "cancel": self._on_cancel, "watch": self._on_watch, "mapend": self._on_mapend,
-            "info": self._on_info, "bye": self._on_bye, "hb": self._on_hb,
+            "info": self._on_info, "join": self._on_join, "bye": self._on_bye, "hb": self._on_hb,
             "lost": self._on_lost, "res": self._on_res, "rej": self._on_rej,
         }
 
@@ -331,10 +332,26 @@ class Broker:
                 known[tid] = "STARTED" if task.where != "queued" else "PENDING"
             elif parts is not None:
                 known[tid] = "DONE"
+            elif tid not in self.watchers:  # not submitted yet (a later step of a chain, say)
+                self.watchers[tid] = {cid}
+                self._expire_later("watch", tid)
+            else:
+                self.watchers[tid].add(cid)
         self._reply(header, {"maps": maps, "known": known})
         for tid in ids:
             for part in self.results.get(tid, ()):
                 self._to_client(cid, self._result_message(part))
+
+    def _on_join(self, peer, header, frames, body):
+        """Add a member to a join; answer fire=True once, to the first to complete it."""
+        join = self.joins.get(header["key"])
+        if join is None:
+            join = self.joins[header["key"]] = {"m": set(), "fired": False}
+            self._expire_later("join", header["key"])
+        join["m"].add(header["member"])
+        fire = not join["fired"] and len(join["m"]) >= header["total"]
+        join["fired"] |= fire
+        self._reply(header, {"fire": fire})
 
     def _chunk_range(self, tid: str) -> tuple:
         task = self.tasks.get(tid)
@@ -462,8 +479,9 @@ class Broker:
         if whole:
             self._to_client(owners.pop(), body)
         if proc is not None and header.get("rdy"):
+            # what it still holds (tasks due later) stays its own; a ready process takes more
             proc.running = [t for t in proc.running if t.where == proc.wid and t.id in self.tasks]
-            proc.idle = not proc.running
+            proc.idle = True
 
     def _deliver(self, task: Task, item: dict, payload: list, forward: bool = True,
                  raw: list | None = None) -> None:
@@ -503,10 +521,12 @@ class Broker:
         self.expiry.append((time.time() + self.result_expires, kind, key))
 
     def expire(self, now: float) -> None:
-        """Drop results and map records older than result_expires."""
+        """Drop results, map records, joins and watches of unknown tasks older than result_expires."""
+        tables = {"res": self.results, "map": self.maps, "join": self.joins, "watch": self.watchers}
         while self.expiry and self.expiry[0][0] <= now:
             _, kind, key = self.expiry.popleft()
-            (self.results if kind == "res" else self.maps).pop(key, None)
+            if kind != "watch" or key not in self.tasks:
+                tables[kind].pop(key, None)
 
     # -- dispatch -------------------------------------------------------------
 
@@ -520,7 +540,7 @@ class Broker:
             if not batch:
                 continue
             proc.idle = False
-            proc.running = batch
+            proc.running.extend(batch)
             for t in batch:
                 t.where = proc.wid
                 if t.item.get("f"):

@@ -106,13 +106,21 @@ class Client(concurrent.futures.Executor):
 
     def submit(self, fn: Callable, /, *args, queue: str = "default", **kwargs) -> Future:
         """Run fn(*args, **kwargs) on a worker; ``queue`` routes it (default "default")."""
+        return self._submit(fn, args, kwargs, queue=queue)
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, queue: str = "default",
+                tid: str | None = None, options: dict | None = None) -> Future:
+        """submit() with a chosen task id and header options (``eta``, ``x`` expiry: epoch seconds)."""
         self._check_open()
         h = self._ship(fn)
         payload = protocol.dumps_call(_name(fn), args, kwargs)
-        tid = f"{self.id}-{next(self._seq)}"
+        tid = tid or f"{self.id}-{next(self._seq)}"
         fut = Future(tid, self)
         self._futures[tid] = fut
-        self._send_task({"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}, payload)
+        item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        if options:
+            item.update(options)
+        self._send_task(item, payload)
         return fut
 
     def _send_task(self, item: dict, payload: list) -> None:
@@ -355,6 +363,17 @@ class Client(concurrent.futures.Executor):
 
         self._request("watch", ids=[tid], on_reply=known)
         return fut
+
+    def _join(self, key: str, member: str, total: int) -> bool:
+        """Add member to the join named key on the broker; True for the one call that completes it.
+
+        Members are a set, so a task that ran twice counts once (a chord's header).
+        """
+        answer = self._request("join", key=key, member=member, total=total)
+        if "fire" not in answer:
+            raise NbqError(f"the broker at {self.address} failed to record join {key!r}: "
+                           f"{answer.get('error')}")
+        return answer["fire"]
 
     def _find_map(self, map_id: str) -> MapResult:
         holder: dict = {}

@@ -62,8 +62,8 @@ class WorkerConnection(ABC):
     """A worker process's link: fetch tasks, fetch functions, report results."""
 
     @abstractmethod
-    def fetch(self) -> list[tuple[dict, list]]:
-        """Block until the next batch of tasks arrives."""
+    def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
+        """The next batch of tasks, waiting for it up to timeout seconds (None: for ever)."""
 
     @abstractmethod
     def function(self, h: str) -> list:

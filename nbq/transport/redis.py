@@ -26,8 +26,10 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:sups            Set of supervisor ids (dead ones removed when noticed)
   nbq:queues          Set of queue names that have a stream
   nbq:done            Sorted set task id -> time finished (counts stored results)
+  nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
+  nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
 
-Requests that the ZeroMQ broker answers (cancel, watch, info) are answered
+Requests that the ZeroMQ broker answers (cancel, watch, info, join) are answered
 by the client's own sender thread from Redis state, and delivered as
 ``reply`` messages through receive(), so client.py does not know the
 difference.  A supervisor's ``lost`` report and the entries of workers whose
@@ -300,6 +302,23 @@ end
 return out
 """
 
+# ARGV: prefix, ttl, key, member, total -> 1 for the one call that completed the join, else 0
+JOIN = """
+local p, ttl, key = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local members = p .. 'jn:' .. key
+redis.call('SADD', members, ARGV[4]); redis.call('EXPIRE', members, ttl)
+if redis.call('SCARD', members) >= tonumber(ARGV[5])
+   and redis.call('SET', p .. 'jf:' .. key, '1', 'NX', 'EX', ttl) then
+  return 1
+end
+return 0
+"""
+
+#: Requests answered from Redis state, with the answer given when Redis fails them.
+FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
+            "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
+            "join": {"error": "Redis failed the join"}}
+
 
 class Store:
     """What clients, supervisors and workers share: a connection, the key, scripts, result storage."""
@@ -313,6 +332,7 @@ class Store:
         self._report = self.r.register_script(REPORT)
         self._start = self.r.register_script(START)
         self._cancel = self.r.register_script(CANCEL)
+        self._join = self.r.register_script(JOIN)
 
     def retry(self, what: str, fn, give_up=lambda: False):
         return retrying(what, self.safe, fn, give_up, self._trouble)
@@ -510,7 +530,7 @@ class RedisClient(ClientConnection):
     def _handle(self, batch: list) -> None:
         simple: list = []
         for header, frames in batch:
-            if header["k"] in ("cancel", "watch", "info"):
+            if header["k"] in FALLBACK:
                 self._flush(simple)
                 simple = []
                 handler = getattr(self, "_on_" + header["k"])
@@ -518,9 +538,7 @@ class RedisClient(ClientConnection):
                     answer, messages = self.store.retry(header["k"], lambda: handler(header))
                 except Exception:  # the request must still be answered, or the caller waits
                     log.exception("error answering %r from Redis state", header["k"])
-                    answer, messages = ({} if header["k"] == "cancel" else
-                                        {"maps": {}, "known": {}} if header["k"] == "watch" else
-                                        {"workers": [], "queues": {}, "tasks": 0, "results": 0}), []
+                    answer, messages = FALLBACK[header["k"]], []
                 self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
                 self._inbox.extend(messages)
                 self.wake()
@@ -626,6 +644,11 @@ class RedisClient(ClientConnection):
 
     def _on_info(self, header: dict):
         return info(self.store), []
+
+    def _on_join(self, header: dict):
+        fired = self.store._join(args=[P, self.store.ttl_s, header["key"], header["member"],
+                                       header["total"]])
+        return {"fire": bool(fired)}, []
 
 
 def info(store: Store) -> dict:
@@ -781,7 +804,8 @@ class RedisWorker(WorkerConnection):
         self._cost: dict[str, float] = {}
         self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
 
-    def fetch(self) -> list[tuple[dict, list]]:
+    def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         batch, self._prefetched = self._prefetched, []
         while True:
             if time.monotonic() >= self._next_reclaim:  # busy or idle, every RECLAIM_EVERY
@@ -792,12 +816,15 @@ class RedisWorker(WorkerConnection):
                     log.warning("looking for dead workers' tasks failed: %s", e)
             if batch:
                 return batch
-            batch = self._next_batch(block=True)
+            left = BLOCK_MS if deadline is None else int(1000 * (deadline - time.monotonic()))
+            if left <= 0:
+                return []
+            batch = self._next_batch(block=min(BLOCK_MS, left))
 
-    def _next_batch(self, block: bool) -> list[tuple[dict, list]]:
-        """The next batch, marked started; [] when none came (within BLOCK_MS if block)."""
+    def _next_batch(self, block: int | None) -> list[tuple[dict, list]]:
+        """The next batch, marked started; [] when none came (within block ms, if given)."""
         st = self.store
-        if st.troubles != self._troubles_seen and block:
+        if st.troubles != self._troubles_seen and block is not None:
             # An XREADGROUP whose reply was lost with a connection left its entries
             # pending on this consumer, unseen: read this consumer's own history (id 0).
             self._troubles_seen = st.troubles
@@ -811,7 +838,7 @@ class RedisWorker(WorkerConnection):
         else:
             got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
                 GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1,
-                block=BLOCK_MS if block else None))
+                block=block))
             entries = [(s.decode(), eid, f) for s, es in got or () for eid, f in es]
             if not entries:
                 return []
@@ -910,7 +937,7 @@ class RedisWorker(WorkerConnection):
             # Take the next batch before the results are seen, as the ZeroMQ broker hands
             # a worker its next task with its "ready": so a client that sees a result and
             # cancels what follows finds the next task already started, on both transports.
-            self._prefetched = self._next_batch(block=False)
+            self._prefetched = self._next_batch(block=None)
         self.store.store(parts, acks=acks)
 
     def _reclaim(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import zmq
 
@@ -149,8 +150,12 @@ class ZmqWorker(WorkerConnection):
         self._functions: dict[str, list] = {}
         self.sock.send_multipart(self.signer.encode(dict(hello, k="hello", w=wid)))
 
-    def fetch(self) -> list[tuple[dict, list]]:
+    def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if deadline is not None and not self.sock.poll(
+                    max(0, int((deadline - time.monotonic()) * 1000))):
+                return []
             msg = self.sock.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg)
             if decoded is None:

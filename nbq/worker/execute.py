@@ -49,27 +49,56 @@ class _Unloadable:
         raise self.error
 
 
+#: The header of the call running now in this process: what a task reads as its request.
+current: dict = {}
+
+
+class Reschedule(Exception):
+    """Raised by a call to run again in this process at ``eta`` (epoch seconds): a retry.
+
+    Its result is not reported until the last run, so the caller sees one outcome.
+    """
+
+    def __init__(self, eta: float, args: tuple | None = None, kwargs: dict | None = None) -> None:
+        super().__init__(eta)
+        self.eta, self.args, self.kwargs = eta, args, kwargs
+
+
 def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
-        mark: Callable[[str, int], None] | None = None) -> None:
+        mark: Callable[[str, int], None] | None = None) -> tuple[dict, list] | None:
     """Run one task, passing each result part to emit.
 
     A re-run after a death (``st`` set) goes item by item: each item is marked
     before it runs and reported when done, and items in ``ex`` (those that
-    killed their process) are not run again.
+    killed their process) are not run again.  A call past its expiry (``x``)
+    is reported revoked without running; a call that raised Reschedule is
+    returned as the (item, frames) to run at its new ``eta``.
     """
+    global current
     tid = item["id"]
     base = {"id": tid, "s0": item.get("s0", 0)}
     t0 = time.perf_counter()
     if item.get("m", "call") == "call":
+        if item.get("x") is not None and time.time() > item["x"]:
+            emit(dict(base, s=0, n=1, rv=1, nf=0), [])
+            return None
+        current = item
         try:
             args, kwargs = protocol.loads(frames)
             value = fn(*args, **kwargs)
+        except Reschedule as r:
+            if r.args is not None or r.kwargs is not None:
+                frames = protocol.dumps((args if r.args is None else tuple(r.args),
+                                         kwargs if r.kwargs is None else r.kwargs))
+            return dict(item, eta=r.eta, rt=item.get("rt", 0) + 1, nf=len(frames)), frames
         except BaseException as e:
             payload, ok = protocol.dumps(protocol.error_record(e)), 0
         else:
             payload, ok = _dump_value(value, f"the result of task {tid}")
+        finally:
+            current = {}
         emit(dict(base, s=0, n=1, ok=ok, nf=len(payload), d=time.perf_counter() - t0), payload)
-        return
+        return None
     try:
         items = protocol.loads(frames)
     except BaseException as e:  # the whole chunk's input is unreadable: every item fails

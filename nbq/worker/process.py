@@ -1,6 +1,8 @@
 """A worker process: fetch a batch, run it, report results, repeat."""
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 
 from ..transport.base import WorkerConnection
@@ -13,24 +15,41 @@ FLUSH_SECONDS = 0.005
 
 
 def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
-    """Serve tasks until the process is stopped; re-runs mark their items in marker."""
+    """Serve tasks until the process is stopped; re-runs mark their items in marker.
+
+    A task with an ``eta`` in the future (a countdown, or a retry's delay) waits
+    here, fetched and unacknowledged, while this process serves other tasks:
+    if the process dies, the broker re-runs it as any other task it held.
+    """
     functions = Functions(conn.function)
     mark = marker.mark if marker is not None else None
+    later: list = []  # heap of (eta, seq, item, frames)
+    seq = itertools.count()
     while True:
-        batch = conn.fetch()
+        batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
+        fetched = bool(batch)
+        while later and later[0][0] <= time.time():
+            _, _, item, frames = heapq.heappop(later)
+            batch.append((item, frames))
         out: list = []
         flushed = time.monotonic()
         last = len(batch) - 1
         for i, (item, frames) in enumerate(batch):
+            if item.get("eta", 0) > time.time():
+                heapq.heappush(later, (item["eta"], next(seq), item, frames))
+                continue
             if item.get("st") or item.get("a"):
                 run(item, frames, functions.get(item["h"]),
                     lambda r, p: conn.report([(r, p)], ready=False), mark)
                 if marker is not None:
                     marker.clear()
             else:
-                run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
+                again = run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
+                if again is not None:
+                    heapq.heappush(later, (again[0]["eta"], next(seq), *again))
             if out and i < last and time.monotonic() - flushed > FLUSH_SECONDS:
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()
-        conn.report(out, ready=True)
+        if out or fetched:
+            conn.report(out, ready=fetched)
