@@ -11,6 +11,7 @@ from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, Seria
                      SignatureError, WorkerLost)
 from .future import FAILURE, PENDING, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
+from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, signature
 from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
     "BrokerUnavailable", "InputError", "progress",
+    "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
 ]
 
 

@@ -14,6 +14,8 @@ class AsyncResult:
     (never submitted, or expired) stays PENDING, as in Celery.
     """
 
+    parent = None  # the result of the call before this one in a chain
+
     def __init__(self, task_id: str, client=None) -> None:
         from .client import current_client
         self.id = task_id

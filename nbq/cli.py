@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_BIND.replace('tcp://', 'tcp://')})")
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: number of CPUs)")
-    w.add_argument("-Q", "--queues", default="default", help="comma-separated queues to consume")
+    w.add_argument("-Q", "--queues", default=None, help="comma-separated queues to consume "
+                   "(default: the app's task_default_queue, else \"default\")")
+    w.add_argument("-A", "--app", default=None, help="module (or module:attribute) of an nbq.App "
+                   "whose tasks this worker registers by name")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)
 
@@ -83,16 +86,30 @@ def _worker(args) -> None:
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
     key = keys.load_key(args.key_file)
-    address = _address(args.broker)
+    app = _load_app(args.app) if args.app else None
+    address = args.broker or (app and app.conf.broker_url) or _address(None)
+    queues = args.queues or (app.conf.task_default_queue if app else "default")
+    # tasks that send tasks (a chain's next step, a chord's body) use a client of this broker
+    os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
-                     [q for q in args.queues.split(",") if q], args.lifeline)
+                     [q for q in queues.split(",") if q], args.lifeline)
     why = sup.run()
     if why in ("the broker never answered", "the broker stopped answering"):
         raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
     if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
         raise NbqError(f"the broker at {address} shut down; this worker stops with it")
     logging.getLogger("nbq.worker").info("stopping: %s", why)
+
+
+def _load_app(spec: str):
+    """The app of ``-A spec``, imported from the current directory as Celery does."""
+    from .tasks import load_app, runner
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    app = load_app(spec)
+    runner.accept = set(app.conf.accept_content)
+    return app
 
 
 def _status(args) -> None:

@@ -572,7 +572,13 @@ def _name(fn) -> str:
 
 
 def _fingerprint(fn) -> tuple | None:
-    """What decides whether a cached pickle of fn is still right; None: pickle every time."""
+    """What decides whether a cached pickle of fn is still right; None: pickle every time.
+
+    An object may say for itself, with a ``__nbq_fingerprint__()`` method.
+    """
+    custom = getattr(type(fn), "__nbq_fingerprint__", None)
+    if custom is not None:
+        return custom(fn)
     if not isinstance(fn, types.FunctionType):
         return None
     code = fn.__code__

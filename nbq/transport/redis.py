@@ -798,6 +798,8 @@ class RedisWorker(WorkerConnection):
 
         self.keys = st.retry("joining", join)
         self._batch: dict[str, tuple[str, str, dict]] = {}  # task id -> (queue key, entry id, item)
+        self._reported: set[str] = set()  # tasks of the batch with a result sent before "ready"
+        self._carried: set[str] = set()   # tasks held past their batch (due later): acked when done
         self._held: deque = deque()  # entries read but left for the next batch
         self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
         self._troubles_seen = self.store.troubles
@@ -930,10 +932,21 @@ class RedisWorker(WorkerConnection):
                 old = self._cost.get(h)
                 self._cost[h] = d if old is None else 0.8 * old + 0.2 * d
             parts.append((task, item, payload))
+            self._reported.add(item["id"])
         acks = []
+        for item, _ in results:  # tasks held past their batch (due later) are acked when done
+            if item["id"] in self._carried:
+                self._carried.discard(item["id"])
+                qk, eid, _ = self._batch.pop(item["id"])
+                acks.append((qk, eid, item["id"]))
         if ready:
-            acks = [(qk, eid, tid) for tid, (qk, eid, _) in self._batch.items()]
-            self._batch = {}
+            reported, self._reported = self._reported, set()
+            for tid, (qk, eid, _) in list(self._batch.items()):
+                if tid in reported:
+                    acks.append((qk, eid, tid))
+                    del self._batch[tid]
+                else:
+                    self._carried.add(tid)
             # Take the next batch before the results are seen, as the ZeroMQ broker hands
             # a worker its next task with its "ready": so a client that sees a result and
             # cancels what follows finds the next task already started, on both transports.

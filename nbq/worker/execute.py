@@ -61,7 +61,7 @@ class Reschedule(Exception):
 
     def __init__(self, eta: float, args: tuple | None = None, kwargs: dict | None = None) -> None:
         super().__init__(eta)
-        self.eta, self.args, self.kwargs = eta, args, kwargs
+        self.eta, self.new_args, self.new_kwargs = eta, args, kwargs
 
 
 def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
@@ -87,9 +87,9 @@ def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
             args, kwargs = protocol.loads(frames)
             value = fn(*args, **kwargs)
         except Reschedule as r:
-            if r.args is not None or r.kwargs is not None:
-                frames = protocol.dumps((args if r.args is None else tuple(r.args),
-                                         kwargs if r.kwargs is None else r.kwargs))
+            if r.new_args is not None or r.new_kwargs is not None:
+                frames = protocol.dumps((args if r.new_args is None else tuple(r.new_args),
+                                         kwargs if r.new_kwargs is None else r.new_kwargs))
             return dict(item, eta=r.eta, rt=item.get("rt", 0) + 1, nf=len(frames)), frames
         except BaseException as e:
             payload, ok = protocol.dumps(protocol.error_record(e)), 0

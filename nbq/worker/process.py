@@ -17,6 +17,9 @@ FLUSH_SECONDS = 0.005
 def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
     """Serve tasks until the process is stopped; re-runs mark their items in marker.
 
+    A task marked ``now`` has its result sent as soon as it is done, not with its
+    batch's: others may be waiting for it (a chord's header).
+
     A task with an ``eta`` in the future (a countdown, or a retry's delay) waits
     here, fetched and unacknowledged, while this process serves other tasks:
     if the process dies, the broker re-runs it as any other task it held.
@@ -47,7 +50,7 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
                 again = run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
                 if again is not None:
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
-            if out and i < last and time.monotonic() - flushed > FLUSH_SECONDS:
+            if out and i < last and (item.get("now") or time.monotonic() - flushed > FLUSH_SECONDS):
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()

@@ -1,0 +1,339 @@
+"""Signatures and their compositions: group, chain (``|``), chord, chunks (Celery's canvas).
+
+A composition is applied by giving every task its id up front and sending
+only the first ones: each task's request says what follows it (the rest of
+its chain, its chord), and the worker that finishes it sends that, so a
+chain or chord goes on when the caller has gone.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Iterable
+
+from ..asyncresult import AsyncResult
+from . import serializers
+from .runner import Runner, worker_client
+
+#: Options that travel in the task's header or request rather than as settings.
+_SEND_OPTIONS = ("task_id", "queue", "serializer", "result_serializer", "countdown", "eta",
+                 "expires", "priority", "link", "link_error", "retry", "retry_policy",
+                 "immutable", "each", "time_limit", "soft_time_limit", "exchange", "routing_key")
+
+
+class Signature:
+    """One task call, not made yet: a name, arguments and options; ``sig.delay()`` sends it."""
+
+    def __init__(self, name: str, args: tuple = (), kwargs: dict | None = None,
+                 options: dict | None = None, *, task=None, app=None, immutable: bool = False) -> None:
+        options = dict(options or {})
+        unknown = set(options) - set(_SEND_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s) for {name}: {', '.join(sorted(unknown))}")
+        self.name = name
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.immutable = options.pop("immutable", immutable)
+        self.options = options
+        self.task = task
+        self.app = app if app is not None else getattr(task, "app", None)
+
+    @property
+    def id(self) -> str | None:
+        return self.options.get("task_id")
+
+    @property
+    def runner(self) -> Runner:
+        """What the worker runs: the task's runner, or one that finds the task by name there."""
+        runner = self.__dict__.get("_runner")
+        if runner is None:
+            runner = Runner.of(self.task) if self.task is not None else Runner(self.name, {})
+        return runner
+
+    def __reduce__(self):  # travels without its app: routing was resolved by freeze()
+        return (_rebuilt_signature, (self.name, self.args, self.kwargs, self.options,
+                                     self.immutable, self.runner))
+
+    def clone(self, args: tuple = (), kwargs: dict | None = None, **options) -> "Signature":
+        """A copy with args put before its own (a chain's previous result goes first)."""
+        new = Signature(self.name, tuple(args) + self.args, dict(self.kwargs, **(kwargs or {})),
+                        dict(self.options, **options), task=self.task, app=self.app,
+                        immutable=self.immutable)
+        new.__dict__["_runner"] = self.__dict__.get("_runner")
+        return new
+
+    def set(self, **options) -> "Signature":
+        self.options.update(options)
+        return self
+
+    def freeze(self) -> AsyncResult | None:
+        """Give the call its id and resolve its queue and serializers now (as the caller's app says)."""
+        opts = self.options
+        opts.setdefault("task_id", str(uuid.uuid4()))
+        task = self.task
+        app = self.app
+        if opts.get("queue") is None:
+            opts["queue"] = (getattr(task, "queue", None)
+                             or (app.route(self.name, self.args, self.kwargs, opts) if app else None)
+                             or (app.conf.task_default_queue if app else "default"))
+        opts.setdefault("serializer", getattr(task, "serializer", None)
+                        or (app.conf.task_serializer if app else "pickle"))
+        opts.setdefault("result_serializer", app.conf.result_serializer if app else "pickle")
+        if task is not None and task.expires is not None:
+            opts.setdefault("expires", task.expires)
+        return None
+
+    # -- calling ---------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs) -> Any:
+        """Run the task here, as Celery's ``sig()`` does."""
+        if self.task is None:
+            raise TypeError(f"signature of {self.name} has no task here to call: use .delay()")
+        args = self.args if self.immutable else tuple(args) + self.args
+        return self.task(*args, **dict(self.kwargs, **kwargs))
+
+    def delay(self, *args, **kwargs) -> AsyncResult:
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Iterable = (), kwargs: dict | None = None, *, client=None,
+                    chain: list | None = None, chord: dict | None = None, **options) -> AsyncResult:
+        """Send the call; args are put before the signature's own (unless immutable)."""
+        sig = self.clone(() if self.immutable else tuple(args), kwargs, **options)
+        sig.freeze()
+        client = client or _client_of(self.app)
+        for key in ("link", "link_error"):
+            links = sig.options.get(key)
+            if links is not None:
+                links = [links] if isinstance(links, Signature) else list(links)
+                for link in links:
+                    link.freeze()
+                sig.options[key] = links
+        send(client, sig, chain=chain, chord=chord)
+        return AsyncResult(sig.id, client=client)
+
+    def __or__(self, other) -> "chain":
+        return chain(self, other)
+
+    def __invert__(self) -> Any:
+        return self.apply_async().get()
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{'%' if self.immutable else ''}{self.name}({', '.join(parts)})"
+
+
+def _rebuilt_signature(name, args, kwargs, options, immutable, runner) -> Signature:
+    sig = Signature(name, args, kwargs, options, immutable=immutable)
+    sig.__dict__["_runner"] = runner
+    return sig
+
+
+def _client_of(app):
+    return app.client if app is not None else worker_client()
+
+
+def send(client, sig: Signature, chain: list | None = None, chord: dict | None = None) -> None:
+    """Send a frozen signature through client: its header (eta, expiry) and request."""
+    opts = sig.options
+    header: dict = {}
+    eta = opts.get("eta")
+    if eta is not None:
+        header["eta"] = eta.timestamp() if isinstance(eta, datetime) else float(eta)
+    elif opts.get("countdown"):
+        header["eta"] = time.time() + float(opts["countdown"])
+    expires = opts.get("expires")
+    if expires is not None:
+        header["x"] = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
+    if chord:
+        header["now"] = 1  # the header task that completes the chord waits for the others' results
+    req: dict = {"rs": opts["result_serializer"]}
+    for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
+                       ("link", opts.get("link")), ("link_error", opts.get("link_error"))):
+        if value:
+            req[key] = value
+    ser = opts["serializer"]
+    body = (ser, serializers.encode(ser, (sig.args, sig.kwargs) if ser == "pickle"
+                                    else [list(sig.args), sig.kwargs], f"the arguments of {sig.name}"))
+    client._submit(sig.runner, (body, req), {}, tid=sig.id, queue=opts["queue"], options=header)
+
+
+class GroupResult:
+    """The results of a group, in the group's order."""
+
+    def __init__(self, id: str, results: list) -> None:
+        self.id = id
+        self.results = results
+
+    children = property(lambda self: self.results)
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> list:
+        """Every result in order; the first failure is raised unless propagate is False."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [r.get(None if deadline is None else max(0.0, deadline - time.monotonic()),
+                      propagate=propagate) for r in self.results]
+
+    join = get
+
+    def ready(self) -> bool:
+        return all(r.ready() for r in self.results)
+
+    def successful(self) -> bool:
+        return all(r.successful() for r in self.results)
+
+    def failed(self) -> bool:
+        return any(r.failed() for r in self.results)
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def completed_count(self) -> int:
+        return sum(r.successful() for r in self.results)
+
+    def revoke(self, terminate: bool = False) -> None:
+        for r in self.results:
+            r.revoke(terminate=terminate)
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __repr__(self) -> str:
+        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+
+class group:
+    """Calls run in parallel: ``group(add.s(i, i) for i in range(10))().get()``."""
+
+    def __init__(self, *tasks) -> None:
+        if len(tasks) == 1 and not isinstance(tasks[0], Signature):
+            tasks = tuple(tasks[0])
+        self.tasks = list(tasks)
+
+    def __call__(self, *args, **kwargs) -> GroupResult:
+        return self.apply_async(args, kwargs)
+
+    delay = __call__
+
+    def apply_async(self, args: Iterable = (), kwargs: dict | None = None, **options) -> GroupResult:
+        results = [sig.apply_async(args, kwargs, **options) for sig in self.tasks]
+        return GroupResult(str(uuid.uuid4()), results)
+
+    def __or__(self, other) -> "chord":
+        return chord(self.tasks, other)
+
+    def __invert__(self) -> list:
+        return self.apply_async().get()
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+class chain:
+    """Calls one after another, each given the previous result: ``chain(add.s(4, 4) | mul.s(8))``."""
+
+    def __init__(self, *tasks) -> None:
+        steps: list = []
+        for t in tasks:
+            steps.extend(t.tasks if isinstance(t, chain) else [t])
+        for t in steps:
+            if not isinstance(t, Signature):
+                raise TypeError(f"a chain holds task signatures; {t!r} is not one (a group in a "
+                                "chain is not supported: use chord(group, body))")
+        self.tasks = steps
+
+    def __or__(self, other) -> "chain":
+        return chain(self, other)
+
+    def __call__(self, *args, **kwargs) -> AsyncResult:
+        return self.apply_async(args, kwargs)
+
+    delay = __call__
+
+    def apply_async(self, args: Iterable = (), kwargs: dict | None = None, **options) -> AsyncResult:
+        """Send the first call; returns the last call's result, ``.parent`` leading back."""
+        if not self.tasks:
+            raise ValueError("an empty chain has nothing to run")
+        rest = [sig.clone() for sig in self.tasks[1:]]
+        for sig in rest:
+            sig.freeze()
+        first = self.tasks[0].apply_async(args, kwargs, chain=rest, **options)
+        result, client = first, first._client
+        for sig in rest:
+            nxt = AsyncResult(sig.id, client=client)
+            nxt.parent = result
+            result = nxt
+        return result
+
+    def __invert__(self) -> Any:
+        return self.apply_async().get()
+
+
+class chord:
+    """A group whose results, in order, go to one callback: ``chord(header)(body)``.
+
+    The body runs once, after every header task has finished, even if one ran
+    twice (a retry, or a worker that died): header tasks are counted by id.
+    A header task that fails makes the body fail with ChordError.
+    """
+
+    def __init__(self, header, body: Signature | None = None) -> None:
+        self.header = list(header.tasks if isinstance(header, group) else header)
+        self.body = body
+
+    def __call__(self, body: Signature | None = None, **options) -> AsyncResult:
+        return self.apply_async(body=body, **options)
+
+    def apply_async(self, args: Iterable = (), kwargs: dict | None = None, *,
+                    body: Signature | None = None, **options) -> AsyncResult:
+        body = (body or self.body)
+        if body is None:
+            raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
+        body = body.clone()
+        body.freeze()
+        header = [sig.clone() for sig in self.header]
+        for sig in header:
+            sig.freeze()
+        client = _client_of(body.app or next((s.app for s in header if s.app), None))
+        if not header:
+            return body.apply_async(([],), client=client)
+        meta = {"id": str(uuid.uuid4()), "ids": [s.id for s in header], "body": body}
+        results = [sig.apply_async(args, kwargs, client=client, chord=meta, **options)
+                   for sig in header]
+        res = AsyncResult(body.id, client=client)
+        res.parent = GroupResult(meta["id"], results)
+        return res
+
+
+class chunks:
+    """n calls per task: ``add.chunks(zip(a, b), 10)()`` → a GroupResult of lists."""
+
+    def __init__(self, task, it: Iterable, n: int) -> None:
+        if n < 1:
+            raise ValueError("chunks need n >= 1")
+        self.task = task
+        self.items = [tuple(x) for x in it]
+        self.n = n
+
+    def group(self) -> group:
+        return group(self.task.starmap(self.items[i:i + self.n])
+                     for i in range(0, len(self.items), self.n))
+
+    def __call__(self, **options) -> GroupResult:
+        return self.apply_async(**options)
+
+    def apply_async(self, **options) -> GroupResult:
+        return self.group().apply_async(**options)
+
+    def __invert__(self) -> list:
+        return self.apply_async().get()
+
+
+def signature(name: str | Signature, args: Iterable = (), kwargs: dict | None = None,
+              app=None, **options) -> Signature:
+    """A signature by task name (no code needed here), or a copy of one."""
+    if isinstance(name, Signature):
+        return name.clone()
+    return Signature(name, tuple(args), kwargs, options, app=app)

@@ -1,0 +1,36 @@
+"""Exceptions of the Celery-style layer, with Celery's names."""
+from __future__ import annotations
+
+from ..errors import NbqError
+from ..worker.execute import Reschedule
+
+
+class Retry(Reschedule):
+    """Raised by ``task.retry()``: the task runs again after its countdown (state stays STARTED)."""
+
+
+class MaxRetriesExceededError(NbqError):
+    """A task asked to retry more often than its ``max_retries`` allows."""
+
+
+class NotRegistered(NbqError, KeyError):
+    """No task of this name is known where it was asked for (start the worker with ``-A``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "task not registered"
+
+
+class ContentDisallowed(NbqError):
+    """A worker refused a task sent with a serializer its ``accept_content`` does not list."""
+
+
+class ChordError(NbqError):
+    """A chord's body did not run because a task of its header failed."""
+
+
+class SoftTimeLimitExceeded(NbqError):
+    """Raised inside a task when its ``soft_time_limit`` has passed: it may clean up and return."""
+
+
+class TimeLimitExceeded(NbqError):
+    """A task ran past its hard ``time_limit``: its process was stopped and replaced."""

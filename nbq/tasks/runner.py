@@ -1,0 +1,252 @@
+"""What a task message runs on a worker: the task found by name, or the function that travelled.
+
+``Runner`` is the engine-level function of every Celery-style task: it is
+shipped once per task (by content hash) and called with the encoded
+arguments and the call's request (chain, chord, links).  On the worker it
+decodes, applies the task's retry and time-limit rules, runs the task and
+then sends what follows it (the next step of a chain, a chord's body, link
+callbacks) through a client of the worker's own broker.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import socket
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Any
+
+import cloudpickle
+
+from .. import protocol
+from ..worker import execute
+from . import serializers
+from .exceptions import (ChordError, ContentDisallowed, NotRegistered, Retry,
+                         SoftTimeLimitExceeded, TimeLimitExceeded)
+from .task import Request, Task, _requests
+
+#: Tasks registered in this process by name (every App's), as ``-A module`` imports them.
+registry: dict[str, Task] = {}
+#: The content types this worker accepts: set from the apps it loaded with ``-A``.
+accept: set[str] | None = None
+
+
+class Runner:
+    """A task as it travels: its name and options, and its function unless sent by name only."""
+
+    def __init__(self, name: str, options: dict, fn=None, blob: bytes | None = None) -> None:
+        self.name = name
+        self.options = options
+        self.fn = fn
+        self._blob = blob
+        self._task: Task | None = None
+
+    @classmethod
+    def of(cls, task: Task) -> "Runner":
+        runner = task.__dict__.get("_runner")
+        if runner is None:
+            runner = task.__dict__["_runner"] = cls(task.name, task.options, task.run)
+        return runner
+
+    def __reduce__(self):
+        blob = self._blob
+        if blob is None and self.fn is not None:
+            blob = protocol.dumps_named(self.fn, f"the function of task {self.name}")
+            blob = b"".join(bytes(memoryview(f)) for f in blob)
+        return (Runner, (self.name, self.options, None, blob))
+
+    def __nbq_fingerprint__(self) -> tuple | None:
+        from ..client import _fingerprint
+        inner = _fingerprint(self.fn) if self.fn is not None else ()
+        return None if inner is None else (self, inner)
+
+    def task(self) -> Task:
+        """The task to run: the one registered here under this name, else the one that travelled."""
+        found = registry.get(self.name)
+        if found is not None:
+            return found
+        if self._task is None:
+            if self._blob is None and self.fn is None:
+                raise NotRegistered(f"task {self.name!r} is not registered on worker "
+                                    f"{socket.gethostname()}: start the worker with -A and the "
+                                    "module that defines it")
+            if self.fn is None:
+                try:
+                    self.fn = cloudpickle.loads(self._blob)
+                except Exception as e:
+                    raise NotRegistered(f"task {self.name!r} is not registered on worker "
+                                        f"{socket.gethostname()} and its function could not be "
+                                        f"loaded there ({type(e).__name__}: {e}): start the "
+                                        "worker with -A and the module that defines it") from None
+            self._task = Task(None, self.fn, self.name, self.options)
+        return self._task
+
+    def __call__(self, body: tuple, req: dict) -> Any:
+        task = self.task()
+        serializer, data = body
+        if accept is not None and serializer not in accept:
+            raise ContentDisallowed(f"this worker accepts {', '.join(sorted(accept))} only, and task "
+                                    f"{self.name} was sent as {serializer}: add it to the worker "
+                                    "app's accept_content, or send with another serializer")
+        args, kwargs = serializers.decode(serializer, data)
+        item = execute.current
+        request = Request(id=item.get("id"), retries=item.get("rt", 0), args=tuple(args),
+                          kwargs=kwargs, eta=item.get("eta"), expires=item.get("x"),
+                          called_directly=False, hostname=socket.gethostname())
+        _requests.append(request)
+        try:
+            value = _invoke(task, request, req.get("each"), args, kwargs)
+        except Retry:
+            raise
+        except BaseException as exc:
+            _after_failure(task, request, req, exc)
+            raise
+        finally:
+            _requests.pop()
+        _after_success(request, req, value)
+        rs = req.get("rs", "pickle")
+        return serializers.decode(rs, serializers.encode(rs, value, f"the result of {self.name}"))
+
+
+def _invoke(task: Task, request: Request, each: str | None, args, kwargs) -> Any:
+    """Run the task under its time limits; exceptions of ``autoretry_for`` become retries."""
+    fn = task.run
+    try:
+        with _limits(task.soft_time_limit, task.time_limit):
+            if each == "map":
+                return [fn(x) for x in args[0]]
+            if each == "star":
+                return [fn(*x) for x in args[0]]
+            return fn(task, *args, **kwargs) if task.bind else fn(*args, **kwargs)
+    except tuple(task.autoretry_for or ()) as exc:
+        task.retry(exc=exc, countdown=task.backoff(request.retries))
+        raise  # retry() raises; this line keeps type checkers content
+
+
+@contextmanager
+def _limits(soft: float | None, hard: float | None):
+    """Raise SoftTimeLimitExceeded in the task after soft seconds, TimeLimitExceeded after hard.
+
+    A task stuck where Python cannot interrupt it (inside one long C call) is not
+    stopped by these; it is stopped when that call returns.
+    """
+    if not soft and not hard:
+        yield
+        return
+    start = time.monotonic()
+    stages = sorted((t, cls) for t, cls in ((soft, SoftTimeLimitExceeded), (hard, TimeLimitExceeded))
+                    if t)
+
+    def alarm(signum, frame):
+        limit, cls = stages.pop(0)
+        if stages:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, stages[0][0] - (time.monotonic() - start)))
+        raise cls(f"the task ran longer than its {'soft ' if cls is SoftTimeLimitExceeded else ''}"
+                  f"time limit of {limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, stages[0][0])
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- what follows a task (runs on the worker) --------------------------------------------
+
+_client = None
+
+
+def worker_client():
+    """A client of this worker's broker (NBQ_BROKER, set by ``nbq worker``), made on first use."""
+    global _client
+    if _client is None or _client._closed:
+        from ..client import Client
+        if not os.environ.get("NBQ_BROKER"):
+            raise RuntimeError("a task can start other tasks only on a worker started by "
+                               "`nbq worker`, which sets NBQ_BROKER")
+        _client = Client(os.environ["NBQ_BROKER"])
+    return _client
+
+
+def _after_success(request: Request, req: dict, value: Any) -> None:
+    for sig in req.get("link", ()):
+        sig.clone(args=() if sig.immutable else (value,)).apply_async(client=worker_client())
+    chain = req.get("chain")
+    if chain:
+        step, rest = chain[0], chain[1:]
+        step.clone(args=() if step.immutable else (value,)).apply_async(
+            client=worker_client(), chain=rest)
+    if req.get("chord"):
+        _chord_part(request, req["chord"], value, None)
+
+
+def _after_failure(task: Task, request: Request, req: dict, exc: BaseException) -> None:
+    """A failed task's chain fails with it, its error callbacks run, its chord learns of it."""
+    client = None
+    chain = list(req.get("chain") or ())
+    if chain or req.get("link_error"):
+        client = worker_client()
+    for step in chain:  # every later step of the chain fails with this task's error
+        fail(client, step, exc)
+    for sig in req.get("link_error", ()):
+        if sig.immutable:
+            sig.apply_async(client=client)
+        elif _takes_three(sig):
+            tb = "".join(traceback.format_exception(exc))
+            sig.clone(args=(request, exc, tb)).apply_async(client=client)
+        else:
+            sig.clone(args=(request.id,)).apply_async(client=client)
+    if req.get("chord"):
+        _chord_part(request, req["chord"], None, exc)
+
+
+def _takes_three(sig) -> bool:
+    """Whether an error callback has Celery's new form (request, exc, traceback)."""
+    try:
+        params = inspect.signature(sig.runner.task().run).parameters.values()
+    except (TypeError, ValueError, NotRegistered):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _chord_part(request: Request, chord: dict, value: Any, exc: BaseException | None) -> None:
+    """Count this header task (done or failed) in its chord; the one that completes the
+    count sends the body, once, with the header's results in order."""
+    client = worker_client()
+    if not client._join(chord["id"], request.id, len(chord["ids"])):
+        return
+    from ..asyncresult import AsyncResult
+    results, failed = [], None if exc is None else (request.id, exc)
+    for tid in chord["ids"]:
+        if failed is not None:
+            break
+        if tid == request.id:
+            results.append(value)
+            continue
+        r = AsyncResult(tid, client=client)
+        out = r.get(propagate=False)
+        if r.state != "SUCCESS":
+            failed = (tid, out)
+        results.append(out)
+    body = chord["body"]
+    if failed is not None:
+        fail(client, body, ChordError(f"the chord's body did not run: header task {failed[0]} "
+                                      f"failed: {failed[1]!r}"))
+    else:
+        body.clone(args=() if body.immutable else (results,)).apply_async(client=client)
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
+def fail(client, sig, exc: BaseException) -> None:
+    """Give the (frozen) signature's task exc as its result, without running it."""
+    exc = protocol.rebuild_error(protocol.error_record(exc))  # picklable, whatever exc was
+    exc.__cause__ = None
+    client._submit(_raise, (exc,), {}, tid=sig.id, queue=sig.options["queue"])

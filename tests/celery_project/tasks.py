@@ -1,0 +1,94 @@
+"""A Celery project's tasks module, as the Celery tutorials write it, with the one-line change."""
+import os
+import signal
+import time
+
+from nbq import App as Celery
+
+app = Celery("tasks")
+app.config_from_object("celeryconfig")
+
+NOTES = os.environ.get("PROJ_NOTES", "notes.txt")  # where tasks leave evidence of their runs
+
+
+def note(text: str) -> None:
+    with open(NOTES, "a") as f:
+        f.write(f"{text}\n")
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def mul(x, y):
+    return x * y
+
+
+@app.task
+def xsum(numbers):
+    return sum(numbers)
+
+
+@app.task
+def where():
+    """Which worker ran this (its WORKER_NAME) and when."""
+    return os.environ.get("WORKER_NAME"), time.time()
+
+
+@app.task(bind=True, max_retries=5, default_retry_delay=0.2)
+def flaky(self, key, failures):
+    """Fails `failures` times, then returns how many retries it took."""
+    note(f"flaky {key} {self.request.id} {self.request.retries}")
+    if self.request.retries < failures:
+        raise self.retry(exc=IOError(f"try {self.request.retries} failed"))
+    return self.request.retries
+
+
+@app.task(autoretry_for=(IOError,), retry_backoff=0.1, retry_jitter=False, max_retries=2)
+def always_fails(key):
+    note(f"always_fails {key} {time.time()}")
+    raise IOError(f"{key} never works")
+
+
+@app.task(soft_time_limit=0.5)
+def slow_but_careful(seconds):
+    from nbq.tasks import SoftTimeLimitExceeded
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "finished"
+
+
+@app.task(time_limit=0.5)
+def slow(seconds):
+    time.sleep(seconds)
+    return "finished"
+
+
+@app.task
+def dies_once(key, value):
+    """Kills its own process the first time it runs for key, then returns value."""
+    path = f"{NOTES}.{key}.died"
+    if not os.path.exists(path):
+        open(path, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+@app.task
+def record(value, key="record"):
+    note(f"{key} {value!r}")
+    return value
+
+
+@app.task
+def boom(x):
+    raise ValueError(f"boom {x}")
+
+
+@app.task
+def on_error(request, exc, traceback):
+    note(f"on_error {request.id} {type(exc).__name__}")

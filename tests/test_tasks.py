@@ -1,0 +1,266 @@
+"""The Celery examples nbq's users come with, ported as they are, against real `nbq worker -A tasks`
+processes on a private Redis (and the ZeroMQ broker where said)."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import nbq
+from nbq import chain, chord, group
+from nbq.tasks import ChordError, ContentDisallowed, NotRegistered, TimeLimitExceeded
+from conftest import Processes, redis_url, wait_until
+
+PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "celery_project")
+
+
+class Project:
+    """The tasks module imported here, its workers started in its directory, as `celery -A tasks worker`."""
+
+    def __init__(self, procs: Processes, broker: str, notes) -> None:
+        self.procs, self.broker, self.notes = procs, broker, notes
+        if PROJECT not in sys.path:
+            sys.path.insert(0, PROJECT)
+        self.tasks = importlib.import_module("tasks")
+        self.tasks.app.close()
+        self.tasks.app.conf.broker_url = broker
+        self.app = self.tasks.app
+
+    def worker(self, name: str, queues: str = "default,lopri", concurrency: int = 2, *extra: str):
+        env = dict(os.environ, PROJ_NOTES=str(self.notes), WORKER_NAME=name,
+                   PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(PROJECT),
+                                                          os.environ.get("PYTHONPATH")) if p))
+        return self.procs.nbq("worker", "-A", "tasks", "--broker", self.broker, "-Q", queues,
+                              "-c", str(concurrency), *extra, cwd=PROJECT, env=env)
+
+    def lines(self, prefix: str) -> list[list[str]]:
+        if not self.notes.exists():
+            return []
+        return [line.split() for line in self.notes.read_text().splitlines()
+                if line.startswith(prefix + " ")]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    procs = Processes(tmp_path_factory.mktemp("procs"))
+    proj = Project(procs, redis_url(), tmp_path_factory.mktemp("notes") / "notes.txt")
+    proj.worker("main")
+    proj.app.client.wait_for_workers(2)
+    yield proj
+    proj.app.close()
+    procs.stop_all()
+
+
+def test_delay_get_and_states(project):
+    t = project.tasks
+    res = t.add.delay(4, 4)
+    assert res.get(timeout=10) == 8
+    assert (res.state, res.ready(), res.successful(), res.result) == ("SUCCESS", True, True, 8)
+    assert t.add(2, 2) == 4  # called directly: runs here
+    bad = t.boom.delay(1)
+    with pytest.raises(ValueError, match="boom 1"):
+        bad.get(timeout=10)
+    assert bad.state == "FAILURE" and bad.failed()
+    assert isinstance(bad.get(propagate=False), ValueError)
+    assert "boom 1" in bad.traceback
+    again = project.app.AsyncResult(res.id)  # by id, as Celery's app.AsyncResult
+    assert again.get(timeout=10) == 8
+
+
+def test_send_task_from_a_host_without_the_code(project, tmp_path):
+    """Host A has no tasks module, only the broker URL; host B is the worker."""
+    script = textwrap.dedent(f"""
+        import nbq
+        app = nbq.App("client", broker={project.broker!r})
+        print(app.send_task("tasks.add", [1, 2]).get(timeout=10))
+        try:
+            app.send_task("tasks.nope", [1]).get(timeout=10)
+        except Exception as e:
+            print(type(e).__name__, e)
+        app.close()
+    """)
+    env = dict(os.environ, PYTHONPATH="")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, text=True,
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()[:2]
+    assert first == "3"
+    assert second.startswith("NotRegistered") and "'tasks.nope'" in second and "-A" in second
+
+
+def test_countdown_on_another_queue_runs_no_earlier(project):
+    sent = time.time()
+    res = project.tasks.where.apply_async(queue="lopri", countdown=2)
+    name, ran = res.get(timeout=20)
+    assert name == "main"
+    assert 2.0 <= ran - sent < 10.0
+
+
+def test_task_routes_from_celeryconfig(project):
+    assert project.app.conf.task_routes["tasks.where"] == {"queue": "routed"}
+    assert project.app.route("tasks.slow", (), {}, {}) == "lopri"  # a glob pattern
+    project.worker("routed", "routed", 1)
+    name, _ = project.tasks.where.delay().get(timeout=20)
+    assert name == "routed"
+    assert project.tasks.where.apply_async(queue="default").get(timeout=10)[0] == "main"
+
+
+def test_group_chain_chord_starmap_chunks_as_the_tutorials_write_them(project):
+    t = project.tasks
+    assert group(t.add.s(i, i) for i in range(10))().get(timeout=20) == [i + i for i in range(10)]
+    assert chain(t.add.s(4, 4) | t.mul.s(8))().get(timeout=20) == 64
+    assert (t.add.s(4, 4) | t.mul.s(8) | t.add.s(1))().get(timeout=20) == 65
+    assert chord([t.add.s(i, i) for i in range(10)])(t.xsum.s()).get(timeout=20) == 90
+    assert chord([t.add.s(i, i) for i in range(10)])(t.add.s([20])).get(timeout=20) == \
+        [i + i for i in range(10)] + [20]
+    assert ~t.add.starmap(zip(range(100), range(100))) == [i + i for i in range(100)]
+    assert ~t.xsum.map([[1, 2], [3, 4]]) == [3, 7]  # one argument per call
+    parts = t.add.chunks(zip(range(100), range(100)), 10)().get(timeout=20)
+    assert parts == [[i + i for i in range(k, k + 10)] for k in range(0, 100, 10)]
+    assert t.add.chunks(zip(range(4), range(4)), 2).group()().get(timeout=20) == [[0, 2], [4, 6]]
+
+
+def test_a_failure_stops_a_chain_and_reaches_link_error(project):
+    t = project.tasks
+    res = (t.add.s(1, 1) | t.boom.s() | t.record.s()).apply_async(link_error=t.on_error.s())
+    with pytest.raises(ValueError, match="boom 2"):
+        res.get(timeout=20)  # the last step fails with the error that stopped the chain
+    assert isinstance(res.parent.get(timeout=10, propagate=False), ValueError)
+    assert res.parent.state == "FAILURE" and res.parent.parent.get(timeout=10) == 2
+    assert not project.lines("record")
+    boom = t.boom.apply_async((5,), link_error=t.on_error.s())
+    with pytest.raises(ValueError):
+        boom.get(timeout=10)
+    wait_until(lambda: any(ln[1] == boom.id for ln in project.lines("on_error")), 10,
+               what="the error callback")
+    assert ["on_error", boom.id, "ValueError"] in project.lines("on_error")
+
+
+def test_link_gets_the_result(project):
+    t = project.tasks
+    t.add.apply_async((2, 3), link=t.record.s(key="linked")).get(timeout=10)
+    wait_until(lambda: project.lines("linked"), 10, what="the link callback")
+    assert project.lines("linked") == [["linked", "5"]]
+
+
+def test_a_chord_body_runs_once_when_a_header_worker_dies(project):
+    t = project.tasks
+    header = [t.dies_once.s("chord", 100)] + [t.add.s(i, i) for i in range(5)]
+    res = chord(header)(t.record.s(key="body"))
+    assert res.get(timeout=60) == [100, 0, 2, 4, 6, 8]
+    assert len(project.lines("body")) == 1
+    failing = chord([t.add.s(1, 1), t.boom.s(3)])(t.record.s(key="never"))
+    with pytest.raises(ChordError, match="boom 3"):
+        failing.get(timeout=20)
+    assert not project.lines("never")
+
+
+def test_retries_with_countdown_and_backoff(project):
+    t = project.tasks
+    assert t.flaky.delay("a", 2).get(timeout=20) == 2
+    runs = project.lines("flaky")
+    assert [int(r[3]) for r in runs if r[1] == "a"] == [0, 1, 2]
+    assert len({r[2] for r in runs if r[1] == "a"}) == 1  # one task id throughout
+    res = t.always_fails.delay("b")
+    with pytest.raises(OSError, match="b never works"):
+        res.get(timeout=20)
+    times = [float(r[2]) for r in project.lines("always_fails") if r[1] == "b"]
+    assert len(times) == 3  # the first run and max_retries=2 retries
+    assert times[1] - times[0] >= 0.1 and times[2] - times[1] >= 0.2  # backoff doubles
+
+
+def test_soft_and_hard_time_limits(project):
+    t = project.tasks
+    assert t.slow_but_careful.delay(5).get(timeout=10) == "cleaned up"
+    res = t.slow.apply_async((5,), queue="default")
+    with pytest.raises(TimeLimitExceeded):
+        res.get(timeout=10)
+    assert t.add.delay(1, 1).get(timeout=10) == 2  # the workers keep serving
+
+
+def test_revoke_before_start_and_expires(project):
+    t = project.tasks
+    queued = t.record.apply_async(("revoked",), queue="nobody")
+    assert queued.revoke() is True
+    assert queued.state == "REVOKED"
+    expiring = t.record.apply_async(("expired",), queue="later", expires=0.3)
+    time.sleep(0.4)  # the point of the test: time passes beyond the expiry before a worker exists
+    project.worker("later", "later", 1)
+    wait_until(lambda: expiring.state == "REVOKED", 20, what="the expired task revoked")
+    assert not project.lines("record") or all(ln[1] != "'expired'" for ln in project.lines("record"))
+
+
+def test_a_task_defined_in_a_notebook_runs_on_a_worker_that_never_saw_it(project):
+    namespace = {"__name__": "__main__", "app": project.app}
+    exec(textwrap.dedent("""
+        @app.task
+        def cube(x):
+            return x ** 3
+    """), namespace)
+    cube = namespace["cube"]
+    assert cube.name == "tasks.cube"
+    assert cube.delay(3).get(timeout=10) == 27
+    assert group(cube.s(i) for i in range(4))().get(timeout=10) == [0, 1, 8, 27]
+
+
+def test_json_tasks_and_a_worker_that_refuses_pickle(project, tmp_path):
+    t = project.tasks
+    assert t.add.apply_async(([1], [2]), serializer="json").get(timeout=10) == [1, 2]
+    with pytest.raises(nbq.SerializationError, match="json"):
+        t.add.apply_async((object(), 1), serializer="json")
+    (tmp_path / "jsononly.py").write_text(textwrap.dedent("""
+        from nbq import App
+        app = App("jsononly", accept_content=["json"])
+        @app.task(name="tasks.add")
+        def add(x, y):
+            return x + y
+    """))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(PROJECT))
+    project.procs.nbq("worker", "-A", "jsononly", "--broker", project.broker, "-Q", "json", "-c", "1",
+                      cwd=tmp_path, env=env)
+    assert t.add.apply_async((1, 2), queue="json", serializer="json").get(timeout=20) == 3
+    with pytest.raises(ContentDisallowed, match="accepts json only"):
+        t.add.apply_async((1, 2), queue="json").get(timeout=10)
+
+
+def test_app_conf_and_config_from_object():
+    app = nbq.App("proj", broker="redis://:secret@127.0.0.1:6390/2", task_serializer="json")
+    app.conf.update(CELERY_TASK_RESULT_EXPIRES=3600, task_routes={"a.*": "q"})
+    assert (app.conf.broker_url, app.conf.task_serializer, app.conf.result_expires) == \
+        ("redis://:secret@127.0.0.1:6390/2", "json", 3600)
+    assert app.conf.CELERY_TASK_RESULT_EXPIRES == 3600
+    app.config_from_object({"BROKER_URL": "redis://127.0.0.1:1/0", "CELERYD_CONCURRENCY": 4})
+    assert (app.conf.broker_url, app.conf.worker_concurrency) == ("redis://127.0.0.1:1/0", 4)
+
+    class Config:
+        task_annotations = {"proj.*": {"rate_limit": "10/m"}}
+    app.config_from_object(Config)
+
+    @app.task(name="proj.f")
+    def f():
+        return 1
+    app.annotate()
+    assert f.rate_limit == "10/m" and app.route("a.b", (), {}, {}) == "q"
+    with pytest.raises(TypeError, match="unknown option"):
+        app.task(retries=3)(lambda: 1)
+
+
+def test_on_the_zeromq_broker_too(procs, tmp_path):
+    from conftest import start_broker
+    address = start_broker(procs)
+    proj = Project(procs, address, tmp_path / "notes.txt")
+    try:
+        proj.worker("zmq")
+        proj.app.client.wait_for_workers(2)
+        t = proj.tasks
+        assert t.add.delay(4, 4).get(timeout=10) == 8
+        assert chain(t.add.s(4, 4) | t.mul.s(8))().get(timeout=10) == 64
+        assert chord([t.add.s(i, i) for i in range(10)])(t.xsum.s()).get(timeout=10) == 90
+        assert t.flaky.delay("z", 1).get(timeout=10) == 1
+    finally:
+        proj.app.close()
