@@ -189,6 +189,31 @@ def test_empty_input_gives_empty_frame_with_result_column():
     assert list(frame.columns) == ["result"]
 
 
+def test_positions_limit_rows_and_keep_dtypes():
+    values = [{"a": 1, "b": True}, None, {"a": 3, "b": False}, None]   # 1 and 3 not done yet
+    frame = to_dataframe(values, {}, ["p", "q", "r", "s"], star=False, include_args=True,
+                         positions=[0, 2])
+    assert list(frame.index) == [0, 2] and frame.index.dtype == "int64"
+    assert list(frame.columns) == ["arg", "a", "b"] and frame["arg"].tolist() == ["p", "r"]
+    assert frame["a"].dtype == "int64" and frame["b"].dtype == "bool"
+
+
+def test_positions_with_errors_include_and_dataframe_results():
+    part = pd.DataFrame({"x": [1, 2]})
+    frame = to_dataframe([part, None, None, part], {1: KeyError("k")}, None, star=False,
+                         errors_mode="include", positions=[0, 1, 3])
+    assert frame.index.get_level_values(0).tolist() == [0, 0, 1, 3, 3]
+    assert frame["error"].tolist()[2] == "KeyError('k')"
+    scalars = to_dataframe([5, None, 7], {1: KeyError("k")}, None, star=False,
+                           errors_mode="include", positions=[1, 2])
+    assert list(scalars.index) == [1, 2] and scalars.loc[2, "result"] == 7
+
+
+def test_no_positions_gives_an_empty_result_column():
+    frame = to_dataframe([None, None], {}, None, star=False, positions=[])
+    assert len(frame) == 0 and list(frame.columns) == ["result"]
+
+
 def test_importing_frames_does_not_import_pandas():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
