@@ -8,7 +8,7 @@ import time
 import pytest
 
 import nbq
-from conftest import wait_until
+from conftest import NOTEBOOKS, execute_notebook, wait_until
 
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -268,9 +268,7 @@ def test_nbq_connect_status_workers_shutdown():
 def test_remote_notebook_runs_on_a_real_kernel(tmp_path):
     """notebooks/remote.ipynb on the venv's ipykernel: streams, HTML, --all, --bg, and the
     one error (in the cell tagged raises-exception) with the cell's own line numbers."""
-    from pathlib import Path
-    from conftest import execute_notebook
-    nb = execute_notebook(Path(__file__).resolve().parent.parent / "notebooks" / "remote.ipynb", tmp_path)
+    nb = execute_notebook(NOTEBOOKS / "remote.ipynb", tmp_path)
     cells = [c for c in nb.cells if c.cell_type == "code"]
     errors = [(c, o) for c in cells for o in c.outputs if o.output_type == "error"]
     assert len(errors) == 1
