@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import NOTEBOOKS, execute_notebook, widget_states
 from nbq.frames import to_dataframe
 
 Point = collections.namedtuple("Point", "x y")
@@ -237,3 +238,21 @@ def test_speed_100k_dicts_within_2x_of_pandas():
     ratio = min(o for o, _ in runs) / min(t for _, t in runs)
     print(f"to_dataframe / pandas.DataFrame (best of 3) = {ratio:.2f}")
     assert ratio < 2, ratio
+
+
+# -- the sweep notebook on a real kernel ------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_sweep_notebook_runs_on_a_real_kernel(tmp_path):
+    """notebooks/sweep.ipynb top to bottom: the sweep's bar saved green, the partial look,
+    the groupby tables, a PNG plot, and the thresholds found next to the theory."""
+    nb = execute_notebook(NOTEBOOKS / "sweep.ipynb", tmp_path)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    progress = [s["state"] for s in widget_states(nb).values()
+                if s["model_name"] == "IntProgressModel"]
+    assert [(p["value"], p["max"], p["bar_style"]) for p in progress] == [(2850, 2850, "success")]
+    assert "500 of 2,850 runs done so far" in "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    tables = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len(tables) == 4 and "theory (1 - 1/R0)" in tables[-1]
