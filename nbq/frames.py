@@ -5,7 +5,7 @@ pandas is imported inside the function so that importing nbq stays light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import pandas
@@ -14,7 +14,8 @@ ERRORS_MODES = ("raise", "include", "skip")
 
 
 def to_dataframe(values: list, errors: dict[int, BaseException], args: list | None, *, star: bool,
-                 include_args: bool = False, errors_mode: str = "raise") -> pandas.DataFrame:
+                 include_args: bool = False, errors_mode: str = "raise",
+                 positions: Sequence[int] | None = None) -> pandas.DataFrame:
     """Build one DataFrame from map results, indexed by input position.
 
     The kind of every row is decided by the first successful value: dicts, Series,
@@ -33,6 +34,11 @@ def to_dataframe(values: list, errors: dict[int, BaseException], args: list | No
     columns of failed rows missing, with pandas' usual upcast (int to float64, bool to
     object). A failed position of DataFrame results gives one row with a NaN inner index.
     The ``arg``/``error`` columns never replace a result column of the same name.
+
+    ``positions`` (ascending) limits the rows to those input positions, as for a map
+    still running (``errors`` then holds failures at those positions only); the
+    index is then those positions, and kinds and dtypes are decided as above from
+    the rows present.
     """
     if errors_mode not in ERRORS_MODES:
         raise ValueError(f"errors_mode must be one of {', '.join(map(repr, ERRORS_MODES))}, "
@@ -41,24 +47,26 @@ def to_dataframe(values: list, errors: dict[int, BaseException], args: list | No
         raise errors[min(errors)]
     import pandas as pd
 
-    n = len(values)
-    positions = [i for i in range(n) if i not in errors] if errors else range(n)
-    results = [values[i] for i in positions] if errors else values
+    whole = positions is None and not errors      # every row, no gaps: no copies, a RangeIndex
+    every = range(len(values)) if positions is None else positions
+    ok = [i for i in every if i not in errors] if errors else every
+    results = values if whole else [values[i] for i in ok]
     kind = _kind(pd, results)
     if kind is pd.DataFrame:
         if errors_mode == "include":
             stub = pd.DataFrame(index=results[0].index[:0].insert(0, float("nan")))
-            results = [stub if i in errors else value for i, value in enumerate(values)]
-            positions = range(n)
-        frame = pd.concat(results, keys=list(positions))
+            results = [stub if i in errors else values[i] for i in every]
+            ok = every
+        frame = pd.concat(results, keys=list(ok))
     else:
-        index = pd.Index(positions, dtype="int64") if errors else pd.RangeIndex(n)
+        index = pd.RangeIndex(len(values)) if whole else pd.Index(ok, dtype="int64")
         if kind is None:
             frame = pd.Series(results, index=index, name="result").to_frame()
         else:
             frame = pd.DataFrame(results, index=index)
         if errors_mode == "include":
-            frame = frame.reindex(pd.RangeIndex(n))
+            frame = frame.reindex(pd.RangeIndex(len(values)) if positions is None
+                                  else pd.Index(every, dtype="int64"))
 
     rows = frame.index.get_level_values(0)
     if include_args:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import builtins
 import io
 import os
@@ -315,6 +316,8 @@ class _Events:
                 self.sock = None
 
     def __call__(self, event: tuple) -> None:
+        if event[0] == "display":   # bytes (a figure's PNG) would stop the JSON stream
+            event = ("display", _text_only(event[1]), event[2])
         self.outputs.append(event)
         if self.sock is not None:
             try:
@@ -326,6 +329,12 @@ class _Events:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def _text_only(data: dict) -> dict:
+    """A MIME bundle with bytes values (image/png) base64-encoded, Jupyter's form for them."""
+    return {k: base64.b64encode(v).decode("ascii") if isinstance(v, bytes) else v
+            for k, v in data.items()}
 
 
 class _Capture(io.TextIOBase):

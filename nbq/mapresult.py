@@ -11,9 +11,12 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .errors import InputError, NbqError
+
+if TYPE_CHECKING:
+    import pandas
 
 ERROR_MODES = ("raise", "include", "skip")
 
@@ -199,16 +202,32 @@ class MapResult:
         from .progress import show
         return show(self, display)
 
-    def to_dataframe(self, include_args: bool = False, errors: str = "raise"):
-        """The results as a pandas DataFrame indexed by input position (see frames.py)."""
+    def to_dataframe(self, include_args: bool = False, errors: str = "raise",
+                     partial: bool = False) -> pandas.DataFrame:
+        """The results as a pandas DataFrame indexed by input position (see frames.py).
+
+        Waits for the whole map, unless partial=True: then it returns at once with
+        the rows of the items done so far (errors= applies to the failures among
+        them), so a long map can be looked at while it runs.
+        """
         _check_mode(errors)
-        self._wait(self.done, None)
         if include_args and self._args is None:
             raise NbqError("include_args=True needs the map's inputs, which this client does "
                            "not have (a map found by id); call to_dataframe() without it")
         from .frames import to_dataframe
-        return to_dataframe(self._values, self.errors(), self._args, star=self._star,
-                            include_args=include_args, errors_mode=errors)
+        if not partial or self.done():
+            self._wait(self.done, None)
+            return to_dataframe(self._values, self.errors(), self._args, star=self._star,
+                                include_args=include_args, errors_mode=errors)
+        with self._cond:     # a consistent snapshot: the receiver thread keeps delivering
+            done = bytes(self._done)
+            values = self._values[:len(done)]
+            failed = dict(self._errors)
+            # the inputs kept from a generator still being read grow meanwhile: take a copy
+            args = self._args[:len(done)] if include_args and self._total is None else self._args
+        positions = list(itertools.compress(range(len(done)), done))
+        return to_dataframe(values, failed, args, star=self._star, include_args=include_args,
+                            errors_mode=errors, positions=positions)
 
     @classmethod
     def from_id(cls, map_id: str, client=None) -> "MapResult":

@@ -304,3 +304,45 @@ def test_to_dataframe_from_a_map(shared_client):
     df = res.to_dataframe(include_args=True, errors="include")
     assert list(df.columns) == ["arg0", "arg1", "result", "error"]
     assert "ZeroDivisionError" in df.loc[1, "error"] and df.loc[2, "result"] == 3.0
+
+
+def held_row(x: int, gate: str) -> dict:
+    """A row for x; items from 4 on first wait (30 s at most) for the test to create gate."""
+    deadline = time.monotonic() + 30
+    while x >= 4 and not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{gate} was never created")
+        time.sleep(0.005)
+    if x == 1:
+        raise ValueError("one")
+    return {"x": x, "half": x / 2, "even": x % 2 == 0}
+
+
+def test_to_dataframe_partial_while_the_map_runs(shared_client, tmp_path):
+    """Chunks of 4: the first (items 0-3, item 1 failing) completes; the others wait on a gate.
+    partial=True gives the rows done so far with their dtypes; without it, to_dataframe waits."""
+    gate = str(tmp_path / "gate")
+    res = shared_client.map(held_row, range(10), [gate] * 10, chunksize=4)
+    full: list = []
+    waiting = threading.Thread(target=lambda: full.append(res.to_dataframe(errors="skip")))
+    try:
+        wait_until(lambda: res.counts()["done"] == 4, timeout=30, what="the first chunk")
+        with pytest.raises(ValueError, match="one"):
+            res.to_dataframe(partial=True)
+        df = res.to_dataframe(partial=True, errors="skip", include_args=True)
+        assert list(df.index) == [0, 2, 3] and not res.done()
+        assert list(df.columns) == ["arg0", "arg1", "x", "half", "even"]
+        assert df.dtypes.astype(str).tolist()[2:] == ["int64", "float64", "bool"]
+        assert df["arg0"].tolist() == [0, 2, 3] and df.index.dtype == "int64"
+        inc = res.to_dataframe(partial=True, errors="include")
+        assert list(inc.index) == [0, 1, 2, 3] and inc.loc[1, "error"] == "ValueError('one')"
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive() and not full    # held items: the whole frame is not ready
+    finally:
+        open(gate, "w").close()
+    waiting.join(30)
+    (df,) = full
+    assert list(df.index) == [0, *range(2, 10)]
+    assert df.dtypes.astype(str).tolist() == ["int64", "float64", "bool"]
+    assert res.to_dataframe(partial=True, errors="skip").equals(df)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import NOTEBOOKS, execute_notebook, widget_states
 from nbq.frames import to_dataframe
 
 Point = collections.namedtuple("Point", "x y")
@@ -189,6 +190,31 @@ def test_empty_input_gives_empty_frame_with_result_column():
     assert list(frame.columns) == ["result"]
 
 
+def test_positions_limit_rows_and_keep_dtypes():
+    values = [{"a": 1, "b": True}, None, {"a": 3, "b": False}, None]   # 1 and 3 not done yet
+    frame = to_dataframe(values, {}, ["p", "q", "r", "s"], star=False, include_args=True,
+                         positions=[0, 2])
+    assert list(frame.index) == [0, 2] and frame.index.dtype == "int64"
+    assert list(frame.columns) == ["arg", "a", "b"] and frame["arg"].tolist() == ["p", "r"]
+    assert frame["a"].dtype == "int64" and frame["b"].dtype == "bool"
+
+
+def test_positions_with_errors_include_and_dataframe_results():
+    part = pd.DataFrame({"x": [1, 2]})
+    frame = to_dataframe([part, None, None, part], {1: KeyError("k")}, None, star=False,
+                         errors_mode="include", positions=[0, 1, 3])
+    assert frame.index.get_level_values(0).tolist() == [0, 0, 1, 3, 3]
+    assert frame["error"].tolist()[2] == "KeyError('k')"
+    scalars = to_dataframe([5, None, 7], {1: KeyError("k")}, None, star=False,
+                           errors_mode="include", positions=[1, 2])
+    assert list(scalars.index) == [1, 2] and scalars.loc[2, "result"] == 7
+
+
+def test_no_positions_gives_an_empty_result_column():
+    frame = to_dataframe([None, None], {}, None, star=False, positions=[])
+    assert len(frame) == 0 and list(frame.columns) == ["result"]
+
+
 def test_importing_frames_does_not_import_pandas():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -212,3 +238,21 @@ def test_speed_100k_dicts_within_2x_of_pandas():
     ratio = min(o for o, _ in runs) / min(t for _, t in runs)
     print(f"to_dataframe / pandas.DataFrame (best of 3) = {ratio:.2f}")
     assert ratio < 2, ratio
+
+
+# -- the sweep notebook on a real kernel ------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_sweep_notebook_runs_on_a_real_kernel(tmp_path):
+    """notebooks/sweep.ipynb top to bottom: the sweep's bar saved green, the partial look,
+    the groupby tables, a PNG plot, and the thresholds found next to the theory."""
+    nb = execute_notebook(NOTEBOOKS / "sweep.ipynb", tmp_path)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    progress = [s["state"] for s in widget_states(nb).values()
+                if s["model_name"] == "IntProgressModel"]
+    assert [(p["value"], p["max"], p["bar_style"]) for p in progress] == [(2850, 2850, "success")]
+    assert "500 of 2,850 runs done so far" in "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    tables = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len(tables) == 4 and "theory (1 - 1/R0)" in tables[-1]

@@ -1,13 +1,14 @@
 """%load_ext nbq, %nbq and %%remote on a real InteractiveShell against real workers."""
 from __future__ import annotations
 
+import base64
 import threading
 import time
 
 import pytest
 
 import nbq
-from conftest import wait_until
+from conftest import NOTEBOOKS, execute_notebook, wait_until
 
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -88,28 +89,52 @@ def test_stdout_and_stderr_appear_in_order(shell):
     assert cap.stdout == "one\nthree\n" and cap.stderr == "two\n"
 
 
-def test_output_streams_while_the_cell_runs(shell, tmp_path):
-    """The remote cell prints, then waits for a file that the test creates only once the
-    print has reached this process's stdout: it finishes early only if output streams."""
-    go = tmp_path / "go"
-    shell.user_ns["go"] = str(go)
-    cell = ("%%remote\nimport os, time\nprint('first')\nt0 = time.monotonic()\n"
-            "while not os.path.exists(go) and time.monotonic() - t0 < 10:\n"
-            "    time.sleep(0.01)\n"
-            "print('released' if os.path.exists(go) else 'not streamed')\n")
+#: The end of a cell that waits (10 s at most) for the file `go`, then says whether it came.
+WAIT_FOR_GO = ("import os, time\nt0 = time.monotonic()\n"
+               "while not os.path.exists(go) and time.monotonic() - t0 < 10:\n"
+               "    time.sleep(0.01)\n"
+               "print('released' if os.path.exists(go) else 'not streamed')\n")
+
+
+def run_streaming(sh, cell: str, first: str, go):
+    """Run a cell ending in WAIT_FOR_GO, creating go only once `first` has reached this
+    process's stdout: the cell prints 'released' only if its output streamed."""
+    sh.user_ns["go"] = str(go)
     with capture_output() as cap:
         def release():
             try:
-                wait_until(lambda: "first" in cap.stdout, timeout=15, what="streamed output")
+                wait_until(lambda: first in cap.stdout, timeout=15, what="streamed output")
             finally:
-                if "first" in cap.stdout:
+                if first in cap.stdout:
                     go.touch()
         t = threading.Thread(target=release)
         t.start()
-        r = shell.run_cell(cell)
+        r = sh.run_cell(cell)
         t.join()
+    return r, cap
+
+
+def test_output_streams_while_the_cell_runs(shell, tmp_path):
+    r, cap = run_streaming(shell, "%%remote\nprint('first')\n" + WAIT_FOR_GO, "first",
+                           tmp_path / "go")
     assert r.success
     assert cap.stdout == "first\nreleased\n"
+
+
+def test_a_matplotlib_figure_comes_back_as_png_and_output_keeps_streaming(shell, tmp_path):
+    """display(fig) and a figure as the last expression give image/png bundles (Agg on the
+    worker); the print after display(fig) still streams."""
+    cell = ("%%remote\nimport matplotlib\nmatplotlib.use('Agg')\n"
+            "import matplotlib.pyplot as plt\n"
+            "fig, ax = plt.subplots(figsize=(3, 2))\nax.plot([1, 3, 2])\n"
+            "display(fig)\nprint('after the figure')\n" + WAIT_FOR_GO + "fig\n")
+    r, cap = run_streaming(shell, cell, "after the figure", tmp_path / "go")
+    assert r.success, cap.stderr
+    assert cap.stdout == "after the figure\nreleased\n"
+    assert len(cap.outputs) == 2
+    for out in cap.outputs:
+        assert base64.b64decode(out.data["image/png"]).startswith(b"\x89PNG\r\n\x1a\n")
+        assert "Figure size 300x200" in out.data["text/plain"]
 
 
 def test_display_and_last_expression_are_rich(shell):
@@ -243,9 +268,7 @@ def test_nbq_connect_status_workers_shutdown():
 def test_remote_notebook_runs_on_a_real_kernel(tmp_path):
     """notebooks/remote.ipynb on the venv's ipykernel: streams, HTML, --all, --bg, and the
     one error (in the cell tagged raises-exception) with the cell's own line numbers."""
-    from pathlib import Path
-    from conftest import execute_notebook
-    nb = execute_notebook(Path(__file__).resolve().parent.parent / "notebooks" / "remote.ipynb", tmp_path)
+    nb = execute_notebook(NOTEBOOKS / "remote.ipynb", tmp_path)
     cells = [c for c in nb.cells if c.cell_type == "code"]
     errors = [(c, o) for c in cells for o in c.outputs if o.output_type == "error"]
     assert len(errors) == 1

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import nbq
-from conftest import wait_until
+from conftest import NOTEBOOKS, execute_notebook, wait_until, widget_states
 
 import ipywidgets
 
@@ -139,19 +139,10 @@ def test_importing_nbq_imports_neither_ipywidgets_nor_pandas():
 
 # -- the example notebook on a real kernel ---------------------------------------------
 
-NOTEBOOKS = __import__("pathlib").Path(__file__).resolve().parent.parent / "notebooks"
-
-
-def _widget_states(nb) -> dict:
-    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
-    return state.get("state", {})
-
-
 @pytest.mark.timeout(120)
 def test_quickstart_notebook_runs_on_a_real_kernel(tmp_path):
     """nbclient runs notebooks/quickstart.ipynb top to bottom on the venv's ipykernel:
     no errors, the map's bar saved green at 2,000/2,000 (widget state and text/plain)."""
-    from conftest import execute_notebook
     nb = execute_notebook(NOTEBOOKS / "quickstart.ipynb", tmp_path)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
@@ -161,7 +152,7 @@ def test_quickstart_notebook_runs_on_a_real_kernel(tmp_path):
     assert any("50/50 done" in t for t in texts), texts
     assert any("7 failed" in t for t in texts), texts
     assert len(bars) == 3, texts          # each bar shown once
-    states = _widget_states(nb)
+    states = widget_states(nb)
     progress = [s["state"] for s in states.values() if s["model_name"] == "IntProgressModel"]
     assert {(p["value"], p["max"], p["bar_style"]) for p in progress} >= {
         (2000, 2000, "success"), (50, 50, "success"), (49, 49, "danger")}, progress
