@@ -10,6 +10,9 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       stores its last result, so delivery is at-least-once and
                       the stream holds only queued and running tasks.
   nbq:fn:{hash}       a function's signed message, packed (SET NX, expiry result_expires)
+  nbq:o:{task id}     the submitting client's id, SET (OWNERS) just before the task's entry is added
+                      and deleted when it is done or revoked: whom a cancel by another
+                      client tells (expiry result_expires)
   nbq:st:{task id}    "started": set by a worker, atomically with the revoke check
   nbq:rv:{task id}    "revoked": set by cancel only when st: and r: are absent
   nbq:r:{task id}     List of the task's result parts (packed signed messages),
@@ -252,7 +255,7 @@ n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local qk, eid, tid = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
   redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
-  if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid) end
+  if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid); redis.call('DEL', p .. 'o:' .. tid) end
 end
 if n > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
 return 1
@@ -282,18 +285,35 @@ end
 return out
 """
 
-# ARGV: prefix, ttl, n, [task id, packed revoked part]* -> per task 1 (cancelled) or 0
+# ARGV: prefix, ttl, client, task id*: the owner (o:) of tasks about to be added, one call per batch
+OWNERS = """
+local p, ttl, c = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV do redis.call('SET', p .. 'o:' .. ARGV[i], c, 'EX', ttl) end
+"""
+
+# ARGV: prefix, ttl, cancelling client, n, [task id, packed revoked part]*
+# -> per task 1 (cancelled) or 0.  The owner (o:) and watchers other than the
+# cancelling client get the revoked part on their result streams, as from the ZeroMQ broker.
 CANCEL = """
-local p, ttl = ARGV[1], tonumber(ARGV[2])
-local i = 4
+local p, ttl, by = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local i = 5
 local out = {}
-for k = 1, tonumber(ARGV[3]) do
+for k = 1, tonumber(ARGV[4]) do
   local tid, blob = ARGV[i], ARGV[i + 1]; i = i + 2
   if redis.call('EXISTS', p .. 'st:' .. tid) == 1 or redis.call('EXISTS', p .. 'r:' .. tid) == 1 then
     out[k] = 0
   else
     redis.call('SET', p .. 'rv:' .. tid, '1', 'EX', ttl)
     redis.call('RPUSH', p .. 'r:' .. tid, blob); redis.call('EXPIRE', p .. 'r:' .. tid, ttl)
+    local tell = redis.call('SMEMBERS', p .. 'wt:' .. tid)
+    tell[#tell + 1] = redis.call('GET', p .. 'o:' .. tid)
+    redis.call('DEL', p .. 'o:' .. tid)
+    for _, c in ipairs(tell) do
+      if c and c ~= by then
+        local sk = p .. 'rs:' .. c
+        redis.call('XADD', sk, '*', 'm', blob); redis.call('EXPIRE', sk, ttl)
+      end
+    end
     out[k] = 1
   end
 end
@@ -541,6 +561,7 @@ class RedisClient(ClientConnection):
                         self._queues.add(q)
         cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
         hashes = set()
+        tids: list[str] = []
         for header, frames in messages:
             k = header["k"]
             if k == "fn":
@@ -552,6 +573,7 @@ class RedisClient(ClientConnection):
                 for item, payload in protocol.split(header["t"], frames):
                     item["c"] = self.cid
                     msg = self.signer.encode({"k": "tasks", "t": [item]}, payload)
+                    tids.append(item["id"])
                     cmds.append(("xadd", (P + "q:" + item.get("q", "default"), entry_fields(msg)), {}))
                     hashes.add(item.get("h"))
                     mp = item.get("mp")
@@ -569,6 +591,8 @@ class RedisClient(ClientConnection):
                 cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
         for h in hashes - {None}:
             cmds.append(("expire", (P + "fn:" + h, st.ttl_s), {}))
+        if tids:  # owners first: a worker or a cancel that sees an entry finds its owner
+            cmds.insert(0, ("eval", (OWNERS, 0, P, st.ttl_s, self.cid, *tids), {}))
 
         def execute():
             pipe = st.r.pipeline(transaction=False)
@@ -581,7 +605,7 @@ class RedisClient(ClientConnection):
 
     def _on_cancel(self, header: dict):
         ids = list(header["ids"])
-        args: list = [P, self.store.ttl_s, len(ids)]
+        args: list = [P, self.store.ttl_s, self.cid, len(ids)]
         for tid in ids:
             args += [tid, pack(self.signer.encode({"k": "res", "t": [
                 {"id": tid, "rv": 1, "s": 0, "n": 1, "nf": 0}]}))]
