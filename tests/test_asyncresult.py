@@ -90,3 +90,24 @@ def test_owner_and_watchers_see_a_revoke_by_another_client(transport, procs):
             wait_until(lambda: watched.state == nbq.REVOKED, timeout=3, what="the watcher to see it")
     finally:
         c.shutdown(wait=False)
+
+
+def test_results_expire_after_result_expires(transport, procs):
+    from conftest import make_client
+    c = make_client(transport, procs, workers=1, result_expires=1)
+    try:
+        fut = c.submit(pow, 2, 3)
+        res = c.map(abs, [-1, -2])
+        assert fut.result(timeout=10) == 8 and res.result(timeout=10) == [1, 2]
+        with nbq.Client(c.address) as other:
+            assert nbq.AsyncResult(fut.id, client=other).get(timeout=10) == 8  # kept for now
+
+            def gone():
+                try:
+                    nbq.MapResult.from_id(res.id, client=other)
+                except nbq.NbqError:
+                    return nbq.AsyncResult(fut.id, client=other).state == nbq.PENDING
+                return False
+            wait_until(gone, timeout=10, interval=0.2, what="the results to expire")
+    finally:
+        c.shutdown(wait=False)
