@@ -212,3 +212,19 @@ def test_status_command_lists_workers_and_queues(procs):
 
 def test_session_server_is_private():
     assert redis_server().port != 6379
+
+
+def test_rediss_url_round_trip_with_a_worker(procs, tmp_path):
+    server = RedisServer(tmp_path / "redis", tls=True)  # TLS only: no plain port at all
+    try:
+        url = server.url()
+        assert url.startswith(f"rediss://127.0.0.1:{server.port}/")
+        with pytest.raises(redis.ConnectionError):  # plain TCP on the TLS port gets nowhere
+            redis.Redis(port=server.port, socket_timeout=2).ping()
+        _workers(procs, url, 1)
+        with nbq.Client(url) as client:
+            client.wait_for_workers(1)
+            assert client.submit(pow, 2, 10).result(timeout=20) == 1024
+            assert client.map(abs, range(-50, 0)).result(timeout=20) == list(range(50, 0, -1))
+    finally:
+        server.stop()
