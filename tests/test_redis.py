@@ -228,3 +228,20 @@ def test_rediss_url_round_trip_with_a_worker(procs, tmp_path):
             assert client.map(abs, range(-50, 0)).result(timeout=20) == list(range(50, 0, -1))
     finally:
         server.stop()
+
+
+def test_large_frames_are_stored_apart_once_and_inputs_dropped_when_done(procs):
+    import numpy as np
+    url = redis_url()
+    _workers(procs, url, 1)
+    r = redis.Redis.from_url(url)
+    with nbq.Client(url) as owner, nbq.Client(url) as other:
+        owner.wait_for_workers(1)
+        x = np.arange(1 << 18, dtype=np.float64)  # 2 MB in, 2 MB out
+        fut = owner.submit(np.negative, x)
+        assert np.array_equal(fut.result(timeout=30), -x)
+        wait_until(lambda: len(r.keys(P + "b:*")) == 1, what="the input's key to be deleted")
+        (key,) = r.keys(P + "b:*")
+        assert r.strlen(key) == x.nbytes  # the result's frame, stored once
+        assert max(len(b) for b in r.lrange(P + "r:" + fut.id, 0, -1)) < 4096
+        assert np.array_equal(nbq.AsyncResult(fut.id, client=other).get(timeout=10), -x)
