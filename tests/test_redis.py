@@ -245,3 +245,14 @@ def test_large_frames_are_stored_apart_once_and_inputs_dropped_when_done(procs):
         assert r.strlen(key) == x.nbytes  # the result's frame, stored once
         assert max(len(b) for b in r.lrange(P + "r:" + fut.id, 0, -1)) < 4096
         assert np.array_equal(nbq.AsyncResult(fut.id, client=other).get(timeout=10), -x)
+
+
+def test_a_clients_result_stream_is_trimmed_as_it_reads(procs):
+    url = redis_url()
+    _workers(procs, url, 1)
+    r = redis.Redis.from_url(url)
+    with nbq.Client(url) as client:
+        client.wait_for_workers(1)
+        for i in range(200):  # one result message each
+            assert client.submit(abs, -i).result(timeout=10) == i
+        wait_until(lambda: r.xlen(P + "rs:" + client.id) < 64, what="the read results to be trimmed")

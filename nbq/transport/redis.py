@@ -24,7 +24,7 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       expiry result_expires: fetched by id from any client
   nbq:rs:{client id}  Stream of messages for one client (field m: a packed
                       signed message): results, started notices; the client
-                      XREADs it and XTRIMs what it has read
+                      XREADs it and XTRIMs what it has read (every 64 messages or 4 MiB)
   nbq:wk:{client id}  Stream the client's wake() adds to (MAXLEN 1), read with rs:
   nbq:wt:{task id}    Set of client ids watching a task (results copied to their rs:)
   nbq:m:{map id}      Hash: star, c (client), total (at mapend)
@@ -99,6 +99,7 @@ BLOCK_MS = 1000           # a worker's XREADGROUP wait; reclaim checks run betwe
 RECLAIM_EVERY = 1.0       # seconds between a worker's looks for dead workers' entries
 BATCH_SECONDS = 0.002     # a batch of short tasks lasts about this long (as in broker.py)
 BATCH_MAX = 256
+TRIM_AFTER = 4 << 20      # a client trims what it has read of its rs: after 4 MiB or 64 messages
 BIG = 1 << 20             # a frame this large is stored under its own key (one SET), not in a message
 READ_CHUNK = 4 << 20      # and read back in GETRANGE pieces of this size into one buffer
 SPILLED = 1 << 63         # pack's flag on the length of a frame stored apart
@@ -573,6 +574,7 @@ class RedisClient(ClientConnection):
         self._rx = connect(self.store.url, self.store.safe)  # the receiver's blocking reads
         self._rs, self._wk = P + "rs:" + client_id, P + "wk:" + client_id
         self._last = {self._rs: "0-0", self._wk: "0-0"}
+        self._untrimmed = 0  # bytes read from rs: since it was last trimmed (64 KiB at least each)
         self._inbox: deque = deque()
         self._outbox: deque = deque()
         self._cv = threading.Condition()
@@ -600,12 +602,13 @@ class RedisClient(ClientConnection):
             block = None
         else:
             block = 0 if timeout is None else max(1, int(timeout * 1000))
-        trim = self._last[self._rs]
+        trim = self._last[self._rs] if self._untrimmed >= TRIM_AFTER else None
 
         def read():
+            if trim is None:
+                return self._rx.xread(dict(self._last), block=block)
             pipe = self._rx.pipeline(transaction=False)
-            if trim != "0-0":
-                pipe.xtrim(self._rs, minid=trim)
+            pipe.xtrim(self._rs, minid=trim)
             pipe.xread(dict(self._last), block=block)
             return pipe.execute()[-1]
 
@@ -613,11 +616,14 @@ class RedisClient(ClientConnection):
             got = self.store.retry("receiving", read, give_up=lambda: self._closing)
         except (redis.ConnectionError, redis.TimeoutError):
             return out
+        if trim is not None:
+            self._untrimmed = 0
         for stream, entries in got or ():
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for eid, fields in entries:
                 self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
                 if stream == self._rs and fields and b"m" in fields:
+                    self._untrimmed += max(len(fields[b"m"]), TRIM_AFTER // 64)
                     decoded = self.store.decode(unpack(fields[b"m"]), "a message for this client")
                     if decoded is not None:
                         out.append(decoded)
@@ -738,6 +744,9 @@ class RedisClient(ClientConnection):
                                   ntasks, *tasks), {}))
 
         def execute():
+            if len(cmds) == 1:  # a lone task: no pipeline's cost
+                name, args, kwargs = cmds[0]
+                return getattr(st.r, name)(*args, **kwargs)
             pipe = st.r.pipeline(transaction=False)
             for name, args, kwargs in cmds:
                 getattr(pipe, name)(*args, **kwargs)
@@ -939,10 +948,12 @@ class _Notices:
         """Tasks that start now."""
         when = time.monotonic() + STARTED_DELAY
         with self._cv:
+            idle = not self._due  # else the thread already waits for an earlier time
             for item in items:
                 if item.get("f") and item.get("c"):
                     self._due[item["id"]] = (when, item["c"])
-            self._cv.notify()
+            if idle and self._due:
+                self._cv.notify()
 
     def done(self, ids) -> None:
         """Tasks that need no notice any more."""
