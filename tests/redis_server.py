@@ -44,24 +44,29 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 class RedisServer:
-    """One redis-server process with AOF in its own directory; restart() keeps the port and data."""
+    """One redis-server process with AOF in its own directory; restart() keeps the port and data.
+
+    aof=False leaves persistence at Redis's defaults (RDB snapshots, no AOF).
+    """
 
     def __init__(self, directory: str | os.PathLike, password: str | None = None,
-                 databases: int = 4096, tls: bool = False) -> None:
+                 databases: int = 4096, tls: bool = False, aof: bool = True) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.password = password
         self.databases = databases
         self.tls = _self_signed(self.dir) if tls else None
+        self.aof = aof
         self.proc: subprocess.Popen | None = None
         self._db = 0
         self.start()
 
     def start(self) -> None:
         binary = server_binary()
-        cmd = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--appendfsync", "everysec", "--dir", str(self.dir), "--databases", str(self.databases)]
+        cmd = [binary, "--bind", "127.0.0.1", "--dir", str(self.dir), "--databases", str(self.databases)]
+        if self.aof:
+            cmd += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
         if self.tls:
             cert, key = self.tls
             cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
