@@ -71,6 +71,7 @@ client and its workers must agree on it (local workers get the same URL).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import random
@@ -194,7 +195,7 @@ def check(r: redis.Redis, safe: str, timeout: float = CONNECT_TIMEOUT) -> None:
 
 
 class Spilled(NamedTuple):
-    """A frame of `size` bytes stored under a key of its own (Store.spill); Store.resolve reads it."""
+    """A frame of `size` bytes stored under a key of its own (Store.spiller); Store.resolve reads it."""
     key: bytes
     size: int
 
@@ -431,6 +432,7 @@ class Store:
         self.r = connect(self.url, self.safe)
         self.signer = protocol.Signer(key)
         self.troubles = 0  # connection errors so far: a reply lost with one may hide a delivery
+        self._spill_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._report = self.r.register_script(REPORT)
         self._start = self.r.register_script(START)
         self._cancel = self.r.register_script(CANCEL)
@@ -440,6 +442,12 @@ class Store:
 
     def _trouble(self) -> None:
         self.troubles += 1
+
+    def close(self) -> None:
+        """Release the connections and the spill thread."""
+        if self._spill_thread is not None:
+            self._spill_thread.shutdown()
+        self.r.close()
 
     def decode(self, frames: list, where: str):
         """Verified (header, payload), or None (logged) when the signature is wrong.
@@ -452,11 +460,26 @@ class Store:
             log.warning("dropped %s: %s", where, e)
             return None
 
-    def spill(self, frame) -> bytes:
+    def _spill(self, frame) -> bytes:
         """Store a large frame under a key of its own (one SET, expiry result_expires); its key."""
         key = (P + "b:" + uuid.uuid4().hex).encode()
         self.retry("storing a large frame", lambda: self.r.set(key, frame, ex=self.ttl_s))
         return key
+
+    def spiller(self, frames) -> Callable[[Any], bytes]:
+        """Start storing the large ones of frames apart, each once, on a thread of this Store,
+        and return the spill function for pack and entry_fields: it waits for a frame's SET.
+
+        Started before the message is signed, so hashing and sending overlap (hashlib and
+        the socket both let go of the GIL).
+        """
+        big = {id(f): f for f in frames if memoryview(f).nbytes >= BIG}
+        if not big:
+            return self._spill
+        if self._spill_thread is None:
+            self._spill_thread = concurrent.futures.ThreadPoolExecutor(1, "nbq-spill")
+        keys = {i: self._spill_thread.submit(self._spill, f) for i, f in big.items()}
+        return lambda f: keys[id(f)].result() if id(f) in keys else self._spill(f)
 
     def resolve(self, frames: list) -> list:
         """frames, each Spilled one read into a buffer of its own; LookupError if one is gone."""
@@ -487,13 +510,7 @@ class Store:
         n entries for that worker in the same step; they are returned as
         [(queue key, entry id, fields)].
         """
-        stored: dict[int, bytes] = {}  # id(frame) -> its key: a frame is stored once
-
-        def spill(frame) -> bytes:
-            if id(frame) not in stored:
-                stored[id(frame)] = self.spill(frame)
-            return stored[id(frame)]
-
+        spill = self.spiller([f for _, _, payload in parts for f in payload])
         by_client: dict[str, list] = {}
         for task, item, payload in parts:
             by_client.setdefault(task.get("c", ""), []).append(
@@ -553,8 +570,9 @@ class Store:
                  for pos in fail]
         adds = []
         if retry is not None:
+            spill = self.spiller(payload)
             adds.append((qk, entry_fields(self.signer.encode({"k": "tasks", "t": [retry]}, payload),
-                                          self.spill)))
+                                          spill)))
             log.warning("re-queued task %s: %s", task["id"], why)
         self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
 
@@ -652,7 +670,7 @@ class RedisClient(ClientConnection):
             self.store.r.delete(self._rs, self._wk)
         except redis.RedisError:
             pass
-        self.store.r.close()
+        self.store.close()
         self._rx.close()
 
     # -- the sender thread: the broker's part for this client ------------------
@@ -724,8 +742,9 @@ class RedisClient(ClientConnection):
             elif k == "tasks":
                 for item, payload in protocol.split(header["t"], frames):
                     item["c"] = self.cid
+                    spill = st.spiller(payload)
                     fields = entry_fields(self.signer.encode({"k": "tasks", "t": [item]}, payload),
-                                          st.spill)
+                                          spill)
                     tasks += [item["id"], P + "q:" + item.get("q", "default"), 2 * len(fields),
                               *(x for kv in fields.items() for x in kv)]
                     ntasks += 1
@@ -935,7 +954,7 @@ class RedisSupervisor(SupervisorConnection):
                 st.retry("leaving", leave, give_up=lambda: True)
             except redis.RedisError as e:
                 log.warning("could not leave Redis at %s in good order: %s", st.safe, e)
-        st.r.close()
+        st.close()
 
 
 # -- worker process ------------------------------------------------------------
@@ -1161,4 +1180,4 @@ class RedisWorker(WorkerConnection):
                     r.xgroup_delconsumer(qk, GROUP, name)
 
     def close(self) -> None:
-        self.store.r.close()
+        self.store.close()
