@@ -11,6 +11,7 @@ which starts and stops its own workers. The machine's Redis on 6379 is never use
     rq       2 x `rq worker` (a fork per job), results read back with Job.latest_result
 
     python benchmarks/bench_redis.py [--systems nbq,nbq-zmq,celery,rq] [--workloads W1,W4] [--quick]
+                                     [--redis-defaults]   # no AOF: Redis's default persistence
 """
 from __future__ import annotations
 
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed per workload run")
     ap.add_argument("--bulk-timeout", type=float, default=BULK_TIMEOUT, help="seconds per W4 transfer")
+    ap.add_argument("--redis-defaults", action="store_true",
+                    help="Redis's default persistence (RDB snapshots, no AOF) instead of AOF everysec")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "system:workload" in a child
     ap.add_argument("--url", help=argparse.SUPPRESS)  # internal: the child's Redis database
     args = ap.parse_args(argv)
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[str] = []
     cells: dict[tuple[str, str], float | str] = {}  # (system, row) -> value; missing prints err
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
-        server = RedisServer(tmp)
+        server = RedisServer(tmp, aof=not args.redis_defaults)
         assert server.port != 6379
         print(f"private redis-server on 127.0.0.1:{server.port} in {tmp}", file=sys.stderr, flush=True)
         try:
@@ -290,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows += [] if any(r.startswith(wl + " ") for r in rows) else [f"{wl} (all failed)"]
         finally:
             server.stop()
+    persistence = "default persistence, no AOF" if args.redis_defaults else "AOF everysec"
     print(f"\n{WORKERS} workers, Python {sys.version.split()[0]}, one private Redis "
-          f"(AOF everysec){', --quick' if args.quick else ''}\n")
+          f"({persistence}){', --quick' if args.quick else ''}\n")
     print(be.table(rows, systems, cells, PEERS))
     if "nbq" in systems:
         print("\nnbq = nbq on Redis; nbq/X = nbq's figure / X's: > 1 favours nbq where 'better' is "

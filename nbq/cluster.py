@@ -16,6 +16,7 @@ import threading
 import zmq
 
 from .broker import DEFAULT_RESULT_EXPIRES, Broker
+from .transport import with_result_expires
 
 
 class LocalCluster:
@@ -39,7 +40,7 @@ class LocalCluster:
             self._thread.start()
             workers = os.cpu_count() or 1 if workers is None else workers
         else:
-            self.address = self.connect_address = address
+            self.address = self.connect_address = with_result_expires(address, result_expires)
         self.workers = workers or 0
         if self.workers:
             self._start_workers(key)

@@ -1,6 +1,8 @@
 """A private redis-server for the tests: a free 127.0.0.1 port, its own directory, stopped by its handle.
 
-Never the machine's Redis on 6379: every server here is started by the tests.
+Never the machine's Redis on 6379: every server here is started by the tests.  With
+``tls=True`` it serves only TLS (rediss://), under a self-signed certificate made in its
+directory with the openssl command.
 """
 from __future__ import annotations
 
@@ -32,30 +34,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, valid a day; the certificate is its own CA."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 class RedisServer:
-    """One redis-server process with AOF in its own directory; restart() keeps the port and data."""
+    """One redis-server process with AOF in its own directory; restart() keeps the port and data.
+
+    aof=False leaves persistence at Redis's defaults (RDB snapshots, no AOF).
+    """
 
     def __init__(self, directory: str | os.PathLike, password: str | None = None,
-                 databases: int = 4096) -> None:
+                 databases: int = 4096, tls: bool = False, aof: bool = True) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.password = password
         self.databases = databases
+        self.tls = _self_signed(self.dir) if tls else None
+        self.aof = aof
         self.proc: subprocess.Popen | None = None
         self._db = 0
         self.start()
 
     def start(self) -> None:
-        cmd = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-               "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-               "--dir", str(self.dir), "--databases", str(self.databases)]
+        binary = server_binary()
+        cmd = [binary, "--bind", "127.0.0.1", "--dir", str(self.dir), "--databases", str(self.databases)]
+        if self.aof:
+            cmd += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+        if self.tls:
+            cert, key = self.tls
+            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                    "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                    "--tls-auth-clients", "no"]
+        else:
+            cmd += ["--port", str(self.port)]
         if self.password:
             cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd, stdout=open(self.dir / "server.log", "ab"),
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        r = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        r = self._admin(0)
         while True:
             try:
                 if r.ping():
@@ -63,9 +87,16 @@ class RedisServer:
             except (redis.ConnectionError, redis.ResponseError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {(self.dir / 'server.log').read_text()}")
+                tls = " with TLS (was it built without TLS support?)" if self.tls else ""
+                raise RuntimeError(f"{binary} did not start{tls}: "
+                                   f"{(self.dir / 'server.log').read_text()}")
             time.sleep(0.02)
         r.close()
+
+    def _admin(self, db: int) -> redis.Redis:
+        """A redis-py client of database db, over TLS when the server serves TLS."""
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password, **tls)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -82,14 +113,20 @@ class RedisServer:
         self.start()
 
     def url(self, db: int | None = None, password: str | None = None, **query) -> str:
-        """redis://[:password@]127.0.0.1:port/db; a fresh, flushed database unless db is given."""
+        """redis[s]://[:password@]127.0.0.1:port/db; a fresh, flushed database unless db is given.
+
+        A TLS server's URL names its certificate (``ssl_ca_certs``) for clients to verify it.
+        """
         if db is None:
             self._db = (self._db + 1) % self.databases
             db = self._db
-            r = redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password)
+            r = self._admin(db)
             r.flushdb()
             r.close()
         pw = self.password if password is None else password
         auth = f":{pw}@" if pw else ""
+        if self.tls:
+            query = {"ssl_ca_certs": self.tls[0], **query}
         q = "?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}{q}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/{db}{q}"

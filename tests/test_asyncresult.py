@@ -76,19 +76,38 @@ def test_revoke_from_another_client(transport, procs, tmp_path):
         c.shutdown(wait=False)
 
 
-def test_owner_sees_a_revoke_by_another_client(transport, procs, request):
-    if transport == "redis":
-        request.applymarker(pytest.mark.xfail(
-            reason="missing feature: the Redis cancel script stores the revocation but does not "
-                   "push it to the owner's result stream", strict=True))
+def test_owner_and_watchers_see_a_revoke_by_another_client(transport, procs):
     from conftest import make_client
     c = make_client(transport, procs, workers=1)
     try:
         blocker = c.submit(time.sleep, 0.8)
         wait_until(lambda: blocker.state == nbq.STARTED, what="the blocker to start")
         queued = c.submit(abs, -1)
-        with nbq.Client(c.address) as other:
+        with nbq.Client(c.address) as other, nbq.Client(c.address) as watcher:
+            watched = nbq.AsyncResult(queued.id, client=watcher)
             assert nbq.AsyncResult(queued.id, client=other).revoke() is True
-        wait_until(lambda: queued.state == nbq.REVOKED, timeout=3, what="the owner to see the revoke")
+            wait_until(lambda: queued.state == nbq.REVOKED, timeout=3, what="the owner to see it")
+            wait_until(lambda: watched.state == nbq.REVOKED, timeout=3, what="the watcher to see it")
+    finally:
+        c.shutdown(wait=False)
+
+
+def test_results_expire_after_result_expires(transport, procs):
+    from conftest import make_client
+    c = make_client(transport, procs, workers=1, result_expires=1)
+    try:
+        fut = c.submit(pow, 2, 3)
+        res = c.map(abs, [-1, -2])
+        assert fut.result(timeout=10) == 8 and res.result(timeout=10) == [1, 2]
+        with nbq.Client(c.address) as other:
+            assert nbq.AsyncResult(fut.id, client=other).get(timeout=10) == 8  # kept for now
+
+            def gone():
+                try:
+                    nbq.MapResult.from_id(res.id, client=other)
+                except nbq.NbqError:
+                    return nbq.AsyncResult(fut.id, client=other).state == nbq.PENDING
+                return False
+            wait_until(gone, timeout=10, interval=0.2, what="the results to expire")
     finally:
         c.shutdown(wait=False)

@@ -35,6 +35,13 @@ def test_kwargs_lambdas_closures_and_classes(shared_client):
     assert f.result(timeout=10).x == 16
 
 
+def test_large_arrays_travel_both_ways_and_arrive_writable(shared_client):
+    import numpy as np
+    a = np.arange(1 << 20, dtype=np.float64)  # 8 MB: its own frame (on Redis, its own key)
+    out = shared_client.submit(np.negative, a).result(timeout=60)
+    assert np.array_equal(out, -a) and out.flags.writeable
+
+
 def test_rebinding_a_global_is_seen():
     """A function re-submitted after a global it names is rebound uses the new value."""
     global FACTOR

@@ -212,3 +212,47 @@ def test_status_command_lists_workers_and_queues(procs):
 
 def test_session_server_is_private():
     assert redis_server().port != 6379
+
+
+def test_rediss_url_round_trip_with_a_worker(procs, tmp_path):
+    server = RedisServer(tmp_path / "redis", tls=True)  # TLS only: no plain port at all
+    try:
+        url = server.url()
+        assert url.startswith(f"rediss://127.0.0.1:{server.port}/")
+        with pytest.raises(redis.ConnectionError):  # plain TCP on the TLS port gets nowhere
+            redis.Redis(port=server.port, socket_timeout=2).ping()
+        _workers(procs, url, 1)
+        with nbq.Client(url) as client:
+            client.wait_for_workers(1)
+            assert client.submit(pow, 2, 10).result(timeout=20) == 1024
+            assert client.map(abs, range(-50, 0)).result(timeout=20) == list(range(50, 0, -1))
+    finally:
+        server.stop()
+
+
+def test_large_frames_are_stored_apart_once_and_inputs_dropped_when_done(procs):
+    import numpy as np
+    url = redis_url()
+    _workers(procs, url, 1)
+    r = redis.Redis.from_url(url)
+    with nbq.Client(url) as owner, nbq.Client(url) as other:
+        owner.wait_for_workers(1)
+        x = np.arange(1 << 18, dtype=np.float64)  # 2 MB in, 2 MB out
+        fut = owner.submit(np.negative, x)
+        assert np.array_equal(fut.result(timeout=30), -x)
+        wait_until(lambda: len(r.keys(P + "b:*")) == 1, what="the input's key to be deleted")
+        (key,) = r.keys(P + "b:*")
+        assert r.strlen(key) == x.nbytes  # the result's frame, stored once
+        assert max(len(b) for b in r.lrange(P + "r:" + fut.id, 0, -1)) < 4096
+        assert np.array_equal(nbq.AsyncResult(fut.id, client=other).get(timeout=10), -x)
+
+
+def test_a_clients_result_stream_is_trimmed_as_it_reads(procs):
+    url = redis_url()
+    _workers(procs, url, 1)
+    r = redis.Redis.from_url(url)
+    with nbq.Client(url) as client:
+        client.wait_for_workers(1)
+        for i in range(200):  # one result message each
+            assert client.submit(abs, -i).result(timeout=10) == i
+        wait_until(lambda: r.xlen(P + "rs:" + client.id) < 64, what="the read results to be trimmed")

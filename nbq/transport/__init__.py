@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import NbqError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
@@ -18,6 +19,20 @@ def _check(address: str) -> bool:
         raise NbqError(f"unsupported broker address {address!r}: use tcp://host:port "
                        "(an `nbq broker`), ipc://path, or redis://[user:password@]host:port/db")
     return False
+
+
+def with_result_expires(address: str, seconds: float | None) -> str:
+    """A Redis address carrying ``?result_expires=seconds`` (any other address as it is).
+
+    On Redis the client and every worker store results, so the setting travels
+    in the URL that local workers are started with; a ZeroMQ broker has its own.
+    """
+    if seconds is None or not _check(address):
+        return address
+    parts = urlsplit(address)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "result_expires"]
+    query.append(("result_expires", f"{seconds:g}"))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def client_connection(address: str, key: bytes, client_id: str, context=None) -> ClientConnection:

@@ -10,13 +10,21 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       stores its last result, so delivery is at-least-once and
                       the stream holds only queued and running tasks.
   nbq:fn:{hash}       a function's signed message, packed (SET NX, expiry result_expires)
+  nbq:b:{uuid}        one large frame (BIG bytes or more) of a task or result, stored apart by
+                      one SET (expiry result_expires): the message holds its key (pack's
+                      SPILLED form; an entry lists such fields in field b), so Lua scripts,
+                      result lists and streams never copy it.  A task's are deleted when it
+                      is done; a reader GETRANGEs it in pieces into one buffer.
+  nbq:o:{task id}     the submitting client's id, SET with the task's entry (SUBMIT)
+                      and deleted when it is done or revoked: whom a cancel by another
+                      client tells (expiry result_expires)
   nbq:st:{task id}    "started": set by a worker, atomically with the revoke check
   nbq:rv:{task id}    "revoked": set by cancel only when st: and r: are absent
   nbq:r:{task id}     List of the task's result parts (packed signed messages),
                       expiry result_expires: fetched by id from any client
   nbq:rs:{client id}  Stream of messages for one client (field m: a packed
                       signed message): results, started notices; the client
-                      XREADs it and XTRIMs what it has read
+                      XREADs it and XTRIMs what it has read (every 64 messages or 4 MiB)
   nbq:wk:{client id}  Stream the client's wake() adds to (MAXLEN 1), read with rs:
   nbq:wt:{task id}    Set of client ids watching a task (results copied to their rs:)
   nbq:m:{map id}      Hash: star, c (client), total (at mapend)
@@ -40,14 +48,18 @@ Every message read from Redis is verified before anything in it is
 unpickled; a bad entry is logged, acknowledged and deleted.  Scripts touch
 keys they compute from a prefix, so this needs a standalone Redis (not Cluster).
 
-Dispatch: a worker process reads one entry (XREADGROUP COUNT 1); when the
-function is known to be quick (its measured cost, as broker.py's), it reads
-up to a ~2 ms batch more.  The START script marks a batch started unless
-revoked, atomically, so cancel() returning True means the task never runs.
-When a batch ends, the worker takes its next batch before storing the last
-results (as the ZeroMQ broker hands out the next task with "ready"), so a
-client that sees a result and cancels the rest finds the next task started
-on both transports.
+Dispatch: an idle worker process waits for one entry (XREADGROUP COUNT 1
+BLOCK); the START script marks it started unless revoked, atomically, so
+cancel() returning True means the task never runs, and when its function is
+known to be quick (its measured cost, as broker.py's) takes up to a ~2 ms
+batch more of it in the same call.  When a batch ends, the REPORT script that
+stores its last results also takes and starts the next batch (as the ZeroMQ
+broker hands out the next task with "ready"), so a client that sees a result
+and cancels the rest finds the next task started on both transports, and a
+busy worker makes one round trip per batch.  As from the ZeroMQ broker, a
+submitted task still running STARTED_DELAY after it started is reported
+"started" (by a thread of the worker process): a quick task's result is its
+only message.
 
 Connection trouble: every call retries with backoff and a log line (redis-py's
 own retries are off, so none is hidden).  An XREADGROUP whose reply was lost
@@ -61,21 +73,25 @@ client and its workers must agree on it (local workers get the same URL).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import random
 import select
 import threading
 import time
+import uuid
 from collections import deque
+from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from .. import deaths, protocol
-from ..broker import DEFAULT_RESULT_EXPIRES, HEARTBEAT_TIMEOUT
+from ..broker import DEFAULT_RESULT_EXPIRES, HEARTBEAT_TIMEOUT, STARTED_DELAY
 from ..errors import BrokerUnavailable, NbqError, SignatureError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
@@ -87,6 +103,10 @@ BLOCK_MS = 1000           # a worker's XREADGROUP wait; reclaim checks run betwe
 RECLAIM_EVERY = 1.0       # seconds between a worker's looks for dead workers' entries
 BATCH_SECONDS = 0.002     # a batch of short tasks lasts about this long (as in broker.py)
 BATCH_MAX = 256
+TRIM_AFTER = 4 << 20      # a client trims what it has read of its rs: after 4 MiB or 64 messages
+BIG = 1 << 20             # a frame this large is stored under its own key (one SET), not in a message
+READ_CHUNK = 4 << 20      # and read back in GETRANGE pieces of this size into one buffer
+SPILLED = 1 << 63         # pack's flag on the length of a frame stored apart
 CONNECT_TIMEOUT = 10.0
 BACKOFF_MAX = 5.0
 
@@ -114,6 +134,11 @@ def parse_address(address: str) -> tuple[str, str, float]:
     return url, safe, expires
 
 
+# Commands packed in Python even with hiredis: it sends a large argument as it is, where
+# hiredis's packer copies it (a 100 MB SET took ~4x as long); replies are still parsed by hiredis.
+_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+
+
 def connect(url: str, safe: str) -> redis.Redis:
     """A redis-py client (hiredis when installed) that keeps sockets alive and never times out reads."""
     try:
@@ -121,7 +146,7 @@ def connect(url: str, safe: str) -> redis.Redis:
         # logs it and lets a worker look for deliveries whose reply was lost with it
         return redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5.0,
                                     socket_timeout=None, health_check_interval=30,
-                                    retry=Retry(NoBackoff(), 0))
+                                    retry=Retry(NoBackoff(), 0), command_packer=_PACKER)
     except ValueError as e:
         raise NbqError(f"bad Redis address {safe}: {e}") from None
 
@@ -171,35 +196,75 @@ def check(r: redis.Redis, safe: str, timeout: float = CONNECT_TIMEOUT) -> None:
         raise BrokerUnavailable(f"no Redis answered at {safe} within {timeout:g} s: {e}") from None
 
 
-def pack(frames) -> bytes:
-    """Frames as one string (8-byte little-endian length before each)."""
+class Spilled(NamedTuple):
+    """A frame of `size` bytes stored under a key of its own (Store.spiller); Store.resolve reads it."""
+    key: bytes
+    size: int
+
+
+def pack(frames, spill: Callable[[Any], bytes] | None = None) -> bytes:
+    """Frames as one string (8-byte little-endian length before each).
+
+    With spill, a frame of BIG bytes or more is stored apart (spill returns its key) and
+    written as its size with the SPILLED bit set, the key's length and the key.
+    """
     out = []
     for f in frames:
-        out.append(len(memoryview(f).cast("B")).to_bytes(8, "little"))
-        out.append(f)
+        n = memoryview(f).nbytes
+        if spill is not None and n >= BIG:
+            key = spill(f)
+            out += [(SPILLED | n).to_bytes(8, "little"), len(key).to_bytes(8, "little"), key]
+        else:
+            out += [n.to_bytes(8, "little"), f]
     return b"".join(out)
 
 
 def unpack(blob: bytes) -> list:
+    """The frames of pack's string: memoryviews of it, and Spilled for frames stored apart."""
     mv = memoryview(blob)
     out, i = [], 0
     while i < len(mv):
         n = int.from_bytes(mv[i:i + 8], "little")
-        out.append(mv[i + 8:i + 8 + n])
-        i += 8 + n
+        if n & SPILLED:
+            k = int.from_bytes(mv[i + 8:i + 16], "little")
+            out.append(Spilled(bytes(mv[i + 16:i + 16 + k]), n & ~SPILLED))
+            i += 16 + k
+        else:
+            out.append(mv[i + 8:i + 8 + n])
+            i += 8 + n
     return out
 
 
-def entry_fields(msg: list) -> dict:
-    """A signed message as stream fields: h, s, 0..n."""
+def entry_fields(msg: list, spill: Callable[[Any], bytes] | None = None) -> dict:
+    """A signed message as stream fields: h, s, 0..n; with spill, large frames are stored
+    apart (the field holds pack's reference) and listed in field b."""
     fields = {"h": msg[0], "s": msg[1]}
+    spilled = []
     for i, f in enumerate(msg[2:]):
-        fields[str(i)] = f
+        if spill is not None and memoryview(f).nbytes >= BIG:
+            fields[str(i)] = pack([f], spill)
+            spilled.append(str(i))
+        else:
+            fields[str(i)] = f
+    if spilled:
+        fields["b"] = ",".join(spilled)
     return fields
 
 
 def entry_frames(fields: dict) -> list:
-    return [fields[b"h"], fields[b"s"], *(fields[str(i).encode()] for i in range(len(fields) - 2))]
+    """The signed message of an entry's fields (Spilled where a frame is stored apart)."""
+    spilled = fields.get(b"b", b"").decode().split(",") if b"b" in fields else []
+    frames = [fields[b"h"], fields[b"s"]]
+    for i in range(len(fields) - 2 - bool(spilled)):
+        f = fields[str(i).encode()]
+        frames.append(unpack(f)[0] if str(i) in spilled else f)
+    return frames
+
+
+def _entry(taken: list) -> tuple:
+    """(queue key, entry id, fields) of an entry a script took: [key, id, [name, value, ...]]."""
+    qk, eid, flat = taken
+    return qk.decode(), eid, dict(zip(flat[::2], flat[1::2]))
 
 
 def group(r: redis.Redis, queue: str) -> str:
@@ -216,86 +281,143 @@ def group(r: redis.Redis, queue: str) -> str:
 
 # -- Lua scripts (atomic steps) ---------------------------------------------
 
-# ARGV: prefix, ttl, now, nparts, [task id, owner client, packed part]*, nmsg, [client, packed]*,
-#       nadd, [queue key, nfields, fields...]*, nack, [queue key, entry id, task id]*
-REPORT = """
+# Shared by the scripts below: messages to clients, starting entries, taking more for a worker.
+SHARED = """
+local function send(p, ttl, c, blob)  -- a packed message to client c's result stream
+  local sk = p .. 'rs:' .. c
+  redis.call('XADD', sk, '*', 'm', blob); redis.call('EXPIRE', sk, ttl)
+end
+
+local function add(i)  -- XADD of ARGV[i] (queue key), ARGV[i + 1] (n), n names and values; -> next i
+  local nf = tonumber(ARGV[i + 1])
+  local args = {'XADD', ARGV[i], '*'}
+  for k = 1, nf do args[#args + 1] = ARGV[i + 1 + k] end
+  redis.call(unpack(args))
+  return i + 2 + nf
+end
+
+local function start(p, ttl, wid, qk, eid, tid)  -- false: revoked (acked, deleted), never run
+  if redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
+    redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
+    return false
+  end
+  redis.call('SET', p .. 'st:' .. tid, wid, 'EX', ttl)
+  return true
+end
+
+local function task_item(fields)  -- the header's task, unverified: it only guides batching
+  for k = 1, #fields, 2 do
+    if fields[k] == 'h' then
+      local ok, header = pcall(cjson.decode, fields[k + 1])
+      if ok and type(header) == 'table' and type(header.t) == 'table'
+          and type(header.t[1]) == 'table' and type(header.t[1].id) == 'string' then
+        return header.t[1]
+      end
+    end
+  end
+  return nil
+end
+
+-- Up to n entries for consumer wid from the first of the queues qks that has any, read
+-- one at a time and started unless revoked, stopping after one whose function is not h
+-- (so a batch of quick tasks ends with at most one other).  -> {{queue key, id, fields}*}
+-- An entry whose header does not parse is returned unstarted, for the worker to drop.
+local function take(p, ttl, wid, qks, n, h)
+  local out = {}
+  for _, qk in ipairs(qks) do
+    while n > 0 do
+      local got = redis.call('XREADGROUP', 'GROUP', 'nbq', wid, 'COUNT', 1, 'STREAMS', qk, '>')
+      if not got then break end
+      local eid, fields = got[1][2][1][1], got[1][2][1][2]
+      local item = task_item(fields)
+      n = n - 1
+      if item == nil or start(p, ttl, wid, qk, eid, item.id) then out[#out + 1] = {qk, eid, fields} end
+      if item == nil or item.h ~= h then n = 0 end
+    end
+    if #out > 0 then break end
+  end
+  return out
+end
+"""
+
+# ARGV: prefix, ttl, now, nparts, [task id, owner client, to owner (0/1), packed part]*,
+#       nmsg, [client, packed]*, nadd, [queue key, 2 x nfields, (name, value)*]*,
+#       nack, [queue key, entry id, task id]*, worker id, ntake, function hash, nkeys, queue key*
+# -> the entries taken for the worker's next batch (SHARED's take)
+REPORT = SHARED + """
 local p, ttl, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
-  local tid, owner, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
+  local tid, owner, tell, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]; i = i + 4
   local rk = p .. 'r:' .. tid
   redis.call('RPUSH', rk, blob); redis.call('EXPIRE', rk, ttl)
   for _, w in ipairs(redis.call('SMEMBERS', p .. 'wt:' .. tid)) do
-    if w ~= owner then
-      local sk = p .. 'rs:' .. w
-      redis.call('XADD', sk, '*', 'm', blob); redis.call('EXPIRE', sk, ttl)
-    end
+    if w ~= owner then send(p, ttl, w, blob) end
   end
+  if tell == '1' then send(p, ttl, owner, blob) end
 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  local sk = p .. 'rs:' .. ARGV[i]
-  redis.call('XADD', sk, '*', 'm', ARGV[i + 1]); redis.call('EXPIRE', sk, ttl); i = i + 2
-end
+for _ = 1, n do send(p, ttl, ARGV[i], ARGV[i + 1]); i = i + 2 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  local qk, nf = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
-  local args = {'XADD', qk, '*'}
-  for k = 0, nf - 1 do
-    local name = 'h'
-    if k == 1 then name = 's' elseif k > 1 then name = tostring(k - 2) end
-    args[#args + 1] = name; args[#args + 1] = ARGV[i + k]
-  end
-  i = i + nf
-  redis.call(unpack(args))
-end
+for _ = 1, n do i = add(i) end
 n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local qk, eid, tid = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
   redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
-  if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid) end
+  if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid); redis.call('DEL', p .. 'o:' .. tid) end
 end
 if n > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
-return 1
+local wid, ntake, h = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+local qks = {}
+for k = 1, tonumber(ARGV[i + 3]) do qks[k] = ARGV[i + 3 + k] end
+return take(p, ttl, wid, qks, ntake, h)
 """
 
-# ARGV: prefix, ttl, worker id, n, [queue key, entry id, task id]*, nmsg, [client, packed]*
-# -> per entry 1 (run it) or 0 (revoked: acked and deleted, never run)
-START = """
-local p, ttl, wid = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local i = 5
-local out = {}
-for k = 1, tonumber(ARGV[4]) do
-  local qk, eid, tid = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
-  if redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
-    redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
-    out[k] = 0
-  else
-    redis.call('SET', p .. 'st:' .. tid, wid, 'EX', ttl)
-    out[k] = 1
-  end
-end
-local n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  local sk = p .. 'rs:' .. ARGV[i]
-  redis.call('XADD', sk, '*', 'm', ARGV[i + 1]); redis.call('EXPIRE', sk, ttl); i = i + 2
-end
+# ARGV: prefix, ttl, worker id, queue key, entry id, task id, nmore, function hash
+# -> {1 (run it) or 0 (revoked: acked and deleted, never run), taken entries...}: when it
+# runs, up to nmore entries more of its queue join its batch (SHARED's take)
+START = SHARED + """
+local p, ttl, wid, qk = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if not start(p, ttl, wid, qk, ARGV[5], ARGV[6]) then return {0} end
+local out = take(p, ttl, wid, {qk}, tonumber(ARGV[7]), ARGV[8])
+table.insert(out, 1, 1)
 return out
 """
 
-# ARGV: prefix, ttl, n, [task id, packed revoked part]* -> per task 1 (cancelled) or 0
-CANCEL = """
-local p, ttl = ARGV[1], tonumber(ARGV[2])
-local i = 4
+# ARGV: prefix, ttl, client, nfn, function hash*, ntask, [task id, queue key, 2 x nfields,
+#       (name, value)*]*: a client's tasks added with their owner (o:), their functions kept
+SUBMIT = SHARED + """
+local p, ttl, c = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local i = 5
+for _ = 1, tonumber(ARGV[4]) do redis.call('EXPIRE', p .. 'fn:' .. ARGV[i], ttl); i = i + 1 end
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  redis.call('SET', p .. 'o:' .. ARGV[i], c, 'EX', ttl)
+  i = add(i + 1)
+end
+"""
+
+# ARGV: prefix, ttl, cancelling client, n, [task id, packed revoked part]*
+# -> per task 1 (cancelled) or 0.  The owner (o:) and watchers other than the
+# cancelling client get the revoked part on their result streams, as from the ZeroMQ broker.
+CANCEL = SHARED + """
+local p, ttl, by = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local i = 5
 local out = {}
-for k = 1, tonumber(ARGV[3]) do
+for k = 1, tonumber(ARGV[4]) do
   local tid, blob = ARGV[i], ARGV[i + 1]; i = i + 2
   if redis.call('EXISTS', p .. 'st:' .. tid) == 1 or redis.call('EXISTS', p .. 'r:' .. tid) == 1 then
     out[k] = 0
   else
     redis.call('SET', p .. 'rv:' .. tid, '1', 'EX', ttl)
     redis.call('RPUSH', p .. 'r:' .. tid, blob); redis.call('EXPIRE', p .. 'r:' .. tid, ttl)
+    local tell = redis.call('SMEMBERS', p .. 'wt:' .. tid)
+    tell[#tell + 1] = redis.call('GET', p .. 'o:' .. tid)
+    redis.call('DEL', p .. 'o:' .. tid)
+    for _, c in ipairs(tell) do
+      if c and c ~= by then send(p, ttl, c, blob) end
+    end
     out[k] = 1
   end
 end
@@ -329,6 +451,7 @@ class Store:
         self.r = connect(self.url, self.safe)
         self.signer = protocol.Signer(key)
         self.troubles = 0  # connection errors so far: a reply lost with one may hide a delivery
+        self._spill_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._report = self.r.register_script(REPORT)
         self._start = self.r.register_script(START)
         self._cancel = self.r.register_script(CANCEL)
@@ -340,41 +463,101 @@ class Store:
     def _trouble(self) -> None:
         self.troubles += 1
 
+    def close(self) -> None:
+        """Release the connections and the spill thread."""
+        if self._spill_thread is not None:
+            self._spill_thread.shutdown()
+        self.r.close()
+
     def decode(self, frames: list, where: str):
-        """Verified (header, payload), or None (logged) when the signature is wrong."""
+        """Verified (header, payload), or None (logged) when the signature is wrong.
+
+        Frames stored apart are read first: the signature covers them too.
+        """
         try:
-            return self.signer.decode(frames)
-        except (SignatureError, IndexError, TypeError) as e:
+            return self.signer.decode(self.resolve(frames))
+        except (SignatureError, IndexError, TypeError, LookupError) as e:
             log.warning("dropped %s: %s", where, e)
             return None
 
-    def store(self, parts: list[tuple[dict, dict, list]], adds=(), acks=()) -> None:
-        """Store result parts [(task item, result item, payload)], add entries, ack entries: atomically.
+    def _spill(self, frame) -> bytes:
+        """Store a large frame under a key of its own (one SET, expiry result_expires); its key."""
+        key = (P + "b:" + uuid.uuid4().hex).encode()
+        self.retry("storing a large frame", lambda: self.r.set(key, frame, ex=self.ttl_s))
+        return key
+
+    def spiller(self, frames) -> Callable[[Any], bytes]:
+        """Start storing the large ones of frames apart, each once, on a thread of this Store,
+        and return the spill function for pack and entry_fields: it waits for a frame's SET.
+
+        Started before the message is signed, so hashing and sending overlap (hashlib and
+        the socket both let go of the GIL).
+        """
+        big = {id(f): f for f in frames if memoryview(f).nbytes >= BIG}
+        if not big:
+            return self._spill
+        if self._spill_thread is None:
+            self._spill_thread = concurrent.futures.ThreadPoolExecutor(1, "nbq-spill")
+        keys = {i: self._spill_thread.submit(self._spill, f) for i, f in big.items()}
+        return lambda f: keys[id(f)].result() if id(f) in keys else self._spill(f)
+
+    def resolve(self, frames: list) -> list:
+        """frames, each Spilled one read into a buffer of its own; LookupError if one is gone."""
+        return [self._read(f) if isinstance(f, Spilled) else f for f in frames]
+
+    def _read(self, ref: Spilled) -> bytearray:
+        # GETRANGE pieces copied into place: about twice as fast as one GET here, and the
+        # buffer is writable, so arrays rebuilt on it are too
+        buf = bytearray(ref.size)
+        mv = memoryview(buf)
+        for at in range(0, ref.size, READ_CHUNK):
+            piece = self.retry("reading a large frame",
+                               lambda: self.r.getrange(ref.key, at, at + READ_CHUNK - 1))
+            if len(piece) != min(READ_CHUNK, ref.size - at):
+                raise LookupError(f"its large frame {ref.key.decode()} is gone (expired?)")
+            mv[at:at + len(piece)] = piece
+        return buf
+
+    def store(self, parts: list[tuple[dict, dict, list]], adds=(), acks=(),
+              take: tuple = ("", 0, "", ())) -> list:
+        """Store result parts [(task item, result item, payload)], add entries [(queue key,
+        fields)], ack entries [(queue key, entry id, task id or "")]: atomically.
 
         Each part goes to the task's result list and watchers; the parts of one
-        client travel to its result stream as one message.
+        client travel to its result stream as one message (the part's own when
+        it is the only one); large frames are stored apart, once.
+        take = (worker id, n, function hash, queue keys) takes and starts up to
+        n entries for that worker in the same step; they are returned as
+        [(queue key, entry id, fields)].
         """
-        args: list = [P, self.ttl_s, time.time(), len(parts)]
-        by_client: dict[str, tuple[list, list]] = {}
+        spill = self.spiller([f for _, _, payload in parts for f in payload])
+        by_client: dict[str, list] = {}
         for task, item, payload in parts:
-            item = dict(item, s0=task.get("s0", 0))
-            args += [item["id"], task.get("c", ""),
-                     pack(self.signer.encode({"k": "res", "t": [item]}, payload))]
-            items, frames = by_client.setdefault(task.get("c", ""), ([], []))
-            items.append(item)
-            frames.extend(payload)
-        msgs = [(c, pack(self.signer.encode({"k": "res", "t": items}, frames)))
-                for c, (items, frames) in by_client.items() if c]
+            by_client.setdefault(task.get("c", ""), []).append(
+                (dict(item, s0=task.get("s0", 0)), payload))
+        args: list = [P, self.ttl_s, time.time(), len(parts)]
+        msgs = []
+        for c, mine in by_client.items():
+            for item, payload in mine:
+                args += [item["id"], c, int(bool(c) and len(mine) == 1),
+                         pack(self.signer.encode({"k": "res", "t": [item]}, payload), spill)]
+            if c and len(mine) > 1:
+                msgs.append((c, pack(self.signer.encode(
+                    {"k": "res", "t": [item for item, _ in mine]},
+                    [f for _, payload in mine for f in payload]), spill)))
         args.append(len(msgs))
         for c, blob in msgs:
             args += [c, blob]
         args.append(len(adds))
-        for qk, msg in adds:
-            args += [qk, len(msg), *msg]
+        for qk, fields in adds:
+            args += [qk, 2 * len(fields), *(x for kv in fields.items() for x in kv)]
         args.append(len(acks))
         for qk, eid, tid in acks:
             args += [qk, eid, tid]
-        self.retry("storing results", lambda: self._report(args=args))
+        wid, n, h, queues = take
+        args += [wid, n, h, len(queues), *queues]
+        got = self.retry("storing results", lambda: self._report(args=args))
+        return [_entry(e) for e in got]
 
     def delivered(self, tid: str, n: int) -> list[int]:
         """Positions of a task with no stored result yet (from the headers: nothing is unpickled)."""
@@ -393,22 +576,23 @@ class Store:
         if not fields:
             self.retry("acking", lambda: (self.r.xack(qk, GROUP, eid), self.r.xdel(qk, eid)))
             return
-        msg = entry_frames(fields)
-        decoded = self.decode(msg, f"entry {eid!r} of {qk}")
+        decoded = self.decode(entry_frames(fields), f"entry {eid!r} of {qk}")
         if decoded is None or decoded[0].get("k") != "tasks":
             self.store([], acks=[(qk, eid, "")])
             return
         header, payload = decoded
         task = header["t"][0]
-        if not died:  # a worker that left in good order: the same message, queued again
-            self.store([], adds=[(qk, msg)], acks=[(qk, eid, "")])
+        if not died:  # a worker that left in good order: the same entry, queued again
+            self.store([], adds=[(qk, fields)], acks=[(qk, eid, "")])
             return
         fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at)
         parts = [(task, *deaths.failure(task, pos, 1, deaths.lost_error(task, pos, why)))
                  for pos in fail]
         adds = []
         if retry is not None:
-            adds.append((qk, self.signer.encode({"k": "tasks", "t": [retry]}, payload)))
+            spill = self.spiller(payload)
+            adds.append((qk, entry_fields(self.signer.encode({"k": "tasks", "t": [retry]}, payload),
+                                          spill)))
             log.warning("re-queued task %s: %s", task["id"], why)
         self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
 
@@ -434,6 +618,7 @@ class RedisClient(ClientConnection):
         self._rx = connect(self.store.url, self.store.safe)  # the receiver's blocking reads
         self._rs, self._wk = P + "rs:" + client_id, P + "wk:" + client_id
         self._last = {self._rs: "0-0", self._wk: "0-0"}
+        self._untrimmed = 0  # bytes read from rs: since it was last trimmed (64 KiB at least each)
         self._inbox: deque = deque()
         self._outbox: deque = deque()
         self._cv = threading.Condition()
@@ -461,12 +646,13 @@ class RedisClient(ClientConnection):
             block = None
         else:
             block = 0 if timeout is None else max(1, int(timeout * 1000))
-        trim = self._last[self._rs]
+        trim = self._last[self._rs] if self._untrimmed >= TRIM_AFTER else None
 
         def read():
+            if trim is None:
+                return self._rx.xread(dict(self._last), block=block)
             pipe = self._rx.pipeline(transaction=False)
-            if trim != "0-0":
-                pipe.xtrim(self._rs, minid=trim)
+            pipe.xtrim(self._rs, minid=trim)
             pipe.xread(dict(self._last), block=block)
             return pipe.execute()[-1]
 
@@ -474,11 +660,14 @@ class RedisClient(ClientConnection):
             got = self.store.retry("receiving", read, give_up=lambda: self._closing)
         except (redis.ConnectionError, redis.TimeoutError):
             return out
+        if trim is not None:
+            self._untrimmed = 0
         for stream, entries in got or ():
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for eid, fields in entries:
                 self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
                 if stream == self._rs and fields and b"m" in fields:
+                    self._untrimmed += max(len(fields[b"m"]), TRIM_AFTER // 64)
                     decoded = self.store.decode(unpack(fields[b"m"]), "a message for this client")
                     if decoded is not None:
                         out.append(decoded)
@@ -501,7 +690,7 @@ class RedisClient(ClientConnection):
             self.store.r.delete(self._rs, self._wk)
         except redis.RedisError:
             pass
-        self.store.r.close()
+        self.store.close()
         self._rx.close()
 
     # -- the sender thread: the broker's part for this client ------------------
@@ -559,6 +748,8 @@ class RedisClient(ClientConnection):
                         self._queues.add(q)
         cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
         hashes = set()
+        tasks: list = []  # SUBMIT's arguments for each task
+        ntasks = 0
         for header, frames in messages:
             k = header["k"]
             if k == "fn":
@@ -569,8 +760,12 @@ class RedisClient(ClientConnection):
             elif k == "tasks":
                 for item, payload in protocol.split(header["t"], frames):
                     item["c"] = self.cid
-                    msg = self.signer.encode({"k": "tasks", "t": [item]}, payload)
-                    cmds.append(("xadd", (P + "q:" + item.get("q", "default"), entry_fields(msg)), {}))
+                    spill = st.spiller(payload)
+                    fields = entry_fields(self.signer.encode({"k": "tasks", "t": [item]}, payload),
+                                          spill)
+                    tasks += [item["id"], P + "q:" + item.get("q", "default"), 2 * len(fields),
+                              *(x for kv in fields.items() for x in kv)]
+                    ntasks += 1
                     hashes.add(item.get("h"))
                     mp = item.get("mp")
                     if mp is not None:
@@ -585,10 +780,16 @@ class RedisClient(ClientConnection):
             elif k == "mapend":
                 cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
                 cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
-        for h in hashes - {None}:
-            cmds.append(("expire", (P + "fn:" + h, st.ttl_s), {}))
+        if tasks:  # after the functions they name, in one step with their owners (EVAL: no
+            # script cache to reload after a Redis restart; Redis compiles it once)
+            hashes.discard(None)
+            cmds.append(("eval", (SUBMIT, 0, P, st.ttl_s, self.cid, len(hashes), *hashes,
+                                  ntasks, *tasks), {}))
 
         def execute():
+            if len(cmds) == 1:  # a lone task: no pipeline's cost
+                name, args, kwargs = cmds[0]
+                return getattr(st.r, name)(*args, **kwargs)
             pipe = st.r.pipeline(transaction=False)
             for name, args, kwargs in cmds:
                 getattr(pipe, name)(*args, **kwargs)
@@ -599,7 +800,7 @@ class RedisClient(ClientConnection):
 
     def _on_cancel(self, header: dict):
         ids = list(header["ids"])
-        args: list = [P, self.store.ttl_s, len(ids)]
+        args: list = [P, self.store.ttl_s, self.cid, len(ids)]
         for tid in ids:
             args += [tid, pack(self.signer.encode({"k": "res", "t": [
                 {"id": tid, "rv": 1, "s": 0, "n": 1, "nf": 0}]}))]
@@ -776,10 +977,67 @@ class RedisSupervisor(SupervisorConnection):
                 st.retry("leaving", leave, give_up=lambda: True)
             except redis.RedisError as e:
                 log.warning("could not leave Redis at %s in good order: %s", st.safe, e)
-        st.r.close()
+        st.close()
 
 
 # -- worker process ------------------------------------------------------------
+
+class _Notices:
+    """A worker process's "started" notices: for submitted tasks still running STARTED_DELAY
+    after they started, sent by a thread of their own."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._cv = threading.Condition()
+        self._due: dict[str, tuple[float, str]] = {}  # task id -> (when, submitting client)
+        threading.Thread(target=self._run, name="nbq-started", daemon=True).start()
+
+    def running(self, items: list[dict]) -> None:
+        """Tasks that start now."""
+        when = time.monotonic() + STARTED_DELAY
+        with self._cv:
+            idle = not self._due  # else the thread already waits for an earlier time
+            for item in items:
+                if item.get("f") and item.get("c"):
+                    self._due[item["id"]] = (when, item["c"])
+            if idle and self._due:
+                self._cv.notify()
+
+    def done(self, ids) -> None:
+        """Tasks that need no notice any more."""
+        with self._cv:
+            for tid in ids:
+                self._due.pop(tid, None)
+
+    def _run(self) -> None:
+        st = self._store
+        while True:
+            with self._cv:
+                while not self._due:
+                    self._cv.wait()
+                wait = min(when for when, _ in self._due.values()) - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                now = time.monotonic()
+                due: dict[str, list] = {}
+                for tid, (when, c) in list(self._due.items()):
+                    if when <= now:
+                        due.setdefault(c, []).append(tid)
+                        del self._due[tid]
+
+            def tell():
+                pipe = st.r.pipeline(transaction=False)
+                for c, ids in due.items():
+                    pipe.xadd(P + "rs:" + c, {"m": pack(st.signer.encode({"k": "started", "ids": ids}))})
+                    pipe.expire(P + "rs:" + c, st.ttl_s)
+                pipe.execute()
+
+            try:
+                st.retry("telling submitters", tell)
+            except redis.RedisError as e:
+                log.warning("could not send started notices: %s", e)
+
 
 class RedisWorker(WorkerConnection):
     """One consumer of the queues' groups: XREADGROUP, run, store results and XACK atomically."""
@@ -797,12 +1055,14 @@ class RedisWorker(WorkerConnection):
             return keys
 
         self.keys = st.retry("joining", join)
-        self._batch: dict[str, tuple[str, str, dict]] = {}  # task id -> (queue key, entry id, item)
+        # task id -> (queue key, entry id, item, keys of its frames stored apart)
+        self._batch: dict[str, tuple[str, str, dict, list]] = {}
         self._reported: set[str] = set()  # tasks of the batch with a result sent before "ready"
         self._carried: set[str] = set()   # tasks held past their batch (due later): acked when done
-        self._held: deque = deque()  # entries read but left for the next batch
+        self._held: deque = deque()  # entries found again after a connection error, run one by one
         self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
         self._troubles_seen = self.store.troubles
+        self._notices = _Notices(self.store)
         self._cost: dict[str, float] = {}
         self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
 
@@ -821,12 +1081,12 @@ class RedisWorker(WorkerConnection):
             left = BLOCK_MS if deadline is None else int(1000 * (deadline - time.monotonic()))
             if left <= 0:
                 return []
-            batch = self._next_batch(block=min(BLOCK_MS, left))
+            batch = self._next_batch(min(BLOCK_MS, left))
 
-    def _next_batch(self, block: int | None) -> list[tuple[dict, list]]:
-        """The next batch, marked started; [] when none came (within block ms, if given)."""
+    def _next_batch(self, block_ms: int) -> list[tuple[dict, list]]:
+        """The next batch, started; [] when none came within block_ms."""
         st = self.store
-        if st.troubles != self._troubles_seen and block is not None:
+        if st.troubles != self._troubles_seen:
             # An XREADGROUP whose reply was lost with a connection left its entries
             # pending on this consumer, unseen: read this consumer's own history (id 0).
             self._troubles_seen = st.troubles
@@ -839,36 +1099,25 @@ class RedisWorker(WorkerConnection):
             entries = [self._held.popleft()]
         else:
             got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
-                GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1,
-                block=block))
+                GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1, block=block_ms))
             entries = [(s.decode(), eid, f) for s, es in got or () for eid, f in es]
-            if not entries:
-                return []
-        batch = self._verify(entries)
-        if batch and self._cheap(batch[0][2]):
-            batch += self._more(batch[0])
-        return [(item, payload) for _, _, item, payload in self._begin(batch)]
-
-    def _cheap(self, item: dict) -> bool:
-        cost = self._cost.get(item.get("h"))
-        return cost is not None and cost <= BATCH_SECONDS / 2
-
-    def _more(self, first) -> list:
-        """More entries of the first's queue for a batch of short tasks; others wait in _held."""
-        st = self.store
-        qk = first[0]
-        limit = min(BATCH_MAX, int(BATCH_SECONDS / max(self._cost[first[2].get("h")], 1e-6))) - 1
-        if limit <= 0:
+        first = self._verify(entries)
+        if not first:
             return []
-        got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
-            GROUP, self.wid, {qk: ">"}, count=limit))
-        out = []
-        for entry in self._verify([(s.decode(), eid, f) for s, es in got or () for eid, f in es]):
-            if self._cheap(entry[2]):
-                out.append(entry)
-            else:
-                self._held.append((entry[0], entry[1], entry[4]))
-        return out
+        qk, eid, item, _, _ = first[0]
+        h = item.get("h") or ""
+        got = st.retry("starting tasks", lambda: st._start(
+            args=[P, st.ttl_s, self.wid, qk, eid, item["id"], self._batch_size(h) - 1, h]))
+        if not got[0]:
+            return []  # revoked: acknowledged and deleted by the script, never run
+        return self._begin(first + self._verify([_entry(e) for e in got[1:]]))
+
+    def _batch_size(self, h: str) -> int:
+        """How many tasks of function h make a batch: ~BATCH_SECONDS of measured work, else 1."""
+        cost = self._cost.get(h)
+        if cost is None or cost > BATCH_SECONDS / 2:
+            return 1
+        return max(1, min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6))))
 
     def _verify(self, entries: list) -> list:
         """(queue key, entry id, item, payload, fields) of entries whose signature holds."""
@@ -888,27 +1137,14 @@ class RedisWorker(WorkerConnection):
             self.store.store([], acks=bad)
         return out
 
-    def _begin(self, batch: list) -> list:
-        """Mark the batch started unless revoked (atomically); tell submitters of `f` tasks."""
-        if not batch:
-            return []
-        st = self.store
-        args: list = [P, st.ttl_s, self.wid, len(batch)]
-        started: dict[str, list] = {}
-        for qk, eid, item, _, _ in batch:
-            args += [qk, eid, item["id"]]
-            if item.get("f") and item.get("c"):
-                started.setdefault(item["c"], []).append(item["id"])
-        args.append(len(started))
-        for c, ids in started.items():
-            args += [c, pack(st.signer.encode({"k": "started", "ids": ids}))]
-        flags = st.retry("starting tasks", lambda: st._start(args=args))
+    def _begin(self, batch: list) -> list[tuple[dict, list]]:
+        """The batch of started entries, noted for report() and for "started" notices."""
         out = []
-        for entry, ok in zip(batch, flags):
-            if ok:
-                qk, eid, item, payload, _ = entry
-                self._batch[item["id"]] = (qk, eid, item)
-                out.append((qk, eid, item, payload))
+        for qk, eid, item, payload, fields in batch:
+            spilled = [f.key for f in entry_frames(fields) if isinstance(f, Spilled)]
+            self._batch[item["id"]] = (qk, eid, item, spilled)
+            out.append((item, payload))
+        self._notices.running([item for item, _ in out])
         return out
 
     def function(self, h: str) -> list:
@@ -922,6 +1158,7 @@ class RedisWorker(WorkerConnection):
         return decoded[1]
 
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
+        self._notices.done(item["id"] for item, _ in results)
         parts = []
         for item, payload in results:
             entry = self._batch.get(item["id"])
@@ -933,25 +1170,38 @@ class RedisWorker(WorkerConnection):
                 self._cost[h] = d if old is None else 0.8 * old + 0.2 * d
             parts.append((task, item, payload))
             self._reported.add(item["id"])
-        acks = []
-        for item, _ in results:  # tasks held past their batch (due later) are acked when done
-            if item["id"] in self._carried:
-                self._carried.discard(item["id"])
-                qk, eid, _ = self._batch.pop(item["id"])
-                acks.append((qk, eid, item["id"]))
-        if ready:
-            reported, self._reported = self._reported, set()
-            for tid, (qk, eid, _) in list(self._batch.items()):
-                if tid in reported:
-                    acks.append((qk, eid, tid))
-                    del self._batch[tid]
-                else:
-                    self._carried.add(tid)
-            # Take the next batch before the results are seen, as the ZeroMQ broker hands
-            # a worker its next task with its "ready": so a client that sees a result and
-            # cancels what follows finds the next task already started, on both transports.
-            self._prefetched = self._next_batch(block=None)
-        self.store.store(parts, acks=acks)
+        acks, spilled = [], []
+        for tid in self._carried & {item["id"] for item, _ in results}:
+            self._carried.discard(tid)  # held past its batch (due later), now done
+            qk, eid, _, keys = self._batch.pop(tid)
+            acks.append((qk, eid, tid))
+            spilled += keys
+        if not ready:
+            self._finish(parts, acks, spilled)
+            return
+        reported, self._reported = self._reported, set()
+        last = ""  # the function of the batch's last task: the next batch may be more of it
+        for tid, (qk, eid, task, keys) in list(self._batch.items()):
+            if tid in reported:
+                acks.append((qk, eid, tid))
+                spilled += keys
+                last = task.get("h") or ""
+                del self._batch[tid]
+            else:
+                self._carried.add(tid)
+        # The next batch is taken and started in the same step that stores these results,
+        # as the ZeroMQ broker hands a worker its next task with its "ready": so a client
+        # that sees a result and cancels what follows finds the next task started.
+        taken = self._finish(parts, acks, spilled,
+                             take=(self.wid, self._batch_size(last), last, self.keys))
+        self._prefetched = self._begin(self._verify(taken))
+
+    def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
+        """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""
+        taken = self.store.store(parts, acks=acks, take=take)
+        if spilled:
+            self.store.retry("deleting large inputs", lambda: self.store.r.delete(*spilled))
+        return taken
 
     def _reclaim(self) -> None:
         """Claim and re-queue the entries of consumers whose supervisor's heartbeat expired."""
@@ -975,4 +1225,4 @@ class RedisWorker(WorkerConnection):
                     r.xgroup_delconsumer(qk, GROUP, name)
 
     def close(self) -> None:
-        self.store.r.close()
+        self.store.close()
