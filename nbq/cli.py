@@ -14,7 +14,10 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 def main(argv: list[str] | None = None) -> None:
     """Entry point; errors are one readable line and exit code 1, not a traceback."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "multi":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.worker_args = extra
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -52,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show workers and queues of a broker")
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
     s.set_defaults(run=_status)
+
+    m = sub.add_parser("multi", help="start, stop or restart named worker daemons (as celery multi)",
+                       description="Any option not listed here is passed to `nbq worker`.")
+    m.add_argument("action", choices=["start", "stop", "stopwait", "restart"])
+    m.add_argument("names", nargs="+", help="node names, or a number N for nbq1..nbqN")
+    m.add_argument("--pidfile", default="%n.pid", help="pid file per node (default %%n.pid)")
+    m.add_argument("--logfile", default="%n%I.log", help="log file per node (default %%n%%I.log)")
+    m.set_defaults(run=_multi)
 
     d = sub.add_parser("demo", help="run a map on an embedded cluster: progress, DataFrame, speed")
     d.add_argument("--items", type=int, default=300_000, help="items to map (default 300,000)")
@@ -126,6 +137,17 @@ def _status(args) -> None:
         print("(no workers)")
     print("queue lengths: " + (", ".join(f"{q}={n}" for q, n in sorted(st["queues"].items()))
                                or "(no queues yet)"))
+
+
+def _multi(args) -> None:
+    from . import multi
+    failed = 0
+    if args.action in ("stop", "stopwait", "restart"):
+        failed += multi.stop(args.names, args.pidfile, wait=args.action != "stop")
+    if args.action in ("start", "restart"):
+        failed += multi.start(args.names, args.worker_args, args.pidfile, args.logfile)
+    if failed:
+        sys.exit(1)
 
 
 def _demo(args) -> None:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import nbq
-from conftest import free_port, start_broker, wait_until
+from conftest import free_port, pid_alive, redis_url, start_broker, wait_until
 
 PIPE = subprocess.PIPE
 
@@ -167,3 +167,36 @@ def test_default_key_file_is_created_private_and_reused(procs, tmp_path):
 
     assert load_key(dict(env, NBQ_KEY="the-key-from-the-environment")) == "the-key-from-the-environment"
     assert path.read_text().strip() == first
+
+
+def test_multi_starts_stops_and_restarts_named_workers(tmp_path):
+    """`nbq multi` as `celery multi`: detached named workers with pid and log files."""
+    url = redis_url()
+    files = [f"--pidfile={tmp_path}/%n.pid", f"--logfile={tmp_path}/%n%I.log"]
+
+    def multi(*args):
+        return subprocess.run([sys.executable, "-m", "nbq", "multi", *args, *files],
+                              capture_output=True, text=True, timeout=60)
+
+    def pids():
+        return {p.stem: int(p.read_text()) for p in tmp_path.glob("*.pid")}
+
+    try:
+        out = multi("start", "w1", "w2", "--broker", url, "-c", "1")
+        assert out.returncode == 0 and out.stdout.count(": OK") == 2, out.stdout + out.stderr
+        first = pids()
+        assert set(first) == {"w1", "w2"}
+        with nbq.Client(url) as client:
+            client.wait_for_workers(2)
+            assert client.submit(pow, 2, 10).result(timeout=10) == 1024
+        assert "already running" in multi("start", "w1", "--broker", url).stdout
+        out = multi("restart", "w1", "--broker", url, "-c", "1")
+        assert "stopped" in out.stdout and ": OK" in out.stdout, out.stdout
+        assert not pid_alive(first["w1"]) and pids()["w1"] != first["w1"]
+        out = multi("stopwait", "w1", "w2")
+        assert out.stdout.count("stopped") == 2, out.stdout
+        assert not pids() and not any(pid_alive(p) for p in first.values())
+        assert (tmp_path / "w1.log").exists()
+    finally:
+        for pid in pids().values():  # whatever a failed assertion left running
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,114 @@
+"""``nbq multi``: named ``nbq worker`` daemons with pid and log files, as ``celery multi``.
+
+``%n`` in --pidfile/--logfile is the node name, ``%h`` name@host, ``%I`` empty
+(nbq writes one log per node, not one per process).  A node runs as a new
+session, detached from the terminal; its pid file is how stop finds it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STOP_WAIT = 30.0
+
+
+def node_names(names: list[str]) -> list[str]:
+    """Names as given; a lone number N means nbq1 .. nbqN, as in celery multi."""
+    if len(names) == 1 and names[0].isdigit():
+        return [f"nbq{i}" for i in range(1, int(names[0]) + 1)]
+    return names
+
+
+def _expand(template: str, name: str) -> Path:
+    host = socket.gethostname()
+    return Path(template.replace("%n", name).replace("%h", f"{name}@{host}").replace("%I", ""))
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie nobody has reaped yet has stopped, for us)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _running(pidfile: Path) -> int | None:
+    """The pid in pidfile if that process is alive; a stale file is removed."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if _alive(pid):
+        return pid
+    pidfile.unlink(missing_ok=True)
+    return None
+
+
+def start(names: list[str], worker_args: list[str], pidfile: str, logfile: str) -> int:
+    """Start each node not running yet; returns how many failed to start."""
+    print("> Starting nodes...")
+    failed = 0
+    for name in node_names(names):
+        pid_path, log_path = _expand(pidfile, name), _expand(logfile, name)
+        label = f"{name}@{socket.gethostname()}"
+        if _running(pid_path) is not None:
+            print(f"    > {label}: already running")
+            continue
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "nbq", "worker", *worker_args],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        pid_path.parent.mkdir(parents=True, exist_ok=True)
+        pid_path.write_text(f"{proc.pid}\n")
+        try:  # a worker that cannot start (bad options, no broker) exits at once
+            proc.wait(0.5)
+        except subprocess.TimeoutExpired:
+            print(f"    > {label}: OK")
+        else:
+            pid_path.unlink(missing_ok=True)
+            failed += 1
+            print(f"    > {label}: FAILED (exit code {proc.returncode}; see {log_path})")
+    return failed
+
+
+def stop(names: list[str], pidfile: str, wait: bool) -> int:
+    """SIGTERM each running node; with wait, until it has exited. Returns how many would not stop."""
+    print("> Stopping nodes...")
+    stopping = []
+    for name in node_names(names):
+        pid_path = _expand(pidfile, name)
+        pid = _running(pid_path)
+        label = f"{name}@{socket.gethostname()}"
+        if pid is None:
+            print(f"    > {label}: not running")
+            continue
+        os.kill(pid, signal.SIGTERM)
+        print(f"    > {label}: TERM -> {pid}")
+        stopping.append((label, pid, pid_path))
+    stuck = 0
+    for label, pid, pid_path in stopping:
+        if not wait:
+            continue
+        deadline = time.monotonic() + STOP_WAIT
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            stuck += 1
+            print(f"    > {label}: still running after {STOP_WAIT:g} s")
+        else:
+            pid_path.unlink(missing_ok=True)
+            print(f"    > {label}: stopped")
+    return stuck
