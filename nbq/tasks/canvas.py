@@ -67,7 +67,7 @@ class Signature:
         self.options.update(options)
         return self
 
-    def freeze(self) -> AsyncResult | None:
+    def freeze(self) -> None:
         """Give the call its id and resolve its queue and serializers now (as the caller's app says)."""
         opts = self.options
         opts.setdefault("task_id", str(uuid.uuid4()))
@@ -82,7 +82,6 @@ class Signature:
         opts.setdefault("result_serializer", app.conf.result_serializer if app else "pickle")
         if task is not None and task.expires is not None:
             opts.setdefault("expires", task.expires)
-        return None
 
     # -- calling ---------------------------------------------------------------------
 

@@ -122,7 +122,6 @@ def _invoke(task: Task, request: Request, each: str | None, args, kwargs) -> Any
             return fn(task, *args, **kwargs) if task.bind else fn(*args, **kwargs)
     except tuple(task.autoretry_for or ()) as exc:
         task.retry(exc=exc, countdown=task.backoff(request.retries))
-        raise  # retry() raises; this line keeps type checkers content
 
 
 @contextmanager

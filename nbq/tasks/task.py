@@ -5,7 +5,7 @@ import functools
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 from .exceptions import MaxRetriesExceededError, Retry
 
@@ -63,7 +63,7 @@ class Task:
 
     def retry(self, args: tuple | None = None, kwargs: dict | None = None,
               exc: BaseException | None = None, countdown: float | None = None,
-              eta: float | None = None, max_retries: int | None = None) -> None:
+              eta: float | None = None, max_retries: int | None = None) -> NoReturn:
         """Run this task again later (``raise self.retry(exc=e)``), up to ``max_retries`` times.
 
         When retries are used up, exc (if given) is raised, else MaxRetriesExceededError.
