@@ -264,3 +264,17 @@ def test_on_the_zeromq_broker_too(procs, tmp_path):
         assert t.flaky.delay("z", 1).get(timeout=10) == 1
     finally:
         proj.app.close()
+
+
+def test_an_app_without_a_broker_starts_its_own_as_a_notebook_would():
+    app = nbq.App("notebook")
+    try:
+        @app.task
+        def double(x):
+            return 2 * x
+
+        assert double.name == "test_tasks.double"
+        assert (double.s(1) | double.s() | double.s())().get(timeout=20) == 8
+        assert ~double.map([1, 2, 3]) == [2, 4, 6]
+    finally:
+        app.close()
