@@ -1,12 +1,21 @@
-"""Periodic tasks: crontab parsing and next fire times."""
+"""Periodic tasks: crontab parsing and next fire times, and beat's ticks (time passed in, no sleeps).
+
+Beat is driven here with explicit times (Beat.start(now), Beat.tick(now)) over the
+marks it keeps in a file or in the session's private Redis (never 6379).
+"""
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
+import redis
 
+from nbq.tasks.beat import LAST_KEY, Beat, app_timezone, read_entries
 from nbq.tasks.crontab import crontab, maybe_schedule, parse_field, schedule
+from conftest import redis_url, wait_until
 
 UTC = timezone.utc
 NY = ZoneInfo("America/New_York")
@@ -118,3 +127,166 @@ def test_interval_ticks_lie_on_a_grid_from_the_epoch():
         schedule(0)
     with pytest.raises(TypeError):
         maybe_schedule("every minute")
+
+
+# -- beat over explicit time ---------------------------------------------------
+
+class RecordingApp:
+    """What beat uses of nbq.App (conf, send_task), keeping what was sent."""
+
+    def __init__(self, **conf) -> None:
+        self.conf = conf
+        self.sent: list[tuple] = []
+
+    def send_task(self, name, args=(), kwargs=None, **options):
+        self.sent.append((name, args, kwargs, options))
+        return SimpleNamespace(id=f"t{len(self.sent)}")
+
+
+T0 = at(2024, 5, 1, 12, 0).timestamp()
+
+EVERY_SECOND = {"tick": {"task": "tasks.add", "schedule": 1.0, "args": (1, 2),
+                         "options": {"queue": "lopri"}}}
+
+
+def file_app(tmp_path, schedule=EVERY_SECOND, **conf):
+    app = RecordingApp(broker_url="tcp://127.0.0.1:5555", beat_schedule=schedule, **conf)
+    return app, lambda: Beat(app, tmp_path / "marks")
+
+
+def redis_app(url, schedule=EVERY_SECOND, **conf):
+    app = RecordingApp(broker_url=url, beat_schedule=schedule, **conf)
+    return app, lambda: Beat(app)
+
+
+def test_entries_are_sent_by_name_with_args_and_options_once_per_tick(tmp_path):
+    app, make = file_app(tmp_path)
+    beat = make()
+    beat.start(T0 + 0.2)
+    assert beat.tick(T0 + 0.5) == pytest.approx(0.5)      # nothing due yet: wait for T0+1
+    assert app.sent == []
+    assert beat.tick(T0 + 1.0) == pytest.approx(1.0)
+    assert app.sent == [("tasks.add", (1, 2), {}, {"queue": "lopri"})]
+    beat.tick(T0 + 1.5)
+    beat.tick(T0 + 2.01)
+    assert len(app.sent) == 2
+
+
+def test_a_late_beat_sends_once_not_once_per_missed_tick(tmp_path):
+    app, make = file_app(tmp_path)
+    beat = make()
+    beat.start(T0)
+    beat.tick(T0 + 5.5)                 # ticks T0+1 .. T0+5 were missed: one send
+    assert len(app.sent) == 1
+    beat.tick(T0 + 5.9)
+    assert len(app.sent) == 1
+    beat.tick(T0 + 6.0)
+    assert len(app.sent) == 2
+
+
+@pytest.mark.parametrize("where", ["file", "redis"])
+def test_restart_sends_a_missed_tick_once_and_never_a_tick_twice(tmp_path, where):
+    app, make = file_app(tmp_path) if where == "file" else redis_app(redis_url())
+    first = make()
+    first.start(T0)
+    first.tick(T0 + 1.0)
+    first.tick(T0 + 2.0)
+    assert len(app.sent) == 2
+
+    again = make()                        # restarted within the same second: nothing to resend
+    again.start(T0 + 2.5)
+    again.tick(T0 + 2.5)
+    assert len(app.sent) == 2
+    again.tick(T0 + 3.0)
+    assert len(app.sent) == 3
+
+    late = make()                         # down for ten ticks: one catch-up send, at start
+    late.start(T0 + 13.2)
+    late.tick(T0 + 13.2)
+    assert len(app.sent) == 4
+    late.tick(T0 + 13.9)
+    assert len(app.sent) == 4
+    late.tick(T0 + 14.0)
+    assert len(app.sent) == 5
+
+
+def test_a_new_entry_waits_for_its_first_tick(tmp_path):
+    app, make = file_app(tmp_path, {"daily": {"task": "t", "schedule": crontab(minute=0, hour=0)}})
+    beat = make()
+    beat.start(T0)
+    assert beat.tick(T0) == 300.0           # capped by beat_max_loop_interval's default
+    assert app.sent == []
+
+
+def test_two_beats_on_one_redis_send_each_tick_once():
+    url = redis_url()
+    apps_and_beats = [redis_app(url) for _ in range(2)]
+    beats = [make() for _, make in apps_and_beats]
+    for b in beats:
+        b.start(T0)
+    for k in range(1, 21):                 # both wake for every tick, in either order
+        order = beats if k % 2 else beats[::-1]
+        for b in order:
+            b.tick(T0 + k + 0.001 * beats.index(b))
+    sent = [s for app, _ in apps_and_beats for s in app.sent]
+    assert len(sent) == 20
+    assert {len(app.sent) for app, _ in apps_and_beats} == {10}
+    r = redis.Redis.from_url(url)
+    assert int(r.get(LAST_KEY + "tick")) >= (T0 + 20) * 1000
+    r.close()
+
+
+def test_crontab_entries_follow_the_app_timezone(tmp_path):
+    schedule = {"nine": {"task": "t", "schedule": crontab(minute=0, hour=9)}}
+    app, make = file_app(tmp_path, schedule, timezone="Asia/Tokyo")
+    beat = make()
+    nine_tokyo = at(2024, 5, 2, 0, 0).timestamp()      # 09:00 in Tokyo is 00:00 UTC
+    beat.start(nine_tokyo - 60)
+    beat.tick(nine_tokyo - 0.1)
+    assert app.sent == []
+    beat.tick(nine_tokyo)
+    assert len(app.sent) == 1
+
+
+def test_app_timezone_follows_celery():
+    assert app_timezone({}) == UTC
+    assert app_timezone({"timezone": "Europe/Paris"}) == ZoneInfo("Europe/Paris")
+    assert app_timezone({"enable_utc": False}).utcoffset(datetime(2024, 1, 1)) is not None
+    with pytest.raises(ValueError, match="timezone"):
+        app_timezone({"timezone": "Mars/Olympus"})
+
+
+def test_bad_entries_fail_when_beat_reads_them():
+    with pytest.raises(ValueError, match="unknown keys"):
+        read_entries({"x": {"task": "t", "schedule": 1, "relative": True}})
+    with pytest.raises(ValueError, match="needs schedule"):
+        read_entries({"x": {"task": "t"}})
+    with pytest.raises(TypeError):
+        read_entries({"x": {"task": "t", "schedule": "hourly"}})
+
+
+def test_a_failing_send_is_logged_and_the_next_entry_still_goes(tmp_path, caplog):
+    class Failing(RecordingApp):
+        def send_task(self, name, *a, **kw):
+            if name == "bad":
+                raise OSError("broker gone")
+            return super().send_task(name, *a, **kw)
+
+    app = Failing(broker_url="tcp://x:1", beat_schedule={
+        "a": {"task": "bad", "schedule": 1.0}, "b": {"task": "good", "schedule": 1.0}})
+    beat = Beat(app, tmp_path / "marks")
+    beat.start(T0)
+    beat.tick(T0 + 1)
+    assert [s[0] for s in app.sent] == ["good"]
+    assert "sending a (bad)" in caplog.text and "broker gone" in caplog.text
+
+
+def test_stop_ends_a_long_wait_at_once(tmp_path):
+    app, make = file_app(tmp_path, {"hourly": {"task": "t", "schedule": 3600.0}})
+    beat = make()
+    thread = threading.Thread(target=beat.run)
+    thread.start()
+    wait_until(lambda: beat.due, what="beat to start")
+    beat.stop()
+    thread.join(2.0)
+    assert not thread.is_alive()
