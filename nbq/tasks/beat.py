@@ -34,6 +34,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -165,7 +166,7 @@ class FileMarks:
 class Beat:
     """Sends an app's beat_schedule entries when due; run() until stop()."""
 
-    def __init__(self, app, schedule_path: str | os.PathLike = DEFAULT_SCHEDULE) -> None:
+    def __init__(self, app, schedule_path: str | os.PathLike | None = None) -> None:
         conf = app.conf
         self.app = app
         self.tz = app_timezone(conf)
@@ -174,7 +175,7 @@ class Beat:
         self._stop = threading.Event()
         broker = conf.get("broker_url") or ""
         self.marks = (RedisMarks(broker, self._stop.is_set) if broker.startswith(REDIS_SCHEMES)
-                      else FileMarks(schedule_path))
+                      else FileMarks(schedule_path or DEFAULT_SCHEDULE))
         self.due: dict[str, float] = {}  # entry name -> its next tick (seconds since the epoch)
 
     def _next(self, entry: Entry, after: float) -> float:
@@ -199,13 +200,14 @@ class Beat:
         return min(max(soonest - now, 0.0), self.max_interval)
 
     def _send(self, e: Entry, due: float) -> None:
-        at = datetime.fromtimestamp(due, self.tz).isoformat()
+        """Send one tick of an entry, logged before it goes (with its task id) as Celery does."""
+        task_id = str(uuid.uuid4())
+        log.info("beat: sending %s (%s) for tick %s: task %s", e.name, e.task,
+                 datetime.fromtimestamp(due, self.tz).isoformat(), task_id)
         try:
-            result = self.app.send_task(e.task, args=e.args, kwargs=e.kwargs, **e.options)
+            self.app.send_task(e.task, args=e.args, kwargs=e.kwargs, **dict(e.options, task_id=task_id))
         except Exception:  # one entry failing to send must not stop the others
-            log.exception("beat: sending %s (%s) for tick %s failed", e.name, e.task, at)
-            return
-        log.info("beat: sent %s (%s) for tick %s: task %s", e.name, e.task, at, result.id)
+            log.exception("beat: sending %s (%s) failed", e.name, e.task)
 
     def run(self) -> None:
         """Send due entries until stop(); waits on an Event, so stop() ends a wait at once."""
