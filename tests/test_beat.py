@@ -5,6 +5,7 @@ marks it keeps in a file or in the session's private Redis (never 6379).
 """
 from __future__ import annotations
 
+import os
 import threading
 from datetime import datetime, timedelta, timezone
 from unittest.mock import ANY
@@ -13,6 +14,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 
+import nbq
+from nbq.client import current_client
+from nbq.errors import NbqError
 from nbq.tasks.beat import LAST_KEY, Beat, app_timezone, read_entries
 from nbq.tasks.crontab import crontab, maybe_schedule, parse_field, schedule
 from conftest import redis_url, wait_until
@@ -289,3 +293,16 @@ def test_stop_ends_a_long_wait_at_once(tmp_path):
     beat.stop()
     thread.join(2.0)
     assert not thread.is_alive()
+
+
+def test_a_forked_process_does_not_take_its_parents_client():
+    """worker -B forks worker processes from a process whose beat has a client."""
+    with nbq.Client(redis_url()):
+        pid = os.fork()
+        if pid == 0:  # the child: exit at once, saying whether it was refused the client
+            try:
+                current_client()
+            except NbqError:
+                os._exit(0)
+            os._exit(1)
+        assert os.waitpid(pid, 0)[1] == 0
