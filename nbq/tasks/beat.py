@@ -186,7 +186,6 @@ class Beat:
         for e in self.entries:
             last = self.marks.last(e.name)
             self.due[e.name] = self._next(e, now if last is None else last)
-        log.info("beat: %d entries, marks in %s", len(self.entries), self.marks.where)
 
     def tick(self, now: float) -> float:
         """Send what is due at `now` (each tick once); returns seconds until the next is due."""
