@@ -1,4 +1,4 @@
-"""The ``nbq`` command: broker, worker, status, demo."""
+"""The ``nbq`` command: broker, worker, beat, status, demo."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)
 
+    bt = sub.add_parser("beat", help="send an app's beat_schedule entries when they are due")
+    bt.add_argument("-A", "--app", required=True, help="the app: module or module:attribute, "
+                    "as Celery's -A")
+    bt.add_argument("--broker", default=None, help="broker address (default: the app's broker_url, "
+                    f"else $NBQ_BROKER or {DEFAULT_BIND})")
+    bt.add_argument("-s", "--schedule", default=None, help="file of when each entry was last sent, "
+                    "when the broker is not Redis (default: nbq-beat-schedule, here)")
+    bt.add_argument("-l", "--loglevel", dest="log_level", default=argparse.SUPPRESS,
+                    help="as --log-level (info logs each send)")
+    bt.set_defaults(run=_beat)
+
     s = sub.add_parser("status", help="show workers and queues of a broker")
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
     s.set_defaults(run=_status)
@@ -58,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
     d.set_defaults(run=_demo)
 
-    for parser in (b, w, s):
+    for parser in (b, w, bt, s):
         parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
                             "$NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -110,6 +121,19 @@ def _load_app(spec: str):
     app = load_app(spec)
     runner.accept = set(app.conf.accept_content)
     return app
+
+
+def _beat(args) -> None:
+    from . import keys
+    from .tasks.app import load_app
+    from .tasks.beat import Beat
+    os.environ["NBQ_KEY"] = keys.load_key(args.key_file).decode()  # the app's client signs with it
+    app = load_app(args.app)
+    app.conf.broker_url = args.broker or app.conf.broker_url or _address(None)
+    beat = Beat(app, args.schedule)
+    print(f"nbq beat: {len(beat.entries)} entries of {app.main}, marks in {beat.marks.where}",
+          flush=True)
+    beat.run()  # a signal may end it at any time: every claim is already stored
 
 
 def _status(args) -> None:

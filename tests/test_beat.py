@@ -6,7 +6,10 @@ marks it keeps in a file or in the session's private Redis (never 6379).
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from unittest.mock import ANY
 from zoneinfo import ZoneInfo
@@ -19,7 +22,7 @@ from nbq.client import current_client
 from nbq.errors import NbqError
 from nbq.tasks.beat import LAST_KEY, Beat, app_timezone, read_entries
 from nbq.tasks.crontab import crontab, maybe_schedule, parse_field, schedule
-from conftest import redis_url, wait_until
+from conftest import redis_url, start_broker, wait_until
 
 UTC = timezone.utc
 NY = ZoneInfo("America/New_York")
@@ -293,6 +296,121 @@ def test_stop_ends_a_long_wait_at_once(tmp_path):
     beat.stop()
     thread.join(2.0)
     assert not thread.is_alive()
+
+
+# -- nbq beat and nbq worker as processes ----------------------------------------
+
+PROJECT = '''
+import time
+
+import nbq
+
+app = nbq.App("beatproj")
+app.conf.beat_schedule = {"stamp": {"task": "beatproj.stamp", "schedule": 1.0}}
+
+
+@app.task(name="beatproj.stamp")
+def stamp():
+    return time.time()
+'''
+
+SENT = re.compile(r"beat: sending stamp \(beatproj\.stamp\) for tick (\S+): task (\S+)")
+
+
+class Output:
+    """A process's output lines, read on a thread so a test can poll them with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def sends(self) -> list[tuple[float, str]]:
+        """(tick, task id) of each send logged so far."""
+        return [(datetime.fromisoformat(m[1]).timestamp(), m[2])
+                for m in map(SENT.search, list(self.lines)) if m]
+
+    def wait_sends(self, n: int, timeout: float = 10.0) -> list[tuple[float, str]]:
+        return wait_until(lambda: len(self.sends()) >= n and self.sends(), timeout,
+                          what=f"{n} sends in {''.join(self.lines)}")
+
+    def stop(self) -> list[tuple[float, str]]:
+        """Terminate the process (by its handle), read what is left; all its sends."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        return self.sends()
+
+
+def project_env(tmp_path) -> dict:
+    """The environment of nbq commands that import the test project (-A beatproj)."""
+    (tmp_path / "beatproj.py").write_text(PROJECT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(tmp_path), here, os.environ.get("PYTHONPATH")) if p))
+
+
+def beat(procs, env, broker: str, *extra: str) -> Output:
+    return Output(procs.nbq("beat", "-A", "beatproj", "--broker", broker, "-l", "info", *extra,
+                            env=env))
+
+
+def queued(broker: str) -> int:
+    """Tasks waiting in the broker's default queue (no worker runs them)."""
+    with nbq.Client(broker, timeout=5.0) as client:
+        return client.status()["queues"].get("default", 0)
+
+
+def test_beat_sends_every_second_each_tick_after_it_starts(procs, tmp_path):
+    url = redis_url()
+    env = project_env(tmp_path)
+    started = time.time()
+    out = beat(procs, env, url)
+    ticks = [tick for tick, _ in out.wait_sends(3)[:3]]
+    assert [b - a for a, b in zip(ticks, ticks[1:])] == [1.0, 1.0]
+    assert started < ticks[0] < started + 10
+    sends = out.stop()
+    assert len(sends) - 1 <= queued(url) <= len(sends)  # a killed beat may log a send it never made
+
+
+def test_two_beat_processes_on_one_redis_send_each_tick_once(procs, tmp_path):
+    url = redis_url()
+    env = project_env(tmp_path)
+    beats = [beat(procs, env, url) for _ in range(2)]
+    for b in beats:
+        wait_until(lambda: any("nbq beat:" in line for line in b.lines), what="beat to start")
+    started = time.time()
+    wait_until(lambda: len([t for b in beats for t, _ in b.sends() if t > started]) >= 4,
+               timeout=10, what="four sends with both beats running")
+    ticks = [tick for b in beats for tick, _ in b.stop()]
+    assert len(ticks) == len(set(ticks)) >= 4
+    assert len(ticks) - 2 <= queued(url) <= len(ticks)  # a killed beat may log a send it never made
+
+
+@pytest.mark.parametrize("transport", ["redis", "zmq"])
+def test_a_restarted_beat_sends_no_tick_twice(procs, tmp_path, transport):
+    broker = redis_url() if transport == "redis" else start_broker(procs)
+    env = project_env(tmp_path)
+    marks = str(tmp_path / "marks")
+    first = beat(procs, env, broker, "-s", marks)
+    first.wait_sends(2)
+    before = first.stop()
+    second = beat(procs, env, broker, "-s", marks)
+    second.wait_sends(2)
+    after = second.stop()
+    ticks = [tick for tick, _ in before + after]
+    assert len(ticks) == len(set(ticks))
+    assert min(t for t, _ in after) > max(t for t, _ in before)
+    assert len(ticks) - 2 <= queued(broker) <= len(ticks)  # a killed beat may log a send it never made
 
 
 def test_a_forked_process_does_not_take_its_parents_client():
