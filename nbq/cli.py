@@ -9,6 +9,7 @@ import sys
 from .errors import NbqError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,8 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     b.set_defaults(run=_broker)
 
     w = sub.add_parser("worker", help="run worker processes for a broker")
-    w.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER or "
-                   f"{DEFAULT_BIND.replace('tcp://', 'tcp://')})")
+    w.add_argument("--broker", default=None, help=BROKER_HELP)
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: number of CPUs)")
     w.add_argument("-Q", "--queues", default=None, help="comma-separated queues to consume "
@@ -52,8 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     bt = sub.add_parser("beat", help="send an app's beat_schedule entries when they are due")
     bt.add_argument("-A", "--app", required=True, help="the app: module or module:attribute, "
                     "as Celery's -A")
-    bt.add_argument("--broker", default=None, help="broker address (default: the app's broker_url, "
-                    f"else $NBQ_BROKER or {DEFAULT_BIND})")
+    bt.add_argument("--broker", default=None, help=BROKER_HELP)
     bt.add_argument("-s", "--schedule", default=None, help="file of when each entry was last sent, "
                     "when the broker is not Redis (default: nbq-beat-schedule, here)")
     bt.add_argument("-l", "--loglevel", dest="log_level", default=argparse.SUPPRESS,
@@ -79,6 +78,12 @@ def _address(given: str | None) -> str:
     return given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
 
 
+def _app_broker(given: str | None, app) -> str:
+    """The broker of a command that may have an app (-A): --broker, else the app's broker_url,
+    else $NBQ_BROKER or the default."""
+    return given or (app and app.conf.broker_url) or _address(None)
+
+
 def _broker(args) -> None:
     import signal
 
@@ -98,7 +103,7 @@ def _worker(args) -> None:
         raise ValueError("--concurrency must be at least 1")
     key = keys.load_key(args.key_file)
     app = _load_app(args.app) if args.app else None
-    address = args.broker or (app and app.conf.broker_url) or _address(None)
+    address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
     # tasks that send tasks (a chain's next step, a chord's body) use a client of this broker
     os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
@@ -125,11 +130,10 @@ def _load_app(spec: str):
 
 def _beat(args) -> None:
     from . import keys
-    from .tasks.app import load_app
     from .tasks.beat import Beat
     os.environ["NBQ_KEY"] = keys.load_key(args.key_file).decode()  # the app's client signs with it
-    app = load_app(args.app)
-    app.conf.broker_url = args.broker or app.conf.broker_url or _address(None)
+    app = _load_app(args.app)
+    app.conf.broker_url = _app_broker(args.broker, app)
     beat = Beat(app, args.schedule)
     print(f"nbq beat: {len(beat.entries)} entries of {app.main}, marks in {beat.marks.where}",
           flush=True)
