@@ -1,7 +1,9 @@
 """Periodic tasks: crontab parsing and next fire times, and beat's ticks (time passed in, no sleeps).
 
 Beat is driven here with explicit times (Beat.start(now), Beat.tick(now)) over the
-marks it keeps in a file or in the session's private Redis (never 6379).
+marks it keeps in a file or in the session's private Redis (never 6379); then as processes,
+`nbq beat` and `nbq worker -A beatproj -B` on a 1-second schedule, read through their logs
+(each send, with its task id), the task ids their runs note, and results fetched by id.
 """
 from __future__ import annotations
 
@@ -301,6 +303,7 @@ def test_stop_ends_a_long_wait_at_once(tmp_path):
 # -- nbq beat and nbq worker as processes ----------------------------------------
 
 PROJECT = '''
+import os
 import time
 
 import nbq
@@ -309,8 +312,11 @@ app = nbq.App("beatproj")
 app.conf.beat_schedule = {"stamp": {"task": "beatproj.stamp", "schedule": 1.0}}
 
 
-@app.task(name="beatproj.stamp")
-def stamp():
+@app.task(name="beatproj.stamp", bind=True)
+def stamp(self):
+    """Notes its task id (one line per run) and returns when it ran."""
+    with open(os.environ["BEAT_NOTES"], "a") as f:
+        f.write(self.request.id + "\\n")
     return time.time()
 '''
 
@@ -352,16 +358,30 @@ class Output:
 
 
 def project_env(tmp_path) -> dict:
-    """The environment of nbq commands that import the test project (-A beatproj)."""
+    """The environment of nbq commands that import the test project (-A beatproj); its tasks
+    note their ids in tmp_path/notes (see ran)."""
     (tmp_path / "beatproj.py").write_text(PROJECT)
     here = os.path.dirname(os.path.abspath(__file__))
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+    return dict(os.environ, BEAT_NOTES=str(tmp_path / "notes"), PYTHONPATH=os.pathsep.join(
         p for p in (str(tmp_path), here, os.environ.get("PYTHONPATH")) if p))
 
 
-def beat(procs, env, broker: str, *extra: str) -> Output:
-    return Output(procs.nbq("beat", "-A", "beatproj", "--broker", broker, "-l", "info", *extra,
-                            env=env))
+def ran(env) -> list[str]:
+    """The task ids of the project's task runs so far, one per run."""
+    try:
+        with open(env["BEAT_NOTES"]) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+COMMANDS = {"beat": ("beat",), "worker -B": ("worker", "-B", "-c", "1")}
+
+
+def beat(procs, env, broker: str, *extra: str, command: str = "beat") -> Output:
+    """`nbq beat` or `nbq worker -B` (which also runs what it sends) on the test project."""
+    return Output(procs.nbq(*COMMANDS[command], "-A", "beatproj", "--broker", broker, "-l", "info",
+                            *extra, env=env))
 
 
 def queued(broker: str) -> int:
@@ -396,21 +416,71 @@ def test_two_beat_processes_on_one_redis_send_each_tick_once(procs, tmp_path):
     assert len(ticks) - 2 <= queued(url) <= len(ticks)  # a killed beat may log a send it never made
 
 
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("transport", ["redis", "zmq"])
-def test_a_restarted_beat_sends_no_tick_twice(procs, tmp_path, transport):
+def test_a_restarted_beat_sends_no_tick_twice(procs, tmp_path, transport, command):
     broker = redis_url() if transport == "redis" else start_broker(procs)
     env = project_env(tmp_path)
     marks = str(tmp_path / "marks")
-    first = beat(procs, env, broker, "-s", marks)
+    first = beat(procs, env, broker, "-s", marks, command=command)
     first.wait_sends(2)
     before = first.stop()
-    second = beat(procs, env, broker, "-s", marks)
+    second = beat(procs, env, broker, "-s", marks, command=command)
     second.wait_sends(2)
+    if command == "worker -B":  # what the second sent, the second runs
+        wait_until(lambda: {i for _, i in second.sends()} <= set(ran(env)), what="its runs")
     after = second.stop()
     ticks = [tick for tick, _ in before + after]
     assert len(ticks) == len(set(ticks))
     assert min(t for t, _ in after) > max(t for t, _ in before)
-    assert len(ticks) - 2 <= queued(broker) <= len(ticks)  # a killed beat may log a send it never made
+    if command == "beat":  # a killed beat may log a send it never made
+        assert len(ticks) - 2 <= queued(broker) <= len(ticks)
+    else:  # what ran was sent by a beat, logged; each tick had one id (ran by id: a task
+        # its stopped worker had not acknowledged may run again, on the next worker)
+        assert set(ran(env)) <= {i for _, i in before + after}
+
+
+@pytest.mark.parametrize("transport", ["redis", "zmq"])
+def test_worker_B_runs_each_tick_its_beat_sends_and_results_are_found_by_id(procs, tmp_path,
+                                                                              transport):
+    broker = redis_url() if transport == "redis" else start_broker(procs)
+    env = project_env(tmp_path)
+    out = beat(procs, env, broker, "-s", str(tmp_path / "marks"), command="worker -B")
+    sends = out.wait_sends(3)[:3]
+    assert [b - a for (a, _), (b, _) in zip(sends, sends[1:])] == [1.0, 1.0]
+    app = nbq.App("reader", broker=broker)
+    try:
+        for tick, task_id in sends:  # by the id beat chose and logged, from another client
+            assert tick <= app.AsyncResult(task_id).get(timeout=10) < tick + 10
+    finally:
+        app.close()
+    out.stop()
+    assert not [line for line in out.lines if "Traceback" in line], "".join(out.lines)
+
+
+def test_two_workers_with_beat_on_one_redis_run_each_tick_once(procs, tmp_path):
+    url = redis_url()
+    env = project_env(tmp_path)
+    workers = [beat(procs, env, url, command="worker -B") for _ in range(2)]
+    for w in workers:
+        wait_until(lambda: any("nbq beat:" in line for line in w.lines), what="beat to start")
+    started = time.time()
+    sent = lambda: [s for w in workers for s in w.sends()]  # noqa: E731
+    wait_until(lambda: len([t for t, _ in sent() if t > started]) >= 4, timeout=10,
+               what="four sends with both running")
+    ids = {i for _, i in sent()}
+    wait_until(lambda: ids <= set(ran(env)), what="every task sent to run")
+    for w in workers:
+        w.stop()
+    ticks = [t for t, _ in sent()]
+    assert len(ticks) == len(set(ticks)) >= 4            # each tick sent once, by one of them
+    assert ids <= set(ran(env)) <= {i for _, i in sent()}  # each send ran; nothing else did
+
+
+def test_worker_B_needs_an_app(procs):
+    p = procs.nbq("worker", "-B", "--broker", redis_url(), "-c", "1")
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 1 and "-B needs -A" in out, out
 
 
 def test_a_forked_process_does_not_take_its_parents_client():
