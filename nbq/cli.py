@@ -1,4 +1,4 @@
-"""The ``nbq`` command: broker, worker, status, demo."""
+"""The ``nbq`` command: broker, worker, beat, status, demo."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 from .errors import NbqError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,16 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     b.set_defaults(run=_broker)
 
     w = sub.add_parser("worker", help="run worker processes for a broker")
-    w.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER or "
-                   f"{DEFAULT_BIND.replace('tcp://', 'tcp://')})")
+    w.add_argument("--broker", default=None, help=BROKER_HELP)
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: number of CPUs)")
     w.add_argument("-Q", "--queues", default=None, help="comma-separated queues to consume "
                    "(default: the app's task_default_queue, else \"default\")")
     w.add_argument("-A", "--app", default=None, help="module (or module:attribute) of an nbq.App "
                    "whose tasks this worker registers by name")
+    w.add_argument("-B", "--beat", action="store_true", help="also run beat (as `nbq beat`) on a "
+                   "thread of this worker's supervisor; needs -A")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)
+
+    bt = sub.add_parser("beat", help="send an app's beat_schedule entries when they are due")
+    bt.add_argument("-A", "--app", required=True, help="the app: module or module:attribute, "
+                    "as Celery's -A")
+    bt.add_argument("--broker", default=None, help=BROKER_HELP)
+    bt.set_defaults(run=_beat)
 
     s = sub.add_parser("status", help="show workers and queues of a broker")
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
@@ -69,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
     d.set_defaults(run=_demo)
 
-    for parser in (b, w, s):
+    for parser in (w, bt):
+        parser.add_argument("-s", "--schedule", default=None, help="beat's file of when each entry "
+                            "was last sent, when the broker is not Redis (default: nbq-beat-schedule, "
+                            "here)")
+        parser.add_argument("-l", "--loglevel", dest="log_level", default=argparse.SUPPRESS,
+                            help="as --log-level (info logs each beat send)")
+    for parser in (b, w, bt, s):
         parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
                             "$NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -77,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _address(given: str | None) -> str:
     return given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
+
+
+def _app_broker(given: str | None, app) -> str:
+    """The broker of a command that may have an app (-A): --broker, else the app's broker_url,
+    else $NBQ_BROKER or the default."""
+    return given or (app and app.conf.broker_url) or _address(None)
 
 
 def _broker(args) -> None:
@@ -96,16 +116,23 @@ def _worker(args) -> None:
     from .worker.supervisor import Supervisor
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
+    if args.beat and not args.app:
+        raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
     key = keys.load_key(args.key_file)
     app = _load_app(args.app) if args.app else None
-    address = args.broker or (app and app.conf.broker_url) or _address(None)
+    address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
     # tasks that send tasks (a chain's next step, a chord's body) use a client of this broker
     os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline)
-    why = sup.run()
+    beat = _start_beat(app, address, args.schedule) if args.beat else None
+    try:
+        why = sup.run()
+    finally:
+        if beat is not None:
+            beat.stop()
     if why in ("the broker never answered", "the broker stopped answering"):
         raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
     if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
@@ -121,6 +148,45 @@ def _load_app(spec: str):
     app = load_app(spec)
     runner.accept = set(app.conf.accept_content)
     return app
+
+
+def _beat(args) -> None:
+    from . import keys
+    os.environ["NBQ_KEY"] = keys.load_key(args.key_file).decode()  # the app's client signs with it
+    app = _load_app(args.app)
+    _make_beat(app, _app_broker(args.broker, app), args.schedule).run()
+    # a signal may end it at any time: every claim is already stored
+
+
+def _make_beat(app, address: str, schedule: str | None):
+    """The beat of `nbq beat` and `nbq worker -B`: the app's entries, sent to `address`."""
+    from .tasks.beat import Beat
+    app.conf.broker_url = address
+    beat = Beat(app, schedule)
+    print(f"nbq beat: {len(beat.entries)} entries of {app.main}, marks in {beat.marks.where}",
+          flush=True)
+    return beat
+
+
+def _start_beat(app, address: str, schedule: str | None):
+    """`nbq worker -B`: beat on a daemon thread of the supervisor, started before it forks.
+
+    The app's client is made here, on the main thread, so no fork happens while the beat
+    thread holds the app's lock making it; a forked worker process never uses that client
+    (current_client and App.client check the process id) but makes its own.
+    """
+    import threading
+    beat = _make_beat(app, address, schedule)
+    app.client  # noqa: B018 (connects now, before any worker process is forked)
+
+    def run() -> None:
+        try:
+            beat.run()
+        except Exception:
+            logging.getLogger("nbq.beat").exception("beat stopped: no more periodic tasks are sent")
+
+    threading.Thread(target=run, name="nbq-beat", daemon=True).start()
+    return beat
 
 
 def _status(args) -> None:

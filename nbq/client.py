@@ -41,9 +41,13 @@ _current: "weakref.ref[Client] | None" = None
 
 
 def current_client() -> "Client":
-    """The most recently created client that is still open."""
+    """The most recently created client that is still open, in this process.
+
+    A forked child (a worker process of ``nbq worker -B``, whose beat has a
+    client) does not get its parent's: that client's threads stayed behind.
+    """
     client = _current() if _current is not None else None
-    if client is None or client._closed:
+    if client is None or client._closed or client._pid != os.getpid():
         raise NbqError("no nbq client is open: create one with nbq.Client()")
     return client
 
@@ -67,6 +71,7 @@ class Client(concurrent.futures.Executor):
         self.id = uuid.uuid4().hex[:16]
         self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires)
         self.address = self._cluster.address
+        self._pid = os.getpid()
         self._closed = False      # no new work accepted
         self._stopped = False     # the receiver thread should return
         self._lock = threading.Lock()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import logging
+import os
 import threading
 from typing import Any, Callable, Iterable
 
@@ -124,7 +125,8 @@ class App:
         if execute.current:
             return runner.worker_client()
         with self._lock:
-            if self._client is None or self._client._closed:
+            if self._client is None or self._client._closed or self._client._pid != os.getpid():
+                # (a forked process has its parent's client, whose threads stayed behind)
                 from ..client import Client
                 if self.conf.result_backend and self.conf.result_backend != self.conf.broker_url:
                     log.info("nbq keeps results in the broker: result_backend %s is not used",

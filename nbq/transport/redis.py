@@ -36,6 +36,8 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:done            Sorted set task id -> time finished (counts stored results)
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
+  nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
+                      epoch), claimed by compare-and-set so each tick is sent once (tasks/beat.py)
 
 Requests that the ZeroMQ broker answers (cancel, watch, info, join) are answered
 by the client's own sender thread from Redis state, and delivered as
