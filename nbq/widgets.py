@@ -99,6 +99,7 @@ class ProgressWidget:
             self._ended = True
             self._detach()
             self._publish_final(c)
+            _resend_at_next_cell(self)
 
     def _detach(self) -> None:
         try:
@@ -175,6 +176,36 @@ class ProgressWidget:
         self.box.close()
         self.bar.close()
         self.text.close()
+
+
+_ended_since_last_cell: list[ProgressWidget] = []
+
+
+def _resend_at_next_cell(w: ProgressWidget) -> None:
+    """Send w's final state again when the next cell starts.
+
+    The final draw comes from the receiver thread, possibly between two cells;
+    a front end (or nbclient) keeps only messages sent during a cell, so the
+    final state could be missing from a saved notebook without this.
+    """
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        return
+    if shell is None:
+        return
+    if _resend not in shell.events.callbacks["pre_execute"]:
+        shell.events.register("pre_execute", _resend)
+    _ended_since_last_cell.append(w)
+
+
+def _resend() -> None:
+    while _ended_since_last_cell:
+        w = _ended_since_last_cell.pop()
+        for widget in (w.bar, w.text):
+            if widget.comm is not None:
+                widget.send_state()
 
 
 def widget_progress(res: Any, display: bool = True) -> ProgressWidget:
