@@ -1,4 +1,4 @@
-"""The ``nbq`` command: broker, worker, status, demo."""
+"""The ``nbq`` command: broker, worker, status, inspect, control, demo."""
 from __future__ import annotations
 
 import argparse
@@ -46,8 +46,15 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the app's task_default_queue, else \"default\")")
     w.add_argument("-A", "--app", default=None, help="module (or module:attribute) of an nbq.App "
                    "whose tasks this worker registers by name")
+    w.add_argument("-n", "--hostname", default=None, help="this worker's name in control "
+                   "replies (default nbq@%%h); %%h is the host name, %%n its first label, %%d the rest")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)
+
+    from .tasks.control import INSPECT_COMMANDS
+    i = sub.add_parser("inspect", help="ask workers what they run and know (as `celery inspect`)")
+    i.add_argument("what", choices=INSPECT_COMMANDS)
+    i.set_defaults(run=_inspect)
 
     s = sub.add_parser("status", help="show workers and queues of a broker")
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
@@ -58,7 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
     d.set_defaults(run=_demo)
 
-    for parser in (b, w, s):
+    for parser in (i,):
+        parser.add_argument("--broker", default=None, help="broker address (default: the -A "
+                            "app's broker_url, $NBQ_BROKER, or " + DEFAULT_BIND + ")")
+        parser.add_argument("-A", "--app", default=None, help="module (or module:attribute) of an "
+                            "nbq.App whose broker to use")
+        parser.add_argument("-d", "--destination", default=None,
+                            help="comma-separated worker names to ask (default: all)")
+        parser.add_argument("-t", "--timeout", type=float, default=1.0,
+                            help="seconds to wait for replies (default 1)")
+        parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
+    for parser in (b, w, s, i):
         parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
                             "$NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -93,7 +110,8 @@ def _worker(args) -> None:
     os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
-                     [q for q in queues.split(",") if q], args.lifeline)
+                     [q for q in queues.split(",") if q], args.lifeline,
+                     **({"name": args.hostname} if args.hostname else {}))
     why = sup.run()
     if why in ("the broker never answered", "the broker stopped answering"):
         raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
@@ -126,6 +144,39 @@ def _status(args) -> None:
         print("(no workers)")
     print("queue lengths: " + (", ".join(f"{q}={n}" for q, n in sorted(st["queues"].items()))
                                or "(no queues yet)"))
+
+
+def _ask_workers(args, command: str, arguments: dict) -> None:
+    """Send a control command, print each worker's reply as Celery does; no reply is an error."""
+    import json
+
+    from .client import Client
+    address = args.broker or (args.app and _load_app(args.app).conf.broker_url) or _address(None)
+    dest = [d for d in args.destination.split(",") if d] if args.destination else None
+    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+        replies = client.control(command, arguments, dest, args.timeout)
+    if not replies:
+        raise NbqError(f"no worker replied within {args.timeout:g} s at {address}"
+                       + (f" (asked: {', '.join(dest)})" if dest else ""))
+    if args.json:
+        print(json.dumps(replies, indent=2, sort_keys=True))
+        return
+    for name, reply in sorted(replies.items()):
+        failed = isinstance(reply, dict) and "error" in reply
+        print(f"->  {name}: {'ERROR' if failed else 'OK'}")
+        if failed:
+            text = reply["error"]
+        elif isinstance(reply, dict) and set(reply) == {"ok"}:
+            text = reply["ok"]
+        elif isinstance(reply, list) and not reply:
+            text = "- empty -"
+        else:
+            text = json.dumps(reply, indent=4, sort_keys=True)
+        print("\n".join("        " + line for line in str(text).splitlines()))
+
+
+def _inspect(args) -> None:
+    _ask_workers(args, args.what, {})
 
 
 def _demo(args) -> None:

@@ -13,8 +13,9 @@ from abc import ABC, abstractmethod
 class ClientConnection(ABC):
     """A client's link: send from any thread, receive on the client's receiver thread.
 
-    Client → broker kinds: fn, tasks, cancel, watch, mapend, info, bye (see
-    broker.py for their fields); broker → client: welcome, res, started, reply.
+    Client → broker kinds: fn, tasks, cancel, watch, mapend, info, join, ctl, bye
+    (see broker.py for their fields); broker → client: welcome, res, started, reply,
+    ctlr (one worker's answer to a ctl).
     """
 
     @abstractmethod
@@ -52,6 +53,10 @@ class SupervisorConnection(ABC):
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         """Wait for broker messages or readable fds; returns (messages, ready fds)."""
+
+    @abstractmethod
+    def answer(self, request: dict, name: str, reply) -> None:
+        """Send this worker's reply (JSON) to the client of a control request (a ``ctl`` from poll)."""
 
     @abstractmethod
     def close(self, goodbye: bool) -> None:

@@ -36,8 +36,13 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:done            Sorted set task id -> time finished (counts stored results)
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
+  nbq:ctl             Stream of control commands (field m: a packed signed ``ctl`` message,
+                      as broker.py describes), MAXLEN ~CONTROL_KEEP: a broadcast, read
+                      by every supervisor with XREAD (no group) from where it joined;
+                      each answers (``ctlr``) on the client's rs:.  The client expects
+                      one answer from each live supervisor (hb: present) the command names
 
-Requests that the ZeroMQ broker answers (cancel, watch, info, join) are answered
+Requests that the ZeroMQ broker answers (cancel, watch, info, join, ctl) are answered
 by the client's own sender thread from Redis state, and delivered as
 ``reply`` messages through receive(), so client.py does not know the
 difference.  A supervisor's ``lost`` report and the entries of workers whose
@@ -109,6 +114,9 @@ READ_CHUNK = 4 << 20      # and read back in GETRANGE pieces of this size into o
 SPILLED = 1 << 63         # pack's flag on the length of a frame stored apart
 CONNECT_TIMEOUT = 10.0
 BACKOFF_MAX = 5.0
+CTL = P + "ctl"
+CONTROL_KEEP = 1000       # control commands kept in nbq:ctl (approximately)
+CONTROL_BLOCK_MS = 5000   # a supervisor's outstanding XREAD on nbq:ctl is renewed this often
 
 
 # -- addresses, connections, retries ------------------------------------------
@@ -439,7 +447,7 @@ return 0
 #: Requests answered from Redis state, with the answer given when Redis fails them.
 FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
-            "join": {"error": "Redis failed the join"}}
+            "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}}
 
 
 class Store:
@@ -846,30 +854,39 @@ class RedisClient(ClientConnection):
     def _on_info(self, header: dict):
         return info(self.store), []
 
+    def _on_ctl(self, header: dict):
+        dest = header.get("d")
+        n = sum(1 for sid, meta, _ in live_supervisors(self.store.r)
+                if dest is None or meta.get("n", sid) in dest or sid in dest)
+        self.store.r.xadd(CTL, {"m": pack(self.signer.encode(header))},
+                          maxlen=CONTROL_KEEP, approximate=True)
+        return {"n": n}, []
+
     def _on_join(self, header: dict):
         fired = self.store._join(args=[P, self.store.ttl_s, header["key"], header["member"],
                                        header["total"]])
         return {"fire": bool(fired)}, []
 
 
-def info(store: Store) -> dict:
-    """Workers (live supervisors) and queue lengths, as the ZeroMQ broker's info reply."""
-    r = store.r
+def live_supervisors(r: redis.Redis) -> list[tuple[str, dict, dict]]:
+    """(id, heartbeat info, processes) of each supervisor whose heartbeat has not expired."""
     sids = sorted(s.decode() for s in r.smembers(P + "sups"))
     pipe = r.pipeline(transaction=False)
     for sid in sids:
         pipe.get(P + "hb:" + sid)
         pipe.hgetall(P + "procs:" + sid)
     got = pipe.execute()
+    return [(sid, json.loads(got[2 * i]), got[2 * i + 1]) for i, sid in enumerate(sids)
+            if got[2 * i] is not None]
+
+
+def info(store: Store) -> dict:
+    """Workers (live supervisors) and queue lengths, as the ZeroMQ broker's info reply."""
+    r = store.r
+    sups = live_supervisors(r)
     queues = {q.decode() for q in r.smembers(P + "queues")}
-    sups = []
-    for i, sid in enumerate(sids):
-        hb, procs = got[2 * i], got[2 * i + 1]
-        if hb is None:
-            continue
-        meta = json.loads(hb)
+    for _, meta, _ in sups:
         queues.update(meta["q"])
-        sups.append((sid, meta, procs))
     active: dict[str, int] = {}
     lengths, tasks = {}, 0
     for q in sorted(queues):
@@ -886,14 +903,73 @@ def info(store: Store) -> dict:
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
             sid = name.split("/")[0]
             active[sid] = active.get(sid, 0) + int(c["pending"])
-    workers = [{"id": sid, "host": meta["host"], "pid": meta["spid"], "concurrency": meta["conc"],
-                "queues": list(meta["q"]), "active": active.get(sid, 0),
+    workers = [{"id": sid, "name": meta.get("n", sid), "host": meta["host"], "pid": meta["spid"],
+                "concurrency": meta["conc"], "queues": list(meta["q"]), "active": active.get(sid, 0),
                 "processes": sorted(int(p) for p in procs.values())} for sid, meta, procs in sups]
     results = r.zcount(P + "done", time.time() - store.ttl, "+inf")
     return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results}
 
 
 # -- supervisor ---------------------------------------------------------------
+
+class _ControlReader:
+    """The control stream, read with one XREAD BLOCK always outstanding on a connection of
+    its own, so a supervisor's select() waits on that socket together with its other fds
+    (no thread: the supervisor forks)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._conn = None
+        self._retry_at = 0.0
+        last = store.retry("reading the control stream", lambda: store.r.xrevrange(CTL, count=1))
+        self._last = last[0][0] if last else b"0-0"  # commands sent before this worker are not its
+
+    def fileno(self) -> int | None:
+        """The socket to wait on, with a read sent; None while Redis is unreachable."""
+        if self._conn is None:
+            if time.monotonic() < self._retry_at:
+                return None
+            try:
+                self._conn = self.store.r.connection_pool.get_connection()
+                self._conn.send_command("XREAD", "BLOCK", CONTROL_BLOCK_MS, "STREAMS", CTL, self._last)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self._drop(e)
+                return None
+        return self._conn._sock.fileno()  # redis-py keeps the socket private; nothing else waits on it
+
+    def read(self) -> list[dict]:
+        """The control commands that arrived (verified); call when fileno() is readable."""
+        try:
+            got = self._conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self._drop(e)
+            return []
+        self.store.r.connection_pool.release(self._conn)
+        self._conn = None
+        out = []
+        # the raw reply, no redis-py callback parsed it: a map under RESP3, pairs under RESP2
+        for _, entries in (got.items() if isinstance(got, dict) else got or ()):
+            for eid, flat in entries:
+                self._last = eid
+                fields = dict(zip(flat[::2], flat[1::2]))
+                decoded = self.store.decode(unpack(fields.get(b"m", b"")), "a control command")
+                if decoded is not None and decoded[0].get("k") == "ctl":
+                    out.append(decoded[0])
+        return out
+
+    def _drop(self, e: Exception) -> None:
+        log.warning("control commands: Redis at %s unavailable (%s)", self.store.safe, e)
+        if self._conn is not None:
+            self._conn.disconnect()
+            self.store.r.connection_pool.release(self._conn)
+            self._conn = None
+        self._retry_at = time.monotonic() + 1.0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._conn = None
+
 
 class RedisSupervisor(SupervisorConnection):
     """Heartbeats as a key with expiry; a dead process's entries re-queued by deaths.py's rules."""
@@ -907,6 +983,7 @@ class RedisSupervisor(SupervisorConnection):
         self._next_try = 0.0
         self._delay = 0.05
         check(self.store.r, self.store.safe)
+        self._control = _ControlReader(self.store)
 
     def heartbeat(self, info: dict) -> None:
         self.queues = list(info.get("q", ()))
@@ -950,15 +1027,32 @@ class RedisSupervisor(SupervisorConnection):
 
         st.retry("re-queueing a dead process's tasks", handle)
 
+    def answer(self, request: dict, name: str, reply) -> None:
+        st = self.store
+        rs = P + "rs:" + request["c"]
+        blob = pack(st.signer.encode({"k": "ctlr", "ci": request["ci"], "n": name, "r": reply}))
+
+        def send():
+            pipe = st.r.pipeline(transaction=False)
+            pipe.xadd(rs, {"m": blob})
+            pipe.expire(rs, st.ttl_s)
+            pipe.execute()
+
+        st.retry("answering a control command", send)
+
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         if self._messages:
             timeout = 0
+        control = self._control.fileno()
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready, _, _ = select.select(fds + ([control] if control is not None else []),
+                                        [], [], timeout)
         except InterruptedError:
             ready = []
         messages, self._messages = self._messages, []
-        return messages, ready
+        if control is not None and control in ready:
+            messages.extend(self._control.read())
+        return messages, [fd for fd in ready if fd != control]
 
     def close(self, goodbye: bool) -> None:
         st = self.store
@@ -977,6 +1071,7 @@ class RedisSupervisor(SupervisorConnection):
                 st.retry("leaving", leave, give_up=lambda: True)
             except redis.RedisError as e:
                 log.warning("could not leave Redis at %s in good order: %s", st.safe, e)
+        self._control.close()
         st.close()
 
 

@@ -114,6 +114,9 @@ class ZmqSupervisor(SupervisorConnection):
     def lost(self, wid: str, how: str, at: tuple[str, int] | None) -> None:
         self._send({"k": "lost", "w": wid, "how": how, "at": at})
 
+    def answer(self, request: dict, name: str, reply) -> None:
+        self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "n": name, "r": reply})
+
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         for fd in fds:
             self._poller.register(fd, zmq.POLLIN)

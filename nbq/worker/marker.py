@@ -1,17 +1,28 @@
-"""Which item a worker process is running, in memory its supervisor can read after it dies.
+"""What a worker process is running, in memory its supervisor can read at any time, even after it dies.
 
-A chunk re-run after a death reports item by item; if its process dies again,
-the supervisor reads the marker and tells the broker exactly which item killed
-it, so that item fails alone and the rest of the chunk runs.  Messages cannot
-tell this: the last results of a killed process may never leave it.
+Two slots in one shared page, made before fork and written by the child:
+
+* the item mark: a chunk re-run after a death reports item by item; if its
+  process dies again, the supervisor reads which item killed it, so that item
+  fails alone and the rest of the chunk runs.  Messages cannot tell this: the
+  last results of a killed process may never leave it.
+* the current task (id, name, start time): what ``nbq inspect active``
+  answers.  Written for every task, so it is plain memory writes (no syscall),
+  guarded by a sequence number the reader checks (odd: being written).
 """
 from __future__ import annotations
 
 import mmap
 import struct
+import time
 
-_SIZE = 256
+_SIZE = 1024
 _HEAD = struct.Struct("qH")  # item index, task id length
+_MARK_END = 256
+_TASK = struct.Struct("QdHH")  # sequence number, start (epoch seconds), id length, name length
+_TASK_AT = _MARK_END
+_TEXT_AT = _TASK_AT + _TASK.size
+_SEQ = struct.Struct("Q")
 
 
 class Marker:
@@ -19,10 +30,11 @@ class Marker:
 
     def __init__(self) -> None:
         self._mem = mmap.mmap(-1, _SIZE)
+        self._seq = 0
         self.clear()
 
     def mark(self, task_id: str, index: int) -> None:
-        raw = task_id.encode()[: _SIZE - _HEAD.size]
+        raw = task_id.encode()[: _MARK_END - _HEAD.size]
         self._mem[_HEAD.size:_HEAD.size + len(raw)] = raw
         _HEAD.pack_into(self._mem, 0, index, len(raw))
 
@@ -34,6 +46,34 @@ class Marker:
 
     def clear(self) -> None:
         _HEAD.pack_into(self._mem, 0, -1, 0)
+
+    def begin(self, task_id: str, name: str) -> None:
+        """Record the task this process starts now."""
+        tid = task_id.encode()
+        text = tid + name.encode()[: _SIZE - _TEXT_AT - len(tid)]
+        self._seq += 1
+        _SEQ.pack_into(self._mem, _TASK_AT, self._seq * 2 - 1)
+        self._mem[_TEXT_AT:_TEXT_AT + len(text)] = text
+        _TASK.pack_into(self._mem, _TASK_AT, self._seq * 2, time.time(), len(tid),
+                        len(text) - len(tid))
+
+    def idle(self) -> None:
+        """Record that this process runs nothing now."""
+        self._seq += 1
+        _TASK.pack_into(self._mem, _TASK_AT, self._seq * 2, 0.0, 0, 0)
+
+    def current(self) -> tuple[str, str, float] | None:
+        """(task id, name, start time) of the task running now, or None when idle (or when
+        the process died in the middle of a write)."""
+        for _ in range(1000):
+            seq, start, n_id, n_name = _TASK.unpack_from(self._mem, _TASK_AT)
+            text = self._mem[_TEXT_AT:_TEXT_AT + n_id + n_name]
+            if seq % 2 == 0 and _SEQ.unpack_from(self._mem, _TASK_AT)[0] == seq:
+                if not n_id:
+                    return None
+                return (text[:n_id].decode(errors="replace"), text[n_id:].decode(errors="replace"),
+                        start)
+        return None
 
     def close(self) -> None:
         self._mem.close()

@@ -41,18 +41,28 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
             if item.get("eta", 0) > time.time():
                 heapq.heappush(later, (item["eta"], next(seq), item, frames))
                 continue
+            fn = functions.get(item["h"])
+            if marker is not None:
+                marker.begin(item["id"], getattr(fn, "name", None) or _name(fn))
             if item.get("st") or item.get("a"):
-                run(item, frames, functions.get(item["h"]),
+                run(item, frames, fn,
                     lambda r, p: conn.report([(r, p)], ready=False), mark)
                 if marker is not None:
                     marker.clear()
             else:
-                again = run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
+                again = run(item, frames, fn, lambda r, p: out.append((r, p)))
                 if again is not None:
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
             if out and i < last and (item.get("now") or time.monotonic() - flushed > FLUSH_SECONDS):
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()
+        if marker is not None:
+            marker.idle()
         if out or fetched:
             conn.report(out, ready=fetched)
+
+
+def _name(fn) -> str:
+    """A plain function's name as ``inspect active`` shows it (a task's is its registered name)."""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"

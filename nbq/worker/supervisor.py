@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -19,7 +20,7 @@ import uuid
 from typing import Callable
 
 from ..transport.base import SupervisorConnection, WorkerConnection
-from . import process
+from . import control, process
 from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
@@ -27,6 +28,14 @@ log = logging.getLogger("nbq.worker")
 HEARTBEAT = 1.0
 BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone
 CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
+DEFAULT_NAME = "nbq@%h"  # a worker's name in control replies, as Celery's celery@%h
+
+
+def worker_name(template: str, host: str) -> str:
+    """A worker name from ``-n``: %h is the host name, %n its first label, %d the rest, %% a %."""
+    short, _, domain = host.partition(".")
+    table = {"h": host, "n": short, "d": domain, "%": "%"}
+    return re.sub(r"%([hnd%])", lambda m: table[m.group(1)], template)
 
 
 class Supervisor:
@@ -34,10 +43,13 @@ class Supervisor:
 
     def __init__(self, connect: Callable[[str], SupervisorConnection],
                  connect_worker: Callable[[str, dict], WorkerConnection],
-                 concurrency: int, queues: list[str], lifeline: int | None = None) -> None:
+                 concurrency: int, queues: list[str], lifeline: int | None = None,
+                 name: str = DEFAULT_NAME) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
+        self.name = worker_name(name, self.host)
+        self.started = time.time()
         self.concurrency = concurrency
         self.queues = list(queues)
         self.lifeline = lifeline
@@ -49,7 +61,7 @@ class Supervisor:
 
     @property
     def info(self) -> dict:
-        return {"s": self.sid, "host": self.host, "spid": self.pid,
+        return {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
                 "conc": self.concurrency, "q": self.queues}
 
     def run(self) -> str:
@@ -77,6 +89,8 @@ class Supervisor:
                         answered = now
                     elif header["k"] == "stop":
                         return "the broker is shutting down"
+                    elif header["k"] == "ctl":
+                        self._on_control(conn, header)
                 if wake_r in ready:
                     os.read(wake_r, 4096)
                 self._reap(conn)
@@ -98,6 +112,13 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
+
+    def _on_control(self, conn: SupervisorConnection, request: dict) -> None:
+        """Answer a control command addressed to this worker (by name or id, or to all)."""
+        dest = request.get("d")
+        if dest is not None and self.name not in dest and self.sid not in dest:
+            return
+        conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
 
     def _on_stop_signal(self, signum, frame) -> None:
         self._stopping = True

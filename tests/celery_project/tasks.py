@@ -92,3 +92,9 @@ def boom(x):
 @app.task
 def on_error(request, exc, traceback):
     note(f"on_error {request.id} {type(exc).__name__}")
+
+
+@app.task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds

@@ -1,0 +1,82 @@
+"""Remote control, as Celery's: `app.control` and `nbq inspect|control` against real `nbq worker -A tasks`
+supervisors, on the standalone ZeroMQ broker and on a private Redis."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import TRANSPORTS, Processes, standalone_broker, wait_until
+from test_tasks import PROJECT, Project
+
+HOST = socket.gethostname()
+ALPHA, BETA = f"alpha@{HOST}", f"beta@{HOST}"
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def workers(request, tmp_path_factory):
+    """Two named workers (alpha: 2 processes, beta: 1) of the Celery project on one broker."""
+    procs = Processes(tmp_path_factory.mktemp("procs"))
+    proj = Project(procs, standalone_broker(request.param, procs),
+                   tmp_path_factory.mktemp("notes") / "notes.txt")
+    proj.worker("alpha", "default", 2, "-n", "alpha@%h")
+    proj.worker("beta", "default", 1, "-n", "beta@%h")
+    proj.app.client.wait_for_workers(3)
+    yield proj
+    proj.app.close()
+    procs.stop_all()
+
+
+def nbq_cli(proj: Project, *args: str) -> tuple[int, str, str]:
+    p = proj.procs.nbq(*args, "--broker", proj.broker, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, cwd=PROJECT)
+    out, err = p.communicate(timeout=30)
+    return p.returncode, out, err
+
+
+def test_ping_reaches_every_worker_or_those_named_and_returns_when_all_answered(workers):
+    control = workers.app.control
+    t0 = time.monotonic()
+    replies = control.ping(timeout=5.0)
+    assert time.monotonic() - t0 < 2.5  # the broker said how many to expect: no waiting out the timeout
+    assert sorted(replies, key=lambda r: list(r)) == [{ALPHA: {"ok": "pong"}}, {BETA: {"ok": "pong"}}]
+    assert control.inspect(destination=[BETA]).ping() == {BETA: {"ok": "pong"}}
+    assert control.inspect(destination=["nobody@nowhere"], timeout=0.2).ping() is None
+    answer = control.broadcast("no_such_command", reply=True, destination=[ALPHA])
+    assert list(answer[0]) == [ALPHA] and "unknown control command" in answer[0][ALPHA]["error"]
+
+
+def test_inspect_registered_stats_and_active(workers):
+    inspect = workers.app.control.inspect(timeout=5.0)
+    registered = inspect.registered()
+    assert set(registered) == {ALPHA, BETA}
+    assert {"tasks.add", "tasks.nap", "tasks.flaky"} <= set(registered[ALPHA])
+    stats = inspect.stats()
+    assert stats[ALPHA]["pool"]["max-concurrency"] == 2 and len(stats[ALPHA]["pool"]["processes"]) == 2
+    assert stats[BETA]["pool"]["max-concurrency"] == 1
+    assert inspect.reserved() == {ALPHA: [], BETA: []}
+    r = workers.tasks.nap.delay(3)
+    t0 = time.time()
+    running = wait_until(lambda: [t for ts in (inspect.active() or {}).values() for t in ts
+                                  if t["id"] == r.id], what="the task in `inspect active`")
+    (task,) = running
+    assert task["name"] == "tasks.nap"
+    assert t0 - 1 <= task["time_start"] <= time.time()
+    owner = task["hostname"]
+    assert task["worker_pid"] in stats[owner]["pool"]["processes"]
+    assert r.get(timeout=10) == 3
+    wait_until(lambda: not any((inspect.active() or {}).values()), what="no active task")
+
+
+def test_cli_inspect_prints_each_worker_as_celery_does(workers):
+    rc, out, err = nbq_cli(workers, "inspect", "ping", "-A", "tasks", "-t", "5")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines == [f"->  {ALPHA}: OK", "        pong", f"->  {BETA}: OK", "        pong"]
+    rc, out, err = nbq_cli(workers, "inspect", "registered", "-d", BETA, "-t", "5")
+    assert rc == 0, err
+    assert out.splitlines()[0] == f"->  {BETA}: OK" and '"tasks.add"' in out
+    rc, out, err = nbq_cli(workers, "inspect", "ping", "-d", "nobody@nowhere", "-t", "0.3")
+    assert rc == 1 and "no worker replied within 0.3 s" in err and "Traceback" not in err
