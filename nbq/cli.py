@@ -9,6 +9,8 @@ import sys
 from .errors import NbqError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+#: ``nbq control`` commands sent to workers, and the names of their arguments in order.
+CONTROL_ARGS = {"rate_limit": ("task_name", "rate_limit")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("what", choices=INSPECT_COMMANDS)
     i.set_defaults(run=_inspect)
 
+    c = sub.add_parser("control", help="change what workers do (as `celery control`)")
+    c.add_argument("what", choices=sorted(CONTROL_ARGS),
+                   help="; ".join(f"{k} {' '.join(v).upper()}".strip()
+                                  for k, v in sorted(CONTROL_ARGS.items())))
+    c.add_argument("arguments", nargs="*", help="the command's arguments")
+    c.set_defaults(run=_control)
+
     s = sub.add_parser("status", help="show workers and queues of a broker")
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
     s.set_defaults(run=_status)
@@ -65,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
     d.set_defaults(run=_demo)
 
-    for parser in (i,):
+    for parser in (i, c):
         parser.add_argument("--broker", default=None, help="broker address (default: the -A "
                             "app's broker_url, $NBQ_BROKER, or " + DEFAULT_BIND + ")")
         parser.add_argument("-A", "--app", default=None, help="module (or module:attribute) of an "
@@ -75,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument("-t", "--timeout", type=float, default=1.0,
                             help="seconds to wait for replies (default 1)")
         parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
-    for parser in (b, w, s, i):
+    for parser in (b, w, s, i, c):
         parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
                             "$NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -177,6 +186,18 @@ def _ask_workers(args, command: str, arguments: dict) -> None:
 
 def _inspect(args) -> None:
     _ask_workers(args, args.what, {})
+
+
+def _control(args) -> None:
+    names = CONTROL_ARGS[args.what]
+    if len(args.arguments) != len(names):
+        raise ValueError(f"nbq control {args.what} takes {len(names)} argument(s): "
+                         f"{' '.join(n.upper() for n in names)}")
+    arguments = dict(zip(names, args.arguments))
+    if args.what == "rate_limit":
+        from .worker.ratelimit import interval
+        interval(arguments["rate_limit"])  # a bad rate is one error here, not one per worker
+    _ask_workers(args, args.what, arguments)
 
 
 def _demo(args) -> None:

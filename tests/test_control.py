@@ -17,11 +17,12 @@ ALPHA, BETA = f"alpha@{HOST}", f"beta@{HOST}"
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def workers(request, tmp_path_factory):
-    """Two named workers (alpha: 2 processes, beta: 1) of the Celery project on one broker."""
+    """Two named workers (alpha: 2 processes, beta: 1) of the Celery project on one broker;
+    only alpha consumes queue solo."""
     procs = Processes(tmp_path_factory.mktemp("procs"))
     proj = Project(procs, standalone_broker(request.param, procs),
                    tmp_path_factory.mktemp("notes") / "notes.txt")
-    proj.worker("alpha", "default", 2, "-n", "alpha@%h")
+    proj.worker("alpha", "default,solo", 2, "-n", "alpha@%h")
     proj.worker("beta", "default", 1, "-n", "beta@%h")
     proj.app.client.wait_for_workers(3)
     yield proj
@@ -80,3 +81,48 @@ def test_cli_inspect_prints_each_worker_as_celery_does(workers):
     assert out.splitlines()[0] == f"->  {BETA}: OK" and '"tasks.add"' in out
     rc, out, err = nbq_cli(workers, "inspect", "ping", "-d", "nobody@nowhere", "-t", "0.3")
     assert rc == 1 and "no worker replied within 0.3 s" in err and "Traceback" not in err
+
+
+def starts(task, n: int, **options) -> list[float]:
+    """Start times of n calls of task sent at once to queue solo (alpha's 2 processes), sorted."""
+    results = [task.apply_async(queue="solo", **options) for _ in range(n)]
+    return sorted(r.get(timeout=60) for r in results)
+
+
+def test_rate_limit_from_the_task_option_holds_across_the_workers_processes(workers):
+    times = starts(workers.tasks.limited, 10)  # rate_limit="600/m": one start per 0.1 s
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0.09 and times[-1] - times[0] < 5.0, gaps
+
+
+def test_rate_limit_from_task_annotations_60_per_minute(workers):
+    times = starts(workers.tasks.metered, 10)
+    assert 9.0 <= times[-1] - times[0] < 20.0
+
+
+def test_rate_limit_changed_at_run_time_from_the_command_line(workers):
+    t = workers.tasks
+    times = starts(t.stamp, 4)
+    assert times[-1] - times[0] < 0.25  # no limit: two processes start them together
+    rc, out, err = nbq_cli(workers, "control", "rate_limit", "tasks.stamp", "300/m", "-t", "5")
+    assert rc == 0, err
+    assert out.splitlines() == [f"->  {ALPHA}: OK", "        new rate limit set successfully",
+                                f"->  {BETA}: OK", "        new rate limit set successfully"]
+    times = starts(t.stamp, 5)
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.19
+    replies = workers.app.control.rate_limit("tasks.stamp", None, reply=True, timeout=5)
+    assert {name: r for reply in replies for name, r in reply.items()} == {
+        ALPHA: {"ok": "new rate limit set successfully"}, BETA: {"ok": "new rate limit set successfully"}}
+    times = starts(t.stamp, 4)
+    assert times[-1] - times[0] < 0.25
+    rc, out, err = nbq_cli(workers, "control", "rate_limit", "tasks.stamp", "often")
+    assert rc == 1 and "bad rate limit 'often'" in err and "Traceback" not in err
+
+
+def test_a_bad_rate_limit_fails_where_the_task_is_declared():
+    import nbq
+    app = nbq.App("bad")
+    with pytest.raises(ValueError, match="bad rate limit '10/week': write N/s, N/m or N/h"):
+        app.task(rate_limit="10/week")(lambda: 1)
+    with pytest.raises(ValueError, match="bad rate limit"):
+        app.control.rate_limit("tasks.add", "fast")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..worker import ratelimit
+
 if TYPE_CHECKING:
     from .app import App
 
@@ -39,6 +41,14 @@ class Control:
     def inspect(self, destination: Iterable[str] | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> "Inspect":
         return Inspect(self, destination, timeout)
+
+    def rate_limit(self, task_name: str, rate_limit: str | float | None,
+                   destination: Iterable[str] | None = None, reply: bool = False,
+                   timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
+        """Limit task_name to rate_limit ("10/s", "10/m", "10/h"; None: no limit) on each worker."""
+        ratelimit.interval(rate_limit)  # a bad rate fails here, not on every worker
+        return self.broadcast("rate_limit", {"task_name": task_name, "rate_limit": rate_limit},
+                              destination, reply, timeout)
 
     def revoke(self, task_id: str, terminate: bool = False) -> bool:
         """Revoke a task no worker has started (True: it will never run)."""

@@ -21,7 +21,7 @@ from typing import Any
 import cloudpickle
 
 from .. import protocol
-from ..worker import execute
+from ..worker import execute, ratelimit
 from . import serializers
 from .exceptions import (ChordError, ContentDisallowed, NotRegistered, Retry,
                          SoftTimeLimitExceeded, TimeLimitExceeded)
@@ -113,6 +113,10 @@ class Runner:
 def _invoke(task: Task, request: Request, each: str | None, args, kwargs) -> Any:
     """Run the task under its time limits; exceptions of ``autoretry_for`` become retries."""
     fn = task.run
+    if ratelimit.limits is not None:
+        wait = ratelimit.limits.reserve(task.name, task.rate_limit)
+        if wait > 0:
+            time.sleep(wait)
     try:
         with _limits(task.soft_time_limit, task.time_limit):
             if each == "map":

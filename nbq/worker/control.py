@@ -47,6 +47,12 @@ def active(sup: "Supervisor", args: dict) -> list[dict]:
     return out
 
 
+def rate_limit(sup: "Supervisor", args: dict) -> dict:
+    """Change a task's rate limit on this worker's processes from now on (Celery's reply)."""
+    sup.rates.set(args["task_name"], args.get("rate_limit"))
+    return {"ok": "new rate limit set successfully"}
+
+
 def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
     """``reserved`` and ``scheduled``: a process holds only the batch it runs (dispatch is by
     credit), and a task due later (countdown, retry) waits inside its process, unseen here."""
@@ -55,7 +61,7 @@ def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
 
 COMMANDS: dict[str, Callable[["Supervisor", dict], Any]] = {
     "ping": ping, "stats": stats, "registered": registered, "active": active,
-    "reserved": nothing_held, "scheduled": nothing_held,
+    "reserved": nothing_held, "scheduled": nothing_held, "rate_limit": rate_limit,
 }
 
 

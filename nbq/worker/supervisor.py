@@ -20,7 +20,7 @@ import uuid
 from typing import Callable
 
 from ..transport.base import SupervisorConnection, WorkerConnection
-from . import control, process
+from . import control, process, ratelimit
 from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
@@ -50,6 +50,7 @@ class Supervisor:
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
         self.name = worker_name(name, self.host)
         self.started = time.time()
+        self.rates = ratelimit.RateLimits()
         self.concurrency = concurrency
         self.queues = list(queues)
         self.lifeline = lifeline
@@ -132,6 +133,7 @@ class Supervisor:
             code = 0
             try:
                 _become_child(self.pid)
+                ratelimit.limits = self.rates
                 process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker)
             except BaseException:
                 log.exception("worker process %s failed", wid)

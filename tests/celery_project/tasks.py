@@ -98,3 +98,20 @@ def on_error(request, exc, traceback):
 def nap(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@app.task
+def stamp():
+    """When it started."""
+    return time.time()
+
+
+@app.task(rate_limit="600/m")
+def limited():
+    return time.time()
+
+
+@app.task
+def metered():
+    """Rate-limited by celeryconfig's task_annotations."""
+    return time.time()
