@@ -10,7 +10,7 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                     · ctl (a control command: cmd, a arguments, d destination names or
                       null for all, ci the client's collection id) · bye
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
-                    died) · ctlr (its answer to a ctl: c, ci, n, r) · bye
+                    died; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
                     · rej (a message it got failed its signature check)
   to a client       welcome · res · started · reply · ctlr (forwarded as it came)
@@ -414,7 +414,8 @@ class Broker:
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):
-        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"))
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"),
+                        end=header.get("end"))
 
     def check_heartbeats(self, now: float) -> None:
         """Declare supervisors silent for longer than the timeout dead, with their processes."""
@@ -425,7 +426,8 @@ class Broker:
             for wid in sup.procs:
                 self._proc_gone(wid, died=True, how="stopped answering heartbeats")
 
-    def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None) -> None:
+    def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None,
+                   end: dict | None = None) -> None:
         proc = self.procs.pop(wid, None)
         if proc is None:
             return
@@ -436,12 +438,13 @@ class Broker:
             if task.where != wid or task.id not in self.tasks:
                 continue
             if died:
-                self._retry_after_death(task, f"worker process {proc.pid} {how}", at)
+                self._retry_after_death(task, f"worker process {proc.pid} {how}", at, end)
             else:
                 task.where = "queued"
                 self.queues.setdefault(task.item.get("q", "default"), deque()).appendleft(task)
 
-    def _retry_after_death(self, task: Task, why: str, at: list | None) -> None:
+    def _retry_after_death(self, task: Task, why: str, at: list | None,
+                           end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
         if not task.verified:  # it is about to be re-signed: check it first
             try:
@@ -453,9 +456,9 @@ class Broker:
                         f"task {task.id} was dropped: its message's signature does not match "
                         "the shared key"))
                 return
-        fail, item = deaths.after_death(task.item, task.undelivered(), at)
+        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
         for pos in fail:
-            self._fail_items(task, pos, 1, deaths.lost_error(task.item, pos, why))
+            self._deliver(task, *deaths.ending(task.item, pos, why, end))
         if item is None:
             self._finish(task.id)
             return

@@ -338,6 +338,24 @@ class Client(concurrent.futures.Executor):
         finally:
             self._controls.pop(ci, None)
 
+    def _terminate(self, fut: Future, sig: str, timeout: float = 5.0) -> bool:
+        """Have the worker running fut's task kill its process with sig; True once one did.
+
+        Asked again until timeout: a task just handed to a process may not show as running yet.
+        """
+        tid = fut.id
+        deadline = time.monotonic() + timeout
+        while True:
+            if fut.done():
+                return False
+            replies = self.control("revoke", {"task_id": tid, "terminate": True, "signal": sig},
+                                   timeout=1.0)
+            if any(tid in (r or {}).get("terminated", ()) for r in replies.values()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
     def _cancel_tasks(self, ids: list[str]) -> dict[str, bool]:
         if threading.current_thread() is self._receiver:
             return {}

@@ -126,3 +126,31 @@ def test_a_bad_rate_limit_fails_where_the_task_is_declared():
         app.task(rate_limit="10/week")(lambda: 1)
     with pytest.raises(ValueError, match="bad rate limit"):
         app.control.rate_limit("tasks.add", "fast")
+
+
+def alpha_processes(proj: Project) -> set[int]:
+    return {p for w in proj.app.client.workers() if w["name"] == ALPHA for p in w["processes"]}
+
+
+def test_revoke_with_terminate_kills_the_running_task_and_its_process_is_replaced(workers):
+    t = workers.tasks
+    before = alpha_processes(workers)
+    running = t.nap.apply_async((60,), queue="solo")
+    wait_until(lambda: any(a["id"] == running.id for a in
+                           (workers.app.control.inspect(destination=[ALPHA]).active() or {})
+                           .get(ALPHA, ())), what="the task running")
+    started = time.monotonic()
+    assert running.revoke(terminate=True) is True
+    wait_until(lambda: running.state == "REVOKED", what="the terminated task REVOKED")
+    assert time.monotonic() - started < 10
+    wait_until(lambda: len(alpha_processes(workers) - before) == 1 and
+               len(alpha_processes(workers)) == 2, what="a new process in place of the killed one")
+    assert t.add.apply_async((1, 2), queue="solo").get(timeout=10) == 3  # alpha keeps serving
+    second = t.nap.apply_async((60,), queue="solo")
+    wait_until(lambda: second.state == "STARTED", what="the second task started")
+    assert workers.app.control.revoke(second.id, terminate=True, signal="SIGKILL") is True
+    wait_until(lambda: second.state == "REVOKED", what="the second task REVOKED")
+    queued = t.nap.apply_async((1,), queue="nobody")
+    assert queued.revoke(terminate=True) is True and queued.state == "REVOKED"
+    done = t.add.apply_async((2, 2), queue="solo")
+    assert done.get(timeout=10) == 4 and done.revoke(terminate=True) is False

@@ -50,9 +50,10 @@ class Control:
         return self.broadcast("rate_limit", {"task_name": task_name, "rate_limit": rate_limit},
                               destination, reply, timeout)
 
-    def revoke(self, task_id: str, terminate: bool = False) -> bool:
-        """Revoke a task no worker has started (True: it will never run)."""
-        return self.app.AsyncResult(task_id).revoke(terminate=terminate)
+    def revoke(self, task_id: str, terminate: bool = False, signal: str = "SIGTERM") -> bool:
+        """Revoke a task no worker has started (True: it will never run); with terminate,
+        kill the process running it with signal (it ends REVOKED)."""
+        return self.app.AsyncResult(task_id).revoke(terminate=terminate, signal=signal)
 
 
 class Inspect:

@@ -47,8 +47,9 @@ class SupervisorConnection(ABC):
         """Tell the broker this supervisor is alive."""
 
     @abstractmethod
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None) -> None:
-        """Report that worker process wid died (running item at[1] of task at[0], if known)."""
+    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
+        """Report that worker process wid died (running item at[1] of task at[0], if known);
+        end says why the supervisor killed it, if it did: that task ends, never re-run (deaths.py)."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:

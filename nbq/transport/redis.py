@@ -579,7 +579,8 @@ class Store:
                 continue
         return [i for i, d in enumerate(done) if not d]
 
-    def after_death(self, qk: str, eid, fields: dict | None, why: str, at, died: bool = True) -> None:
+    def after_death(self, qk: str, eid, fields: dict | None, why: str, at, died: bool = True,
+                    end: dict | None = None) -> None:
         """Re-queue or fail a claimed entry whose worker process is gone (rules: deaths.py)."""
         if not fields:
             self.retry("acking", lambda: (self.r.xack(qk, GROUP, eid), self.r.xdel(qk, eid)))
@@ -593,9 +594,8 @@ class Store:
         if not died:  # a worker that left in good order: the same entry, queued again
             self.store([], adds=[(qk, fields)], acks=[(qk, eid, "")])
             return
-        fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at)
-        parts = [(task, *deaths.failure(task, pos, 1, deaths.lost_error(task, pos, why)))
-                 for pos in fail]
+        fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at, end)
+        parts = [(task, *deaths.ending(task, pos, why, end)) for pos in fail]
         adds = []
         if retry is not None:
             spill = self.spiller(payload)
@@ -1012,7 +1012,7 @@ class RedisSupervisor(SupervisorConnection):
             self._next_try = 0.0
         self._messages.append({"k": "hb"})
 
-    def lost(self, wid: str, how: str, at) -> None:
+    def lost(self, wid: str, how: str, at, end: dict | None = None) -> None:
         st = self.store
 
         def handle():
@@ -1021,7 +1021,7 @@ class RedisSupervisor(SupervisorConnection):
             for q in self.queues:
                 qk = P + "q:" + q
                 for eid, fields in st.claim(qk, wid, self.sid, 0):
-                    st.after_death(qk, eid, fields, why, at)
+                    st.after_death(qk, eid, fields, why, at, end=end)
                 st.r.xgroup_delconsumer(qk, GROUP, wid)
             st.r.hdel(P + "procs:" + self.sid, wid)
 

@@ -7,6 +7,7 @@ dict, or a list for the inspect commands that list tasks.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,6 +54,25 @@ def rate_limit(sup: "Supervisor", args: dict) -> dict:
     return {"ok": "new rate limit set successfully"}
 
 
+def revoke(sup: "Supervisor", args: dict) -> dict:
+    """With terminate: signal (default SIGTERM, as Celery) the process running the task.
+
+    A task not started yet is revoked by the broker (AsyncResult.revoke), not here.
+    """
+    ids = args["task_id"] if isinstance(args["task_id"], list) else [args["task_id"]]
+    if not args.get("terminate"):
+        return {"ok": "nothing to terminate: queued tasks are revoked at the broker"}
+    sig = signal.Signals[_signal_name(args.get("signal") or "SIGTERM")]
+    done = [tid for tid in ids if sup.terminate(tid, sig)]
+    return {"ok": f"terminated {', '.join(done)}" if done else "none of these tasks runs here",
+            "terminated": done}
+
+
+def _signal_name(name: str) -> str:
+    name = name.upper()
+    return name if name.startswith("SIG") else "SIG" + name
+
+
 def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
     """``reserved`` and ``scheduled``: a process holds only the batch it runs (dispatch is by
     credit), and a task due later (countdown, retry) waits inside its process, unseen here."""
@@ -62,6 +82,7 @@ def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
 COMMANDS: dict[str, Callable[["Supervisor", dict], Any]] = {
     "ping": ping, "stats": stats, "registered": registered, "active": active,
     "reserved": nothing_held, "scheduled": nothing_held, "rate_limit": rate_limit,
+    "revoke": revoke,
 }
 
 

@@ -9,6 +9,8 @@ Two slots in one shared page, made before fork and written by the child:
 * the current task (id, name, start time): what ``nbq inspect active``
   answers.  Written for every task, so it is plain memory writes (no syscall),
   guarded by a sequence number the reader checks (odd: being written).
+* the deadline of a hard time limit (epoch seconds, 0: none) and the limit:
+  the supervisor kills the process when it passes (Celery's ``time_limit``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ _HEAD = struct.Struct("qH")  # item index, task id length
 _MARK_END = 256
 _TASK = struct.Struct("QdHH")  # sequence number, start (epoch seconds), id length, name length
 _TASK_AT = _MARK_END
-_TEXT_AT = _TASK_AT + _TASK.size
+_LIMIT = struct.Struct("dd")  # deadline (epoch seconds, 0: none), the limit it came from
+_LIMIT_AT = _TASK_AT + _TASK.size
+_TEXT_AT = _LIMIT_AT + _LIMIT.size
 _SEQ = struct.Struct("Q")
 
 
@@ -75,5 +79,17 @@ class Marker:
                         start)
         return None
 
+    def set_deadline(self, deadline: float, limit: float) -> None:
+        """Ask the supervisor to kill this process at deadline (0: no deadline)."""
+        _LIMIT.pack_into(self._mem, _LIMIT_AT, deadline, limit)
+
+    def deadline(self) -> tuple[float, float]:
+        """(deadline, limit); deadline 0 when there is none."""
+        return _LIMIT.unpack_from(self._mem, _LIMIT_AT)
+
     def close(self) -> None:
         self._mem.close()
+
+
+#: This worker process's marker (set by process.serve): where a task sets its deadline.
+mine: Marker | None = None

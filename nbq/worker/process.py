@@ -7,6 +7,7 @@ import time
 
 from ..transport.base import WorkerConnection
 from .execute import Functions, run
+from . import marker as markers
 from .marker import Marker
 
 #: Results of a long batch are sent at least this often, so a slow task late in
@@ -14,7 +15,7 @@ from .marker import Marker
 FLUSH_SECONDS = 0.005
 
 
-def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
+def serve(conn: WorkerConnection, marker: Marker) -> None:
     """Serve tasks until the process is stopped; re-runs mark their items in marker.
 
     A task marked ``now`` has its result sent as soon as it is done, not with its
@@ -24,8 +25,8 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
     here, fetched and unacknowledged, while this process serves other tasks:
     if the process dies, the broker re-runs it as any other task it held.
     """
+    markers.mine = marker
     functions = Functions(conn.function)
-    mark = marker.mark if marker is not None else None
     later: list = []  # heap of (eta, seq, item, frames)
     seq = itertools.count()
     while True:
@@ -42,13 +43,11 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
                 heapq.heappush(later, (item["eta"], next(seq), item, frames))
                 continue
             fn = functions.get(item["h"])
-            if marker is not None:
-                marker.begin(item["id"], getattr(fn, "name", None) or _name(fn))
+            marker.begin(item["id"], getattr(fn, "name", None) or _name(fn))
             if item.get("st") or item.get("a"):
                 run(item, frames, fn,
-                    lambda r, p: conn.report([(r, p)], ready=False), mark)
-                if marker is not None:
-                    marker.clear()
+                    lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
+                marker.clear()
             else:
                 again = run(item, frames, fn, lambda r, p: out.append((r, p)))
                 if again is not None:
@@ -57,8 +56,7 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()
-        if marker is not None:
-            marker.idle()
+        marker.idle()
         if out or fetched:
             conn.report(out, ready=fetched)
 

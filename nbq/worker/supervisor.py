@@ -57,6 +57,7 @@ class Supervisor:
         self._connect = connect
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
+        self._ending: dict[int, dict] = {}  # pid -> why this supervisor killed it (deaths.py's end)
         self._count = 0
         self._stopping = False
 
@@ -71,6 +72,7 @@ class Supervisor:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # a process set a deadline: look again
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         conn = self._connect(self.sid)
@@ -83,7 +85,9 @@ class Supervisor:
             started = next_beat = time.monotonic()
             fds = [wake_r] + ([self.lifeline] if self.lifeline is not None else [])
             while not self._stopping:
-                messages, ready = conn.poll(max(0.0, next_beat - time.monotonic()), fds)
+                wait = min(next_beat - time.monotonic(), self._next_deadline() - time.time())
+                messages, ready = conn.poll(max(0.0, wait), fds)
+                self._enforce_deadlines(time.time())
                 now = time.monotonic()
                 for header in messages:
                     if header["k"] == "hb":
@@ -121,6 +125,35 @@ class Supervisor:
             return
         conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
 
+    def _next_deadline(self) -> float:
+        """The nearest hard time limit of a running task (epoch seconds; inf when none)."""
+        return min((d for d, _ in (m.deadline() for _, m in self.children.values()) if d),
+                   default=float("inf"))
+
+    def _enforce_deadlines(self, now: float) -> None:
+        """Kill each process whose task passed its hard time limit; _reap replaces it."""
+        for pid, (wid, marker) in self.children.items():
+            running = marker.current()  # read before the deadline: see deaths.py's end
+            deadline, limit = marker.deadline()
+            if not deadline or deadline > now or pid in self._ending:
+                continue
+            tid, name = running[:2] if running else (None, "?")
+            self._ending[pid] = {"id": tid, "how": "time_limit", "text": (
+                f"task {name} ({tid}) ran past its time limit of {limit:g} s: its worker "
+                f"process {pid} was killed and replaced")}
+            _kill(pid, signal.SIGKILL)
+
+    def terminate(self, task_id: str, sig: int) -> bool:
+        """Send sig to the process running task_id (its task ends REVOKED); False if none here."""
+        for pid, (_, marker) in self.children.items():
+            running = marker.current()
+            if running is not None and running[0] == task_id and pid not in self._ending:
+                self._ending[pid] = {"id": task_id, "how": "revoked",
+                                     "text": f"revoked with terminate by {self.name}"}
+                _kill(pid, sig)
+                return True
+        return False
+
     def _on_stop_signal(self, signum, frame) -> None:
         self._stopping = True
 
@@ -155,8 +188,10 @@ class Supervisor:
                 continue
             wid, marker = child
             how = _describe_exit(status)
-            log.warning("worker process %s (pid %d) %s; starting a new one", wid, pid, how)
-            conn.lost(wid, how, marker.read())
+            end = self._ending.pop(pid, None)
+            log.warning("worker process %s (pid %d) %s%s; starting a new one", wid, pid, how,
+                        f" ({end['text']})" if end else "")
+            conn.lost(wid, how, marker.read(), end)
             marker.close()
             if not self._stopping:
                 self._spawn()
@@ -198,6 +233,7 @@ def _become_child(parent: int) -> None:
     """Signal setup of a forked worker process; it dies when the supervisor dies."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     try:

@@ -63,7 +63,8 @@ def slow_but_careful(seconds):
 
 
 @app.task(time_limit=0.5)
-def slow(seconds):
+def slow(seconds, key="slow"):
+    note(f"slow {key}")
     time.sleep(seconds)
     return "finished"
 
