@@ -26,6 +26,7 @@ _TASK_AT = _MARK_END
 _LIMIT = struct.Struct("dd")  # deadline (epoch seconds, 0: none), the limit it came from
 _LIMIT_AT = _TASK_AT + _TASK.size
 _TEXT_AT = _LIMIT_AT + _LIMIT.size
+ID_MAX = 200  # bytes of a task id kept; a name gets execute.NAME_MAX, and both fit
 _SEQ = struct.Struct("Q")
 
 
@@ -34,7 +35,7 @@ class Marker:
 
     def __init__(self) -> None:
         self._mem = mmap.mmap(-1, _SIZE)
-        self._seq = 0
+        self._seq = 0  # even: the current task's record is whole
         self.clear()
 
     def mark(self, task_id: str, index: int) -> None:
@@ -51,20 +52,20 @@ class Marker:
     def clear(self) -> None:
         _HEAD.pack_into(self._mem, 0, -1, 0)
 
-    def begin(self, task_id: str, name: str) -> None:
-        """Record the task this process starts now."""
-        tid = task_id.encode()
-        text = tid + name.encode()[: _SIZE - _TEXT_AT - len(tid)]
-        self._seq += 1
-        _SEQ.pack_into(self._mem, _TASK_AT, self._seq * 2 - 1)
-        self._mem[_TEXT_AT:_TEXT_AT + len(text)] = text
-        _TASK.pack_into(self._mem, _TASK_AT, self._seq * 2, time.time(), len(tid),
-                        len(text) - len(tid))
+    def begin(self, task_id: str, name: bytes) -> None:
+        """Record the task this process starts now (name encoded, at most NAME_MAX bytes)."""
+        tid = task_id.encode()[:ID_MAX]
+        text = tid + name
+        mem = self._mem
+        seq = self._seq = self._seq + 2
+        _SEQ.pack_into(mem, _TASK_AT, seq - 1)
+        mem[_TEXT_AT:_TEXT_AT + len(text)] = text
+        _TASK.pack_into(mem, _TASK_AT, seq, time.time(), len(tid), len(name))
 
     def idle(self) -> None:
         """Record that this process runs nothing now."""
-        self._seq += 1
-        _TASK.pack_into(self._mem, _TASK_AT, self._seq * 2, 0.0, 0, 0)
+        self._seq += 2
+        _TASK.pack_into(self._mem, _TASK_AT, self._seq, 0.0, 0, 0)
 
     def current(self) -> tuple[str, str, float] | None:
         """(task id, name, start time) of the task running now, or None when idle (or when

@@ -42,8 +42,8 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
             if item.get("eta", 0) > time.time():
                 heapq.heappush(later, (item["eta"], next(seq), item, frames))
                 continue
-            fn = functions.get(item["h"])
-            marker.begin(item["id"], getattr(fn, "name", None) or _name(fn))
+            fn, name = functions.get(item["h"])
+            marker.begin(item["id"], name)
             if item.get("st") or item.get("a"):
                 run(item, frames, fn,
                     lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
@@ -59,8 +59,3 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
         marker.idle()
         if out or fetched:
             conn.report(out, ready=fetched)
-
-
-def _name(fn) -> str:
-    """A plain function's name as ``inspect active`` shows it (a task's is its registered name)."""
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
