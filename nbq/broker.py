@@ -410,7 +410,14 @@ class Broker:
         return sup
 
     def _on_hb(self, peer, header, frames, body):
-        self._supervisor(header).seen = time.monotonic()
+        sup = self._supervisor(header)
+        sup.seen = time.monotonic()
+        sup.concurrency = header["conc"]
+        queues = tuple(header["q"])
+        if queues != sup.queues:  # add_consumer or cancel_consumer: its processes follow
+            sup.queues = queues
+            for wid in sup.procs & self.procs.keys():
+                self.procs[wid].queues = queues
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):

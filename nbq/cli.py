@@ -10,7 +10,8 @@ from .errors import NbqError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 #: ``nbq control`` commands sent to workers, and the names of their arguments in order.
-CONTROL_ARGS = {"rate_limit": ("task_name", "rate_limit")}
+CONTROL_ARGS = {"rate_limit": ("task_name", "rate_limit"), "shutdown": (), "pool_grow": ("n",),
+                "pool_shrink": ("n",), "add_consumer": ("queue",), "cancel_consumer": ("queue",)}
 
 
 def main(argv: list[str] | None = None) -> None:

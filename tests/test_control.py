@@ -154,3 +154,38 @@ def test_revoke_with_terminate_kills_the_running_task_and_its_process_is_replace
     assert queued.revoke(terminate=True) is True and queued.state == "REVOKED"
     done = t.add.apply_async((2, 2), queue="solo")
     assert done.get(timeout=10) == 4 and done.revoke(terminate=True) is False
+
+
+def test_pool_grow_and_shrink_add_and_cancel_consumer_and_shutdown(workers):
+    gamma_name = f"gamma@{HOST}"
+    gamma = workers.worker("gamma", "default", 1, "-n", "gamma@%h")
+    control = workers.app.control
+    wait_until(lambda: control.inspect([gamma_name], timeout=0.5).ping(), what="gamma to answer")
+
+    def seen() -> dict:
+        """gamma as the broker (or Redis) lists it."""
+        return next((w for w in workers.app.client.workers() if w["name"] == gamma_name), {})
+
+    assert control.pool_grow(2, [gamma_name], reply=True, timeout=5) == [
+        {gamma_name: {"ok": "pool will grow"}}]
+    wait_until(lambda: len(seen().get("processes", ())) == 3, what="three processes")
+    assert seen()["concurrency"] == 3
+    assert control.pool_shrink(1, [gamma_name], reply=True, timeout=5) == [
+        {gamma_name: {"ok": "pool will shrink"}}]
+    wait_until(lambda: len(seen().get("processes", ())) == 2, what="two processes")
+    (reply,) = control.pool_shrink(2, [gamma_name], reply=True, timeout=5)
+    assert "keeps at least one" in reply[gamma_name]["error"]
+
+    waiting = workers.tasks.add.apply_async((5, 5), queue="gammaq")
+    rc, out, err = nbq_cli(workers, "control", "add_consumer", "gammaq", "-d", gamma_name, "-t", "5")
+    assert rc == 0 and out.splitlines() == [f"->  {gamma_name}: OK", "        add consumer gammaq"]
+    assert waiting.get(timeout=15) == 10
+    assert seen()["queues"] == ["default", "gammaq"]
+    assert control.cancel_consumer("gammaq", [gamma_name], reply=True, timeout=5) == [
+        {gamma_name: {"ok": "no longer consuming from gammaq"}}]
+    wait_until(lambda: seen()["queues"] == ["default"], what="gammaq dropped")
+
+    rc, out, err = nbq_cli(workers, "control", "shutdown", "-d", gamma_name, "-t", "5")
+    assert rc == 0 and out.splitlines() == [f"->  {gamma_name}: OK", "        shutting down"]
+    assert gamma.wait(timeout=15) == 0
+    wait_until(lambda: not seen(), what="gamma gone from the broker's workers")

@@ -50,6 +50,31 @@ class Control:
         return self.broadcast("rate_limit", {"task_name": task_name, "rate_limit": rate_limit},
                               destination, reply, timeout)
 
+    def shutdown(self, destination: Iterable[str] | None = None, reply: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
+        """Stop the workers in good order (their running tasks are re-queued)."""
+        return self.broadcast("shutdown", None, destination, reply, timeout)
+
+    def pool_grow(self, n: int = 1, destination: Iterable[str] | None = None, reply: bool = False,
+                  timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
+        """Start n more worker processes on each worker."""
+        return self.broadcast("pool_grow", {"n": n}, destination, reply, timeout)
+
+    def pool_shrink(self, n: int = 1, destination: Iterable[str] | None = None,
+                    reply: bool = False, timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
+        """Stop n worker processes on each worker, idle ones first; one always stays."""
+        return self.broadcast("pool_shrink", {"n": n}, destination, reply, timeout)
+
+    def add_consumer(self, queue: str, destination: Iterable[str] | None = None,
+                     reply: bool = False, timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
+        """Have the workers consume queue too."""
+        return self.broadcast("add_consumer", {"queue": queue}, destination, reply, timeout)
+
+    def cancel_consumer(self, queue: str, destination: Iterable[str] | None = None,
+                        reply: bool = False, timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
+        """Have the workers stop consuming queue (tasks they hold still run)."""
+        return self.broadcast("cancel_consumer", {"queue": queue}, destination, reply, timeout)
+
     def revoke(self, task_id: str, terminate: bool = False, signal: str = "SIGTERM") -> bool:
         """Revoke a task no worker has started (True: it will never run); with terminate,
         kill the process running it with signal (it ends REVOKED)."""

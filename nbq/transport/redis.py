@@ -986,7 +986,8 @@ class RedisSupervisor(SupervisorConnection):
         self._control = _ControlReader(self.store)
 
     def heartbeat(self, info: dict) -> None:
-        self.queues = list(info.get("q", ()))
+        # every queue ever consumed: a dead process's entries are looked for in each
+        self.queues = list(dict.fromkeys([*self.queues, *info.get("q", ())]))
         now = time.monotonic()
         if now < self._next_try:  # Redis is away: keep waiting, keep the processes
             self._messages.append({"k": "hb"})
@@ -1299,9 +1300,15 @@ class RedisWorker(WorkerConnection):
         return taken
 
     def _reclaim(self) -> None:
-        """Claim and re-queue the entries of consumers whose supervisor's heartbeat expired."""
+        """Follow the supervisor's queue list (add_consumer, cancel_consumer); claim and
+        re-queue the entries of consumers whose supervisor's heartbeat expired."""
         st = self.store
         r = st.r
+        hb = r.get(P + "hb:" + self.sid)
+        if hb is not None:
+            queues = json.loads(hb)["q"]
+            if [P + "q:" + q for q in queues] != self.keys:
+                self.keys = [group(r, q) for q in queues]
         for sid in [s.decode() for s in r.smembers(P + "sups")]:
             if not r.exists(P + "hb:" + sid):
                 r.srem(P + "sups", sid)

@@ -73,6 +73,42 @@ def _signal_name(name: str) -> str:
     return name if name.startswith("SIG") else "SIG" + name
 
 
+def shutdown(sup: "Supervisor", args: dict) -> dict:
+    """Stop this worker in good order (its running tasks are re-queued, not lost)."""
+    sup.stop()
+    return {"ok": "shutting down"}
+
+
+def pool_grow(sup: "Supervisor", args: dict) -> dict:
+    sup.grow(int(args.get("n", 1)))
+    return {"ok": "pool will grow"}
+
+
+def pool_shrink(sup: "Supervisor", args: dict) -> dict:
+    sup.shrink(int(args.get("n", 1)))
+    return {"ok": "pool will shrink"}
+
+
+def add_consumer(sup: "Supervisor", args: dict) -> dict:
+    """Consume one more queue (the broker, or each Redis process within a second, learns it)."""
+    queue = args["queue"]
+    if queue in sup.queues:
+        return {"ok": f"already consuming from {queue!r}"}
+    sup.queues.append(queue)
+    return {"ok": f"add consumer {queue}"}
+
+
+def cancel_consumer(sup: "Supervisor", args: dict) -> dict:
+    queue = args["queue"]
+    if queue not in sup.queues:
+        return {"error": f"not consuming from {queue!r}: this worker consumes "
+                         f"{', '.join(sup.queues)}"}
+    if len(sup.queues) == 1:
+        return {"error": f"{queue!r} is this worker's only queue: use shutdown to stop it"}
+    sup.queues.remove(queue)
+    return {"ok": f"no longer consuming from {queue}"}
+
+
 def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
     """``reserved`` and ``scheduled``: a process holds only the batch it runs (dispatch is by
     credit), and a task due later (countdown, retry) waits inside its process, unseen here."""
@@ -82,7 +118,8 @@ def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
 COMMANDS: dict[str, Callable[["Supervisor", dict], Any]] = {
     "ping": ping, "stats": stats, "registered": registered, "active": active,
     "reserved": nothing_held, "scheduled": nothing_held, "rate_limit": rate_limit,
-    "revoke": revoke,
+    "revoke": revoke, "shutdown": shutdown, "pool_grow": pool_grow, "pool_shrink": pool_shrink,
+    "add_consumer": add_consumer, "cancel_consumer": cancel_consumer,
 }
 
 

@@ -58,6 +58,7 @@ class Supervisor:
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
         self._ending: dict[int, dict] = {}  # pid -> why this supervisor killed it (deaths.py's end)
+        self._retiring: set[int] = set()    # pids stopped by pool_shrink: not replaced
         self._count = 0
         self._stopping = False
 
@@ -124,6 +125,30 @@ class Supervisor:
         if dest is not None and self.name not in dest and self.sid not in dest:
             return
         conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
+        conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
+
+    def stop(self) -> None:
+        """Stop serving, as SIGTERM does: the loop ends and the processes are stopped."""
+        self._stopping = True
+
+    def grow(self, n: int) -> None:
+        """Start n more worker processes."""
+        if n < 1:
+            raise ValueError(f"pool_grow needs a positive number of processes, not {n}")
+        self.concurrency += n
+        for _ in range(n):
+            self._spawn()
+
+    def shrink(self, n: int) -> None:
+        """Stop n worker processes, idle ones first (a busy one's task runs again elsewhere)."""
+        if not 1 <= n < self.concurrency:
+            raise ValueError(f"pool_shrink {n}: this worker runs {self.concurrency} processes "
+                             "and keeps at least one; use shutdown to stop it")
+        self.concurrency -= n
+        live = [pid for pid in self.children if pid not in self._retiring]
+        for pid in sorted(live, key=lambda p: self.children[p][1].current() is not None)[:n]:
+            self._retiring.add(pid)
+            _kill(pid, signal.SIGTERM)
 
     def _next_deadline(self) -> float:
         """The nearest hard time limit of a running task (epoch seconds; inf when none)."""
@@ -189,6 +214,12 @@ class Supervisor:
             wid, marker = child
             how = _describe_exit(status)
             end = self._ending.pop(pid, None)
+            if pid in self._retiring:
+                self._retiring.discard(pid)
+                log.info("worker process %s (pid %d) stopped: the pool shrank", wid, pid)
+                conn.lost(wid, "was stopped by pool_shrink", marker.read())
+                marker.close()
+                continue
             log.warning("worker process %s (pid %d) %s%s; starting a new one", wid, pid, how,
                         f" ({end['text']})" if end else "")
             conn.lost(wid, how, marker.read(), end)
