@@ -60,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     i.set_defaults(run=_inspect)
 
     c = sub.add_parser("control", help="change what workers do (as `celery control`)")
-    c.add_argument("what", choices=sorted(CONTROL_ARGS),
+    c.add_argument("what", choices=sorted([*CONTROL_ARGS, "revoke", "terminate"]),
                    help="; ".join(f"{k} {' '.join(v).upper()}".strip()
-                                  for k, v in sorted(CONTROL_ARGS.items())))
+                                  for k, v in sorted(CONTROL_ARGS.items()))
+                   + "; revoke TASK_ID...; terminate SIGNAL TASK_ID...")
     c.add_argument("arguments", nargs="*", help="the command's arguments")
     c.set_defaults(run=_control)
 
@@ -156,12 +157,17 @@ def _status(args) -> None:
                                or "(no queues yet)"))
 
 
+def _control_address(args) -> str:
+    """The broker of ``nbq inspect|control``: --broker, else the -A app's, else the default."""
+    return args.broker or (args.app and _load_app(args.app).conf.broker_url) or _address(None)
+
+
 def _ask_workers(args, command: str, arguments: dict) -> None:
     """Send a control command, print each worker's reply as Celery does; no reply is an error."""
     import json
 
     from .client import Client
-    address = args.broker or (args.app and _load_app(args.app).conf.broker_url) or _address(None)
+    address = _control_address(args)
     dest = [d for d in args.destination.split(",") if d] if args.destination else None
     with Client(address, key_file=args.key_file, timeout=5.0) as client:
         replies = client.control(command, arguments, dest, args.timeout)
@@ -185,11 +191,40 @@ def _ask_workers(args, command: str, arguments: dict) -> None:
         print("\n".join("        " + line for line in str(text).splitlines()))
 
 
+def _revoke(args) -> None:
+    """Revoke tasks by id (queued ones at the broker); terminate also kills running ones."""
+    from .asyncresult import AsyncResult
+    from .client import Client
+    terminate = args.what == "terminate"
+    if len(args.arguments) < 1 + terminate:
+        raise ValueError("nbq control " + ("terminate SIGNAL TASK_ID..." if terminate
+                                           else "revoke TASK_ID...") + ": give the task ids")
+    sig, ids = (args.arguments[0], args.arguments[1:]) if terminate else ("SIGTERM", args.arguments)
+    if terminate:
+        from .worker.control import signal_named
+        signal_named(sig)  # a bad name is one error here
+    address = _control_address(args)
+    missed = []
+    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+        for tid in ids:
+            done = AsyncResult(tid, client=client).revoke(terminate=terminate, signal=sig)
+            print(f"->  {tid}: {'revoked' if done else 'not revoked'}")
+            if not done:
+                missed.append(tid)
+    if missed:
+        raise NbqError(f"{len(missed)} task(s) not revoked: finished, unknown, or started"
+                       + ("" if terminate else " (nbq control terminate SIGTERM ID stops a "
+                          "running one)"))
+
+
 def _inspect(args) -> None:
     _ask_workers(args, args.what, {})
 
 
 def _control(args) -> None:
+    if args.what in ("revoke", "terminate"):
+        _revoke(args)
+        return
     names = CONTROL_ARGS[args.what]
     if len(args.arguments) != len(names):
         raise ValueError(f"nbq control {args.what} takes {len(names)} argument(s): "

@@ -350,7 +350,10 @@ class Client(concurrent.futures.Executor):
                 return False
             replies = self.control("revoke", {"task_id": tid, "terminate": True, "signal": sig},
                                    timeout=1.0)
-            if any(tid in (r or {}).get("terminated", ()) for r in replies.values()):
+            for name, reply in replies.items():
+                if "error" in reply:
+                    raise NbqError(f"worker {name} could not terminate task {tid}: {reply['error']}")
+            if any(tid in r.get("terminated", ()) for r in replies.values()):
                 return True
             if time.monotonic() > deadline:
                 return False

@@ -189,3 +189,20 @@ def test_pool_grow_and_shrink_add_and_cancel_consumer_and_shutdown(workers):
     assert rc == 0 and out.splitlines() == [f"->  {gamma_name}: OK", "        shutting down"]
     assert gamma.wait(timeout=15) == 0
     wait_until(lambda: not seen(), what="gamma gone from the broker's workers")
+
+
+def test_cli_revoke_and_terminate(workers):
+    t = workers.tasks
+    queued = t.nap.apply_async((1,), queue="nobody")
+    rc, out, err = nbq_cli(workers, "control", "revoke", queued.id)
+    assert rc == 0 and out.splitlines() == [f"->  {queued.id}: revoked"], err
+    wait_until(lambda: queued.state == "REVOKED", what="the queued task REVOKED")
+    running = t.nap.apply_async((60,), queue="solo")
+    wait_until(lambda: running.state == "STARTED", what="the task to start")
+    rc, out, err = nbq_cli(workers, "control", "revoke", running.id)
+    assert rc == 1 and "nbq control terminate SIGTERM ID stops a running one" in err
+    rc, out, err = nbq_cli(workers, "control", "terminate", "KILL", running.id)
+    assert rc == 0 and out.splitlines() == [f"->  {running.id}: revoked"], err
+    wait_until(lambda: running.state == "REVOKED", what="the terminated task REVOKED")
+    rc, out, err = nbq_cli(workers, "control", "terminate", "SIGNOPE", running.id)
+    assert rc == 1 and "unknown signal 'SIGNOPE'" in err and "Traceback" not in err

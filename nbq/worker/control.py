@@ -62,15 +62,19 @@ def revoke(sup: "Supervisor", args: dict) -> dict:
     ids = args["task_id"] if isinstance(args["task_id"], list) else [args["task_id"]]
     if not args.get("terminate"):
         return {"ok": "nothing to terminate: queued tasks are revoked at the broker"}
-    sig = signal.Signals[_signal_name(args.get("signal") or "SIGTERM")]
+    sig = signal_named(args.get("signal") or "SIGTERM")
     done = [tid for tid in ids if sup.terminate(tid, sig)]
     return {"ok": f"terminated {', '.join(done)}" if done else "none of these tasks runs here",
             "terminated": done}
 
 
-def _signal_name(name: str) -> str:
+def signal_named(name: str) -> signal.Signals:
+    """The signal of a name such as SIGKILL, KILL or kill."""
     name = name.upper()
-    return name if name.startswith("SIG") else "SIG" + name
+    try:
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}: name one such as SIGTERM or SIGKILL") from None
 
 
 def shutdown(sup: "Supervisor", args: dict) -> dict:
