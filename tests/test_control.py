@@ -58,6 +58,7 @@ def test_inspect_registered_stats_and_active(workers):
     assert stats[ALPHA]["pool"]["max-concurrency"] == 2 and len(stats[ALPHA]["pool"]["processes"]) == 2
     assert stats[BETA]["pool"]["max-concurrency"] == 1
     assert inspect.reserved() == {ALPHA: [], BETA: []}
+    assert inspect.scheduled() == {ALPHA: [], BETA: []}
     r = workers.tasks.nap.delay(3)
     t0 = time.time()
     running = wait_until(lambda: [t for ts in (inspect.active() or {}).values() for t in ts
@@ -69,6 +70,20 @@ def test_inspect_registered_stats_and_active(workers):
     assert task["worker_pid"] in stats[owner]["pool"]["processes"]
     assert r.get(timeout=10) == 3
     wait_until(lambda: not any((inspect.active() or {}).values()), what="no active task")
+
+
+
+def test_inspect_scheduled_lists_tasks_held_until_their_eta(workers):
+    from datetime import datetime
+    inspect = workers.app.control.inspect([ALPHA], timeout=5.0)
+    sent = time.time()
+    later = workers.tasks.add.apply_async((2, 3), countdown=3, queue="solo")
+    (held,) = wait_until(lambda: inspect.scheduled()[ALPHA], what="the task in `inspect scheduled`")
+    assert held["request"]["id"] == later.id and held["request"]["name"] == "tasks.add"
+    assert held["request"]["worker_pid"] in inspect.stats()[ALPHA]["pool"]["processes"]
+    assert abs(datetime.fromisoformat(held["eta"]).timestamp() - (sent + 3)) < 1.0
+    assert later.get(timeout=10) == 5
+    wait_until(lambda: inspect.scheduled() == {ALPHA: []}, what="nothing scheduled")
 
 
 def test_cli_inspect_prints_each_worker_as_celery_does(workers):

@@ -114,5 +114,5 @@ class Inspect:
         return self._ask("reserved")
 
     def scheduled(self) -> dict[str, Any] | None:
-        """Tasks with an ETA held by a worker: empty lists on nbq (they wait inside a process)."""
+        """Tasks held until their ETA (countdown, retry): eta and request (id, name, worker_pid)."""
         return self._ask("scheduled")

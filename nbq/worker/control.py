@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..tasks import runner
@@ -113,15 +114,25 @@ def cancel_consumer(sup: "Supervisor", args: dict) -> dict:
     return {"ok": f"no longer consuming from {queue}"}
 
 
-def nothing_held(sup: "Supervisor", args: dict) -> list[dict]:
-    """``reserved`` and ``scheduled``: a process holds only the batch it runs (dispatch is by
-    credit), and a task due later (countdown, retry) waits inside its process, unseen here."""
+def scheduled(sup: "Supervisor", args: dict) -> list[dict]:
+    """Tasks each process holds until their ETA (countdowns, retries), read from its marker."""
+    out = []
+    for pid, (_, marker) in sorted(sup.children.items()):
+        for tid, name, eta in marker.scheduled():
+            out.append({"eta": datetime.fromtimestamp(eta, timezone.utc).isoformat(),
+                        "request": {"id": tid, "name": name, "worker_pid": pid,
+                                    "hostname": sup.name}})
+    return out
+
+
+def reserved(sup: "Supervisor", args: dict) -> list[dict]:
+    """Always empty: a process holds only the batch it runs (dispatch is by credit)."""
     return []
 
 
 COMMANDS: dict[str, Callable[["Supervisor", dict], Any]] = {
     "ping": ping, "stats": stats, "registered": registered, "active": active,
-    "reserved": nothing_held, "scheduled": nothing_held, "rate_limit": rate_limit,
+    "reserved": reserved, "scheduled": scheduled, "rate_limit": rate_limit,
     "revoke": revoke, "shutdown": shutdown, "pool_grow": pool_grow, "pool_shrink": pool_shrink,
     "add_consumer": add_consumer, "cancel_consumer": cancel_consumer,
 }

@@ -32,15 +32,18 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
     while True:
         batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
         fetched = bool(batch)
+        moved = False  # whether what waits for its ETA changed: inspect scheduled shows it
         while later and later[0][0] <= time.time():
             _, _, item, frames = heapq.heappop(later)
             batch.append((item, frames))
+            moved = True
         out: list = []
         flushed = time.monotonic()
         last = len(batch) - 1
         for i, (item, frames) in enumerate(batch):
             if item.get("eta", 0) > time.time():
                 heapq.heappush(later, (item["eta"], next(seq), item, frames))
+                moved = True
                 continue
             fn, name = functions.get(item["h"])
             marker.begin(item["id"], name)
@@ -52,10 +55,14 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
                 again = run(item, frames, fn, lambda r, p: out.append((r, p)))
                 if again is not None:
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
+                    moved = True
             if out and i < last and (item.get("now") or time.monotonic() - flushed > FLUSH_SECONDS):
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()
         marker.idle()
+        if moved:
+            marker.schedule([(item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
+                             for eta, _, item, _ in sorted(later)])
         if out or fetched:
             conn.report(out, ready=fetched)
