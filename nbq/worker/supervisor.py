@@ -180,7 +180,7 @@ class Supervisor:
         return False
 
     def _on_stop_signal(self, signum, frame) -> None:
-        self._stopping = True
+        self.stop()
 
     def _spawn(self) -> None:
         wid = f"{self.sid}/{self._count}"
