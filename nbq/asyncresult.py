@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import NbqError
 from .future import FAILURE, SUCCESS
 
 
@@ -64,12 +63,12 @@ class AsyncResult:
             return None
         return getattr(self._future.exception(), "remote_traceback", None)
 
-    def revoke(self, terminate: bool = False) -> bool:
-        """Cancel the task if no worker has started it; True means it never runs."""
-        if terminate:
-            raise NbqError("revoke(terminate=True) is not supported yet: only tasks no worker "
-                           "has started can be revoked")
-        return self._future.cancel()
+    def revoke(self, terminate: bool = False, signal: str = "SIGTERM") -> bool:
+        """Cancel the task if no worker has started it (True: it never runs); with terminate,
+        a running one's process is killed with signal and replaced, and the task ends REVOKED."""
+        if self._future.cancel():
+            return True
+        return terminate and self._client._terminate(self._future, signal)
 
     def __repr__(self) -> str:
         return f"<nbq.AsyncResult {self.id} {self.state}>"

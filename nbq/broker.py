@@ -6,12 +6,21 @@ socket, ``s`` a worker supervisor (``nbq worker``), ``w`` one worker process.
 
 Message kinds (header ``k``), see protocol.py for the frame layout:
 
-  from a client     hello (rx socket) · fn · tasks · cancel · watch · mapend · info · bye
-  from a supervisor hb (heartbeat, answered) · lost (a worker process died) · bye
+  from a client     hello (rx socket) · fn · tasks · cancel · watch · mapend · info · join
+                    · ctl (a control command: cmd, a arguments, d destination names or
+                      null for all, ci the client's collection id) · bye
+  from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
+                    died; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
                     · rej (a message it got failed its signature check)
-  to a client       welcome · res · started · reply
+  to a client       welcome · res · started · reply · ctlr (forwarded as it came)
+  to a supervisor   hb · ctl (as the client sent it, with c) · stop
   to a worker       fn · tasks
+
+Control: the broker sends a client's ctl to every supervisor whose name is in
+``d`` (all when null) and replies {"n": how many}; each answers with ctlr, which
+the broker forwards to the client, which collects n answers or stops at its
+timeout.
 
 Dispatch is by credit: a worker process holds at most one message of tasks
 at a time, so a task handed to a worker is started (a batch of tasks measured
@@ -95,6 +104,7 @@ class Supervisor:
     concurrency: int
     queues: tuple
     seen: float
+    name: str = ""
     procs: set = field(default_factory=set)
 
 
@@ -148,6 +158,7 @@ class Broker:
             "cancel": self._on_cancel, "watch": self._on_watch, "mapend": self._on_mapend,
             "info": self._on_info, "join": self._on_join, "bye": self._on_bye, "hb": self._on_hb,
             "lost": self._on_lost, "res": self._on_res, "rej": self._on_rej,
+            "ctl": self._on_ctl, "ctlr": self._on_ctlr,
         }
 
     # -- loop -----------------------------------------------------------------
@@ -342,6 +353,19 @@ class Broker:
             for part in self.results.get(tid, ()):
                 self._to_client(cid, self._result_message(part))
 
+    def _on_ctl(self, peer, header, frames, body):
+        """Send a client's control command to the supervisors it names; tell it how many."""
+        dest = header.get("d")
+        sups = [s for s in self.supervisors.values()
+                if dest is None or s.name in dest or s.sid in dest]
+        for sup in sups:
+            self._send(b"s" + sup.sid.encode(), header)
+        self._reply(header, {"n": len(sups)})
+
+    def _on_ctlr(self, peer, header, frames, body):
+        """A supervisor's answer to a control command: to its client, as it came."""
+        self._to_client(header["c"], body)
+
     def _on_join(self, peer, header, frames, body):
         """Add a member to a join; answer fire=True once, to the first to complete it."""
         join = self.joins.get(header["key"])
@@ -362,7 +386,7 @@ class Broker:
 
     def _on_info(self, peer, header, frames, body):
         workers = [{
-            "id": s.sid, "host": s.host, "pid": s.pid, "concurrency": s.concurrency,
+            "id": s.sid, "name": s.name, "host": s.host, "pid": s.pid, "concurrency": s.concurrency,
             "queues": list(s.queues),
             "active": sum(len(self.procs[w].running) for w in s.procs if w in self.procs),
             "processes": sorted(self.procs[w].pid for w in s.procs if w in self.procs),
@@ -380,17 +404,25 @@ class Broker:
         if sup is None:
             sup = self.supervisors[sid] = Supervisor(
                 sid, header["host"], header["spid"], header["conc"], tuple(header["q"]),
-                time.monotonic())
+                time.monotonic(), header.get("n", sid))
             log.info("worker %s joined (%s pid %s, %s processes)", sid, sup.host, sup.pid,
                      sup.concurrency)
         return sup
 
     def _on_hb(self, peer, header, frames, body):
-        self._supervisor(header).seen = time.monotonic()
+        sup = self._supervisor(header)
+        sup.seen = time.monotonic()
+        sup.concurrency = header["conc"]
+        queues = tuple(header["q"])
+        if queues != sup.queues:  # add_consumer or cancel_consumer: its processes follow
+            sup.queues = queues
+            for wid in sup.procs & self.procs.keys():
+                self.procs[wid].queues = queues
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):
-        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"))
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"),
+                        end=header.get("end"))
 
     def check_heartbeats(self, now: float) -> None:
         """Declare supervisors silent for longer than the timeout dead, with their processes."""
@@ -401,7 +433,8 @@ class Broker:
             for wid in sup.procs:
                 self._proc_gone(wid, died=True, how="stopped answering heartbeats")
 
-    def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None) -> None:
+    def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None,
+                   end: dict | None = None) -> None:
         proc = self.procs.pop(wid, None)
         if proc is None:
             return
@@ -412,12 +445,13 @@ class Broker:
             if task.where != wid or task.id not in self.tasks:
                 continue
             if died:
-                self._retry_after_death(task, f"worker process {proc.pid} {how}", at)
+                self._retry_after_death(task, f"worker process {proc.pid} {how}", at, end)
             else:
                 task.where = "queued"
                 self.queues.setdefault(task.item.get("q", "default"), deque()).appendleft(task)
 
-    def _retry_after_death(self, task: Task, why: str, at: list | None) -> None:
+    def _retry_after_death(self, task: Task, why: str, at: list | None,
+                           end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
         if not task.verified:  # it is about to be re-signed: check it first
             try:
@@ -429,9 +463,9 @@ class Broker:
                         f"task {task.id} was dropped: its message's signature does not match "
                         "the shared key"))
                 return
-        fail, item = deaths.after_death(task.item, task.undelivered(), at)
+        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
         for pos in fail:
-            self._fail_items(task, pos, 1, deaths.lost_error(task.item, pos, why))
+            self._deliver(task, *deaths.ending(task.item, pos, why, end))
         if item is None:
             self._finish(task.id)
             return

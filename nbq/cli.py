@@ -1,4 +1,4 @@
-"""The ``nbq`` command: broker, worker, beat, status, demo."""
+"""The ``nbq`` command: broker, worker, beat, status, inspect, control, multi, demo."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,10 @@ from .errors import NbqError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
+
+#: ``nbq control`` commands sent to workers, and the names of their arguments in order.
+CONTROL_ARGS = {"rate_limit": ("task_name", "rate_limit"), "shutdown": (), "pool_grow": ("n",),
+                "pool_shrink": ("n",), "add_consumer": ("queue",), "cancel_consumer": ("queue",)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    "whose tasks this worker registers by name")
     w.add_argument("-B", "--beat", action="store_true", help="also run beat (as `nbq beat`) on a "
                    "thread of this worker's supervisor; needs -A")
+    w.add_argument("-n", "--hostname", default=None, help="this worker's name in control "
+                   "replies (default nbq@%%h); %%h is the host name, %%n its first label, %%d the rest")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)
 
@@ -59,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
                     "as Celery's -A")
     bt.add_argument("--broker", default=None, help=BROKER_HELP)
     bt.set_defaults(run=_beat)
+
+    from .tasks.control import INSPECT_COMMANDS
+    i = sub.add_parser("inspect", help="ask workers what they run and know (as `celery inspect`)")
+    i.add_argument("what", choices=INSPECT_COMMANDS)
+    i.set_defaults(run=_inspect)
+
+    c = sub.add_parser("control", help="change what workers do (as `celery control`)")
+    c.add_argument("what", choices=sorted([*CONTROL_ARGS, "revoke", "terminate"]),
+                   help="; ".join(f"{k} {' '.join(v).upper()}".strip()
+                                  for k, v in sorted(CONTROL_ARGS.items()))
+                   + "; revoke TASK_ID...; terminate SIGNAL TASK_ID...")
+    c.add_argument("arguments", nargs="*", help="the command's arguments")
+    c.set_defaults(run=_control)
 
     s = sub.add_parser("status", help="show workers and queues of a broker")
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
@@ -83,7 +102,16 @@ def _parser() -> argparse.ArgumentParser:
                             "here)")
         parser.add_argument("-l", "--loglevel", dest="log_level", default=argparse.SUPPRESS,
                             help="as --log-level (info logs each beat send)")
-    for parser in (b, w, bt, s):
+    for parser in (i, c):
+        parser.add_argument("--broker", default=None, help=BROKER_HELP)
+        parser.add_argument("-A", "--app", default=None, help="module (or module:attribute) of an "
+                            "nbq.App whose broker to use")
+        parser.add_argument("-d", "--destination", default=None,
+                            help="comma-separated worker names to ask (default: all)")
+        parser.add_argument("-t", "--timeout", type=float, default=1.0,
+                            help="seconds to wait for replies (default 1)")
+        parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
+    for parser in (b, w, bt, s, i, c):
         parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
                             "$NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -126,7 +154,8 @@ def _worker(args) -> None:
     os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
-                     [q for q in queues.split(",") if q], args.lifeline)
+                     [q for q in queues.split(",") if q], args.lifeline,
+                     **({"name": args.hostname} if args.hostname else {}))
     beat = _start_beat(app, address, args.schedule) if args.beat else None
     try:
         why = sup.run()
@@ -214,6 +243,85 @@ def _multi(args) -> None:
         failed += multi.start(args.names, args.worker_args, args.pidfile, args.logfile)
     if failed:
         sys.exit(1)
+
+
+def _control_address(args) -> str:
+    """The broker of ``nbq inspect|control``: --broker, else the -A app's, else the default."""
+    return _app_broker(args.broker, _load_app(args.app) if args.app else None)
+
+
+def _ask_workers(args, command: str, arguments: dict) -> None:
+    """Send a control command, print each worker's reply as Celery does; no reply is an error."""
+    import json
+
+    from .client import Client
+    address = _control_address(args)
+    dest = [d for d in args.destination.split(",") if d] if args.destination else None
+    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+        replies = client.control(command, arguments, dest, args.timeout)
+    if not replies:
+        raise NbqError(f"no worker replied within {args.timeout:g} s at {address}"
+                       + (f" (asked: {', '.join(dest)})" if dest else ""))
+    if args.json:
+        print(json.dumps(replies, indent=2, sort_keys=True))
+        return
+    for name, reply in sorted(replies.items()):
+        failed = isinstance(reply, dict) and "error" in reply
+        print(f"->  {name}: {'ERROR' if failed else 'OK'}")
+        if failed:
+            text = reply["error"]
+        elif isinstance(reply, dict) and set(reply) == {"ok"}:
+            text = reply["ok"]
+        elif isinstance(reply, list) and not reply:
+            text = "- empty -"
+        else:
+            text = json.dumps(reply, indent=4, sort_keys=True)
+        print("\n".join("        " + line for line in str(text).splitlines()))
+
+
+def _revoke(args) -> None:
+    """Revoke tasks by id (queued ones at the broker); terminate also kills running ones."""
+    from .asyncresult import AsyncResult
+    from .client import Client
+    terminate = args.what == "terminate"
+    if len(args.arguments) < 1 + terminate:
+        raise ValueError("nbq control " + ("terminate SIGNAL TASK_ID..." if terminate
+                                           else "revoke TASK_ID...") + ": give the task ids")
+    sig, ids = (args.arguments[0], args.arguments[1:]) if terminate else ("SIGTERM", args.arguments)
+    if terminate:
+        from .worker.control import signal_named
+        signal_named(sig)  # a bad name is one error here
+    address = _control_address(args)
+    missed = []
+    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+        for tid in ids:
+            done = AsyncResult(tid, client=client).revoke(terminate=terminate, signal=sig)
+            print(f"->  {tid}: {'revoked' if done else 'not revoked'}")
+            if not done:
+                missed.append(tid)
+    if missed:
+        raise NbqError(f"{len(missed)} task(s) not revoked: finished, unknown, or started"
+                       + ("" if terminate else " (nbq control terminate SIGTERM ID stops a "
+                          "running one)"))
+
+
+def _inspect(args) -> None:
+    _ask_workers(args, args.what, {})
+
+
+def _control(args) -> None:
+    if args.what in ("revoke", "terminate"):
+        _revoke(args)
+        return
+    names = CONTROL_ARGS[args.what]
+    if len(args.arguments) != len(names):
+        raise ValueError(f"nbq control {args.what} takes {len(names)} argument(s): "
+                         f"{' '.join(n.upper() for n in names)}")
+    arguments = dict(zip(names, args.arguments))
+    if args.what == "rate_limit":
+        from .worker.ratelimit import interval
+        interval(arguments["rate_limit"])  # a bad rate is one error here, not one per worker
+    _ask_workers(args, args.what, arguments)
 
 
 def _demo(args) -> None:

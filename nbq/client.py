@@ -83,6 +83,7 @@ class Client(concurrent.futures.Executor):
         self._chunks: dict[str, tuple[MapResult, int, int]] = {}
         self._feeders: dict[str, tuple[MapResult, _Chunker, dict]] = {}
         self._requests: dict[int, tuple[concurrent.futures.Future, Callable | None]] = {}
+        self._controls: dict[str, _Replies] = {}  # control id -> the workers' replies so far
         self._fn_cache: OrderedDict = OrderedDict()
         self._fn_sent: set[str] = set()
         self._nprocs: tuple[float, int] = (0.0, 0)
@@ -325,6 +326,44 @@ class Client(concurrent.futures.Executor):
                 raise TimeoutError(f"fewer than {n} worker processes joined within {timeout:g} s")
             time.sleep(0.05)
 
+    def control(self, command: str, arguments: dict | None = None,
+                destination: list[str] | None = None, timeout: float = 1.0) -> dict[str, Any]:
+        """Send a control command to every worker (or those named in destination) and
+        return their replies by worker name, as Celery's broadcast with reply=True.
+
+        Returns once every worker the command reached has answered, or after timeout
+        seconds with the replies received by then.
+        """
+        ci = uuid.uuid4().hex
+        replies = self._controls[ci] = _Replies()
+        try:
+            n = self._request("ctl", cmd=command, a=arguments or {},
+                              d=None if destination is None else list(destination), ci=ci)["n"]
+            return replies.wait(n, timeout)
+        finally:
+            self._controls.pop(ci, None)
+
+    def _terminate(self, fut: Future, sig: str, timeout: float = 5.0) -> bool:
+        """Have the worker running fut's task kill its process with sig; True once one did.
+
+        Asked again until timeout: a task just handed to a process may not show as running yet.
+        """
+        tid = fut.id
+        deadline = time.monotonic() + timeout
+        while True:
+            if fut.done():
+                return False
+            replies = self.control("revoke", {"task_id": tid, "terminate": True, "signal": sig},
+                                   timeout=1.0)
+            for name, reply in replies.items():
+                if "error" in reply:
+                    raise NbqError(f"worker {name} could not terminate task {tid}: {reply['error']}")
+            if any(tid in r.get("terminated", ()) for r in replies.values()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
     def _cancel_tasks(self, ids: list[str]) -> dict[str, bool]:
         if threading.current_thread() is self._receiver:
             return {}
@@ -437,6 +476,10 @@ class Client(concurrent.futures.Executor):
                 fut = self._futures.get(tid)
                 if fut is not None and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
+        elif kind == "ctlr":
+            replies = self._controls.get(header.get("ci"))
+            if replies is not None:
+                replies.add(header["n"], header.get("r"))
         elif kind in ("reply", "welcome"):
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
@@ -546,6 +589,30 @@ class Client(concurrent.futures.Executor):
             return status_bundle(self.address, self._request("info", timeout=2.0))
         except TimeoutError:
             return {"text/plain": f"{self!r} (the broker did not answer)"}
+
+
+class _Replies:
+    """Replies to one control command by worker name, awaited by the caller of Client.control."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._got: dict[str, Any] = {}
+        self._count = 0
+
+    def add(self, name: str, reply: Any) -> None:
+        with self._cv:
+            if name in self._got:
+                log.warning("two workers are named %s: give each its own with `nbq worker -n`", name)
+                name = f"{name} ({self._count})"
+            self._got[name] = reply
+            self._count += 1
+            self._cv.notify_all()
+
+    def wait(self, n: int, timeout: float) -> dict[str, Any]:
+        """The replies once n have come, or those that came within timeout seconds."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._count >= n, timeout)
+            return dict(self._got)
 
 
 def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:

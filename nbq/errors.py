@@ -18,6 +18,10 @@ class WorkerLost(NbqError):
     """The worker process running a task died (killed, crashed, out of memory) twice."""
 
 
+class TimeLimitExceeded(NbqError):
+    """A task ran past its hard ``time_limit``: its process was killed and replaced (not re-run)."""
+
+
 class BrokerUnavailable(NbqError, ConnectionError):
     """The broker could not be reached or stopped answering."""
 

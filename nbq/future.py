@@ -45,12 +45,16 @@ class Future(concurrent.futures.Future):
         return self.cancelled()
 
     def _revoked(self) -> bool:
-        """Mark cancelled here (the broker has agreed) and wake every waiter, as an executor does."""
+        """Mark cancelled here (the broker has agreed, or the process running it was killed by
+        a revoke with terminate) and wake every waiter, as an executor does."""
         with self._condition:
             if self._state == CANCELLED_AND_NOTIFIED:
                 return True
-        if not super().cancel():
-            return False
+            if self._state == FINISHED:
+                return False
+            self._state = CANCELLED  # what Future.cancel() does, for a RUNNING one too
+            self._condition.notify_all()
+        self._invoke_callbacks()
         self.set_running_or_notify_cancel()
         return True
 

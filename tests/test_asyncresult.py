@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import CancelledError
 
 import pytest
 
@@ -70,10 +71,19 @@ def test_revoke_from_another_client(transport, procs, tmp_path):
         blocker.result(timeout=10)
         assert c.submit(abs, -1).result(timeout=10) == 1
         assert not marker.exists()
-        with pytest.raises(nbq.NbqError, match="terminate=True"):
-            nbq.AsyncResult(blocker.id, client=c).revoke(terminate=True)
+        assert nbq.AsyncResult(blocker.id, client=c).revoke(terminate=True) is False  # done
     finally:
         c.shutdown(wait=False)
+
+
+def test_revoke_with_terminate_kills_the_process_running_a_plain_task(client):
+    fut = client.submit(time.sleep, 60)
+    wait_until(lambda: fut.state == nbq.STARTED, what="the task to start")
+    assert nbq.AsyncResult(fut.id, client=client).revoke(terminate=True) is True
+    with pytest.raises(CancelledError):
+        fut.result(timeout=10)
+    assert fut.state == nbq.REVOKED
+    assert client.submit(abs, -2).result(timeout=10) == 2  # a new process serves
 
 
 def test_owner_and_watchers_see_a_revoke_by_another_client(transport, procs):

@@ -177,10 +177,20 @@ def test_retries_with_countdown_and_backoff(project):
 def test_soft_and_hard_time_limits(project):
     t = project.tasks
     assert t.slow_but_careful.delay(5).get(timeout=10) == "cleaned up"
-    res = t.slow.apply_async((5,), queue="default")
-    with pytest.raises(TimeLimitExceeded):
+    before = {p for w in project.app.client.workers() for p in w["processes"]}
+    started = time.monotonic()
+    res = t.slow.apply_async((5, "hard"), queue="default")
+    with pytest.raises(TimeLimitExceeded, match="ran past its time limit of 0.5 s: its worker "
+                                                "process .* was killed and replaced"):
         res.get(timeout=10)
+    assert time.monotonic() - started < 4.0  # killed at its limit, not when the sleep ended
+    assert res.state == "FAILURE"
+    wait_until(lambda: len({p for w in project.app.client.workers() for p in w["processes"]}
+                           - before) == 1, what="a new process in place of the killed one")
+    after = {p for w in project.app.client.workers() for p in w["processes"]}
+    assert len(before - after) == 1 and len(after) == len(before)
     assert t.add.delay(1, 1).get(timeout=10) == 2  # the workers keep serving
+    assert project.lines("slow") == [["slow", "hard"]]  # ran once: not re-run after the kill
 
 
 def test_revoke_before_start_and_expires(project):
@@ -262,6 +272,11 @@ def test_on_the_zeromq_broker_too(procs, tmp_path):
         assert chain(t.add.s(4, 4) | t.mul.s(8))().get(timeout=10) == 64
         assert chord([t.add.s(i, i) for i in range(10)])(t.xsum.s()).get(timeout=10) == 90
         assert t.flaky.delay("z", 1).get(timeout=10) == 1
+        with pytest.raises(TimeLimitExceeded, match="killed and replaced"):
+            t.slow.apply_async((5, "zmq"), queue="default").get(timeout=10)
+        assert proj.lines("slow") == [["slow", "zmq"]]
+        proj.app.client.wait_for_workers(2)
+        assert t.add.delay(4, 4).get(timeout=10) == 8
     finally:
         proj.app.close()
 

@@ -17,6 +17,7 @@ from ..worker import execute
 from . import runner
 from .canvas import GroupResult, Signature
 from .conf import Settings, settings_of
+from .control import Control
 from .task import Task
 
 log = logging.getLogger("nbq.app")
@@ -47,6 +48,7 @@ class App:
         self.tasks: dict[str, Task] = {}
         self._client = None
         self._lock = threading.Lock()
+        self.control = Control(self)
 
     # -- tasks -------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Exceptions of the Celery-style layer, with Celery's names."""
 from __future__ import annotations
 
-from ..errors import NbqError
+from ..errors import NbqError, TimeLimitExceeded
 from ..worker.execute import Reschedule
 
 
@@ -32,5 +32,5 @@ class SoftTimeLimitExceeded(NbqError):
     """Raised inside a task when its ``soft_time_limit`` has passed: it may clean up and return."""
 
 
-class TimeLimitExceeded(NbqError):
-    """A task ran past its hard ``time_limit``: its process was stopped and replaced."""
+__all__ = ["Retry", "MaxRetriesExceededError", "NotRegistered", "ContentDisallowed", "ChordError",
+           "SoftTimeLimitExceeded", "TimeLimitExceeded"]  # TimeLimitExceeded: from nbq.errors

@@ -21,10 +21,10 @@ from typing import Any
 import cloudpickle
 
 from .. import protocol
-from ..worker import execute
+from ..worker import execute, ratelimit
+from ..worker import marker as markers
 from . import serializers
-from .exceptions import (ChordError, ContentDisallowed, NotRegistered, Retry,
-                         SoftTimeLimitExceeded, TimeLimitExceeded)
+from .exceptions import ChordError, ContentDisallowed, NotRegistered, Retry, SoftTimeLimitExceeded
 from .task import Request, Task, _requests
 
 #: Tasks registered in this process by name (every App's), as ``-A module`` imports them.
@@ -113,6 +113,10 @@ class Runner:
 def _invoke(task: Task, request: Request, each: str | None, args, kwargs) -> Any:
     """Run the task under its time limits; exceptions of ``autoretry_for`` become retries."""
     fn = task.run
+    if ratelimit.limits is not None:
+        wait = ratelimit.limits.reserve(task.name, task.rate_limit)
+        if wait > 0:
+            time.sleep(wait)
     try:
         with _limits(task.soft_time_limit, task.time_limit):
             if each == "map":
@@ -126,32 +130,26 @@ def _invoke(task: Task, request: Request, each: str | None, args, kwargs) -> Any
 
 @contextmanager
 def _limits(soft: float | None, hard: float | None):
-    """Raise SoftTimeLimitExceeded in the task after soft seconds, TimeLimitExceeded after hard.
+    """Raise SoftTimeLimitExceeded in the task after soft seconds (it may clean up); after hard
+    seconds the supervisor kills this process, wherever it is stuck, and the task fails with
+    TimeLimitExceeded without running again (Celery's meanings)."""
+    if hard:
+        markers.mine.set_deadline(time.time() + hard, hard)
+        os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor's wait now ends by the deadline
+    if soft:
+        def alarm(signum, frame):
+            raise SoftTimeLimitExceeded(f"the task ran longer than its soft time limit of {soft:g} s")
 
-    A task stuck where Python cannot interrupt it (inside one long C call) is not
-    stopped by these; it is stopped when that call returns.
-    """
-    if not soft and not hard:
-        yield
-        return
-    start = time.monotonic()
-    stages = sorted((t, cls) for t, cls in ((soft, SoftTimeLimitExceeded), (hard, TimeLimitExceeded))
-                    if t)
-
-    def alarm(signum, frame):
-        limit, cls = stages.pop(0)
-        if stages:
-            signal.setitimer(signal.ITIMER_REAL, max(0.001, stages[0][0] - (time.monotonic() - start)))
-        raise cls(f"the task ran longer than its {'soft ' if cls is SoftTimeLimitExceeded else ''}"
-                  f"time limit of {limit:g} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, stages[0][0])
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, soft)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if hard:
+            markers.mine.set_deadline(0.0, 0.0)
 
 
 # -- what follows a task (runs on the worker) --------------------------------------------

@@ -13,8 +13,9 @@ from abc import ABC, abstractmethod
 class ClientConnection(ABC):
     """A client's link: send from any thread, receive on the client's receiver thread.
 
-    Client → broker kinds: fn, tasks, cancel, watch, mapend, info, bye (see
-    broker.py for their fields); broker → client: welcome, res, started, reply.
+    Client → broker kinds: fn, tasks, cancel, watch, mapend, info, join, ctl, bye
+    (see broker.py for their fields); broker → client: welcome, res, started, reply,
+    ctlr (one worker's answer to a ctl).
     """
 
     @abstractmethod
@@ -46,12 +47,17 @@ class SupervisorConnection(ABC):
         """Tell the broker this supervisor is alive."""
 
     @abstractmethod
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None) -> None:
-        """Report that worker process wid died (running item at[1] of task at[0], if known)."""
+    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
+        """Report that worker process wid died (running item at[1] of task at[0], if known);
+        end says why the supervisor killed it, if it did: that task ends, never re-run (deaths.py)."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         """Wait for broker messages or readable fds; returns (messages, ready fds)."""
+
+    @abstractmethod
+    def answer(self, request: dict, name: str, reply) -> None:
+        """Send this worker's reply (JSON) to the client of a control request (a ``ctl`` from poll)."""
 
     @abstractmethod
     def close(self, goodbye: bool) -> None:

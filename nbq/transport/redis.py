@@ -38,8 +38,13 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
   nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
                       epoch), claimed by compare-and-set so each tick is sent once (tasks/beat.py)
+  nbq:ctl             Stream of control commands (field m: a packed signed ``ctl`` message,
+                      as broker.py describes), MAXLEN ~CONTROL_KEEP: a broadcast, read
+                      by every supervisor with XREAD (no group) from where it joined;
+                      each answers (``ctlr``) on the client's rs:.  The client expects
+                      one answer from each live supervisor (hb: present) the command names
 
-Requests that the ZeroMQ broker answers (cancel, watch, info, join) are answered
+Requests that the ZeroMQ broker answers (cancel, watch, info, join, ctl) are answered
 by the client's own sender thread from Redis state, and delivered as
 ``reply`` messages through receive(), so client.py does not know the
 difference.  A supervisor's ``lost`` report and the entries of workers whose
@@ -111,6 +116,9 @@ READ_CHUNK = 4 << 20      # and read back in GETRANGE pieces of this size into o
 SPILLED = 1 << 63         # pack's flag on the length of a frame stored apart
 CONNECT_TIMEOUT = 10.0
 BACKOFF_MAX = 5.0
+CTL = P + "ctl"
+CONTROL_KEEP = 1000       # control commands kept in nbq:ctl (approximately)
+CONTROL_BLOCK_MS = 5000   # a supervisor's outstanding XREAD on nbq:ctl is renewed this often
 
 
 # -- addresses, connections, retries ------------------------------------------
@@ -441,7 +449,7 @@ return 0
 #: Requests answered from Redis state, with the answer given when Redis fails them.
 FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
-            "join": {"error": "Redis failed the join"}}
+            "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}}
 
 
 class Store:
@@ -573,7 +581,8 @@ class Store:
                 continue
         return [i for i, d in enumerate(done) if not d]
 
-    def after_death(self, qk: str, eid, fields: dict | None, why: str, at, died: bool = True) -> None:
+    def after_death(self, qk: str, eid, fields: dict | None, why: str, at, died: bool = True,
+                    end: dict | None = None) -> None:
         """Re-queue or fail a claimed entry whose worker process is gone (rules: deaths.py)."""
         if not fields:
             self.retry("acking", lambda: (self.r.xack(qk, GROUP, eid), self.r.xdel(qk, eid)))
@@ -587,9 +596,8 @@ class Store:
         if not died:  # a worker that left in good order: the same entry, queued again
             self.store([], adds=[(qk, fields)], acks=[(qk, eid, "")])
             return
-        fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at)
-        parts = [(task, *deaths.failure(task, pos, 1, deaths.lost_error(task, pos, why)))
-                 for pos in fail]
+        fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at, end)
+        parts = [(task, *deaths.ending(task, pos, why, end)) for pos in fail]
         adds = []
         if retry is not None:
             spill = self.spiller(payload)
@@ -848,30 +856,39 @@ class RedisClient(ClientConnection):
     def _on_info(self, header: dict):
         return info(self.store), []
 
+    def _on_ctl(self, header: dict):
+        dest = header.get("d")
+        n = sum(1 for sid, meta, _ in live_supervisors(self.store.r)
+                if dest is None or meta.get("n", sid) in dest or sid in dest)
+        self.store.r.xadd(CTL, {"m": pack(self.signer.encode(header))},
+                          maxlen=CONTROL_KEEP, approximate=True)
+        return {"n": n}, []
+
     def _on_join(self, header: dict):
         fired = self.store._join(args=[P, self.store.ttl_s, header["key"], header["member"],
                                        header["total"]])
         return {"fire": bool(fired)}, []
 
 
-def info(store: Store) -> dict:
-    """Workers (live supervisors) and queue lengths, as the ZeroMQ broker's info reply."""
-    r = store.r
+def live_supervisors(r: redis.Redis) -> list[tuple[str, dict, dict]]:
+    """(id, heartbeat info, processes) of each supervisor whose heartbeat has not expired."""
     sids = sorted(s.decode() for s in r.smembers(P + "sups"))
     pipe = r.pipeline(transaction=False)
     for sid in sids:
         pipe.get(P + "hb:" + sid)
         pipe.hgetall(P + "procs:" + sid)
     got = pipe.execute()
+    return [(sid, json.loads(got[2 * i]), got[2 * i + 1]) for i, sid in enumerate(sids)
+            if got[2 * i] is not None]
+
+
+def info(store: Store) -> dict:
+    """Workers (live supervisors) and queue lengths, as the ZeroMQ broker's info reply."""
+    r = store.r
+    sups = live_supervisors(r)
     queues = {q.decode() for q in r.smembers(P + "queues")}
-    sups = []
-    for i, sid in enumerate(sids):
-        hb, procs = got[2 * i], got[2 * i + 1]
-        if hb is None:
-            continue
-        meta = json.loads(hb)
+    for _, meta, _ in sups:
         queues.update(meta["q"])
-        sups.append((sid, meta, procs))
     active: dict[str, int] = {}
     lengths, tasks = {}, 0
     for q in sorted(queues):
@@ -888,14 +905,73 @@ def info(store: Store) -> dict:
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
             sid = name.split("/")[0]
             active[sid] = active.get(sid, 0) + int(c["pending"])
-    workers = [{"id": sid, "host": meta["host"], "pid": meta["spid"], "concurrency": meta["conc"],
-                "queues": list(meta["q"]), "active": active.get(sid, 0),
+    workers = [{"id": sid, "name": meta.get("n", sid), "host": meta["host"], "pid": meta["spid"],
+                "concurrency": meta["conc"], "queues": list(meta["q"]), "active": active.get(sid, 0),
                 "processes": sorted(int(p) for p in procs.values())} for sid, meta, procs in sups]
     results = r.zcount(P + "done", time.time() - store.ttl, "+inf")
     return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results}
 
 
 # -- supervisor ---------------------------------------------------------------
+
+class _ControlReader:
+    """The control stream, read with one XREAD BLOCK always outstanding on a connection of
+    its own, so a supervisor's select() waits on that socket together with its other fds
+    (no thread: the supervisor forks)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._conn = None
+        self._retry_at = 0.0
+        last = store.retry("reading the control stream", lambda: store.r.xrevrange(CTL, count=1))
+        self._last = last[0][0] if last else b"0-0"  # commands sent before this worker are not its
+
+    def fileno(self) -> int | None:
+        """The socket to wait on, with a read sent; None while Redis is unreachable."""
+        if self._conn is None:
+            if time.monotonic() < self._retry_at:
+                return None
+            try:
+                self._conn = self.store.r.connection_pool.get_connection()
+                self._conn.send_command("XREAD", "BLOCK", CONTROL_BLOCK_MS, "STREAMS", CTL, self._last)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self._drop(e)
+                return None
+        return self._conn._sock.fileno()  # redis-py keeps the socket private; nothing else waits on it
+
+    def read(self) -> list[dict]:
+        """The control commands that arrived (verified); call when fileno() is readable."""
+        try:
+            got = self._conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self._drop(e)
+            return []
+        self.store.r.connection_pool.release(self._conn)
+        self._conn = None
+        out = []
+        # the raw reply, no redis-py callback parsed it: a map under RESP3, pairs under RESP2
+        for _, entries in (got.items() if isinstance(got, dict) else got or ()):
+            for eid, flat in entries:
+                self._last = eid
+                fields = dict(zip(flat[::2], flat[1::2]))
+                decoded = self.store.decode(unpack(fields.get(b"m", b"")), "a control command")
+                if decoded is not None and decoded[0].get("k") == "ctl":
+                    out.append(decoded[0])
+        return out
+
+    def _drop(self, e: Exception) -> None:
+        log.warning("control commands: Redis at %s unavailable (%s)", self.store.safe, e)
+        if self._conn is not None:
+            self._conn.disconnect()
+            self.store.r.connection_pool.release(self._conn)
+            self._conn = None
+        self._retry_at = time.monotonic() + 1.0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._conn = None
+
 
 class RedisSupervisor(SupervisorConnection):
     """Heartbeats as a key with expiry; a dead process's entries re-queued by deaths.py's rules."""
@@ -909,9 +985,11 @@ class RedisSupervisor(SupervisorConnection):
         self._next_try = 0.0
         self._delay = 0.05
         check(self.store.r, self.store.safe)
+        self._control = _ControlReader(self.store)
 
     def heartbeat(self, info: dict) -> None:
-        self.queues = list(info.get("q", ()))
+        # every queue ever consumed: a dead process's entries are looked for in each
+        self.queues = list(dict.fromkeys([*self.queues, *info.get("q", ())]))
         now = time.monotonic()
         if now < self._next_try:  # Redis is away: keep waiting, keep the processes
             self._messages.append({"k": "hb"})
@@ -937,7 +1015,7 @@ class RedisSupervisor(SupervisorConnection):
             self._next_try = 0.0
         self._messages.append({"k": "hb"})
 
-    def lost(self, wid: str, how: str, at) -> None:
+    def lost(self, wid: str, how: str, at, end: dict | None = None) -> None:
         st = self.store
 
         def handle():
@@ -946,21 +1024,38 @@ class RedisSupervisor(SupervisorConnection):
             for q in self.queues:
                 qk = P + "q:" + q
                 for eid, fields in st.claim(qk, wid, self.sid, 0):
-                    st.after_death(qk, eid, fields, why, at)
+                    st.after_death(qk, eid, fields, why, at, end=end)
                 st.r.xgroup_delconsumer(qk, GROUP, wid)
             st.r.hdel(P + "procs:" + self.sid, wid)
 
         st.retry("re-queueing a dead process's tasks", handle)
 
+    def answer(self, request: dict, name: str, reply) -> None:
+        st = self.store
+        rs = P + "rs:" + request["c"]
+        blob = pack(st.signer.encode({"k": "ctlr", "ci": request["ci"], "n": name, "r": reply}))
+
+        def send():
+            pipe = st.r.pipeline(transaction=False)
+            pipe.xadd(rs, {"m": blob})
+            pipe.expire(rs, st.ttl_s)
+            pipe.execute()
+
+        st.retry("answering a control command", send)
+
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         if self._messages:
             timeout = 0
+        control = self._control.fileno()
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready, _, _ = select.select(fds + ([control] if control is not None else []),
+                                        [], [], timeout)
         except InterruptedError:
             ready = []
         messages, self._messages = self._messages, []
-        return messages, ready
+        if control is not None and control in ready:
+            messages.extend(self._control.read())
+        return messages, [fd for fd in ready if fd != control]
 
     def close(self, goodbye: bool) -> None:
         st = self.store
@@ -979,6 +1074,7 @@ class RedisSupervisor(SupervisorConnection):
                 st.retry("leaving", leave, give_up=lambda: True)
             except redis.RedisError as e:
                 log.warning("could not leave Redis at %s in good order: %s", st.safe, e)
+        self._control.close()
         st.close()
 
 
@@ -1206,9 +1302,15 @@ class RedisWorker(WorkerConnection):
         return taken
 
     def _reclaim(self) -> None:
-        """Claim and re-queue the entries of consumers whose supervisor's heartbeat expired."""
+        """Follow the supervisor's queue list (add_consumer, cancel_consumer); claim and
+        re-queue the entries of consumers whose supervisor's heartbeat expired."""
         st = self.store
         r = st.r
+        hb = r.get(P + "hb:" + self.sid)
+        if hb is not None:
+            queues = json.loads(hb)["q"]
+            if [P + "q:" + q for q in queues] != self.keys:
+                self.keys = [group(r, q) for q in queues]
         for sid in [s.decode() for s in r.smembers(P + "sups")]:
             if not r.exists(P + "hb:" + sid):
                 r.srem(P + "sups", sid)

@@ -111,8 +111,11 @@ class ZmqSupervisor(SupervisorConnection):
     def heartbeat(self, info: dict) -> None:
         self._send(dict(info, k="hb"))
 
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None) -> None:
-        self._send({"k": "lost", "w": wid, "how": how, "at": at})
+    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
+        self._send({"k": "lost", "w": wid, "how": how, "at": at, "end": end})
+
+    def answer(self, request: dict, name: str, reply) -> None:
+        self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "n": name, "r": reply})
 
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         for fd in fds:

@@ -14,6 +14,7 @@ from .. import protocol
 from ..errors import SerializationError
 
 FUNCTION_CACHE = 512
+NAME_MAX = 300  # bytes of a function's name kept for ``inspect active``
 
 
 class Functions:
@@ -21,9 +22,10 @@ class Functions:
 
     def __init__(self, fetch: Callable[[str], list]) -> None:
         self._fetch = fetch
-        self._loaded: OrderedDict[str, object] = OrderedDict()
+        self._loaded: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
 
-    def get(self, h: str):
+    def get(self, h: str) -> tuple[object, bytes]:
+        """(the function, its name as ``inspect active`` shows it, encoded)."""
         try:
             self._loaded.move_to_end(h)
             return self._loaded[h]
@@ -33,10 +35,18 @@ class Functions:
             fn = protocol.loads(self._fetch(h))
         except Exception as e:  # a module missing here, a broken pickle: every task of it fails
             fn = _Unloadable(e)
-        self._loaded[h] = fn
+        entry = self._loaded[h] = fn, _name(fn).encode()[:NAME_MAX]
         if len(self._loaded) > FUNCTION_CACHE:
             self._loaded.popitem(last=False)
-        return fn
+        return entry
+
+
+def _name(fn) -> str:
+    """A task's registered name, or a plain function's module and qualified name."""
+    name = getattr(fn, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 class _Unloadable:

@@ -7,6 +7,7 @@ import time
 
 from ..transport.base import WorkerConnection
 from .execute import Functions, run
+from . import marker as markers
 from .marker import Marker
 
 #: Results of a long batch are sent at least this often, so a slow task late in
@@ -14,7 +15,7 @@ from .marker import Marker
 FLUSH_SECONDS = 0.005
 
 
-def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
+def serve(conn: WorkerConnection, marker: Marker) -> None:
     """Serve tasks until the process is stopped; re-runs mark their items in marker.
 
     A task marked ``now`` has its result sent as soon as it is done, not with its
@@ -24,35 +25,44 @@ def serve(conn: WorkerConnection, marker: Marker | None = None) -> None:
     here, fetched and unacknowledged, while this process serves other tasks:
     if the process dies, the broker re-runs it as any other task it held.
     """
+    markers.mine = marker
     functions = Functions(conn.function)
-    mark = marker.mark if marker is not None else None
     later: list = []  # heap of (eta, seq, item, frames)
     seq = itertools.count()
     while True:
         batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
         fetched = bool(batch)
+        moved = False  # whether what waits for its ETA changed: inspect scheduled shows it
         while later and later[0][0] <= time.time():
             _, _, item, frames = heapq.heappop(later)
             batch.append((item, frames))
+            moved = True
         out: list = []
         flushed = time.monotonic()
         last = len(batch) - 1
         for i, (item, frames) in enumerate(batch):
             if item.get("eta", 0) > time.time():
                 heapq.heappush(later, (item["eta"], next(seq), item, frames))
+                moved = True
                 continue
+            fn, name = functions.get(item["h"])
+            marker.begin(item["id"], name)
             if item.get("st") or item.get("a"):
-                run(item, frames, functions.get(item["h"]),
-                    lambda r, p: conn.report([(r, p)], ready=False), mark)
-                if marker is not None:
-                    marker.clear()
+                run(item, frames, fn,
+                    lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
+                marker.clear()
             else:
-                again = run(item, frames, functions.get(item["h"]), lambda r, p: out.append((r, p)))
+                again = run(item, frames, fn, lambda r, p: out.append((r, p)))
                 if again is not None:
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
+                    moved = True
             if out and i < last and (item.get("now") or time.monotonic() - flushed > FLUSH_SECONDS):
                 conn.report(out, ready=False)
                 out = []
                 flushed = time.monotonic()
+        marker.idle()
+        if moved:
+            marker.schedule([(item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
+                             for eta, _, item, _ in sorted(later)])
         if out or fetched:
             conn.report(out, ready=fetched)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -19,7 +20,7 @@ import uuid
 from typing import Callable
 
 from ..transport.base import SupervisorConnection, WorkerConnection
-from . import process
+from . import control, process, ratelimit
 from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
@@ -27,6 +28,14 @@ log = logging.getLogger("nbq.worker")
 HEARTBEAT = 1.0
 BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone
 CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
+DEFAULT_NAME = "nbq@%h"  # a worker's name in control replies, as Celery's celery@%h
+
+
+def worker_name(template: str, host: str) -> str:
+    """A worker name from ``-n``: %h is the host name, %n its first label, %d the rest, %% a %."""
+    short, _, domain = host.partition(".")
+    table = {"h": host, "n": short, "d": domain, "%": "%"}
+    return re.sub(r"%([hnd%])", lambda m: table[m.group(1)], template)
 
 
 class Supervisor:
@@ -34,22 +43,28 @@ class Supervisor:
 
     def __init__(self, connect: Callable[[str], SupervisorConnection],
                  connect_worker: Callable[[str, dict], WorkerConnection],
-                 concurrency: int, queues: list[str], lifeline: int | None = None) -> None:
+                 concurrency: int, queues: list[str], lifeline: int | None = None,
+                 name: str = DEFAULT_NAME) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
+        self.name = worker_name(name, self.host)
+        self.started = time.time()
+        self.rates = ratelimit.RateLimits()
         self.concurrency = concurrency
         self.queues = list(queues)
         self.lifeline = lifeline
         self._connect = connect
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
+        self._ending: dict[int, dict] = {}  # pid -> why this supervisor killed it (deaths.py's end)
+        self._retiring: set[int] = set()    # pids stopped by pool_shrink: not replaced
         self._count = 0
         self._stopping = False
 
     @property
     def info(self) -> dict:
-        return {"s": self.sid, "host": self.host, "spid": self.pid,
+        return {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
                 "conc": self.concurrency, "q": self.queues}
 
     def run(self) -> str:
@@ -58,6 +73,7 @@ class Supervisor:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # a process set a deadline: look again
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         conn = self._connect(self.sid)
@@ -70,13 +86,17 @@ class Supervisor:
             started = next_beat = time.monotonic()
             fds = [wake_r] + ([self.lifeline] if self.lifeline is not None else [])
             while not self._stopping:
-                messages, ready = conn.poll(max(0.0, next_beat - time.monotonic()), fds)
+                wait = min(next_beat - time.monotonic(), self._next_deadline() - time.time())
+                messages, ready = conn.poll(max(0.0, wait), fds)
+                self._enforce_deadlines(time.time())
                 now = time.monotonic()
                 for header in messages:
                     if header["k"] == "hb":
                         answered = now
                     elif header["k"] == "stop":
                         return "the broker is shutting down"
+                    elif header["k"] == "ctl":
+                        self._on_control(conn, header)
                 if wake_r in ready:
                     os.read(wake_r, 4096)
                 self._reap(conn)
@@ -99,8 +119,68 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
 
-    def _on_stop_signal(self, signum, frame) -> None:
+    def _on_control(self, conn: SupervisorConnection, request: dict) -> None:
+        """Answer a control command addressed to this worker (by name or id, or to all)."""
+        dest = request.get("d")
+        if dest is not None and self.name not in dest and self.sid not in dest:
+            return
+        conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
+        conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
+
+    def stop(self) -> None:
+        """Stop serving, as SIGTERM does: the loop ends and the processes are stopped."""
         self._stopping = True
+
+    def grow(self, n: int) -> None:
+        """Start n more worker processes."""
+        if n < 1:
+            raise ValueError(f"pool_grow needs a positive number of processes, not {n}")
+        self.concurrency += n
+        for _ in range(n):
+            self._spawn()
+
+    def shrink(self, n: int) -> None:
+        """Stop n worker processes, idle ones first (a busy one's task runs again elsewhere)."""
+        if not 1 <= n < self.concurrency:
+            raise ValueError(f"pool_shrink {n}: this worker runs {self.concurrency} processes "
+                             "and keeps at least one; use shutdown to stop it")
+        self.concurrency -= n
+        live = [pid for pid in self.children if pid not in self._retiring]
+        for pid in sorted(live, key=lambda p: self.children[p][1].current() is not None)[:n]:
+            self._retiring.add(pid)
+            _kill(pid, signal.SIGTERM)
+
+    def _next_deadline(self) -> float:
+        """The nearest hard time limit of a running task (epoch seconds; inf when none)."""
+        return min((d for d, _ in (m.deadline() for _, m in self.children.values()) if d),
+                   default=float("inf"))
+
+    def _enforce_deadlines(self, now: float) -> None:
+        """Kill each process whose task passed its hard time limit; _reap replaces it."""
+        for pid, (wid, marker) in self.children.items():
+            running = marker.current()  # read before the deadline: see deaths.py's end
+            deadline, limit = marker.deadline()
+            if not deadline or deadline > now or pid in self._ending:
+                continue
+            tid, name = running[:2] if running else (None, "?")
+            self._ending[pid] = {"id": tid, "how": "time_limit", "text": (
+                f"task {name} ({tid}) ran past its time limit of {limit:g} s: its worker "
+                f"process {pid} was killed and replaced")}
+            _kill(pid, signal.SIGKILL)
+
+    def terminate(self, task_id: str, sig: int) -> bool:
+        """Send sig to the process running task_id (its task ends REVOKED); False if none here."""
+        for pid, (_, marker) in self.children.items():
+            running = marker.current()
+            if running is not None and running[0] == task_id and pid not in self._ending:
+                self._ending[pid] = {"id": task_id, "how": "revoked",
+                                     "text": f"revoked with terminate by {self.name}"}
+                _kill(pid, sig)
+                return True
+        return False
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop()
 
     def _spawn(self) -> None:
         wid = f"{self.sid}/{self._count}"
@@ -111,6 +191,7 @@ class Supervisor:
             code = 0
             try:
                 _become_child(self.pid)
+                ratelimit.limits = self.rates
                 process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker)
             except BaseException:
                 log.exception("worker process %s failed", wid)
@@ -132,8 +213,16 @@ class Supervisor:
                 continue
             wid, marker = child
             how = _describe_exit(status)
-            log.warning("worker process %s (pid %d) %s; starting a new one", wid, pid, how)
-            conn.lost(wid, how, marker.read())
+            end = self._ending.pop(pid, None)
+            if pid in self._retiring:
+                self._retiring.discard(pid)
+                log.info("worker process %s (pid %d) stopped: the pool shrank", wid, pid)
+                conn.lost(wid, "was stopped by pool_shrink", marker.read())
+                marker.close()
+                continue
+            log.warning("worker process %s (pid %d) %s%s; starting a new one", wid, pid, how,
+                        f" ({end['text']})" if end else "")
+            conn.lost(wid, how, marker.read(), end)
             marker.close()
             if not self._stopping:
                 self._spawn()
@@ -175,6 +264,7 @@ def _become_child(parent: int) -> None:
     """Signal setup of a forked worker process; it dies when the supervisor dies."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     try:

@@ -63,7 +63,8 @@ def slow_but_careful(seconds):
 
 
 @app.task(time_limit=0.5)
-def slow(seconds):
+def slow(seconds, key="slow"):
+    note(f"slow {key}")
     time.sleep(seconds)
     return "finished"
 
@@ -92,3 +93,26 @@ def boom(x):
 @app.task
 def on_error(request, exc, traceback):
     note(f"on_error {request.id} {type(exc).__name__}")
+
+
+@app.task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def stamp():
+    """When it started."""
+    return time.time()
+
+
+@app.task(rate_limit="600/m")
+def limited():
+    return time.time()
+
+
+@app.task
+def metered():
+    """Rate-limited by celeryconfig's task_annotations."""
+    return time.time()

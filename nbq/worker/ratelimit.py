@@ -1,0 +1,130 @@
+"""Rate limits per worker, as Celery's ``rate_limit``: one table a supervisor shares with its processes.
+
+A task limited to N per period starts at most once every period/N seconds on
+this worker, whichever of its processes runs it (Celery's token bucket of
+capacity 1).  The table is a file-backed shared page made before fork; a
+process reserves the next start time under a POSIX record lock (released by
+the kernel if its holder dies), then sleeps until it.  Slots are never
+removed, so a process caches where a name lives.
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import tempfile
+import time
+
+SLOTS = 256
+NAME_MAX = 200
+_COUNT = struct.Struct("Q")
+_SLOT = struct.Struct(f"ddH{NAME_MAX}s")  # interval (s, 0: none), next start (epoch s), name length
+PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def interval(rate: str | float | int | None) -> float:
+    """Seconds between starts for a Celery rate ("10/s", "10/m", "10/h", or a number per
+    second); 0 for no limit (None, 0, "0")."""
+    if rate is None:
+        return 0.0
+    if isinstance(rate, str):
+        count, _, period = rate.strip().partition("/")
+        if period and period not in PERIODS:
+            raise ValueError(f"bad rate limit {rate!r}: write N/s, N/m or N/h")
+        try:
+            n = float(count)
+        except ValueError:
+            raise ValueError(f"bad rate limit {rate!r}: write N/s, N/m or N/h") from None
+        seconds = PERIODS[period or "s"]
+    else:
+        n, seconds = float(rate), 1.0
+    return seconds / n if n > 0 else 0.0
+
+
+class RateLimits:
+    """Task name -> (interval, next start), shared by a supervisor and the processes it forks."""
+
+    def __init__(self) -> None:
+        fd, path = tempfile.mkstemp(prefix="nbq-rates-")
+        os.unlink(path)
+        os.ftruncate(fd, _COUNT.size + SLOTS * _SLOT.size)
+        self._fd = fd
+        self._mem = mmap.mmap(fd, 0)
+        self._where: dict[str, int] = {}  # this process's cache: name -> slot
+
+    def _lock(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def _unlock(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _find(self, name: str, raw: bytes) -> int | None:
+        """The slot of name (lock held, or a slot cached before), None if it has none."""
+        slot = self._where.get(name)
+        if slot is not None:
+            return slot
+        (count,) = _COUNT.unpack_from(self._mem, 0)
+        for i in range(count):
+            _, _, n, stored = _SLOT.unpack_from(self._mem, _COUNT.size + i * _SLOT.size)
+            if stored[:n] == raw:
+                self._where[name] = i
+                return i
+        return None
+
+    def _slot(self, name: str, raw: bytes, every: float) -> int:
+        """The slot of name, made with interval every if it has none (lock held)."""
+        slot = self._find(name, raw)
+        if slot is None:
+            (slot,) = _COUNT.unpack_from(self._mem, 0)
+            if slot >= SLOTS:
+                raise ValueError(f"more than {SLOTS} tasks have rate limits on this worker")
+            _SLOT.pack_into(self._mem, _COUNT.size + slot * _SLOT.size, every, 0.0, len(raw), raw)
+            _COUNT.pack_into(self._mem, 0, slot + 1)
+            self._where[name] = slot
+        return slot
+
+    def set(self, name: str, rate: str | float | int | None) -> None:
+        """Limit task name to rate from now on (None or 0: no limit), whatever its own option says."""
+        every, raw = interval(rate), _name(name)
+        self._lock()
+        try:
+            at = _COUNT.size + self._slot(name, raw, every) * _SLOT.size
+            _, nxt, n, stored = _SLOT.unpack_from(self._mem, at)
+            _SLOT.pack_into(self._mem, at, every, nxt, n, stored)
+        finally:
+            self._unlock()
+
+    def reserve(self, name: str, own: str | float | int | None) -> float:
+        """Take the next start of task name (own: its rate_limit option, used until one is set);
+        the seconds to wait before starting it."""
+        if own is None and not _COUNT.unpack_from(self._mem, 0)[0]:
+            return 0.0  # no limit anywhere: no lock taken
+        raw = _name(name)
+        self._lock()
+        try:
+            slot = self._find(name, raw) if own is None else self._slot(name, raw, interval(own))
+            if slot is None:
+                return 0.0
+            at = _COUNT.size + slot * _SLOT.size
+            every, nxt, n, stored = _SLOT.unpack_from(self._mem, at)
+            if not every:
+                return 0.0
+            now = time.time()
+            start = max(now, nxt)
+            _SLOT.pack_into(self._mem, at, every, start + every, n, stored)
+            return start - now
+        finally:
+            self._unlock()
+
+
+def _name(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > NAME_MAX:
+        raise ValueError(f"task name {name[:40]}... is longer than {NAME_MAX} bytes: rate limits "
+                         "need a shorter name")
+    return raw
+
+
+#: This worker's table: made by its supervisor before it forks (None outside ``nbq worker``).
+limits: RateLimits | None = None
