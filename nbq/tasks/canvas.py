@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from ..asyncresult import AsyncResult
 from . import serializers
-from .runner import Runner, worker_client
+from .runner import Runner, header_id, worker_client
 
 #: Options that travel in the task's header or request rather than as settings.
 _SEND_OPTIONS = ("task_id", "queue", "serializer", "result_serializer", "countdown", "eta",
@@ -293,13 +293,19 @@ class chord:
             raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
         body = body.clone()
         body.freeze()
+        meta = {"id": str(uuid.uuid4()), "n": len(self.header), "body": body}
         header = [sig.clone() for sig in self.header]
-        for sig in header:
+        for i, sig in enumerate(header):
+            sig.options.setdefault("task_id", header_id(meta, i))
             sig.freeze()
         client = _client_of(body.app or next((s.app for s in header if s.app), None))
         if not header:
             return body.apply_async(([],), client=client)
-        meta = {"id": str(uuid.uuid4()), "ids": [s.id for s in header], "body": body}
+        # Every header task carries meta, so its size must not grow with the header: the ids are
+        # derived from the chord's, and only ids given by the caller are listed.
+        own = {i: s.id for i, s in enumerate(header) if s.id != header_id(meta, i)}
+        if own:
+            meta["ids"] = own
         results = [sig.apply_async(args, kwargs, client=client, chord=meta, **options)
                    for sig in header]
         res = AsyncResult(body.id, client=client)
