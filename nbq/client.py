@@ -378,7 +378,9 @@ class Client(concurrent.futures.Executor):
 
         Members are a set, so a task that ran twice counts once (a chord's header).
         """
-        answer = self._request("join", key=key, member=member, total=total)
+        now = getattr(self._conn, "answer_now", None)  # Redis: one call, from this thread
+        answer = (now({"k": "join", "key": key, "member": member, "total": total}) if now
+                  else self._request("join", key=key, member=member, total=total))
         if "fire" not in answer:
             raise NbqError(f"the broker at {self.address} failed to record join {key!r}: "
                            f"{answer.get('error')}")
