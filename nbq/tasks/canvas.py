@@ -321,6 +321,7 @@ class chord:
         client = _client_of(body.app or next((s.app for s in header if s.app), None))
         if not header:
             return body.apply_async(([],), client=client)
+        body.__dict__["_runner"] = body.runner.packed()  # it goes in every header task's message
         # Every header task carries meta, so its size must not grow with the header: the ids are
         # derived from the chord's, and only ids given by the caller are listed.
         own = {i: s.id for i, s in enumerate(header) if s.id != header_id(meta, i)}
