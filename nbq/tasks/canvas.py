@@ -165,8 +165,6 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
     expires = opts.get("expires")
     if expires is not None:
         header["x"] = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
-    if chord:
-        header["now"] = 1  # the header task that completes the chord waits for the others' results
     req: dict = {"rs": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
                        ("link", opts.get("link")), ("link_error", opts.get("link_error"))):

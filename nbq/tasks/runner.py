@@ -224,6 +224,7 @@ def _chord_part(request: Request, chord: dict, value: Any, exc: BaseException | 
     client = worker_client()
     if not client._join(chord["id"], request.id, chord["n"]):
         return
+    execute.flush()  # results of header tasks this process ran before may still be held here
     ids = [header_id(chord, i) for i in range(chord["n"])]
     others = [tid for tid in ids if tid != request.id]
     futures = dict(zip(others, client._watch_tasks(others)))  # one "watch" request for them all
