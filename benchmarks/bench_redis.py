@@ -111,17 +111,19 @@ class CeleryAdapter(be.Adapter):
     def __init__(self, url: str) -> None:
         self.url = url
 
+    def worker_command(self) -> list[str]:
+        return [_bin("celery"), "-A", "celery_tasks", "worker", "--pool", "prefork",
+                "-c", str(WORKERS), "--loglevel=WARNING"]
+
     def start(self) -> None:
         import celery_tasks
         self.tasks = celery_tasks
-        self.procs = [subprocess.Popen([_bin("celery"), "-A", "celery_tasks", "worker", "--pool", "prefork",
-                                        "-c", str(WORKERS), "--loglevel=WARNING"],
-                                       cwd=HERE, stdin=subprocess.DEVNULL,
+        self.procs = [subprocess.Popen(self.worker_command(), cwd=HERE, stdin=subprocess.DEVNULL,
                                        env={**os.environ, "C_FORCE_ROOT": "1"})]  # pickle as root
         ar = celery_tasks.inc.delay(0)
-        _wait(lambda: ar.ready() or self.procs[0].poll() is not None, 60, "the celery worker")
+        _wait(lambda: ar.ready() or self.procs[0].poll() is not None, 60, "the worker")
         if self.procs[0].poll() is not None:
-            raise RuntimeError(f"the celery worker exited with {self.procs[0].returncode}")
+            raise RuntimeError(f"the worker exited with {self.procs[0].returncode}")
 
     def submit(self, fn, *args: Any) -> CeleryFuture:
         return CeleryFuture(getattr(self.tasks, fn.__name__).delay(*args))
@@ -220,17 +222,20 @@ WORKLOADS = {"W1": be.w1_roundtrip, "W2": be.w2_submits, "W3": be.w3_map, "W4": 
 
 
 # --- harness: like bench_engine's, plus the Redis URL of the pair's database ---------------
-def run_one(system: str, wl: str, quick: bool, url: str | None) -> dict[str, float | str]:
+def run_one(system: str, wl: str, quick: bool, url: str | None, adapters: dict | None = None,
+            workloads: dict | None = None) -> dict[str, float | str]:
     """In the child: one workload on freshly started workers."""
+    adapters, workloads = adapters or ADAPTERS, workloads or WORKLOADS
     if url:
         os.environ[URL_ENV] = url
     importlib.import_module(MODULES[system])
-    return be.run_adapter(ADAPTERS[system](url), WORKLOADS[wl], f"{system} {wl}", quick)
+    return be.run_adapter(adapters[system](url), workloads[wl], f"{system} {wl}", quick)
 
 
-def run_isolated(system: str, wl: str, quick: bool, timeout: float, url: str | None) -> dict:
-    """In the parent: run_one in a child process of its own (its workers included)."""
-    cmd = [sys.executable, __file__, "--one", f"{system}:{wl}", "--bulk-timeout", str(BULK_TIMEOUT)]
+def run_isolated(script: str, system: str, wl: str, quick: bool, timeout: float, url: str | None,
+                 extra: tuple[str, ...]) -> dict:
+    """In the parent: `script --one system:wl` in a child process of its own (its workers included)."""
+    cmd = [sys.executable, script, "--one", f"{system}:{wl}", *extra]
     cmd += (["--url", url] if url else []) + (["--quick"] if quick else [])
     result = be.child_result(cmd, timeout, f"{system} {wl}")
     return {r: "timeout" for r in ROWS.get(wl, [])} if result is None else result
@@ -238,6 +243,48 @@ def run_isolated(system: str, wl: str, quick: bool, timeout: float, url: str | N
 
 ROWS: dict[str, list[str]] = {}  # workload -> row labels seen so far (for a timed-out pair's cells)
 PEERS = ("celery", "rq")
+
+
+@contextlib.contextmanager
+def private_redis(aof: bool = True):
+    """A private redis-server (tests/redis_server.py), stopped by its handle on exit, and the
+    environment the children and their workers need: one signing key for nbq (no key file
+    written), and bench_engine / celery_tasks importable (tasks are pickled by reference)."""
+    os.environ.setdefault("NBQ_KEY", secrets.token_hex(32))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT)] + [p for p in
+                                               os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    from redis_server import RedisServer
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        server = RedisServer(tmp, aof=aof)
+        try:
+            assert server.port != 6379
+            print(f"private redis-server on 127.0.0.1:{server.port} in {tmp}", file=sys.stderr, flush=True)
+            yield server
+        finally:
+            server.stop()
+
+
+def run_all(script: str, server, systems: list[str], wls: list[str], quick: bool, timeout: float,
+            extra: tuple[str, ...] = ()) -> tuple[list[str], dict[tuple[str, str], float | str]]:
+    """Every (system, workload) pair in a child of script, on a fresh, flushed database of
+    server where the system uses Redis: (row labels, {(system, row): value})."""
+    import redis
+    rows: list[str] = []
+    cells: dict[tuple[str, str], float | str] = {}  # (system, row) -> value; missing prints err
+    for wl in wls:
+        for s in systems:
+            url = server.url() if s in ON_REDIS else None
+            print(f"running {s} {wl} {url or ''}...", file=sys.stderr, flush=True)
+            for r, v in run_isolated(script, s, wl, quick, timeout, url, extra).items():
+                rows += [] if r in rows else [r]
+                seen = ROWS.setdefault(wl, [])
+                seen += [] if r in seen else [r]
+                cells[(s, r)] = v
+            if url:  # free its memory (W4 leaves hundreds of MB) before the next pair
+                with contextlib.closing(redis.Redis.from_url(url)) as r:
+                    r.flushdb()
+        rows += [] if any(r.startswith(wl + " ") for r in rows) else [f"{wl} (all failed)"]
+    return rows, cells
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,35 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     bad = [x for x in systems if x not in ADAPTERS] + [x for x in wls if x not in WORKLOADS]
     if bad:
         ap.error(f"unknown system(s)/workload(s): {', '.join(bad)}")
-    # Children and their workers: one signing key for nbq (no key file written), and
-    # bench_engine / celery_tasks importable by every worker (tasks are pickled by reference).
-    os.environ.setdefault("NBQ_KEY", secrets.token_hex(32))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT)] + [p for p in
-                                               os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    from redis_server import RedisServer
-    import redis
-    rows: list[str] = []
-    cells: dict[tuple[str, str], float | str] = {}  # (system, row) -> value; missing prints err
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
-        server = RedisServer(tmp, aof=not args.redis_defaults)
-        assert server.port != 6379
-        print(f"private redis-server on 127.0.0.1:{server.port} in {tmp}", file=sys.stderr, flush=True)
-        try:
-            for wl in wls:
-                for s in systems:
-                    url = server.url() if s in ON_REDIS else None  # a fresh, flushed database
-                    print(f"running {s} {wl} {url or ''}...", file=sys.stderr, flush=True)
-                    for r, v in run_isolated(s, wl, args.quick, args.timeout, url).items():
-                        rows += [] if r in rows else [r]
-                        seen = ROWS.setdefault(wl, [])
-                        seen += [] if r in seen else [r]
-                        cells[(s, r)] = v
-                    if url:  # free its memory (W4 leaves hundreds of MB) before the next pair
-                        with contextlib.closing(redis.Redis.from_url(url)) as r:
-                            r.flushdb()
-                rows += [] if any(r.startswith(wl + " ") for r in rows) else [f"{wl} (all failed)"]
-        finally:
-            server.stop()
+    with private_redis(aof=not args.redis_defaults) as server:
+        rows, cells = run_all(__file__, server, systems, wls, args.quick, args.timeout,
+                              ("--bulk-timeout", str(BULK_TIMEOUT)))
     persistence = "default persistence, no AOF" if args.redis_defaults else "AOF everysec"
     print(f"\n{WORKERS} workers, Python {sys.version.split()[0]}, one private Redis "
           f"({persistence}){', --quick' if args.quick else ''}\n")

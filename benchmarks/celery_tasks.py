@@ -1,18 +1,24 @@
-"""Celery app and tasks for benchmarks/bench_redis.py: the bench_engine tasks as Celery tasks.
+"""Celery app and tasks for benchmarks/bench_redis.py and bench_tasks.py: the bench_engine tasks,
+and Celery's tutorial add and xsum, as Celery tasks.
 
 Broker and result backend are the private Redis named by NBQ_BENCH_REDIS_URL (set by
 bench_redis.py); there is deliberately no default, so the machine's Redis on 6379 is never used.
-The worker runs from the benchmarks directory:
+With NBQ_BENCH_APP=nbq the same module is an nbq project, by the one-line change
+(``from nbq import App as Celery``). The worker runs from the benchmarks directory:
 
     celery -A celery_tasks worker --pool prefork -c 2 --loglevel=WARNING
+    NBQ_BENCH_APP=nbq nbq worker -A celery_tasks --broker $NBQ_BENCH_REDIS_URL -c 2
 """
 from __future__ import annotations
 
 import os
 
-from celery import Celery
-
 import bench_engine as be
+
+if os.environ.get("NBQ_BENCH_APP") == "nbq":
+    from nbq import App as Celery, chord  # noqa: F401  (chord: for bench_tasks.py)
+else:
+    from celery import Celery, chord  # noqa: F401
 
 URL = os.environ.get("NBQ_BENCH_REDIS_URL")
 if not URL:
@@ -38,3 +44,13 @@ def nbytes_of(a):
 @app.task
 def make_array(nbytes: int):
     return be.make_array(nbytes)
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task
+def xsum(numbers: list) -> int:
+    return sum(numbers)

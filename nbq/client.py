@@ -394,26 +394,37 @@ class Client(concurrent.futures.Executor):
 
     def _watch_task(self, tid: str) -> Future:
         """A Future for any task id on this broker, filled from stored and later results."""
-        fut = self._futures.get(tid)
-        if fut is not None:
-            return fut
-        fut = Future(tid, self)
-        fut._foreign = True  # not this client's work: shutdown does not wait for it
-        self._futures[tid] = fut
+        return self._watch_tasks([tid])[0]
+
+    def _watch_tasks(self, tids: list[str]) -> list[Future]:
+        """_watch_task of each id, in one request for the ids this client has no Future of."""
+        futs, new = [], []
+        for tid in tids:
+            fut = self._futures.get(tid)
+            if fut is None:
+                fut = Future(tid, self)
+                fut._foreign = True  # not this client's work: shutdown does not wait for it
+                self._futures[tid] = fut
+                new.append(fut)
+            futs.append(fut)
 
         def known(reply: dict) -> None:  # receiver thread, before any resent result
-            if reply["known"].get(tid) == "STARTED" and fut._state == "PENDING":
-                fut.set_running_or_notify_cancel()
+            for fut in new:
+                if reply["known"].get(fut.id) == "STARTED" and fut._state == "PENDING":
+                    fut.set_running_or_notify_cancel()
 
-        self._request("watch", ids=[tid], on_reply=known)
-        return fut
+        if new:
+            self._request("watch", ids=[fut.id for fut in new], on_reply=known)
+        return futs
 
     def _join(self, key: str, member: str, total: int) -> bool:
         """Add member to the join named key on the broker; True for the one call that completes it.
 
         Members are a set, so a task that ran twice counts once (a chord's header).
         """
-        answer = self._request("join", key=key, member=member, total=total)
+        now = getattr(self._conn, "answer_now", None)  # Redis: one call, from this thread
+        answer = (now({"k": "join", "key": key, "member": member, "total": total}) if now
+                  else self._request("join", key=key, member=member, total=total))
         if "fire" not in answer:
             raise NbqError(f"the broker at {self.address} failed to record join {key!r}: "
                            f"{answer.get('error')}")

@@ -7,6 +7,7 @@ chain or chord goes on when the caller has gone.
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import datetime
@@ -14,12 +15,26 @@ from typing import Any, Iterable
 
 from ..asyncresult import AsyncResult
 from . import serializers
-from .runner import Runner, worker_client
+from .runner import Runner, header_id, worker_client
 
 #: Options that travel in the task's header or request rather than as settings.
 _SEND_OPTIONS = ("task_id", "queue", "serializer", "result_serializer", "countdown", "eta",
                  "expires", "priority", "link", "link_error", "retry", "retry_policy",
                  "immutable", "each", "time_limit", "soft_time_limit", "exchange", "routing_key")
+
+
+_ids: list[str] = []  # task ids made ahead, as one os.urandom call makes 256 of them
+os.register_at_fork(after_in_child=_ids.clear)  # a forked process never reuses its parent's
+
+
+def new_id() -> str:
+    """A random task id, as Celery's: ``str(uuid.uuid4())``, made 256 at a time."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        raw = os.urandom(16 * 256)
+        _ids.extend(str(uuid.UUID(bytes=raw[i:i + 16], version=4)) for i in range(0, len(raw), 16))
+        return _ids.pop()
 
 
 class Signature:
@@ -70,7 +85,8 @@ class Signature:
     def freeze(self) -> None:
         """Give the call its id and resolve its queue and serializers now (as the caller's app says)."""
         opts = self.options
-        opts.setdefault("task_id", str(uuid.uuid4()))
+        if opts.get("task_id") is None:
+            opts["task_id"] = new_id()
         task = self.task
         app = self.app
         if opts.get("queue") is None:
@@ -99,17 +115,21 @@ class Signature:
                     chain: list | None = None, chord: dict | None = None, **options) -> AsyncResult:
         """Send the call; args are put before the signature's own (unless immutable)."""
         sig = self.clone(() if self.immutable else tuple(args), kwargs, **options)
-        sig.freeze()
+        return sig._send(client, chain, chord)
+
+    def _send(self, client=None, chain: list | None = None, chord: dict | None = None) -> AsyncResult:
+        """Freeze and send this signature itself (apply_async sends a copy)."""
+        self.freeze()
         client = client or _client_of(self.app)
         for key in ("link", "link_error"):
-            links = sig.options.get(key)
+            links = self.options.get(key)
             if links is not None:
                 links = [links] if isinstance(links, Signature) else list(links)
                 for link in links:
                     link.freeze()
-                sig.options[key] = links
-        send(client, sig, chain=chain, chord=chord)
-        return AsyncResult(sig.id, client=client)
+                self.options[key] = links
+        send(client, self, chain=chain, chord=chord)
+        return AsyncResult(self.id, client=client)
 
     def __or__(self, other) -> "chain":
         return chain(self, other)
@@ -144,8 +164,6 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
     expires = opts.get("expires")
     if expires is not None:
         header["x"] = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
-    if chord:
-        header["now"] = 1  # the header task that completes the chord waits for the others' results
     req: dict = {"rs": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
                        ("link", opts.get("link")), ("link_error", opts.get("link_error"))):
@@ -218,7 +236,7 @@ class group:
 
     def apply_async(self, args: Iterable = (), kwargs: dict | None = None, **options) -> GroupResult:
         results = [sig.apply_async(args, kwargs, **options) for sig in self.tasks]
-        return GroupResult(str(uuid.uuid4()), results)
+        return GroupResult(new_id(), results)
 
     def __or__(self, other) -> "chord":
         return chord(self.tasks, other)
@@ -292,13 +310,20 @@ class chord:
             raise TypeError("a chord needs a body: chord(header)(body) or chord(header, body)")
         body = body.clone()
         body.freeze()
+        meta = {"id": new_id(), "n": len(self.header), "body": body}
         header = [sig.clone() for sig in self.header]
-        for sig in header:
+        for i, sig in enumerate(header):
+            sig.options.setdefault("task_id", header_id(meta, i))
             sig.freeze()
         client = _client_of(body.app or next((s.app for s in header if s.app), None))
         if not header:
             return body.apply_async(([],), client=client)
-        meta = {"id": str(uuid.uuid4()), "ids": [s.id for s in header], "body": body}
+        body.__dict__["_runner"] = body.runner.packed()  # it goes in every header task's message
+        # Every header task carries meta, so its size must not grow with the header: the ids are
+        # derived from the chord's, and only ids given by the caller are listed.
+        own = {i: s.id for i, s in enumerate(header) if s.id != header_id(meta, i)}
+        if own:
+            meta["ids"] = own
         results = [sig.apply_async(args, kwargs, client=client, chord=meta, **options)
                    for sig in header]
         res = AsyncResult(body.id, client=client)

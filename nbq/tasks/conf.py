@@ -73,6 +73,10 @@ class Settings(dict):
 
     def __getattr__(self, name: str) -> Any:
         try:
+            return dict.__getitem__(self, name)  # the stored (lower-case) name: no mapping needed
+        except KeyError:
+            pass
+        try:
             return self[setting_name(name)]
         except KeyError:
             raise AttributeError(f"no setting {name!r}") from None

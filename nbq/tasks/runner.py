@@ -57,6 +57,10 @@ class Runner:
             blob = b"".join(bytes(memoryview(f)) for f in blob)
         return (Runner, (self.name, self.options, None, blob))
 
+    def packed(self) -> "Runner":
+        """This runner as it travels, its function pickled once, now: for one sent in many messages."""
+        return Runner(*self.__reduce__()[1])
+
     def __nbq_fingerprint__(self) -> tuple | None:
         from ..client import _fingerprint
         inner = _fingerprint(self.fn) if self.fn is not None else ()
@@ -215,27 +219,34 @@ def _chord_part(request: Request, chord: dict, value: Any, exc: BaseException | 
     """Count this header task (done or failed) in its chord; the one that completes the
     count sends the body, once, with the header's results in order."""
     client = worker_client()
-    if not client._join(chord["id"], request.id, len(chord["ids"])):
+    if not client._join(chord["id"], request.id, chord["n"]):
         return
-    from ..asyncresult import AsyncResult
+    execute.flush()  # results of header tasks this process ran before may still be held here
+    ids = [header_id(chord, i) for i in range(chord["n"])]
+    others = [tid for tid in ids if tid != request.id]
+    futures = dict(zip(others, client._watch_tasks(others)))  # one "watch" request for them all
     results, failed = [], None if exc is None else (request.id, exc)
-    for tid in chord["ids"]:
+    for tid in ids:
         if failed is not None:
             break
         if tid == request.id:
             results.append(value)
             continue
-        r = AsyncResult(tid, client=client)
-        out = r.get(propagate=False)
-        if r.state != "SUCCESS":
-            failed = (tid, out)
-        results.append(out)
+        try:
+            results.append(futures[tid].result())
+        except BaseException as e:  # failed, or revoked (CancelledError)
+            failed = (tid, e)
     body = chord["body"]
     if failed is not None:
         fail(client, body, ChordError(f"the chord's body did not run: header task {failed[0]} "
                                       f"failed: {failed[1]!r}"))
     else:
         body.clone(args=() if body.immutable else (results,)).apply_async(client=client)
+
+
+def header_id(chord: dict, i: int) -> str:
+    """The id of header task i of the chord: the caller's, else derived from the chord's id."""
+    return chord.get("ids", {}).get(i) or f"{chord['id']}-{i}"
 
 
 def _raise(exc: BaseException):

@@ -105,7 +105,7 @@ class Task:
         """Send the task; options as Celery's: task_id, countdown, eta, expires, queue,
         priority, serializer, link, link_error (``retry`` and ``retry_policy`` are accepted:
         sending is retried by the transport anyway)."""
-        return self.signature(args, kwargs, **options).apply_async()
+        return self.signature(args, kwargs, **options)._send()  # a new signature: no copy needed
 
     def signature(self, args: Iterable | None = None, kwargs: dict | None = None, **options):
         from .canvas import Signature

@@ -732,18 +732,27 @@ class RedisClient(ClientConnection):
             if header["k"] in FALLBACK:
                 self._flush(simple)
                 simple = []
-                handler = getattr(self, "_on_" + header["k"])
-                try:
-                    answer, messages = self.store.retry(header["k"], lambda: handler(header))
-                except Exception:  # the request must still be answered, or the caller waits
-                    log.exception("error answering %r from Redis state", header["k"])
-                    answer, messages = FALLBACK[header["k"]], []
+                answer, messages = self._answer(header)
                 self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
                 self._inbox.extend(messages)
                 self.wake()
             else:
                 simple.append((header, frames))
         self._flush(simple)
+
+    def _answer(self, header: dict) -> tuple[dict, list]:
+        """A request's answer from Redis state, and the messages it brings (stored results)."""
+        handler = getattr(self, "_on_" + header["k"])
+        try:
+            return self.store.retry(header["k"], lambda: handler(header))
+        except Exception:  # the request must still be answered, or the caller waits
+            log.exception("error answering %r from Redis state", header["k"])
+            return FALLBACK[header["k"]], []
+
+    def answer_now(self, header: dict) -> dict:
+        """A request that need not follow this client's sends (a join), answered in the
+        caller's thread: one Redis call, not a trip through the sender and receiver threads."""
+        return self._answer(header)[0]
 
     def _flush(self, messages: list) -> None:
         if not messages:

@@ -63,6 +63,11 @@ class _Unloadable:
 current: dict = {}
 
 
+def flush() -> None:
+    """Send the results of the tasks this process has run and not yet reported (the worker
+    process sets this): for a task about to wait for other tasks' results."""
+
+
 class Reschedule(Exception):
     """Raised by a call to run again in this process at ``eta`` (epoch seconds): a retry.
 

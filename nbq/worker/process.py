@@ -6,6 +6,7 @@ import itertools
 import time
 
 from ..transport.base import WorkerConnection
+from . import execute
 from .execute import Functions, run
 from . import marker as markers
 from .marker import Marker
@@ -18,8 +19,9 @@ FLUSH_SECONDS = 0.005
 def serve(conn: WorkerConnection, marker: Marker) -> None:
     """Serve tasks until the process is stopped; re-runs mark their items in marker.
 
-    A task marked ``now`` has its result sent as soon as it is done, not with its
-    batch's: others may be waiting for it (a chord's header).
+    A task about to wait for others' results (a chord's last header task) calls
+    ``execute.flush()`` first: the results this process holds are sent then, not with
+    its batch's, so that no two processes wait for each other's.
 
     A task with an ``eta`` in the future (a countdown, or a retry's delay) waits
     here, fetched and unacknowledged, while this process serves other tasks:
@@ -29,6 +31,17 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
     functions = Functions(conn.function)
     later: list = []  # heap of (eta, seq, item, frames)
     seq = itertools.count()
+    out: list = []  # results run and not yet reported
+    flushed = time.monotonic()
+
+    def flush() -> None:
+        nonlocal out, flushed
+        if out:
+            conn.report(out, ready=False)
+            out = []
+            flushed = time.monotonic()
+
+    execute.flush = flush
     while True:
         batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
         fetched = bool(batch)
@@ -37,7 +50,7 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
             _, _, item, frames = heapq.heappop(later)
             batch.append((item, frames))
             moved = True
-        out: list = []
+        out = []
         flushed = time.monotonic()
         last = len(batch) - 1
         for i, (item, frames) in enumerate(batch):
@@ -56,10 +69,8 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
                 if again is not None:
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
                     moved = True
-            if out and i < last and (item.get("now") or time.monotonic() - flushed > FLUSH_SECONDS):
-                conn.report(out, ready=False)
-                out = []
-                flushed = time.monotonic()
+            if i < last and time.monotonic() - flushed > FLUSH_SECONDS:
+                flush()
         marker.idle()
         if moved:
             marker.schedule([(item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
