@@ -221,6 +221,7 @@ def test_a_task_defined_in_a_notebook_runs_on_a_worker_that_never_saw_it(project
 def test_json_tasks_and_a_worker_that_refuses_pickle(project, tmp_path):
     t = project.tasks
     assert t.add.apply_async(([1], [2]), serializer="json").get(timeout=10) == [1, 2]
+    assert t.add.apply_async(((1,), (2,)), serializer="msgpack").get(timeout=10) == [1, 2]
     with pytest.raises(nbq.SerializationError, match="json"):
         t.add.apply_async((object(), 1), serializer="json")
     (tmp_path / "jsononly.py").write_text(textwrap.dedent("""
