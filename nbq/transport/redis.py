@@ -13,7 +13,11 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:q:{queue}:p{N}  Stream of the queue's tasks of priority N (1-9, 9 most urgent), as
                       q:{queue}; made by the first client to send one (group first, then
                       qp:).  A worker reads a queue's streams most urgent first.
-  nbq:qp:{queue}      Set of the priorities N that have a stream q:{queue}:p{N}
+  nbq:q:{queue}:p{N}r Stream of the queue's tasks of priority N (0-9) re-queued after their
+                      worker died or left: read just before q:{queue}:p{N} (q:{queue} for 0),
+                      so such a task goes first among its priority
+  nbq:qp:{queue}      Set of the queue's lanes with a stream q:{queue}:p{lane}: N or Nr,
+                      read in descending text order (9r, 9, 8r, ..., 0r, then q:{queue})
   nbq:fn:{hash}       a function's signed message, packed (SET NX, expiry result_expires)
   nbq:b:{uuid}        one large frame (BIG bytes or more) of a task or result, stored apart by
                       one SET (expiry result_expires): the message holds its key (pack's
@@ -284,33 +288,37 @@ def _entry(taken: list) -> tuple:
     return qk.decode(), eid, dict(zip(flat[::2], flat[1::2]))
 
 
-def queue_key(queue: str, priority: int = 0) -> str:
-    """The stream of a queue's tasks of one priority (0: the queue's own stream)."""
+def queue_key(queue: str, priority: int = 0, requeued: bool = False) -> str:
+    """The stream of a queue's tasks of one priority (0: the queue's own stream), or of
+    those re-queued after a death (read before the others of their priority)."""
+    if requeued:
+        return f"{P}q:{queue}:p{priority}r"
     return f"{P}q:{queue}:p{priority}" if priority else P + "q:" + queue
 
 
-def group(r: redis.Redis, queue: str, priority: int = 0) -> str:
+def group(r: redis.Redis, queue: str, priority: int = 0, requeued: bool = False) -> str:
     """The stream key of a queue's priority, its consumer group made sure of (from the
-    start: id 0) before the priority is listed in qp:, where workers look for it."""
-    key = queue_key(queue, priority)
+    start: id 0) before its lane is listed in qp:, where workers look for it."""
+    key = queue_key(queue, priority, requeued)
     try:
         r.xgroup_create(key, GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
         if "BUSYGROUP" not in str(e):
             raise
     r.sadd(P + "queues", queue)
-    if priority:
-        r.sadd(P + "qp:" + queue, priority)
+    if priority or requeued:
+        r.sadd(P + "qp:" + queue, key.rsplit(":p", 1)[1])
     return key
 
 
 def queue_streams(r: redis.Redis, queues: list[str]) -> dict[str, list[str]]:
-    """The stream keys of each queue, most urgent first (the queue's own stream last)."""
+    """The stream keys of each queue, most urgent first (the queue's own stream last): its
+    lanes N or Nr sort as text, "9r" before "9" before "8r"."""
     pipe = r.pipeline(transaction=False)
     for q in queues:
         pipe.smembers(P + "qp:" + q)
-    return {q: [queue_key(q, n) for n in sorted(map(int, prs), reverse=True)] + [queue_key(q)]
-            for q, prs in zip(queues, pipe.execute())}
+    return {q: [f"{P}q:{q}:p{lane.decode()}" for lane in sorted(lanes, reverse=True)]
+            + [queue_key(q)] for q, lanes in zip(queues, pipe.execute())}
 
 
 def stream_keys(r: redis.Redis, queues: list[str]) -> list[str]:
@@ -388,9 +396,9 @@ REPORT = SHARED + """
 local function streams(p, queues)
   local out = {}
   for _, q in ipairs(queues) do
-    local prs = redis.call('SMEMBERS', p .. 'qp:' .. q)
-    table.sort(prs, function(a, b) return tonumber(a) > tonumber(b) end)
-    for _, n in ipairs(prs) do out[#out + 1] = p .. 'q:' .. q .. ':p' .. n end
+    local lanes = redis.call('SMEMBERS', p .. 'qp:' .. q)
+    table.sort(lanes, function(a, b) return a > b end)
+    for _, lane in ipairs(lanes) do out[#out + 1] = p .. 'q:' .. q .. ':p' .. lane end
     out[#out + 1] = p .. 'q:' .. q
   end
   return out
@@ -634,15 +642,18 @@ class Store:
             return
         header, payload = decoded
         task = header["t"][0]
+        # first among its priority: the lane of re-queued tasks, read before the others
+        rk = self.retry("re-queueing", lambda: group(self.r, task.get("q", "default"),
+                                                     task.get("pr", 0), requeued=True))
         if not died:  # a worker that left in good order: the same entry, queued again
-            self.store([], adds=[(qk, fields)], acks=[(qk, eid, "")])
+            self.store([], adds=[(rk, fields)], acks=[(qk, eid, "")])
             return
         fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at, end)
         parts = [(task, *deaths.ending(task, pos, why, end)) for pos in fail]
         adds = []
         if retry is not None:
             spill = self.spiller(payload)
-            adds.append((qk, entry_fields(self.signer.encode({"k": "tasks", "t": [retry]}, payload),
+            adds.append((rk, entry_fields(self.signer.encode({"k": "tasks", "t": [retry]}, payload),
                                           spill)))
             log.warning("re-queued task %s: %s", task["id"], why)
         self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
