@@ -22,6 +22,9 @@ Control: the broker sends a client's ctl to every supervisor whose name is in
 the broker forwards to the client, which collects n answers or stops at its
 timeout.
 
+Each queue serves its most urgent priority first (header ``pr``, 0-9, absent: 0; Lanes),
+in order within one; a task re-queued after a death goes first among its priority.
+
 Dispatch is by credit: a worker process holds at most one message of tasks
 at a time, so a task handed to a worker is started (a batch of tasks measured
 at under a millisecond each may share a message, lasting ~2 ms in all).
@@ -35,6 +38,7 @@ reports item by item, so the item that kills its process fails alone.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -82,6 +86,46 @@ class Task:
 
     def undelivered(self) -> list[int]:
         return [i for i, d in enumerate(self.delivered) if not d]
+
+
+class Lanes:
+    """A queue's tasks in lanes by priority (header ``pr``, 0-9, absent: 0): the most
+    urgent lane is served first, each lane in order (FIFO; a re-queued task goes first)."""
+
+    __slots__ = ("_lanes", "_order")
+
+    def __init__(self) -> None:
+        self._lanes: dict[int, deque] = {}
+        self._order: list[deque] = []  # the lanes, most urgent first
+
+    def _lane(self, task: Task) -> deque:
+        pr = task.item.get("pr", 0)
+        lane = self._lanes.get(pr)
+        if lane is None:
+            lane = self._lanes[pr] = deque()
+            self._order = [self._lanes[p] for p in sorted(self._lanes, reverse=True)]
+        return lane
+
+    def append(self, task: Task) -> None:
+        self._lane(task).append(task)
+
+    def appendleft(self, task: Task) -> None:
+        self._lane(task).appendleft(task)
+
+    def head(self) -> deque | None:
+        """The most urgent lane with a queued task first (cancelled and taken ones dropped)."""
+        for lane in self._order:
+            while lane and lane[0].where != "queued":
+                lane.popleft()
+            if lane:
+                return lane
+        return None
+
+    def __len__(self) -> int:
+        return sum(map(len, self._order))
+
+    def __iter__(self):
+        return itertools.chain.from_iterable(self._order)
 
 
 @dataclass(eq=False)
@@ -136,7 +180,7 @@ class Broker:
         self.result_expires = result_expires
         self.heartbeat_timeout = heartbeat_timeout
 
-        self.queues: dict[str, deque] = {}
+        self.queues: dict[str, Lanes] = {}
         self.tasks: dict[str, Task] = {}
         self.functions: dict[str, list] = {}
         self.procs: dict[str, Proc] = {}
@@ -293,7 +337,15 @@ class Broker:
                                             "star": item.get("m") == "star"}
                     self._expire_later("map", mp)
                 meta["chunks"].append(task.id)
-            self.queues.setdefault(item.get("q", "default"), deque()).append(task)
+            self._queue(item).append(task)
+
+    def _queue(self, item: dict) -> Lanes:
+        """The lanes of a task's queue, made on first use."""
+        q = item.get("q", "default")
+        lanes = self.queues.get(q)
+        if lanes is None:
+            lanes = self.queues[q] = Lanes()
+        return lanes
 
     def _on_mapend(self, peer, header, frames, body):
         meta = self.maps.get(header["mp"])
@@ -448,7 +500,7 @@ class Broker:
                 self._retry_after_death(task, f"worker process {proc.pid} {how}", at, end)
             else:
                 task.where = "queued"
-                self.queues.setdefault(task.item.get("q", "default"), deque()).appendleft(task)
+                self._queue(task.item).appendleft(task)
 
     def _retry_after_death(self, task: Task, why: str, at: list | None,
                            end: dict | None = None) -> None:
@@ -471,7 +523,7 @@ class Broker:
             return
         retry = Task(item, task.frames, None, delivered=task.delivered, ndelivered=task.ndelivered)
         self.tasks[task.id] = retry
-        self.queues.setdefault(item.get("q", "default"), deque()).appendleft(retry)
+        self._queue(item).appendleft(retry)
 
     def _fail_items(self, task: Task, start: int, n: int, exc: Exception) -> None:
         """Deliver exc as the result of items start..start+n of task."""
@@ -596,10 +648,9 @@ class Broker:
 
     def _take(self, proc: Proc) -> list:
         for q in proc.queues:
-            dq = self.queues.get(q)
-            while dq and dq[0].where != "queued":
-                dq.popleft()
-            if not dq:
+            lanes = self.queues.get(q)
+            dq = lanes.head() if lanes is not None else None
+            if dq is None:
                 continue
             first = dq.popleft()
             cost = self.cost.get(first.item.get("h"))

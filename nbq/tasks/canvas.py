@@ -83,7 +83,8 @@ class Signature:
         return self
 
     def freeze(self) -> None:
-        """Give the call its id and resolve its queue and serializers now (as the caller's app says)."""
+        """Give the call its id and resolve its queue, serializers and priority now (as the
+        caller's app says): a priority other than 0-9 is a ValueError here, in the caller."""
         opts = self.options
         if opts.get("task_id") is None:
             opts["task_id"] = new_id()
@@ -98,6 +99,14 @@ class Signature:
         opts.setdefault("result_serializer", app.conf.result_serializer if app else "pickle")
         if task is not None and task.expires is not None:
             opts.setdefault("expires", task.expires)
+        if opts.get("priority") is None:
+            own = task.priority if task is not None else None
+            opts["priority"] = own if own is not None else (
+                app.conf.task_default_priority if app else None)
+        pr = opts["priority"]
+        if pr is not None and (not isinstance(pr, int) or isinstance(pr, bool) or not 0 <= pr <= 9):
+            raise ValueError(f"priority of {self.name} must be an integer from 0 to 9 "
+                             f"(9 most urgent), not {pr!r}")
 
     # -- calling ---------------------------------------------------------------------
 
@@ -164,6 +173,8 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
     expires = opts.get("expires")
     if expires is not None:
         header["x"] = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
+    if opts.get("priority"):  # 0 and none are the default: no header field
+        header["pr"] = opts["priority"]
     req: dict = {"rs": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
                        ("link", opts.get("link")), ("link_error", opts.get("link_error"))):

@@ -8,7 +8,16 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       worker process is a consumer (its worker id); an entry is
                       XACKed and XDELed (trimmed) in the same Lua call that
                       stores its last result, so delivery is at-least-once and
-                      the stream holds only queued and running tasks.
+                      the stream holds only queued and running tasks.  Tasks of
+                      priority 0 or none (header pr absent) go here; see q:{queue}:p{N}.
+  nbq:q:{queue}:p{N}  Stream of the queue's tasks of priority N (1-9, 9 most urgent), as
+                      q:{queue}; made by the first client to send one (group first, then
+                      qp:).  A worker reads a queue's streams most urgent first.
+  nbq:q:{queue}:p{N}r Stream of the queue's tasks of priority N (0-9) re-queued after their
+                      worker died or left: read just before q:{queue}:p{N} (q:{queue} for 0),
+                      so such a task goes first among its priority
+  nbq:qp:{queue}      Set of the queue's lanes with a stream q:{queue}:p{lane}: N or Nr,
+                      read in descending text order (9r, 9, 8r, ..., 0r, then q:{queue})
   nbq:fn:{hash}       a function's signed message, packed (SET NX, expiry result_expires)
   nbq:b:{uuid}        one large frame (BIG bytes or more) of a task or result, stored apart by
                       one SET (expiry result_expires): the message holds its key (pack's
@@ -56,7 +65,9 @@ unpickled; a bad entry is logged, acknowledged and deleted.  Scripts touch
 keys they compute from a prefix, so this needs a standalone Redis (not Cluster).
 
 Dispatch: an idle worker process waits for one entry (XREADGROUP COUNT 1
-BLOCK); the START script marks it started unless revoked, atomically, so
+BLOCK) from its queues' streams, each queue's most urgent first (an entry of each stream
+that had one comes back: the first runs, the others are held and run next; a priority's
+first stream is seen by an idle worker within RECLAIM_EVERY or so); the START script marks it started unless revoked, atomically, so
 cancel() returning True means the task never runs, and when its function is
 known to be quick (its measured cost, as broker.py's) takes up to a ~2 ms
 batch more of it in the same call.  When a batch ends, the REPORT script that
@@ -277,16 +288,42 @@ def _entry(taken: list) -> tuple:
     return qk.decode(), eid, dict(zip(flat[::2], flat[1::2]))
 
 
-def group(r: redis.Redis, queue: str) -> str:
-    """The stream key of a queue, its consumer group made sure of (from the start: id 0)."""
-    key = P + "q:" + queue
+def queue_key(queue: str, priority: int = 0, requeued: bool = False) -> str:
+    """The stream of a queue's tasks of one priority (0: the queue's own stream), or of
+    those re-queued after a death (read before the others of their priority)."""
+    if requeued:
+        return f"{P}q:{queue}:p{priority}r"
+    return f"{P}q:{queue}:p{priority}" if priority else P + "q:" + queue
+
+
+def group(r: redis.Redis, queue: str, priority: int = 0, requeued: bool = False) -> str:
+    """The stream key of a queue's priority, its consumer group made sure of (from the
+    start: id 0) before its lane is listed in qp:, where workers look for it."""
+    key = queue_key(queue, priority, requeued)
     try:
         r.xgroup_create(key, GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
         if "BUSYGROUP" not in str(e):
             raise
     r.sadd(P + "queues", queue)
+    if priority or requeued:
+        r.sadd(P + "qp:" + queue, key.rsplit(":p", 1)[1])
     return key
+
+
+def queue_streams(r: redis.Redis, queues: list[str]) -> dict[str, list[str]]:
+    """The stream keys of each queue, most urgent first (the queue's own stream last): its
+    lanes N or Nr sort as text, "9r" before "9" before "8r"."""
+    pipe = r.pipeline(transaction=False)
+    for q in queues:
+        pipe.smembers(P + "qp:" + q)
+    return {q: [f"{P}q:{q}:p{lane.decode()}" for lane in sorted(lanes, reverse=True)]
+            + [queue_key(q)] for q, lanes in zip(queues, pipe.execute())}
+
+
+def stream_keys(r: redis.Redis, queues: list[str]) -> list[str]:
+    """The stream keys of queues, in the order a worker reads them."""
+    return [k for keys in queue_streams(r, queues).values() for k in keys]
 
 
 # -- Lua scripts (atomic steps) ---------------------------------------------
@@ -352,9 +389,21 @@ end
 
 # ARGV: prefix, ttl, now, nparts, [task id, owner client, to owner (0/1), packed part]*,
 #       nmsg, [client, packed]*, nadd, [queue key, 2 x nfields, (name, value)*]*,
-#       nack, [queue key, entry id, task id]*, worker id, ntake, function hash, nkeys, queue key*
-# -> the entries taken for the worker's next batch (SHARED's take)
+#       nack, [queue key, entry id, task id]*, worker id, ntake, function hash, nqueues, queue*
+# -> the entries taken for the worker's next batch (SHARED's take), from the queues' streams
+# in the worker's order, each queue's most urgent first (as queue_streams)
 REPORT = SHARED + """
+local function streams(p, queues)
+  local out = {}
+  for _, q in ipairs(queues) do
+    local lanes = redis.call('SMEMBERS', p .. 'qp:' .. q)
+    table.sort(lanes, function(a, b) return a > b end)
+    for _, lane in ipairs(lanes) do out[#out + 1] = p .. 'q:' .. q .. ':p' .. lane end
+    out[#out + 1] = p .. 'q:' .. q
+  end
+  return out
+end
+
 local p, ttl, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
@@ -379,9 +428,9 @@ for _ = 1, n do
 end
 if n > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
 local wid, ntake, h = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-local qks = {}
-for k = 1, tonumber(ARGV[i + 3]) do qks[k] = ARGV[i + 3 + k] end
-return take(p, ttl, wid, qks, ntake, h)
+local queues = {}
+for k = 1, tonumber(ARGV[i + 3]) do queues[k] = ARGV[i + 3 + k] end
+return take(p, ttl, wid, streams(p, queues), ntake, h)
 """
 
 # ARGV: prefix, ttl, worker id, queue key, entry id, task id, nmore, function hash
@@ -536,8 +585,8 @@ class Store:
         Each part goes to the task's result list and watchers; the parts of one
         client travel to its result stream as one message (the part's own when
         it is the only one); large frames are stored apart, once.
-        take = (worker id, n, function hash, queue keys) takes and starts up to
-        n entries for that worker in the same step; they are returned as
+        take = (worker id, n, function hash, queue names) takes and starts up to
+        n entries for that worker in the same step, most urgent first; they are returned as
         [(queue key, entry id, fields)].
         """
         spill = self.spiller([f for _, _, payload in parts for f in payload])
@@ -593,15 +642,18 @@ class Store:
             return
         header, payload = decoded
         task = header["t"][0]
+        # first among its priority: the lane of re-queued tasks, read before the others
+        rk = self.retry("re-queueing", lambda: group(self.r, task.get("q", "default"),
+                                                     task.get("pr", 0), requeued=True))
         if not died:  # a worker that left in good order: the same entry, queued again
-            self.store([], adds=[(qk, fields)], acks=[(qk, eid, "")])
+            self.store([], adds=[(rk, fields)], acks=[(qk, eid, "")])
             return
         fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at, end)
         parts = [(task, *deaths.ending(task, pos, why, end)) for pos in fail]
         adds = []
         if retry is not None:
             spill = self.spiller(payload)
-            adds.append((qk, entry_fields(self.signer.encode({"k": "tasks", "t": [retry]}, payload),
+            adds.append((rk, entry_fields(self.signer.encode({"k": "tasks", "t": [retry]}, payload),
                                           spill)))
             log.warning("re-queued task %s: %s", task["id"], why)
         self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
@@ -633,7 +685,7 @@ class RedisClient(ClientConnection):
         self._outbox: deque = deque()
         self._cv = threading.Condition()
         self._closing = False
-        self._queues: set[str] = set()
+        self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
         self._maps: set[str] = set()
         self._sender = threading.Thread(target=self._send_loop, name=f"nbq-redis-sender-{client_id}",
                                         daemon=True)
@@ -761,10 +813,10 @@ class RedisClient(ClientConnection):
         for header, _ in messages:
             if header["k"] == "tasks":
                 for item in header["t"]:
-                    q = item.get("q", "default")
-                    if q not in self._queues:
-                        st.retry("creating a queue", lambda: group(st.r, q))
-                        self._queues.add(q)
+                    lane = (item.get("q", "default"), item.get("pr", 0))
+                    if lane not in self._queues:
+                        st.retry("creating a queue", lambda: group(st.r, *lane))
+                        self._queues.add(lane)
         cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
         hashes = set()
         tasks: list = []  # SUBMIT's arguments for each task
@@ -782,7 +834,8 @@ class RedisClient(ClientConnection):
                     spill = st.spiller(payload)
                     fields = entry_fields(self.signer.encode({"k": "tasks", "t": [item]}, payload),
                                           spill)
-                    tasks += [item["id"], P + "q:" + item.get("q", "default"), 2 * len(fields),
+                    tasks += [item["id"], queue_key(item.get("q", "default"), item.get("pr", 0)),
+                              2 * len(fields),
                               *(x for kv in fields.items() for x in kv)]
                     ntasks += 1
                     hashes.add(item.get("h"))
@@ -900,20 +953,20 @@ def info(store: Store) -> dict:
         queues.update(meta["q"])
     active: dict[str, int] = {}
     lengths, tasks = {}, 0
-    for q in sorted(queues):
-        qk = P + "q:" + q
-        try:
-            summary = r.xpending(qk, GROUP)
-        except redis.ResponseError:  # no stream or group yet
-            lengths[q] = 0
-            continue
-        n = r.xlen(qk)
-        tasks += n
-        lengths[q] = n - summary["pending"]
-        for c in summary.get("consumers") or ():
-            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-            sid = name.split("/")[0]
-            active[sid] = active.get(sid, 0) + int(c["pending"])
+    for q, keys in queue_streams(r, sorted(queues)).items():
+        lengths[q] = 0
+        for qk in keys:
+            try:
+                summary = r.xpending(qk, GROUP)
+            except redis.ResponseError:  # no stream or group yet
+                continue
+            n = r.xlen(qk)
+            tasks += n
+            lengths[q] += n - summary["pending"]
+            for c in summary.get("consumers") or ():
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                sid = name.split("/")[0]
+                active[sid] = active.get(sid, 0) + int(c["pending"])
     workers = [{"id": sid, "name": meta.get("n", sid), "host": meta["host"], "pid": meta["spid"],
                 "concurrency": meta["conc"], "queues": list(meta["q"]), "active": active.get(sid, 0),
                 "processes": sorted(int(p) for p in procs.values())} for sid, meta, procs in sups]
@@ -1030,8 +1083,7 @@ class RedisSupervisor(SupervisorConnection):
         def handle():
             pid = st.r.hget(P + "procs:" + self.sid, wid)
             why = f"worker process {pid.decode() if pid else wid} {how}"
-            for q in self.queues:
-                qk = P + "q:" + q
+            for qk in stream_keys(st.r, self.queues):
                 for eid, fields in st.claim(qk, wid, self.sid, 0):
                     st.after_death(qk, eid, fields, why, at, end=end)
                 st.r.xgroup_delconsumer(qk, GROUP, wid)
@@ -1071,8 +1123,7 @@ class RedisSupervisor(SupervisorConnection):
         if goodbye:
             def leave():
                 consumers = [w.decode() for w in st.r.hkeys(P + "procs:" + self.sid)] + [self.sid]
-                for q in self.queues:
-                    qk = P + "q:" + q
+                for qk in stream_keys(st.r, self.queues):
                     for wid in consumers:
                         for eid, fields in st.claim(qk, wid, self.sid, 0):
                             st.after_death(qk, eid, fields, "", None, died=False)
@@ -1156,17 +1207,21 @@ class RedisWorker(WorkerConnection):
         st = self.store
 
         def join():
-            keys = [group(st.r, q) for q in hello["q"]]
+            for q in hello["q"]:
+                group(st.r, q)
             st.r.hset(P + "procs:" + self.sid, wid, hello["pid"])
             st.r.expire(P + "procs:" + self.sid, int(HEARTBEAT_TIMEOUT * 3))
-            return keys
+            return stream_keys(st.r, hello["q"])
 
-        self.keys = st.retry("joining", join)
+        self.queues: list[str] = list(hello["q"])
+        self.keys = st.retry("joining", join)  # its queues' streams, read in this order
         # task id -> (queue key, entry id, item, keys of its frames stored apart)
         self._batch: dict[str, tuple[str, str, dict, list]] = {}
         self._reported: set[str] = set()  # tasks of the batch with a result sent before "ready"
         self._carried: set[str] = set()   # tasks held past their batch (due later): acked when done
-        self._held: deque = deque()  # entries found again after a connection error, run one by one
+        # entries found again after a connection error, or read with a more urgent one: run
+        # one by one before any new ones are taken
+        self._held: deque = deque()
         self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
         self._troubles_seen = self.store.troubles
         self._notices = _Notices(self.store)
@@ -1202,19 +1257,32 @@ class RedisWorker(WorkerConnection):
                 GROUP, self.wid, dict.fromkeys(self.keys, "0"), count=BATCH_MAX))
             self._held.extend((s.decode(), eid, f) for s, es in got or () for eid, f in es
                               if eid not in held)
-        if self._held:
+        held = bool(self._held)
+        if held:
             entries = [self._held.popleft()]
         else:
+            if len(self.keys) > len(self.queues):
+                # priority streams: a backlog is taken most urgent first, as REPORT does
+                # (XREADGROUP would return an entry of each stream that has any)
+                taken = self._verify(st.store([], take=(self.wid, 1, "", self.queues)))
+                if taken:
+                    return self._begin(taken)
             got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
                 GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1, block=block_ms))
-            entries = [(s.decode(), eid, f) for s, es in got or () for eid, f in es]
+            # one entry of each stream that had any: the most urgent runs, the rest (pending
+            # on this consumer now) are held to run next, one by one
+            entries = sorted(((s.decode(), eid, f) for s, es in got or () for eid, f in es),
+                             key=lambda e: self.keys.index(e[0]))
+            self._held.extend(entries[1:])
+            entries = entries[:1]
         first = self._verify(entries)
         if not first:
             return []
         qk, eid, item, _, _ = first[0]
         h = item.get("h") or ""
+        more = 0 if held else self._batch_size(h) - 1
         got = st.retry("starting tasks", lambda: st._start(
-            args=[P, st.ttl_s, self.wid, qk, eid, item["id"], self._batch_size(h) - 1, h]))
+            args=[P, st.ttl_s, self.wid, qk, eid, item["id"], more, h]))
         if not got[0]:
             return []  # revoked: acknowledged and deleted by the script, never run
         return self._begin(first + self._verify([_entry(e) for e in got[1:]]))
@@ -1299,8 +1367,8 @@ class RedisWorker(WorkerConnection):
         # The next batch is taken and started in the same step that stores these results,
         # as the ZeroMQ broker hands a worker its next task with its "ready": so a client
         # that sees a result and cancels what follows finds the next task started.
-        taken = self._finish(parts, acks, spilled,
-                             take=(self.wid, self._batch_size(last), last, self.keys))
+        ntake = 0 if self._held else self._batch_size(last)  # held entries go first
+        taken = self._finish(parts, acks, spilled, take=(self.wid, ntake, last, self.queues))
         self._prefetched = self._begin(self._verify(taken))
 
     def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
@@ -1318,8 +1386,10 @@ class RedisWorker(WorkerConnection):
         hb = r.get(P + "hb:" + self.sid)
         if hb is not None:
             queues = json.loads(hb)["q"]
-            if [P + "q:" + q for q in queues] != self.keys:
-                self.keys = [group(r, q) for q in queues]
+            for q in set(queues) - set(self.queues):
+                group(r, q)
+            self.queues = queues
+        self.keys = stream_keys(r, self.queues)  # and the priorities given streams since
         for sid in [s.decode() for s in r.smembers(P + "sups")]:
             if not r.exists(P + "hb:" + sid):
                 r.srem(P + "sups", sid)

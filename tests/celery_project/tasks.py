@@ -76,6 +76,7 @@ def dies_once(key, value):
     if not os.path.exists(path):
         open(path, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+    note(f"survived {key} {value}")
     return value
 
 
@@ -116,3 +117,25 @@ def limited():
 def metered():
     """Rate-limited by celeryconfig's task_annotations."""
     return time.time()
+
+
+@app.task
+def gate(path):
+    """Keeps its worker busy until the file at path exists (60 s at most)."""
+    note("gate started")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(path)
+
+
+@app.task
+def ranked(label):
+    note(f"ranked {label}")
+    return label
+
+
+@app.task(priority=7)
+def ranked_urgent(label):
+    note(f"ranked {label}")
+    return label
