@@ -177,6 +177,8 @@ def test_retries_with_countdown_and_backoff(project):
 def test_soft_and_hard_time_limits(project):
     t = project.tasks
     assert t.slow_but_careful.delay(5).get(timeout=10) == "cleaned up"
+    # the call's limit replaces the task's 0.5 s
+    assert t.slow_but_careful.apply_async((0.8,), soft_time_limit=10).get(timeout=10) == "finished"
     before = {p for w in project.app.client.workers() for p in w["processes"]}
     started = time.monotonic()
     res = t.slow.apply_async((5, "hard"), queue="default")

@@ -177,6 +177,7 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
         header["pr"] = opts["priority"]
     req: dict = {"rs": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
+                       ("tl", opts.get("time_limit")), ("stl", opts.get("soft_time_limit")),
                        ("link", opts.get("link")), ("link_error", opts.get("link_error"))):
         if value:
             req[key] = value

@@ -101,7 +101,7 @@ class Runner:
                           called_directly=False, hostname=socket.gethostname())
         _requests.append(request)
         try:
-            value = _invoke(task, request, req.get("each"), args, kwargs)
+            value = _invoke(task, request, req, args, kwargs)
         except Retry:
             raise
         except BaseException as exc:
@@ -114,15 +114,16 @@ class Runner:
         return serializers.decode(rs, serializers.encode(rs, value, f"the result of {self.name}"))
 
 
-def _invoke(task: Task, request: Request, each: str | None, args, kwargs) -> Any:
-    """Run the task under its time limits; exceptions of ``autoretry_for`` become retries."""
-    fn = task.run
+def _invoke(task: Task, request: Request, req: dict, args, kwargs) -> Any:
+    """Run the task under its time limits (the call's, else the task's); exceptions of
+    ``autoretry_for`` become retries."""
+    fn, each = task.run, req.get("each")
     if ratelimit.limits is not None:
         wait = ratelimit.limits.reserve(task.name, task.rate_limit)
         if wait > 0:
             time.sleep(wait)
     try:
-        with _limits(task.soft_time_limit, task.time_limit):
+        with _limits(req.get("stl", task.soft_time_limit), req.get("tl", task.time_limit)):
             if each == "map":
                 return [fn(x) for x in args[0]]
             if each == "star":
