@@ -13,7 +13,7 @@ import zmq
 
 import nbq
 from nbq import protocol
-from conftest import make_client, pid_alive, standalone_broker, start_broker, wait_until
+from conftest import pid_alive, standalone_broker, start_broker, wait_until
 
 
 def _append(path, text):

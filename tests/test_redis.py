@@ -5,7 +5,6 @@ Every Redis here is started by the tests (tests/redis_server.py) on a free port,
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time

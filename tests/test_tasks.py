@@ -13,7 +13,7 @@ import pytest
 
 import nbq
 from nbq import chain, chord, group
-from nbq.tasks import ChordError, ContentDisallowed, NotRegistered, TimeLimitExceeded
+from nbq.tasks import ChordError, ContentDisallowed, TimeLimitExceeded
 from conftest import Processes, redis_url, wait_until
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "celery_project")

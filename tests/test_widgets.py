@@ -10,7 +10,6 @@ import pytest
 import nbq
 from conftest import NOTEBOOKS, execute_notebook, wait_until, widget_states
 
-import ipywidgets
 
 from nbq.widgets import ProgressWidget, widget_progress
 
