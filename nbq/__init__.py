@@ -9,7 +9,7 @@ from .asyncresult import AsyncResult
 from .client import Client
 from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, SerializationError,
                      SignatureError, WorkerLost)
-from .future import FAILURE, PENDING, REVOKED, STARTED, SUCCESS, Future
+from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, signature
 from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Client", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
-    "PENDING", "STARTED", "SUCCESS", "FAILURE", "REVOKED",
+    "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
     "BrokerUnavailable", "InputError", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",

@@ -23,7 +23,7 @@ class AsyncResult:
 
     @property
     def state(self) -> str:
-        """PENDING, STARTED, SUCCESS, FAILURE or REVOKED."""
+        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
         return self._future.state
 
     status = state

@@ -12,8 +12,10 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
                     died; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
-                    · rej (a message it got failed its signature check)
-  to a client       welcome · res · started · reply · ctlr (forwarded as it came)
+                    · rej (a message it got failed its signature check) · ntc (a state
+                      notice: ids, s RETRY when a retry holds them, STARTED when they run again)
+  to a client       welcome · res · started · state (a worker's notice: ids, s) · reply
+                    · ctlr (forwarded as it came)
   to a supervisor   hb · ctl (as the client sent it, with c) · stop
   to a worker       fn · tasks
 
@@ -75,6 +77,7 @@ class Task:
     where: str = "queued"  # "queued", or the id of the worker process running it
     delivered: bytearray | None = None  # per item: has a result reached its client
     ndelivered: int = 0
+    retrying: bool = False  # held by its worker until a retry's eta (a RETRY notice)
 
     def __post_init__(self) -> None:
         if self.delivered is None:
@@ -202,7 +205,7 @@ class Broker:
             "cancel": self._on_cancel, "watch": self._on_watch, "mapend": self._on_mapend,
             "info": self._on_info, "join": self._on_join, "bye": self._on_bye, "hb": self._on_hb,
             "lost": self._on_lost, "res": self._on_res, "rej": self._on_rej,
-            "ctl": self._on_ctl, "ctlr": self._on_ctlr,
+            "ctl": self._on_ctl, "ctlr": self._on_ctlr, "ntc": self._on_ntc,
         }
 
     # -- loop -----------------------------------------------------------------
@@ -392,7 +395,8 @@ class Broker:
             task = self.tasks.get(tid)
             if task is not None:
                 self.watchers.setdefault(tid, set()).add(cid)
-                known[tid] = "STARTED" if task.where != "queued" else "PENDING"
+                known[tid] = ("PENDING" if task.where == "queued" else
+                              "RETRY" if task.retrying else "STARTED")
             elif parts is not None:
                 known[tid] = "DONE"
             elif tid not in self.watchers:  # not submitted yet (a later step of a chain, say)
@@ -496,6 +500,8 @@ class Broker:
         for task in proc.running:
             if task.where != wid or task.id not in self.tasks:
                 continue
+            if task.retrying:  # its retry is lost with the process: it runs again from the start
+                self._tell_state(task, "STARTED")
             if died:
                 self._retry_after_death(task, f"worker process {proc.pid} {how}", at, end)
             else:
@@ -568,6 +574,23 @@ class Broker:
             # what it still holds (tasks due later) stays its own; a ready process takes more
             proc.running = [t for t in proc.running if t.where == proc.wid and t.id in self.tasks]
             proc.idle = True
+
+    def _on_ntc(self, peer, header, frames, body):
+        """A worker's state notice (a retry's RETRY, STARTED when it runs again): to the
+        task's client and watchers; remembered for later watchers.  Nothing is stored."""
+        proc = self.procs.get(header.get("w", ""))
+        state = header["s"]
+        for tid in header["ids"]:
+            task = self.tasks.get(tid)
+            if task is not None and proc is not None and task.where == proc.wid:
+                self._tell_state(task, state)
+
+    def _tell_state(self, task: Task, state: str) -> None:
+        """A state message (RETRY or STARTED) to a task's client and watchers."""
+        task.retrying = state == "RETRY"
+        msg = self.signer.encode({"k": "state", "ids": [task.id], "s": state})
+        for cid in {task.item["c"]} | self.watchers.get(task.id, set()):
+            self._to_client(cid, msg)
 
     def _deliver(self, task: Task, item: dict, payload: list, forward: bool = True,
                  raw: list | None = None) -> None:

@@ -410,8 +410,11 @@ class Client(concurrent.futures.Executor):
 
         def known(reply: dict) -> None:  # receiver thread, before any resent result
             for fut in new:
-                if reply["known"].get(fut.id) == "STARTED" and fut._state == "PENDING":
+                state = reply["known"].get(fut.id)
+                if state == "STARTED" and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
+                elif state == "RETRY":
+                    fut._notice(state)
 
         if new:
             self._request("watch", ids=[fut.id for fut in new], on_reply=known)
@@ -487,6 +490,11 @@ class Client(concurrent.futures.Executor):
                 fut = self._futures.get(tid)
                 if fut is not None and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
+        elif kind == "state":  # a worker's notice: RETRY (waiting for a retry), STARTED again
+            for tid in header["ids"]:
+                fut = self._futures.get(tid)
+                if fut is not None:
+                    fut._notice(header["s"])
         elif kind == "ctlr":
             replies = self._controls.get(header.get("ci"))
             if replies is not None:

@@ -9,10 +9,13 @@ STARTED = "STARTED"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REVOKED = "REVOKED"
+RETRY = "RETRY"
 
 
 class Future(concurrent.futures.Future):
     """The eventual result of one task; works with concurrent.futures.wait and as_completed."""
+
+    _retrying = False  # a started task waiting to run again after a retry (a state notice)
 
     def __init__(self, task_id: str, client=None) -> None:
         super().__init__()
@@ -21,13 +24,14 @@ class Future(concurrent.futures.Future):
 
     @property
     def state(self) -> str:
-        """One of PENDING, STARTED, SUCCESS, FAILURE, REVOKED."""
+        """One of PENDING, STARTED, RETRY (waiting to run again after a retry), SUCCESS,
+        FAILURE, REVOKED."""
         with self._condition:
             s = self._state
             if s == FINISHED:
                 return FAILURE if self._exception is not None else SUCCESS
             if s == RUNNING:
-                return STARTED
+                return RETRY if self._retrying else STARTED
             if s in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return REVOKED
             return PENDING
@@ -43,6 +47,15 @@ class Future(concurrent.futures.Future):
             return False
         self._client._revoke(self.id)
         return self.cancelled()
+
+    def _notice(self, state: str) -> None:
+        """A worker's state notice (receiver thread): RETRY while the task waits for its
+        retry, STARTED when it runs again."""
+        with self._condition:
+            if self._state == "PENDING":
+                self._state = RUNNING  # as set_running_or_notify_cancel, under the same lock
+            if self._state == RUNNING:
+                self._retrying = state == RETRY
 
     def _revoked(self) -> bool:
         """Mark cancelled here (the broker has agreed, or the process running it was killed by

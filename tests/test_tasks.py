@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -263,6 +264,57 @@ def test_app_conf_and_config_from_object():
         app.task(retries=3)(lambda: 1)
 
 
+def check_retry_state(proj) -> None:
+    """A task waiting for its retry reads RETRY for its submitter, for a client that watched it
+    before and for one that asks after; STARTED when it runs again; then SUCCESS.  A task that
+    never retries never reads RETRY."""
+    t = proj.tasks
+    early, late = nbq.Client(proj.broker), nbq.Client(proj.broker)
+    try:
+        res = t.patient.delay(1, 2.0, 0.6)
+        watched = nbq.AsyncResult(res.id, client=early)
+        wait_until(lambda: res.state == nbq.RETRY, what="the submitter to see RETRY")
+        wait_until(lambda: watched.state == nbq.RETRY, what="a watcher to see RETRY")
+        asked = nbq.AsyncResult(res.id, client=late)  # after the notice: from the broker's state
+        assert asked.state == nbq.RETRY and not asked.ready() and asked.result is None
+        assert res.state == nbq.RETRY and not res.ready()  # still waiting for its countdown
+        for r in (res, watched, asked):
+            wait_until(lambda: r.state == nbq.STARTED, what="the retry to run", timeout=10)
+        assert res.get(timeout=10) == 1
+        for r in (watched, asked):
+            assert r.get(timeout=10) == 1 and r.state == nbq.SUCCESS
+        assert res.state == nbq.SUCCESS
+        plain = t.patient.delay(0, 0, 0.3)
+        seen = set()
+        while not plain.ready():
+            seen.add(plain.state)
+            time.sleep(0.01)
+        assert plain.get(timeout=10) == 0 and nbq.RETRY not in seen and plain.state == nbq.SUCCESS
+        assert nbq.AsyncResult(plain.id, client=late).state == nbq.SUCCESS
+    finally:
+        early.shutdown()
+        late.shutdown()
+
+
+def check_retry_lost(proj) -> None:
+    """A task whose process dies while it waits for its retry runs again from the start
+    elsewhere: it reads STARTED again, not RETRY, then SUCCESS."""
+    t = proj.tasks
+    res = t.retries_once.delay(1.5)
+    wait_until(lambda: res.state == nbq.RETRY, what="the task to wait for its retry")
+    pid = int(proj.lines("retries_once")[-1][2])
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: res.state == nbq.STARTED, timeout=15, what="the task to run again")
+    assert res.get(timeout=15) == 0 and res.state == nbq.SUCCESS
+    assert [line[1] for line in proj.lines("retries_once")] == [res.id, res.id]
+    proj.app.client.wait_for_workers(2)
+
+
+def test_a_task_waiting_for_its_retry_reads_retry(project):
+    check_retry_state(project)
+    check_retry_lost(project)
+
+
 def test_on_the_zeromq_broker_too(procs, tmp_path):
     from conftest import start_broker
     address = start_broker(procs)
@@ -280,6 +332,18 @@ def test_on_the_zeromq_broker_too(procs, tmp_path):
         assert proj.lines("slow") == [["slow", "zmq"]]
         proj.app.client.wait_for_workers(2)
         assert t.add.delay(4, 4).get(timeout=10) == 8
+    finally:
+        proj.app.close()
+
+
+def test_retry_state_on_the_zeromq_broker(procs, tmp_path):
+    from conftest import start_broker
+    proj = Project(procs, start_broker(procs), tmp_path / "notes.txt")
+    try:
+        proj.worker("zmq")
+        proj.app.client.wait_for_workers(2)
+        check_retry_state(proj)
+        check_retry_lost(proj)
     finally:
         proj.app.close()
 

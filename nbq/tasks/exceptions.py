@@ -6,7 +6,7 @@ from ..worker.execute import Reschedule
 
 
 class Retry(Reschedule):
-    """Raised by ``task.retry()``: the task runs again after its countdown (state stays STARTED)."""
+    """Raised by ``task.retry()``: the task runs again after its countdown (state RETRY until then)."""
 
 
 class MaxRetriesExceededError(NbqError):

@@ -14,8 +14,9 @@ class ClientConnection(ABC):
     """A client's link: send from any thread, receive on the client's receiver thread.
 
     Client → broker kinds: fn, tasks, cancel, watch, mapend, info, join, ctl, bye
-    (see broker.py for their fields); broker → client: welcome, res, started, reply,
-    ctlr (one worker's answer to a ctl).
+    (see broker.py for their fields); broker → client: welcome, res, started, state
+    (ids, s: RETRY or STARTED, from a worker's notice), reply, ctlr (one worker's answer
+    to a ctl).
     """
 
     @abstractmethod
@@ -78,6 +79,11 @@ class WorkerConnection(ABC):
     @abstractmethod
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
         """Send result parts; ready means this process has finished its batch."""
+
+    def notice(self, ids: list[str], state: str) -> None:
+        """Tell the clients of these tasks (submitter and watchers) their state, RETRY (waiting
+        for a retry, held here) or STARTED (running again), as a ``state`` message; later
+        watchers see RETRY too.  Only retries send these: no cost for other tasks."""
 
     @abstractmethod
     def close(self) -> None:

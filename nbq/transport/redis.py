@@ -28,6 +28,10 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       and deleted when it is done or revoked: whom a cancel by another
                       client tells (expiry result_expires)
   nbq:st:{task id}    "started": set by a worker, atomically with the revoke check
+  nbq:rt:{task id}    "1" while a started task waits for a retry (a worker's RETRY notice,
+                      deleted by its STARTED notice when it runs again): watch reads it as
+                      RETRY.  The same NOTICE script adds a ``state`` message to the rs: of
+                      the owner (o:) and of the watchers (wt:); nothing goes to r:
   nbq:rv:{task id}    "revoked": set by cancel only when st: and r: are absent
   nbq:r:{task id}     List of the task's result parts (packed signed messages),
                       expiry result_expires: fetched by id from any client
@@ -495,6 +499,24 @@ end
 return 0
 """
 
+# ARGV: prefix, ttl, task id, state (RETRY or STARTED), packed ``state`` message[, "if": only
+# if the task waits for a retry]: a worker's notice for a retry; rt: marks the task RETRY for later watchers (or no more), and the owner
+# (o:) and watchers (wt:) get the message on their result streams, once each.  Retries only.
+NOTICE = SHARED + """
+local p, ttl, tid, state, msg = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+if state == 'RETRY' then
+  redis.call('SET', p .. 'rt:' .. tid, '1', 'EX', ttl)
+elseif redis.call('DEL', p .. 'rt:' .. tid) == 0 and ARGV[6] == 'if' then
+  return 0  -- only if it was waiting for a retry: a task re-queued after its worker died
+end
+local to = {}
+local owner = redis.call('GET', p .. 'o:' .. tid)
+if owner then to[owner] = true end
+for _, c in ipairs(redis.call('SMEMBERS', p .. 'wt:' .. tid)) do to[c] = true end
+for c in pairs(to) do send(p, ttl, c, msg) end
+return 1
+"""
+
 #: Requests answered from Redis state, with the answer given when Redis fails them.
 FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
@@ -515,6 +537,7 @@ class Store:
         self._start = self.r.register_script(START)
         self._cancel = self.r.register_script(CANCEL)
         self._join = self.r.register_script(JOIN)
+        self._notice = self.r.register_script(NOTICE)
 
     def retry(self, what: str, fn, give_up=lambda: False):
         return retrying(what, self.safe, fn, give_up, self._trouble)
@@ -647,6 +670,7 @@ class Store:
                                                      task.get("pr", 0), requeued=True))
         if not died:  # a worker that left in good order: the same entry, queued again
             self.store([], adds=[(rk, fields)], acks=[(qk, eid, "")])
+            self._retry_lost(task["id"])
             return
         fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at, end)
         parts = [(task, *deaths.ending(task, pos, why, end)) for pos in fail]
@@ -657,6 +681,15 @@ class Store:
                                           spill)))
             log.warning("re-queued task %s: %s", task["id"], why)
         self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
+        if retry is not None:
+            self._retry_lost(task["id"])
+
+    def _retry_lost(self, tid: str) -> None:
+        """A re-queued task that waited for a retry runs again from the start: its clients
+        see it STARTED (not RETRY) from now on."""
+        msg = pack(self.signer.encode({"k": "state", "ids": [tid], "s": "STARTED"}))
+        self.retry("telling a retry's clients", lambda: self._notice(
+            args=[P, self.ttl_s, tid, "STARTED", msg, "if"]))
 
     def claim(self, qk: str, consumer: str, to: str, min_idle_ms: int) -> list:
         """Claim the pending entries of consumer (idle at least min_idle_ms) for consumer `to`."""
@@ -904,11 +937,13 @@ class RedisClient(ClientConnection):
         for tid in ids:
             pipe.lrange(P + "r:" + tid, 0, -1)
             pipe.exists(P + "st:" + tid)
+            pipe.exists(P + "rt:" + tid)
         got = pipe.execute() if ids else []
         known, messages = {}, []
         for i, tid in enumerate(ids):
-            parts, started = got[2 * i], got[2 * i + 1]
-            known[tid] = "DONE" if parts else "STARTED" if started else "PENDING"
+            parts, started, retrying = got[3 * i:3 * i + 3]
+            known[tid] = ("DONE" if parts else "RETRY" if retrying else
+                          "STARTED" if started else "PENDING")
             for blob in parts:
                 decoded = self.store.decode(unpack(blob), f"a stored result of {tid}")
                 if decoded is not None:
@@ -1370,6 +1405,22 @@ class RedisWorker(WorkerConnection):
         ntake = 0 if self._held else self._batch_size(last)  # held entries go first
         taken = self._finish(parts, acks, spilled, take=(self.wid, ntake, last, self.queues))
         self._prefetched = self._begin(self._verify(taken))
+
+    def notice(self, ids: list[str], state: str) -> None:
+        st = self.store
+        if state == "RETRY":
+            self._notices.done(ids)  # no "started" notice after this one
+        msgs = [(tid, pack(st.signer.encode({"k": "state", "ids": [tid], "s": state})))
+                for tid in ids]
+
+        def tell():
+            for tid, msg in msgs:
+                st._notice(args=[P, st.ttl_s, tid, state, msg])
+
+        try:
+            st.retry("telling a retry's clients", tell)
+        except redis.RedisError as e:
+            log.warning("could not send %s notices: %s", state, e)
 
     def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
         """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""

@@ -189,6 +189,10 @@ class ZmqWorker(WorkerConnection):
         msg = self.signer.encode({"k": "res", "w": self.wid, "t": items, "rdy": int(ready)}, frames)
         self.sock.send_multipart(msg, copy=False)
 
+    def notice(self, ids: list[str], state: str) -> None:
+        self.sock.send_multipart(self.signer.encode({"k": "ntc", "w": self.wid, "ids": ids,
+                                                     "s": state}))
+
     def close(self) -> None:
         self.sock.close(linger=1000)
         self.ctx.term()

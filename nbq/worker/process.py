@@ -5,6 +5,7 @@ import heapq
 import itertools
 import time
 
+from ..future import RETRY, STARTED
 from ..transport.base import WorkerConnection
 from . import execute
 from .execute import Functions, run
@@ -25,7 +26,8 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
 
     A task with an ``eta`` in the future (a countdown, or a retry's delay) waits
     here, fetched and unacknowledged, while this process serves other tasks:
-    if the process dies, the broker re-runs it as any other task it held.
+    if the process dies, the broker re-runs it as any other task it held.  A retry's
+    clients are told (``conn.notice``) that it is RETRY, and STARTED when it runs again.
     """
     markers.mine = marker
     functions = Functions(conn.function)
@@ -50,6 +52,8 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
             _, _, item, frames = heapq.heappop(later)
             batch.append((item, frames))
             moved = True
+            if item.get("rt"):  # a retry due now: its clients see it STARTED again
+                conn.notice([item["id"]], STARTED)
         out = []
         flushed = time.monotonic()
         last = len(batch) - 1
@@ -61,14 +65,15 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
             fn, name = functions.get(item["h"])
             marker.begin(item["id"], name)
             if item.get("st") or item.get("a"):
-                run(item, frames, fn,
-                    lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
+                again = run(item, frames, fn,
+                            lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
                 marker.clear()
             else:
                 again = run(item, frames, fn, lambda r, p: out.append((r, p)))
-                if again is not None:
-                    heapq.heappush(later, (again[0]["eta"], next(seq), *again))
-                    moved = True
+            if again is not None:  # a retry: held until its eta, RETRY for its clients
+                heapq.heappush(later, (again[0]["eta"], next(seq), *again))
+                moved = True
+                conn.notice([item["id"]], RETRY)
             if i < last and time.monotonic() - flushed > FLUSH_SECONDS:
                 flush()
         marker.idle()

@@ -46,6 +46,27 @@ def flaky(self, key, failures):
     return self.request.retries
 
 
+@app.task(bind=True, max_retries=3)
+def patient(self, failures, countdown, last_run):
+    """Retries `failures` times, `countdown` seconds apart; the last run lasts `last_run` s."""
+    if self.request.retries < failures:
+        raise self.retry(countdown=countdown)
+    time.sleep(last_run)
+    return self.request.retries
+
+
+@app.task(bind=True)
+def retries_once(self, seconds):
+    """Retries 30 s later, unless it ran before (its process killed while it waited for that):
+    then it lasts `seconds` and returns how many retries its request counts."""
+    ran = os.path.exists(NOTES) and f"retries_once {self.request.id} " in open(NOTES).read()
+    note(f"retries_once {self.request.id} {os.getpid()}")
+    if not ran:
+        raise self.retry(countdown=30)
+    time.sleep(seconds)
+    return self.request.retries
+
+
 @app.task(autoretry_for=(IOError,), retry_backoff=0.1, retry_jitter=False, max_retries=2)
 def always_fails(key):
     note(f"always_fails {key} {time.time()}")
