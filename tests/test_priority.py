@@ -40,6 +40,13 @@ def one_busy_worker(transport: str, procs: Processes, tmp_path) -> Iterator[tupl
         yield proj, release, gate
 
 
+def all_queued(proj: Project, n: int) -> None:
+    """Wait until the broker holds the n tasks just sent (a client sends a quick succession of
+    submits from its sender thread: without this the worker could be released before some arrive)."""
+    wait_until(lambda: sum(proj.app.client.status()["queues"].values()) >= n, timeout=20,
+               what=f"{n} tasks queued")
+
+
 def by_urgency(sent: list[tuple[str, int | None]]) -> list[str]:
     """The labels in the order they should run: most urgent first, none as 0, FIFO within one."""
     return [label for label, pr in sorted(sent, key=lambda s: -(s[1] or 0))]
@@ -52,6 +59,7 @@ def test_most_urgent_first_fifo_within_a_priority(transport, procs, tmp_path):
         sent = [t.ranked.apply_async((label,), queue="prio", priority=pr) for label, pr in SENT[:8]]
         sent.append(t.ranked_urgent.apply_async(("u",), queue="prio"))  # the task's own: 7
         sent += [t.ranked.apply_async((label,), queue="prio", priority=pr) for label, pr in SENT[8:]]
+        all_queued(proj, len(sent))
         release.touch()
         assert gate.get(timeout=20) is True
         labels = [label for label, _ in SENT[:8]] + ["u"] + [label for label, _ in SENT[8:]]
@@ -69,6 +77,7 @@ def test_a_task_requeued_after_its_worker_died_goes_first_among_its_priority(tra
         dies = t.dies_once.apply_async((f"requeue-{transport}", "d"), queue="prio", priority=5)
         rest = [t.ranked.apply_async((label,), queue="prio", priority=pr)
                 for label, pr in (("a", 5), ("c", 9), ("b", 5))]
+        all_queued(proj, 4)
         release.touch()
         assert gate.get(timeout=20) is True
         assert dies.get(timeout=30) == "d" and [r.get(timeout=30) for r in rest] == ["a", "c", "b"]
