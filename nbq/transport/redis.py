@@ -854,6 +854,7 @@ class RedisClient(ClientConnection):
         hashes = set()
         tasks: list = []  # SUBMIT's arguments for each task
         ntasks = 0
+        chunked: set[str] = set()  # maps given chunks here: their chunk lists' expiry renewed once
         for header, frames in messages:
             k = header["k"]
             if k == "fn":
@@ -881,10 +882,11 @@ class RedisClient(ClientConnection):
                             cmds.append(("expire", (P + "m:" + mp, st.ttl_s), {}))
                         cmds.append(("rpush", (P + "mc:" + mp,
                                                f"{item['id']} {item.get('s0', 0)} {item.get('n', 1)}"), {}))
-                        cmds.append(("expire", (P + "mc:" + mp, st.ttl_s), {}))
+                        chunked.add(mp)
             elif k == "mapend":
                 cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
                 cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
+        cmds += [("expire", (P + "mc:" + mp, st.ttl_s), {}) for mp in chunked]
         if tasks:  # after the functions they name, in one step with their owners (EVAL: no
             # script cache to reload after a Redis restart; Redis compiles it once)
             hashes.discard(None)
@@ -1351,7 +1353,8 @@ class RedisWorker(WorkerConnection):
         """The batch of started entries, noted for report() and for "started" notices."""
         out = []
         for qk, eid, item, payload, fields in batch:
-            spilled = [f.key for f in entry_frames(fields) if isinstance(f, Spilled)]
+            spilled = ([f.key for f in entry_frames(fields) if isinstance(f, Spilled)]
+                       if b"b" in fields else [])  # only an entry with frames stored apart has any
             self._batch[item["id"]] = (qk, eid, item, spilled)
             out.append((item, payload))
         self._notices.running([item for item, _ in out])

@@ -21,6 +21,7 @@ import json
 import mmap
 import struct
 import time
+from typing import Iterable
 
 _SIZE = 16384
 _HEAD = struct.Struct("qH")  # item index, task id length
@@ -85,7 +86,7 @@ class Marker:
         (_, start, n_id, _), text = got
         return text[:n_id].decode(errors="replace"), text[n_id:].decode(errors="replace"), start
 
-    def schedule(self, tasks: list[tuple[str, str, float]]) -> None:
+    def schedule(self, tasks: Iterable[tuple[str, str, float]]) -> None:
         """Record the (task id, name, eta) this process holds until their ETA; as many as fit."""
         parts, size = [], 2
         for task in tasks:

@@ -58,8 +58,9 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
         flushed = time.monotonic()
         last = len(batch) - 1
         for i, (item, frames) in enumerate(batch):
-            if item.get("eta", 0) > time.time():
-                heapq.heappush(later, (item["eta"], next(seq), item, frames))
+            eta = item.get("eta")
+            if eta is not None and eta > time.time():  # no clock read for a task without one
+                heapq.heappush(later, (eta, next(seq), item, frames))
                 moved = True
                 continue
             fn, name = functions.get(item["h"])
@@ -74,11 +75,12 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
                 heapq.heappush(later, (again[0]["eta"], next(seq), *again))
                 moved = True
                 conn.notice([item["id"]], RETRY)
-            if i < last and time.monotonic() - flushed > FLUSH_SECONDS:
+            if out and i < last and time.monotonic() - flushed > FLUSH_SECONDS:
                 flush()
         marker.idle()
         if moved:
-            marker.schedule([(item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
-                             for eta, _, item, _ in sorted(later)])
+            # a generator: schedule() stops when its page is full, so no name is made for nothing
+            marker.schedule((item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
+                            for eta, _, item, _ in sorted(later))
         if out or fetched:
             conn.report(out, ready=fetched)
