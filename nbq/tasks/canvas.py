@@ -290,6 +290,7 @@ class chain:
             sig.freeze()
         first = self.tasks[0].apply_async(args, kwargs, chain=rest, **options)
         result, client = first, first._client
+        client._watch_tasks([sig.id for sig in rest])  # one request for all the later steps
         for sig in rest:
             nxt = AsyncResult(sig.id, client=client)
             nxt.parent = result

@@ -105,7 +105,7 @@ class Runner:
         except Retry:
             raise
         except BaseException as exc:
-            _after_failure(task, request, req, exc)
+            _after_failure(request, req, exc)
             raise
         finally:
             _requests.pop()
@@ -176,17 +176,16 @@ def worker_client():
 
 def _after_success(request: Request, req: dict, value: Any) -> None:
     for sig in req.get("link", ()):
-        sig.clone(args=() if sig.immutable else (value,)).apply_async(client=worker_client())
+        sig.apply_async((value,), client=worker_client())  # (an immutable one drops it)
     chain = req.get("chain")
     if chain:
         step, rest = chain[0], chain[1:]
-        step.clone(args=() if step.immutable else (value,)).apply_async(
-            client=worker_client(), chain=rest)
+        step.apply_async((value,), client=worker_client(), chain=rest)
     if req.get("chord"):
         _chord_part(request, req["chord"], value, None)
 
 
-def _after_failure(task: Task, request: Request, req: dict, exc: BaseException) -> None:
+def _after_failure(request: Request, req: dict, exc: BaseException) -> None:
     """A failed task's chain fails with it, its error callbacks run, its chord learns of it."""
     client = None
     chain = list(req.get("chain") or ())
@@ -199,9 +198,9 @@ def _after_failure(task: Task, request: Request, req: dict, exc: BaseException) 
             sig.apply_async(client=client)
         elif _takes_three(sig):
             tb = "".join(traceback.format_exception(exc))
-            sig.clone(args=(request, exc, tb)).apply_async(client=client)
+            sig.apply_async((request, exc, tb), client=client)
         else:
-            sig.clone(args=(request.id,)).apply_async(client=client)
+            sig.apply_async((request.id,), client=client)
     if req.get("chord"):
         _chord_part(request, req["chord"], None, exc)
 
@@ -242,7 +241,7 @@ def _chord_part(request: Request, chord: dict, value: Any, exc: BaseException | 
         fail(client, body, ChordError(f"the chord's body did not run: header task {failed[0]} "
                                       f"failed: {failed[1]!r}"))
     else:
-        body.clone(args=() if body.immutable else (results,)).apply_async(client=client)
+        body.apply_async((results,), client=client)
 
 
 def header_id(chord: dict, i: int) -> str:
