@@ -67,8 +67,10 @@ def start(names: list[str], worker_args: list[str], pidfile: str, logfile: str) 
             print(f"    > {label}: already running")
             continue
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in worker_args)
+        node = [] if named else ["-n", f"{name}@%h"]  # each node answers control as itself
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "nbq", "worker", *worker_args],
+            proc = subprocess.Popen([sys.executable, "-m", "nbq", "worker", *node, *worker_args],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
         pid_path.parent.mkdir(parents=True, exist_ok=True)

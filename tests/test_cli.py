@@ -189,6 +189,8 @@ def test_multi_starts_stops_and_restarts_named_workers(tmp_path):
         with nbq.Client(url) as client:
             client.wait_for_workers(2)
             assert client.submit(pow, 2, 10).result(timeout=10) == 1024
+            host = socket.gethostname()  # each node answers remote control under its own name
+            assert set(client.control("ping", timeout=5)) == {f"w1@{host}", f"w2@{host}"}
         assert "already running" in multi("start", "w1", "--broker", url).stdout
         out = multi("restart", "w1", "--broker", url, "-c", "1")
         assert "stopped" in out.stdout and ": OK" in out.stdout, out.stdout
