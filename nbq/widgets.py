@@ -182,11 +182,12 @@ _ended_since_last_cell: list[ProgressWidget] = []
 
 
 def _resend_at_next_cell(w: ProgressWidget) -> None:
-    """Send w's final state again when the next cell starts.
+    """Send w's final state and final text again when the next cell starts.
 
     The final draw comes from the receiver thread, possibly between two cells;
     a front end (or nbclient) keeps only messages sent during a cell, so the
-    final state could be missing from a saved notebook without this.
+    final widget state and text/plain could be missing from a saved notebook
+    without this.
     """
     try:
         from IPython import get_ipython
@@ -206,6 +207,7 @@ def _resend() -> None:
         for widget in (w.bar, w.text):
             if widget.comm is not None:
                 widget.send_state()
+        w._publish_final(w.res.counts())
 
 
 def widget_progress(res: Any, display: bool = True) -> ProgressWidget:
