@@ -124,9 +124,6 @@ class Lanes:
                 return lane
         return None
 
-    def __len__(self) -> int:
-        return sum(map(len, self._order))
-
     def __iter__(self):
         return itertools.chain.from_iterable(self._order)
 
