@@ -14,6 +14,10 @@ class SerializationError(NbqError, TypeError):
     """A function, argument or result could not be pickled; the message names which."""
 
 
+class MessageTooLarge(NbqError, ValueError):
+    """A message (a task's arguments, a function) is larger than the broker's max_message_size."""
+
+
 class WorkerLost(NbqError):
     """The worker process running a task died (killed, crashed, out of memory) twice."""
 

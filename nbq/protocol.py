@@ -6,6 +6,10 @@ A message is a list of frames::
 
 * ``header`` is compact JSON (never pickle), so a broker can route a message
   without loading anything a sender chose.  ``header["k"]`` is the kind.
+  ``encode`` adds the message's id and time, signed with the rest: ``ms``
+  the sending process (random, new after fork), ``mn`` its message number
+  (counting up), ``mt`` when it was sent (epoch seconds).  Receivers that
+  refuse replays keep a window of them (replay.py).
 * ``signature`` is HMAC-SHA256 under the shared key over the header and every
   payload frame, each preceded by its length, so frames cannot be re-cut.
 * payload frames are what the kind defines; pickled objects take one frame
@@ -22,8 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
+import os
 import pickle
+import secrets
+import time
 import traceback
 from typing import Any, Iterable, Sequence
 
@@ -36,6 +44,17 @@ OUT_OF_BAND_MIN = 64 * 1024
 
 _dumps_json = json.JSONEncoder(separators=(",", ":")).encode
 _loads_json = json.loads
+
+
+def _new_sender() -> None:
+    """This process's sender id and message counter (a forked child gets its own)."""
+    global _sender, _numbers
+    _sender = secrets.token_hex(8)
+    _numbers = itertools.count()
+
+
+_new_sender()
+os.register_at_fork(after_in_child=_new_sender)
 
 
 class Signer:
@@ -54,21 +73,20 @@ class Signer:
         return mac.digest()
 
     def encode(self, header: dict, frames: Sequence = ()) -> list:
-        """Frames to send: header, signature, payload."""
+        """Frames to send: header (given its message id and time, in place), signature, payload."""
+        header["ms"] = _sender
+        header["mn"] = next(_numbers)
+        header["mt"] = time.time()
         h = _dumps_json(header).encode()
         return [h, self.sign(h, frames), *frames]
 
-    def decode(self, msg: Sequence, verify: bool = True) -> tuple[dict, list]:
-        """Split a received message into (header, payload frames), checking the signature.
-
-        ``verify=False`` is only for a broker forwarding a large message it never
-        unpickles; the final receiver verifies it.
-        """
+    def decode(self, msg: Sequence) -> tuple[dict, list]:
+        """Split a received message into (header, payload frames), checking the signature."""
         if len(msg) < 2:
             raise SignatureError("message has no signature frame")
         h = _bytes(msg[0])
         payload = list(msg[2:])
-        if verify and not hmac.compare_digest(self.sign(h, payload), _bytes(msg[1])):
+        if not hmac.compare_digest(self.sign(h, payload), _bytes(msg[1])):
             raise SignatureError("message signature does not match the shared key")
         try:
             header = _loads_json(h)

@@ -3,7 +3,10 @@
 A client has two sockets so that user threads can send while the receiver
 thread blocks: ``t<client id>`` sends, ``c<client id>`` receives.  Supervisors
 are ``s<id>`` and worker processes ``w<id>``.  No socket has a high-water mark:
-flow is bounded by the work submitted, and nothing is ever dropped.
+flow is bounded by the work submitted, and nothing is ever dropped.  A socket
+to a non-loopback address is encrypted and authenticated with CURVE (secure.py).
+The broker's ``welcome`` says its largest message (``mx``); a client refuses to
+send a larger one (MessageTooLarge, before anything leaves).
 """
 from __future__ import annotations
 
@@ -14,19 +17,21 @@ import time
 
 import zmq
 
-from .. import protocol
-from ..errors import SignatureError
+from .. import protocol, secure
+from ..errors import MessageTooLarge, SignatureError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 log = logging.getLogger("nbq.transport")
 
 
-def _dealer(ctx: zmq.Context, identity: bytes, address: str) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, identity: bytes, address: str, key: bytes) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 2000)
+    if secure.needs_curve(address):
+        secure.connect_curve(sock, key)
     sock.connect(address)
     return sock
 
@@ -46,8 +51,9 @@ class ZmqClient(ClientConnection):
         self._own_ctx = context is None
         self.signer = protocol.Signer(key)
         self.cid = client_id
-        self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address)
-        self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address)
+        self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address, key)
+        self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address, key)
+        self.max_message_size: int | None = None  # the broker's, from its welcome
         self._lock = threading.Lock()
         wake_addr = f"inproc://nbq-wake-{client_id}"
         self._wake_r = self.ctx.socket(zmq.PAIR)
@@ -63,6 +69,21 @@ class ZmqClient(ClientConnection):
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
     def send(self, header: dict, frames: list = ()) -> None:
+        if frames and self.max_message_size is not None:
+            size = protocol.frame_size(frames)
+            if size > self.max_message_size:
+                items = header.get("t")
+                if header.get("k") == "tasks" and len(items) > 1:  # a batch: send it in halves
+                    half = len(items) // 2
+                    cut = sum(item["nf"] for item in items[:half])
+                    self.send({"k": "tasks", "t": items[:half]}, frames[:cut])
+                    self.send({"k": "tasks", "t": items[half:]}, frames[cut:])
+                    return
+                raise MessageTooLarge(
+                    f"this {header.get('k')!r} message is {size:,} bytes, more than the broker's "
+                    f"max_message_size of {self.max_message_size:,} bytes: send less at once (a "
+                    "large input as a file or a shared path), or start the broker with a larger "
+                    "--max-message-size")
         header["c"] = self.cid
         msg = self.signer.encode(header, frames)
         with self._lock:
@@ -77,6 +98,8 @@ class ZmqClient(ClientConnection):
         while self._rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             decoded = _decode(self.signer, self._rx.recv_multipart(copy=False))
             if decoded is not None:
+                if decoded[0].get("k") == "welcome":
+                    self.max_message_size = decoded[0].get("mx")
                 out.append(decoded)
         return out
 
@@ -100,7 +123,7 @@ class ZmqSupervisor(SupervisorConnection):
         self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
         self.sid = sid
-        self.sock = _dealer(self.ctx, b"s" + sid.encode(), address)
+        self.sock = _dealer(self.ctx, b"s" + sid.encode(), address, key)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
 
@@ -149,7 +172,7 @@ class ZmqWorker(WorkerConnection):
         self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
         self.wid = wid
-        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address)
+        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address, key)
         self._functions: dict[str, list] = {}
         self.sock.send_multipart(self.signer.encode(dict(hello, k="hello", w=wid)))
 

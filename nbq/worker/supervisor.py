@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Callable
 
+from ..replay import DEFAULT_MAX_AGE, ReplayWindow
 from ..transport.base import SupervisorConnection, WorkerConnection
 from . import control, process, ratelimit
 from .marker import Marker
@@ -44,7 +45,7 @@ class Supervisor:
     def __init__(self, connect: Callable[[str], SupervisorConnection],
                  connect_worker: Callable[[str, dict], WorkerConnection],
                  concurrency: int, queues: list[str], lifeline: int | None = None,
-                 name: str = DEFAULT_NAME) -> None:
+                 name: str = DEFAULT_NAME, max_age: float = DEFAULT_MAX_AGE) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -61,6 +62,7 @@ class Supervisor:
         self._retiring: set[int] = set()    # pids stopped by pool_shrink: not replaced
         self._count = 0
         self._stopping = False
+        self._controls = ReplayWindow(max_age)  # a control command replayed is not obeyed again
 
     @property
     def info(self) -> dict:
@@ -124,6 +126,12 @@ class Supervisor:
         dest = request.get("d")
         if dest is not None and self.name not in dest and self.sid not in dest:
             return
+        now = time.time()
+        why = self._controls.refuse(request, now)
+        if why is not None:
+            log.warning("refused control command %r: %s", str(request.get("cmd"))[:40], why)
+            return
+        self._controls.forget(now)
         conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
         conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
 
