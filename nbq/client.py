@@ -22,7 +22,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
 from . import keys, protocol
-from .errors import BrokerUnavailable, NbqError, SerializationError
+from .errors import BrokerUnavailable, MessageTooLarge, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -126,7 +126,11 @@ class Client(concurrent.futures.Executor):
         item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
         if options:
             item.update(options)
-        self._send_task(item, payload)
+        try:
+            self._send_task(item, payload)
+        except MessageTooLarge:
+            del self._futures[tid]
+            raise
         return fut
 
     def _send_task(self, item: dict, payload: list) -> None:
@@ -205,7 +209,7 @@ class Client(concurrent.futures.Executor):
         try:
             with self._feed_lock:
                 self._feed_locked(map_id, in_caller)
-        except SerializationError:
+        except (SerializationError, MessageTooLarge):
             # cancel what was sent outside the lock: the receiver thread, which must
             # deliver the cancel's reply, may be waiting for the lock to refill this map
             if in_caller and entry is not None:

@@ -73,11 +73,8 @@ class Signer:
         return mac.digest()
 
     def encode(self, header: dict, frames: Sequence = ()) -> list:
-        """Frames to send: header (given its message id and time, in place), signature, payload."""
-        header["ms"] = _sender
-        header["mn"] = next(_numbers)
-        header["mt"] = time.time()
-        h = _dumps_json(header).encode()
+        """Frames to send: header (with this message's id and time), signature, payload."""
+        h = _dumps_json(dict(header, ms=_sender, mn=next(_numbers), mt=time.time())).encode()
         return [h, self.sign(h, frames), *frames]
 
     def decode(self, msg: Sequence) -> tuple[dict, list]:

@@ -1,7 +1,8 @@
 """What a well-formed message looks like, per kind: the broker checks each one before acting.
 
-A schema maps each header field to a check of its type and range; required
-fields are listed apart.  Fields no schema names are not read by the broker
+A schema maps each header field to a check of its type and range (a check
+returns True, or False or a string saying what is wrong); required fields are
+listed apart.  Fields no schema names are not read by the broker
 and travel as they came (signed, so a receiver that reads them trusts them as
 much as the rest).  ``refuse`` also checks who may send a kind (the first byte
 of the peer's identity, broker.py) and that the payload frames add up to what
@@ -15,7 +16,7 @@ ID_MAX = 256        # characters of an id, name, queue or function hash
 LIST_MAX = 100_000  # entries of a list of ids or of a batch
 PRIORITY_MAX = 9
 
-Check = Callable[[object], bool]
+Check = Callable[[object], "bool | str"]
 
 
 def _str(v) -> bool:
@@ -51,7 +52,15 @@ def _one_of(*values: str) -> Check:
 
 
 def _list(check: Check) -> Check:
-    return lambda v: type(v) is list and len(v) <= LIST_MAX and all(map(check, v))
+    def check_list(v) -> bool | str:
+        if type(v) is not list or len(v) > LIST_MAX:
+            return False
+        for i, x in enumerate(v):
+            fault = check(x)
+            if fault is not True:
+                return f"item {i}: {fault}" if fault else False
+        return True
+    return check_list
 
 
 def _optional(check: Check) -> Check:
@@ -59,7 +68,7 @@ def _optional(check: Check) -> Check:
 
 
 def _object(fields: dict[str, Check], required: tuple = ()) -> Check:
-    return lambda v: type(v) is dict and _fault(fields, required, v) is None
+    return lambda v: type(v) is dict and (_fault(fields, required, v) or True)
 
 
 def _fault(fields: dict[str, Check], required: tuple, obj: dict) -> str | None:
@@ -69,8 +78,11 @@ def _fault(fields: dict[str, Check], required: tuple, obj: dict) -> str | None:
             return f"it has no {name!r}"
     for name, value in obj.items():
         check = fields.get(name)
-        if check is not None and not check(value):
-            return f"its {name!r} is {str(value)[:60]!r}: not what a {name!r} may be"
+        if check is not None:
+            fault = check(value)
+            if fault is not True:
+                return (f"in its {name!r}, {fault}" if fault else
+                        f"its {name!r} is {str(value)[:60]!r}: not what a {name!r} may be")
     return None
 
 
@@ -149,8 +161,8 @@ def refuse(peer: bytes, header: dict, frames: list) -> str | None:
 def _frames_fault(kind: str, items: list, frames: list) -> str | None:
     """The items' frame counts must add up to the frames; a chunk's n is at most its pickle's
     size (each item takes at least one byte of the stream), so n never outgrows the payload."""
-    if not items:
-        return f"a {kind!r} message with no items"
+    if not items and kind == "tasks":  # a res with none says its worker is ready
+        return "a 'tasks' message with no tasks"
     at = 0
     for item in items:
         nf = item["nf"]
