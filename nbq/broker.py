@@ -61,6 +61,7 @@ log = logging.getLogger("nbq.broker")
 DROP_LOG_EVERY = 1.0
 DEFAULT_MAX_MESSAGE_SIZE = 512 << 20  # bytes, as Redis's largest value
 DEFAULT_RESULT_BUDGET = 256 << 20     # bytes of delivered results kept for AsyncResult/from_id
+SMALL_FRAME = 512  # a batched task's payload frames this small are kept as bytes (less memory)
 HEARTBEAT = 1.0          # seconds between supervisor heartbeats
 HEARTBEAT_TIMEOUT = 4.0  # silence after which a supervisor and its processes are dead
 BATCH_SECONDS = 0.002    # a batch of short tasks lasts about this long
@@ -69,7 +70,7 @@ BATCH_MAX = 256
 DEFAULT_RESULT_EXPIRES = 86400.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """A task as the broker sees it: its header item and payload, never unpickled."""
     item: dict
@@ -203,6 +204,7 @@ class Broker:
         self.joins: dict[str, dict] = {}             # join key -> {"m": member set, "fired": bool}
         self.expiry: deque = deque()                 # (time, kind, id) in time order
         self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
+        self._names: dict[str, str] = {}             # one copy of each function hash and queue name
         self._started: list[tuple[float, Task]] = []  # dispatched, not yet reported STARTED
         self._timer = 0.0
         self.replays = replay.ReplayWindow(max_age)
@@ -363,8 +365,16 @@ class Broker:
     def _on_tasks(self, peer, header, frames, body):
         items = header["t"]
         alone = len(items) == 1 and "a" not in items[0]
+        names = self._names
+        if len(names) > 10_000:
+            names.clear()
         for item, payload in protocol.split(items, frames):
             item["c"] = header["c"]
+            item["h"] = names.setdefault(item["h"], item["h"])
+            if "q" in item:
+                item["q"] = names.setdefault(item["q"], item["q"])
+            if not alone:  # a zmq.Frame costs ~180 bytes of memory beside its data
+                payload = [f.bytes if len(f) < SMALL_FRAME else f for f in payload]
             task = Task(item, payload, body if alone else None)
             self.tasks[task.id] = task
             mp = item.get("mp")
