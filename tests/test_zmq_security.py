@@ -324,6 +324,12 @@ def test_too_large_message_fails_in_the_caller_naming_the_setting(procs):
         with pytest.raises(MessageTooLarge, match="max_message_size.*--max-message-size"):
             c.submit(len, b"x" * (2 << 20))
         assert c.submit(len, b"x" * (512 << 10)).result(timeout=20) == 512 << 10
+        # a result too large fails alone, in the worker, naming the setting
+        with pytest.raises(MessageTooLarge, match="max_message_size"):
+            c.submit(bytes, 2 << 20).result(timeout=20)
+        res = c.map(bytes, [10, 2 << 20, 20], chunksize=3)
+        out = dict(res.as_completed(errors="include"))
+        assert isinstance(out.pop(1), MessageTooLarge) and out == {0: bytes(10), 2: bytes(20)}
         big = Raw(address, b"tbig")
         try:
             big.send(protocol.Signer(keys.load_key()).encode(

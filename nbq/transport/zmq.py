@@ -18,10 +18,12 @@ import time
 import zmq
 
 from .. import protocol, secure
+from ..worker import execute
 from ..errors import MessageTooLarge, SignatureError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 log = logging.getLogger("nbq.transport")
+RESULT_HEADROOM = 64 << 10  # bytes of a result message beside its payload (header, signature)
 
 
 def _dealer(ctx: zmq.Context, identity: bytes, address: str, key: bytes) -> zmq.Socket:
@@ -188,7 +190,9 @@ class ZmqWorker(WorkerConnection):
                 self._reject(msg)
                 continue
             header, frames = decoded
-            if header["k"] == "fn":
+            if header["k"] == "welcome":  # results must fit in the broker's largest message
+                execute.max_result = header["mx"] - RESULT_HEADROOM
+            elif header["k"] == "fn":
                 self._functions[header["h"]] = frames
             elif header["k"] == "tasks":
                 return list(protocol.split(header["t"], frames))
