@@ -34,9 +34,11 @@ Sockets have no high-water mark and ROUTER_MANDATORY is set, so nothing is
 dropped silently: a result for a client that is gone stays in the result
 store until ``result_expires``, where any client can fetch it by id.
 
-A worker process that dies has its tasks re-run once; a task whose process
-dies a second time fails with WorkerLost.  A chunk re-run after a death
-reports item by item, so the item that kills its process fails alone.
+A task whose process died while running it, its worker alive, runs again
+until such deaths reach its limit (max_task_deaths), then fails with WorkerLost;
+a chunk re-run after a death reports item by item, so the item that kills its
+process fails alone.  The tasks a dead process only held, and every task of a
+worker that stopped answering heartbeats, run again as they were (deaths.py).
 """
 from __future__ import annotations
 
@@ -483,8 +485,8 @@ class Broker:
                     if now - s.seen > self.heartbeat_timeout]:
             log.warning("worker %s stopped sending heartbeats; re-queueing its tasks", sup.sid)
             del self.supervisors[sup.sid]
-            for wid in sup.procs:
-                self._proc_gone(wid, died=True, how="stopped answering heartbeats")
+            for wid in sup.procs:  # a worker gone whole says nothing about its tasks (deaths.py)
+                self._proc_gone(wid, died=False)
 
     def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None,
                    end: dict | None = None) -> None:
@@ -508,6 +510,11 @@ class Broker:
     def _retry_after_death(self, task: Task, why: str, at: list | None,
                            end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
+        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
+        if item is task.item:  # the death does not count against it: queued again as it came
+            task.where = "queued"
+            self._queue(item).appendleft(task)
+            return
         if not task.verified:  # it is about to be re-signed: check it first
             try:
                 self.signer.decode(task.original)
@@ -518,7 +525,6 @@ class Broker:
                         f"task {task.id} was dropped: its message's signature does not match "
                         "the shared key"))
                 return
-        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
         for pos in fail:
             self._deliver(task, *deaths.ending(task.item, pos, why, end))
         if item is None:
