@@ -660,17 +660,28 @@ class Broker:
             peer = b"w" + proc.wid.encode()
             for h in {t.item["h"] for t in batch} - proc.functions:
                 fn = self.functions.get(h)
-                if fn is not None:
-                    self._send(peer, {"k": "fn", "h": h}, fn)
+                if fn is not None and self._send(peer, {"k": "fn", "h": h}, fn):
                     proc.functions.add(h)
             if len(batch) == 1 and batch[0].original is not None:
-                self._send_raw(peer, batch[0].original)
+                sent = self._send_raw(peer, batch[0].original)
             else:
                 items, frames = [], []
                 for t in batch:
                     items.append(t.item)
                     frames.extend(t.frames)
-                self._send(peer, {"k": "tasks", "t": items}, frames)
+                sent = self._send(peer, {"k": "tasks", "t": items}, frames)
+            if not sent:
+                self._put_back(proc, batch)
+
+    def _put_back(self, proc: Proc, batch: list) -> None:
+        """Queue again, first, a batch that could not reach its process: one gone without a
+        word (its worker killed, not yet missed by heartbeats), or away for a moment (it
+        stays idle: it gets work again once it is back)."""
+        proc.running = [t for t in proc.running if t.where != proc.wid or t not in batch]
+        proc.idle = True
+        for t in reversed(batch):
+            t.where = "queued"
+            self._queue(t.item).appendleft(t)
 
     def _take(self, proc: Proc) -> list:
         for q in proc.queues:

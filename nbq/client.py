@@ -137,7 +137,9 @@ class Client(concurrent.futures.Executor):
         tid = tid or f"{self.id}-{next(self._seq)}"
         fut = Future(tid, self)
         self._futures[tid] = fut
-        item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload), **self._task_header}
+        item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        if self._task_header:
+            item.update(self._task_header)
         if options:
             item.update(options)
         self._send_task(item, payload)

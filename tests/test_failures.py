@@ -308,3 +308,22 @@ def test_a_tasks_subprocess_ends_with_its_worker(procs, how):
     finally:
         if sleeper is not None and pid_alive(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+def test_no_task_waits_for_a_worker_killed_unnoticed(procs):
+    """ZeroMQ: a worker SIGKILLed is missed by heartbeats only after seconds; a task the
+    broker cannot hand to its gone processes meanwhile goes to a live one at once."""
+    address = start_broker(procs)
+    dead = procs.nbq("worker", "--broker", address, "-c", "1")
+    with nbq.Client(address) as client:
+        client.wait_for_workers(1)
+        (child,) = client.workers()[0]["processes"]
+        procs.nbq("worker", "--broker", address, "-c", "1")
+        client.wait_for_workers(2)
+        dead.kill()
+        dead.wait()
+        wait_until(lambda: not pid_alive(child), what="its process to die with it")
+        t0 = time.monotonic()
+        assert client.gather([client.submit(abs, -i) for i in range(5)], timeout=15) == list(range(5))
+        assert time.monotonic() - t0 < 3.0  # the heartbeat timeout is 4 s
+        assert len(client.workers()) == 2  # not missed yet: no heartbeat timeout was waited for
