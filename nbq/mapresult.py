@@ -105,10 +105,10 @@ class MapResult:
     # -- the user's side ------------------------------------------------------
 
     def __len__(self) -> int:
-        """The number of items; for a generator input, waits until it has all been read."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._total is not None)
-            return self._total
+        """The number of items; for a generator input, waits until it has all been read
+        (``list(res)`` asks first; a wait like any other on the map: see _wait)."""
+        self._wait(lambda: self._total is not None, None)
+        return self._total
 
     @property
     def total(self) -> int | None:
