@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-import nbq
 from conftest import make_client, redis_url, wait_until
 
 N = 60
@@ -99,7 +98,6 @@ def test_shutdown_cancel_futures_cancels_items_not_sent(transport, procs, tmp_pa
 
 CTRL_C_SCRIPT = """
 import pathlib, sys, time
-import nbq
 
 folder, address, how = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
 client = nbq.Client(address, workers=2)
