@@ -98,6 +98,7 @@ def test_shutdown_cancel_futures_cancels_items_not_sent(transport, procs, tmp_pa
 
 CTRL_C_SCRIPT = """
 import pathlib, sys, time
+import nbq
 
 folder, address, how = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
 client = nbq.Client(address, workers=2)
@@ -137,7 +138,8 @@ def test_ctrl_c_while_waiting_on_a_map_cancels_the_rest(transport, procs, tmp_pa
     folder.mkdir()
     address = redis_url() if transport == "redis" else ""
     p = procs.start([sys.executable, str(script), str(folder), address, how])
-    assert p.stdout.readline().strip() == "waiting"
+    first = p.stdout.readline()
+    assert first.strip() == "waiting", first + p.communicate(timeout=30)[0]
     wait_until(lambda: len(ran(folder)) >= 2, 30, what="two items to start")
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=60)[0]
