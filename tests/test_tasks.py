@@ -74,7 +74,7 @@ def test_delay_get_and_states(project):
     assert again.get(timeout=10) == 8
 
 
-def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project):
+def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project, caplog):
     """reports.py and celeryconfig.py import from Celery's module paths under nbq: shared tasks,
     states, results, exceptions and schedules work as they do under Celery."""
     import reports
@@ -92,6 +92,9 @@ def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project):
     # a shared task is every app's, found by name on the worker that imported it (CELERY_IMPORTS)
     assert project.app.tasks["reports.gives_up"] is reports.gives_up
     assert reports.gives_up.delay().get(timeout=20) == "gave up after 1 retry"
+    with caplog.at_level("WARNING", logger="reports"):
+        assert reports.gives_up() == "gave up after 0 retry"  # called directly: no retry here
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("reports", "giving up after 0 retry")]
     assert project.app.send_task("reports.gives_up").get(timeout=20) == "gave up after 1 retry"
     done = t.add.delay(1, 2)
     assert isinstance(done, AsyncResult) and done.get(timeout=10) == 3

@@ -3,7 +3,10 @@
 from nbq import shared_task, states
 from nbq.exceptions import MaxRetriesExceededError
 from nbq.result import AsyncResult
+from nbq.utils.log import get_task_logger
 from tasks import note
+
+logger = get_task_logger(__name__)
 
 
 @shared_task
@@ -19,6 +22,7 @@ def gives_up(self):
     try:
         self.retry()
     except MaxRetriesExceededError:
+        logger.warning("giving up after %d retry", self.request.retries)
         return f"gave up after {self.request.retries} retry"
 
 

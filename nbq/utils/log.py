@@ -1,0 +1,12 @@
+"""Celery's ``celery.utils.log``: ``from nbq.utils.log import get_task_logger``."""
+from __future__ import annotations
+
+import logging
+
+
+def get_task_logger(name: str) -> logging.Logger:
+    """The logger for a tasks module: ``logging.getLogger(name)``, shown by ``nbq worker -l LEVEL``."""
+    return logging.getLogger(name)
+
+
+__all__ = ["get_task_logger"]
