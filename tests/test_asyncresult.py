@@ -79,7 +79,7 @@ def alarm_raising(seconds: float):
 def test_get_without_propagate_is_interrupted_by_ctrl_c_and_signal_handlers(shared_client, other):
     """get(propagate=False) returns the task's own failure, never what interrupts the wait: a
     Ctrl-C or a signal handler's exception is raised, as in Celery, and the task goes on."""
-    fut = shared_client.submit(time.sleep, 2)
+    fut = shared_client.submit(time.sleep, 3)
     res = nbq.AsyncResult(fut.id, client=other)
     ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # as in a terminal
     ctrl_c.start()

@@ -135,8 +135,8 @@ def test_rate_limit_changed_at_run_time_from_the_command_line(workers):
 
 
 def test_a_new_rate_limit_applies_from_the_next_start(workers):
-    """Under 1/h a task runs once; changed to 600/m, the call waiting for its turn starts within a
-    second or so (not an hour later, as booked under the old rate), and so does the next."""
+    """Under 1/h a task runs once; changed to 600/m, the call waiting for its turn starts within
+    about half a second (not an hour later, as booked under the old rate), and so does the next."""
     t = workers.tasks
     t.hourly.apply_async(queue="solo").get(timeout=20)
     waiting = t.hourly.apply_async(queue="solo")

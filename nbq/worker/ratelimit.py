@@ -24,7 +24,7 @@ NAME_MAX = 200
 _COUNT = struct.Struct("Q")
 _SLOT = struct.Struct(f"ddH{NAME_MAX}s")  # interval (s, 0: none), last start (epoch s), name length
 PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-RECHECK = 1.0  # seconds a waiting task sleeps at most before it reads its rate again
+RECHECK = 0.5  # seconds a waiting task sleeps at most before it reads its rate again
 
 
 def interval(rate: str | float | int | None) -> float:
