@@ -8,6 +8,6 @@ from .exceptions import (ChordError, ContentDisallowed, MaxRetriesExceededError,
 from .task import Task
 
 __all__ = ["App", "load_app", "shared_task", "Task", "Signature", "signature", "group", "chain",
-           "chord", "chunks", "GroupResult", "crontab", "schedule", "Retry", "MaxRetriesExceededError",
-           "NotRegistered", "ContentDisallowed", "ChordError", "SoftTimeLimitExceeded",
+           "chord", "chunks", "GroupResult", "crontab", "schedule", "Retry",
+           "MaxRetriesExceededError", "NotRegistered", "ContentDisallowed", "ChordError", "SoftTimeLimitExceeded",
            "TimeLimitExceeded"]

@@ -5,7 +5,8 @@ import logging
 
 
 def get_task_logger(name: str) -> logging.Logger:
-    """The logger for a tasks module: ``logging.getLogger(name)``, shown by ``nbq worker -l LEVEL``."""
+    """The logger of a tasks module: ``logging.getLogger(name)``; ``nbq worker -l LEVEL`` shows
+    its records."""
     return logging.getLogger(name)
 
 
