@@ -9,5 +9,5 @@ from .task import Task
 
 __all__ = ["App", "load_app", "shared_task", "Task", "Signature", "signature", "group", "chain",
            "chord", "chunks", "GroupResult", "crontab", "schedule", "Retry",
-           "MaxRetriesExceededError", "NotRegistered", "ContentDisallowed", "ChordError", "SoftTimeLimitExceeded",
-           "TimeLimitExceeded"]
+           "MaxRetriesExceededError", "NotRegistered", "ContentDisallowed", "ChordError",
+           "SoftTimeLimitExceeded", "TimeLimitExceeded"]
