@@ -31,6 +31,15 @@ def test_result_by_id_from_another_client(shared_client, other):
     assert nbq.AsyncResult(fut.id, client=other).get(timeout=10) == 256  # stored: asked again
 
 
+def test_a_finished_task_found_by_id_reads_finished_at_once(shared_client, other):
+    """The stored result comes just behind the broker's answer: the new AsyncResult is
+    SUCCESS as soon as it exists, never PENDING for a moment."""
+    futs = [shared_client.submit(int, i) for i in range(50)]
+    shared_client.gather(futs, timeout=20)
+    states = [nbq.AsyncResult(f.id, client=other).state for f in futs]
+    assert states == [nbq.SUCCESS] * len(futs)
+
+
 def test_failure_by_id_carries_type_and_traceback(shared_client, other):
     def boom():
         raise ValueError("nope")
