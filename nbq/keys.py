@@ -50,6 +50,9 @@ class Key(bytes):
 
     __str__ = __repr__
 
+    def __reduce__(self):
+        raise TypeError(f"{self!r} cannot be pickled: a key never travels, not even in a pickle")
+
 
 def fingerprint(key: bytes) -> str:
     """HMAC-SHA256 of a constant under key, 16 hex digits: tells keys apart, reveals nothing."""
