@@ -22,7 +22,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
 from . import keys, protocol
-from .errors import BrokerUnavailable, NbqError, SerializationError
+from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -105,6 +105,9 @@ class Client(concurrent.futures.Executor):
             raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
                                     f"{timeout:g} s: start one with `nbq broker`, or check the "
                                     "address and that both sides use the same key") from None
+        except KeyMismatch:
+            self._shutdown_now()
+            raise
         _current = weakref.ref(self)
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
@@ -527,6 +530,9 @@ class Client(concurrent.futures.Executor):
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
                 fut, on_reply = entry
+                if header.get("refused"):  # a welcome: this client's key is not the cluster's
+                    fut.set_exception(KeyMismatch(header["refused"]))
+                    return
                 result = header.get("r")
                 try:
                     if on_reply is not None:
