@@ -373,13 +373,30 @@ class Client(concurrent.futures.Executor):
         return self._request("cancel", ids=ids)
 
     def _cancel_map(self, res: MapResult) -> int:
+        """Cancel the items of a map no worker has started; returns how many.
+
+        Items of a list input not sent yet fail as cancelled at once; a generator
+        input is read no further (the map ends with the items read so far).
+        """
+        return self._stop_feeding(res) + sum(
+            self._revoke(tid) for tid, ok in self._cancel_tasks(list(res._chunks)).items() if ok)
+
+    def _stop_feeding(self, res: MapResult) -> int:
+        """Send no more chunks of res; the items of its input not sent yet fail as
+        cancelled.  Returns how many."""
         with self._feed_lock:
-            feeder = self._feeders.pop(res.id, None)  # read no more input
-            if feeder is not None and res._total is None:
-                res._set_total(feeder[1].position)
-                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
-        answer = self._cancel_tasks(list(res._chunks))
-        return sum(self._revoke(tid) for tid, ok in answer.items() if ok)
+            feeder = self._feeders.pop(res.id, None)
+            if feeder is None:
+                return 0
+            sent = feeder[1].position
+            self._conn.send({"k": "mapend", "mp": res.id, "total": sent})
+            if res._total is None:
+                res._set_total(sent)
+                return 0
+            unsent = res._total - sent
+            if unsent:
+                res._fail(sent, unsent, _cancelled(res))
+            return unsent
 
     def _revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
@@ -392,7 +409,7 @@ class Client(concurrent.futures.Executor):
             return 0
         res, start, n = entry
         res._chunks.pop(tid, None)
-        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        res._fail(start, n, _cancelled(res))
         return n
 
     def _watch_task(self, tid: str) -> Future:
@@ -579,6 +596,8 @@ class Client(concurrent.futures.Executor):
             return
         self._closed = True
         if cancel_futures:
+            for res, *_ in list(self._feeders.values()):
+                self._stop_feeding(res)
             pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
             pending += list(self._chunks)
             if pending:
@@ -669,6 +688,10 @@ def _shutdown_at_exit(client_ref: "weakref.ref[Client]") -> None:
     client = client_ref()
     if client is not None and not client._closed:
         client._shutdown_now()
+
+
+def _cancelled(res: MapResult) -> CancelledError:
+    return CancelledError(f"item of map {res.id} was cancelled")
 
 
 def _name(fn) -> str:
