@@ -10,7 +10,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                     · ctl (a control command: cmd, a arguments, d destination names or
                       null for all, ci the client's collection id) · bye
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
-                    died; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
+                    died; run: the task it was running, at: [that task, item] when the item
+                    is known; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
                     · rej (a message it got failed its signature check) · ntc (a state
                       notice: ids, s RETRY when a retry holds them, STARTED when they run again)
@@ -493,7 +494,8 @@ class Broker:
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):
-        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"),
+        at = header.get("at") or (header.get("run") and [header["run"], None])
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=at or None,
                         end=header.get("end"))
 
     def check_heartbeats(self, now: float) -> None:

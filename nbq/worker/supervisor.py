@@ -79,8 +79,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR1, lambda *_: None)  # a process set a deadline: look again
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
-        self._undertaker = groups.Undertaker()
         conn = self._connect(self.sid)
+        self._undertaker = groups.Undertaker()
         goodbye = True
         try:
             conn.heartbeat(self.info)
