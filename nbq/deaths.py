@@ -60,8 +60,8 @@ def after_death(item: dict, undelivered: list[int], at,
     todo = [p for p in undelivered if p not in exclude]
     if not todo:
         return [], None
-    pos = _blamed(item, todo, at)
-    if pos is False:  # not its fault: it runs again as it was (from its first undelivered item)
+    counts, pos = _blamed(item, todo, at)
+    if not counts:  # not its fault: it runs again as it was (from its first undelivered item)
         return [], item if todo[0] == item.get("skip", 0) else dict(item, skip=todo[0])
     item = dict(item, st=1)
     fail: list[int] = []
@@ -82,15 +82,16 @@ def after_death(item: dict, undelivered: list[int], at,
     return fail, item
 
 
-def _blamed(item: dict, todo: list[int], at) -> int | None | bool:
-    """The position whose run killed the process; None: this task's, item unknown; False: not this task."""
+def _blamed(item: dict, todo: list[int], at) -> tuple[bool, int | None]:
+    """(whether the death counts against this task, the position it counts against: None
+    when the item is not known)."""
     if not at or at[0] not in (item["id"], clip_id(item["id"])):
-        return False
+        return False, None
     pos = at[1] if len(at) > 1 else None
     if pos is None:
-        return todo[0] if len(todo) == 1 else None
+        return True, todo[0] if len(todo) == 1 else None
     # a position already delivered (or failed): it died between items, none to blame
-    return pos if pos in todo else False
+    return pos in todo, pos
 
 
 def ending(item: dict, pos: int, why: str, end: dict | None) -> tuple[dict, list]:

@@ -327,3 +327,28 @@ def test_no_task_waits_for_a_worker_killed_unnoticed(procs):
         assert client.gather([client.submit(abs, -i) for i in range(5)], timeout=15) == list(range(5))
         assert time.monotonic() - t0 < 3.0  # the heartbeat timeout is 4 s
         assert len(client.workers()) == 2  # not missed yet: no heartbeat timeout was waited for
+
+
+def test_death_rules():
+    """deaths.py, the rules both transports apply, on a chunk of 4 items."""
+    from nbq import deaths
+    chunk = {"id": "t", "m": "map", "n": 4, "md": 2}
+    # held, not running; or its worker gone whole (nobody reports): as it was
+    assert deaths.after_death(chunk, [0, 1, 2, 3], ["other", None]) == ([], chunk)
+    assert deaths.after_death(chunk, [0, 1, 2, 3], None)[1] is chunk
+    # running, item unknown (a first run is not marked): counts against every item
+    fail, again = deaths.after_death(chunk, [0, 1, 2, 3], ["t", None])
+    assert fail == [] and again["a"] == 1 and again["st"] == 1
+    # then the item it was running: 1 + 1 reaches md=2, it fails alone
+    fail, again = deaths.after_death(again, [1, 2, 3], ["t", 2])
+    assert fail == [2] and again["ex"] == [2] and again["skip"] == 1
+    # died between items (the marked one was delivered): nothing counts
+    fail, same = deaths.after_death(again, [3], ["t", 1])
+    assert fail == [] and same["skip"] == 3 and same.get("dp") == again.get("dp")
+    # a second unknown death reaches md for every item left
+    assert deaths.after_death(again, [1, 3], ["t", None]) == ([1, 3], None)
+    _, payload = deaths.ending(again, 1, "worker process 9 was killed by signal 9 (SIGKILL)", None)
+    _, errors = protocol.loads(payload)
+    assert str(protocol.rebuild_error(errors[0])) == (
+        "task t (item 1): its worker process died 2 times while running it (max_task_deaths=2); "
+        "the last time, worker process 9 was killed by signal 9 (SIGKILL)")
