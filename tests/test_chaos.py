@@ -22,9 +22,9 @@ class Chaos:
     """Kills, at random intervals, a random worker process (three times in four) or a
     random whole `nbq worker` (then starts another), by pid."""
 
-    def __init__(self, procs, address: str, client: nbq.Client, rng: random.Random) -> None:
+    def __init__(self, procs, address: str, client: nbq.Client, rng: random.Random, log) -> None:
         self.procs, self.address, self.client, self.rng = procs, address, client, rng
-        self.log = open(os.path.join(procs.tmp, "workers.log"), "a")  # read by nobody: not a pipe
+        self.log = log  # the workers' output: a file, as a pipe nobody reads would fill up
         self.workers = [self._start() for _ in range(WORKERS)]
         self.kills = collections.Counter()
 
@@ -60,8 +60,8 @@ def test_every_result_arrives_once_through_random_kills(transport, procs, tmp_pa
         time.sleep(0.004)
         return x * x if kind == "m" else -x
 
-    with nbq.Client(address) as client:
-        chaos = Chaos(procs, address, client, rng)
+    with nbq.Client(address) as client, open(tmp_path / "workers.log", "a") as log:
+        chaos = Chaos(procs, address, client, rng, log)
         client.wait_for_workers(2 * WORKERS)
         t0 = time.monotonic()
         res = client.map(functools.partial(_run, "m", runs=str(runs)), range(N_MAP), chunksize=20)
