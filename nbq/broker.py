@@ -143,6 +143,7 @@ class Proc:
     running: list = field(default_factory=list)
     functions: set = field(default_factory=set)
     idle: bool = True
+    away_until: float = 0.0  # unreachable at the last send: not tried again before then
 
 
 @dataclass(eq=False)
@@ -665,7 +666,7 @@ class Broker:
         """Hand queued tasks to idle worker processes, batching short ones."""
         now = time.monotonic()
         for proc in self.procs.values():
-            if not proc.idle:
+            if not proc.idle or proc.away_until > now:
                 continue
             batch = self._take(proc)
             if not batch:
@@ -690,14 +691,15 @@ class Broker:
                     frames.extend(t.frames)
                 sent = self._send(peer, {"k": "tasks", "t": items}, frames)
             if not sent:
-                self._put_back(proc, batch)
+                self._put_back(proc, batch, now)
 
-    def _put_back(self, proc: Proc, batch: list) -> None:
+    def _put_back(self, proc: Proc, batch: list, now: float) -> None:
         """Queue again, first, a batch that could not reach its process: one gone without a
         word (its worker killed, not yet missed by heartbeats), or away for a moment (it
-        stays idle: it gets work again once it is back)."""
+        stays idle, and is tried again after a while: it gets work once it is back)."""
         proc.running = [t for t in proc.running if t.where != proc.wid or t not in batch]
         proc.idle = True
+        proc.away_until = now + HEARTBEAT / 2
         for t in reversed(batch):
             t.where = "queued"
             self._queue(t.item).appendleft(t)

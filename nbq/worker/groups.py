@@ -56,7 +56,8 @@ class Undertaker:
 
     @property
     def fd(self) -> int:
-        """The write end of its pipe: a forked worker process closes its copy (close_inherited)."""
+        """The write end of its pipe: each forked worker process closes its copy, so that
+        only the supervisor's end keeps the pipe open."""
         return self._w
 
     def watch(self, pgid: int) -> None:
