@@ -63,7 +63,8 @@ class Client(concurrent.futures.Executor):
 
     ``max_task_deaths``: a task (or a map item) whose own process dies while
     running it this many times, its worker alive, fails with WorkerLost; 1 fails
-    it at the first.  It travels in each task's signed header (absent for the
+    it at the first (a map chunk's unfinished items with it: which one killed the
+    process is known only once the chunk re-runs item by item).  It travels in each task's signed header (absent for the
     default), so the ZeroMQ broker or the Redis workers apply it with no setting
     of their own (deaths.py).
     """
