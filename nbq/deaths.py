@@ -39,7 +39,7 @@ MAX_DEATHS = 3  # deaths of a task's own process before it fails with WorkerLost
 
 
 def limit(item: dict) -> int:
-    """The deaths of its own process a task survives before WorkerLost (header ``md``)."""
+    """How many deaths of its own process fail a task with WorkerLost (header ``md``)."""
     md = item.get("md", MAX_DEATHS)
     return md if type(md) is int and md >= 1 else MAX_DEATHS
 
