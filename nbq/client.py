@@ -22,7 +22,8 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
 from . import keys, protocol
-from .errors import BrokerUnavailable, MessageTooLarge, NbqError, SerializationError
+from .deaths import MAX_DEATHS
+from .errors import BrokerUnavailable, KeyMismatch, MessageTooLarge, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -59,13 +60,27 @@ class Client(concurrent.futures.Executor):
     ``Client(address)`` connects to a running broker (and starts ``workers``
     local worker processes on it when given).  NBQ_BROKER supplies the
     address when none is given.
+
+    ``max_task_deaths``: a task (or a map item) whose own process dies while
+    running it this many times, its worker alive, fails with WorkerLost; 1 fails
+    it at the first (a map chunk's unfinished items with it: which one killed the
+    process is known only once the chunk re-runs item by item).  It travels in each task's signed header (absent for the
+    default), so the ZeroMQ broker or the Redis workers apply it with no setting
+    of their own (deaths.py).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS) -> None:
         global _current
         from .cluster import LocalCluster
+        if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
+            raise TypeError(f"max_task_deaths must be an integer, not {max_task_deaths!r}")
+        if max_task_deaths < 1:
+            raise ValueError(f"max_task_deaths must be at least 1 (1: a task fails at the first "
+                             f"death of its process), not {max_task_deaths}")
+        # header fields of every task this client sends: none for the defaults
+        self._task_header = {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
         address = address or os.environ.get("NBQ_BROKER") or None
         self.key = keys.load_key(key_file)
         self.id = uuid.uuid4().hex[:16]
@@ -105,6 +120,9 @@ class Client(concurrent.futures.Executor):
             raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
                                     f"{timeout:g} s: start one with `nbq broker`, or check the "
                                     "address and that both sides use the same key") from None
+        except KeyMismatch:
+            self._shutdown_now()
+            raise
         _current = weakref.ref(self)
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
@@ -124,6 +142,8 @@ class Client(concurrent.futures.Executor):
         fut = Future(tid, self)
         self._futures[tid] = fut
         item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        if self._task_header:
+            item.update(self._task_header)
         if options:
             item.update(options)
         try:
@@ -195,7 +215,7 @@ class Client(concurrent.futures.Executor):
                         args=source if total is not None else keep)
         chunker = _Chunker(source, chunksize, keep)
         window = max(16, 4 * self._processes())
-        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id}
+        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
         self._feeders[map_id] = (res, chunker, {"window": window, "task": task, "name": _name(fn)})
         self._feed(map_id, in_caller=True)
         return res
@@ -374,13 +394,30 @@ class Client(concurrent.futures.Executor):
         return self._request("cancel", ids=ids)
 
     def _cancel_map(self, res: MapResult) -> int:
+        """Cancel the items of a map no worker has started; returns how many.
+
+        Items of a list input not sent yet fail as cancelled at once; a generator
+        input is read no further (the map ends with the items read so far).
+        """
+        return self._stop_feeding(res) + sum(
+            self._revoke(tid) for tid, ok in self._cancel_tasks(list(res._chunks)).items() if ok)
+
+    def _stop_feeding(self, res: MapResult) -> int:
+        """Send no more chunks of res; the items of its input not sent yet fail as
+        cancelled.  Returns how many."""
         with self._feed_lock:
-            feeder = self._feeders.pop(res.id, None)  # read no more input
-            if feeder is not None and res._total is None:
-                res._set_total(feeder[1].position)
-                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
-        answer = self._cancel_tasks(list(res._chunks))
-        return sum(self._revoke(tid) for tid, ok in answer.items() if ok)
+            feeder = self._feeders.pop(res.id, None)
+            if feeder is None:
+                return 0
+            sent = feeder[1].position
+            self._conn.send({"k": "mapend", "mp": res.id, "total": sent})
+            if res._total is None:
+                res._set_total(sent)
+                return 0
+            unsent = res._total - sent
+            if unsent:
+                res._fail(sent, unsent, _cancelled(res))
+            return unsent
 
     def _revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
@@ -393,7 +430,7 @@ class Client(concurrent.futures.Executor):
             return 0
         res, start, n = entry
         res._chunks.pop(tid, None)
-        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        res._fail(start, n, _cancelled(res))
         return n
 
     def _watch_task(self, tid: str) -> Future:
@@ -412,16 +449,23 @@ class Client(concurrent.futures.Executor):
                 new.append(fut)
             futs.append(fut)
 
+        finished = []
+
         def known(reply: dict) -> None:  # receiver thread, before any resent result
             for fut in new:
                 state = reply["known"].get(fut.id)
-                if state == "STARTED" and fut._state == "PENDING":
+                if state == "DONE":
+                    finished.append(fut)
+                elif state == "STARTED" and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
                 elif state == "RETRY":
                     fut._notice(state)
 
         if new:
             self._request("watch", ids=[fut.id for fut in new], on_reply=known)
+            # a stored result travels just behind the reply: wait for it, so that a task the
+            # broker holds as done never reads PENDING here
+            concurrent.futures.wait(finished, CONNECT_TIMEOUT)
         return futs
 
     def _join(self, key: str, member: str, total: int) -> bool:
@@ -507,6 +551,9 @@ class Client(concurrent.futures.Executor):
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
                 fut, on_reply = entry
+                if header.get("refused"):  # a welcome: this client's key is not the cluster's
+                    fut.set_exception(KeyMismatch(header["refused"]))
+                    return
                 result = header.get("r")
                 try:
                     if on_reply is not None:
@@ -570,6 +617,8 @@ class Client(concurrent.futures.Executor):
             return
         self._closed = True
         if cancel_futures:
+            for res, *_ in list(self._feeders.values()):
+                self._stop_feeding(res)
             pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
             pending += list(self._chunks)
             if pending:
@@ -660,6 +709,10 @@ def _shutdown_at_exit(client_ref: "weakref.ref[Client]") -> None:
     client = client_ref()
     if client is not None and not client._closed:
         client._shutdown_now()
+
+
+def _cancelled(res: MapResult) -> CancelledError:
+    return CancelledError(f"item of map {res.id} was cancelled")
 
 
 def _name(fn) -> str:

@@ -91,7 +91,8 @@ def _fault(fields: dict[str, Check], required: tuple, obj: dict) -> str | None:
 TASK = {"id": _str, "h": _str, "q": _str, "pr": _ints(0, PRIORITY_MAX), "f": _flag,
         "m": _one_of("call", "map", "star"), "mp": _str, "s0": _count, "n": _ints(1, 1 << 53),
         "nf": _ints(0, LIST_MAX), "a": _count, "st": _flag, "skip": _count, "ex": _list(_count),
-        "rt": _count, "eta": _time, "x": _time}
+        "rt": _count, "eta": _time, "x": _time, "md": _ints(0, 1 << 20),
+        "dp": lambda v: type(v) is dict and all(map(_count, v.values()))}
 #: A result part as a worker sends it.
 RESULT = {"id": _str, "s": _count, "n": _ints(1, 1 << 53), "nf": _ints(0, LIST_MAX), "ok": _flag,
           "rv": _flag, "s0": _count, "d": _seconds}
@@ -124,7 +125,7 @@ KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
     "bye": (SENDER + SUPERVISOR, {"c": _str, "s": _str}, {SENDER: ("c",), SUPERVISOR: ("s",)}),
     "hb": (SUPERVISOR, _SUPERVISOR, ("s", "host", "spid", "conc", "q")),
     "lost": (SUPERVISOR, {"s": _str, "w": _str, "how": lambda v: type(v) is str, "at": _at,
-                          "end": _end}, ("s", "w")),
+                          "run": _optional(_str), "end": _end}, ("s", "w")),
     "ctlr": (SUPERVISOR, {"s": _str, "c": _str, "ci": _str, "n": _str, "r": _any},
              ("s", "c", "ci", "n")),
     "res": (WORKER, {"w": _str, "t": _list(_result), "rdy": _flag}, ("w", "t")),
