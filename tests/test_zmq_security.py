@@ -58,11 +58,15 @@ class Raw:
         self.sock.send_multipart(msg)
 
     def received(self, timeout: float) -> list:
-        """Every message that reached this socket within timeout seconds."""
+        """Every message that reached this socket within timeout seconds, except the broker's
+        key refusal (its key's fingerprint, unsigned: the one answer a hello or heartbeat it
+        cannot verify gets, so that a peer with another key stops with a clear error)."""
         out = []
         deadline = time.monotonic() + timeout
         while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            out.append(self.sock.recv_multipart())
+            msg = self.sock.recv_multipart()
+            if protocol.refused(msg) is None:
+                out.append(msg)
         return out
 
     def close(self) -> None:
