@@ -7,7 +7,7 @@ A message is a list of frames::
 * ``header`` is compact JSON (never pickle), so a broker can route a message
   without loading anything a sender chose.  ``header["k"]`` is the kind.
   ``encode`` adds the message's id and time, signed with the rest: ``ms``
-  the sending process (random, new after fork), ``mn`` its message number
+  the sender (random per Signer, new after fork), ``mn`` its message number
   (counting up), ``mt`` when it was sent (epoch seconds).  Receivers that
   refuse replays keep a window of them (replay.py).
 * ``signature`` is HMAC-SHA256 under the shared key over the header and every
@@ -34,6 +34,7 @@ import re
 import secrets
 import time
 import traceback
+import weakref
 from typing import Any, Iterable, Sequence
 
 import cloudpickle
@@ -47,22 +48,34 @@ _dumps_json = json.JSONEncoder(separators=(",", ":")).encode
 _loads_json = json.loads
 
 
-def _new_sender() -> None:
-    """This process's sender id and message counter (a forked child gets its own)."""
-    global _sender, _numbers
-    _sender = secrets.token_hex(8)
-    _numbers = itertools.count()
+_signers: "weakref.WeakSet[Signer]" = weakref.WeakSet()
 
 
-_new_sender()
-os.register_at_fork(after_in_child=_new_sender)
+def _new_senders() -> None:
+    """In a forked child: each Signer a sender of its own again, not a copy of its parent's."""
+    for signer in list(_signers):
+        signer._new_sender()
+
+
+os.register_at_fork(after_in_child=_new_senders)
 
 
 class Signer:
-    """HMAC-SHA256 over a header and payload frames under one key."""
+    """HMAC-SHA256 over a header and payload frames under one key.
+
+    Each Signer is a sender of its own (``ms``, numbering its messages ``mn``), so a
+    receiver's replay window (replay.py) sees each sender's numbers in about the order
+    they were sent, whatever else signs in the same process (an embedded broker, say).
+    """
 
     def __init__(self, key: bytes) -> None:
         self._base = hmac.new(key, digestmod=hashlib.sha256)
+        self._new_sender()
+        _signers.add(self)
+
+    def _new_sender(self) -> None:
+        self._sender = secrets.token_hex(8)
+        self._numbers = itertools.count()
 
     def sign(self, header: bytes, frames: Sequence) -> bytes:
         mac = self._base.copy()
@@ -75,7 +88,8 @@ class Signer:
 
     def encode(self, header: dict, frames: Sequence = ()) -> list:
         """Frames to send: header (with this message's id and time), signature, payload."""
-        h = _dumps_json(dict(header, ms=_sender, mn=next(_numbers), mt=time.time())).encode()
+        h = _dumps_json(dict(header, ms=self._sender, mn=next(self._numbers),
+                             mt=time.time())).encode()
         return [h, self.sign(h, frames), *frames]
 
     def decode(self, msg: Sequence) -> tuple[dict, list]:

@@ -231,8 +231,8 @@ def test_captured_task_replayed_runs_once(cluster, tmp_path):
     sender.send(signed_as_is(key, old, payload))
     sender.send(signed_as_is(key, {k: v for k, v in old.items() if k not in ("ms", "mn", "mt")},
                              payload))
-    served(c)  # one worker process, one queue: anything queued before this has run
     wait_until(lambda: cluster.dropped()["replay"] - before == 5, what="the replays counted")
+    served(c)  # one worker process, one queue: what was queued before this has run
     assert runs.read_text() == "1\n"
 
 
