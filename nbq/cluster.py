@@ -8,6 +8,7 @@ the worker and its processes exit.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -59,17 +60,32 @@ class LocalCluster:
         self._lifeline = w
 
     def close(self) -> None:
-        """Stop local workers (closing their lifeline) and the embedded broker."""
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-            self._lifeline = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(5.0)
-            except subprocess.TimeoutExpired:
+        """Stop local workers (closing their lifeline) and the embedded broker.
+
+        Each step runs even when one before it is interrupted (a Ctrl-C while the
+        workers finish); a repeated call does what is left.
+        """
+        with contextlib.ExitStack() as steps:  # callbacks run last-registered first
+            steps.callback(self._stop_broker)
+            steps.callback(self._stop_workers)
+            if self._lifeline is not None:
+                lifeline, self._lifeline = self._lifeline, None
+                os.close(lifeline)
+
+    def _stop_workers(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # also when interrupted: its worker processes die with it (PR_SET_PDEATHSIG)
+            if self._proc.poll() is None:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
+
+    def _stop_broker(self) -> None:
         if self.broker is not None:
             self.broker.stop()
             self._thread.join(5.0)

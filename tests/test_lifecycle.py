@@ -1,0 +1,163 @@
+"""A client's life: creation checks, shutdown (waited, interrupted, repeated), exit, initializers."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import nbq
+from conftest import make_client, pid_alive, redis_url, wait_until
+
+
+@contextlib.contextmanager
+def interrupt_after(seconds: float):
+    """A KeyboardInterrupt in this (the main) thread after seconds, as a Ctrl-C would."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, raise_interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def local_pids(client: nbq.Client) -> list[int]:
+    """The pids of the client's local worker supervisor and of its worker processes."""
+    return [client._cluster._proc.pid, *(p for w in client.workers() for p in w["processes"])]
+
+
+def assert_all_stopped(pids: list[int], threads_before: set) -> None:
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15, what="local workers to exit")
+    wait_until(lambda: not [t for t in threading.enumerate() if t not in threads_before],
+               timeout=15, what="the client's threads to end")
+
+
+# -- item: workers <= 0 --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_no_workers_is_a_value_error_in_the_caller(workers):
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="workers must be a positive number"):
+        nbq.Client(workers=workers)
+    with pytest.raises(ValueError, match="workers must be a positive number"):
+        nbq.Client(redis_url(), workers=workers)
+    assert set(threading.enumerate()) <= before
+
+
+def test_worker_with_concurrency_zero_exits_with_a_clear_error(procs):
+    p = procs.nbq("worker", "--broker", "tcp://127.0.0.1:9", "--concurrency", "0")
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "nbq worker: error: --concurrency must be at least 1" in out
+
+
+# -- item: shutdown after a map's timeout --------------------------------------------------------
+
+def test_shutdown_after_a_map_timeout_waits_for_the_map_and_returns(transport, procs):
+    client = make_client(transport, procs)
+    r = client.map(time.sleep, [1, 1], timeout=0.3)
+    with pytest.raises(TimeoutError):
+        list(r)
+    client.shutdown(wait=True)
+    assert r.result(timeout=0) == [None, None]
+
+
+def test_leaving_a_with_block_after_a_map_timeout(transport, procs):
+    with make_client(transport, procs) as client:
+        r = client.map(time.sleep, [0.5, 0.5], timeout=0.1)
+        with pytest.raises(TimeoutError):
+            r.result()
+    assert r.result(timeout=0) == [None, None]
+
+
+# -- item: a failed shutdown leaves nothing behind -----------------------------------------------
+
+def test_shutdown_interrupted_while_waiting_stops_everything(transport, procs):
+    before = set(threading.enumerate())
+    client = make_client(transport, procs)
+    pids = local_pids(client)
+    futs = [client.submit(time.sleep, 60) for _ in range(2)]
+    wait_until(lambda: all(f.running() for f in futs), what="both tasks to start")
+    r = client.map(time.sleep, [60] * 4, chunksize=1)
+    with interrupt_after(0.5), pytest.raises(KeyboardInterrupt):
+        client.shutdown(wait=True)
+    assert_all_stopped(pids, before)
+    for f in futs:  # nothing is left waiting for a result that cannot come
+        with pytest.raises(nbq.NbqError, match="had not finished when its client shut down"):
+            f.result(timeout=5)
+    with pytest.raises(nbq.NbqError, match="had not finished"):
+        r.result(timeout=5)
+    client.shutdown()  # a second shutdown returns normally
+    with pytest.raises(RuntimeError):
+        client.submit(abs, 1)
+
+
+def _ignore_sigterm_and_sleep(seconds: float, mark: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(mark, "w").close()
+    time.sleep(seconds)
+
+
+def test_shutdown_interrupted_while_stopping_workers_still_stops_them(transport, procs, tmp_path):
+    before = set(threading.enumerate())
+    client = make_client(transport, procs)
+    pids = local_pids(client)
+    client.submit(_ignore_sigterm_and_sleep, 60, str(tmp_path / "mark"))
+    wait_until((tmp_path / "mark").exists, what="the task to start")
+    # the worker process ignores SIGTERM, so its supervisor takes 2 s to stop it:
+    # the interrupt comes while shutdown waits for the local workers to exit
+    with interrupt_after(0.5), pytest.raises(KeyboardInterrupt):
+        client.shutdown(wait=False)
+    assert_all_stopped(pids, before)
+    client.shutdown()
+
+
+# -- item: exit finishes submitted work ----------------------------------------------------------
+
+EXIT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import nbq
+
+    def show(f):
+        print("result", f.result(), flush=True)
+
+    def square_later(i):
+        time.sleep(0.3)
+        return i * i
+
+    def note(i, path=sys.argv[2]):
+        time.sleep(0.05)
+        with open(path, "a") as out:
+            out.write(f"{i}\\n")
+
+    client = nbq.Client(sys.argv[1] if sys.argv[1] != "-" else None, workers=2)
+    for i in range(4):
+        client.submit(square_later, i).add_done_callback(show)
+    client.map(note, range(20), chunksize=1)
+    print("end of script", flush=True)
+""")
+
+
+def test_a_script_ending_without_shutdown_finishes_its_work(transport, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_SCRIPT)
+    for run in range(3):
+        address = "-" if transport == "zmq" else redis_url()
+        notes = tmp_path / f"notes{run}"
+        out = subprocess.run([sys.executable, str(script), address, str(notes)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == "end of script"
+        assert sorted(lines[1:]) == ["result 0", "result 1", "result 4", "result 9"], out.stdout
+        assert sorted(int(x) for x in notes.read_text().split()) == list(range(20))
