@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--result-expires", type=float, default=86400.0, help="seconds results are kept")
     b.set_defaults(run=_broker)
 
-    w = sub.add_parser("worker", help="run worker processes for a broker")
+    w = sub.add_parser("worker", help="run worker processes for a broker",
+                       description="Run worker processes for a broker.  The current directory is "
+                       "put first on sys.path (as `python -m` and `celery worker` do), so tasks "
+                       "can use modules in the folder the worker is started in.")
     w.add_argument("--broker", default=None, help=BROKER_HELP)
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: number of CPUs)")
@@ -147,6 +150,7 @@ def _worker(args) -> None:
     if args.beat and not args.app:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
     key = keys.load_key(args.key_file)
+    _cwd_on_path()
     app = _load_app(args.app) if args.app else None
     address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
@@ -172,11 +176,16 @@ def _worker(args) -> None:
 def _load_app(spec: str):
     """The app of ``-A spec``, imported from the current directory as Celery does."""
     from .tasks import load_app, runner
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     app = load_app(spec)
     runner.accept = set(app.conf.accept_content)
     return app
+
+
+def _cwd_on_path() -> None:
+    """Modules in the current directory import, as they do for ``python -m`` and Celery."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _beat(args) -> None:

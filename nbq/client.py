@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import importlib
 import itertools
 import logging
 import math
@@ -21,6 +22,8 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
+
+import cloudpickle
 
 from . import keys, protocol
 from .errors import BrokerUnavailable, NbqError, SerializationError
@@ -64,12 +67,14 @@ class Client(concurrent.futures.Executor):
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = CONNECT_TIMEOUT, ship: Iterable[types.ModuleType | str] = ()
+                 ) -> None:
         global _current
         from .cluster import LocalCluster
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive number of processes (or None), "
                              f"not {workers!r}")
+        ship_modules(*ship)
         address = address or os.environ.get("NBQ_BROKER") or None
         self.key = keys.load_key(key_file)
         self.id = uuid.uuid4().hex[:16]
@@ -706,6 +711,24 @@ def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
         if client._stopped:
             return
         del client
+
+
+def ship_modules(*modules: types.ModuleType | str) -> None:
+    """Send the functions and classes of these modules (and their submodules) by value.
+
+    cloudpickle sends what an importable module defines by reference: the worker
+    imports the module.  A shipped module's code travels in the pickle instead, so a
+    notebook's local helper module needs no install on the workers.  This holds for
+    every client of this process (cloudpickle.register_pickle_by_value); ``nbq.ship``.
+    """
+    for module in modules:
+        if isinstance(module, str):
+            module = importlib.import_module(module)
+        if not isinstance(module, types.ModuleType):
+            raise TypeError(f"nbq.ship takes modules or module names, not {module!r}")
+        cloudpickle.register_pickle_by_value(module)
+    for client in list(_open_clients):  # functions pickled before by reference: pickle again
+        client._fn_cache.clear()
 
 
 _open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid
 
+import cloudpickle
 import pytest
 
 import nbq
-from conftest import make_client, pid_alive, redis_url, wait_until
+from conftest import make_client, pid_alive, redis_url, standalone_broker, wait_until
 
 
 @contextlib.contextmanager
@@ -161,3 +165,70 @@ def test_a_script_ending_without_shutdown_finishes_its_work(transport, tmp_path)
         assert lines[0] == "end of script"
         assert sorted(lines[1:]) == ["result 0", "result 1", "result 4", "result 9"], out.stdout
         assert sorted(int(x) for x in notes.read_text().split()) == list(range(20))
+
+
+# -- item: modules the workers cannot import -----------------------------------------------------
+
+@contextlib.contextmanager
+def client_only_module(folder, name: str, code: str):
+    """A module importable in this process only (on its sys.path, not in any worker's env)."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(textwrap.dedent(code))
+    saved = sys.modules.pop(name, None)
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        if name in cloudpickle.list_registry_pickle_by_value():
+            cloudpickle.unregister_pickle_by_value(sys.modules[name])
+        sys.path.remove(str(folder))
+        sys.modules.pop(name, None)
+        if saved is not None:
+            sys.modules[name] = saved
+
+
+def test_a_module_only_the_client_has_fails_clearly_until_shipped(transport, procs, tmp_path):
+    address = standalone_broker(transport, procs)
+    (tmp_path / "elsewhere").mkdir()
+    procs.nbq("worker", "--broker", address, "-c", "1", cwd=tmp_path / "elsewhere")
+    name = f"helpers_{uuid.uuid4().hex[:8]}"
+    with client_only_module(tmp_path / "mods", name, """
+            def triple(x):
+                return 3 * x
+            """) as helpers, nbq.Client(address) as client:
+        client.wait_for_workers(1)
+        with pytest.raises(ModuleNotFoundError) as failed:
+            client.submit(helpers.triple, 2).result(timeout=30)
+        message = str(failed.value)
+        assert f"cannot import module {name!r}" in message
+        assert socket.gethostname() in message
+        assert f"nbq.ship({name})" in message and f"ship=[{name}]" in message
+        with pytest.raises(ModuleNotFoundError, match=f"nbq.ship\\({name}\\)"):
+            client.map(helpers.triple, [1, 2]).result(timeout=30)
+
+        nbq.ship(helpers)  # the same function, submitted again, now travels by value
+        assert client.submit(helpers.triple, 2).result(timeout=30) == 6
+        assert client.map(helpers.triple, [1, 2]).result(timeout=30) == [3, 6]
+
+        cloudpickle.unregister_pickle_by_value(helpers)
+        with nbq.Client(address, ship=[name]) as shipping:
+            assert shipping.submit(helpers.triple, 5).result(timeout=30) == 15
+
+
+def test_nbq_worker_imports_modules_of_the_folder_it_runs_in(transport, procs, tmp_path):
+    address = standalone_broker(transport, procs)
+    project = tmp_path / "project"
+    with client_only_module(project, "tasks", """
+            def shout(text):
+                return text.upper() + "!"
+            """) as tasks, nbq.Client(address) as client:
+        nbq_command = os.path.join(os.path.dirname(sys.executable), "nbq")  # not python -m
+        procs.start([nbq_command, "worker", "--broker", address, "-c", "1"], cwd=project)
+        client.wait_for_workers(1)
+        assert client.submit(tasks.shout, "hi").result(timeout=30) == "HI!"
+
+
+def test_worker_help_says_the_folder_is_on_sys_path():
+    out = subprocess.run([sys.executable, "-m", "nbq", "worker", "--help"], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "current directory is put first on sys.path" in " ".join(out.split())
