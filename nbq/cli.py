@@ -60,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                    "thread of this worker's supervisor; needs -A")
     w.add_argument("-n", "--hostname", default=None, help="this worker's name in control "
                    "replies (default nbq@%%h); %%h is the host name, %%n its first label, %%d the rest")
+    w.add_argument("--init", default=None, metavar="MODULE:FUNC", help="call FUNC() once in "
+                   "each worker process before its first task, and in each process started to "
+                   "replace one (as a concurrent.futures initializer): to load a model or data")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--init-stdin", action="store_true", help=argparse.SUPPRESS)  # a Client's
     w.set_defaults(run=_worker)
 
     bt = sub.add_parser("beat", help="send an app's beat_schedule entries when they are due")
@@ -144,13 +148,18 @@ def _broker(args) -> None:
 
 def _worker(args) -> None:
     from . import keys, transport
+    from .worker import initializer
     from .worker.supervisor import Supervisor
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
     if args.beat and not args.app:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
+    if args.init and args.init_stdin:
+        raise ValueError("give --init or an initializer on stdin, not both")
     key = keys.load_key(args.key_file)
     _cwd_on_path()
+    init = (initializer.decode(key, sys.stdin.buffer.read()) if args.init_stdin
+            else initializer.from_spec(args.init) if args.init else None)
     app = _load_app(args.app) if args.app else None
     address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
@@ -159,7 +168,7 @@ def _worker(args) -> None:
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
-                     **({"name": args.hostname} if args.hostname else {}))
+                     **({"name": args.hostname} if args.hostname else {}), initializer=init)
     beat = _start_beat(app, address, args.schedule) if args.beat else None
     try:
         why = sup.run()

@@ -62,23 +62,35 @@ class Client(concurrent.futures.Executor):
     ``Client()`` starts a private broker and ``os.cpu_count()`` worker processes;
     ``Client(address)`` connects to a running broker (and starts ``workers``
     local worker processes on it when given).  NBQ_BROKER supplies the
-    address when none is given.
+    address when none is given.  ``initializer(*initargs)`` runs once in each
+    local worker process before its first task (and in a process replacing
+    one); ``ship`` lists modules sent by value (see ``nbq.ship``).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
-                 timeout: float = CONNECT_TIMEOUT, ship: Iterable[types.ModuleType | str] = ()
-                 ) -> None:
+                 timeout: float = CONNECT_TIMEOUT, ship: Iterable[types.ModuleType | str] = (),
+                 initializer: Callable | None = None, initargs: tuple = ()) -> None:
         global _current
         from .cluster import LocalCluster
+        from .worker import initializer as worker_init
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive number of processes (or None), "
                              f"not {workers!r}")
         ship_modules(*ship)
         address = address or os.environ.get("NBQ_BROKER") or None
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError(f"initializer must be callable, not {initializer!r}")
+            if address is not None and workers is None:
+                raise ValueError("an initializer runs in the worker processes this client starts: "
+                                 "give workers=N, or start workers with `nbq worker --init "
+                                 "MODULE:FUNC`")
         self.key = keys.load_key(key_file)
+        init = None if initializer is None else worker_init.encode(self.key, initializer, initargs)
         self.id = uuid.uuid4().hex[:16]
-        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires)
+        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires,
+                                     initializer=init)
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted

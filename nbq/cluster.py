@@ -24,7 +24,8 @@ class LocalCluster:
     """The broker address a client uses, and the local pieces started for it."""
 
     def __init__(self, key: bytes, address: str | None, workers: int | None,
-                 result_expires: float | None = None) -> None:
+                 result_expires: float | None = None, initializer: bytes | None = None) -> None:
+        """``initializer``: what worker.initializer.encode made, for the local workers."""
         self.context: zmq.Context | None = None
         self.broker: Broker | None = None
         self._thread: threading.Thread | None = None
@@ -44,20 +45,29 @@ class LocalCluster:
             self.address = self.connect_address = with_result_expires(address, result_expires)
         self.workers = workers or 0
         if self.workers:
-            self._start_workers(key)
+            self._start_workers(key, initializer)
 
-    def _start_workers(self, key: bytes) -> None:
+    def _start_workers(self, key: bytes, initializer: bytes | None) -> None:
         r, w = os.pipe()
         # local workers import what the client can: its modules, its notebook's folder
         path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
         env = dict(os.environ, NBQ_KEY=key.decode(), PYTHONPATH=path)
         cmd = [sys.executable, "-m", "nbq", "worker", "--broker", self.address,
                "--concurrency", str(self.workers), "--lifeline", str(r)]
+        if initializer is not None:
+            cmd.append("--init-stdin")
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=(r,), env=env, stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(cmd, pass_fds=(r,), env=env, stdin=subprocess.PIPE
+                                          if initializer is not None else subprocess.DEVNULL)
         finally:
             os.close(r)
         self._lifeline = w
+        if initializer is not None:
+            try:
+                with self._proc.stdin:
+                    self._proc.stdin.write(initializer)
+            except BrokenPipeError:
+                pass  # the worker exited at once: its error is on its stderr
 
     def close(self) -> None:
         """Stop local workers (closing their lifeline) and the embedded broker.

@@ -232,3 +232,104 @@ def test_worker_help_says_the_folder_is_on_sys_path():
     out = subprocess.run([sys.executable, "-m", "nbq", "worker", "--help"], capture_output=True,
                          text=True, timeout=60).stdout
     assert "current directory is put first on sys.path" in " ".join(out.split())
+
+
+# -- item: initializer -----------------------------------------------------------------------------
+
+def _process_pids(client: nbq.Client) -> list[int]:
+    return [p for w in client.workers() for p in w["processes"]]
+
+
+def test_initializer_runs_once_in_each_process_and_in_a_replacement(transport, procs, tmp_path):
+    marks = tmp_path / "inits"
+    marks.mkdir()
+
+    def load_model(folder, name):  # defined here, as in a notebook: it travels by value
+        os.environ["NBQ_TEST_MODEL"] = name
+        with open(os.path.join(folder, str(os.getpid())), "a") as f:
+            f.write("init\n")
+
+    client = make_client(transport, procs, workers=2, initializer=load_model,
+                         initargs=(str(marks), "model-1"))
+    try:
+        def model_here(_):
+            return os.getpid(), os.environ.get("NBQ_TEST_MODEL")
+
+        pids = _process_pids(client)
+        seen = client.map(model_here, range(40), chunksize=1).result(timeout=60)
+        assert {model for _, model in seen} == {"model-1"}
+        assert {pid for pid, _ in seen} <= set(pids)
+        assert sorted(int(f.name) for f in marks.iterdir()) == sorted(pids)
+        assert all(f.read_text() == "init\n" for f in marks.iterdir())
+
+        os.kill(pids[0], signal.SIGKILL)
+        new = wait_until(lambda: [p for p in _process_pids(client) if p not in pids],
+                         timeout=30, what="a replacement process")[0]
+        wait_until((marks / str(new)).exists, what="the replacement's initializer")
+        seen = client.map(model_here, range(40), chunksize=1).result(timeout=60)
+        assert {model for _, model in seen} == {"model-1"}
+        assert (marks / str(new)).read_text() == "init\n" and len(list(marks.iterdir())) == 3
+    finally:
+        client.shutdown(wait=False)
+
+
+def test_a_failing_initializer_fails_the_tasks_with_its_error(transport, procs):
+    def load_model():
+        raise FileNotFoundError("no model at /models/m.pt")
+
+    client = make_client(transport, procs, workers=2, initializer=load_model)
+    try:
+        with pytest.raises(FileNotFoundError, match="no model at /models/m.pt") as failed:
+            client.submit(abs, -1).result(timeout=30)
+        assert any("raised by the initializer" in note and "load_model" in note
+                   for note in failed.value.__notes__)
+        with pytest.raises(FileNotFoundError, match="no model"):
+            client.map(abs, range(10)).result(timeout=30)
+    finally:
+        client.shutdown(wait=False)
+
+
+def test_an_initializer_needs_local_workers(procs):
+    with pytest.raises(ValueError, match="nbq worker --init"):
+        nbq.Client("tcp://127.0.0.1:9", initializer=print)
+    with pytest.raises(TypeError, match="initializer must be callable"):
+        nbq.Client(workers=1, initializer="load_model")
+
+
+def test_an_initializer_not_signed_with_the_key_is_refused():
+    from nbq.worker import initializer
+    data = initializer.encode(b"k" * 32, print, ("hi",))
+    assert initializer.decode(b"k" * 32, data).name == "print"
+    with pytest.raises(nbq.SignatureError):
+        initializer.decode(b"x" * 32, data)
+
+
+def test_nbq_worker_init_runs_a_function_of_a_module_beside_it(transport, procs, tmp_path):
+    address = standalone_broker(transport, procs)
+    project = tmp_path / "project"
+    with client_only_module(project, "tasks", """
+            import os
+
+            def setup():
+                os.environ["NBQ_TEST_SETUP"] = f"set up in {os.getpid()}"
+
+            def read():
+                return os.environ.get("NBQ_TEST_SETUP"), os.getpid()
+            """) as tasks, nbq.Client(address) as client:
+        nbq_command = os.path.join(os.path.dirname(sys.executable), "nbq")
+        procs.start([nbq_command, "worker", "--broker", address, "-c", "2", "--init", "tasks:setup"],
+                    cwd=project)
+        client.wait_for_workers(2)
+        for setup, pid in client.map(lambda _: tasks.read(), range(20), chunksize=1).result(timeout=60):
+            assert setup == f"set up in {pid}"
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("nosuchmodule:setup", "--init nosuchmodule:setup: ModuleNotFoundError: No module named"),
+    ("tasks", "--init 'tasks': give MODULE:FUNC"),
+    ("os:nosuchfunction", "--init os:nosuchfunction: AttributeError"),
+])
+def test_nbq_worker_init_with_a_wrong_name_exits_with_a_clear_error(procs, spec, error):
+    p = procs.nbq("worker", "--broker", "tcp://127.0.0.1:9", "--init", spec)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 1 and f"nbq worker: error: {error}" in out, out

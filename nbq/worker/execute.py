@@ -19,10 +19,14 @@ NAME_MAX = 300  # bytes of a function's name kept for ``inspect active``
 
 
 class Functions:
-    """Functions by content hash, unpickled on first use; payloads come from ``fetch``."""
+    """Functions by content hash, unpickled on first use; payloads come from ``fetch``.
 
-    def __init__(self, fetch: Callable[[str], list]) -> None:
+    Given ``failed`` (the process's initializer raised it), every function raises it instead.
+    """
+
+    def __init__(self, fetch: Callable[[str], list], failed: BaseException | None = None) -> None:
         self._fetch = fetch
+        self._failed = failed
         self._loaded: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
 
     def get(self, h: str) -> tuple[object, bytes]:
@@ -36,7 +40,10 @@ class Functions:
             fn = protocol.loads(self._fetch(h))
         except Exception as e:  # a module missing here, a broken pickle: every task of it fails
             fn = _Unloadable(unimportable(e, "the function of this task"))
-        entry = self._loaded[h] = fn, _name(fn).encode()[:NAME_MAX]
+        name = _name(fn).encode()[:NAME_MAX]
+        if self._failed is not None:
+            fn = _Unloadable(self._failed)
+        entry = self._loaded[h] = fn, name
         if len(self._loaded) > FUNCTION_CACHE:
             self._loaded.popitem(last=False)
         return entry
