@@ -97,6 +97,7 @@ class Client(concurrent.futures.Executor):
         self._stopped = False     # the receiver thread should return; nothing is waited for
         self._conn_closed = False
         self._down = False        # every step of _shutdown_now has been done
+        self._wait_at_exit = True  # what the interpreter's exit does: shutdown(wait=this)
         self._lock = threading.Lock()
         self._feed_lock = threading.RLock()
         self._outbox: list[tuple[dict, list]] = []  # tasks the receiver thread sends, batched
@@ -769,7 +770,7 @@ def _at_exit(client: Client) -> None:
 def _shutdown_at_exit() -> None:
     for client in list(_open_clients):
         if client._pid == os.getpid():  # a forked child's copy has no threads to stop
-            client.shutdown(wait=True)
+            client.shutdown(wait=client._wait_at_exit)
 
 
 def _name(fn) -> str:

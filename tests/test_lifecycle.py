@@ -333,3 +333,31 @@ def test_nbq_worker_init_with_a_wrong_name_exits_with_a_clear_error(procs, spec,
     p = procs.nbq("worker", "--broker", "tcp://127.0.0.1:9", "--init", spec)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 1 and f"nbq worker: error: {error}" in out, out
+
+
+APP_SCRIPT = textwrap.dedent("""
+    import sys
+    import nbq
+
+    app = nbq.App("proj", broker=sys.argv[1])
+
+    @app.task(name="proj.add")
+    def add(x, y):
+        return x + y
+
+    add.delay(2, 3)
+    print("sent", flush=True)
+""")
+
+
+def test_a_celery_style_script_exits_once_its_tasks_are_sent(transport, procs, tmp_path):
+    """As with Celery, a task sent to a broker outlives the script: exit does not wait for a
+    worker to run it (none runs here), and the task is still queued for one."""
+    address = standalone_broker(transport, procs)
+    script = tmp_path / "send.py"
+    script.write_text(APP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), address], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout == "sent\n", out.stderr
+    with nbq.Client(address) as client:
+        assert client.status()["queues"] == {"default": 1}
