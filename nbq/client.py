@@ -768,9 +768,10 @@ def _at_exit(client: Client) -> None:
 
 
 def _shutdown_at_exit() -> None:
-    for client in list(_open_clients):
-        if client._pid == os.getpid():  # a forked child's copy has no threads to stop
-            client.shutdown(wait=client._wait_at_exit)
+    with contextlib.ExitStack() as stops:  # each client is stopped, whatever another raises
+        for client in list(_open_clients):
+            if client._pid == os.getpid():  # a forked child's copy has no threads to stop
+                stops.callback(client.shutdown, wait=client._wait_at_exit)
 
 
 def _name(fn) -> str:
