@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from . import keys, protocol
-from .errors import BrokerUnavailable, NbqError, SerializationError
+from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -129,6 +129,9 @@ class Client(concurrent.futures.Executor):
             raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
                                     f"{timeout:g} s: start one with `nbq broker`, or check the "
                                     "address and that both sides use the same key") from None
+        except KeyMismatch:
+            self._shutdown_now()
+            raise
         _current = weakref.ref(self)
         _at_exit(self)
 
@@ -432,16 +435,23 @@ class Client(concurrent.futures.Executor):
                 new.append(fut)
             futs.append(fut)
 
+        finished = []
+
         def known(reply: dict) -> None:  # receiver thread, before any resent result
             for fut in new:
                 state = reply["known"].get(fut.id)
-                if state == "STARTED" and fut._state == "PENDING":
+                if state == "DONE":
+                    finished.append(fut)
+                elif state == "STARTED" and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
                 elif state == "RETRY":
                     fut._notice(state)
 
         if new:
             self._request("watch", ids=[fut.id for fut in new], on_reply=known)
+            # a stored result travels just behind the reply: wait for it, so that a task the
+            # broker holds as done never reads PENDING here
+            concurrent.futures.wait(finished, CONNECT_TIMEOUT)
         return futs
 
     def _join(self, key: str, member: str, total: int) -> bool:
@@ -527,6 +537,9 @@ class Client(concurrent.futures.Executor):
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
                 fut, on_reply = entry
+                if header.get("refused"):  # a welcome: this client's key is not the cluster's
+                    fut.set_exception(KeyMismatch(header["refused"]))
+                    return
                 result = header.get("r")
                 try:
                     if on_reply is not None:

@@ -4,7 +4,8 @@ The embedded broker runs on a thread of the client's process (the client talks
 to it in-process, workers over loopback TCP), so it lives and dies with the
 client.  Local workers are an ``nbq worker`` subprocess holding the read end of
 a lifeline pipe: when the client exits, even by SIGKILL, the pipe closes and
-the worker and its processes exit.
+the worker and its processes exit.  The worker reads the client's key on its
+standard input: a key is never on a command line nor in an environment.
 """
 from __future__ import annotations
 
@@ -51,23 +52,25 @@ class LocalCluster:
         r, w = os.pipe()
         # local workers import what the client can: its modules, its notebook's folder
         path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        env = dict(os.environ, NBQ_KEY=key.decode(), PYTHONPATH=path)
+        env = dict(os.environ, PYTHONPATH=path)
+        env.pop("NBQ_KEY", None)
         cmd = [sys.executable, "-m", "nbq", "worker", "--broker", self.address,
-               "--concurrency", str(self.workers), "--lifeline", str(r)]
-        if initializer is not None:
-            cmd.append("--init-stdin")
+               "--concurrency", str(self.workers), "--lifeline", str(r), "--key-file", "-"]
+        init_r, init_w = os.pipe() if initializer is not None else (None, None)
+        if init_r is not None:
+            cmd += ["--init-fd", str(init_r)]
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=(r,), env=env, stdin=subprocess.PIPE
-                                          if initializer is not None else subprocess.DEVNULL)
+            self._proc = subprocess.Popen(cmd, pass_fds=[fd for fd in (r, init_r) if fd is not None],
+                                          env=env, stdin=subprocess.PIPE)
         finally:
-            os.close(r)
+            for fd in (r, init_r):
+                if fd is not None:
+                    os.close(fd)
         self._lifeline = w
-        if initializer is not None:
-            try:
-                with self._proc.stdin:
-                    self._proc.stdin.write(initializer)
-            except BrokenPipeError:
-                pass  # the worker exited at once: its error is on its stderr
+        # in the order the worker reads them: the key, then the initializer
+        _hand_over(self._proc.stdin, key)
+        if init_w is not None:
+            _hand_over(open(init_w, "wb"), initializer)
 
     def close(self) -> None:
         """Stop local workers (closing their lifeline) and the embedded broker.
@@ -103,3 +106,12 @@ class LocalCluster:
         if self.context is not None:
             self.context.term()
             self.context = None
+
+
+def _hand_over(pipe, data: bytes) -> None:
+    """Write data to a pipe the worker reads as it starts, and close it."""
+    try:
+        with pipe:
+            pipe.write(data)
+    except BrokenPipeError:  # the worker died at once: it says why on stderr
+        pass
