@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import uuid
+from concurrent.futures import CancelledError
 
 import cloudpickle
 import pytest
@@ -82,6 +83,19 @@ def test_leaving_a_with_block_after_a_map_timeout(transport, procs):
         with pytest.raises(TimeoutError):
             r.result()
     assert r.result(timeout=0) == [None, None]
+
+
+def test_shutdown_with_cancel_futures_after_a_map_timeout(transport, procs):
+    client = make_client(transport, procs)
+    r = client.map(time.sleep, [0.5] * 20, chunksize=1, timeout=0.2)
+    with pytest.raises(TimeoutError):
+        list(r)
+    t0 = time.monotonic()
+    client.shutdown(wait=True, cancel_futures=True)
+    assert time.monotonic() - t0 < 4.5  # not the 5 s the 20 items take on 2 processes
+    assert r.done()
+    cancelled = [i for i, e in r.errors().items() if isinstance(e, CancelledError)]
+    assert cancelled and len(cancelled) == len(r.errors())
 
 
 # -- item: a failed shutdown leaves nothing behind -----------------------------------------------
