@@ -669,7 +669,8 @@ class Client(concurrent.futures.Executor):
         """Fail what can no longer get a result here, so nothing waits on it for ever."""
         for tid, fut in list(self._futures.items()):
             try:
-                fut.set_exception(NbqError(f"task {tid} had not finished when its client shut down"))
+                fut.set_exception(NbqError(f"task {tid} had not finished when its client "
+                                           "shut down"))
             except concurrent.futures.InvalidStateError:
                 pass  # finished, or cancelled
         self._futures.clear()

@@ -60,8 +60,8 @@ class LocalCluster:
         if init_r is not None:
             cmd += ["--init-fd", str(init_r)]
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=[fd for fd in (r, init_r) if fd is not None],
-                                          env=env, stdin=subprocess.PIPE)
+            self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
+                                          pass_fds=[fd for fd in (r, init_r) if fd is not None])
         finally:
             for fd in (r, init_r):
                 if fd is not None:

@@ -1,4 +1,5 @@
-"""A client's life: creation checks, shutdown (waited, interrupted, repeated), exit, initializers."""
+"""A client's life: creation checks, shutdown (waited, interrupted, repeated), exit, initializer,
+modules the workers lack."""
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,8 @@ def local_pids(client: nbq.Client) -> list[int]:
 
 
 def assert_all_stopped(pids: list[int], threads_before: set) -> None:
-    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15, what="local workers to exit")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15,
+               what="local workers to exit")
     wait_until(lambda: not [t for t in threading.enumerate() if t not in threads_before],
                timeout=15, what="the client's threads to end")
 
@@ -331,11 +333,11 @@ def test_nbq_worker_init_runs_a_function_of_a_module_beside_it(transport, procs,
                 return os.environ.get("NBQ_TEST_SETUP"), os.getpid()
             """) as tasks, nbq.Client(address) as client:
         nbq_command = os.path.join(os.path.dirname(sys.executable), "nbq")
-        procs.start([nbq_command, "worker", "--broker", address, "-c", "2", "--init", "tasks:setup"],
-                    cwd=project)
+        procs.start([nbq_command, "worker", "--broker", address, "-c", "2",
+                     "--init", "tasks:setup"], cwd=project)
         client.wait_for_workers(2)
-        for setup, pid in client.map(lambda _: tasks.read(), range(20), chunksize=1).result(timeout=60):
-            assert setup == f"set up in {pid}"
+        seen = client.map(lambda _: tasks.read(), range(20), chunksize=1).result(timeout=60)
+        assert all(setup == f"set up in {pid}" for setup, pid in seen)
 
 
 @pytest.mark.parametrize("spec, error", [

@@ -58,7 +58,7 @@ def _name(fn) -> str:
 
 
 def unimportable(error: BaseException, needed_by: str) -> BaseException:
-    """A ModuleNotFoundError met unpickling, restated to say where and what to do; others as they are.
+    """A ModuleNotFoundError met unpickling, restated to say where and what to do; others as is.
 
     cloudpickle sends what an importable module defines by reference, so a helper
     module on the client's path only must be installed here, or shipped by value.

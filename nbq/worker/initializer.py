@@ -3,8 +3,8 @@
 It comes from ``nbq worker --init MODULE:FUNC`` (imported by the supervisor, called in
 each process), or from a Client's ``initializer=f, initargs=(...)`` for the workers it
 starts: (f, initargs) cloudpickled and signed with the shared key (``encode``), handed
-to ``nbq worker`` on its stdin, verified there and unpickled in each process, so a
-function defined in a notebook works.  A process whose initializer fails keeps
+to ``nbq worker`` on a pipe (``--init-fd``), verified there and unpickled in each
+process, so a function defined in a notebook works.  A process whose initializer fails keeps
 serving: every task it is given fails with the initializer's exception, labelled,
 so nothing waits for a process that can never run it (as the stdlib executors
 fail their futures when an initializer fails).
@@ -80,7 +80,7 @@ def decode(key: bytes, data: bytes) -> Initializer:
         i += 8 + n
     header, payload = protocol.Signer(key).decode(frames)
     if header.get("k") != "init":
-        raise SignatureError("the initializer given on stdin is not an nbq initializer message")
+        raise SignatureError("the initializer handed to this worker is not an nbq initializer message")
 
     def call() -> None:
         fn, args = protocol.loads(payload)
