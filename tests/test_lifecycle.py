@@ -49,7 +49,7 @@ def assert_all_stopped(pids: list[int], threads_before: set) -> None:
                timeout=15, what="the client's threads to end")
 
 
-# -- item: workers <= 0 --------------------------------------------------------------------------
+# -- workers <= 0 --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [0, -1])
 def test_no_workers_is_a_value_error_in_the_caller(workers):
@@ -68,7 +68,7 @@ def test_worker_with_concurrency_zero_exits_with_a_clear_error(procs):
     assert "nbq worker: error: --concurrency must be at least 1" in out
 
 
-# -- item: shutdown after a map's timeout --------------------------------------------------------
+# -- shutdown after a map's timeout --------------------------------------------------------
 
 def test_shutdown_after_a_map_timeout_waits_for_the_map_and_returns(transport, procs):
     client = make_client(transport, procs)
@@ -100,7 +100,7 @@ def test_shutdown_with_cancel_futures_after_a_map_timeout(transport, procs):
     assert cancelled and len(cancelled) == len(r.errors())
 
 
-# -- item: a failed shutdown leaves nothing behind -----------------------------------------------
+# -- a failed shutdown leaves nothing behind -----------------------------------------------
 
 def test_shutdown_interrupted_while_waiting_stops_everything(transport, procs):
     before = set(threading.enumerate())
@@ -142,7 +142,7 @@ def test_shutdown_interrupted_while_stopping_workers_still_stops_them(transport,
     client.shutdown()
 
 
-# -- item: exit finishes submitted work ----------------------------------------------------------
+# -- exit finishes submitted work ----------------------------------------------------------
 
 EXIT_SCRIPT = textwrap.dedent("""
     import sys, time
@@ -183,7 +183,7 @@ def test_a_script_ending_without_shutdown_finishes_its_work(transport, tmp_path)
         assert sorted(int(x) for x in notes.read_text().split()) == list(range(20))
 
 
-# -- item: modules the workers cannot import -----------------------------------------------------
+# -- modules the workers cannot import -----------------------------------------------------
 
 @contextlib.contextmanager
 def client_only_module(folder, name: str, code: str):
@@ -250,7 +250,7 @@ def test_worker_help_says_the_folder_is_on_sys_path():
     assert "current directory is put first on sys.path" in " ".join(out.split())
 
 
-# -- item: initializer -----------------------------------------------------------------------------
+# -- initializer -----------------------------------------------------------------------------
 
 def _process_pids(client: nbq.Client) -> list[int]:
     return [p for w in client.workers() for p in w["processes"]]
