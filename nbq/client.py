@@ -397,13 +397,30 @@ class Client(concurrent.futures.Executor):
         return self._request("cancel", ids=ids)
 
     def _cancel_map(self, res: MapResult) -> int:
+        """Cancel the items of a map no worker has started; returns how many.
+
+        Items of a list input not sent yet fail as cancelled at once; a generator
+        input is read no further (the map ends with the items read so far).
+        """
+        return self._stop_feeding(res) + sum(
+            self._revoke(tid) for tid, ok in self._cancel_tasks(list(res._chunks)).items() if ok)
+
+    def _stop_feeding(self, res: MapResult) -> int:
+        """Send no more chunks of res; the items of its input not sent yet fail as
+        cancelled.  Returns how many."""
         with self._feed_lock:
-            feeder = self._feeders.pop(res.id, None)  # read no more input
-            if feeder is not None and res._total is None:
-                res._set_total(feeder[1].position)
-                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
-        answer = self._cancel_tasks(list(res._chunks))
-        return sum(self._revoke(tid) for tid, ok in answer.items() if ok)
+            feeder = self._feeders.pop(res.id, None)
+            if feeder is None:
+                return 0
+            sent = feeder[1].position
+            self._conn.send({"k": "mapend", "mp": res.id, "total": sent})
+            if res._total is None:
+                res._set_total(sent)
+                return 0
+            unsent = res._total - sent
+            if unsent:
+                res._fail(sent, unsent, _cancelled(res))
+            return unsent
 
     def _revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
@@ -416,7 +433,7 @@ class Client(concurrent.futures.Executor):
             return 0
         res, start, n = entry
         res._chunks.pop(tid, None)
-        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        res._fail(start, n, _cancelled(res))
         return n
 
     def _watch_task(self, tid: str) -> Future:
@@ -611,6 +628,8 @@ class Client(concurrent.futures.Executor):
         self._closed = True
         try:
             if cancel_futures:
+                for res, *_ in list(self._feeders.values()):
+                    self._stop_feeding(res)
                 pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
                 pending += list(self._chunks)
                 if pending:
@@ -674,10 +693,14 @@ class Client(concurrent.futures.Executor):
             except concurrent.futures.InvalidStateError:
                 pass  # finished, or cancelled
         self._futures.clear()
-        for feeder in list(self._feeders.values()):
-            res, chunker = feeder[0], feeder[1]
+        for res, chunker, _ in list(self._feeders.values()):
+            sent = chunker.position
             if res._total is None:
-                res._set_total(chunker.position)
+                res._set_total(sent)
+            elif res._total > sent:
+                res._fail(sent, res._total - sent, NbqError(
+                    f"items {sent}..{res._total - 1} of map {res.id} were not sent when its "
+                    "client shut down"))
         self._feeders.clear()
         for tid, (res, start, n) in list(self._chunks.items()):
             res._fail(start, n, NbqError(f"items {start}..{start + n - 1} of map {res.id} had "
@@ -786,6 +809,10 @@ def _shutdown_at_exit() -> None:
         for client in list(_open_clients):
             if client._pid == os.getpid():  # a forked child's copy has no threads to stop
                 stops.callback(client.shutdown, wait=client._wait_at_exit)
+
+
+def _cancelled(res: MapResult) -> CancelledError:
+    return CancelledError(f"item of map {res.id} was cancelled")
 
 
 def _name(fn) -> str:

@@ -108,7 +108,7 @@ def test_shutdown_interrupted_while_waiting_stops_everything(transport, procs):
     pids = local_pids(client)
     futs = [client.submit(time.sleep, 60) for _ in range(2)]
     wait_until(lambda: all(f.running() for f in futs), what="both tasks to start")
-    r = client.map(time.sleep, [60] * 4, chunksize=1)
+    r = client.map(time.sleep, [60] * 100, chunksize=1)  # more than are sent at first
     with interrupt_after(0.5), pytest.raises(KeyboardInterrupt):
         client.shutdown(wait=True)
     assert_all_stopped(pids, before)
