@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from . import keys, protocol
+from .deaths import MAX_DEATHS
 from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
@@ -65,11 +66,19 @@ class Client(concurrent.futures.Executor):
     address when none is given.  ``initializer(*initargs)`` runs once in each
     local worker process before its first task (and in a process replacing
     one); ``ship`` lists modules sent by value (see ``nbq.ship``).
+
+    ``max_task_deaths``: a task (or a map item) whose own process dies while
+    running it this many times, its worker alive, fails with WorkerLost; 1 fails
+    it at the first (a map chunk's unfinished items with it: which one killed the
+    process is known only once the chunk re-runs item by item).  It travels in each task's signed header (absent for the
+    default), so the ZeroMQ broker or the Redis workers apply it with no setting
+    of their own (deaths.py).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
-                 timeout: float = CONNECT_TIMEOUT, ship: Iterable[types.ModuleType | str] = (),
+                 timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
+                 ship: Iterable[types.ModuleType | str] = (),
                  initializer: Callable | None = None, initargs: tuple = ()) -> None:
         global _current
         from .cluster import LocalCluster
@@ -77,6 +86,13 @@ class Client(concurrent.futures.Executor):
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive number of processes (or None), "
                              f"not {workers!r}")
+        if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
+            raise TypeError(f"max_task_deaths must be an integer, not {max_task_deaths!r}")
+        if max_task_deaths < 1:
+            raise ValueError(f"max_task_deaths must be at least 1 (1: a task fails at the first "
+                             f"death of its process), not {max_task_deaths}")
+        # header fields of every task this client sends: none for the defaults
+        self._task_header = {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
         ship_modules(*ship)
         address = address or os.environ.get("NBQ_BROKER") or None
         if initializer is not None:
@@ -151,6 +167,8 @@ class Client(concurrent.futures.Executor):
         fut = Future(tid, self)
         self._futures[tid] = fut
         item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        if self._task_header:
+            item.update(self._task_header)
         if options:
             item.update(options)
         self._send_task(item, payload)
@@ -218,7 +236,7 @@ class Client(concurrent.futures.Executor):
                         args=source if total is not None else keep)
         chunker = _Chunker(source, chunksize, keep)
         window = max(16, 4 * self._processes())
-        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id}
+        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
         self._feeders[map_id] = (res, chunker, {"window": window, "task": task, "name": _name(fn)})
         self._feed(map_id, in_caller=True)
         return res

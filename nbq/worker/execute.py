@@ -29,6 +29,9 @@ class Functions:
         self._failed = failed
         self._loaded: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
 
+    def __contains__(self, h: str) -> bool:
+        return h in self._loaded
+
     def get(self, h: str) -> tuple[object, bytes]:
         """(the function, its name as ``inspect active`` shows it, encoded)."""
         try:

@@ -65,6 +65,8 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
                 heapq.heappush(later, (eta, next(seq), item, frames))
                 moved = True
                 continue
+            if item["h"] not in functions:  # loading it may kill this process: blame this task
+                marker.begin(item["id"], b"")
             fn, name = functions.get(item["h"])
             marker.begin(item["id"], name)
             if item.get("st") or item.get("a"):
