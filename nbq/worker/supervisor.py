@@ -24,6 +24,7 @@ from typing import Callable
 from ..replay import DEFAULT_MAX_AGE, ReplayWindow
 from ..transport.base import SupervisorConnection, WorkerConnection
 from . import control, groups, process, ratelimit
+from .initializer import Initializer
 from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
@@ -47,7 +48,8 @@ class Supervisor:
     def __init__(self, connect: Callable[[str], SupervisorConnection],
                  connect_worker: Callable[[str, dict], WorkerConnection],
                  concurrency: int, queues: list[str], lifeline: int | None = None,
-                 name: str = DEFAULT_NAME, max_age: float = DEFAULT_MAX_AGE) -> None:
+                 name: str = DEFAULT_NAME, initializer: Initializer | None = None,
+                 max_age: float = DEFAULT_MAX_AGE) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -57,6 +59,7 @@ class Supervisor:
         self.concurrency = concurrency
         self.queues = list(queues)
         self.lifeline = lifeline
+        self.initializer = initializer  # run in each worker process, a replacement's too
         self._connect = connect
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
@@ -205,7 +208,9 @@ class Supervisor:
             try:
                 _become_child(self.pid, self._undertaker.fd)
                 ratelimit.limits = self.rates
-                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker)
+                failed = self.initializer.run() if self.initializer is not None else None
+                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker,
+                              failed)
             except BaseException:
                 log.exception("worker process %s failed", wid)
                 code = 1
