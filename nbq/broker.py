@@ -34,8 +34,9 @@ Dispatch is by credit: a worker process holds at most one message of tasks
 at a time, so a task handed to a worker is started (a batch of tasks measured
 at under a millisecond each may share a message, lasting ~2 ms in all).
 Sockets have no high-water mark and ROUTER_MANDATORY is set, so nothing is
-dropped silently: a result for a client that is gone stays in the result
-store until ``result_expires``, where any client can fetch it by id.
+dropped silently: a result for a client that is gone waits for it to come back,
+and the result store keeps results (up to its byte budget, results.py) until
+``result_expires``, where any client can fetch them by id.
 
 A task whose process died while running it, its worker alive, runs again
 until such deaths reach its limit (max_task_deaths), then fails with WorkerLost;
