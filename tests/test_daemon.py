@@ -57,17 +57,21 @@ def test_sigterm_is_warm_then_cold_and_neither_counts_a_death(transport, procs, 
     broker = standalone_broker(transport, procs)
     first = worker(procs, broker, "-c", "1")
     with client_of(broker) as client:
+        def processes() -> int:
+            return sum(len(w["processes"]) for w in client.workers())
+
+        held = client._submit(nap, (0, "held"), {}, options={"eta": time.time() + 4})
+        wait_until(lambda: any(client.control("scheduled", timeout=2).values()),
+                   what="the process to hold the task due later")
         running = client.submit(nap, 1.5, "finished")
         wait_until(lambda: running.state == "STARTED", what="the task to start")
-        held = client._submit(nap, (0, "held"), {}, options={"eta": time.time() + 2.5})
         queued = client.submit(nap, 0, "queued")
-        time.sleep(0.3)  # the held task reaches the process (it waits there for its ETA)
         first.send_signal(signal.SIGTERM)
         # warm: the running task finishes, then the worker leaves without waiting for the ETA
         assert running.result(timeout=10) == "finished"
         assert first.wait(timeout=5) == 0
         assert not held.done() and not queued.done()
-        second = worker(procs, broker, "-c", "1")  # what the first held runs here, once
+        second = worker(procs, broker, "-c", "2")  # what the first held runs here, once
         assert queued.result(timeout=15) == "queued"
         assert held.result(timeout=15) == "held"
 
@@ -77,10 +81,10 @@ def test_sigterm_is_warm_then_cold_and_neither_counts_a_death(transport, procs, 
         wait_until(lambda: os.path.exists(marker), what="the slow task to start")
         t0 = time.monotonic()
         second.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        wait_until(lambda: processes() == 1, what="the idle process to leave (warm)")
         assert second.poll() is None  # warm: waiting for the running task
         second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=5) == 0 and time.monotonic() - t0 < 5
+        assert second.wait(timeout=5) == 0 and time.monotonic() - t0 < 8
         worker(procs, broker, "-c", "1")
         assert slow.result(timeout=15) == "again"
 
