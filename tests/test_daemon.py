@@ -193,3 +193,22 @@ def test_multi_show_and_kill(tmp_path, procs):
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory-per-child", "lots"], "give a size such as 200MB, 1GiB, or a number of KiB"),
+    (["--autoscale", "2,5"], "give MAX,MIN processes with 1 <= MIN <= MAX"),
+    (["--pidfile", "w.pid"], "--pidfile and --logfile go with --detach"),
+    (["--max-tasks-per-child", "-1"], "--max-tasks-per-child must be at least 1"),
+])
+def test_bad_daemon_options_are_one_line_errors(procs, args, message):
+    p = procs.nbq("worker", "--broker", "tcp://127.0.0.1:9", *args)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 1 and message in out and "Traceback" not in out, out
+
+
+def test_sizes():
+    from nbq.worker.daemon import parse_autoscale, parse_size
+    assert parse_size("200MB") == 200_000_000 and parse_size("1GiB") == 1 << 30
+    assert parse_size("204800") == 200 << 20 and parse_size("1.5g") == 1_500_000_000
+    assert parse_autoscale("8,2") == (8, 2) and parse_autoscale("4") == (4, 1)

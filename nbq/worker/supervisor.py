@@ -319,15 +319,16 @@ class Supervisor:
             how = _describe_exit(status)
             end = self._ending.pop(pid, None)
             memory = self._memory.pop(pid, None)
-            if memory and end is None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9:
+            if memory and end is None and os.WIFSIGNALED(status) and \
+                    os.WTERMSIG(status) == signal.SIGKILL:
                 how += (f" with {_size(memory)} of memory at the last look (the kernel's "
                         "out-of-memory killer sends SIGKILL)")
             retired = pid in self._retiring
             self._retiring.discard(pid)
             replace = not (retired or self._warm or self._stopping)
             if status == 0:  # it left on purpose, running nothing: what it held runs again
-                how = "retired" if retired else "retired (--max-tasks-per-child or " \
-                                                "--max-memory-per-child)"
+                how = "retired" + ("" if retired else
+                                   " (--max-tasks-per-child or --max-memory-per-child)")
                 log.info("worker process %s (pid %d) %s%s", wid, pid, how,
                          "; starting a new one" if replace else "")
             else:
