@@ -84,7 +84,7 @@ def detach(pidfile: str | None, logfile: str | None) -> None:
 
 
 def _remove_pidfile(pidfile: str, pid: int) -> None:
-    """Remove the pid file if it is still this process's (not a forked child's, not a successor's)."""
+    """Remove the pid file if it is still this process's (not a forked child's or a successor's)."""
     if os.getpid() != pid:
         return
     try:

@@ -62,7 +62,8 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
     ``failed``: the exception of this process's initializer, which every task then fails with.
     ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
     back to the queue); ``max_memory``: leave after a batch that took the process's resident
-    memory (its peak, as Celery's) above this many bytes.  Both are checked per batch, not per task; 0: no limit.
+    memory (its peak, as Celery's) above this many bytes.  Both are checked per batch, not
+    per task; 0: no limit.
 
     A task about to wait for others' results (a chord's last header task) calls
     ``execute.flush()`` first: the results this process holds are sent then, not with

@@ -77,7 +77,7 @@ class Supervisor:
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
         self._ending: dict[int, dict] = {}  # pid -> why this supervisor killed it (deaths.py's end)
-        self._retiring: set[int] = set()    # pids retired (pool_shrink, warm shutdown): not replaced
+        self._retiring: set[int] = set()    # pids retired (shrink, warm shutdown): not replaced
         self._count = 0
         self._stopping = False  # cold: stop now
         self._warm = False      # warm: retire every process, stop when none is left
