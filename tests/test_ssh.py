@@ -18,7 +18,7 @@ import pytest
 
 import nbq
 from nbq.clusters import base
-from conftest import NOTEBOOKS, execute_notebook, free_port, pid_alive, wait_until
+from conftest import NOTEBOOKS, execute_notebook, free_port, pid_alive, start_broker, wait_until
 
 PYTHON = sys.executable
 HERE = sys.modules[__name__]  # shipped: the "lab machines" do not have the tests' folder
@@ -105,6 +105,7 @@ def test_launch_map_scale_adapt_close(ssh_config, monkeypatch):
         assert cluster.processes == 8
         assert sorted(w["host"] for w in cluster.workers) == ["lab1", "lab2"]
         assert {w["state"] for w in cluster.workers} == {"running"}
+        assert all(w["memory"] > 10_000_000 for w in cluster.workers)  # 5 Pythons each
         assert "lab1" in cluster._repr_html_() and "running" in cluster._repr_html_()
         assert set(client.map(served_by, range(200), chunksize=1)) == {"127.0.0.2", "127.0.0.3"}
         # no key on any command line: ps on a lab machine shows none
@@ -161,6 +162,37 @@ def test_sigkilled_client_leaves_nothing_running(ssh_config, procs):
     p.wait()
     wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=15,
                what="the workers of a SIGKILLed client to exit")
+
+
+def test_workers_stop_when_their_broker_goes(ssh_config, procs):
+    address = start_broker(procs)
+    broker = procs.procs[-1]
+    cluster = nbq.SSHCluster(["lab1"], 1, python=PYTHON, ssh_config=ssh_config, broker=address)
+    try:
+        pids = cluster_pids(cluster)
+        broker.kill()
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=20,
+                   what="the workers of a broker that went away to exit")
+    finally:
+        cluster.close()
+
+
+def slow(i: int) -> str:
+    time.sleep(0.5)
+    return served_by()
+
+
+def test_a_lost_session_has_its_tasks_run_elsewhere(ssh_config):
+    with nbq.SSHCluster(["lab1", "lab2"], 1, python=PYTHON, ssh_config=ssh_config) as cluster, \
+            nbq.Client(cluster, ship=[HERE]) as client:
+        res = client.map(slow, range(6), chunksize=1)
+        wait_until(lambda: sum(w["active"] for w in cluster.workers) == 2, timeout=15,
+                   what="both hosts to run a task")
+        lab1 = next(u for u in cluster._units.values() if u.host == "lab1")
+        lab1.handle.proc.kill()  # the connection drops: lab1's worker loses its lifeline
+        assert len(res.result(30)) == 6
+        assert [w["state"] for w in cluster.workers if w["host"] == "lab1"][0].startswith(
+            "failed: ssh lab1 exited")
 
 
 def test_a_refusing_host_is_named_while_the_other_serves(ssh_config):
