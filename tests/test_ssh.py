@@ -244,4 +244,6 @@ def test_lab_notebook(ssh_config, tmp_path, monkeypatch):
     nb = execute_notebook(NOTEBOOKS / "lab.ipynb", tmp_path)
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "served by: ['127.0.0.2', '127.0.0.3']" in text, text
+    assert "processes while busy: 8" in text and "processes when idle: 0" in text, text
     assert "left running: 0" in text, text
+    assert "a cell ran on 127.0.0." in text, text  # %nbq launch ssh, then %%remote
