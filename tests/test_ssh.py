@@ -120,8 +120,10 @@ def test_launch_map_scale_adapt_close(ssh_config, monkeypatch):
         assert sum(len(w["processes"]) for w in client.workers()) == 12
         assert sorted(w["host"] for w in cluster.workers) == ["lab1", "lab1", "lab2"]
         more = cluster_pids(cluster)
-        cluster.scale(4)
-        assert cluster.processes == 4 and len(cluster.workers) == 1
+        cluster.scale(3)  # a whole unit goes, and one process of another
+        assert cluster.processes == 3 and len(cluster.workers) == 1
+        wait_until(lambda: sum(len(w["processes"]) for w in client.workers()) == 3, timeout=15,
+                   what="the cluster to shrink to 3 processes")
         gone = set(more) - set(cluster_pids(cluster))
         wait_until(lambda: not any(pid_alive(p) for p in gone), timeout=15,
                    what="the stopped units' processes to exit")
