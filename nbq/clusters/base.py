@@ -14,8 +14,9 @@ launcher subclass implements four small hooks:
 ``worker_command(name, n, python)`` is the command a unit runs; the unit hands it
 ``handshake()`` on its standard input (the signing key, one line) and keeps that
 input open as the worker's lifeline: when the cluster's process dies, even by
-SIGKILL, the input closes and the worker exits.  A key is never on a command line
-nor in an environment.  The worker is named ``name`` (its ``-n``), which is how the
+SIGKILL, the input closes and the worker exits.  (A launcher without a standard
+input to keep, a batch job, writes the key to a 0600 file instead.)  A key is
+never on a command line nor in an environment.  The worker is named ``name`` (its ``-n``), which is how the
 cluster finds its units among the broker's workers.
 """
 from __future__ import annotations
@@ -138,16 +139,23 @@ class Cluster:
 
     # -- what a unit runs -----------------------------------------------------
 
-    def worker_command(self, name: str, n: int, python: str = sys.executable) -> list[str]:
-        """The ``nbq worker`` command of unit ``name``: key and lifeline on its standard input,
-        refusing to start unless its nbq and Python versions are this process's."""
+    def worker_command(self, name: str, n: int, python: str = sys.executable,
+                       key_file: str | None = None) -> list[str]:
+        """The ``nbq worker`` command of unit ``name``, refusing to start unless its nbq and
+        Python versions are this process's.
+
+        ``key_file`` None: the worker reads handshake() on standard input, which then
+        stays open as its lifeline.  Else the path of a 0600 file the launcher wrote in a
+        private directory (no lifeline: the worker stops when its broker stops answering,
+        within seconds).
+        """
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
-                "--hostname", name, "--key-file", "-", "--lifeline", "0",
+                "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
                 "--versions", versions()]
 
     def handshake(self) -> bytes:
         """What a unit writes on the worker's standard input (then keeps it open)."""
-        return bytes(self.key) + b"\n"
+        return keys.handshake(self.key)
 
     # -- the public surface ---------------------------------------------------
 
