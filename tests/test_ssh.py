@@ -18,7 +18,8 @@ import pytest
 
 import nbq
 from nbq.clusters import base
-from conftest import NOTEBOOKS, execute_notebook, free_port, pid_alive, start_broker, wait_until
+from conftest import (NOTEBOOKS, execute_notebook, free_port, pid_alive, start_broker, wait_until,
+                      widget_states)
 
 PYTHON = sys.executable
 HERE = sys.modules[__name__]  # shipped: the "lab machines" do not have the tests' folder
@@ -251,6 +252,9 @@ def test_lab_notebook(ssh_config, tmp_path, monkeypatch):
     assert "processes while busy: 8" in text and "processes when idle: 0" in text, text
     assert "left running: 0" in text, text
     assert "a cell ran on 127.0.0." in text, text  # %nbq launch ssh, then %%remote
+    # the displayed cluster is a live table: redrawn until it closed
+    tables = [st["state"].get("value", "") for st in widget_states(nb).values()]
+    assert any("<b>SSHCluster</b>" in t and "closed" in t for t in tables), tables
 
 
 def test_the_handshake_carries_any_key_bytes_on_one_line():
