@@ -127,7 +127,11 @@ class Client(concurrent.futures.Executor):
         item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
         if options:
             item.update(options)
-        self._send_task(item, payload)
+        try:
+            self._send_task(item, payload)
+        except BaseException:  # refused before it left (too large): nothing waits for it
+            self._futures.pop(tid, None)
+            raise
         return fut
 
     def _send_task(self, item: dict, payload: list) -> None:

@@ -29,7 +29,10 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:o:{task id}     the submitting client's id, SET with the task's entry (SUBMIT)
                       and deleted when it is done or revoked: whom a cancel by another
                       client tells (expiry result_expires)
-  nbq:st:{task id}    "started": set by a worker, atomically with the revoke check
+  nbq:st:{task id}    "queue key entry id" of the entry that started the task, set by a worker
+                      atomically with the revoke and replay checks (START refuses another
+                      entry of the task while that one exists); removed if that entry is
+                      then dropped as bad, so unverified bytes leave no state
   nbq:rt:{task id}    "1" while a started task waits for a retry (a worker's RETRY notice,
                       deleted by its STARTED notice when it runs again): watch reads it as
                       RETRY.  The same NOTICE script adds a ``state`` message to the rs: of
@@ -48,7 +51,10 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:procs:{sid}     Hash worker id -> pid of the supervisor's processes
   nbq:sups            Set of supervisor ids (dead ones removed when noticed)
   nbq:queues          Set of queue names that have a stream
-  nbq:done            Sorted set task id -> time finished (counts stored results)
+  nbq:done            Sorted set task id -> time finished (counts stored results); START
+                      refuses the entries of a task in it (a replay)
+  nbq:bad             Hash reason -> count of queue entries dropped (signature, invalid,
+                      replay, size): status's "dropped", as the ZeroMQ broker's
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
   nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
@@ -164,6 +170,9 @@ def _settings(address: str) -> tuple[Settings, list]:
                 raise NbqError(f"bad {k}={v!r} in the Redis address: give a number") from None
         else:
             kept.append((k, v))
+    if given.get("max_message_size", MAX_MESSAGE_SIZE) < 1 << 16:
+        raise NbqError("max_message_size in the Redis address must be at least 65536 bytes "
+                       "(a client sends tasks below 64 KiB in batches)")
     return Settings(**given), kept
 
 
@@ -201,9 +210,10 @@ def connect(url: str, safe: str) -> redis.Redis:
     try:
         # no retries inside redis-py: every connection error reaches retrying(), which
         # logs it and lets a worker look for deliveries whose reply was lost with it
-        return redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5.0,
+        tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}  # TCP only
+        return redis.Redis.from_url(url, socket_connect_timeout=5.0,
                                     socket_timeout=None, health_check_interval=30,
-                                    retry=Retry(NoBackoff(), 0), command_packer=_PACKER)
+                                    retry=Retry(NoBackoff(), 0), command_packer=_PACKER, **tcp)
     except ValueError as e:
         raise NbqError(f"bad Redis address {safe}: {e}") from None
 
@@ -1183,7 +1193,9 @@ def info(store: Store) -> dict:
                 "concurrency": meta["conc"], "queues": list(meta["q"]), "active": active.get(sid, 0),
                 "processes": sorted(int(p) for p in procs.values())} for sid, meta, procs in sups]
     results = r.zcount(P + "done", time.time() - store.ttl, "+inf")
-    return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results}
+    dropped = {k.decode(): int(v) for k, v in r.hgetall(P + "bad").items()}
+    return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results,
+            "dropped": dropped}
 
 
 # -- supervisor ---------------------------------------------------------------
