@@ -363,3 +363,24 @@ def test_fuzz_control_entries(fuzzed):
 
     case()
     assert len(client.control("ping", timeout=10)) == 1  # the supervisor still answers
+
+
+def test_delivered_large_results_are_kept_within_result_budget(procs):
+    """Before: a large result stayed in Redis for result_expires (a day) after its owner had
+    it.  After: once read, results with frames stored apart are kept for by-id lookups within
+    ?result_budget=, oldest evicted first."""
+    import numpy as np
+    url = redis_url(result_budget=5 << 20)
+    _workers(procs, url)
+    r = redis.Redis.from_url(url.split("?")[0])
+    with nbq.Client(url) as client:
+        client.wait_for_workers(1)
+        futs = []
+        for i in range(4):  # 2 MB each: the budget holds two
+            futs.append(client.submit(np.full, 1 << 18, float(i)))
+            assert futs[-1].result(timeout=30)[0] == i
+        wait_until(lambda: len(r.keys(P + "b:*")) == 2, what="the oldest results to be evicted")
+        assert int(r.get(P + "kept:bytes")) == 2 * (2 << 20)
+        assert not r.exists(P + "r:" + futs[0].id) and r.exists(P + "r:" + futs[3].id)
+        with nbq.Client(url) as other:  # the kept ones are still found by id
+            assert nbq.AsyncResult(futs[3].id, client=other).get(timeout=10)[0] == 3

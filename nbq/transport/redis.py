@@ -53,6 +53,11 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:queues          Set of queue names that have a stream
   nbq:done            Sorted set task id -> time finished (counts stored results); START
                       refuses the entries of a task in it (a replay)
+  nbq:kept            Sorted set task id -> when a result with frames stored apart was first
+  nbq:kept:sz         read from a result stream (delivered), with its bytes and frame keys
+  nbq:kept:bytes      ("bytes key key ...") and their total: past ?result_budget= (default
+                      256 MiB) the oldest lose their r: and b: keys (KEEP); smaller results
+                      are kept for result_expires
   nbq:bad             Hash reason -> count of queue entries dropped (signature, invalid,
                       replay, size): status's "dropped", as the ZeroMQ broker's
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
@@ -613,6 +618,46 @@ for _ = 1, tonumber(ARGV[2]) do
 end
 """
 
+# ARGV: prefix, budget, now, ttl, n, [task id, bytes, keys (space-separated)]*: results with
+# frames stored apart, read from a result stream (the first reader registers each part once),
+# kept for by-id lookups: while the kept bytes pass the budget, the result kept first loses its
+# result list (r:) and its stored-apart frames.  Entries older than ttl (gone by expiry) are
+# forgotten, so kept: holds no more than a day of large results.
+KEEP = """
+local p, budget, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local kept, sizes, total = p .. 'kept', p .. 'kept:sz', p .. 'kept:bytes'
+local function forget(tid, evict)
+  local v = redis.call('HGET', sizes, tid)
+  redis.call('ZREM', kept, tid); redis.call('HDEL', sizes, tid)
+  if not v then return end
+  local first = true
+  for w in string.gmatch(v, '%S+') do
+    if first then redis.call('DECRBY', total, tonumber(w)); first = false
+    elseif evict then redis.call('DEL', w) end
+  end
+  if evict then redis.call('DEL', p .. 'r:' .. tid) end
+end
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local tid, n, keys = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]; i = i + 3
+  local v = redis.call('HGET', sizes, tid) or '0'
+  if not string.find(v, keys, 1, true) then  -- a part registered once, by its first reader
+    local size = tonumber(string.match(v, '^%d+')) + n
+    redis.call('HSET', sizes, tid, size .. string.sub(v, #string.match(v, '^%d+') + 1) .. ' ' .. keys)
+    redis.call('ZADD', kept, 'NX', now, tid); redis.call('INCRBY', total, n)
+  end
+end
+for _, tid in ipairs(redis.call('ZRANGEBYSCORE', kept, '-inf', now - ttl, 'LIMIT', 0, 100)) do
+  forget(tid, false)
+end
+while tonumber(redis.call('GET', total) or '0') > budget do
+  local oldest = redis.call('ZRANGE', kept, 0, 0)
+  if #oldest == 0 then redis.call('DEL', total); break end
+  forget(oldest[1], true)
+end
+for _, k in ipairs({kept, sizes, total}) do redis.call('EXPIRE', k, math.ceil(ttl)) end
+"""
+
 #: Requests answered from Redis state, with the answer given when Redis fails them.
 FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
@@ -646,6 +691,7 @@ class Store:
         self._join = self.r.register_script(JOIN)
         self._notice = self.r.register_script(NOTICE)
         self._drop = self.r.register_script(DROP)
+        self._keep = self.r.register_script(KEEP)
 
     def retry(self, what: str, fn, give_up=lambda: False):
         return retrying(what, self.safe, fn, give_up, self._trouble)
@@ -689,6 +735,17 @@ class Store:
             self._drop_log_at = now + DROP_LOG_EVERY
             log.warning("dropped %s: %s (dropped here so far: %s)", where, e,
                         ", ".join(f"{n} {k}" for k, n in self.dropped.items() if n))
+
+    def keep(self, parts: list[tuple[str, int, list[bytes]]]) -> None:
+        """Results read from a result stream whose frames are stored apart [(task id, bytes,
+        keys)]: kept for by-id lookups within result_budget, oldest evicted first (KEEP)."""
+        args: list = [P, self.settings.result_budget, time.time(), self.ttl, len(parts)]
+        for tid, size, keys in parts:
+            args += [tid, size, b" ".join(keys)]
+        try:
+            self.retry("keeping results", lambda: self._keep(args=args))
+        except redis.RedisError as e:  # they expire with result_expires anyway
+            log.warning("could not count delivered results against result_budget: %s", e)
 
     def drop(self, entries: list) -> None:
         """Acknowledge, delete and count bad entries [(queue key, entry id, reason)] (DROP)."""
@@ -941,6 +998,7 @@ class RedisClient(ClientConnection):
             return out
         if trim is not None:
             self._untrimmed = 0
+        large: list = []  # (task id, bytes, keys) of results read with frames stored apart
         for stream, entries in got or ():
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for eid, fields in entries:
@@ -950,6 +1008,10 @@ class RedisClient(ClientConnection):
                     decoded = self.store.decode(fields[b"m"], f"entry {eid!r} of {stream}")
                     if decoded is not None:
                         out.append(decoded)
+                        if decoded[0].get("k") == "res":
+                            large += _stored_apart(decoded[0], fields[b"m"])
+        if large:
+            self.store.keep(large)
         while self._inbox:
             out.append(self._inbox.popleft())
         return out
@@ -1152,6 +1214,16 @@ class RedisClient(ClientConnection):
         fired = self.store._join(args=[P, self.store.ttl_s, header["key"], header["member"],
                                        header["total"]])
         return {"fire": bool(fired)}, []
+
+
+def _stored_apart(header: dict, raw: bytes) -> list[tuple[str, int, list[bytes]]]:
+    """(task id, bytes, keys) of the parts of a verified result message with frames stored apart."""
+    out = []
+    for item, frames in protocol.split(header["t"], unpack(raw)[2:]):
+        refs = [f for f in frames if isinstance(f, Spilled)]
+        if refs:
+            out.append((item["id"], sum(f.size for f in refs), [f.key for f in refs]))
+    return out
 
 
 def live_supervisors(r: redis.Redis) -> list[tuple[str, dict, dict]]:
