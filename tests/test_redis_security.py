@@ -201,6 +201,10 @@ def test_max_message_size_is_a_clear_error_in_the_caller(procs):
         with pytest.raises(MessageTooLarge, match=r"max_message_size \(100,000 bytes\)"):
             client.submit(len, b"x" * 200_000)
         assert client.submit(len, b"x" * 50_000).result(timeout=10) == 50_000
+        with pytest.raises(MessageTooLarge, match="max_message_size"):  # a result: at the worker
+            client.submit(bytes, 200_000).result(timeout=10)
+        got = dict(client.map(bytes, [10, 200_000]).as_completed(errors="include", timeout=10))
+        assert got[0] == bytes(10) and type(got[1]) is MessageTooLarge  # its chunk item alone
 
 
 @pytest.mark.parametrize("scheme", ["unix", "redis+unix"])
@@ -384,3 +388,32 @@ def test_delivered_large_results_are_kept_within_result_budget(procs):
         assert not r.exists(P + "r:" + futs[0].id) and r.exists(P + "r:" + futs[3].id)
         with nbq.Client(url) as other:  # the kept ones are still found by id
             assert nbq.AsyncResult(futs[3].id, client=other).get(timeout=10)[0] == 3
+
+
+def test_a_clients_own_dropped_entry_fails_its_task_a_forged_one_changes_nothing(procs):
+    """Before: a dropped entry left its client waiting for ever.  After: a worker that drops
+    an entry tells the client its header names; the client fails the task (SignatureError)
+    only if the entry is the one it added for it.  A forged entry naming another of its tasks
+    is dropped too, and that task still runs."""
+    import numpy as np
+    from nbq.transport.redis import unpack
+    url = redis_url()
+    r = redis.Redis.from_url(url)
+    with nbq.Client(url) as client:
+        fut = client.submit(np.sum, np.zeros(1 << 18), queue="a")  # 2 MB: stored apart
+        other = client.submit(np.sum, np.ones(1 << 18), queue="a")
+        wait_until(lambda: r.xlen(P + "q:a") == 2, what="the tasks' entries")
+        (_, fields), _ = r.xrange(P + "q:a")
+        spilled = fields[b"b"].decode().split(",")
+        for i in spilled:  # fut's large frame gone: its entry can never verify
+            r.delete(unpack(fields[i.encode()])[0].key)
+        forged = FORGER.encode({"k": "tasks", "t": [{"id": other.id, "c": client.id, "q": "a",
+                                                     "pr": 9, "h": "0" * 32, "nf": 1}]}, [b"x"])
+        r.xgroup_create(P + "q:a:p9", "nbq", id="0", mkstream=True)
+        r.sadd(P + "qp:a", "9")
+        r.xadd(P + "q:a:p9", entry_fields(forged))
+        _workers(procs, url, queues="a")
+        with pytest.raises(nbq.SignatureError, match="dropped by a worker"):
+            fut.result(timeout=20)
+        assert other.result(timeout=20) == 1 << 18
+        assert _dropped(client) == {"invalid": 1, "signature": 1}

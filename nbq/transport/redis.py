@@ -344,6 +344,22 @@ def entry_frames(fields: dict) -> list:
     return frames
 
 
+def _s(b) -> str:
+    return b.decode() if isinstance(b, bytes) else b
+
+
+def _claimed(fields: dict | None) -> tuple[str, str]:
+    """(task id, client id) an entry's header claims, unverified ("" where it names none)."""
+    try:
+        item = json.loads(fields[b"h"])["t"][0]
+        tid, c = item["id"], item["c"]
+        if isinstance(tid, str) and isinstance(c, str):
+            return tid, c
+    except Exception:  # any bytes at all: they claim nothing
+        pass
+    return "", ""
+
+
 def _entry(taken: list) -> tuple:
     """(queue key, entry id, fields) of an entry a script took: [key, id, [name, value, ...]]."""
     qk, eid, flat = taken
@@ -397,12 +413,18 @@ local function send(p, ttl, c, blob)  -- a packed message to client c's result s
   redis.call('XADD', sk, '*', 'm', blob); redis.call('EXPIRE', sk, ttl)
 end
 
-local function add(i)  -- XADD of ARGV[i] (queue key), ARGV[i + 1] (n), n names and values; -> next i
+-- XADD of ARGV[i] (queue key), ARGV[i + 1] (n), n names and values; -> next i, and the entry's
+-- id if it has frames stored apart (field b), else nil
+local function add(i)
   local nf = tonumber(ARGV[i + 1])
   local args = {'XADD', ARGV[i], '*'}
-  for k = 1, nf do args[#args + 1] = ARGV[i + 1 + k] end
-  redis.call(unpack(args))
-  return i + 2 + nf
+  local big = false
+  for k = 1, nf do
+    args[#args + 1] = ARGV[i + 1 + k]
+    big = big or (k % 2 == 1 and ARGV[i + 1 + k] == 'b')
+  end
+  local eid = redis.call(unpack(args))
+  return i + 2 + nf, big and eid or nil
 end
 
 -- false: revoked, or refused as a replay (acked, deleted, counted), never run.  A replay is
@@ -532,15 +554,22 @@ return out
 
 # ARGV: prefix, ttl, client, nfn, function hash*, ntask, [task id, queue key, 2 x nfields,
 #       (name, value)*]*: a client's tasks added with their owner (o:), their functions kept
+# -> {task id, entry id}* of the tasks with frames stored apart (the client keeps them: see
+# RedisClient._dropped)
 SUBMIT = SHARED + """
 local p, ttl, c = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local i = 5
 for _ = 1, tonumber(ARGV[4]) do redis.call('EXPIRE', p .. 'fn:' .. ARGV[i], ttl); i = i + 1 end
 local n = tonumber(ARGV[i]); i = i + 1
+local out = {}
 for _ = 1, n do
-  redis.call('SET', p .. 'o:' .. ARGV[i], c, 'EX', ttl)
-  i = add(i + 1)
+  local tid = ARGV[i]
+  redis.call('SET', p .. 'o:' .. tid, c, 'EX', ttl)
+  local eid
+  i, eid = add(i + 1)
+  if eid then out[#out + 1] = tid; out[#out + 1] = eid end
 end
+return out
 """
 
 # ARGV: prefix, ttl, cancelling client, n, [task id, packed revoked part]*
@@ -599,15 +628,18 @@ for c in pairs(to) do send(p, ttl, c, msg) end
 return 1
 """
 
-# ARGV: prefix, n, [queue key, entry id, reason]*: entries dropped as bad (they failed to
-# parse, read or verify; or named another stream): acknowledged, deleted, counted in bad by
-# reason.  A started mark (st:) the entry set itself (take starts entries before the worker
-# verifies them) is removed: an unverified entry leaves no state behind.
+# ARGV: prefix, ttl, n, [queue key, entry id, reason, client, packed ``dropped`` notice]*:
+# entries dropped as bad (they failed to parse, read or verify; or named another stream):
+# acknowledged, deleted, counted in bad by reason.  A started mark (st:) the entry set itself
+# (take starts entries before the worker verifies them) is removed: an unverified entry leaves
+# no state behind.  The notice goes to the client its header names, if that client is connected
+# (wk:): it acts on it only if the entry was its own (RedisClient._dropped).
 DROP = SHARED + """
-local p = ARGV[1]
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
-  local qk, eid, why = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
+local p, ttl = ARGV[1], tonumber(ARGV[2])
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local qk, eid, why, c, notice = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
   local got = redis.call('XRANGE', qk, eid, eid)
   local item = #got > 0 and task_item(got[1][2])
   if item and redis.call('GET', p .. 'st:' .. item.id) == qk .. ' ' .. eid then
@@ -615,6 +647,7 @@ for _ = 1, tonumber(ARGV[2]) do
   end
   redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
   redis.call('HINCRBY', p .. 'bad', why, 1)
+  if c ~= '' and redis.call('EXISTS', p .. 'wk:' .. c) == 1 then send(p, ttl, c, notice) end
 end
 """
 
@@ -748,10 +781,15 @@ class Store:
             log.warning("could not count delivered results against result_budget: %s", e)
 
     def drop(self, entries: list) -> None:
-        """Acknowledge, delete and count bad entries [(queue key, entry id, reason)] (DROP)."""
-        args: list = [P, len(entries)]
-        for qk, eid, reason in entries:
-            args += [qk, eid, reason]
+        """Acknowledge, delete and count bad entries [(queue key, entry id, fields, BadMessage)]
+        (DROP), telling the client an entry's header names (unverified) which entry was dropped
+        and why: a ``dropped`` notice that client acts on only for an entry it knows as its own."""
+        args: list = [P, self.ttl_s, len(entries)]
+        for qk, eid, fields, e in entries:
+            tid, c = _claimed(fields)
+            notice = pack(self.signer.encode({"k": "dropped", "id": tid, "e": f"{qk} {_s(eid)}",
+                                              "why": str(e)[:500]})) if c else b""
+            args += [qk, eid, e.reason, c, notice]
         self.retry("dropping bad entries", lambda: self._drop(args=args))
 
     def _spill(self, frame) -> bytes:
@@ -878,7 +916,7 @@ class Store:
             task, payload = self.task(qk, fields)
         except BadMessage as e:
             self.bad(e, f"entry {eid!r} of {qk}")
-            self.drop([(qk, eid, e.reason)])
+            self.drop([(qk, eid, fields, e)])
             return
         # first among its priority: the lane of re-queued tasks, read before the others
         rk = self.retry("re-queueing", lambda: group(self.r, task.get("q", "default"),
@@ -949,6 +987,9 @@ class RedisClient(ClientConnection):
         self._closing = False
         self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
         self._maps: set[str] = set()
+        # task id -> (its entry "queue key entry id", mode, items) for unfinished tasks with
+        # frames stored apart: the only entries of this client a worker may drop (_dropped)
+        self._own: dict[str, tuple[str, str, int]] = {}
         self._sender = threading.Thread(target=self._send_loop, name=f"nbq-redis-sender-{client_id}",
                                         daemon=True)
         self._sender.start()
@@ -1006,15 +1047,46 @@ class RedisClient(ClientConnection):
                 if stream == self._rs and fields and b"m" in fields:
                     self._untrimmed += max(len(fields[b"m"]), TRIM_AFTER // 64)
                     decoded = self.store.decode(fields[b"m"], f"entry {eid!r} of {stream}")
+                    if decoded is not None and decoded[0].get("k") == "dropped":
+                        decoded = self._dropped(decoded[0])
+                    elif decoded is not None and decoded[0].get("k") == "res":
+                        large += _stored_apart(decoded[0], fields[b"m"])
+                        if self._own:
+                            for item in decoded[0]["t"]:
+                                self._own.pop(item["id"], None)
                     if decoded is not None:
                         out.append(decoded)
-                        if decoded[0].get("k") == "res":
-                            large += _stored_apart(decoded[0], fields[b"m"])
         if large:
             self.store.keep(large)
         while self._inbox:
             out.append(self._inbox.popleft())
         return out
+
+    def _dropped(self, header: dict) -> tuple[dict, list] | None:
+        """A worker's (signed) notice that it dropped a bad entry whose header names one of this
+        client's tasks.  If that entry is the one this client added for the task (its frames
+        stored apart are gone or changed, or pass the worker's max_message_size), the task
+        fails here with SignatureError; else (a forged entry or a copy naming the task) nothing
+        changes: unverified bytes never fail anyone's task, and the task's own entry still runs.
+        Only entries with frames stored apart are known (_own): no other entry of a client
+        with the right key fails to verify at a worker with the right key."""
+        tid, why = header.get("id"), header.get("why")
+        own = self._own.get(tid)
+        if own is None or own[0] != header.get("e"):
+            log.warning("a worker dropped an entry naming task %s that is not this client's own "
+                        "(%s): ignored", tid, why)
+            return None
+        del self._own[tid]
+        _, mode, n = own
+        err = protocol.error_record(SignatureError(
+            f"task {tid} was dropped by a worker, unrun: {why}"))
+        if mode == "call":
+            item, payload = {"id": tid, "s": 0, "n": 1, "ok": 0}, protocol.dumps(err)
+        else:
+            item = {"id": tid, "s": 0, "n": n}
+            payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), err)))
+        item["nf"] = len(payload)
+        return {"k": "res", "t": [item]}, payload
 
     def wake(self) -> None:
         try:
@@ -1099,6 +1171,7 @@ class RedisClient(ClientConnection):
         cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
         hashes = set()
         tasks: list = []  # SUBMIT's arguments for each task
+        big: dict = {}  # task id -> (queue key, mode, items) of tasks with frames stored apart
         ntasks = 0
         chunked: set[str] = set()  # maps given chunks here: their chunk lists' expiry renewed once
         for header, frames in messages:
@@ -1115,9 +1188,11 @@ class RedisClient(ClientConnection):
                     spill = st.spiller(payload)
                     fields = entry_fields(self.signer.encode({"k": "tasks", "t": [item]}, payload),
                                           spill)
-                    tasks += [item["id"], queue_key(item.get("q", "default"), item.get("pr", 0)),
-                              2 * len(fields),
+                    qk = queue_key(item.get("q", "default"), item.get("pr", 0))
+                    tasks += [item["id"], qk, 2 * len(fields),
                               *(x for kv in fields.items() for x in kv)]
+                    if "b" in fields:
+                        big[item["id"]] = (qk, item.get("m", "call"), item.get("n", 1))
                     ntasks += 1
                     hashes.add(item.get("h"))
                     mp = item.get("mp")
@@ -1150,10 +1225,17 @@ class RedisClient(ClientConnection):
             return pipe.execute()
 
         if cmds:
-            st.retry("sending", execute)
+            got = st.retry("sending", execute)
+            if big:
+                added = got if len(cmds) == 1 else got[-1]
+                for tid, eid in zip(added[::2], added[1::2]):
+                    qk, mode, n = big[_s(tid)]
+                    self._own[_s(tid)] = (f"{qk} {_s(eid)}", mode, n)
 
     def _on_cancel(self, header: dict):
         ids = list(header["ids"])
+        for tid in ids:
+            self._own.pop(tid, None)
         args: list = [P, self.store.ttl_s, self.cid, len(ids)]
         for tid in ids:
             args += [tid, pack(self.signer.encode({"k": "res", "t": [
@@ -1500,6 +1582,21 @@ class _Notices:
                 log.warning("could not send started notices: %s", e)
 
 
+def _too_large(item: dict, size: int, limit: int) -> tuple[dict, list]:
+    """A result part too large to store, as the error saying so (for each item of a chunk)."""
+    err = protocol.error_record(MessageTooLarge(
+        f"the result of task {item['id']} is {size:,} bytes, more than max_message_size "
+        f"({limit:,} bytes): return less (write large outputs to a file or a shared path), or "
+        "raise the limit with ?max_message_size=BYTES in the Redis address of the client "
+        "and every worker"))
+    if "ok" in item:  # a call's result
+        payload = protocol.dumps(err)
+        return dict(item, ok=0, nf=len(payload)), payload
+    n = item.get("n", 1)
+    payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), err)))
+    return dict(item, nf=len(payload)), payload
+
+
 class RedisWorker(WorkerConnection):
     """One consumer of the queues' groups: XREADGROUP, run, store results and XACK atomically."""
 
@@ -1608,7 +1705,7 @@ class RedisWorker(WorkerConnection):
                 item, payload = self.store.task(qk, fields)
             except BadMessage as e:
                 self.store.bad(e, f"entry {eid!r} of {qk}")
-                bad.append((qk, eid, e.reason))
+                bad.append((qk, eid, fields, e))
                 continue
             out.append((qk, eid, item, payload, fields))
         if bad:
@@ -1649,7 +1746,10 @@ class RedisWorker(WorkerConnection):
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
         self._notices.done(item["id"] for item, _ in results)
         parts = []
+        limit = self.store.settings.max_message_size
         for item, payload in results:
+            if payload and protocol.frame_size(payload) > limit:
+                item, payload = _too_large(item, protocol.frame_size(payload), limit)
             entry = self._batch.get(item["id"])
             task = entry[2] if entry else {"id": item["id"]}
             d = item.get("d")
