@@ -6,23 +6,26 @@ gather, with live progress and results as pandas DataFrames.
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 
 from .asyncresult import AsyncResult
-from .client import Client
-from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, SerializationError,
-                     SignatureError, WorkerLost)
+from .client import Client, ship_modules as ship
+from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, NbqError, RemoteError,
+                     SerializationError, SignatureError, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
-from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, signature
+from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
 from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
+
+Celery = App  # so that `from celery import Celery` needs only `celery` replaced by `nbq`
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
+    "Client", "ship", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
-    "BrokerUnavailable", "InputError", "progress",
+    "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
+    "Celery", "shared_task",
 ]
 
 

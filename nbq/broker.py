@@ -10,7 +10,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                     · ctl (a control command: cmd, a arguments, d destination names or
                       null for all, ci the client's collection id) · bye
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
-                    died; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
+                    died; run: the task it was running, at: [that task, item] when the item
+                    is known; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
                     · rej (a message it got failed its signature check) · ntc (a state
                       notice: ids, s RETRY when a retry holds them, STARTED when they run again)
@@ -18,6 +19,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                     · ctlr (forwarded as it came)
   to a supervisor   hb · ctl (as the client sent it, with c) · stop
   to a worker       fn · tasks
+  to the sender of a hello or hb whose signature failed: keyfp, unsigned (fp: the fingerprint
+                    of the broker's key, so a peer with another key stops, saying so; keys.py)
 
 Control: the broker sends a client's ctl to every supervisor whose name is in
 ``d`` (all when null) and replies {"n": how many}; each answers with ctlr, which
@@ -34,9 +37,11 @@ Sockets have no high-water mark and ROUTER_MANDATORY is set, so nothing is
 dropped silently: a result for a client that is gone stays in the result
 store until ``result_expires``, where any client can fetch it by id.
 
-A worker process that dies has its tasks re-run once; a task whose process
-dies a second time fails with WorkerLost.  A chunk re-run after a death
-reports item by item, so the item that kills its process fails alone.
+A task whose process died while running it, its worker alive, runs again
+until such deaths reach its limit (max_task_deaths), then fails with WorkerLost;
+a chunk re-run after a death reports item by item, so the item that kills its
+process fails alone.  The tasks a dead process only held, and every task of a
+worker that stopped answering heartbeats, run again as they were (deaths.py).
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from . import deaths, protocol
+from . import deaths, keys, protocol
 from .errors import SignatureError
 
 log = logging.getLogger("nbq.broker")
@@ -138,6 +143,7 @@ class Proc:
     running: list = field(default_factory=list)
     functions: set = field(default_factory=set)
     idle: bool = True
+    away_until: float = 0.0  # unreachable at the last send: not tried again before then
 
 
 @dataclass(eq=False)
@@ -160,6 +166,7 @@ class Broker:
                  result_expires: float = DEFAULT_RESULT_EXPIRES,
                  heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
         self.signer = protocol.Signer(key)
+        self.fingerprint = keys.fingerprint(key)
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -265,11 +272,25 @@ class Broker:
             handler = self._handlers[header["k"]]
         except (SignatureError, KeyError, TypeError, IndexError) as e:
             log.warning("dropped a message from %r: %s", peer[:40], e or "unknown kind")
+            if isinstance(e, SignatureError):
+                self._refuse(peer, body)
             return
         try:
             handler(peer, header, frames, body)
         except Exception:  # a bad but signed message must not stop the broker
             log.exception("error handling %r from %r", header.get("k"), peer[:40])
+
+    def _refuse(self, peer: bytes, body: list) -> None:
+        """Answer a hello or heartbeat whose signature failed with this broker's key fingerprint,
+        unsigned: a client or worker with another key then stops with a clear error."""
+        if len(body) != 2 or len(body[0]) > 1000:
+            return
+        try:
+            kind = protocol.loads_header(body[0]).get("k")
+        except (ValueError, AttributeError):
+            return
+        if kind in ("hello", "hb"):
+            self._send_raw(peer, protocol.refusal(self.fingerprint))
 
     def _send(self, peer: bytes, header: dict, frames: list = ()) -> bool:
         return self._send_raw(peer, self.signer.encode(header, frames))
@@ -474,7 +495,8 @@ class Broker:
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):
-        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"),
+        at = header.get("at") or (header.get("run") and [header["run"], None])
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=at or None,
                         end=header.get("end"))
 
     def check_heartbeats(self, now: float) -> None:
@@ -483,8 +505,8 @@ class Broker:
                     if now - s.seen > self.heartbeat_timeout]:
             log.warning("worker %s stopped sending heartbeats; re-queueing its tasks", sup.sid)
             del self.supervisors[sup.sid]
-            for wid in sup.procs:
-                self._proc_gone(wid, died=True, how="stopped answering heartbeats")
+            for wid in sup.procs:  # a worker gone whole says nothing about its tasks (deaths.py)
+                self._proc_gone(wid, died=False)
 
     def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None,
                    end: dict | None = None) -> None:
@@ -508,6 +530,11 @@ class Broker:
     def _retry_after_death(self, task: Task, why: str, at: list | None,
                            end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
+        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
+        if item is task.item:  # the death does not count against it: queued again as it came
+            task.where = "queued"
+            self._queue(item).appendleft(task)
+            return
         if not task.verified:  # it is about to be re-signed: check it first
             try:
                 self.signer.decode(task.original)
@@ -518,7 +545,6 @@ class Broker:
                         f"task {task.id} was dropped: its message's signature does not match "
                         "the shared key"))
                 return
-        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
         for pos in fail:
             self._deliver(task, *deaths.ending(task.item, pos, why, end))
         if item is None:
@@ -640,7 +666,7 @@ class Broker:
         """Hand queued tasks to idle worker processes, batching short ones."""
         now = time.monotonic()
         for proc in self.procs.values():
-            if not proc.idle:
+            if not proc.idle or proc.away_until > now:
                 continue
             batch = self._take(proc)
             if not batch:
@@ -654,17 +680,29 @@ class Broker:
             peer = b"w" + proc.wid.encode()
             for h in {t.item["h"] for t in batch} - proc.functions:
                 fn = self.functions.get(h)
-                if fn is not None:
-                    self._send(peer, {"k": "fn", "h": h}, fn)
+                if fn is not None and self._send(peer, {"k": "fn", "h": h}, fn):
                     proc.functions.add(h)
             if len(batch) == 1 and batch[0].original is not None:
-                self._send_raw(peer, batch[0].original)
+                sent = self._send_raw(peer, batch[0].original)
             else:
                 items, frames = [], []
                 for t in batch:
                     items.append(t.item)
                     frames.extend(t.frames)
-                self._send(peer, {"k": "tasks", "t": items}, frames)
+                sent = self._send(peer, {"k": "tasks", "t": items}, frames)
+            if not sent:
+                self._put_back(proc, batch, now)
+
+    def _put_back(self, proc: Proc, batch: list, now: float) -> None:
+        """Queue again, first, a batch that could not reach its process: one gone without a
+        word (its worker killed, not yet missed by heartbeats), or away for a moment (it
+        stays idle, and is tried again after a while: it gets work once it is back)."""
+        proc.running = [t for t in proc.running if t.where != proc.wid or t not in batch]
+        proc.idle = True
+        proc.away_until = now + HEARTBEAT / 2
+        for t in reversed(batch):
+            t.where = "queued"
+            self._queue(t.item).appendleft(t)
 
     def _take(self, proc: Proc) -> list:
         for q in proc.queues:

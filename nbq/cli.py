@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if hasattr(args, "key_file"):  # every client and broker this command makes uses it
+            from . import keys
+            keys.use(keys.load_key(args.key_file, "--key-file"))
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -45,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--result-expires", type=float, default=86400.0, help="seconds results are kept")
     b.set_defaults(run=_broker)
 
-    w = sub.add_parser("worker", help="run worker processes for a broker")
+    w = sub.add_parser("worker", help="run worker processes for a broker",
+                       description="Run worker processes for a broker.  The current directory is "
+                       "put first on sys.path (as `python -m` and `celery worker` do), so tasks "
+                       "can use modules in the folder the worker is started in.")
     w.add_argument("--broker", default=None, help=BROKER_HELP)
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: number of CPUs)")
@@ -57,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                    "thread of this worker's supervisor; needs -A")
     w.add_argument("-n", "--hostname", default=None, help="this worker's name in control "
                    "replies (default nbq@%%h); %%h is the host name, %%n its first label, %%d the rest")
+    w.add_argument("--init", default=None, metavar="MODULE:FUNC", help="call FUNC() once in "
+                   "each worker process before its first task, and in each process started to "
+                   "replace one (as a concurrent.futures initializer): to load a model or data")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--init-fd", type=int, default=None, help=argparse.SUPPRESS)  # a Client's
     w.set_defaults(run=_worker)
 
     bt = sub.add_parser("beat", help="send an app's beat_schedule entries when they are due")
@@ -112,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                             help="seconds to wait for replies (default 1)")
         parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
     for parser in (b, w, bt, s, i, c):
-        parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
-                            "$NBQ_KEY_FILE or ~/.config/nbq/key)")
+        parser.add_argument("--key-file", default=None, help="signing key file, - for standard input "
+                            "(default: $NBQ_KEY, $NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
 
 
@@ -132,7 +142,7 @@ def _broker(args) -> None:
 
     from . import keys
     from .broker import Broker
-    broker = Broker(keys.load_key(args.key_file), args.bind or [DEFAULT_BIND],
+    broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
                     result_expires=args.result_expires)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     print(f"nbq broker listening on {', '.join(broker.addresses)}", flush=True)
@@ -141,21 +151,29 @@ def _broker(args) -> None:
 
 def _worker(args) -> None:
     from . import keys, transport
+    from .worker import initializer
     from .worker.supervisor import Supervisor
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
     if args.beat and not args.app:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
-    key = keys.load_key(args.key_file)
+    if args.init and args.init_fd is not None:
+        raise ValueError("give --init or an initializer on a pipe, not both")
+    key = keys.load_key()
+    # no task finds the key in its environment; the clients that tasks make (a chain's next
+    # step, a chord's body) find it with keys.load_key(), as this process's own (main)
+    os.environ.pop("NBQ_KEY", None)
+    _cwd_on_path()
+    init = (initializer.decode(key, _read_all(args.init_fd)) if args.init_fd is not None
+            else initializer.from_spec(args.init) if args.init else None)
     app = _load_app(args.app) if args.app else None
     address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
-    # tasks that send tasks (a chain's next step, a chord's body) use a client of this broker
-    os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
+    os.environ["NBQ_BROKER"] = address  # the broker of those clients
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
-                     **({"name": args.hostname} if args.hostname else {}))
+                     **({"name": args.hostname} if args.hostname else {}), initializer=init)
     beat = _start_beat(app, address, args.schedule) if args.beat else None
     try:
         why = sup.run()
@@ -172,17 +190,25 @@ def _worker(args) -> None:
 def _load_app(spec: str):
     """The app of ``-A spec``, imported from the current directory as Celery does."""
     from .tasks import load_app, runner
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     app = load_app(spec)
     runner.accept = set(app.conf.accept_content)
     return app
 
 
+def _read_all(fd: int) -> bytes:
+    with open(fd, "rb") as f:
+        return f.read()
+
+
+def _cwd_on_path() -> None:
+    """Modules in the current directory import, as they do for ``python -m`` and Celery."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _beat(args) -> None:
-    from . import keys
-    os.environ["NBQ_KEY"] = keys.load_key(args.key_file).decode()  # the app's client signs with it
-    app = _load_app(args.app)
+    app = _load_app(args.app)  # its client signs with this command's key (main)
     _make_beat(app, _app_broker(args.broker, app), args.schedule).run()
     # a signal may end it at any time: every claim is already stored
 
@@ -221,7 +247,7 @@ def _start_beat(app, address: str, schedule: str | None):
 def _status(args) -> None:
     from .client import Client
     address = _address(args.broker)
-    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+    with Client(address, timeout=5.0) as client:
         st = client.status()
     print(f"broker {address}: {st['tasks']} tasks in progress, {st['results']} results stored")
     print(f"{'worker':<40} {'host':<20} {'pid':>7} {'procs':>5} {'active':>6}  queues")
@@ -257,7 +283,7 @@ def _ask_workers(args, command: str, arguments: dict) -> None:
     from .client import Client
     address = _control_address(args)
     dest = [d for d in args.destination.split(",") if d] if args.destination else None
-    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+    with Client(address, timeout=5.0) as client:
         replies = client.control(command, arguments, dest, args.timeout)
     if not replies:
         raise NbqError(f"no worker replied within {args.timeout:g} s at {address}"
@@ -293,7 +319,7 @@ def _revoke(args) -> None:
         signal_named(sig)  # a bad name is one error here
     address = _control_address(args)
     missed = []
-    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+    with Client(address, timeout=5.0) as client:
         for tid in ids:
             done = AsyncResult(tid, client=client).revoke(terminate=terminate, signal=sig)
             print(f"->  {tid}: {'revoked' if done else 'not revoked'}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
+import importlib
 import itertools
 import logging
 import math
@@ -21,8 +23,11 @@ from collections import OrderedDict
 from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
+import cloudpickle
+
 from . import keys, protocol
-from .errors import BrokerUnavailable, FunctionRefused, NbqError, SerializationError
+from .deaths import MAX_DEATHS
+from .errors import BrokerUnavailable, FunctionRefused, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -58,22 +63,57 @@ class Client(concurrent.futures.Executor):
     ``Client()`` starts a private broker and ``os.cpu_count()`` worker processes;
     ``Client(address)`` connects to a running broker (and starts ``workers``
     local worker processes on it when given).  NBQ_BROKER supplies the
-    address when none is given.
+    address when none is given.  ``initializer(*initargs)`` runs once in each
+    local worker process before its first task (and in a process replacing
+    one); ``ship`` lists modules sent by value (see ``nbq.ship``).
+
+    ``max_task_deaths``: a task (or a map item) whose own process dies while
+    running it this many times, its worker alive, fails with WorkerLost; 1 fails
+    it at the first (a map chunk's unfinished items with it: which one killed the
+    process is known only once the chunk re-runs item by item).  It travels in each task's signed header (absent for the
+    default), so the ZeroMQ broker or the Redis workers apply it with no setting
+    of their own (deaths.py).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
+                 ship: Iterable[types.ModuleType | str] = (),
+                 initializer: Callable | None = None, initargs: tuple = ()) -> None:
         global _current
         from .cluster import LocalCluster
+        from .worker import initializer as worker_init
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive number of processes (or None), "
+                             f"not {workers!r}")
+        if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
+            raise TypeError(f"max_task_deaths must be an integer, not {max_task_deaths!r}")
+        if max_task_deaths < 1:
+            raise ValueError(f"max_task_deaths must be at least 1 (1: a task fails at the first "
+                             f"death of its process), not {max_task_deaths}")
+        # header fields of every task this client sends: none for the defaults
+        self._task_header = {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
+        ship_modules(*ship)
         address = address or os.environ.get("NBQ_BROKER") or None
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError(f"initializer must be callable, not {initializer!r}")
+            if address is not None and workers is None:
+                raise ValueError("an initializer runs in the worker processes this client starts: "
+                                 "give workers=N, or start workers with `nbq worker --init "
+                                 "MODULE:FUNC`")
         self.key = keys.load_key(key_file)
+        init = None if initializer is None else worker_init.encode(self.key, initializer, initargs)
         self.id = uuid.uuid4().hex[:16]
-        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires)
+        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires,
+                                     initializer=init)
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted
-        self._stopped = False     # the receiver thread should return
+        self._stopped = False     # the receiver thread should return; nothing is waited for
+        self._conn_closed = False
+        self._down = False        # every step of _shutdown_now has been done
+        self._wait_at_exit = True  # what the interpreter's exit does: shutdown(wait=this)
         self._lock = threading.Lock()
         self._feed_lock = threading.RLock()
         self._outbox: list[tuple[dict, list]] = []  # tasks the receiver thread sends, batched
@@ -106,8 +146,11 @@ class Client(concurrent.futures.Executor):
             raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
                                     f"{timeout:g} s: start one with `nbq broker`, or check the "
                                     "address and that both sides use the same key") from None
+        except KeyMismatch:
+            self._shutdown_now()
+            raise
         _current = weakref.ref(self)
-        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        _at_exit(self)
 
     # -- submitting -----------------------------------------------------------
 
@@ -125,6 +168,8 @@ class Client(concurrent.futures.Executor):
         fut = Future(tid, self)
         self._futures[tid] = fut
         item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        if self._task_header:
+            item.update(self._task_header)
         if options:
             item.update(options)
         try:
@@ -196,7 +241,7 @@ class Client(concurrent.futures.Executor):
                         args=source if total is not None else keep)
         chunker = _Chunker(source, chunksize, keep)
         window = max(16, 4 * self._processes())
-        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id}
+        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
         self._feeders[map_id] = (res, chunker, {"window": window, "task": task, "name": _name(fn)})
         self._feed(map_id, in_caller=True)
         return res
@@ -376,13 +421,30 @@ class Client(concurrent.futures.Executor):
         return self._request("cancel", ids=ids)
 
     def _cancel_map(self, res: MapResult) -> int:
+        """Cancel the items of a map no worker has started; returns how many.
+
+        Items of a list input not sent yet fail as cancelled at once; a generator
+        input is read no further (the map ends with the items read so far).
+        """
+        return self._stop_feeding(res) + sum(
+            self._revoke(tid) for tid, ok in self._cancel_tasks(list(res._chunks)).items() if ok)
+
+    def _stop_feeding(self, res: MapResult) -> int:
+        """Send no more chunks of res; the items of its input not sent yet fail as
+        cancelled.  Returns how many."""
         with self._feed_lock:
-            feeder = self._feeders.pop(res.id, None)  # read no more input
-            if feeder is not None and res._total is None:
-                res._set_total(feeder[1].position)
-                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
-        answer = self._cancel_tasks(list(res._chunks))
-        return sum(self._revoke(tid) for tid, ok in answer.items() if ok)
+            feeder = self._feeders.pop(res.id, None)
+            if feeder is None:
+                return 0
+            sent = feeder[1].position
+            self._conn.send({"k": "mapend", "mp": res.id, "total": sent})
+            if res._total is None:
+                res._set_total(sent)
+                return 0
+            unsent = res._total - sent
+            if unsent:
+                res._fail(sent, unsent, _cancelled(res))
+            return unsent
 
     def _revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
@@ -395,7 +457,7 @@ class Client(concurrent.futures.Executor):
             return 0
         res, start, n = entry
         res._chunks.pop(tid, None)
-        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        res._fail(start, n, _cancelled(res))
         return n
 
     def _watch_task(self, tid: str) -> Future:
@@ -414,16 +476,23 @@ class Client(concurrent.futures.Executor):
                 new.append(fut)
             futs.append(fut)
 
+        finished = []
+
         def known(reply: dict) -> None:  # receiver thread, before any resent result
             for fut in new:
                 state = reply["known"].get(fut.id)
-                if state == "STARTED" and fut._state == "PENDING":
+                if state == "DONE":
+                    finished.append(fut)
+                elif state == "STARTED" and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
                 elif state == "RETRY":
                     fut._notice(state)
 
         if new:
             self._request("watch", ids=[fut.id for fut in new], on_reply=known)
+            # a stored result travels just behind the reply: wait for it, so that a task the
+            # broker holds as done never reads PENDING here
+            concurrent.futures.wait(finished, CONNECT_TIMEOUT)
         return futs
 
     def _join(self, key: str, member: str, total: int) -> bool:
@@ -509,6 +578,9 @@ class Client(concurrent.futures.Executor):
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
                 fut, on_reply = entry
+                if header.get("refused"):  # a welcome: this client's key is not the cluster's
+                    fut.set_exception(KeyMismatch(header["refused"]))
+                    return
                 result = header.get("r")
                 try:
                     if on_reply is not None:
@@ -575,25 +647,41 @@ class Client(concurrent.futures.Executor):
             raise RuntimeError("cannot submit to an nbq client after shutdown")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; wait for what was submitted; stop local workers and broker."""
-        if self._closed:
+        """Stop accepting work; wait for what was submitted; stop local workers and broker.
+
+        A map's ``timeout`` bounds waits on that map only, never this wait.  Whatever
+        interrupts the wait (Ctrl-C, an error), the client's threads and local
+        processes are stopped before it propagates; a second call finishes a stop
+        that was itself interrupted.
+        """
+        if self._stopped:
+            self._shutdown_now()
             return
         self._closed = True
-        if cancel_futures:
-            pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
-            pending += list(self._chunks)
-            if pending:
-                answer = self._request_unchecked("cancel", ids=pending)
-                for tid, ok in answer.items():
-                    if ok:
-                        self._revoke(tid)
-        if wait:
-            for fut in list(self._futures.values()):
-                if not getattr(fut, "_foreign", False):
-                    concurrent.futures.wait([fut])
-            for res, *_ in list(self._chunks.values()):
-                res._wait(res.done, None)
-        self._shutdown_now()
+        try:
+            if cancel_futures:
+                for res, *_ in list(self._feeders.values()):
+                    self._stop_feeding(res)
+                pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
+                pending += list(self._chunks)
+                if pending:
+                    answer = self._request_unchecked("cancel", ids=pending)
+                    for tid, ok in answer.items():
+                        if ok:
+                            self._revoke(tid)
+            if wait:
+                self._wait_for_work()
+        finally:
+            self._shutdown_now()
+
+    def _wait_for_work(self) -> None:
+        """Until every task and map item this client submitted has finished."""
+        for fut in list(self._futures.values()):
+            if not getattr(fut, "_foreign", False):
+                concurrent.futures.wait([fut])
+        for res, *_ in list(self._chunks.values()):
+            with res._cond:  # not res._wait: that obeys the map's own timeout
+                res._cond.wait_for(res.done)
 
     def _request_unchecked(self, kind: str, **fields):
         closed, self._closed = self._closed, False
@@ -603,12 +691,53 @@ class Client(concurrent.futures.Executor):
             self._closed = closed
 
     def _shutdown_now(self) -> None:
-        self._flush_outbox()
+        """Stop the receiver thread, the connection and the local cluster, each step run even
+        when one before it fails or is interrupted; a repeated call does what is left."""
+        if self._down:
+            return
         self._closed = self._stopped = True
-        self._conn.wake()
-        self._receiver.join(5.0)
-        self._conn.close()
-        self._cluster.close()
+        with contextlib.ExitStack() as steps:  # callbacks run last-registered first
+            steps.callback(self._cluster.close)
+            steps.callback(self._fail_unfinished)
+            steps.callback(self._close_connection)
+            steps.callback(self._stop_receiver)
+            if not self._conn_closed:
+                steps.callback(self._conn.wake)
+                self._flush_outbox()
+        self._down = True
+        _open_clients.discard(self)
+
+    def _stop_receiver(self) -> None:
+        if threading.current_thread() is not self._receiver:  # not from a done-callback
+            self._receiver.join(5.0)
+
+    def _close_connection(self) -> None:
+        if not self._conn_closed:
+            self._conn_closed = True
+            self._conn.close()
+
+    def _fail_unfinished(self) -> None:
+        """Fail what can no longer get a result here, so nothing waits on it for ever."""
+        for tid, fut in list(self._futures.items()):
+            try:
+                fut.set_exception(NbqError(f"task {tid} had not finished when its client "
+                                           "shut down"))
+            except concurrent.futures.InvalidStateError:
+                pass  # finished, or cancelled
+        self._futures.clear()
+        for res, chunker, _ in list(self._feeders.values()):
+            sent = chunker.position
+            if res._total is None:
+                res._set_total(sent)
+            elif res._total > sent:
+                res._fail(sent, res._total - sent, NbqError(
+                    f"items {sent}..{res._total - 1} of map {res.id} were not sent when its "
+                    "client shut down"))
+        self._feeders.clear()
+        for tid, (res, start, n) in list(self._chunks.items()):
+            res._fail(start, n, NbqError(f"items {start}..{start + n - 1} of map {res.id} had "
+                                         "not finished when its client shut down"))
+        self._chunks.clear()
 
     def __repr__(self) -> str:
         return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"
@@ -666,10 +795,56 @@ def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
         del client
 
 
-def _shutdown_at_exit(client_ref: "weakref.ref[Client]") -> None:
-    client = client_ref()
-    if client is not None and not client._closed:
-        client._shutdown_now()
+def ship_modules(*modules: types.ModuleType | str) -> None:
+    """Send the functions and classes of these modules (and their submodules) by value.
+
+    cloudpickle sends what an importable module defines by reference: the worker
+    imports the module.  A shipped module's code travels in the pickle instead, so a
+    notebook's local helper module needs no install on the workers.  This holds for
+    every client of this process (cloudpickle.register_pickle_by_value); ``nbq.ship``.
+    """
+    for module in modules:
+        if isinstance(module, str):
+            module = importlib.import_module(module)
+        if not isinstance(module, types.ModuleType):
+            raise TypeError(f"nbq.ship takes modules or module names, not {module!r}")
+        cloudpickle.register_pickle_by_value(module)
+    for client in list(_open_clients):  # functions pickled before by reference: pickle again
+        client._fn_cache.clear()
+
+
+_open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_exit_lock = threading.Lock()
+_exit_registered = False
+
+
+def _at_exit(client: Client) -> None:
+    """Have client shut down, waiting for its work, when the interpreter exits.
+
+    As the stdlib executors do, the hook runs before the interpreter joins its
+    threads (threading._register_atexit), so done-callbacks still run; it is
+    registered once, with the first client, not at import.
+    """
+    global _exit_registered
+    with _exit_lock:
+        if not _exit_registered:
+            try:
+                threading._register_atexit(_shutdown_at_exit)
+            except (AttributeError, RuntimeError):  # not CPython, or the interpreter is exiting
+                atexit.register(_shutdown_at_exit)
+            _exit_registered = True
+        _open_clients.add(client)
+
+
+def _shutdown_at_exit() -> None:
+    with contextlib.ExitStack() as stops:  # each client is stopped, whatever another raises
+        for client in list(_open_clients):
+            if client._pid == os.getpid():  # a forked child's copy has no threads to stop
+                stops.callback(client.shutdown, wait=client._wait_at_exit)
+
+
+def _cancelled(res: MapResult) -> CancelledError:
+    return CancelledError(f"item of map {res.id} was cancelled")
 
 
 def _name(fn) -> str:

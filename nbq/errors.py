@@ -10,6 +10,18 @@ class SignatureError(NbqError):
     """A message had a missing or wrong HMAC signature; its payload was never unpickled."""
 
 
+class KeyMismatch(SignatureError):
+    """This side's signing key differs from the one its cluster uses: it refuses to start.
+
+    The message says where this side's key came from and gives both key fingerprints
+    (an HMAC of a constant under each key: they tell keys apart, never the keys).
+    """
+
+
+class InvalidKey(NbqError, ValueError):
+    """A signing key that cannot be used: shorter than 32 bytes (empty, whitespace, a typo)."""
+
+
 class FunctionRefused(SignatureError):
     """A worker refused the function stored for a task (not signed under the key, not a
     function message, or not the function its hash names); the client ships it again."""
@@ -33,7 +45,8 @@ class MessageTooLarge(NbqError, ValueError):
 
 
 class WorkerLost(NbqError):
-    """The worker process running a task died (killed, crashed, out of memory) twice."""
+    """A task's own process died (killed, crashed, out of memory) while running it, its worker
+    alive, ``max_task_deaths`` times; the message says how many and how the last one died."""
 
 
 class TimeLimitExceeded(NbqError):

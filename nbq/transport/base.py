@@ -4,10 +4,29 @@ Each transport (zmq.py, and others) implements these three connections; all
 above them (client.py, worker/) is written against this interface only.
 Messages are (header dict, payload frames) pairs as protocol.py defines;
 a connection signs what it sends and verifies what it receives.
+
+A connection whose key differs from the cluster's refuses to start, before it
+reads anything (so a wrong-key worker takes no task): its transport learns the
+fingerprint of the cluster's key (keys.py) and calls check_key, which raises
+KeyMismatch.  A client connection learns it in answer to hello (see hello), a
+supervisor's or worker's when it is made or at its first poll.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
+from .. import keys
+from ..errors import KeyMismatch
+
+
+def check_key(key: bytes, cluster: str | None, where: str, hint: str = "") -> None:
+    """Raise KeyMismatch when the cluster at `where` uses a key whose fingerprint is
+    `cluster` (None: not known yet) and key's differs; the message never shows a key."""
+    mine = keys.fingerprint(key)
+    if cluster is not None and cluster != mine:
+        raise KeyMismatch(f"the signing key from {keys.source_of(key)} differs from the one the "
+                          f"cluster at {where} uses (key fingerprints {mine} here, {cluster} there):"
+                          f" use the same key everywhere (copy the key file, or set NBQ_KEY){hint}")
 
 
 class ClientConnection(ABC):
@@ -21,7 +40,9 @@ class ClientConnection(ABC):
 
     @abstractmethod
     def hello(self, rq: int) -> None:
-        """Announce this client; the broker answers {"k": "welcome", "rq": rq}."""
+        """Announce this client; the broker answers {"k": "welcome", "rq": rq}, or, when
+        this client's key differs from the cluster's, {"k": "welcome", "rq": rq, "refused":
+        check_key's message} (the client raises KeyMismatch with it)."""
 
     @abstractmethod
     def send(self, header: dict, frames: list = ()) -> None:
@@ -48,9 +69,10 @@ class SupervisorConnection(ABC):
         """Tell the broker this supervisor is alive."""
 
     @abstractmethod
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
-        """Report that worker process wid died (running item at[1] of task at[0], if known);
-        end says why the supervisor killed it, if it did: that task ends, never re-run (deaths.py)."""
+    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:
+        """Report that worker process wid died; at = [task id, item position or None] it was
+        running, if any (its death counts against that task); end says why the supervisor
+        killed it, if it did: that task ends, never re-run (deaths.py)."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:

@@ -15,8 +15,8 @@ import time
 import zmq
 
 from .. import protocol
-from ..errors import SignatureError
-from .base import ClientConnection, SupervisorConnection, WorkerConnection
+from ..errors import KeyMismatch, SignatureError
+from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
 
@@ -32,10 +32,13 @@ def _dealer(ctx: zmq.Context, identity: bytes, address: str) -> zmq.Socket:
 
 
 def _decode(signer: protocol.Signer, msg: list):
+    """(header, payload) of a verified message; None for any other, logged unless it is the
+    broker's refusal of this side's key (protocol.refused), which the caller handles."""
     try:
         return signer.decode(msg)
     except SignatureError as e:
-        log.warning("dropped a message: %s", e)
+        if protocol.refused(msg) is None:
+            log.warning("dropped a message: %s", e)
         return None
 
 
@@ -45,6 +48,8 @@ class ZmqClient(ClientConnection):
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.signer = protocol.Signer(key)
+        self.key, self.address = key, address
+        self._hello_rq: int | None = None
         self.cid = client_id
         self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address)
         self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address)
@@ -59,7 +64,8 @@ class ZmqClient(ClientConnection):
         self._poller.register(self._wake_r, zmq.POLLIN)
 
     def hello(self, rq: int) -> None:
-        """Announce the receiving socket; the broker answers with welcome."""
+        """Announce the receiving socket; the broker answers with welcome (or a refusal)."""
+        self._hello_rq = rq
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
     def send(self, header: dict, frames: list = ()) -> None:
@@ -75,10 +81,19 @@ class ZmqClient(ClientConnection):
                 self._wake_r.recv()
         out = []
         while self._rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            decoded = _decode(self.signer, self._rx.recv_multipart(copy=False))
+            msg = self._rx.recv_multipart(copy=False)
+            decoded = _decode(self.signer, msg) or self._refused(msg)
             if decoded is not None:
                 out.append(decoded)
         return out
+
+    def _refused(self, msg: list) -> tuple[dict, list] | None:
+        """The answer to hello when the broker refused this client's key: a welcome saying why."""
+        try:
+            check_key(self.key, protocol.refused(msg), self.address)
+        except KeyMismatch as e:
+            return {"k": "welcome", "rq": self._hello_rq, "refused": str(e)}, []
+        return None
 
     def wake(self) -> None:
         with self._lock:
@@ -99,6 +114,7 @@ class ZmqSupervisor(SupervisorConnection):
     def __init__(self, address: str, key: bytes, sid: str) -> None:
         self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
+        self.key, self.address = key, address
         self.sid = sid
         self.sock = _dealer(self.ctx, b"s" + sid.encode(), address)
         self._poller = zmq.Poller()
@@ -111,8 +127,10 @@ class ZmqSupervisor(SupervisorConnection):
     def heartbeat(self, info: dict) -> None:
         self._send(dict(info, k="hb"))
 
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
-        self._send({"k": "lost", "w": wid, "how": how, "at": at, "end": end})
+    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:
+        # on the wire: "at" [task id, item] only when the item is known, "run" the task id
+        self._send({"k": "lost", "w": wid, "how": how, "end": end,
+                    "at": at if at and at[1] is not None else None, "run": at and at[0]})
 
     def answer(self, request: dict, name: str, reply) -> None:
         self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "n": name, "r": reply})
@@ -135,6 +153,8 @@ class ZmqSupervisor(SupervisorConnection):
                 decoded = _decode(self.signer, msg)
                 if decoded is not None:
                     messages.append(decoded[0])
+                else:  # the broker's refusal of this worker's key: stop, saying so
+                    check_key(self.key, protocol.refused(msg), self.address)
         return messages, [fd for fd in fds if fd in events]
 
     def close(self, goodbye: bool) -> None:
@@ -162,7 +182,8 @@ class ZmqWorker(WorkerConnection):
             msg = self.sock.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg)
             if decoded is None:
-                self._reject(msg)
+                if protocol.refused(msg) is None:  # (a refusal of the key: the supervisor stops)
+                    self._reject(msg)
                 continue
             header, frames = decoded
             if header["k"] == "fn":
