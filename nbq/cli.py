@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .errors import NbqError
+from .errors import NbqError, VersionMismatch
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if hasattr(args, "key_file"):  # every client and broker this command makes uses it
             from . import keys
-            keys.use(keys.load_key(args.key_file, "--key-file"))
+            keys.use(keys.read_handshake(sys.stdin.buffer) if getattr(args, "handshake", False)
+                     else keys.load_key(args.key_file, "--key-file"))
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -90,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--logfile", default=None, help="with --detach: file its output goes to "
                    "(default: none)")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--versions", default=None, help=argparse.SUPPRESS)  # a cluster's: NBQ/PYTHON
+    # a cluster's: the key on stdin's first line (keys.handshake), stdin then the lifeline
+    w.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     w.add_argument("--init-fd", type=int, default=None, help=argparse.SUPPRESS)  # a Client's
     w.set_defaults(run=_worker)
 
@@ -124,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--logfile", default="%n%I.log", help="log file per node (default %%n%%I.log)")
     m.set_defaults(run=_multi)
 
+    la = sub.add_parser("launch", help="start workers on other machines and serve them until "
+                        "stopped (nbq launch ssh HOST... -n N)")
+    from .clusters.launch import add_launchers
+    add_launchers(la.add_subparsers(dest="launcher", required=True))
+    la.set_defaults(run=_launch)
+
     d = sub.add_parser("demo", help="run a map on an embedded cluster: progress, DataFrame, speed")
     d.add_argument("--items", type=int, default=300_000, help="items to map (default 300,000)")
     d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
@@ -149,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
                             "which a message (on a worker: a control command) is refused as a "
                             "possible replay; also the clock difference tolerated between hosts "
                             "(default 300)")
-    for parser in (b, w, bt, s, i, c):
+    for parser in (b, w, bt, s, i, c, la):
         parser.add_argument("--key-file", default=None, help="signing key file, - for standard input "
                             "(default: $NBQ_KEY, $NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -216,6 +226,10 @@ def _worker(args) -> None:
     autoscale = daemon.parse_autoscale(args.autoscale) if args.autoscale else None
     if (args.pidfile or args.logfile) and not args.detach:
         raise ValueError("--pidfile and --logfile go with --detach")
+    if args.versions:
+        _check_versions(args.versions)
+    if args.handshake:
+        args.lifeline = sys.stdin.fileno()
     key = keys.load_key()
     if args.detach:
         daemon.detach(args.pidfile, args.logfile)
@@ -248,6 +262,16 @@ def _worker(args) -> None:
     if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
         raise NbqError(f"the broker at {address} shut down; this worker stops with it")
     logging.getLogger("nbq.worker").info("stopping: %s", why)
+
+
+def _check_versions(theirs: str) -> None:
+    """Refuse to serve a cluster whose nbq or Python version differs from this worker's."""
+    from .clusters.base import versions
+    mine = versions()
+    if theirs != mine:
+        (nbq_c, py_c), (nbq_w, py_w) = theirs.split("/", 1), mine.split("/", 1)
+        raise VersionMismatch(f"this worker has nbq {nbq_w} on Python {py_w}, its client nbq "
+                              f"{nbq_c} on Python {py_c}: install the same versions on both sides")
 
 
 def _load_app(spec: str):
@@ -415,6 +439,11 @@ def _control(args) -> None:
         from .worker.ratelimit import interval
         interval(arguments["rate_limit"])  # a bad rate is one error here, not one per worker
     _ask_workers(args, args.what, arguments)
+
+
+def _launch(args) -> None:
+    from .clusters.launch import serve
+    serve(args.make(args))
 
 
 def _demo(args) -> None:

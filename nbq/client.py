@@ -21,16 +21,20 @@ import uuid
 import weakref
 from collections import OrderedDict
 from concurrent.futures import CancelledError
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import cloudpickle
 
 from . import keys, protocol
 from .deaths import MAX_DEATHS
-from .errors import BrokerUnavailable, KeyMismatch, MessageTooLarge, NbqError, SerializationError
+from .errors import (BrokerUnavailable, FunctionRefused, KeyMismatch, MessageTooLarge, NbqError,
+                     SerializationError)
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
+
+if TYPE_CHECKING:
+    from .clusters.base import Cluster
 
 log = logging.getLogger("nbq.client")
 
@@ -75,13 +79,18 @@ class Client(concurrent.futures.Executor):
     of their own (deaths.py).
     """
 
-    def __init__(self, address: str | None = None, workers: int | None = None, *,
+    def __init__(self, address: "str | Cluster | None" = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
                  timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
                  ship: Iterable[types.ModuleType | str] = (),
                  initializer: Callable | None = None, initargs: tuple = ()) -> None:
         global _current
         from .cluster import LocalCluster
+        from .clusters.base import Cluster
+        if isinstance(address, Cluster):
+            if workers is not None or initializer is not None:
+                raise ValueError("a cluster's workers are its own: size it with cluster.scale(n) "
+                                 "or cluster.adapt(), not Client(cluster, workers=...)")
         from .worker import initializer as worker_init
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive number of processes (or None), "
@@ -102,11 +111,16 @@ class Client(concurrent.futures.Executor):
                 raise ValueError("an initializer runs in the worker processes this client starts: "
                                  "give workers=N, or start workers with `nbq worker --init "
                                  "MODULE:FUNC`")
-        self.key = keys.load_key(key_file)
-        init = None if initializer is None else worker_init.encode(self.key, initializer, initargs)
         self.id = uuid.uuid4().hex[:16]
-        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires,
-                                     initializer=init)
+        self._owns_cluster = not isinstance(address, Cluster)  # Client(cluster): the user's to close
+        if self._owns_cluster:
+            self.key = keys.load_key(key_file)
+            init = None if initializer is None else worker_init.encode(self.key, initializer,
+                                                                       initargs)
+            self._cluster = LocalCluster(self.key, address, workers,
+                                         result_expires=result_expires, initializer=init)
+        else:
+            self.key, self._cluster = address.key, address
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted
@@ -126,12 +140,13 @@ class Client(concurrent.futures.Executor):
         self._controls: dict[str, _Replies] = {}  # control id -> the workers' replies so far
         self._fn_cache: OrderedDict = OrderedDict()
         self._fn_sent: set[str] = set()
+        self._fn_refused: set[str] = set()  # shipped, then refused by a worker: shipped again
         self._nprocs: tuple[float, int] = (0.0, 0)
         try:
             self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
                                            self._cluster.context)
         except Exception:
-            self._cluster.close()
+            self._close_cluster()
             raise
         self._receiver = threading.Thread(target=_receive_loop, args=(weakref.ref(self), self._conn),
                                           name=f"nbq-receiver-{self.id}", daemon=True)
@@ -173,8 +188,8 @@ class Client(concurrent.futures.Executor):
             item.update(options)
         try:
             self._send_task(item, payload)
-        except MessageTooLarge:
-            del self._futures[tid]
+        except BaseException:  # refused before it left (too large): nothing waits for it
+            self._futures.pop(tid, None)
             raise
         return fut
 
@@ -312,8 +327,8 @@ class Client(concurrent.futures.Executor):
 
     def _processes(self) -> int:
         """Worker processes serving this broker (asked at most every 5 s)."""
-        if self._cluster.workers:
-            return self._cluster.workers
+        if self._cluster.processes:
+            return self._cluster.processes
         checked, n = self._nprocs
         if time.monotonic() - checked > 5.0:
             try:
@@ -333,13 +348,14 @@ class Client(concurrent.futures.Executor):
             raise TypeError(f"{fn!r} is not callable")
         key = _fingerprint(fn)
         h = self._fn_cache.get(key) if key is not None else None
-        if h is None:
+        if h is None or h in self._fn_refused:
             payload = protocol.dumps_named(fn, f"the function {_name(fn)}")
             h = protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload))
             with self._lock:
-                if h not in self._fn_sent:
+                if h not in self._fn_sent or h in self._fn_refused:
                     self._conn.send({"k": "fn", "h": h}, payload)
                     self._fn_sent.add(h)
+                    self._fn_refused.discard(h)
             if key is not None:
                 self._fn_cache[key] = h
                 if len(self._fn_cache) > FUNCTION_CACHE:
@@ -360,7 +376,8 @@ class Client(concurrent.futures.Executor):
                 for f in futures]
 
     def workers(self) -> list[dict]:
-        """Connected workers: id, host, pid, concurrency, active, queues, processes."""
+        """Connected workers: id, host, pid, concurrency, active, queues, processes, memory
+        (resident bytes of the worker and its processes, where known)."""
         return self._request("info")["workers"]
 
     def status(self) -> dict:
@@ -609,7 +626,7 @@ class Client(concurrent.futures.Executor):
             if item.get("ok"):
                 fut.set_result(value)
             else:
-                fut.set_exception(protocol.rebuild_error(value))
+                fut.set_exception(self._remote_error(value))
             return
         entry = self._chunks.get(tid)
         if entry is None:
@@ -619,7 +636,7 @@ class Client(concurrent.futures.Executor):
         n = item.get("n", 1)
         try:
             values, errors = protocol.loads(payload)
-            errors = {i: protocol.rebuild_error(r) for i, r in errors.items()}
+            errors = {i: self._remote_error(r) for i, r in errors.items()}
         except Exception as e:
             values, errors = [None] * n, dict.fromkeys(range(n), SerializationError(
                 f"results of map {res.id} items {start}..{start + n - 1} could not be "
@@ -629,6 +646,14 @@ class Client(concurrent.futures.Executor):
             del self._chunks[tid]
             res._chunks.pop(tid, None)
             self._feed(res.id)
+
+    def _remote_error(self, record: tuple) -> BaseException:
+        """A task's error; a function a worker refused (FunctionRefused) is shipped again
+        with the next call, replacing what is stored."""
+        exc = protocol.rebuild_error(record)
+        if isinstance(exc, FunctionRefused):
+            self._fn_refused.add(exc.hash)
+        return exc
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -687,7 +712,7 @@ class Client(concurrent.futures.Executor):
             return
         self._closed = self._stopped = True
         with contextlib.ExitStack() as steps:  # callbacks run last-registered first
-            steps.callback(self._cluster.close)
+            steps.callback(self._close_cluster)
             steps.callback(self._fail_unfinished)
             steps.callback(self._close_connection)
             steps.callback(self._stop_receiver)
@@ -696,6 +721,10 @@ class Client(concurrent.futures.Executor):
                 self._flush_outbox()
         self._down = True
         _open_clients.discard(self)
+
+    def _close_cluster(self) -> None:
+        if self._owns_cluster:
+            self._cluster.close()
 
     def _stop_receiver(self) -> None:
         if threading.current_thread() is not self._receiver:  # not from a done-callback

@@ -103,6 +103,23 @@ def load_key(key_file: str | os.PathLike | None = None, given_as: str = "key_fil
     return _checked(data, f"the key file {path.absolute()}{how}", path)
 
 
+def handshake(key: bytes) -> bytes:
+    """The key as a cluster hands it to a worker on its standard input: one line of hex, so
+    the input can stay open after it (the worker's lifeline) whatever bytes the key holds."""
+    return key.hex().encode() + b"\n"
+
+
+def read_handshake(stream) -> Key:
+    """The key of ``nbq worker --handshake``: one line of hex from stream (see handshake())."""
+    line = stream.readline().strip()
+    try:
+        data = bytes.fromhex(line.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidKey("the first line on standard input (--handshake) is not a key in hex, "
+                         "as nbq clusters send it") from None
+    return _checked(data, "the cluster that started this worker (--handshake)")
+
+
 def _read(path: Path) -> bytes:
     with open(path, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode

@@ -95,7 +95,8 @@ class Supervisor:
     @property
     def info(self) -> dict:
         info = {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
-                "conc": self.concurrency, "q": self.queues}
+                "conc": self.concurrency, "q": self.queues,
+                "mem": sum(process.resident(p) for p in [self.pid, *self.children])}
         if self.autoscale:  # the broker answers with the queued tasks ("ql"), up to this many
             info["as"] = self.autoscale[0]
         return info
