@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import BrokerUnavailable
 from .future import FAILURE, SUCCESS
 
 
@@ -42,7 +43,7 @@ class AsyncResult:
         """Wait for the result; a failure is raised, or returned when propagate is False."""
         try:
             return self._future.result(timeout)
-        except TimeoutError:
+        except (TimeoutError, BrokerUnavailable):  # not the task's outcome
             raise
         except BaseException as e:
             if propagate:

@@ -135,6 +135,7 @@ class MapResult:
             deadline = t if deadline is None else min(deadline, t)
         with self._cond:
             while not predicate():
+                self._client._check_broker()  # BrokerUnavailable: woken by the client when it gives up
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"map {self.id}: {self._ndone} of "

@@ -19,9 +19,14 @@ class ClientConnection(ABC):
     to a ctl).
     """
 
+    #: Whether the broker keeps queued work through an outage (Redis): then a client
+    #: re-sends nothing after a silence, only to a broker that says it restarted.
+    durable = False
+
     @abstractmethod
-    def hello(self, rq: int) -> None:
-        """Announce this client; the broker answers {"k": "welcome", "rq": rq}."""
+    def hello(self, rq: int | None) -> None:
+        """Announce this client; the broker answers {"k": "welcome", "rq": rq, "b": its boot
+        id} (the client's heartbeat too, with rq None: what the broker says proves it alive)."""
 
     @abstractmethod
     def send(self, header: dict, frames: list = ()) -> None:

@@ -518,7 +518,7 @@ return 1
 """
 
 #: Requests answered from Redis state, with the answer given when Redis fails them.
-FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
+FALLBACK = {"hello": {}, "cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
             "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}}
 
@@ -703,7 +703,13 @@ class Store:
 # -- client -----------------------------------------------------------------
 
 class RedisClient(ClientConnection):
-    """A client: a sender thread plays the broker's part for this client; receive() reads rs:."""
+    """A client: a sender thread plays the broker's part for this client; receive() reads rs:.
+
+    hello (the client's heartbeat too) is answered by the sender thread after a PING, so
+    a Redis that stops answering leaves the client's hellos unanswered: the client notices.
+    """
+
+    durable = True  # queued work is in Redis (with AOF or RDB, through a restart too)
 
     def __init__(self, address: str, key: bytes, client_id: str, context=None) -> None:
         self.store = Store(address, key)
@@ -724,8 +730,8 @@ class RedisClient(ClientConnection):
                                         daemon=True)
         self._sender.start()
 
-    def hello(self, rq: int) -> None:
-        self._reply_local({"k": "welcome", "rq": rq})
+    def hello(self, rq: int | None) -> None:
+        self.send({"k": "hello", "rq": rq})
 
     def send(self, header: dict, frames: list = ()) -> None:
         header["c"] = self.cid
@@ -751,8 +757,11 @@ class RedisClient(ClientConnection):
             pipe.xread(dict(self._last), block=block)
             return pipe.execute()[-1]
 
+        # an outage returns after about timeout, so that the client's heartbeat goes on
+        until = time.monotonic() + (1.0 if timeout is None else timeout)
         try:
-            got = self.store.retry("receiving", read, give_up=lambda: self._closing)
+            got = self.store.retry("receiving", read,
+                                   give_up=lambda: self._closing or time.monotonic() > until)
         except (redis.ConnectionError, redis.TimeoutError):
             return out
         if trim is not None:
@@ -818,7 +827,8 @@ class RedisClient(ClientConnection):
                 self._flush(simple)
                 simple = []
                 answer, messages = self._answer(header)
-                self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
+                kind = "welcome" if header["k"] == "hello" else "reply"
+                self._inbox.append(({"k": kind, "rq": header.get("rq"), "r": answer}, []))
                 self._inbox.extend(messages)
                 self.wake()
             else:
@@ -951,6 +961,10 @@ class RedisClient(ClientConnection):
                 if decoded is not None:
                     messages.append(decoded)
         return {"maps": maps, "known": known}, messages
+
+    def _on_hello(self, header: dict):
+        self.store.r.ping()
+        return {}, []
 
     def _on_info(self, header: dict):
         return info(self.store), []

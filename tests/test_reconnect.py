@@ -1,0 +1,152 @@
+"""A broker that dies: clients notice, wait for it, raise BrokerUnavailable after their grace
+period, and send their unfinished work again to the broker that comes back at the same
+address; worker processes of a separate `nbq worker` reconnect to it too.
+
+Real processes throughout: `nbq broker` and `nbq worker` subprocesses, the broker
+SIGKILLed and started again on its port; on Redis, the private redis-server restarted
+on its port with its AOF.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+import nbq
+from conftest import redis_server, start_broker, wait_until
+
+
+def record(path: str, x, pause: float = 0.0):
+    """x * 2, after appending x to path: how many times each item ran."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{x}\n".encode())
+    finally:
+        os.close(fd)
+    if pause:
+        time.sleep(pause)
+    return x * 2 if isinstance(x, int) else x
+
+
+def runs(path) -> Counter:
+    return Counter(path.read_text().split()) if path.exists() else Counter()
+
+
+def broker(procs, address: str | None = None):
+    """An `nbq broker` (on address, if given): (address, its process)."""
+    address = start_broker(procs, address)
+    return address, procs.procs[-1]
+
+
+def until_back(client) -> None:
+    """Wait until the client hears from its broker again and a worker serves it (waits raise
+    BrokerUnavailable until then: the client heard last from a broker gone for good)."""
+    def answers():
+        try:
+            return client.workers()
+        except nbq.BrokerUnavailable:
+            return False
+    wait_until(answers, timeout=30, what="the client to hear from the broker again")
+
+
+def sigkill(p) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@pytest.mark.parametrize("down", [0.0, 4.0], ids=["restarted-at-once", "restarted-after-silence"])
+def test_broker_sigkilled_mid_map_and_tasks_every_result_arrives_once(procs, tmp_path, down):
+    address, b = broker(procs)
+    procs.nbq("worker", "--broker", address, "-c", "2")
+    log = tmp_path / "runs"
+    with nbq.Client(address, broker_grace=60) as client:
+        client.wait_for_workers(2)
+        res = client.map(record, [str(log)] * 1000, range(1000), [0.004] * 1000, chunksize=10)
+        singles = [client.submit(record, str(log), f"s{i}", 0.2) for i in range(8)]
+        wait_until(lambda: len(runs(log)) >= 150, timeout=60, what="the map to be well under way")
+        sigkill(b)
+        done_before = res.counts()["done"]
+        late = client.submit(record, str(log), "late")  # while no broker runs
+        time.sleep(down)
+        broker(procs, address)
+        seen = [i for i, _ in res.as_completed(timeout=120)]
+        assert sorted(seen) == list(range(1000))  # each item delivered to the user once
+        assert res.result(timeout=10) == [2 * i for i in range(1000)]
+        assert [f.result(timeout=60) for f in singles] == [f"s{i}" for i in range(8)]
+        assert late.result(timeout=60) == "late"
+        assert client.workers()[0]["concurrency"] == 2  # the same `nbq worker`, reconnected
+    counted = runs(log)
+    assert all(counted[str(i)] >= 1 for i in range(1000))
+    assert done_before < 1000
+    reruns = sum(counted.values()) - 1000 - 9
+    print(f"map items done before the kill: {done_before}; re-runs: {reruns}")
+
+
+def test_broker_that_stays_dead_raises_after_grace_and_work_resumes_when_it_returns(
+        procs, tmp_path):
+    address, b = broker(procs)
+    procs.nbq("worker", "--broker", address, "-c", "1")
+    log = tmp_path / "runs"
+    with nbq.Client(address, broker_grace=2) as client:
+        client.wait_for_workers(1)
+        fut = client.submit(record, str(log), "slow", 1.0)
+        res = client.map(record, [str(log)] * 20, range(20), chunksize=5)
+        wait_until(lambda: runs(log)["slow"], what="the task to start")
+        sigkill(b)
+        t0 = time.monotonic()
+        with pytest.raises(nbq.BrokerUnavailable, match=address):
+            fut.result()
+        assert time.monotonic() - t0 < 2 + 5
+        with pytest.raises(nbq.BrokerUnavailable, match="broker_grace=2"):
+            res.result()
+        with pytest.raises(nbq.BrokerUnavailable):
+            client.workers()
+        assert not fut.done()  # the work is kept, not failed
+        broker(procs, address)
+        until_back(client)
+        assert fut.result(timeout=60) == "slow"
+        assert res.result(timeout=60) == [2 * i for i in range(20)]
+
+
+def test_shutdown_with_a_dead_broker_raises_instead_of_hanging(procs, tmp_path):
+    address, b = broker(procs)
+    client = nbq.Client(address, broker_grace=1)
+    fut = client.submit(record, str(tmp_path / "runs"), 1)  # no worker: never runs
+    sigkill(b)
+    with pytest.raises(nbq.BrokerUnavailable):
+        client.shutdown(wait=True)
+    assert client._closed and not fut.done()
+
+
+def test_redis_restart_waits_raise_after_grace_and_work_continues(procs, tmp_path):
+    server = redis_server()
+    address = server.url()
+    procs.nbq("worker", "--broker", address, "-c", "2")
+    log = tmp_path / "runs"
+    with nbq.Client(address, broker_grace=2) as client:
+        client.wait_for_workers(2)
+        res = client.map(record, [str(log)] * 300, range(300), [0.01] * 300, chunksize=5)
+        fut = client.submit(record, str(log), "single", 0.5)
+        wait_until(lambda: len(runs(log)) >= 50, timeout=60, what="the map to be under way")
+        server.stop()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(nbq.BrokerUnavailable, match="127.0.0.1"):
+                res.result()
+            assert time.monotonic() - t0 < 2 + 6
+            with pytest.raises(nbq.BrokerUnavailable):
+                fut.result()
+            late = client.submit(record, str(log), "late")  # while Redis is down
+        finally:
+            server.start()
+        until_back(client)
+        seen = [i for i, _ in res.as_completed(timeout=120)]
+        assert sorted(seen) == list(range(300))
+        assert res.result(timeout=10) == [2 * i for i in range(300)]
+        assert fut.result(timeout=60) == "single"
+        assert late.result(timeout=60) == "late"
+    counted = runs(log)
+    assert all(counted[str(i)] >= 1 for i in range(300))
