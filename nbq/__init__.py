@@ -11,8 +11,10 @@ from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, Seria
                      SignatureError, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
-from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, signature
+from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
 from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
+
+Celery = App  # so that `from celery import Celery` needs only `celery` replaced by `nbq`
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ __all__ = [
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
     "BrokerUnavailable", "InputError", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
+    "Celery", "shared_task",
 ]
 
 

@@ -1,9 +1,10 @@
 """nbq.AsyncResult: a task found by its id, from any client on the same broker (Celery's API)."""
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
 from typing import Any
 
-from .errors import BrokerUnavailable
+from .errors import NbqError
 from .future import FAILURE, SUCCESS
 
 
@@ -17,9 +18,8 @@ class AsyncResult:
     parent = None  # the result of the call before this one in a chain
 
     def __init__(self, task_id: str, client=None) -> None:
-        from .client import current_client
         self.id = task_id
-        self._client = client or current_client()
+        self._client = client or _default_client()
         self._future = self._client._watch_task(task_id)
 
     @property
@@ -40,15 +40,16 @@ class AsyncResult:
         return self.state == FAILURE
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
-        """Wait for the result; a failure is raised, or returned when propagate is False."""
-        try:
+        """Wait for the result; the task's failure is raised, or returned when propagate is
+        False.  What interrupts the wait itself (a timeout, Ctrl-C, a signal handler's
+        exception) is always raised."""
+        if propagate:
             return self._future.result(timeout)
-        except (TimeoutError, BrokerUnavailable):  # not the task's outcome
-            raise
-        except BaseException as e:
-            if propagate:
-                raise
+        try:
+            error = self._future.exception(timeout)
+        except CancelledError as e:  # revoked: its error is its outcome, as Celery's
             return e
+        return error if error is not None else self._future.result()
 
     @property
     def result(self) -> Any:
@@ -73,3 +74,16 @@ class AsyncResult:
 
     def __repr__(self) -> str:
         return f"<nbq.AsyncResult {self.id} {self.state}>"
+
+
+def _default_client():
+    """The current client; where none is open but an nbq.App was made (a Celery project's web
+    process or task asking by id), that app's client, as Celery's AsyncResult uses its app's."""
+    from .client import current_client
+    from .tasks.app import _current
+    try:
+        return current_client()
+    except NbqError:
+        if not _current:
+            raise
+        return _current[0].client

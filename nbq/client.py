@@ -453,16 +453,23 @@ class Client(concurrent.futures.Executor):
                 new.append(fut)
             futs.append(fut)
 
+        finished = []
+
         def known(reply: dict) -> None:  # receiver thread, before any resent result
             for fut in new:
                 state = reply["known"].get(fut.id)
-                if state == "STARTED" and fut._state == "PENDING":
+                if state == "DONE":
+                    finished.append(fut)
+                elif state == "STARTED" and fut._state == "PENDING":
                     fut.set_running_or_notify_cancel()
                 elif state == "RETRY":
                     fut._notice(state)
 
         if new:
             self._request("watch", ids=[fut.id for fut in new], on_reply=known)
+            # a stored result travels just behind the reply: wait for it, so that a task the
+            # broker holds as done never reads PENDING here
+            concurrent.futures.wait(finished, CONNECT_TIMEOUT)
         return futs
 
     def _join(self, key: str, member: str, total: int) -> bool:

@@ -1,8 +1,12 @@
 """nbq.AsyncResult: a task found by id from another client, on every transport."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from concurrent.futures import CancelledError
+from contextlib import contextmanager
 
 import pytest
 
@@ -27,6 +31,15 @@ def test_result_by_id_from_another_client(shared_client, other):
     assert nbq.AsyncResult(fut.id, client=other).get(timeout=10) == 256  # stored: asked again
 
 
+def test_a_finished_task_found_by_id_reads_finished_at_once(shared_client, other):
+    """The stored result comes just behind the broker's answer: the new AsyncResult is
+    SUCCESS as soon as it exists, never PENDING for a moment."""
+    futs = [shared_client.submit(int, i) for i in range(50)]
+    shared_client.gather(futs, timeout=20)
+    states = [nbq.AsyncResult(f.id, client=other).state for f in futs]
+    assert states == [nbq.SUCCESS] * len(futs)
+
+
 def test_failure_by_id_carries_type_and_traceback(shared_client, other):
     def boom():
         raise ValueError("nope")
@@ -47,6 +60,45 @@ def test_running_task_seen_started_then_done(shared_client, other):
     res = nbq.AsyncResult(fut.id, client=other)
     assert res.state == nbq.STARTED and not res.ready()
     assert res.get(timeout=10) is None and res.successful()
+
+
+class Alarm(Exception):
+    """What the SIGALRM handler below raises."""
+
+
+@contextmanager
+def alarm_raising(seconds: float):
+    """SIGALRM makes its handler raise Alarm in the main thread after seconds; pytest-timeout's
+    own alarm is put back after."""
+    def ring(signum, frame):
+        raise Alarm("the alarm rang")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    set_at = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - set_at), 0.001))
+
+
+def test_get_without_propagate_is_interrupted_by_ctrl_c_and_signal_handlers(shared_client, other):
+    """get(propagate=False) returns the task's own failure, never what interrupts the wait: a
+    Ctrl-C or a signal handler's exception is raised, as in Celery, and the task goes on."""
+    fut = shared_client.submit(time.sleep, 3)
+    res = nbq.AsyncResult(fut.id, client=other)
+    ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # as in a terminal
+    ctrl_c.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        res.get(propagate=False)
+    with alarm_raising(0.2), pytest.raises(Alarm):
+        res.get(timeout=30, propagate=False)
+    assert time.monotonic() - t0 < 1.5 and not res.ready()
+    assert res.get(timeout=10, propagate=False) is None and res.successful()
 
 
 def test_unknown_id_is_pending(other):

@@ -134,6 +134,24 @@ def test_rate_limit_changed_at_run_time_from_the_command_line(workers):
     assert rc == 1 and "bad rate limit 'often'" in err and "Traceback" not in err
 
 
+def test_a_new_rate_limit_applies_from_the_next_start(workers):
+    """Under 1/h a task runs once; changed to 600/m, the call waiting for its turn starts within
+    about half a second (not an hour later, as booked under the old rate), and so does the next."""
+    t = workers.tasks
+    t.hourly.apply_async(queue="solo").get(timeout=20)
+    waiting = t.hourly.apply_async(queue="solo")
+    inspect = workers.app.control.inspect([ALPHA], timeout=5.0)
+    wait_until(lambda: any(a["id"] == waiting.id for a in (inspect.active() or {}).get(ALPHA, ())),
+               what="the second call held by the 1/h limit")
+    with pytest.raises(TimeoutError):
+        waiting.get(timeout=0.3)
+    changed = time.time()
+    assert len(workers.app.control.rate_limit("tasks.hourly", "600/m", reply=True, timeout=5)) == 2
+    assert waiting.get(timeout=10) - changed < 2.5
+    sent = time.time()
+    assert t.hourly.apply_async(queue="solo").get(timeout=10) - sent < 2.0
+
+
 def test_a_bad_rate_limit_fails_where_the_task_is_declared():
     import nbq
     app = nbq.App("bad")

@@ -14,7 +14,7 @@ import pytest
 
 import nbq
 from nbq import chain, chord, group
-from nbq.tasks import ChordError, ContentDisallowed, TimeLimitExceeded
+from nbq.exceptions import ChordError, ContentDisallowed, TimeLimitExceeded
 from conftest import Processes, redis_url, wait_until
 
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "celery_project")
@@ -31,6 +31,7 @@ class Project:
         self.tasks.app.close()
         self.tasks.app.conf.broker_url = broker
         self.app = self.tasks.app
+        self.app.set_current()  # what @shared_task tasks are sent through, as in the project itself
 
     def worker(self, name: str, queues: str = "default,lopri", concurrency: int = 2, *extra: str):
         env = dict(os.environ, PROJ_NOTES=str(self.notes), WORKER_NAME=name,
@@ -71,6 +72,50 @@ def test_delay_get_and_states(project):
     assert "boom 1" in bad.traceback
     again = project.app.AsyncResult(res.id)  # by id, as Celery's app.AsyncResult
     assert again.get(timeout=10) == 8
+
+
+def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project, caplog):
+    """reports.py and celeryconfig.py import from Celery's module paths under nbq: shared tasks,
+    states, results, exceptions and schedules work as they do under Celery."""
+    import reports
+    from nbq import shared_task, states
+    from nbq.exceptions import (MaxRetriesExceededError, Retry, SoftTimeLimitExceeded,
+                                TaskRevokedError, TimeoutError, WorkerLostError)
+    from nbq.result import AsyncResult, GroupResult
+    from nbq.schedules import crontab, schedule
+    from nbq.tasks.beat import Beat
+    t = project.tasks
+    assert (shared_task, crontab, schedule, WorkerLostError) == \
+        (nbq.shared_task, nbq.tasks.crontab, nbq.tasks.schedule, nbq.WorkerLost)
+    assert issubclass(Retry, Exception) and issubclass(MaxRetriesExceededError, nbq.NbqError)
+    assert issubclass(SoftTimeLimitExceeded, nbq.NbqError) and nbq.Celery is nbq.App
+    # a shared task is every app's, found by name on the worker that imported it (CELERY_IMPORTS)
+    assert project.app.tasks["reports.gives_up"] is reports.gives_up
+    assert reports.gives_up.delay().get(timeout=20) == "gave up after 1 retry"
+    with caplog.at_level("WARNING", logger="reports"):
+        assert reports.gives_up() == "gave up after 0 retry"  # called directly: no retry here
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("reports", "giving up after 0 retry")]
+    assert project.app.send_task("reports.gives_up").get(timeout=20) == "gave up after 1 retry"
+    done = t.add.delay(1, 2)
+    assert isinstance(done, AsyncResult) and done.get(timeout=10) == 3
+    # AsyncResult(task_id) in a task on the worker, with no client of its own: the app's
+    assert reports.state_of.delay(done.id).get(timeout=10) == (states.SUCCESS, True)
+    assert AsyncResult(done.id).state == states.SUCCESS and states.SUCCESS in states.READY_STATES
+    assert isinstance(group(t.add.s(i, i) for i in range(3))(), GroupResult)
+    with pytest.raises(TimeoutError):
+        t.nap.delay(1).get(timeout=0.1)
+    queued = t.record.apply_async(("never",), queue="nobody")
+    assert queued.revoke() is True and queued.state == states.REVOKED
+    with pytest.raises(TaskRevokedError):
+        queued.get(timeout=10)
+    assert isinstance(queued.get(timeout=10, propagate=False), TaskRevokedError)
+    # the config's crontab (from nbq.schedules) drives a beat: its tick runs the shared task
+    entry = project.app.conf.beat_schedule["nightly-report"]
+    assert isinstance(entry["schedule"], crontab)
+    beat = Beat(project.app)
+    beat.start(time.time())
+    beat.tick(beat.due["nightly-report"])  # 03:00 UTC: the tick is sent now
+    wait_until(lambda: project.lines("nightly"), 20, what="the nightly report run by the worker")
 
 
 def test_send_task_from_a_host_without_the_code(project, tmp_path):

@@ -1,6 +1,6 @@
 """nbq.App: Celery's application object over nbq's client, with the same names and settings.
 
-``from nbq import App as Celery`` is the migration: tasks, calling, canvas,
+``from nbq import Celery`` (nbq.App) is the migration: tasks, calling, canvas,
 routing, configuration and results keep Celery's meanings (see README).
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Callable, Iterable
 
 from ..asyncresult import AsyncResult
@@ -21,6 +22,10 @@ from .control import Control
 from .task import Task
 
 log = logging.getLogger("nbq.app")
+
+_apps: "weakref.WeakSet[App]" = weakref.WeakSet()  # every App alive: each has the shared tasks
+_shared: dict[str, Task] = {}  # the @shared_task tasks, by name
+_current: list["App"] = []  # the current app (Celery's current_app): the one made or set last
 
 
 class App:
@@ -45,10 +50,16 @@ class App:
             self.conf.result_backend = backend
         if include is not None:
             self.conf.include = tuple(include)
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, Task] = dict(_shared)
         self._client = None
         self._lock = threading.Lock()
         self.control = Control(self)
+        _apps.add(self)
+        self.set_current()
+
+    def set_current(self) -> None:
+        """Make this the app that ``@shared_task`` tasks are sent through (a new App is)."""
+        _current[:] = [self]
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -173,6 +184,39 @@ def _lookup(table: dict, name: str):
         if isinstance(pattern, str) and fnmatch.fnmatchcase(name, pattern):
             return value
     return None
+
+
+def current_app() -> App:
+    """The app made or set last; if none was, a default ``App()`` (its broker: $NBQ_BROKER, else
+    a private one), as Celery's default app."""
+    if not _current:
+        App()
+    return _current[0]
+
+
+class SharedTask(Task):
+    """A task of no app in particular (``@shared_task``): sent through the current app."""
+
+    app = property(lambda self: current_app(),
+                   lambda self, app: None)  # Task.__init__ sets it: a shared task keeps none
+
+
+def shared_task(*args, **options) -> Task | Callable[[Callable], Task]:
+    """Celery's ``@shared_task``: a task of every App (those alive and those made later), for
+    modules that import no app; ``@shared_task`` or ``@shared_task(option=value, ...)``."""
+    def register(fn: Callable) -> Task:
+        opts = dict(options)
+        name = opts.pop("name", None) or f"{fn.__module__}.{fn.__name__}"
+        task = _shared[name] = runner.registry[name] = SharedTask(None, fn, name, opts)
+        for app in _apps:
+            app.tasks[name] = task
+        return task
+
+    if len(args) == 1 and callable(args[0]) and not options:
+        return register(args[0])
+    if args:
+        raise TypeError("use @shared_task or @shared_task(option=value, ...)")
+    return register
 
 
 def load_app(spec: str) -> App:

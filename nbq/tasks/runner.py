@@ -119,9 +119,7 @@ def _invoke(task: Task, request: Request, req: dict, args, kwargs) -> Any:
     ``autoretry_for`` become retries."""
     fn, each = task.run, req.get("each")
     if ratelimit.limits is not None:
-        wait = ratelimit.limits.reserve(task.name, task.rate_limit)
-        if wait > 0:
-            time.sleep(wait)
+        ratelimit.limits.acquire(task.name, task.rate_limit)
     try:
         with _limits(req.get("stl", task.soft_time_limit), req.get("tl", task.time_limit)):
             if each == "map":

@@ -2,10 +2,13 @@
 
 A task limited to N per period starts at most once every period/N seconds on
 this worker, whichever of its processes runs it (Celery's token bucket of
-capacity 1).  The table is a file-backed shared page made before fork; a
-process reserves the next start time under a POSIX record lock (released by
-the kernel if its holder dies), then sleeps until it.  Slots are never
-removed, so a process caches where a name lives.
+capacity 1).  The table is a file-backed shared page made before fork,
+holding each task's interval and last start.  A process takes a start under a
+POSIX record lock (released by the kernel if its holder dies) when the
+interval has passed since the last one; else it sleeps until then, at most
+RECHECK seconds, and asks again.  Nothing is booked ahead, so a rate changed
+at run time applies from the next start, also to a task already waiting.
+Slots are never removed, so a process caches where a name lives.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ import time
 SLOTS = 256
 NAME_MAX = 200
 _COUNT = struct.Struct("Q")
-_SLOT = struct.Struct(f"ddH{NAME_MAX}s")  # interval (s, 0: none), next start (epoch s), name length
+_SLOT = struct.Struct(f"ddH{NAME_MAX}s")  # interval (s, 0: none), last start (epoch s), name length
 PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+RECHECK = 0.5  # seconds a waiting task sleeps at most before it reads its rate again
 
 
 def interval(rate: str | float | int | None) -> float:
@@ -43,7 +47,7 @@ def interval(rate: str | float | int | None) -> float:
 
 
 class RateLimits:
-    """Task name -> (interval, next start), shared by a supervisor and the processes it forks."""
+    """Task name -> (interval, last start), shared by a supervisor and the processes it forks."""
 
     def __init__(self) -> None:
         fd, path = tempfile.mkstemp(prefix="nbq-rates-")
@@ -85,19 +89,26 @@ class RateLimits:
         return slot
 
     def set(self, name: str, rate: str | float | int | None) -> None:
-        """Limit task name to rate from now on (None or 0: no limit), whatever its own option says."""
+        """Limit task name to rate from its next start on (None or 0: no limit), whatever its
+        own option says."""
         every, raw = interval(rate), _name(name)
         self._lock()
         try:
             at = _COUNT.size + self._slot(name, raw, every) * _SLOT.size
-            _, nxt, n, stored = _SLOT.unpack_from(self._mem, at)
-            _SLOT.pack_into(self._mem, at, every, nxt, n, stored)
+            _, last, n, stored = _SLOT.unpack_from(self._mem, at)
+            _SLOT.pack_into(self._mem, at, every, last, n, stored)
         finally:
             self._unlock()
 
-    def reserve(self, name: str, own: str | float | int | None) -> float:
-        """Take the next start of task name (own: its rate_limit option, used until one is set);
-        the seconds to wait before starting it."""
+    def acquire(self, name: str, own: str | float | int | None) -> None:
+        """Wait until task name may start here (own: its rate_limit option, used until one is
+        set), then count it as started."""
+        while (wait := self._take(name, own)) > 0:
+            time.sleep(min(wait, RECHECK))
+
+    def _take(self, name: str, own: str | float | int | None) -> float:
+        """Start task name now if its interval has passed since its last start (0.0), else the
+        seconds until it will have."""
         if own is None and not _COUNT.unpack_from(self._mem, 0)[0]:
             return 0.0  # no limit anywhere: no lock taken
         raw = _name(name)
@@ -107,13 +118,14 @@ class RateLimits:
             if slot is None:
                 return 0.0
             at = _COUNT.size + slot * _SLOT.size
-            every, nxt, n, stored = _SLOT.unpack_from(self._mem, at)
+            every, last, n, stored = _SLOT.unpack_from(self._mem, at)
             if not every:
                 return 0.0
             now = time.time()
-            start = max(now, nxt)
-            _SLOT.pack_into(self._mem, at, every, start + every, n, stored)
-            return start - now
+            if now < last + every:
+                return last + every - now
+            _SLOT.pack_into(self._mem, at, every, now, n, stored)
+            return 0.0
         finally:
             self._unlock()
 

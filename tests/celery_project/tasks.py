@@ -1,9 +1,11 @@
-"""A Celery project's tasks module, as the Celery tutorials write it, with the one-line change."""
+"""A Celery project's tasks module, as the Celery tutorials write it, `celery` replaced by `nbq` in
+its imports (the only change)."""
 import os
 import signal
 import time
 
-from nbq import App as Celery
+from nbq import Celery
+from nbq.exceptions import SoftTimeLimitExceeded
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
@@ -75,7 +77,6 @@ def always_fails(key):
 
 @app.task(soft_time_limit=0.5)
 def slow_but_careful(seconds):
-    from nbq.tasks import SoftTimeLimitExceeded
     try:
         time.sleep(seconds)
     except SoftTimeLimitExceeded:
@@ -131,6 +132,12 @@ def stamp():
 
 @app.task(rate_limit="600/m")
 def limited():
+    return time.time()
+
+
+@app.task(rate_limit="1/h")
+def hourly():
+    """Starts once an hour on a worker, unless its rate is changed at run time."""
     return time.time()
 
 

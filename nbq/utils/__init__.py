@@ -1,0 +1,1 @@
+"""Celery's ``celery.utils`` path, for what Celery projects import from it (``log``)."""
