@@ -106,6 +106,7 @@ class Client(concurrent.futures.Executor):
         self._fn_cache: OrderedDict = OrderedDict()
         self._fn_sent: set[str] = set()
         self._fn_kept: OrderedDict = OrderedDict()  # hash -> pickle, oldest first (FUNCTION_KEEP)
+        self._fn_kept_bytes = 0
         self._sent: dict[str, tuple[dict, list]] = {}  # tasks sent, not seen finish: re-sent
         self._asked: dict[int, dict] = {}  # open requests, re-sent
         self._boot: str | None = None  # the broker's boot id (ZeroMQ): a new one means a restart
@@ -336,12 +337,14 @@ class Client(concurrent.futures.Executor):
     def _keep_function(self, h: str, payload: list) -> None:
         """Keep a function's pickle to send again to a restarted broker (under _lock): the
         newest FUNCTION_CACHE, within FUNCTION_KEEP bytes."""
+        if h in self._fn_kept:
+            self._fn_kept.move_to_end(h)
+            return
         self._fn_kept[h] = payload
-        self._fn_kept.move_to_end(h)
-        while len(self._fn_kept) > 1 and (
-                len(self._fn_kept) > FUNCTION_CACHE
-                or sum(protocol.frame_size(p) for p in self._fn_kept.values()) > FUNCTION_KEEP):
-            self._fn_kept.popitem(last=False)
+        self._fn_kept_bytes += protocol.frame_size(payload)
+        while len(self._fn_kept) > 1 and (len(self._fn_kept) > FUNCTION_CACHE
+                                          or self._fn_kept_bytes > FUNCTION_KEEP):
+            self._fn_kept_bytes -= protocol.frame_size(self._fn_kept.popitem(last=False)[1])
 
     # -- results --------------------------------------------------------------
 

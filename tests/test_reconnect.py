@@ -111,6 +111,23 @@ def test_broker_that_stays_dead_raises_after_grace_and_work_resumes_when_it_retu
         assert res.result(timeout=60) == [2 * i for i in range(20)]
 
 
+def test_task_whose_function_pickle_is_no_longer_kept_fails_clearly_after_a_restart(
+        procs, tmp_path, monkeypatch):
+    monkeypatch.setattr(nbq.client, "FUNCTION_CACHE", 1)  # only the newest function's pickle
+    address, b = broker(procs)  # no worker yet: nothing finishes before the restart
+    log = str(tmp_path / "runs")
+    with nbq.Client(address) as client:
+        first = client.submit(record, log, 1)
+        second = client.submit(abs, -2)  # another function: record's pickle is dropped
+        sigkill(b)
+        broker(procs, address)
+        with pytest.raises(nbq.BrokerUnavailable, match="submit it again"):
+            first.result(timeout=30)
+        procs.nbq("worker", "--broker", address, "-c", "1")
+        assert second.result(timeout=30) == 2
+        assert client.submit(record, log, 3).result(timeout=30) == 6  # pickled and sent again
+
+
 def test_shutdown_with_a_dead_broker_raises_instead_of_hanging(procs, tmp_path):
     address, b = broker(procs)
     client = nbq.Client(address, broker_grace=1)
