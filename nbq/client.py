@@ -112,6 +112,7 @@ class Client(concurrent.futures.Executor):
         self._boot: str | None = None  # the broker's boot id (ZeroMQ): a new one means a restart
         self._heard = time.monotonic()  # when the broker last said anything
         self._next_beat = 0.0
+        self._connected = False    # welcomed once: from then on, heartbeats and silence count
         self._silent = False       # the broker has been silent for BROKER_SILENCE
         self._resend_due = False   # ... and gets everything again at its next welcome
         self._unavailable = False  # ... and for broker_grace: waits raise BrokerUnavailable
@@ -134,6 +135,8 @@ class Client(concurrent.futures.Executor):
             raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
                                     f"{timeout:g} s: start one with `nbq broker`, or check the "
                                     "address and that both sides use the same key") from None
+        self._heard = time.monotonic()
+        self._connected = True
         _current = weakref.ref(self)
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
@@ -555,6 +558,8 @@ class Client(concurrent.futures.Executor):
 
     def _keep_alive(self, heard: bool) -> None:
         """Say hello every HEARTBEAT seconds; notice a broker gone silent, and one back."""
+        if not self._connected:  # Client() waits for the first welcome, with its own timeout
+            return
         now = time.monotonic()
         if heard:
             self._heard = now
