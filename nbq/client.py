@@ -596,6 +596,8 @@ class Client(concurrent.futures.Executor):
     def _on_welcome(self, boot: str | None) -> None:
         """A broker's welcome: a new boot id (a restarted broker), or the first after a
         silence, gets what this client has not seen finish."""
+        if boot is None:  # a transport without boot ids, or a hello Redis failed to answer
+            boot = self._boot
         restarted = self._boot is not None and boot != self._boot
         self._boot = boot
         if restarted:
@@ -608,13 +610,18 @@ class Client(concurrent.futures.Executor):
     def _resend(self) -> None:
         """Send the broker again: functions, unfinished tasks, map ends, watches, requests."""
         self._flush_outbox()
+        for tid in [t for t in list(self._sent) if t not in self._futures and t not in self._chunks]:
+            self._sent.pop(tid, None)  # finished (or cancelled) meanwhile
+        resend = self._conn.lost(list(self._sent))
         lost = []
         with self._lock:
-            for tid in [t for t in self._sent if t not in self._futures and t not in self._chunks]:
-                self._sent.pop(tid, None)  # finished (or cancelled) meanwhile
             self._fn_sent = set()
             tasks = []
-            for item, payload in list(self._sent.values()):
+            for tid in resend:
+                entry = self._sent.get(tid)
+                if entry is None:
+                    continue
+                item, payload = entry
                 h = item["h"]
                 if h not in self._fn_sent:
                     if h not in self._fn_kept:

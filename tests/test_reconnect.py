@@ -168,3 +168,27 @@ def test_redis_sigkilled_waits_raise_after_grace_and_work_continues(procs, tmp_p
         assert late.result(timeout=60) == "late"
     counted = runs(log)
     assert all(counted[str(i)] >= 1 for i in range(300))
+
+
+def test_redis_back_empty_gets_the_lost_work_again(procs, tmp_path):
+    """A Redis without persistence SIGKILLed comes back empty: the client sees its new run_id
+    and sends again the tasks Redis no longer knows, with their function (workers wait for
+    it: tasks left in the client's outbox reach Redis first); every item arrives once."""
+    from redis_server import RedisServer
+    server = RedisServer(tmp_path / "redis", aof=False)
+    try:
+        address = server.url()
+        procs.nbq("worker", "--broker", address, "-c", "2")
+        log = tmp_path / "runs"
+        with nbq.Client(address, broker_grace=30) as client:
+            client.wait_for_workers(2)
+            res = client.map(record, [str(log)] * 200, range(200), [0.01] * 200, chunksize=5)
+            wait_until(lambda: len(runs(log)) >= 40, timeout=60, what="the map to be under way")
+            server.kill()
+            server.start()
+            seen = [i for i, _ in res.as_completed(timeout=60)]
+            assert sorted(seen) == list(range(200))
+            assert res.result(timeout=10) == [2 * i for i in range(200)]
+            assert client.submit(abs, -5).result(timeout=30) == 5
+    finally:
+        server.stop()

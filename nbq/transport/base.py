@@ -20,7 +20,7 @@ class ClientConnection(ABC):
     """
 
     #: Whether the broker keeps queued work through an outage (Redis): then a client
-    #: re-sends nothing after a silence, only to a broker that says it restarted.
+    #: re-sends nothing after a silence, only what lost() names to a broker that restarted.
     durable = False
 
     @abstractmethod
@@ -31,6 +31,11 @@ class ClientConnection(ABC):
     @abstractmethod
     def send(self, header: dict, frames: list = ()) -> None:
         """Send one message to the broker; thread-safe."""
+
+    def lost(self, ids: list[str]) -> list[str]:
+        """Of these unfinished task ids, those a restarted broker no longer holds, to be
+        sent again (the receiver thread asks, after a welcome with a new boot id)."""
+        return ids
 
     @abstractmethod
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:

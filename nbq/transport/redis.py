@@ -88,7 +88,12 @@ own retries are off, so none is hidden).  An XREADGROUP whose reply was lost
 with the connection leaves entries pending on the consumer, unseen: after any
 connection error an idle worker re-reads its own pending entries (id 0).  A
 supervisor keeps its processes through an outage (it answers its own
-heartbeats while it retries), once it has reached Redis at least once.
+heartbeats while it retries), once it has reached Redis at least once.  A
+client's hellos are answered with Redis's run_id: one that changed means Redis
+restarted, and the client sends again the tasks it lost (no o: and no r: key:
+it came back empty) with their functions; a worker process waits FUNCTION_WAIT
+for a function not stored yet, a process that finds its group gone (NOGROUP)
+is replaced and joins again, and a supervisor finds nothing of a dead process there.
 
 The URL may carry ``?result_expires=SECONDS`` (default one day); the
 client and its workers must agree on it (local workers get the same URL).
@@ -134,6 +139,8 @@ BACKOFF_MAX = 5.0
 CTL = P + "ctl"
 CONTROL_KEEP = 1000       # control commands kept in nbq:ctl (approximately)
 CONTROL_BLOCK_MS = 5000   # a supervisor's outstanding XREAD on nbq:ctl is renewed this often
+FUNCTION_WAIT = 10.0      # a function not stored is waited for this long: a Redis that came back
+                          # empty gets it again from its client (the tasks may come first)
 
 
 # -- addresses, connections, retries ------------------------------------------
@@ -705,8 +712,10 @@ class Store:
 class RedisClient(ClientConnection):
     """A client: a sender thread plays the broker's part for this client; receive() reads rs:.
 
-    hello (the client's heartbeat too) is answered by the sender thread after a PING, so
-    a Redis that stops answering leaves the client's hellos unanswered: the client notices.
+    hello (the client's heartbeat too) is answered by the sender thread with Redis's
+    run_id (the boot id), so a Redis that stops answering leaves the client's hellos
+    unanswered, and one that restarted says so: the client then sends again the tasks
+    lost() names, those Redis no longer knows (it came back empty).
     """
 
     durable = True  # queued work is in Redis (with AOF or RDB, through a restart too)
@@ -827,8 +836,11 @@ class RedisClient(ClientConnection):
                 self._flush(simple)
                 simple = []
                 answer, messages = self._answer(header)
-                kind = "welcome" if header["k"] == "hello" else "reply"
-                self._inbox.append(({"k": kind, "rq": header.get("rq"), "r": answer}, []))
+                if header["k"] == "hello":
+                    self._inbox.append(({"k": "welcome", "rq": header.get("rq"),
+                                         "b": answer.get("b")}, []))
+                else:
+                    self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
                 self._inbox.extend(messages)
                 self.wake()
             else:
@@ -963,8 +975,20 @@ class RedisClient(ClientConnection):
         return {"maps": maps, "known": known}, messages
 
     def _on_hello(self, header: dict):
-        self.store.r.ping()
-        return {}, []
+        return {"b": self.store.r.info("server").get("run_id")}, []
+
+    def lost(self, ids: list[str]) -> list[str]:
+        """Tasks with neither an owner (o:, from SUBMIT until done) nor a result (r:): those
+        a Redis that restarted without its data lost.  Its queues and maps are made again."""
+        self._queues.clear()
+        self._maps.clear()
+
+        def ask():
+            pipe = self.store.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.exists(P + "o:" + tid, P + "r:" + tid)
+            return pipe.execute()
+        return [tid for tid, n in zip(ids, self.store.retry("looking for lost tasks", ask)) if not n]
 
     def _on_info(self, header: dict):
         return info(self.store), []
@@ -1135,9 +1159,13 @@ class RedisSupervisor(SupervisorConnection):
             pid = st.r.hget(P + "procs:" + self.sid, wid)
             why = f"worker process {pid.decode() if pid else wid} {how}"
             for qk in stream_keys(st.r, self.queues):
-                for eid, fields in st.claim(qk, wid, self.sid, 0):
-                    st.after_death(qk, eid, fields, why, at, end=end)
-                st.r.xgroup_delconsumer(qk, GROUP, wid)
+                try:
+                    for eid, fields in st.claim(qk, wid, self.sid, 0):
+                        st.after_death(qk, eid, fields, why, at, end=end)
+                    st.r.xgroup_delconsumer(qk, GROUP, wid)
+                except redis.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise  # else a Redis restarted empty: nothing of wid's is there
             st.r.hdel(P + "procs:" + self.sid, wid)
 
         st.retry("re-queueing a dead process's tasks", handle)
@@ -1375,7 +1403,13 @@ class RedisWorker(WorkerConnection):
         return out
 
     def function(self, h: str) -> list:
-        blob = self.store.retry("fetching a function", lambda: self.store.r.get(P + "fn:" + h))
+        deadline = time.monotonic() + FUNCTION_WAIT
+        while True:
+            blob = self.store.retry("fetching a function",
+                                    lambda: self.store.r.get(P + "fn:" + h))
+            if blob is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if blob is None:
             raise NbqError(f"function {h} is not stored at {self.store.safe} (expired?)")
         decoded = self.store.decode(unpack(blob), f"function {h}")
