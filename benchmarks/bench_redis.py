@@ -77,6 +77,9 @@ class NbqZmqAdapter(be.NbqAdapter):
     def map_inc(self, n: int) -> list[int]:
         return self.ex.map(be.inc, range(n), chunksize=CHUNK).result()
 
+    def iterate_inc(self, n: int) -> list[int]:
+        return list(self.ex.map(be.inc, range(n), chunksize=CHUNK))
+
 
 class NbqRedisAdapter(NbqZmqAdapter):
     """A separate `nbq worker -c 2` process on the Redis URL, and nbq.Client(url) here."""

@@ -7,8 +7,8 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, 
 
 from .asyncresult import AsyncResult
 from .client import Client
-from .errors import (BrokerUnavailable, InputError, NbqError, RemoteError, SerializationError,
-                     SignatureError, WorkerLost)
+from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, NbqError, RemoteError,
+                     SerializationError, SignatureError, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
@@ -23,7 +23,7 @@ __all__ = [
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
-    "BrokerUnavailable", "InputError", "progress",
+    "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
     "Celery", "shared_task",
 ]

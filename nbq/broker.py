@@ -20,6 +20,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                     · ctlr (forwarded as it came)
   to a supervisor   hb · ctl (as the client sent it, with c) · stop
   to a worker       fn · tasks
+  to the sender of a hello or hb whose signature failed: keyfp, unsigned (fp: the fingerprint
+                    of the broker's key, so a peer with another key stops, saying so; keys.py)
 
 Control: the broker sends a client's ctl to every supervisor whose name is in
 ``d`` (all when null) and replies {"n": how many}; each answers with ctlr, which
@@ -57,7 +59,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from . import deaths, protocol
+from . import deaths, keys, protocol
 from .errors import SignatureError
 
 log = logging.getLogger("nbq.broker")
@@ -169,6 +171,7 @@ class Broker:
                  result_expires: float = DEFAULT_RESULT_EXPIRES,
                  heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
         self.signer = protocol.Signer(key)
+        self.fingerprint = keys.fingerprint(key)
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -276,11 +279,25 @@ class Broker:
             handler = self._handlers[header["k"]]
         except (SignatureError, KeyError, TypeError, IndexError) as e:
             log.warning("dropped a message from %r: %s", peer[:40], e or "unknown kind")
+            if isinstance(e, SignatureError):
+                self._refuse(peer, body)
             return
         try:
             handler(peer, header, frames, body)
         except Exception:  # a bad but signed message must not stop the broker
             log.exception("error handling %r from %r", header.get("k"), peer[:40])
+
+    def _refuse(self, peer: bytes, body: list) -> None:
+        """Answer a hello or heartbeat whose signature failed with this broker's key fingerprint,
+        unsigned: a client or worker with another key then stops with a clear error."""
+        if len(body) != 2 or len(body[0]) > 1000:
+            return
+        try:
+            kind = protocol.loads_header(body[0]).get("k")
+        except (ValueError, AttributeError):
+            return
+        if kind in ("hello", "hb"):
+            self._send_raw(peer, protocol.refusal(self.fingerprint))
 
     def _send(self, peer: bytes, header: dict, frames: list = ()) -> bool:
         return self._send_raw(peer, self.signer.encode(header, frames))

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if hasattr(args, "key_file"):  # every client and broker this command makes uses it
+            from . import keys
+            keys.use(keys.load_key(args.key_file, "--key-file"))
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -112,8 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                             help="seconds to wait for replies (default 1)")
         parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
     for parser in (b, w, bt, s, i, c):
-        parser.add_argument("--key-file", default=None, help="signing key file (default: $NBQ_KEY, "
-                            "$NBQ_KEY_FILE or ~/.config/nbq/key)")
+        parser.add_argument("--key-file", default=None, help="signing key file, - for standard input "
+                            "(default: $NBQ_KEY, $NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
 
 
@@ -132,7 +135,7 @@ def _broker(args) -> None:
 
     from . import keys
     from .broker import Broker
-    broker = Broker(keys.load_key(args.key_file), args.bind or [DEFAULT_BIND],
+    broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
                     result_expires=args.result_expires)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     print(f"nbq broker listening on {', '.join(broker.addresses)}", flush=True)
@@ -146,12 +149,14 @@ def _worker(args) -> None:
         raise ValueError("--concurrency must be at least 1")
     if args.beat and not args.app:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
-    key = keys.load_key(args.key_file)
+    key = keys.load_key()
+    # no task finds the key in its environment; the clients that tasks make (a chain's next
+    # step, a chord's body) find it with keys.load_key(), as this process's own (main)
+    os.environ.pop("NBQ_KEY", None)
     app = _load_app(args.app) if args.app else None
     address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
-    # tasks that send tasks (a chain's next step, a chord's body) use a client of this broker
-    os.environ.update(NBQ_BROKER=address, NBQ_KEY=key.decode())
+    os.environ["NBQ_BROKER"] = address  # the broker of those clients
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
@@ -180,9 +185,7 @@ def _load_app(spec: str):
 
 
 def _beat(args) -> None:
-    from . import keys
-    os.environ["NBQ_KEY"] = keys.load_key(args.key_file).decode()  # the app's client signs with it
-    app = _load_app(args.app)
+    app = _load_app(args.app)  # its client signs with this command's key (main)
     _make_beat(app, _app_broker(args.broker, app), args.schedule).run()
     # a signal may end it at any time: every claim is already stored
 
@@ -221,7 +224,7 @@ def _start_beat(app, address: str, schedule: str | None):
 def _status(args) -> None:
     from .client import Client
     address = _address(args.broker)
-    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+    with Client(address, timeout=5.0) as client:
         st = client.status()
     print(f"broker {address}: {st['tasks']} tasks in progress, {st['results']} results stored")
     print(f"{'worker':<40} {'host':<20} {'pid':>7} {'procs':>5} {'active':>6}  queues")
@@ -257,7 +260,7 @@ def _ask_workers(args, command: str, arguments: dict) -> None:
     from .client import Client
     address = _control_address(args)
     dest = [d for d in args.destination.split(",") if d] if args.destination else None
-    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+    with Client(address, timeout=5.0) as client:
         replies = client.control(command, arguments, dest, args.timeout)
     if not replies:
         raise NbqError(f"no worker replied within {args.timeout:g} s at {address}"
@@ -293,7 +296,7 @@ def _revoke(args) -> None:
         signal_named(sig)  # a bad name is one error here
     address = _control_address(args)
     missed = []
-    with Client(address, key_file=args.key_file, timeout=5.0) as client:
+    with Client(address, timeout=5.0) as client:
         for tid in ids:
             done = AsyncResult(tid, client=client).revoke(terminate=terminate, signal=sig)
             print(f"->  {tid}: {'revoked' if done else 'not revoked'}")

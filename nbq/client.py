@@ -31,7 +31,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
 from . import keys, protocol
-from .errors import BrokerUnavailable, NbqError, SerializationError
+from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -135,6 +135,9 @@ class Client(concurrent.futures.Executor):
             raise BrokerUnavailable(f"no nbq broker answered at {self.address} within "
                                     f"{timeout:g} s: start one with `nbq broker`, or check the "
                                     "address and that both sides use the same key") from None
+        except KeyMismatch:
+            self._shutdown_now()
+            raise
         self._heard = time.monotonic()
         self._connected = True
         _current = weakref.ref(self)
@@ -420,13 +423,30 @@ class Client(concurrent.futures.Executor):
         return self._request("cancel", ids=ids)
 
     def _cancel_map(self, res: MapResult) -> int:
+        """Cancel the items of a map no worker has started; returns how many.
+
+        Items of a list input not sent yet fail as cancelled at once; a generator
+        input is read no further (the map ends with the items read so far).
+        """
+        return self._stop_feeding(res) + sum(
+            self._revoke(tid) for tid, ok in self._cancel_tasks(list(res._chunks)).items() if ok)
+
+    def _stop_feeding(self, res: MapResult) -> int:
+        """Send no more chunks of res; the items of its input not sent yet fail as
+        cancelled.  Returns how many."""
         with self._feed_lock:
-            feeder = self._feeders.pop(res.id, None)  # read no more input
-            if feeder is not None and res._total is None:
-                res._set_total(feeder[1].position)
-                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
-        answer = self._cancel_tasks(list(res._chunks))
-        return sum(self._revoke(tid) for tid, ok in answer.items() if ok)
+            feeder = self._feeders.pop(res.id, None)
+            if feeder is None:
+                return 0
+            sent = feeder[1].position
+            self._conn.send({"k": "mapend", "mp": res.id, "total": sent})
+            if res._total is None:
+                res._set_total(sent)
+                return 0
+            unsent = res._total - sent
+            if unsent:
+                res._fail(sent, unsent, _cancelled(res))
+            return unsent
 
     def _revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
@@ -440,7 +460,7 @@ class Client(concurrent.futures.Executor):
             return 0
         res, start, n = entry
         res._chunks.pop(tid, None)
-        res._fail(start, n, CancelledError(f"item of map {res.id} was cancelled"))
+        res._fail(start, n, _cancelled(res))
         return n
 
     def _watch_task(self, tid: str) -> Future:
@@ -701,6 +721,9 @@ class Client(concurrent.futures.Executor):
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
                 fut, on_reply = entry
+                if header.get("refused"):  # a welcome: this client's key is not the cluster's
+                    fut.set_exception(KeyMismatch(header["refused"]))
+                    return
                 result = header.get("r")
                 try:
                     if on_reply is not None:
@@ -767,6 +790,8 @@ class Client(concurrent.futures.Executor):
         self._closed = True
         try:
             if cancel_futures:
+                for res, *_ in list(self._feeders.values()):
+                    self._stop_feeding(res)
                 pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
                 pending += list(self._chunks)
                 if pending:
@@ -864,6 +889,10 @@ def _shutdown_at_exit(client_ref: "weakref.ref[Client]") -> None:
     client = client_ref()
     if client is not None and not client._closed:
         client._shutdown_now()
+
+
+def _cancelled(res: MapResult) -> CancelledError:
+    return CancelledError(f"item of map {res.id} was cancelled")
 
 
 def _name(fn) -> str:

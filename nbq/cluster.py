@@ -4,7 +4,8 @@ The embedded broker runs on a thread of the client's process (the client talks
 to it in-process, workers over loopback TCP), so it lives and dies with the
 client.  Local workers are an ``nbq worker`` subprocess holding the read end of
 a lifeline pipe: when the client exits, even by SIGKILL, the pipe closes and
-the worker and its processes exit.
+the worker and its processes exit.  The worker reads the client's key on its
+standard input: a key is never on a command line nor in an environment.
 """
 from __future__ import annotations
 
@@ -49,14 +50,20 @@ class LocalCluster:
         r, w = os.pipe()
         # local workers import what the client can: its modules, its notebook's folder
         path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        env = dict(os.environ, NBQ_KEY=key.decode(), PYTHONPATH=path)
+        env = dict(os.environ, PYTHONPATH=path)
+        env.pop("NBQ_KEY", None)
         cmd = [sys.executable, "-m", "nbq", "worker", "--broker", self.address,
-               "--concurrency", str(self.workers), "--lifeline", str(r)]
+               "--concurrency", str(self.workers), "--lifeline", str(r), "--key-file", "-"]
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=(r,), env=env, stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(cmd, pass_fds=(r,), env=env, stdin=subprocess.PIPE)
         finally:
             os.close(r)
         self._lifeline = w
+        try:
+            self._proc.stdin.write(key)
+            self._proc.stdin.close()
+        except BrokenPipeError:  # the worker died at once: it says why on stderr
+            pass
 
     def close(self) -> None:
         """Stop local workers (closing their lifeline) and the embedded broker."""

@@ -10,6 +10,18 @@ class SignatureError(NbqError):
     """A message had a missing or wrong HMAC signature; its payload was never unpickled."""
 
 
+class KeyMismatch(SignatureError):
+    """This side's signing key differs from the one its cluster uses: it refuses to start.
+
+    The message says where this side's key came from and gives both key fingerprints
+    (an HMAC of a constant under each key: they tell keys apart, never the keys).
+    """
+
+
+class InvalidKey(NbqError, ValueError):
+    """A signing key that cannot be used: shorter than 32 bytes (empty, whitespace, a typo)."""
+
+
 class SerializationError(NbqError, TypeError):
     """A function, argument or result could not be pickled; the message names which."""
 

@@ -42,6 +42,7 @@ class MapResult:
         self._listeners: list[Callable[["MapResult"], None]] = []
         self._started = time.monotonic()
         self._finished_at: float | None = None
+        self._cursor = 0               # where next(res) is
 
     # -- filled by the client -------------------------------------------------
 
@@ -104,10 +105,10 @@ class MapResult:
     # -- the user's side ------------------------------------------------------
 
     def __len__(self) -> int:
-        """The number of items; for a generator input, waits until it has all been read."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._total is not None)
-            return self._total
+        """The number of items; for a generator input, waits until it has all been read
+        (``list(res)`` asks first; a wait like any other on the map: see _wait)."""
+        self._wait(lambda: self._total is not None, None)
+        return self._total
 
     @property
     def total(self) -> int | None:
@@ -129,31 +130,78 @@ class MapResult:
             return self._total is not None and self._ndone >= self._total
 
     def _wait(self, predicate: Callable[[], bool], timeout: float | None) -> None:
+        """Wait for predicate (under the lock) until timeout or the map's deadline.
+
+        A KeyboardInterrupt (Ctrl-C in a notebook) while waiting cancels the items
+        not yet started, as leaving the standard library's map generator does.
+        """
         deadline = self._deadline
         if timeout is not None:
             t = time.monotonic() + timeout
             deadline = t if deadline is None else min(deadline, t)
-        with self._cond:
-            while not predicate():
-                self._client._check_broker()  # BrokerUnavailable: woken by the client when it gives up
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"map {self.id}: {self._ndone} of "
-                                       f"{self._total if self._total is not None else '?'} "
-                                       "items done when the timeout expired")
-                self._cond.wait(remaining)
+        try:
+            with self._cond:
+                while not predicate():
+                    self._client._check_broker()  # BrokerUnavailable: woken when the client gives up
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"map {self.id}: {self._ndone} of "
+                                           f"{self._total if self._total is not None else '?'} "
+                                           "items done when the timeout expired")
+                    self._cond.wait(remaining)
+        except KeyboardInterrupt:
+            if not self.done() and not self._client._closed:
+                self.cancel()
+            raise
+
+    def _ended_before(self, i: int) -> bool:
+        return self._total is not None and i >= self._total
+
+    def _ready(self, i: int) -> bool:
+        """Position i has its value or error, or the map ends before it (under the lock)."""
+        return self._ended_before(i) or i < len(self._done) and self._done[i] == 1
 
     def __iter__(self) -> Iterator[Any]:
-        """Values in input order; the first failure is raised when it is reached."""
-        for i in itertools.count():
-            self._wait(lambda: self._total is not None and i >= self._total
-                       or i < len(self._done) and self._done[i], None)
-            if self._total is not None and i >= self._total:
-                return
-            err = self._errors.get(i)
-            if err is not None:
-                raise err
-            yield self._values[i]
+        """Values in input order from the first; the first failure is raised when it is reached.
+
+        Each call starts again from the first item (so a notebook can look at a map
+        twice); the values come in runs of those ready, not a wait per item.
+        """
+        return itertools.chain.from_iterable(self._runs())
+
+    def _runs(self) -> Iterator[list]:
+        i = 0
+        while True:
+            self._wait(lambda: self._ready(i), None)
+            with self._cond:
+                if self._ended_before(i):
+                    return
+                end = self._done.find(0, i)
+                if end == -1:
+                    end = len(self._done)
+                # every failure is at i or beyond: one before i would have been raised
+                failed = min(self._errors) if self._errors else end
+            if failed > i:
+                yield self._values[i:min(end, failed)]
+            if failed < end:
+                raise self._errors[failed]
+            i = end
+
+    def __next__(self) -> Any:
+        """The next value in input order, from a cursor of the map's own (``next(res)``).
+
+        Raises a failure when the cursor reaches it (the cursor moves past it), and
+        StopIteration after the last item.  Iterating the map is not affected.
+        """
+        i = self._cursor
+        self._wait(lambda: self._ready(i), None)
+        if self._ended_before(i):
+            raise StopIteration
+        self._cursor = i + 1
+        err = self._errors.get(i)
+        if err is not None:
+            raise err
+        return self._values[i]
 
     def result(self, timeout: float | None = None) -> list:
         """All values in input order; raises the first failure in input order."""
@@ -162,10 +210,20 @@ class MapResult:
             raise self._errors[min(self._errors)]
         return list(self._values)
 
-    def errors(self) -> dict[int, BaseException]:
-        """Failures so far, by input position."""
+    def errors(self, partial: bool = False) -> dict[int, BaseException]:
+        """Failures by input position, once the map has finished (it waits, as
+        to_dataframe() does); with partial=True, at once: the failures so far."""
+        if not partial:
+            self._wait(self.done, None)
         with self._cond:
             return dict(self._errors)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Return when every item has finished, without fetching values.
+
+        Raises TimeoutError after timeout seconds (or at the map's own deadline).
+        """
+        self._wait(self.done, timeout)
 
     def as_completed(self, errors: str = "raise", timeout: float | None = None
                      ) -> Iterator[tuple[int, Any]]:

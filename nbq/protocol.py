@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import pickle
+import re
 import traceback
 from typing import Any, Iterable, Sequence
 
@@ -77,6 +78,24 @@ class Signer:
         if not isinstance(header, dict):
             raise SignatureError("message header is not a JSON object")
         return header, payload
+
+
+def refusal(fingerprint: str) -> list:
+    """A broker's unsigned answer to a hello whose signature failed: its key's fingerprint,
+    which tells the sender that the keys differ and reveals nothing of the broker's key."""
+    return [_dumps_json({"k": "keyfp", "fp": fingerprint}).encode(), b""]
+
+
+def refused(msg: Sequence) -> str | None:
+    """The key fingerprint of a refusal (16 hex digits); None for any other message."""
+    if len(msg) != 2 or len(_bytes(msg[1])) or len(_bytes(msg[0])) > 100:
+        return None
+    try:
+        header = _loads_json(_bytes(msg[0]))
+    except ValueError:
+        return None
+    fp = header.get("fp") if isinstance(header, dict) and header.get("k") == "keyfp" else None
+    return fp if isinstance(fp, str) and re.fullmatch("[0-9a-f]{16}", fp) else None
 
 
 def loads_header(frame) -> dict:

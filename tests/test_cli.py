@@ -165,7 +165,8 @@ def test_default_key_file_is_created_private_and_reused(procs, tmp_path):
     assert len(first) >= 32 and path.read_text().strip() == first
     assert load_key(env) == first
 
-    assert load_key(dict(env, NBQ_KEY="the-key-from-the-environment")) == "the-key-from-the-environment"
+    from_env = "the-key-from-the-environment-" + "x" * 32
+    assert load_key(dict(env, NBQ_KEY=from_env)) == from_env
     assert path.read_text().strip() == first
 
 

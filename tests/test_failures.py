@@ -68,9 +68,10 @@ def test_sigkilled_supervisor_tasks_move_to_another_worker(transport, procs, tmp
         client.wait_for_workers(1)
         runs = tmp_path / "runs"
 
-        def slow():
+        def slow():  # the first run waits to be killed, however slowly the test goes
             _append(runs, f"{os.getpid()}\n")
-            time.sleep(0.5)
+            if len(runs.read_text().split()) == 1:
+                time.sleep(60)
             return "done"
 
         fut = client.submit(slow)

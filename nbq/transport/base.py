@@ -4,10 +4,29 @@ Each transport (zmq.py, and others) implements these three connections; all
 above them (client.py, worker/) is written against this interface only.
 Messages are (header dict, payload frames) pairs as protocol.py defines;
 a connection signs what it sends and verifies what it receives.
+
+A connection whose key differs from the cluster's refuses to start, before it
+reads anything (so a wrong-key worker takes no task): its transport learns the
+fingerprint of the cluster's key (keys.py) and calls check_key, which raises
+KeyMismatch.  A client connection learns it in answer to hello (see hello), a
+supervisor's or worker's when it is made or at its first poll.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
+from .. import keys
+from ..errors import KeyMismatch
+
+
+def check_key(key: bytes, cluster: str | None, where: str, hint: str = "") -> None:
+    """Raise KeyMismatch when the cluster at `where` uses a key whose fingerprint is
+    `cluster` (None: not known yet) and key's differs; the message never shows a key."""
+    mine = keys.fingerprint(key)
+    if cluster is not None and cluster != mine:
+        raise KeyMismatch(f"the signing key from {keys.source_of(key)} differs from the one the "
+                          f"cluster at {where} uses (key fingerprints {mine} here, {cluster} there):"
+                          f" use the same key everywhere (copy the key file, or set NBQ_KEY){hint}")
 
 
 class ClientConnection(ABC):
@@ -26,7 +45,9 @@ class ClientConnection(ABC):
     @abstractmethod
     def hello(self, rq: int | None) -> None:
         """Announce this client; the broker answers {"k": "welcome", "rq": rq, "b": its boot
-        id} (the client's heartbeat too, with rq None: what the broker says proves it alive)."""
+        id}, or, when this client's key differs from the cluster's, {"k": "welcome", "rq": rq,
+        "refused": check_key's message} (the client raises KeyMismatch with it).  Also the
+        client's heartbeat, with rq None: what the broker says proves it alive."""
 
     @abstractmethod
     def send(self, header: dict, frames: list = ()) -> None:

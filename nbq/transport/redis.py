@@ -51,6 +51,9 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
   nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
                       epoch), claimed by compare-and-set so each tick is sent once (tasks/beat.py)
+  nbq:keyfp           the fingerprint of the cluster's signing key (keys.py), SET NX by the
+                      first client, supervisor or worker process to connect; each later one
+                      compares its own and refuses to start when it differs (transport/base.py)
   nbq:ctl             Stream of control commands (field m: a packed signed ``ctl`` message,
                       as broker.py describes), MAXLEN ~CONTROL_KEEP: a broadcast, read
                       by every supervisor with XREAD (no group) from where it joined;
@@ -120,7 +123,8 @@ from redis.retry import Retry
 from .. import deaths, protocol
 from ..broker import DEFAULT_RESULT_EXPIRES, HEARTBEAT_TIMEOUT, STARTED_DELAY
 from ..errors import BrokerUnavailable, NbqError, SignatureError
-from .base import ClientConnection, SupervisorConnection, WorkerConnection
+from ..keys import fingerprint
+from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport.redis")
 
@@ -217,6 +221,24 @@ def retrying(what: str, safe: str, fn, give_up=lambda: False, on_error=None):
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             raise
+
+
+KEYFP = P + "keyfp"
+REKEY = f"; if the whole cluster changed its key, delete {KEYFP} in this Redis database"
+
+
+def claim_key(pipe, key: bytes) -> None:
+    """Queue on pipe: record key's fingerprint as the cluster's unless one is; read the cluster's."""
+    pipe.set(KEYFP, fingerprint(key), nx=True)
+    pipe.get(KEYFP)
+
+
+def compare_key(key: bytes, theirs: bytes | None, safe: str) -> None:
+    """KeyMismatch when the fingerprint read by claim_key is not key's."""
+    text = None if theirs is None else theirs.decode("ascii", "replace")
+    if text is not None and not (text.isalnum() and len(text) <= 16):
+        text = repr(theirs[:16])  # not nbq's: shown on one line, whatever it holds
+    check_key(key, text, safe, REKEY)
 
 
 def check(r: redis.Redis, safe: str, timeout: float = CONNECT_TIMEOUT) -> None:
@@ -549,6 +571,15 @@ class Store:
     def retry(self, what: str, fn, give_up=lambda: False):
         return retrying(what, self.safe, fn, give_up, self._trouble)
 
+    def check_key(self, key: bytes) -> None:
+        """Refuse to go on (KeyMismatch) when key is not the cluster's (see nbq:keyfp)."""
+        def read():
+            pipe = self.r.pipeline(transaction=False)
+            claim_key(pipe, key)
+            return pipe.execute()[-1]
+
+        compare_key(key, self.retry("checking the signing key", read), self.safe)
+
     def _trouble(self) -> None:
         self.troubles += 1
 
@@ -724,7 +755,12 @@ class RedisClient(ClientConnection):
         self.store = Store(address, key)
         self.signer = self.store.signer
         self.cid = client_id
-        check(self.store.r, self.store.safe)
+        try:
+            check(self.store.r, self.store.safe)
+            self.store.check_key(key)
+        except NbqError:
+            self.store.close()
+            raise
         self._rx = connect(self.store.url, self.store.safe)  # the receiver's blocking reads
         self._rs, self._wk = P + "rs:" + client_id, P + "wk:" + client_id
         self._last = {self._rs: "0-0", self._wk: "0-0"}
@@ -1115,6 +1151,7 @@ class RedisSupervisor(SupervisorConnection):
 
     def __init__(self, address: str, key: bytes, sid: str) -> None:
         self.store = Store(address, key)
+        self.key = key
         self.sid = sid
         self.queues: list[str] = []
         self._messages: list[dict] = []
@@ -1122,6 +1159,7 @@ class RedisSupervisor(SupervisorConnection):
         self._next_try = 0.0
         self._delay = 0.05
         check(self.store.r, self.store.safe)
+        self.store.check_key(key)  # before any process is started
         self._control = _ControlReader(self.store)
 
     def heartbeat(self, info: dict) -> None:
@@ -1136,7 +1174,8 @@ class RedisSupervisor(SupervisorConnection):
             pipe.set(P + "hb:" + self.sid, json.dumps(info), px=int(HEARTBEAT_TIMEOUT * 1000))
             pipe.sadd(P + "sups", self.sid)
             pipe.expire(P + "procs:" + self.sid, int(HEARTBEAT_TIMEOUT * 3))
-            pipe.execute()
+            claim_key(pipe, self.key)  # the cluster's key may have changed: stop if so
+            compare_key(self.key, pipe.execute()[-1], self.store.safe)
         except redis.AuthenticationError as e:
             raise _auth_error(self.store.safe, e) from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -1284,6 +1323,7 @@ class RedisWorker(WorkerConnection):
         self.wid = wid
         self.sid = hello["s"]
         st = self.store
+        st.check_key(key)  # before reading any entry: a process with another key takes none
 
         def join():
             for q in hello["q"]:

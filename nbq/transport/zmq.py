@@ -22,8 +22,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol
-from ..errors import SignatureError
-from .base import ClientConnection, SupervisorConnection, WorkerConnection
+from ..errors import KeyMismatch, SignatureError
+from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
 
@@ -45,10 +45,13 @@ def _dealer(ctx: zmq.Context, identity: bytes, address: str, watch: bool = False
 
 
 def _decode(signer: protocol.Signer, msg: list):
+    """(header, payload) of a verified message; None for any other, logged unless it is the
+    broker's refusal of this side's key (protocol.refused), which the caller handles."""
     try:
         return signer.decode(msg)
     except SignatureError as e:
-        log.warning("dropped a message: %s", e)
+        if protocol.refused(msg) is None:
+            log.warning("dropped a message: %s", e)
         return None
 
 
@@ -58,6 +61,8 @@ class ZmqClient(ClientConnection):
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.signer = protocol.Signer(key)
+        self.key, self.address = key, address
+        self._hello_rq: int | None = None
         self.cid = client_id
         self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address)
         self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address)
@@ -72,7 +77,9 @@ class ZmqClient(ClientConnection):
         self._poller.register(self._wake_r, zmq.POLLIN)
 
     def hello(self, rq: int | None) -> None:
-        """Announce the receiving socket; the broker answers with welcome (and its boot id)."""
+        """Announce the receiving socket; the broker answers with welcome (and its boot id),
+        or a refusal."""
+        self._hello_rq = rq
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
     def send(self, header: dict, frames: list = ()) -> None:
@@ -88,10 +95,19 @@ class ZmqClient(ClientConnection):
                 self._wake_r.recv()
         out = []
         while self._rx.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            decoded = _decode(self.signer, self._rx.recv_multipart(copy=False))
+            msg = self._rx.recv_multipart(copy=False)
+            decoded = _decode(self.signer, msg) or self._refused(msg)
             if decoded is not None:
                 out.append(decoded)
         return out
+
+    def _refused(self, msg: list) -> tuple[dict, list] | None:
+        """The answer to hello when the broker refused this client's key: a welcome saying why."""
+        try:
+            check_key(self.key, protocol.refused(msg), self.address)
+        except KeyMismatch as e:
+            return {"k": "welcome", "rq": self._hello_rq, "refused": str(e)}, []
+        return None
 
     def wake(self) -> None:
         with self._lock:
@@ -112,6 +128,7 @@ class ZmqSupervisor(SupervisorConnection):
     def __init__(self, address: str, key: bytes, sid: str) -> None:
         self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
+        self.key, self.address = key, address
         self.sid = sid
         self.sock = _dealer(self.ctx, b"s" + sid.encode(), address)
         self._poller = zmq.Poller()
@@ -148,6 +165,8 @@ class ZmqSupervisor(SupervisorConnection):
                 decoded = _decode(self.signer, msg)
                 if decoded is not None:
                     messages.append(decoded[0])
+                else:  # the broker's refusal of this worker's key: stop, saying so
+                    check_key(self.key, protocol.refused(msg), self.address)
         return messages, [fd for fd in fds if fd in events]
 
     def close(self, goodbye: bool) -> None:
@@ -186,7 +205,8 @@ class ZmqWorker(WorkerConnection):
             msg = self.sock.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg)
             if decoded is None:
-                self._reject(msg)
+                if protocol.refused(msg) is None:  # (a refusal of the key: the supervisor stops)
+                    self._reject(msg)
                 continue
             header, frames = decoded
             if header["k"] == "fn":
