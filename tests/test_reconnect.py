@@ -192,3 +192,24 @@ def test_redis_back_empty_gets_the_lost_work_again(procs, tmp_path):
             assert client.submit(abs, -5).result(timeout=30) == 5
     finally:
         server.stop()
+
+
+def test_remote_cell_with_a_dead_broker_fails_after_grace(procs):
+    from IPython.core.interactiveshell import InteractiveShell
+    address, b = broker(procs)
+    procs.nbq("worker", "--broker", address, "-c", "1")
+    client = nbq.Client(address, broker_grace=1)
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbq")
+    magics = sh.magics_manager.registry["NbqMagics"]
+    magics.client = client
+    try:
+        client.wait_for_workers(1)
+        sigkill(b)
+        t0 = time.monotonic()
+        r = sh.run_cell("%%remote\nimport time\ntime.sleep(60)")
+        assert isinstance(r.error_in_exec, nbq.BrokerUnavailable), r.error_in_exec
+        assert time.monotonic() - t0 < 1 + 5
+    finally:
+        magics.client = None
+        client.shutdown(wait=False)
