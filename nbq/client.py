@@ -623,7 +623,10 @@ class Client(concurrent.futures.Executor):
         if restarted:
             log.warning("the broker at %s restarted: sending it this client's unfinished work",
                         self.address)
-        if restarted or (self._resend_due and not self._conn.durable):
+        # after a silence, messages lost with a dropped link are sent again (the broker skips
+        # what it has); not to a broker that keeps its queues, or one in this process
+        if restarted or (self._resend_due and not self._conn.durable
+                         and self._cluster.broker is None):
             self._resend()
         self._resend_due = False
 

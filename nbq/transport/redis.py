@@ -547,7 +547,7 @@ return 1
 """
 
 #: Requests answered from Redis state, with the answer given when Redis fails them.
-FALLBACK = {"hello": {}, "cancel": {}, "watch": {"maps": {}, "known": {}},
+FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
             "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}}
 
@@ -743,10 +743,10 @@ class Store:
 class RedisClient(ClientConnection):
     """A client: a sender thread plays the broker's part for this client; receive() reads rs:.
 
-    hello (the client's heartbeat too) is answered by the sender thread with Redis's
-    run_id (the boot id), so a Redis that stops answering leaves the client's hellos
-    unanswered, and one that restarted says so: the client then sends again the tasks
-    lost() names, those Redis no longer knows (it came back empty).
+    hello (the client's heartbeat too) is answered at once with Redis's run_id (the boot
+    id), not behind this client's sends: a Redis that stops answering leaves the client's
+    hellos unanswered, and one that restarted says so: the client then sends again the
+    tasks lost() names, those Redis no longer knows (it came back empty).
     """
 
     durable = True  # queued work is in Redis (with AOF or RDB, through a restart too)
@@ -776,7 +776,15 @@ class RedisClient(ClientConnection):
         self._sender.start()
 
     def hello(self, rq: int | None) -> None:
-        self.send({"k": "hello", "rq": rq})
+        try:
+            try:
+                boot = self.store.r.info("server").get("run_id")
+            except redis.ResponseError:  # INFO not allowed to this user: restarts are not seen
+                self.store.r.ping()
+                boot = None
+        except (redis.ConnectionError, redis.TimeoutError):
+            return  # no answer: the client notices the silence
+        self._reply_local({"k": "welcome", "rq": rq, "b": boot})
 
     def send(self, header: dict, frames: list = ()) -> None:
         header["c"] = self.cid
@@ -872,11 +880,7 @@ class RedisClient(ClientConnection):
                 self._flush(simple)
                 simple = []
                 answer, messages = self._answer(header)
-                if header["k"] == "hello":
-                    self._inbox.append(({"k": "welcome", "rq": header.get("rq"),
-                                         "b": answer.get("b")}, []))
-                else:
-                    self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
+                self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
                 self._inbox.extend(messages)
                 self.wake()
             else:
@@ -1009,13 +1013,6 @@ class RedisClient(ClientConnection):
                 if decoded is not None:
                     messages.append(decoded)
         return {"maps": maps, "known": known}, messages
-
-    def _on_hello(self, header: dict):
-        try:
-            return {"b": self.store.r.info("server").get("run_id")}, []
-        except redis.ResponseError:  # INFO not allowed to this user: alive, restarts not seen
-            self.store.r.ping()
-            return {}, []
 
     def lost(self, ids: list[str]) -> list[str]:
         """Tasks with neither an owner (o:, from SUBMIT until done) nor a result (r:): those
