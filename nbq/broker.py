@@ -39,7 +39,7 @@ dropped silently: a result for a client that is gone stays in the result
 store until ``result_expires``, where any client can fetch it by id.
 
 A broker that restarts starts empty: each client re-sends what it has not
-seen finish (a task id already held, or already done, is not queued twice),
+seen finish (a task id already held is not queued twice),
 supervisors' heartbeats and worker processes' hellos (on reconnecting)
 register them again, and a task whose function has not arrived yet waits
 for it (``parked``) instead of failing on its worker.
@@ -361,9 +361,7 @@ class Broker:
         alone = len(items) == 1 and "a" not in items[0]
         for item, payload in protocol.split(items, frames):
             item["c"] = header["c"]
-            if item["id"] in self.tasks or item["id"] in self.results:  # re-sent after a restart
-                for part in self.results.get(item["id"], ()):
-                    self._to_client(item["c"], self._result_message(part))
+            if item["id"] in self.tasks:  # sent again (after a restart, a silence): queued once
                 continue
             task = Task(item, payload, body if alone else None, verified=self._verified)
             self.tasks[task.id] = task
