@@ -6,7 +6,7 @@ gather, with live progress and results as pandas DataFrames.
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 
 from .asyncresult import AsyncResult
-from .client import Client
+from .client import Client, ship_modules as ship
 from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, NbqError, RemoteError,
                      SerializationError, SignatureError, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
@@ -19,7 +19,7 @@ Celery = App  # so that `from celery import Celery` needs only `celery` replaced
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
+    "Client", "ship", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",

@@ -11,7 +11,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                     · ctl (a control command: cmd, a arguments, d destination names or
                       null for all, ci the client's collection id) · bye
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
-                    died; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
+                    died; run: the task it was running, at: [that task, item] when the item
+                    is known; end: why the supervisor killed it, see deaths.py) · ctlr (its answer to a ctl: c, ci, n, r) · bye
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
                     · rej (a message it got failed its signature check) · ntc (a state
                       notice: ids, s RETRY when a retry holds them, STARTED when they run again)
@@ -44,9 +45,11 @@ supervisors' heartbeats and worker processes' hellos (on reconnecting)
 register them again, and a task whose function has not arrived yet waits
 for it (``parked``) instead of failing on its worker.
 
-A worker process that dies has its tasks re-run once; a task whose process
-dies a second time fails with WorkerLost.  A chunk re-run after a death
-reports item by item, so the item that kills its process fails alone.
+A task whose process died while running it, its worker alive, runs again
+until such deaths reach its limit (max_task_deaths), then fails with WorkerLost;
+a chunk re-run after a death reports item by item, so the item that kills its
+process fails alone.  The tasks a dead process only held, and every task of a
+worker that stopped answering heartbeats, run again as they were (deaths.py).
 """
 from __future__ import annotations
 
@@ -149,6 +152,7 @@ class Proc:
     running: list = field(default_factory=list)
     functions: set = field(default_factory=set)
     idle: bool = True
+    away_until: float = 0.0  # unreachable at the last send: not tried again before then
 
 
 @dataclass(eq=False)
@@ -510,7 +514,8 @@ class Broker:
         self._send(peer, {"k": "hb"})
 
     def _on_lost(self, peer, header, frames, body):
-        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=header.get("at"),
+        at = header.get("at") or (header.get("run") and [header["run"], None])
+        self._proc_gone(header["w"], died=True, how=header.get("how", "died"), at=at or None,
                         end=header.get("end"))
 
     def check_heartbeats(self, now: float) -> None:
@@ -519,8 +524,8 @@ class Broker:
                     if now - s.seen > self.heartbeat_timeout]:
             log.warning("worker %s stopped sending heartbeats; re-queueing its tasks", sup.sid)
             del self.supervisors[sup.sid]
-            for wid in sup.procs:
-                self._proc_gone(wid, died=True, how="stopped answering heartbeats")
+            for wid in sup.procs:  # a worker gone whole says nothing about its tasks (deaths.py)
+                self._proc_gone(wid, died=False)
 
     def _proc_gone(self, wid: str, died: bool, how: str = "", at: list | None = None,
                    end: dict | None = None) -> None:
@@ -544,6 +549,11 @@ class Broker:
     def _retry_after_death(self, task: Task, why: str, at: list | None,
                            end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
+        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
+        if item is task.item:  # the death does not count against it: queued again as it came
+            task.where = "queued"
+            self._queue(item).appendleft(task)
+            return
         if not task.verified:  # it is about to be re-signed: check it first
             try:
                 self.signer.decode(task.original)
@@ -554,7 +564,6 @@ class Broker:
                         f"task {task.id} was dropped: its message's signature does not match "
                         "the shared key"))
                 return
-        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
         for pos in fail:
             self._deliver(task, *deaths.ending(task.item, pos, why, end))
         if item is None:
@@ -678,7 +687,7 @@ class Broker:
         """Hand queued tasks to idle worker processes, batching short ones."""
         now = time.monotonic()
         for proc in self.procs.values():
-            if not proc.idle:
+            if not proc.idle or proc.away_until > now:
                 continue
             batch = self._take(proc)
             if not batch:
@@ -686,11 +695,10 @@ class Broker:
             peer = b"w" + proc.wid.encode()
             for h in {t.item["h"] for t in batch} - proc.functions:
                 fn = self.functions.get(h)
-                if fn is not None:
-                    self._send(peer, {"k": "fn", "h": h}, fn)
+                if fn is None:  # sent again to a restarted broker ahead of its function
+                    batch = self._park(batch, h)  # _on_fn queues them again
+                elif self._send(peer, {"k": "fn", "h": h}, fn):
                     proc.functions.add(h)
-                else:  # re-sent to a restarted broker ahead of its function: _on_fn queues it again
-                    batch = self._park(batch, h)
             if not batch:
                 continue
             proc.idle = False
@@ -700,13 +708,26 @@ class Broker:
                 if t.item.get("f"):
                     self._started.append((now, t))
             if len(batch) == 1 and batch[0].original is not None:
-                self._send_raw(peer, batch[0].original)
+                sent = self._send_raw(peer, batch[0].original)
             else:
                 items, frames = [], []
                 for t in batch:
                     items.append(t.item)
                     frames.extend(t.frames)
-                self._send(peer, {"k": "tasks", "t": items}, frames)
+                sent = self._send(peer, {"k": "tasks", "t": items}, frames)
+            if not sent:
+                self._put_back(proc, batch, now)
+
+    def _put_back(self, proc: Proc, batch: list, now: float) -> None:
+        """Queue again, first, a batch that could not reach its process: one gone without a
+        word (its worker killed, not yet missed by heartbeats), or away for a moment (it
+        stays idle, and is tried again after a while: it gets work once it is back)."""
+        proc.running = [t for t in proc.running if t.where != proc.wid or t not in batch]
+        proc.idle = True
+        proc.away_until = now + HEARTBEAT / 2
+        for t in reversed(batch):
+            t.where = "queued"
+            self._queue(t.item).appendleft(t)
 
     def _park(self, batch: list, h: str) -> list:
         """Set aside the tasks of batch whose function (hash h) has not arrived; the rest."""

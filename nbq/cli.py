@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--result-expires", type=float, default=86400.0, help="seconds results are kept")
     b.set_defaults(run=_broker)
 
-    w = sub.add_parser("worker", help="run worker processes for a broker")
+    w = sub.add_parser("worker", help="run worker processes for a broker",
+                       description="Run worker processes for a broker.  The current directory is "
+                       "put first on sys.path (as `python -m` and `celery worker` do), so tasks "
+                       "can use modules in the folder the worker is started in.")
     w.add_argument("--broker", default=None, help=BROKER_HELP)
     w.add_argument("-c", "--concurrency", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: number of CPUs)")
@@ -60,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                    "thread of this worker's supervisor; needs -A")
     w.add_argument("-n", "--hostname", default=None, help="this worker's name in control "
                    "replies (default nbq@%%h); %%h is the host name, %%n its first label, %%d the rest")
+    w.add_argument("--init", default=None, metavar="MODULE:FUNC", help="call FUNC() once in "
+                   "each worker process before its first task, and in each process started to "
+                   "replace one (as a concurrent.futures initializer): to load a model or data")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--init-fd", type=int, default=None, help=argparse.SUPPRESS)  # a Client's
     w.set_defaults(run=_worker)
 
     bt = sub.add_parser("beat", help="send an app's beat_schedule entries when they are due")
@@ -144,15 +151,21 @@ def _broker(args) -> None:
 
 def _worker(args) -> None:
     from . import keys, transport
+    from .worker import initializer
     from .worker.supervisor import Supervisor
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
     if args.beat and not args.app:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
+    if args.init and args.init_fd is not None:
+        raise ValueError("give --init or an initializer on a pipe, not both")
     key = keys.load_key()
     # no task finds the key in its environment; the clients that tasks make (a chain's next
     # step, a chord's body) find it with keys.load_key(), as this process's own (main)
     os.environ.pop("NBQ_KEY", None)
+    _cwd_on_path()
+    init = (initializer.decode(key, _read_all(args.init_fd)) if args.init_fd is not None
+            else initializer.from_spec(args.init) if args.init else None)
     app = _load_app(args.app) if args.app else None
     address = _app_broker(args.broker, app)
     queues = args.queues or (app.conf.task_default_queue if app else "default")
@@ -160,7 +173,7 @@ def _worker(args) -> None:
     sup = Supervisor(transport.supervisor_connector(address, key),
                      transport.worker_connector(address, key), args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
-                     **({"name": args.hostname} if args.hostname else {}))
+                     **({"name": args.hostname} if args.hostname else {}), initializer=init)
     beat = _start_beat(app, address, args.schedule) if args.beat else None
     try:
         why = sup.run()
@@ -177,11 +190,21 @@ def _worker(args) -> None:
 def _load_app(spec: str):
     """The app of ``-A spec``, imported from the current directory as Celery does."""
     from .tasks import load_app, runner
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     app = load_app(spec)
     runner.accept = set(app.conf.accept_content)
     return app
+
+
+def _read_all(fd: int) -> bytes:
+    with open(fd, "rb") as f:
+        return f.read()
+
+
+def _cwd_on_path() -> None:
+    """Modules in the current directory import, as they do for ``python -m`` and Celery."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _beat(args) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
+import importlib
 import itertools
 import logging
 import math
@@ -30,7 +32,10 @@ from collections import OrderedDict
 from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable
 
+import cloudpickle
+
 from . import keys, protocol
+from .deaths import MAX_DEATHS
 from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
@@ -72,27 +77,65 @@ class Client(concurrent.futures.Executor):
     ``Client()`` starts a private broker and ``os.cpu_count()`` worker processes;
     ``Client(address)`` connects to a running broker (and starts ``workers``
     local worker processes on it when given).  NBQ_BROKER supplies the
-    address when none is given.  ``broker_grace``: seconds a silent broker is
-    waited for before waits raise BrokerUnavailable (the work is kept, and
-    re-sent if the broker comes back at the same address).
+    address when none is given.  ``initializer(*initargs)`` runs once in each
+    local worker process before its first task (and in a process replacing
+    one); ``ship`` lists modules sent by value (see ``nbq.ship``).
+
+    ``max_task_deaths``: a task (or a map item) whose own process dies while
+    running it this many times, its worker alive, fails with WorkerLost; 1 fails
+    it at the first (a map chunk's unfinished items with it: which one killed the
+    process is known only once the chunk re-runs item by item).  It travels in each task's signed header (absent for the
+    default), so the ZeroMQ broker or the Redis workers apply it with no setting
+    of their own (deaths.py).
+
+    ``broker_grace``: seconds a silent broker is waited for before waits raise
+    BrokerUnavailable (the work is kept, and sent again if the broker comes back
+    at the same address).
     """
 
     def __init__(self, address: str | None = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
-                 timeout: float = CONNECT_TIMEOUT, broker_grace: float = BROKER_GRACE) -> None:
+                 timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
+                 ship: Iterable[types.ModuleType | str] = (),
+                 initializer: Callable | None = None, initargs: tuple = (),
+                 broker_grace: float = BROKER_GRACE) -> None:
         global _current
         if not broker_grace > 0:
             raise ValueError(f"broker_grace must be a positive number of seconds, not {broker_grace!r}")
         self.broker_grace = broker_grace
         from .cluster import LocalCluster
+        from .worker import initializer as worker_init
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive number of processes (or None), "
+                             f"not {workers!r}")
+        if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
+            raise TypeError(f"max_task_deaths must be an integer, not {max_task_deaths!r}")
+        if max_task_deaths < 1:
+            raise ValueError(f"max_task_deaths must be at least 1 (1: a task fails at the first "
+                             f"death of its process), not {max_task_deaths}")
+        # header fields of every task this client sends: none for the defaults
+        self._task_header = {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
+        ship_modules(*ship)
         address = address or os.environ.get("NBQ_BROKER") or None
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError(f"initializer must be callable, not {initializer!r}")
+            if address is not None and workers is None:
+                raise ValueError("an initializer runs in the worker processes this client starts: "
+                                 "give workers=N, or start workers with `nbq worker --init "
+                                 "MODULE:FUNC`")
         self.key = keys.load_key(key_file)
+        init = None if initializer is None else worker_init.encode(self.key, initializer, initargs)
         self.id = uuid.uuid4().hex[:16]
-        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires)
+        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires,
+                                     initializer=init)
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted
-        self._stopped = False     # the receiver thread should return
+        self._stopped = False     # the receiver thread should return; nothing is waited for
+        self._conn_closed = False
+        self._down = False        # every step of _shutdown_now has been done
+        self._wait_at_exit = True  # what the interpreter's exit does: shutdown(wait=this)
         self._lock = threading.Lock()
         self._feed_lock = threading.RLock()
         self._outbox: list[tuple[dict, list]] = []  # tasks the receiver thread sends, batched
@@ -141,7 +184,7 @@ class Client(concurrent.futures.Executor):
         self._heard = time.monotonic()
         self._connected = True
         _current = weakref.ref(self)
-        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        _at_exit(self)
 
     # -- submitting -----------------------------------------------------------
 
@@ -159,6 +202,8 @@ class Client(concurrent.futures.Executor):
         fut = Future(tid, self)
         self._futures[tid] = fut
         item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        if self._task_header:
+            item.update(self._task_header)
         if options:
             item.update(options)
         self._send_task(item, payload)
@@ -227,7 +272,7 @@ class Client(concurrent.futures.Executor):
                         args=source if total is not None else keep)
         chunker = _Chunker(source, chunksize, keep)
         window = max(16, 4 * self._processes())
-        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id}
+        task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
         self._feeders[map_id] = (res, chunker, {"window": window, "task": task, "name": _name(fn)})
         self._feed(map_id, in_caller=True)
         return res
@@ -787,8 +832,15 @@ class Client(concurrent.futures.Executor):
             raise RuntimeError("cannot submit to an nbq client after shutdown")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; wait for what was submitted; stop local workers and broker."""
-        if self._closed:
+        """Stop accepting work; wait for what was submitted; stop local workers and broker.
+
+        A map's ``timeout`` bounds waits on that map only, never this wait.  Whatever
+        interrupts the wait (Ctrl-C, an error), the client's threads and local
+        processes are stopped before it propagates; a second call finishes a stop
+        that was itself interrupted.
+        """
+        if self._stopped:
+            self._shutdown_now()
             return
         self._closed = True
         try:
@@ -803,15 +855,21 @@ class Client(concurrent.futures.Executor):
                         if ok:
                             self._revoke(tid)
             if wait:
-                for fut in list(self._futures.values()):
-                    if not getattr(fut, "_foreign", False):
-                        fut._await(None)
-                for res, *_ in list(self._chunks.values()):
-                    res._wait(res.done, None)
-        except BrokerUnavailable:  # nothing more will come: close, and say why the work is lost
+                self._wait_for_work()
+        finally:
             self._shutdown_now()
-            raise
-        self._shutdown_now()
+
+    def _wait_for_work(self) -> None:
+        """Until every task and map item this client submitted has finished; BrokerUnavailable
+        once the client has given up on its broker."""
+        for fut in list(self._futures.values()):
+            if not getattr(fut, "_foreign", False):
+                fut._await(None)
+        for res, *_ in list(self._chunks.values()):
+            with res._cond:  # not res._wait: that obeys the map's own timeout
+                while not res.done():
+                    self._check_broker()  # woken when the client gives up on its broker
+                    res._cond.wait()
 
     def _request_unchecked(self, kind: str, **fields):
         closed, self._closed = self._closed, False
@@ -821,12 +879,53 @@ class Client(concurrent.futures.Executor):
             self._closed = closed
 
     def _shutdown_now(self) -> None:
-        self._flush_outbox()
+        """Stop the receiver thread, the connection and the local cluster, each step run even
+        when one before it fails or is interrupted; a repeated call does what is left."""
+        if self._down:
+            return
         self._closed = self._stopped = True
-        self._conn.wake()
-        self._receiver.join(5.0)
-        self._conn.close()
-        self._cluster.close()
+        with contextlib.ExitStack() as steps:  # callbacks run last-registered first
+            steps.callback(self._cluster.close)
+            steps.callback(self._fail_unfinished)
+            steps.callback(self._close_connection)
+            steps.callback(self._stop_receiver)
+            if not self._conn_closed:
+                steps.callback(self._conn.wake)
+                self._flush_outbox()
+        self._down = True
+        _open_clients.discard(self)
+
+    def _stop_receiver(self) -> None:
+        if threading.current_thread() is not self._receiver:  # not from a done-callback
+            self._receiver.join(5.0)
+
+    def _close_connection(self) -> None:
+        if not self._conn_closed:
+            self._conn_closed = True
+            self._conn.close()
+
+    def _fail_unfinished(self) -> None:
+        """Fail what can no longer get a result here, so nothing waits on it for ever."""
+        for tid, fut in list(self._futures.items()):
+            try:
+                fut.set_exception(NbqError(f"task {tid} had not finished when its client "
+                                           "shut down"))
+            except concurrent.futures.InvalidStateError:
+                pass  # finished, or cancelled
+        self._futures.clear()
+        for res, chunker, _ in list(self._feeders.values()):
+            sent = chunker.position
+            if res._total is None:
+                res._set_total(sent)
+            elif res._total > sent:
+                res._fail(sent, res._total - sent, NbqError(
+                    f"items {sent}..{res._total - 1} of map {res.id} were not sent when its "
+                    "client shut down"))
+        self._feeders.clear()
+        for tid, (res, start, n) in list(self._chunks.items()):
+            res._fail(start, n, NbqError(f"items {start}..{start + n - 1} of map {res.id} had "
+                                         "not finished when its client shut down"))
+        self._chunks.clear()
 
     def __repr__(self) -> str:
         return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"
@@ -879,19 +978,61 @@ def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
                 client._on_message(header, frames)
             except Exception:
                 log.exception("error handling a %r message", header.get("k"))
+        if client._stopped:
+            return
         try:
             client._keep_alive(bool(messages))
         except Exception:
             log.exception("error keeping the link to the broker")
-        if client._stopped:
-            return
         del client
 
 
-def _shutdown_at_exit(client_ref: "weakref.ref[Client]") -> None:
-    client = client_ref()
-    if client is not None and not client._closed:
-        client._shutdown_now()
+def ship_modules(*modules: types.ModuleType | str) -> None:
+    """Send the functions and classes of these modules (and their submodules) by value.
+
+    cloudpickle sends what an importable module defines by reference: the worker
+    imports the module.  A shipped module's code travels in the pickle instead, so a
+    notebook's local helper module needs no install on the workers.  This holds for
+    every client of this process (cloudpickle.register_pickle_by_value); ``nbq.ship``.
+    """
+    for module in modules:
+        if isinstance(module, str):
+            module = importlib.import_module(module)
+        if not isinstance(module, types.ModuleType):
+            raise TypeError(f"nbq.ship takes modules or module names, not {module!r}")
+        cloudpickle.register_pickle_by_value(module)
+    for client in list(_open_clients):  # functions pickled before by reference: pickle again
+        client._fn_cache.clear()
+
+
+_open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_exit_lock = threading.Lock()
+_exit_registered = False
+
+
+def _at_exit(client: Client) -> None:
+    """Have client shut down, waiting for its work, when the interpreter exits.
+
+    As the stdlib executors do, the hook runs before the interpreter joins its
+    threads (threading._register_atexit), so done-callbacks still run; it is
+    registered once, with the first client, not at import.
+    """
+    global _exit_registered
+    with _exit_lock:
+        if not _exit_registered:
+            try:
+                threading._register_atexit(_shutdown_at_exit)
+            except (AttributeError, RuntimeError):  # not CPython, or the interpreter is exiting
+                atexit.register(_shutdown_at_exit)
+            _exit_registered = True
+        _open_clients.add(client)
+
+
+def _shutdown_at_exit() -> None:
+    with contextlib.ExitStack() as stops:  # each client is stopped, whatever another raises
+        for client in list(_open_clients):
+            if client._pid == os.getpid():  # a forked child's copy has no threads to stop
+                stops.callback(client.shutdown, wait=client._wait_at_exit)
 
 
 def _cancelled(res: MapResult) -> CancelledError:

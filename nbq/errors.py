@@ -27,7 +27,8 @@ class SerializationError(NbqError, TypeError):
 
 
 class WorkerLost(NbqError):
-    """The worker process running a task died (killed, crashed, out of memory) twice."""
+    """A task's own process died (killed, crashed, out of memory) while running it, its worker
+    alive, ``max_task_deaths`` times; the message says how many and how the last one died."""
 
 
 class TimeLimitExceeded(NbqError):

@@ -13,7 +13,7 @@ import zmq
 
 import nbq
 from nbq import protocol
-from conftest import pid_alive, standalone_broker, start_broker, wait_until
+from conftest import make_client, pid_alive, standalone_broker, start_broker, wait_until
 
 
 def _append(path, text):
@@ -40,12 +40,49 @@ def test_sigkilled_worker_process_task_is_rerun(client, tmp_path):
     assert client.gather(client.map(abs, range(-20, 0)), timeout=10) == list(range(20, 0, -1))
 
 
-def test_task_that_kills_its_process_twice_fails_alone(client):
-    fut = client.submit(os._exit, 3)
-    with pytest.raises(nbq.WorkerLost, match="exited with code 3"):
-        fut.result(timeout=15)
-    assert fut.state == nbq.FAILURE
-    assert client.submit(abs, -5).result(timeout=10) == 5
+def _exits(runs, code):
+    _append(runs, f"{os.getpid()}\n")
+    os._exit(code)
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2])
+def test_task_that_kills_its_process_fails_after_max_task_deaths(transport, procs, tmp_path, limit):
+    runs = tmp_path / "runs"
+    kw = {} if limit is None else {"max_task_deaths": limit}
+    with make_client(transport, **kw) as client:
+        fut = client.submit(_exits, runs, 3)
+        n = limit or 3
+        with pytest.raises(nbq.WorkerLost, match=rf"died {n} times? while running it "
+                                                 rf"\(max_task_deaths={n}\).*exited with code 3"):
+            fut.result(timeout=30)
+        assert fut.state == nbq.FAILURE
+        assert len(runs.read_text().split()) == n
+        assert client.submit(abs, -5).result(timeout=10) == 5
+
+
+def test_max_task_deaths_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="max_task_deaths must be at least 1"):
+        nbq.Client(max_task_deaths=0)
+    with pytest.raises(TypeError, match="max_task_deaths must be an integer"):
+        nbq.Client(max_task_deaths=2.5)
+
+
+class _ExitsWhenLoaded:
+    """A callable whose unpickling (on the worker, before it runs) ends the process."""
+
+    def __call__(self):
+        return "never"
+
+    def __reduce__(self):
+        return (os._exit, (7,))
+
+
+def test_function_that_kills_its_process_as_it_loads_fails(transport, procs):
+    """The death counts against the task it was loaded for (not an endless re-run)."""
+    with make_client(transport, max_task_deaths=2) as client:
+        with pytest.raises(nbq.WorkerLost, match="died 2 times.*exited with code 7"):
+            client.submit(_ExitsWhenLoaded()).result(timeout=30)
+        assert client.submit(abs, -5).result(timeout=10) == 5
 
 
 def test_item_that_kills_its_process_fails_alone_in_its_chunk(client):
@@ -57,34 +94,84 @@ def test_item_that_kills_its_process_fails_alone_in_its_chunk(client):
     res._wait(res.done, 30)
     errs = res.errors()
     assert list(errs) == [13] and isinstance(errs[13], nbq.WorkerLost)
+    # the chunk's first run (items not marked) and two runs of the item itself
+    assert "(item 13): its worker process died 3 times" in str(errs[13])
     assert "SIGKILL" in str(errs[13])
     assert [res._values[i] for i in range(40) if i != 13] == [i + 1000 for i in range(40) if i != 13]
 
 
+def _wait_for_file(runs, go):
+    """Note a run, then wait (bounded) until the test says go: the test decides when it ends."""
+    _append(runs, f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "done"
+
+
 def test_sigkilled_supervisor_tasks_move_to_another_worker(transport, procs, tmp_path):
+    """A worker that vanished whole says nothing about its task: killed twice under a task
+    allowed no death of its own process, the task still completes."""
     address = standalone_broker(transport, procs)
     w1 = procs.nbq("worker", "--broker", address, "-c", "1")
-    with nbq.Client(address) as client:
+    runs, go = tmp_path / "runs", tmp_path / "go"
+    with nbq.Client(address, max_task_deaths=1) as client:
         client.wait_for_workers(1)
-        runs = tmp_path / "runs"
-
-        def slow():  # the first run waits to be killed, however slowly the test goes
-            _append(runs, f"{os.getpid()}\n")
-            if len(runs.read_text().split()) == 1:
-                time.sleep(60)
-            return "done"
-
-        fut = client.submit(slow)
-        wait_until(runs.exists, what="the task to start")
-        w2 = procs.nbq("worker", "--broker", address, "-c", "1")
-        client.wait_for_workers(2)
-        t0 = time.monotonic()
-        os.kill(w1.pid, signal.SIGKILL)  # the supervisor only: its child dies with it (PDEATHSIG)
+        fut = client.submit(_wait_for_file, str(runs), str(go))
+        for n in (1, 2):
+            wait_until(lambda: runs.exists() and len(runs.read_text().split()) == n,
+                       timeout=30, what=f"run {n} of the task to start")
+            w2 = procs.nbq("worker", "--broker", address, "-c", "1")
+            client.wait_for_workers(2)
+            os.kill(w1.pid, signal.SIGKILL)  # the supervisor only: its child dies with it (PDEATHSIG)
+            w1 = w2
+        wait_until(lambda: len(runs.read_text().split()) == 3, timeout=30,
+                   what="the task to run on a third worker")
+        go.touch()
         assert fut.result(timeout=15) == "done"
-        assert time.monotonic() - t0 < 15
-        assert len(runs.read_text().split()) == 2
-        wait_until(lambda: [w["pid"] for w in client.workers()] == [w2.pid],
-                   what="the dead worker to leave the listing")
+        assert len(runs.read_text().split()) == 3
+        wait_until(lambda: [w["pid"] for w in client.workers()] == [w1.pid],
+                   what="the dead workers to leave the listing")
+
+
+def test_a_task_its_dead_process_only_held_is_not_blamed(transport, procs, tmp_path):
+    """A task waiting for its eta in a process killed while idle runs, though no death is allowed."""
+    address = standalone_broker(transport, procs)
+    procs.nbq("worker", "--broker", address, "-c", "1")
+    with nbq.Client(address, max_task_deaths=1) as client:
+        client.wait_for_workers(1)
+        fut = client._submit(abs, (-7,), {}, options={"eta": time.time() + 3})
+        wait_until(lambda: client.workers()[0]["active"] == 1, what="the task to be held")
+        (pid,) = client.workers()[0]["processes"]
+        os.kill(pid, signal.SIGKILL)
+        assert fut.result(timeout=30) == 7
+
+
+def test_app_reject_on_worker_lost(transport, procs, tmp_path):
+    """Celery's meaning: False fails the task at the first death of its process (WorkerLost);
+    True, per task, re-runs it (until max_task_deaths)."""
+    address = standalone_broker(transport, procs)
+    procs.nbq("worker", "--broker", address, "-c", "1")
+    app = nbq.App("deaths", broker=address, task_reject_on_worker_lost=False)
+    try:
+        @app.task
+        def dies(path):
+            _exits(path, 3)
+
+        @app.task(reject_on_worker_lost=True)
+        def dies_again(path):
+            _exits(path, 4)
+
+        app.client.wait_for_workers(1)
+        once, thrice = tmp_path / "once", tmp_path / "thrice"
+        with pytest.raises(nbq.WorkerLost, match="died 1 time while running it"):
+            dies.delay(str(once)).get(timeout=30)
+        assert len(once.read_text().split()) == 1
+        with pytest.raises(nbq.WorkerLost, match="died 3 times while running it"):
+            dies_again.delay(str(thrice)).get(timeout=30)
+        assert len(thrice.read_text().split()) == 3
+    finally:
+        app.close()
 
 
 def test_client_sigkilled_takes_its_broker_and_workers_with_it(tmp_path):
@@ -192,3 +279,76 @@ def test_garbage_frames_do_not_crash_the_broker(procs):
     with nbq.Client(address) as client:
         client.wait_for_workers(1)
         assert client.submit(pow, 3, 3).result(timeout=10) == 27
+
+
+def _start_sleeper():
+    return subprocess.Popen(["sleep", "1000"]).pid
+
+
+@pytest.mark.parametrize("how", ["process killed", "worker stopped", "worker killed"])
+def test_a_tasks_subprocess_ends_with_its_worker(procs, how):
+    """Each worker process leads a process group: what its tasks start goes with it."""
+    address = start_broker(procs)
+    worker = procs.nbq("worker", "--broker", address, "-c", "1")
+    sleeper = None
+    try:
+        with nbq.Client(address) as client:
+            client.wait_for_workers(1)
+            sleeper = client.submit(_start_sleeper).result(timeout=15)
+            assert pid_alive(sleeper)
+            (pid,) = client.workers()[0]["processes"]
+            if how == "process killed":
+                os.kill(pid, signal.SIGKILL)
+            else:
+                worker.send_signal(signal.SIGTERM if how == "worker stopped" else signal.SIGKILL)
+                worker.wait(15)
+            wait_until(lambda: not pid_alive(sleeper), timeout=10, what="the task's subprocess to end")
+            if how == "process killed":  # the worker goes on with a new process
+                assert client.submit(abs, -3).result(timeout=15) == 3
+    finally:
+        if sleeper is not None and pid_alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_no_task_waits_for_a_worker_killed_unnoticed(procs):
+    """ZeroMQ: a worker SIGKILLed is missed by heartbeats only after seconds; a task the
+    broker cannot hand to its gone processes meanwhile goes to a live one at once."""
+    address = start_broker(procs)
+    dead = procs.nbq("worker", "--broker", address, "-c", "1")
+    with nbq.Client(address) as client:
+        client.wait_for_workers(1)
+        (child,) = client.workers()[0]["processes"]
+        procs.nbq("worker", "--broker", address, "-c", "1")
+        client.wait_for_workers(2)
+        dead.kill()
+        dead.wait()
+        wait_until(lambda: not pid_alive(child), what="its process to die with it")
+        t0 = time.monotonic()
+        assert client.gather([client.submit(abs, -i) for i in range(5)], timeout=15) == list(range(5))
+        assert time.monotonic() - t0 < 3.0  # the heartbeat timeout is 4 s
+        assert len(client.workers()) == 2  # not missed yet: no heartbeat timeout was waited for
+
+
+def test_death_rules():
+    """deaths.py, the rules both transports apply, on a chunk of 4 items."""
+    from nbq import deaths
+    chunk = {"id": "t", "m": "map", "n": 4, "md": 2}
+    # held, not running; or its worker gone whole (nobody reports): as it was
+    assert deaths.after_death(chunk, [0, 1, 2, 3], ["other", None]) == ([], chunk)
+    assert deaths.after_death(chunk, [0, 1, 2, 3], None)[1] is chunk
+    # running, item unknown (a first run is not marked): counts against every item
+    fail, again = deaths.after_death(chunk, [0, 1, 2, 3], ["t", None])
+    assert fail == [] and again["a"] == 1 and again["st"] == 1
+    # then the item it was running: 1 + 1 reaches md=2, it fails alone
+    fail, again = deaths.after_death(again, [1, 2, 3], ["t", 2])
+    assert fail == [2] and again["ex"] == [2] and again["skip"] == 1
+    # died between items (the marked one was delivered): nothing counts
+    fail, same = deaths.after_death(again, [3], ["t", 1])
+    assert fail == [] and same["skip"] == 3 and same.get("dp") == again.get("dp")
+    # a second unknown death reaches md for every item left
+    assert deaths.after_death(again, [1, 3], ["t", None]) == ([1, 3], None)
+    _, payload = deaths.ending(again, 1, "worker process 9 was killed by signal 9 (SIGKILL)", None)
+    _, errors = protocol.loads(payload)
+    assert str(protocol.rebuild_error(errors[0])) == (
+        "task t (item 1): its worker process died 2 times while running it (max_task_deaths=2); "
+        "the last time, worker process 9 was killed by signal 9 (SIGKILL)")

@@ -97,7 +97,7 @@ def test_shutdown_cancel_futures_cancels_items_not_sent(transport, procs, tmp_pa
 
 
 CTRL_C_SCRIPT = """
-import pathlib, sys, time
+import pathlib, sys, threading, time
 import nbq
 
 folder, address, how = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
@@ -111,7 +111,18 @@ def work(i):
 
 numbers = range({n}) if how != "list-generator" else (i for i in range({n}))
 res = client.map(work, numbers, chunksize=1)
-print("waiting", flush=True)
+
+def announce():  # "waiting" once the main thread waits inside the map, not a moment before
+    while True:
+        f = sys._current_frames().get(threading.main_thread().ident)
+        while f is not None and not f.f_code.co_filename.endswith("mapresult.py"):
+            f = f.f_back
+        if f is not None:
+            print("waiting", flush=True)
+            return
+        time.sleep(0.005)
+
+threading.Thread(target=announce, daemon=True).start()
 try:
     if how.startswith("list"):
         list(res)

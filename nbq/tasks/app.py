@@ -147,6 +147,9 @@ class App:
                 self.annotate()
                 self._client = Client(self.conf.broker_url,
                                       result_expires=float(self.conf.result_expires))
+                # as Celery's: a sent task outlives this process on a broker of its own, so
+                # exit waits only for what a private broker (ending with it) holds
+                self._client._wait_at_exit = self._client._cluster.broker is not None
             return self._client
 
     def close(self) -> None:

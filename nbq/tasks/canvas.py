@@ -20,7 +20,8 @@ from .runner import Runner, header_id, worker_client
 #: Options that travel in the task's header or request rather than as settings.
 _SEND_OPTIONS = ("task_id", "queue", "serializer", "result_serializer", "countdown", "eta",
                  "expires", "priority", "link", "link_error", "retry", "retry_policy",
-                 "immutable", "each", "time_limit", "soft_time_limit", "exchange", "routing_key")
+                 "immutable", "each", "time_limit", "soft_time_limit", "exchange", "routing_key",
+                 "reject_on_worker_lost")
 
 
 _ids: list[str] = []  # task ids made ahead, as one os.urandom call makes 256 of them
@@ -99,6 +100,10 @@ class Signature:
         opts.setdefault("result_serializer", app.conf.result_serializer if app else "pickle")
         if task is not None and task.expires is not None:
             opts.setdefault("expires", task.expires)
+        if opts.get("reject_on_worker_lost") is None:
+            own = task.reject_on_worker_lost if task is not None else None
+            opts["reject_on_worker_lost"] = own if own is not None else (
+                app.conf.task_reject_on_worker_lost if app else None)
         if opts.get("priority") is None:
             own = task.priority if task is not None else None
             opts["priority"] = own if own is not None else (
@@ -175,6 +180,8 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
         header["x"] = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
     if opts.get("priority"):  # 0 and none are the default: no header field
         header["pr"] = opts["priority"]
+    if opts.get("reject_on_worker_lost") is False:  # Celery's: the first death fails it
+        header["md"] = 1
     req: dict = {"rs": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
                        ("tl", opts.get("time_limit")), ("stl", opts.get("soft_time_limit")),

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "task_time_limit": None,
     "task_soft_time_limit": None,
     "task_acks_late": False,
+    "task_reject_on_worker_lost": None,  # None: nbq's rule (re-run until max_task_deaths)
     "task_always_eager": False,
     "result_expires": 86400,
     "beat_schedule": {},
@@ -45,6 +46,7 @@ OLD_NAMES = {
     "CELERYD_TASK_TIME_LIMIT": "task_time_limit",
     "CELERYD_TASK_SOFT_TIME_LIMIT": "task_soft_time_limit",
     "CELERY_ACKS_LATE": "task_acks_late",
+    "CELERY_REJECT_ON_WORKER_LOST": "task_reject_on_worker_lost",
     "CELERY_ALWAYS_EAGER": "task_always_eager",
     "CELERY_TASK_RESULT_EXPIRES": "result_expires",
     "CELERY_RESULT_EXPIRES": "result_expires",

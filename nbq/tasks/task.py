@@ -16,7 +16,7 @@ TASK_OPTIONS: dict[str, Any] = {
     "retry_backoff": False, "retry_backoff_max": 600, "retry_jitter": True,
     "rate_limit": None, "time_limit": None, "soft_time_limit": None, "queue": None,
     "priority": None, "serializer": None, "acks_late": None, "ignore_result": False,
-    "expires": None, "typing": True,
+    "expires": None, "typing": True, "reject_on_worker_lost": None,
 }
 
 

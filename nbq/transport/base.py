@@ -79,9 +79,10 @@ class SupervisorConnection(ABC):
         """Tell the broker this supervisor is alive."""
 
     @abstractmethod
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
-        """Report that worker process wid died (running item at[1] of task at[0], if known);
-        end says why the supervisor killed it, if it did: that task ends, never re-run (deaths.py)."""
+    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:
+        """Report that worker process wid died; at = [task id, item position or None] it was
+        running, if any (its death counts against that task); end says why the supervisor
+        killed it, if it did: that task ends, never re-run (deaths.py)."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:

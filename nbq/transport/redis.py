@@ -65,7 +65,9 @@ by the client's own sender thread from Redis state, and delivered as
 ``reply`` messages through receive(), so client.py does not know the
 difference.  A supervisor's ``lost`` report and the entries of workers whose
 heartbeat expired (claimed by live workers within a few seconds) follow the
-same rules as the ZeroMQ broker (deaths.py).
+same rules as the ZeroMQ broker (deaths.py): only the report counts a death
+against the task its process was running; a worker gone whole re-queues its
+entries as they were.
 
 Every message read from Redis is verified before anything in it is
 unpickled; a bad entry is logged, acknowledged and deleted.  Scripts touch
@@ -706,11 +708,13 @@ class Store:
         # first among its priority: the lane of re-queued tasks, read before the others
         rk = self.retry("re-queueing", lambda: group(self.r, task.get("q", "default"),
                                                      task.get("pr", 0), requeued=True))
-        if not died:  # a worker that left in good order: the same entry, queued again
+        fail, retry = ([], task) if not died else deaths.after_death(
+            task, self.delivered(task["id"], task.get("n", 1)), at, end)
+        if retry is task:  # its worker left in good order, or the death does not count against
+            # it (deaths.py): the same entry, queued again
             self.store([], adds=[(rk, fields)], acks=[(qk, eid, "")])
             self._retry_lost(task["id"])
             return
-        fail, retry = deaths.after_death(task, self.delivered(task["id"], task.get("n", 1)), at, end)
         parts = [(task, *deaths.ending(task, pos, why, end)) for pos in fail]
         adds = []
         if retry is not None:
@@ -1544,9 +1548,9 @@ class RedisWorker(WorkerConnection):
                 sid = name.split("/")[0]
                 if sid == self.sid or r.exists(P + "hb:" + sid):
                     continue
-                why = f"worker {sid} stopped answering heartbeats"
+                # a worker gone whole says nothing about its tasks: re-queued as they were
                 for eid, fields in st.claim(qk, name, self.wid, int(HEARTBEAT_TIMEOUT * 250)):
-                    st.after_death(qk, eid, fields, why, None)
+                    st.after_death(qk, eid, fields, "", None, died=False)
                 if not r.xpending_range(qk, GROUP, "-", "+", 1, consumername=name):
                     r.xgroup_delconsumer(qk, GROUP, name)
 

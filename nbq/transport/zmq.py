@@ -141,8 +141,10 @@ class ZmqSupervisor(SupervisorConnection):
     def heartbeat(self, info: dict) -> None:
         self._send(dict(info, k="hb"))
 
-    def lost(self, wid: str, how: str, at: tuple[str, int] | None, end: dict | None = None) -> None:
-        self._send({"k": "lost", "w": wid, "how": how, "at": at, "end": end})
+    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:
+        # on the wire: "at" [task id, item] only when the item is known, "run" the task id
+        self._send({"k": "lost", "w": wid, "how": how, "end": end,
+                    "at": at if at and at[1] is not None else None, "run": at and at[0]})
 
     def answer(self, request: dict, name: str, reply) -> None:
         self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "n": name, "r": reply})

@@ -6,6 +6,7 @@ Results are pairs (header item, payload frames) ready for the transport.
 """
 from __future__ import annotations
 
+import socket
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -18,11 +19,18 @@ NAME_MAX = 300  # bytes of a function's name kept for ``inspect active``
 
 
 class Functions:
-    """Functions by content hash, unpickled on first use; payloads come from ``fetch``."""
+    """Functions by content hash, unpickled on first use; payloads come from ``fetch``.
 
-    def __init__(self, fetch: Callable[[str], list]) -> None:
+    Given ``failed`` (the process's initializer raised it), every function raises it instead.
+    """
+
+    def __init__(self, fetch: Callable[[str], list], failed: BaseException | None = None) -> None:
         self._fetch = fetch
+        self._failed = failed
         self._loaded: OrderedDict[str, tuple[object, bytes]] = OrderedDict()
+
+    def __contains__(self, h: str) -> bool:
+        return h in self._loaded
 
     def get(self, h: str) -> tuple[object, bytes]:
         """(the function, its name as ``inspect active`` shows it, encoded)."""
@@ -34,8 +42,11 @@ class Functions:
         try:
             fn = protocol.loads(self._fetch(h))
         except Exception as e:  # a module missing here, a broken pickle: every task of it fails
-            fn = _Unloadable(e)
-        entry = self._loaded[h] = fn, _name(fn).encode()[:NAME_MAX]
+            fn = _Unloadable(unimportable(e, "the function of this task"))
+        name = _name(fn).encode()[:NAME_MAX]
+        if self._failed is not None:
+            fn = _Unloadable(self._failed)
+        entry = self._loaded[h] = fn, name
         if len(self._loaded) > FUNCTION_CACHE:
             self._loaded.popitem(last=False)
         return entry
@@ -49,14 +60,31 @@ def _name(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+def unimportable(error: BaseException, needed_by: str) -> BaseException:
+    """A ModuleNotFoundError met unpickling, restated to say where and what to do; others as is.
+
+    cloudpickle sends what an importable module defines by reference, so a helper
+    module on the client's path only must be installed here, or shipped by value.
+    """
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return error
+    name = error.name
+    return ModuleNotFoundError(
+        f"worker host {socket.gethostname()} cannot import module {name!r}, which {needed_by} "
+        f"needs: install it on the workers, start `nbq worker` in the folder that holds it, or "
+        f"send its code with the task from the client with nbq.ship({name}) or "
+        f"nbq.Client(..., ship=[{name}])", name=name)
+
+
 class _Unloadable:
     """Stands in for a function whose payload would not unpickle on this worker."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: BaseException) -> None:
         self.error = error
+        self._tb = error.__traceback__
 
     def __call__(self, *args, **kwargs):
-        raise self.error
+        raise self.error.with_traceback(self._tb)  # not one more frame in its traceback per call
 
 
 #: The header of the call running now in this process: what a task reads as its request.
@@ -99,7 +127,10 @@ def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
             return None
         current = item
         try:
-            args, kwargs = protocol.loads(frames)
+            try:
+                args, kwargs = protocol.loads(frames)
+            except ModuleNotFoundError as e:
+                raise unimportable(e, "an argument of this task") from None
             value = fn(*args, **kwargs)
         except Reschedule as r:
             if r.new_args is not None or r.new_kwargs is not None:
@@ -117,7 +148,7 @@ def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
     try:
         items = protocol.loads(frames)
     except BaseException as e:  # the whole chunk's input is unreadable: every item fails
-        items, load_error = None, protocol.error_record(e)
+        items, load_error = None, protocol.error_record(unimportable(e, "an item of this map"))
     star = item["m"] == "star"
     start = item.get("skip", 0)
     n = item.get("n", 1)

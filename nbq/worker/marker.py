@@ -3,13 +3,14 @@
 Four records in one shared page, made before fork and written by the child:
 
 * the item mark: a chunk re-run after a death reports item by item; if its
-  process dies again, the supervisor reads which item killed it, so that item
-  fails alone and the rest of the chunk runs.  Messages cannot tell this: the
-  last results of a killed process may never leave it.
+  process dies again, the supervisor reads which item it was running, so the
+  death counts against that item alone (deaths.py).  Messages cannot tell this:
+  the last results of a killed process may never leave it.
 * the deadline of a hard time limit (epoch seconds, 0: none) and the limit:
   the supervisor kills the process when it passes (Celery's ``time_limit``).
 * the current task (id, name, start time): what ``nbq inspect active``
-  answers.  Written for every task, so it is plain memory writes (no syscall).
+  answers, and which task a death counts against (``running``).  Written for
+  every task, so it is plain memory writes (no syscall).
 * the tasks held until their ETA (countdowns, retries): ``inspect scheduled``.
   Written only when that set changes.
 
@@ -49,7 +50,7 @@ class Marker:
         self.schedule([])
 
     def mark(self, task_id: str, index: int) -> None:
-        raw = task_id.encode()[: _MARK_END - _HEAD.size]
+        raw = task_id.encode()[:ID_MAX]
         self._mem[_HEAD.size:_HEAD.size + len(raw)] = raw
         _HEAD.pack_into(self._mem, 0, index, len(raw))
 
@@ -61,6 +62,15 @@ class Marker:
 
     def clear(self) -> None:
         _HEAD.pack_into(self._mem, 0, -1, 0)
+
+    def running(self) -> list | None:
+        """[task id, item position or None] the process is running (what its death counts
+        against, deaths.py), or None when it runs nothing.  Ids are clipped (clip_id)."""
+        current = self.current()
+        if current is None:
+            return None
+        mark = self.read()
+        return [current[0], mark[1] if mark is not None and mark[0] == current[0] else None]
 
     def begin(self, task_id: str, name: bytes) -> None:
         """Record the task this process starts now (name encoded, at most NAME_MAX bytes)."""
@@ -126,6 +136,11 @@ class Marker:
 
     def close(self) -> None:
         self._mem.close()
+
+
+def clip_id(task_id: str) -> str:
+    """A task id as the marker gives it back: its first ID_MAX bytes."""
+    return task_id.encode()[:ID_MAX].decode(errors="replace")
 
 
 #: This worker process's marker (set by process.serve): where a task sets its deadline.

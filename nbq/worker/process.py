@@ -17,8 +17,10 @@ from .marker import Marker
 FLUSH_SECONDS = 0.005
 
 
-def serve(conn: WorkerConnection, marker: Marker) -> None:
+def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None = None) -> None:
     """Serve tasks until the process is stopped; re-runs mark their items in marker.
+
+    ``failed``: the exception of this process's initializer, which every task then fails with.
 
     A task about to wait for others' results (a chord's last header task) calls
     ``execute.flush()`` first: the results this process holds are sent then, not with
@@ -30,7 +32,7 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
     clients are told (``conn.notice``) that it is RETRY, and STARTED when it runs again.
     """
     markers.mine = marker
-    functions = Functions(conn.function)
+    functions = Functions(conn.function, failed)
     later: list = []  # heap of (eta, seq, item, frames)
     seq = itertools.count()
     out: list = []  # results run and not yet reported
@@ -63,6 +65,8 @@ def serve(conn: WorkerConnection, marker: Marker) -> None:
                 heapq.heappush(later, (eta, next(seq), item, frames))
                 moved = True
                 continue
+            if item["h"] not in functions:  # loading it may kill this process: blame this task
+                marker.begin(item["id"], b"")
             fn, name = functions.get(item["h"])
             marker.begin(item["id"], name)
             if item.get("st") or item.get("a"):

@@ -2,7 +2,9 @@
 
 Worker processes are forked from the supervisor (a fresh, single-threaded
 interpreter), die with it (PR_SET_PDEATHSIG), and are replaced when they die;
-the broker is told at once so the dead process's task is re-run or failed.
+the broker is told at once, with what the process was running, so that task's
+death counts against it (deaths.py).  Each leads a process group, killed with
+it, so what its tasks started goes too (groups.py).
 The supervisor itself exits when its broker never answers its first heartbeats,
 when the broker says stop, or when its lifeline (a pipe from an embedding client)
 closes, so no process outlives the client that started it, even a SIGKILLed one.
@@ -24,7 +26,8 @@ import uuid
 from typing import Callable
 
 from ..transport.base import SupervisorConnection, WorkerConnection
-from . import control, process, ratelimit
+from . import control, groups, process, ratelimit
+from .initializer import Initializer
 from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
@@ -48,7 +51,7 @@ class Supervisor:
     def __init__(self, connect: Callable[[str], SupervisorConnection],
                  connect_worker: Callable[[str, dict], WorkerConnection],
                  concurrency: int, queues: list[str], lifeline: int | None = None,
-                 name: str = DEFAULT_NAME) -> None:
+                 name: str = DEFAULT_NAME, initializer: Initializer | None = None) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -58,6 +61,7 @@ class Supervisor:
         self.concurrency = concurrency
         self.queues = list(queues)
         self.lifeline = lifeline
+        self.initializer = initializer  # run in each worker process, a replacement's too
         self._connect = connect
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
@@ -65,6 +69,7 @@ class Supervisor:
         self._retiring: set[int] = set()    # pids stopped by pool_shrink: not replaced
         self._count = 0
         self._stopping = False
+        self._undertaker: groups.Undertaker | None = None
 
     @property
     def info(self) -> dict:
@@ -81,6 +86,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         conn = self._connect(self.sid)
+        self._undertaker = groups.Undertaker()
         goodbye = True
         try:
             conn.heartbeat(self.info)
@@ -123,6 +129,7 @@ class Supervisor:
             return "asked to stop"
         finally:
             self._stop_children()
+            self._undertaker.close()
             conn.close(goodbye)
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
@@ -199,14 +206,18 @@ class Supervisor:
         if pid == 0:  # the worker process
             code = 0
             try:
-                _become_child(self.pid)
+                _become_child(self.pid, self._undertaker.fd)
                 ratelimit.limits = self.rates
-                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker)
+                failed = self.initializer.run() if self.initializer is not None else None
+                process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker,
+                              failed)
             except BaseException:
                 log.exception("worker process %s failed", wid)
                 code = 1
             finally:
                 os._exit(code)
+        groups.placed(pid)
+        self._undertaker.watch(pid)
         self.children[pid] = (wid, marker)
 
     def _reap(self, conn: SupervisorConnection) -> None:
@@ -221,24 +232,31 @@ class Supervisor:
             if child is None:
                 continue
             wid, marker = child
+            self._bury(pid)
             how = _describe_exit(status)
             end = self._ending.pop(pid, None)
             if pid in self._retiring:
                 self._retiring.discard(pid)
                 log.info("worker process %s (pid %d) stopped: the pool shrank", wid, pid)
-                conn.lost(wid, "was stopped by pool_shrink", marker.read())
+                conn.lost(wid, "was stopped by pool_shrink", None)  # not its task's fault
                 marker.close()
                 continue
             log.warning("worker process %s (pid %d) %s%s; starting a new one", wid, pid, how,
                         f" ({end['text']})" if end else "")
-            conn.lost(wid, how, marker.read(), end)
+            conn.lost(wid, how, marker.running(), end)
             marker.close()
             if not self._stopping:
                 self._spawn()
 
+    def _bury(self, pid: int) -> None:
+        """Kill what is left of a reaped worker process's group (its tasks' subprocesses)."""
+        groups.kill_group(pid)
+        self._undertaker.forget(pid)
+
     def _stop_children(self) -> None:
-        for pid in self.children:
-            _kill(pid, signal.SIGTERM)
+        pids = list(self.children)
+        for pid in pids:
+            groups.kill_group(pid, signal.SIGTERM)  # the process and its tasks' subprocesses
         deadline = time.monotonic() + 2.0
         while self.children and time.monotonic() < deadline:
             try:
@@ -253,6 +271,8 @@ class Supervisor:
             _kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.children.clear()
+        for pid in pids:
+            self._bury(pid)
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -269,8 +289,12 @@ def _describe_exit(status: int) -> str:
     return f"exited with code {os.WEXITSTATUS(status)}"
 
 
-def _become_child(parent: int) -> None:
-    """Signal setup of a forked worker process; it dies when the supervisor dies."""
+def _become_child(parent: int, undertaker: int) -> None:
+    """Setup of a forked worker process: its own process group, signals; it dies when the
+    supervisor dies.  It closes its copy of the undertaker's pipe (only the supervisor's
+    death may close that)."""
+    groups.lead_group()
+    os.close(undertaker)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
