@@ -159,6 +159,7 @@ class Client(concurrent.futures.Executor):
         self._silent = False       # the broker has been silent for BROKER_SILENCE
         self._resend_due = False   # ... and gets everything again at its next welcome
         self._unavailable = False  # ... and for broker_grace: waits raise BrokerUnavailable
+        self._lost: concurrent.futures.Future = concurrent.futures.Future()  # failed then (waiting.py)
         self._nprocs: tuple[float, int] = (0.0, 0)
         try:
             self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
@@ -629,6 +630,8 @@ class Client(concurrent.futures.Executor):
         if heard:
             self._heard = now
             if self._silent:
+                if self._unavailable:
+                    self._lost = concurrent.futures.Future()
                 self._silent = self._unavailable = False
                 log.warning("the broker at %s answers again", self.address)
         if now >= self._next_beat:
@@ -647,6 +650,7 @@ class Client(concurrent.futures.Executor):
         self._unavailable = True
         error = self._unavailable_error()
         log.error("%s", error)
+        self._lost.set_exception(error)
         for rq in list(self._requests):
             entry = self._requests.pop(rq, None)
             if entry is not None:

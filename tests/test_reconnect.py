@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -96,11 +97,24 @@ def test_broker_that_stays_dead_raises_after_grace_and_work_resumes_when_it_retu
         fut = client.submit(record, str(log), "slow", 1.0)
         res = client.map(record, [str(log)] * 20, range(20), chunksize=5)
         wait_until(lambda: runs(log)["slow"], what="the task to start")
+        waited = []  # what nbq.wait, waiting already when the broker dies, raises
+
+        def wait_all():
+            try:
+                nbq.wait([fut])
+            except Exception as e:
+                waited.append(e)
+        waiter = threading.Thread(target=wait_all)
+        waiter.start()
         sigkill(b)
         t0 = time.monotonic()
         with pytest.raises(nbq.BrokerUnavailable, match=address):
             fut.result()
         assert time.monotonic() - t0 < 2 + 5
+        waiter.join(5)
+        assert isinstance(waited[0], nbq.BrokerUnavailable)
+        with pytest.raises(nbq.BrokerUnavailable):
+            next(nbq.as_completed([fut]))
         with pytest.raises(nbq.BrokerUnavailable, match="broker_grace=2"):
             res.result()
         with pytest.raises(nbq.BrokerUnavailable):
@@ -214,3 +228,21 @@ def test_remote_cell_with_a_dead_broker_fails_after_grace(procs):
     finally:
         magics.client = None
         client.shutdown(wait=False)
+
+
+def test_nbq_wait_and_as_completed_keep_concurrent_futures_meaning():
+    import operator
+    with nbq.Client(workers=2) as client:
+        client.wait_for_workers(2)
+        slow = client.submit(time.sleep, 1.5)
+        bad = client.submit(operator.truediv, 1, 0)
+        done, not_done = nbq.wait([slow, bad], timeout=10, return_when=nbq.FIRST_EXCEPTION)
+        assert done == {bad} and not_done == {slow}
+        done, not_done = nbq.wait([slow], timeout=0.05)
+        assert not done and not_done == {slow}
+        done, _ = nbq.wait([slow, bad], timeout=10, return_when=nbq.FIRST_COMPLETED)
+        assert bad in done
+        assert list(nbq.as_completed([slow, bad], timeout=10)) == [bad, slow]
+        done, not_done = nbq.wait([slow, bad], timeout=10)
+        assert done == {slow, bad} and not not_done
+        assert nbq.wait([], timeout=1) == (set(), set())
