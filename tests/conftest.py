@@ -131,9 +131,11 @@ def procs(tmp_path):
     p.stop_all()
 
 
-def start_broker(procs: Processes) -> str:
-    """An `nbq broker` subprocess on a free loopback port; returns its address."""
-    address = f"tcp://127.0.0.1:{free_port()}"
+def start_broker(procs: Processes, address: str | None = None) -> str:
+    """An `nbq broker` subprocess on address (default: a free loopback port); returns the address.
+
+    Given the address of one that was killed, it is that broker restarted."""
+    address = address or f"tcp://127.0.0.1:{free_port()}"
     p = procs.nbq("broker", "--bind", address)
     line = p.stdout.readline()
     assert "listening" in line, line
