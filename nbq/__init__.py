@@ -7,8 +7,9 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, 
 
 from .asyncresult import AsyncResult
 from .client import Client, ship_modules as ship
-from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, NbqError, RemoteError,
-                     SerializationError, SignatureError, WorkerLost)
+from .clusters import Cluster, LaunchWarning
+from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, LaunchError, NbqError,
+                     RemoteError, SerializationError, SignatureError, VersionMismatch, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
@@ -25,7 +26,7 @@ __all__ = [
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
     "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
-    "Celery", "shared_task",
+    "Celery", "shared_task", "Cluster", "LaunchError", "LaunchWarning", "VersionMismatch",
 ]
 
 

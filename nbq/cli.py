@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .errors import NbqError
+from .errors import NbqError, VersionMismatch
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    "each worker process before its first task, and in each process started to "
                    "replace one (as a concurrent.futures initializer): to load a model or data")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--versions", default=None, help=argparse.SUPPRESS)  # a cluster's: NBQ/PYTHON
     w.add_argument("--init-fd", type=int, default=None, help=argparse.SUPPRESS)  # a Client's
     w.set_defaults(run=_worker)
 
@@ -159,6 +160,8 @@ def _worker(args) -> None:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
     if args.init and args.init_fd is not None:
         raise ValueError("give --init or an initializer on a pipe, not both")
+    if args.versions:
+        _check_versions(args.versions)
     key = keys.load_key()
     # no task finds the key in its environment; the clients that tasks make (a chain's next
     # step, a chord's body) find it with keys.load_key(), as this process's own (main)
@@ -185,6 +188,16 @@ def _worker(args) -> None:
     if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
         raise NbqError(f"the broker at {address} shut down; this worker stops with it")
     logging.getLogger("nbq.worker").info("stopping: %s", why)
+
+
+def _check_versions(theirs: str) -> None:
+    """Refuse to serve a cluster whose nbq or Python version differs from this worker's."""
+    from .clusters.base import versions
+    mine = versions()
+    if theirs != mine:
+        (nbq_c, py_c), (nbq_w, py_w) = theirs.split("/", 1), mine.split("/", 1)
+        raise VersionMismatch(f"this worker has nbq {nbq_w} on Python {py_w}, its client nbq "
+                              f"{nbq_c} on Python {py_c}: install the same versions on both sides")
 
 
 def _load_app(spec: str):

@@ -21,7 +21,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from concurrent.futures import CancelledError
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import cloudpickle
 
@@ -31,6 +31,9 @@ from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
+
+if TYPE_CHECKING:
+    from .clusters.base import Cluster
 
 log = logging.getLogger("nbq.client")
 
@@ -75,13 +78,18 @@ class Client(concurrent.futures.Executor):
     of their own (deaths.py).
     """
 
-    def __init__(self, address: str | None = None, workers: int | None = None, *,
+    def __init__(self, address: "str | Cluster | None" = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
                  timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
                  ship: Iterable[types.ModuleType | str] = (),
                  initializer: Callable | None = None, initargs: tuple = ()) -> None:
         global _current
         from .cluster import LocalCluster
+        from .clusters.base import Cluster
+        if isinstance(address, Cluster):
+            if workers is not None or initializer is not None:
+                raise ValueError("a cluster's workers are its own: size it with cluster.scale(n) "
+                                 "or cluster.adapt(), not Client(cluster, workers=...)")
         from .worker import initializer as worker_init
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive number of processes (or None), "
@@ -102,11 +110,16 @@ class Client(concurrent.futures.Executor):
                 raise ValueError("an initializer runs in the worker processes this client starts: "
                                  "give workers=N, or start workers with `nbq worker --init "
                                  "MODULE:FUNC`")
-        self.key = keys.load_key(key_file)
-        init = None if initializer is None else worker_init.encode(self.key, initializer, initargs)
         self.id = uuid.uuid4().hex[:16]
-        self._cluster = LocalCluster(self.key, address, workers, result_expires=result_expires,
-                                     initializer=init)
+        self._owns_cluster = not isinstance(address, Cluster)  # Client(cluster): the user's to close
+        if self._owns_cluster:
+            self.key = keys.load_key(key_file)
+            init = None if initializer is None else worker_init.encode(self.key, initializer,
+                                                                       initargs)
+            self._cluster = LocalCluster(self.key, address, workers,
+                                         result_expires=result_expires, initializer=init)
+        else:
+            self.key, self._cluster = address.key, address
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted
@@ -131,7 +144,7 @@ class Client(concurrent.futures.Executor):
             self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
                                            self._cluster.context)
         except Exception:
-            self._cluster.close()
+            self._close_cluster()
             raise
         self._receiver = threading.Thread(target=_receive_loop, args=(weakref.ref(self), self._conn),
                                           name=f"nbq-receiver-{self.id}", daemon=True)
@@ -308,8 +321,8 @@ class Client(concurrent.futures.Executor):
 
     def _processes(self) -> int:
         """Worker processes serving this broker (asked at most every 5 s)."""
-        if self._cluster.workers:
-            return self._cluster.workers
+        if self._cluster.processes:
+            return self._cluster.processes
         checked, n = self._nprocs
         if time.monotonic() - checked > 5.0:
             try:
@@ -683,7 +696,7 @@ class Client(concurrent.futures.Executor):
             return
         self._closed = self._stopped = True
         with contextlib.ExitStack() as steps:  # callbacks run last-registered first
-            steps.callback(self._cluster.close)
+            steps.callback(self._close_cluster)
             steps.callback(self._fail_unfinished)
             steps.callback(self._close_connection)
             steps.callback(self._stop_receiver)
@@ -692,6 +705,10 @@ class Client(concurrent.futures.Executor):
                 self._flush_outbox()
         self._down = True
         _open_clients.discard(self)
+
+    def _close_cluster(self) -> None:
+        if self._owns_cluster:
+            self._cluster.close()
 
     def _stop_receiver(self) -> None:
         if threading.current_thread() is not self._receiver:  # not from a done-callback

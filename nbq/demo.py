@@ -20,7 +20,7 @@ def run(items: int = 300_000, workers: int | None = None) -> None:
     t0 = time.perf_counter()
     with nbq.Client(workers=workers) as client:
         started = time.perf_counter()
-        print(f"nbq demo: {client._cluster.workers} worker processes, broker {client.address}, "
+        print(f"nbq demo: {client._cluster.processes} worker processes, broker {client.address}, "
               f"started in {started - t0:.2f} s")
         res = client.map(simulate, range(items))
         res.progress()

@@ -39,6 +39,14 @@ class BrokerUnavailable(NbqError, ConnectionError):
     """The broker could not be reached or stopped answering."""
 
 
+class LaunchError(NbqError):
+    """A cluster could not start workers: the message names the host (or job) and why."""
+
+
+class VersionMismatch(NbqError):
+    """A worker's nbq or Python version differs from its client's: it refuses to serve."""
+
+
 class InputError(NbqError):
     """The iterable given to map raised while it was being read."""
 

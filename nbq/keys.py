@@ -80,7 +80,8 @@ def key_file_path(key_file: str | os.PathLike | None = None) -> Path:
 
 
 def load_key(key_file: str | os.PathLike | None = None, given_as: str = "key_file") -> Key:
-    """The signing key: key_file when given (``-``: standard input), else this process's own
+    """The signing key: key_file when given (``-``: the first line of standard input), else
+    this process's own
     (use()), else NBQ_KEY, else the key file of NBQ_KEY_FILE or the default, made when missing.
 
     ``given_as`` names the option that gave key_file, for messages.  Raises InvalidKey
@@ -92,7 +93,8 @@ def load_key(key_file: str | os.PathLike | None = None, given_as: str = "key_fil
         if os.environ.get("NBQ_KEY"):
             return _checked(os.fsencode(os.environ["NBQ_KEY"]), "the environment variable NBQ_KEY")
     if key_file == STDIN:
-        return _checked(sys.stdin.buffer.read().strip(), f"standard input ({given_as} -)")
+        # one line: the input may stay open after it (a cluster's worker: its lifeline)
+        return _checked(sys.stdin.buffer.readline().strip(), f"standard input ({given_as} -)")
     path = key_file_path(key_file)
     how = (f" ({given_as})" if key_file is not None
            else " (NBQ_KEY_FILE)" if os.environ.get("NBQ_KEY_FILE") else "")

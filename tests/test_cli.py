@@ -85,7 +85,7 @@ def test_broker_worker_status_and_a_remote_client(procs):
     assert any(line.startswith("queue lengths: ") for line in out.splitlines()), out
 
     with nbq.Client(address) as client:  # connects; starts no workers of its own
-        assert client._cluster.workers == 0
+        assert client._cluster.processes == 0
         client.wait_for_workers(2, timeout=20)
         workers = client.workers()
         assert [w["pid"] for w in workers] == [worker.pid], workers

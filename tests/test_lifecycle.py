@@ -39,7 +39,7 @@ def interrupt_after(seconds: float):
 
 def local_pids(client: nbq.Client) -> list[int]:
     """The pids of the client's local worker supervisor and of its worker processes."""
-    return [client._cluster._proc.pid, *(p for w in client.workers() for p in w["processes"])]
+    return [*(u.handle.pid for u in client._cluster._units.values()), *(p for w in client.workers() for p in w["processes"])]
 
 
 def assert_all_stopped(pids: list[int], threads_before: set) -> None:
