@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,14 +27,17 @@ def _free_port() -> int:
 
 
 class SlurmServer:
-    """munged + slurmctld + slurmd in ``directory``; the node is idle when __init__ returns."""
+    """munged + slurmctld + slurmd in ``directory`` (munged's socket in a directory of its own);
+    the node is idle when __init__ returns."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         self.procs: list[subprocess.Popen] = []
         self._saved_conf = os.environ.get("SLURM_CONF")
-        # munged refuses a socket directory others cannot traverse (mktemp dirs are 0700)
-        self.dir.chmod(0o755)
+        # munged refuses a socket in a directory others cannot traverse, up to the root (the
+        # tests' temp dirs are 0700): its socket gets a 0755 directory of its own in /tmp
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="nbq-munge-"))
+        self.sock_dir.chmod(0o755)
         self.conf = self.dir / "slurm.conf"
         try:
             self._start()
@@ -46,11 +51,11 @@ class SlurmServer:
 
     def _start(self) -> None:
         munge = self.dir / "munge"
-        munge.mkdir(mode=0o755)
+        munge.mkdir(mode=0o700)
         key = munge / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
         key.chmod(0o400)
-        sock = munge / "munge.sock"
+        sock = self.sock_dir / "munge.sock"
         self._daemon("munged", ["munged", "-F", f"--key-file={key}", f"--socket={sock}",
                                 f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
                                 f"--seed-file={munge / 'munged.seed'}"])
@@ -144,6 +149,7 @@ class SlurmServer:
                     p.kill()
                     p.wait()
         self.procs = []
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
         if self._saved_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:

@@ -138,11 +138,13 @@ class Cluster:
 
     # -- what a unit runs -----------------------------------------------------
 
-    def worker_command(self, name: str, n: int, python: str = sys.executable) -> list[str]:
+    def worker_command(self, name: str, n: int, python: str = sys.executable,
+                       lifeline: bool = True) -> list[str]:
         """The ``nbq worker`` command of unit ``name``: key and lifeline on its standard input,
-        refusing to start unless its nbq and Python versions are this process's."""
+        refusing to start unless its nbq and Python versions are this process's.
+        ``lifeline=False``: the key only (a batch job, which no process holds an input of)."""
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
-                "--hostname", name, "--key-file", "-", "--lifeline", "0",
+                "--hostname", name, "--key-file", "-", *(["--lifeline", "0"] if lifeline else []),
                 "--versions", versions()]
 
     def handshake(self) -> bytes:

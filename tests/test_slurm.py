@@ -1,0 +1,127 @@
+"""SlurmCluster on a real Slurm (munged + slurmctld + slurmd on this machine, tests/slurm_server.py):
+jobs submitted with sbatch, workers that join, a map across jobs, scancel on close, a job
+killed mid-task, and a client killed by SIGKILL."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import nbq
+from conftest import pid_alive, wait_until
+from nbq.clusters.slurm import job_script, memory_mb
+
+
+def _job_of_task(_):
+    """Which job ran this, and its worker's pid."""
+    return os.environ.get("SLURM_JOB_ID"), os.getppid()
+
+
+def _slow(x, marks):
+    """Mark which job started item x, then take long enough to be killed mid-task."""
+    Path(marks, f"{x}-{os.environ['SLURM_JOB_ID']}-{time.time_ns()}").touch()
+    time.sleep(3)
+    return x * 10
+
+
+def test_job_script_lines_and_checks(tmp_path):
+    script = job_script(name="nbq-1", command=["/py", "-m", "nbq", "worker", "--key-file", "-"],
+                        key_file=tmp_path / "k", log_file=tmp_path / "l", cores=8,
+                        memory="16GB", walltime="01:00:00", partition="gpu", account="lab",
+                        job_extra=["--qos=high"], prologue=["module load python"])
+    for line in ["#SBATCH --cpus-per-task=8", "#SBATCH --mem=16384M", "#SBATCH --time=01:00:00",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high",
+                 f"exec 3<{tmp_path / 'k'} && rm -f {tmp_path / 'k'} || exit 1",
+                 "module load python", "exec /py -m nbq worker --key-file - <&3 3<&-"]:
+        assert line in script.splitlines(), line
+    assert memory_mb("500M") == 500 and memory_mb("1.5GiB") == 1536 and memory_mb(2048) == 2048
+    with pytest.raises(ValueError, match="line break"):
+        job_script(name="x", command=[], key_file=tmp_path / "k", log_file=tmp_path / "l",
+                   cores=1, job_extra=["--qos=a\nrm -rf ~"])
+    with pytest.raises(ValueError, match="not a Slurm time"):
+        nbq.SlurmCluster(jobs=1, walltime="1 hour")
+    with pytest.raises(ValueError, match="not a size"):
+        nbq.SlurmCluster(jobs=1, memory="lots")
+    with pytest.raises(ValueError, match="cores"):
+        nbq.SlurmCluster(jobs=1, cores=0)
+
+
+def test_jobs_join_run_a_map_and_close_cancels_them(slurm, tmp_path):
+    key = bytes(nbq.keys.load_key())
+    with nbq.SlurmCluster(jobs=2, cores=1, memory="200MB", walltime="00:10:00",
+                          partition="debug", directory=tmp_path / "c") as cluster:
+        jobs = slurm.jobs()
+        assert len(jobs) == 2
+        client = nbq.Client(cluster)
+        client.wait_for_workers(2, timeout=60)
+        ran = client.map(_job_of_task, range(40), chunksize=1).result(timeout=60)
+        assert {j for j, _ in ran} == set(jobs)  # both jobs served the map
+        pids = {p for _, p in ran}
+        # the key reached the workers through a 0600 file the job removed, nothing else
+        assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o700
+        assert not list((tmp_path / "c").glob("*.key"))
+        for job in jobs:
+            assert key not in slurm.run("scontrol", "write", "batch_script", job, "-").encode()
+        for pid in pids:
+            for what in ("cmdline", "environ"):
+                assert key not in Path(f"/proc/{pid}/{what}").read_bytes()
+        assert {w["state"] for w in cluster.workers} == {"running"}
+        assert len(cluster.logs()) == 2  # one log per job
+        t0 = time.monotonic()
+    print(f"close took {time.monotonic() - t0:.2f} s")
+    assert not slurm.jobs()  # scancel through close(): squeue lists nothing
+    assert not [p for p in pids if pid_alive(p)]
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_job_killed_mid_task_has_its_task_finish_elsewhere(slurm, tmp_path):
+    """scancel from outside the cluster, as Slurm's walltime or a preemption ends a job:
+    SIGTERM to every process of the job, SIGKILL KillWait seconds later (the same path
+    a TIMEOUT takes, without waiting up to 30 s for slurmctld's time-limit check)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with nbq.SlurmCluster(jobs=2, cores=1, directory=tmp_path / "c") as cluster:
+        client = nbq.Client(cluster)
+        client.wait_for_workers(2, timeout=60)
+        res = client.map(_slow, range(2), [str(marks)] * 2, chunksize=1)
+        started = wait_until(lambda: sorted(os.listdir(marks)) if len(os.listdir(marks)) == 2
+                             else None, timeout=30, what="both tasks started")
+        victim = started[0].split("-")[1]
+        slurm.run("scancel", victim)
+        assert res.result(timeout=60) == [0, 10]
+        runs = [m.split("-")[:2] for m in os.listdir(marks)]
+        first = runs[0][0] if runs[0][1] == victim else runs[1][0]
+        assert [x for x, job in runs if x == first and job != victim], runs  # ran again elsewhere
+        wait_until(lambda: any(w["state"].startswith("failed: job " + victim)
+                               for w in cluster.workers), timeout=10, what="the job's end seen")
+
+
+CLIENT = textwrap.dedent("""
+    import sys, nbq
+    cluster = nbq.SlurmCluster(jobs=2, cores=1, directory=sys.argv[1])
+    client = nbq.Client(cluster)
+    client.wait_for_workers(2, timeout=60)
+    print(" ".join(str(p) for p in sorted({w["pid"] for w in client.workers()})), flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_jobs_end_within_seconds_when_the_client_is_killed(slurm, procs, tmp_path):
+    p = procs.start([sys.executable, "-c", CLIENT, str(tmp_path / "c")], stdin=subprocess.PIPE,
+                    env=slurm.env())
+    line = p.stdout.readline()
+    pids = [int(x) for x in line.split()]
+    assert pids and slurm.jobs(), line + p.stdout.read() if p.poll() is not None else line
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    wait_until(lambda: not slurm.jobs(), timeout=30, what="the jobs to end")
+    print(f"jobs ended {time.monotonic() - t0:.1f} s after the client's SIGKILL")
+    wait_until(lambda: not [q for q in pids if pid_alive(q)], timeout=10, what="workers gone")
