@@ -156,6 +156,7 @@ class Supervisor:
     seen: float
     name: str = ""
     procs: set = field(default_factory=set)
+    memory: int | None = None  # resident bytes of it and its processes, as its heartbeat said
 
 
 class Broker:
@@ -464,6 +465,7 @@ class Broker:
             "queues": list(s.queues),
             "active": sum(len(self.procs[w].running) for w in s.procs if w in self.procs),
             "processes": sorted(self.procs[w].pid for w in s.procs if w in self.procs),
+            "memory": s.memory,
         } for s in self.supervisors.values()]
         queues = {q: sum(1 for t in d if t.where == "queued") for q, d in self.queues.items()}
         self._reply(header, {"workers": workers, "queues": queues,
@@ -487,6 +489,7 @@ class Broker:
         sup = self._supervisor(header)
         sup.seen = time.monotonic()
         sup.concurrency = header["conc"]
+        sup.memory = header.get("mem")
         queues = tuple(header["q"])
         if queues != sup.queues:  # add_consumer or cancel_consumer: its processes follow
             sup.queues = queues

@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--logfile", default="%n%I.log", help="log file per node (default %%n%%I.log)")
     m.set_defaults(run=_multi)
 
+    la = sub.add_parser("launch", help="start workers on other machines and serve them until "
+                        "stopped (nbq launch ssh HOST... -n N)")
+    from .clusters.launch import add_launchers
+    add_launchers(la.add_subparsers(dest="launcher", required=True))
+    la.set_defaults(run=_launch)
+
     d = sub.add_parser("demo", help="run a map on an embedded cluster: progress, DataFrame, speed")
     d.add_argument("--items", type=int, default=300_000, help="items to map (default 300,000)")
     d.add_argument("--workers", type=int, default=None, help="worker processes (default: CPUs)")
@@ -122,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument("-t", "--timeout", type=float, default=1.0,
                             help="seconds to wait for replies (default 1)")
         parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
-    for parser in (b, w, bt, s, i, c):
+    for parser in (b, w, bt, s, i, c, la):
         parser.add_argument("--key-file", default=None, help="signing key file, - for standard input "
                             "(default: $NBQ_KEY, $NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
@@ -361,6 +367,11 @@ def _control(args) -> None:
         from .worker.ratelimit import interval
         interval(arguments["rate_limit"])  # a bad rate is one error here, not one per worker
     _ask_workers(args, args.what, arguments)
+
+
+def _launch(args) -> None:
+    from .clusters.launch import serve
+    serve(args.make(args))
 
 
 def _demo(args) -> None:

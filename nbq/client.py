@@ -369,7 +369,8 @@ class Client(concurrent.futures.Executor):
                 for f in futures]
 
     def workers(self) -> list[dict]:
-        """Connected workers: id, host, pid, concurrency, active, queues, processes."""
+        """Connected workers: id, host, pid, concurrency, active, queues, processes, memory
+        (resident bytes of the worker and its processes, where known)."""
         return self._request("info")["workers"]
 
     def status(self) -> dict:

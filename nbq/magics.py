@@ -524,9 +524,16 @@ def _remote_parser() -> _Parser:
     return p
 
 
+def _launch_parser() -> _Parser:
+    from .clusters.launch import add_launchers
+    p = _Parser(prog="%nbq launch", add_help=False)
+    add_launchers(p.add_subparsers(dest="launcher", required=True, parser_class=_Parser))
+    return p
+
+
 def _nbq_parser() -> _Parser:
     p = _Parser(prog="%nbq", add_help=False)
-    p.add_argument("command", choices=["connect", "status", "workers", "shutdown"])
+    p.add_argument("command", choices=["connect", "launch", "status", "workers", "shutdown"])
     p.add_argument("address", nargs="?", default=None)
     p.add_argument("--workers", type=int, default=None)
     return p
@@ -539,6 +546,7 @@ class NbqMagics(Magics):
     def __init__(self, shell) -> None:
         super().__init__(shell)
         self.client = None
+        self.cluster = None       # the cluster of `%nbq launch`, closed with its client
         self.last = None          # the Future of the latest %%remote cell (not --all)
 
     # -- the client ------------------------------------------------------------
@@ -555,8 +563,12 @@ class NbqMagics(Magics):
 
     @line_magic
     def nbq(self, line: str):
-        """%nbq connect [ADDRESS] [--workers N] | status | workers | shutdown"""
-        args = _nbq_parser().parse_args(shlex.split(line))
+        """%nbq connect [ADDRESS] [--workers N] | launch ssh HOST... [-n N] | status | workers
+        | shutdown"""
+        words = shlex.split(line)
+        if words[:1] == ["launch"]:
+            return self._launch(_launch_parser().parse_args(words[1:]))
+        args = _nbq_parser().parse_args(words)
         if args.command == "connect":
             return self._connect(args.address, args.workers)
         if args.command == "shutdown":
@@ -564,6 +576,7 @@ class NbqMagics(Magics):
             client.shutdown()
             if client is self.client:
                 self.client = None
+                self._close_cluster()
             print(f"nbq: shut down {client.address}")
             return None
         client = self._client()
@@ -572,10 +585,29 @@ class NbqMagics(Magics):
         display(status_bundle(client.address, st, workers_only=args.command == "workers"), raw=True)
         return None
 
-    def _connect(self, address: str | None, workers: int | None):
+    def _launch(self, args):
+        """%nbq launch: start a cluster, make it this extension's client's."""
         from .client import Client
+        self._drop_client()
+        self.cluster = args.make(args)
+        self.client = Client(self.cluster)
+        from IPython.display import display
+        display(self.cluster)
+        return None
+
+    def _drop_client(self) -> None:
         if self.client is not None and not self.client._closed:
             self.client.shutdown(wait=False)
+        self._close_cluster()
+
+    def _close_cluster(self) -> None:
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            cluster.close()
+
+    def _connect(self, address: str | None, workers: int | None):
+        from .client import Client
+        self._drop_client()
         self.client = Client(address, workers=workers)
         embedded = address is None and not os.environ.get("NBQ_BROKER")
         n = workers if workers is not None else (os.cpu_count() or 1) if embedded else 0

@@ -185,7 +185,8 @@ class Cluster:
                 self._shrink(have - n, idle_only)
 
     def _shrink(self, surplus: int, idle_only: bool) -> None:
-        """Stop whole units worth at most surplus processes: idle, then newest first."""
+        """Stop whole units worth at most surplus processes, idle then newest first; then (not
+        for adapt) shrink a serving unit by what is left (its idle processes first)."""
         active = self._activity()
         live = [u for u in self._units.values() if u.failure is None]
         live.sort(key=lambda u: (active.get(u.name, 0) > 0, -u.started))
@@ -197,6 +198,13 @@ class Cluster:
                 continue
             surplus -= unit.processes
             self._retire(unit)
+        if surplus and not idle_only:  # no whole unit fits: one unit stops some processes
+            unit = next((u for u in live if u.name in self._units and u.processes > surplus
+                         and u.name in active), None)
+            if unit is not None:
+                self._status()  # the cluster's client exists
+                self._client.control("pool_shrink", {"n": surplus}, [unit.name], timeout=5.0)
+                unit.processes -= surplus
 
     def _retire(self, unit: Unit) -> None:
         log.info("stopping %s", unit.name)

@@ -1046,7 +1046,8 @@ def info(store: Store) -> dict:
                 active[sid] = active.get(sid, 0) + int(c["pending"])
     workers = [{"id": sid, "name": meta.get("n", sid), "host": meta["host"], "pid": meta["spid"],
                 "concurrency": meta["conc"], "queues": list(meta["q"]), "active": active.get(sid, 0),
-                "processes": sorted(int(p) for p in procs.values())} for sid, meta, procs in sups]
+                "processes": sorted(int(p) for p in procs.values()), "memory": meta.get("mem")}
+               for sid, meta, procs in sups]
     results = r.zcount(P + "done", time.time() - store.ttl, "+inf")
     return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results}
 

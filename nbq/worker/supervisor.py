@@ -70,7 +70,8 @@ class Supervisor:
     @property
     def info(self) -> dict:
         return {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
-                "conc": self.concurrency, "q": self.queues}
+                "conc": self.concurrency, "q": self.queues,
+                "mem": _memory([self.pid, *self.children])}
 
     def run(self) -> str:
         """Serve until told to stop; returns why it stopped."""
@@ -271,6 +272,23 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _memory(pids: list[int]) -> int | None:
+    """Resident memory of these processes in bytes (None without Linux's /proc)."""
+    if not os.path.isdir("/proc"):
+        return None
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE_SIZE
+        except OSError:  # it exited meanwhile
+            pass
+    return total
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _describe_exit(status: int) -> str:
