@@ -56,10 +56,10 @@ def test_job_script_lines_and_checks(tmp_path):
 def test_jobs_join_run_a_map_and_close_cancels_them(slurm, tmp_path):
     key = bytes(nbq.keys.load_key())
     with nbq.SlurmCluster(jobs=2, cores=1, memory="200MB", walltime="00:10:00",
-                          partition="debug", directory=tmp_path / "c") as cluster:
+                          partition="debug", directory=tmp_path / "c") as cluster, \
+            nbq.Client(cluster, ship=[sys.modules[__name__]]) as client:
         jobs = slurm.jobs()
         assert len(jobs) == 2
-        client = nbq.Client(cluster)
         client.wait_for_workers(2, timeout=60)
         ran = client.map(_job_of_task, range(40), chunksize=1).result(timeout=60)
         assert {j for j, _ in ran} == set(jobs)  # both jobs served the map
@@ -74,11 +74,13 @@ def test_jobs_join_run_a_map_and_close_cancels_them(slurm, tmp_path):
                 assert key not in Path(f"/proc/{pid}/{what}").read_bytes()
         assert {w["state"] for w in cluster.workers} == {"running"}
         assert len(cluster.logs()) == 2  # one log per job
+        client.shutdown()
         t0 = time.monotonic()
-    print(f"close took {time.monotonic() - t0:.2f} s")
+        cluster.close()
+        print(f"close took {time.monotonic() - t0:.2f} s")
     assert not slurm.jobs()  # scancel through close(): squeue lists nothing
     assert not [p for p in pids if pid_alive(p)]
-    assert not (tmp_path / "c").exists()
+    assert len(list((tmp_path / "c").glob("*.log"))) == 2  # a directory given is the user's: kept
 
 
 def test_a_job_killed_mid_task_has_its_task_finish_elsewhere(slurm, tmp_path):
@@ -87,8 +89,8 @@ def test_a_job_killed_mid_task_has_its_task_finish_elsewhere(slurm, tmp_path):
     a TIMEOUT takes, without waiting up to 30 s for slurmctld's time-limit check)."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    with nbq.SlurmCluster(jobs=2, cores=1, directory=tmp_path / "c") as cluster:
-        client = nbq.Client(cluster)
+    with nbq.SlurmCluster(jobs=2, cores=1, directory=tmp_path / "c") as cluster, \
+            nbq.Client(cluster, ship=[sys.modules[__name__]]) as client:
         client.wait_for_workers(2, timeout=60)
         res = client.map(_slow, range(2), [str(marks)] * 2, chunksize=1)
         started = wait_until(lambda: sorted(os.listdir(marks)) if len(os.listdir(marks)) == 2
