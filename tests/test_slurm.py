@@ -127,3 +127,32 @@ def test_jobs_end_within_seconds_when_the_client_is_killed(slurm, procs, tmp_pat
     wait_until(lambda: not slurm.jobs(), timeout=30, what="the jobs to end")
     print(f"jobs ended {time.monotonic() - t0:.1f} s after the client's SIGKILL")
     wait_until(lambda: not [q for q in pids if pid_alive(q)], timeout=10, what="workers gone")
+
+
+def test_nbq_launch_slurm_command(slurm, procs, tmp_path):
+    p = procs.nbq("launch", "slurm", "--jobs", "2", "--cores", "1", "--walltime", "00:10:00",
+                  "--directory", str(tmp_path / "c"), env=slurm.env())
+    line = p.stdout.readline()
+    assert "2 worker processes on slurm" in line, line + (p.stdout.read() if p.poll() else "")
+    assert len(slurm.jobs()) == 2
+    address = line.split("serving ")[1].split(";")[0]
+    with nbq.Client(address, ship=[sys.modules[__name__]]) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert {j for j, _ in client.map(_job_of_task, range(20), chunksize=1)} == set(slurm.jobs())
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0
+    assert not slurm.jobs()
+
+
+def test_nbq_launch_slurm_magic(slurm, tmp_path):
+    from IPython.core.interactiveshell import InteractiveShell
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "nbq")
+    sh.run_line_magic("nbq", f"launch slurm --jobs 1 --directory {tmp_path / 'c'}")
+    try:
+        [job] = slurm.jobs()
+        sh.run_cell_magic("remote", "--timeout 60", "import os\njob = os.environ['SLURM_JOB_ID']")
+        assert sh.user_ns["job"] == job
+    finally:
+        sh.run_line_magic("nbq", "shutdown")
+    assert not slurm.jobs()
