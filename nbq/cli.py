@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if hasattr(args, "key_file"):  # every client and broker this command makes uses it
             from . import keys
-            keys.use(keys.load_key(args.key_file, "--key-file"))
+            keys.use(keys.read_handshake(sys.stdin.buffer) if getattr(args, "handshake", False)
+                     else keys.load_key(args.key_file, "--key-file"))
         args.run(args)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    "replace one (as a concurrent.futures initializer): to load a model or data")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--versions", default=None, help=argparse.SUPPRESS)  # a cluster's: NBQ/PYTHON
+    # a cluster's: the key on stdin's first line (keys.handshake), stdin then the lifeline
+    w.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     w.add_argument("--init-fd", type=int, default=None, help=argparse.SUPPRESS)  # a Client's
     w.set_defaults(run=_worker)
 
@@ -168,6 +171,8 @@ def _worker(args) -> None:
         raise ValueError("give --init or an initializer on a pipe, not both")
     if args.versions:
         _check_versions(args.versions)
+    if args.handshake:
+        args.lifeline = sys.stdin.fileno()
     key = keys.load_key()
     # no task finds the key in its environment; the clients that tasks make (a chain's next
     # step, a chord's body) find it with keys.load_key(), as this process's own (main)

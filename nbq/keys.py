@@ -80,8 +80,7 @@ def key_file_path(key_file: str | os.PathLike | None = None) -> Path:
 
 
 def load_key(key_file: str | os.PathLike | None = None, given_as: str = "key_file") -> Key:
-    """The signing key: key_file when given (``-``: the first line of standard input), else
-    this process's own
+    """The signing key: key_file when given (``-``: standard input), else this process's own
     (use()), else NBQ_KEY, else the key file of NBQ_KEY_FILE or the default, made when missing.
 
     ``given_as`` names the option that gave key_file, for messages.  Raises InvalidKey
@@ -93,8 +92,7 @@ def load_key(key_file: str | os.PathLike | None = None, given_as: str = "key_fil
         if os.environ.get("NBQ_KEY"):
             return _checked(os.fsencode(os.environ["NBQ_KEY"]), "the environment variable NBQ_KEY")
     if key_file == STDIN:
-        # one line: the input may stay open after it (a cluster's worker: its lifeline)
-        return _checked(sys.stdin.buffer.readline().strip(), f"standard input ({given_as} -)")
+        return _checked(sys.stdin.buffer.read().strip(), f"standard input ({given_as} -)")
     path = key_file_path(key_file)
     how = (f" ({given_as})" if key_file is not None
            else " (NBQ_KEY_FILE)" if os.environ.get("NBQ_KEY_FILE") else "")
@@ -103,6 +101,23 @@ def load_key(key_file: str | os.PathLike | None = None, given_as: str = "key_fil
     except FileNotFoundError:
         data = _create(path)
     return _checked(data, f"the key file {path.absolute()}{how}", path)
+
+
+def handshake(key: bytes) -> bytes:
+    """The key as a cluster hands it to a worker on its standard input: one line of hex, so
+    the input can stay open after it (the worker's lifeline) whatever bytes the key holds."""
+    return key.hex().encode() + b"\n"
+
+
+def read_handshake(stream) -> Key:
+    """The key of ``nbq worker --handshake``: one line of hex from stream (see handshake())."""
+    line = stream.readline().strip()
+    try:
+        data = bytes.fromhex(line.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidKey("the first line on standard input (--handshake) is not a key in hex, "
+                         "as nbq clusters send it") from None
+    return _checked(data, "the cluster that started this worker (--handshake)")
 
 
 def _read(path: Path) -> bytes:

@@ -18,7 +18,8 @@ import pytest
 
 import nbq
 from nbq.clusters import base
-from conftest import NOTEBOOKS, execute_notebook, free_port, pid_alive, start_broker, wait_until
+from conftest import (NOTEBOOKS, execute_notebook, free_port, pid_alive, start_broker, wait_until,
+                      widget_states)
 
 PYTHON = sys.executable
 HERE = sys.modules[__name__]  # shipped: the "lab machines" do not have the tests' folder
@@ -205,6 +206,8 @@ def test_a_refusing_host_is_named_while_the_other_serves(ssh_config):
         assert client.map(served_by, range(4)).result(30) == ["127.0.0.2"] * 4
         assert [w["state"] for w in cluster.workers if w["host"] == "refusing"][0].startswith(
             "failed: ssh refusing exited")
+        logs = cluster.logs()  # each unit's output, the failed one's too
+        assert "Connection refused" in next(t for n, t in logs.items() if n.endswith("@refusing"))
     with pytest.raises(nbq.LaunchError, match="no worker started: refusing: .*refused"):
         nbq.SSHCluster(["refusing"], 1, python=PYTHON, ssh_config=ssh_config)
 
@@ -249,3 +252,19 @@ def test_lab_notebook(ssh_config, tmp_path, monkeypatch):
     assert "processes while busy: 8" in text and "processes when idle: 0" in text, text
     assert "left running: 0" in text, text
     assert "a cell ran on 127.0.0." in text, text  # %nbq launch ssh, then %%remote
+    # the displayed cluster is a live table: redrawn until it closed
+    tables = [st["state"].get("value", "") for st in widget_states(nb).values()]
+    assert any("<b>SSHCluster</b>" in t and "closed" in t for t in tables), tables
+
+
+def test_the_handshake_carries_any_key_bytes_on_one_line():
+    """A key file may hold any bytes, a newline too: the handshake's line still ends at its end."""
+    import io
+    from nbq import keys
+    key = keys.Key(b"\n\xff" + bytes(range(40)) + b"\r\n", "test")
+    sent = keys.handshake(key)
+    assert sent.count(b"\n") == 1 and sent.endswith(b"\n")
+    stream = io.BytesIO(sent + b"more input: the lifeline")
+    assert keys.read_handshake(stream) == key
+    with pytest.raises(nbq.InvalidKey, match="not a key in hex"):
+        keys.read_handshake(io.BytesIO(b"zz\n"))

@@ -14,8 +14,9 @@ launcher subclass implements four small hooks:
 ``worker_command(name, n, python)`` is the command a unit runs; the unit hands it
 ``handshake()`` on its standard input (the signing key, one line) and keeps that
 input open as the worker's lifeline: when the cluster's process dies, even by
-SIGKILL, the input closes and the worker exits.  A key is never on a command line
-nor in an environment.  The worker is named ``name`` (its ``-n``), which is how the
+SIGKILL, the input closes and the worker exits.  (A launcher without a standard
+input to keep, a batch job, writes the key to a 0600 file instead.)  A key is
+never on a command line nor in an environment.  The worker is named ``name`` (its ``-n``), which is how the
 cluster finds its units among the broker's workers.
 """
 from __future__ import annotations
@@ -67,7 +68,6 @@ class Unit:
     processes: int
     handle: Any
     started: float = field(default_factory=time.monotonic)
-    joined: bool = False
     failure: str | None = None
     idle_since: float | None = None
     reported: bool = False  # its failure was raised or warned about
@@ -139,17 +139,22 @@ class Cluster:
     # -- what a unit runs -----------------------------------------------------
 
     def worker_command(self, name: str, n: int, python: str = sys.executable,
-                       lifeline: bool = True) -> list[str]:
-        """The ``nbq worker`` command of unit ``name``: key and lifeline on its standard input,
-        refusing to start unless its nbq and Python versions are this process's.
-        ``lifeline=False``: the key only (a batch job, which no process holds an input of)."""
+                       key_file: str | None = None) -> list[str]:
+        """The ``nbq worker`` command of unit ``name``, refusing to start unless its nbq and
+        Python versions are this process's.
+
+        ``key_file`` None: the worker reads handshake() on standard input, which then
+        stays open as its lifeline.  Else the path of a 0600 file the launcher wrote in a
+        private directory (no lifeline: the worker stops when its broker stops answering,
+        within seconds).
+        """
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
-                "--hostname", name, "--key-file", "-", *(["--lifeline", "0"] if lifeline else []),
+                "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
                 "--versions", versions()]
 
     def handshake(self) -> bytes:
         """What a unit writes on the worker's standard input (then keeps it open)."""
-        return bytes(self.key) + b"\n"
+        return keys.handshake(self.key)
 
     # -- the public surface ---------------------------------------------------
 
@@ -245,7 +250,8 @@ class Cluster:
         with self._lock:
             self._reap()
             units = list(self._units.values()) + list(self._failed.values())
-        info = {w["name"]: w for w in self._status()["workers"]} if units else {}
+        info = {w["name"]: w for w in self._status()["workers"]} if units and not self._closed \
+            else {}
         rows = []
         for u in units:
             w = info.get(u.name)
@@ -284,8 +290,9 @@ class Cluster:
             self._stop(unit.handle)
 
     def _stop_client(self) -> None:
-        if self._client is not None:
+        with self._lock:
             client, self._client = self._client, None
+        if client is not None:
             client.shutdown(wait=False)
 
     def _stop_broker(self) -> None:
@@ -309,11 +316,21 @@ class Cluster:
             f"<td>{html.escape(w['state'])}</td><td>{w['active']}</td>"
             f"<td>{_size(w['memory'])}</td></tr>" for w in self.workers)
         return (f"<b>{type(self).__name__}</b> {html.escape(self.address)}: "
-                f"{self.processes} worker processes"
+                + ("closed" if self._closed else f"{self.processes} worker processes")
                 + (f", adapting {self._adapter.minimum}..{self._adapter.maximum}"
                    if self._adapter else "")
                 + "<table><tr><th>host</th><th>processes</th><th>state</th><th>active</th>"
                   f"<th>memory</th></tr>{rows}</table>")
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """In Jupyter, the table redraws every second while the cluster is open (view.py);
+        the static table is there too, for a saved notebook."""
+        table = self._repr_html_()
+        try:
+            from .view import live_view
+        except ImportError:  # no ipywidgets: the table as it is now
+            return {"text/html": table, "text/plain": repr(self)}
+        return {**live_view(self, table), "text/html": table, "text/plain": repr(self)}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}: {self.processes} worker processes>"
@@ -345,12 +362,15 @@ class Cluster:
 
     def _status(self) -> dict:
         """The broker's info: workers and queues (through a client of this cluster's own)."""
-        if self._client is None:
-            from .. import client as client_module
-            current = client_module._current  # this client is the cluster's, not the user's
-            self._client = client_module.Client(self)
-            client_module._current = current
-        return self._client.status()
+        with self._lock:
+            if self._client is None:
+                self._check_open()  # no new client once close() has begun
+                from .. import client as client_module
+                current = client_module._current  # this client is the cluster's, not the user's
+                self._client = client_module.Client(self)
+                client_module._current = current
+            client = self._client
+        return client.status()
 
     def _joined(self) -> dict[str, int]:
         """Processes serving, by unit name, of this cluster's units."""

@@ -186,9 +186,10 @@ class SlurmCluster(Cluster):
         return Job(job_id, name, log_file)
 
     def job_command(self, name: str, n: int) -> list[str]:
-        """The worker a job runs: the cluster's worker command, key on standard input (no
-        lifeline: the job ends when its broker stops answering, or by scancel)."""
-        return self.worker_command(name, n, self.python, lifeline=False)
+        """The worker a job runs: the key on its standard input, which the script opened on the
+        key file before deleting it (no lifeline: the job ends when its broker stops answering,
+        or by scancel)."""
+        return self.worker_command(name, n, self.python, key_file="-")
 
     def _stop(self, job: Job) -> None:
         _run(["scancel", job.id])
