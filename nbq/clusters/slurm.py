@@ -32,10 +32,12 @@ from typing import Iterable
 from ..errors import LaunchError
 from .base import STOP_WAIT, Cluster
 
-#: job states in which a job's worker may still run (squeue's %T); any other state, or a job
-#: squeue no longer knows, means the job has ended
-LIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "RESIZING",
-                         "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"})
+#: job states before a job's end is final (squeue's %T; COMPLETING: its processes are being
+#: killed, and the state it ends in, TIMEOUT or CANCELLED or ..., comes next); any other
+#: state, or a job squeue no longer knows, means the job has ended
+LIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
+                         "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING",
+                         "STAGE_OUT"})
 STATE_POLL = 1.0  # seconds a squeue answer stands for every job of the cluster
 
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
@@ -194,7 +196,7 @@ class SlurmCluster(Cluster):
     def _stop(self, job: Job) -> None:
         _run(["scancel", job.id])
         deadline = time.monotonic() + STOP_WAIT
-        while self._state(job, fresh=True) in LIVE_STATES | {"COMPLETING"}:
+        while self._state(job, fresh=True) in LIVE_STATES:
             if time.monotonic() > deadline:
                 _run(["scancel", "--signal=KILL", job.id])
                 break
