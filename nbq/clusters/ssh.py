@@ -66,8 +66,8 @@ class SSHCluster(Cluster):
         self.python = python
         self._ssh = ["ssh", *SSH_OPTIONS, *(["-F", os.fspath(ssh_config)] if ssh_config else []),
                      *ssh_options]
-        self._dir = tempfile.mkdtemp(prefix="nbq-ssh-")  # mode 0700: the units' logs
         super().__init__(broker, listen=listen, key_file=key_file, result_expires=result_expires)
+        self._dir = tempfile.mkdtemp(prefix="nbq-ssh-")  # mode 0700: the units' logs
         try:
             self._scale(len(self.hosts) * workers_per_host)
             self.wait_for_workers(timeout=timeout)
@@ -88,7 +88,7 @@ class SSHCluster(Cluster):
         remote = "exec " + shlex.join(self.worker_command(name, n, self.python))
         log = os.path.join(self._dir, name.replace("/", "_") + ".log")
         with open(log, "wb") as out:
-            proc = subprocess.Popen([*self._ssh, host, remote], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([*self._ssh, "--", host, remote], stdin=subprocess.PIPE,
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # a Ctrl-C here is the cluster's
         try:
