@@ -17,7 +17,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
                       notice: ids, s RETRY when a retry holds them, STARTED when they run again)
   to a client       welcome · res · started · state (a worker's notice: ids, s) · reply
                     · ctlr (forwarded as it came)
-  to a supervisor   hb · ctl (as the client sent it, with c) · stop
+  to a supervisor   hb (ql: tasks queued for it, when its hb has as, its --autoscale maximum)
+                    · ctl (as the client sent it, with c) · stop
   to a worker       fn · tasks
   to the sender of a hello or hb whose signature failed: keyfp, unsigned (fp: the fingerprint
                     of the broker's key, so a peer with another key stops, saying so; keys.py)
@@ -495,7 +496,20 @@ class Broker:
             sup.queues = queues
             for wid in sup.procs & self.procs.keys():
                 self.procs[wid].queues = queues
-        self._send(peer, {"k": "hb"})
+        reply = {"k": "hb"}
+        if header.get("as"):  # an autoscaling worker: how many tasks wait (up to its maximum)
+            reply["ql"] = self._queued(queues, header["as"])
+        self._send(peer, reply)
+
+    def _queued(self, queues: tuple, most: int) -> int:
+        """How many tasks wait in these queues, counted up to most."""
+        n = 0
+        for q in queues:
+            for task in self.queues.get(q, ()):
+                n += task.where == "queued"
+                if n >= most:
+                    return n
+        return n
 
     def _on_lost(self, peer, header, frames, body):
         at = header.get("at") or (header.get("run") and [header["run"], None])

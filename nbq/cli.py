@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--init", default=None, metavar="MODULE:FUNC", help="call FUNC() once in "
                    "each worker process before its first task, and in each process started to "
                    "replace one (as a concurrent.futures initializer): to load a model or data")
+    w.add_argument("--max-tasks-per-child", type=int, default=0, metavar="N",
+                   help="replace a worker process after it ran N tasks")
+    w.add_argument("--max-memory-per-child", default=None, metavar="SIZE", help="replace a "
+                   "worker process after a task that took it above SIZE of resident memory "
+                   "(200MB, 1GiB, or KiB as Celery's); a task that takes it past twice SIZE "
+                   "is stopped and fails with WorkerLost")
+    w.add_argument("--autoscale", default=None, metavar="MAX,MIN", help="between MIN and MAX "
+                   "worker processes: grown with the queued tasks, idle ones stopped after "
+                   "$NBQ_AUTOSCALE_KEEPALIVE seconds (default 30); replaces -c")
+    w.add_argument("--detach", action="store_true", help="run in the background as a daemon "
+                   "(with --pidfile and --logfile); SIGTERM stops it warm, a second cold")
+    w.add_argument("--pidfile", default=None, help="with --detach: file holding its pid while "
+                   "it runs")
+    w.add_argument("--logfile", default=None, help="with --detach: file its output goes to "
+                   "(default: none)")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--versions", default=None, help=argparse.SUPPRESS)  # a cluster's: NBQ/PYTHON
     # a cluster's: the key on stdin's first line (keys.handshake), stdin then the lifeline
@@ -97,9 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--broker", default=None, help="broker address (default: $NBQ_BROKER)")
     s.set_defaults(run=_status)
 
-    m = sub.add_parser("multi", help="start, stop or restart named worker daemons (as celery multi)",
+    m = sub.add_parser("multi", help="start, stop, restart, kill or show named worker daemons (as celery multi)",
                        description="Any option not listed here is passed to `nbq worker`.")
-    m.add_argument("action", choices=["start", "stop", "stopwait", "restart"])
+    m.add_argument("action", choices=["start", "stop", "stopwait", "restart", "kill", "show"])
     m.add_argument("names", nargs="+", help="node names, or a number N for nbq1..nbqN")
     m.add_argument("--pidfile", default="%n.pid", help="pid file per node (default %%n.pid)")
     m.add_argument("--logfile", default="%n%I.log", help="log file per node (default %%n%%I.log)")
@@ -173,7 +188,16 @@ def _worker(args) -> None:
         _check_versions(args.versions)
     if args.handshake:
         args.lifeline = sys.stdin.fileno()
+    from .worker import daemon
+    if args.max_tasks_per_child < 0:
+        raise ValueError("--max-tasks-per-child must be at least 1 (0: no limit)")
+    max_memory = daemon.parse_size(args.max_memory_per_child) if args.max_memory_per_child else 0
+    autoscale = daemon.parse_autoscale(args.autoscale) if args.autoscale else None
+    if (args.pidfile or args.logfile) and not args.detach:
+        raise ValueError("--pidfile and --logfile go with --detach")
     key = keys.load_key()
+    if args.detach:
+        daemon.detach(args.pidfile, args.logfile)
     # no task finds the key in its environment; the clients that tasks make (a chain's next
     # step, a chord's body) find it with keys.load_key(), as this process's own (main)
     os.environ.pop("NBQ_KEY", None)
@@ -185,9 +209,12 @@ def _worker(args) -> None:
     queues = args.queues or (app.conf.task_default_queue if app else "default")
     os.environ["NBQ_BROKER"] = address  # the broker of those clients
     sup = Supervisor(transport.supervisor_connector(address, key),
-                     transport.worker_connector(address, key), args.concurrency,
+                     transport.worker_connector(address, key),
+                     autoscale[1] if autoscale else args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
-                     **({"name": args.hostname} if args.hostname else {}), initializer=init)
+                     **({"name": args.hostname} if args.hostname else {}), initializer=init,
+                     max_tasks=args.max_tasks_per_child, max_memory=max_memory,
+                     autoscale=autoscale)
     beat = _start_beat(app, address, args.schedule) if args.beat else None
     try:
         why = sup.run()
@@ -287,6 +314,10 @@ def _status(args) -> None:
 def _multi(args) -> None:
     from . import multi
     failed = 0
+    if args.action == "show":
+        multi.show(args.names, args.worker_args, args.pidfile, args.logfile)
+    if args.action == "kill":
+        failed += multi.kill(args.names, args.pidfile)
     if args.action in ("stop", "stopwait", "restart"):
         failed += multi.stop(args.names, args.pidfile, wait=args.action != "stop")
     if args.action in ("start", "restart"):

@@ -25,9 +25,14 @@ so the rule holds wherever it is applied (the ZeroMQ broker; on Redis, the
 supervisor or worker that claims the dead process's entries) with no setting there.
 
 A process its supervisor killed on purpose (a hard time limit, a revoke with
-terminate) is reported with ``end`` = {"id": task id, "how": "time_limit" or
-"revoked", "text": why}: that task is not re-run; its undelivered positions
-fail with TimeLimitExceeded, or are revoked.
+terminate, memory past twice ``--max-memory-per-child``) is reported with ``end`` =
+{"id": task id, "how": "time_limit", "revoked" or "memory", "text": why}: that task is
+not re-run (it would do the same again); its undelivered positions fail with
+TimeLimitExceeded, are revoked, or fail with WorkerLost saying why.
+
+A process that left on purpose (retired by a warm shutdown, a shrinking pool,
+``--max-tasks-per-child``) is reported running nothing, so what it held runs again
+as it was.
 """
 from __future__ import annotations
 
@@ -102,7 +107,8 @@ def ending(item: dict, pos: int, why: str, end: dict | None) -> tuple[dict, list
     if end is not None and end.get("id") == item["id"]:
         if end["how"] == "revoked":
             return {"id": item["id"], "rv": 1, "s": pos, "n": 1, "nf": 0}, []
-        return failure(item, pos, 1, TimeLimitExceeded(end["text"]))
+        exc = WorkerLost if end["how"] == "memory" else TimeLimitExceeded
+        return failure(item, pos, 1, exc(end["text"]))
     return failure(item, pos, 1, _lost_error(item, pos, why))
 
 

@@ -2,11 +2,13 @@
 
 ``%n`` in --pidfile/--logfile is the node name, ``%h`` name@host, ``%I`` empty
 (nbq writes one log per node, not one per process).  A node runs as a new
-session, detached from the terminal; its pid file is how stop finds it.
+session, detached from the terminal; its pid file is how stop, kill and show find it.
+stop sends SIGTERM (a warm shutdown: running tasks finish), kill SIGKILL.
 """
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -67,12 +69,9 @@ def start(names: list[str], worker_args: list[str], pidfile: str, logfile: str) 
             print(f"    > {label}: already running")
             continue
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in worker_args)
-        node = [] if named else ["-n", f"{name}@%h"]  # each node answers control as itself
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "nbq", "worker", *node, *worker_args],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+            proc = subprocess.Popen(command(name, worker_args), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, start_new_session=True)
         pid_path.parent.mkdir(parents=True, exist_ok=True)
         pid_path.write_text(f"{proc.pid}\n")
         try:  # a worker that cannot start (bad options, no broker) exits at once
@@ -84,6 +83,48 @@ def start(names: list[str], worker_args: list[str], pidfile: str, logfile: str) 
             failed += 1
             print(f"    > {label}: FAILED (exit code {proc.returncode}; see {log_path})")
     return failed
+
+
+def command(name: str, worker_args: list[str]) -> list[str]:
+    """The command that runs node name: ``nbq worker`` named name@%h, unless -n is given."""
+    named = any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in worker_args)
+    node = [] if named else ["-n", f"{name}@%h"]  # each node answers control as itself
+    return [sys.executable, "-m", "nbq", "worker", *node, *worker_args]
+
+
+def show(names: list[str], worker_args: list[str], pidfile: str, logfile: str) -> int:
+    """Print each node's command, pid file, log file and pid (or "not running"); returns 0."""
+    for name in node_names(names):
+        pid_path, log_path = _expand(pidfile, name), _expand(logfile, name)
+        pid = _running(pid_path)
+        print(f"{name}@{socket.gethostname()}: {shlex.join(command(name, worker_args))}")
+        print(f"    pidfile {pid_path}, logfile {log_path}, "
+              + (f"running as pid {pid}" if pid is not None else "not running"))
+    return 0
+
+
+def kill(names: list[str], pidfile: str) -> int:
+    """SIGKILL each running node (its worker processes die with it; the broker re-runs their
+    tasks) and remove its pid file; returns how many were still alive after 5 s."""
+    print("> Killing nodes...")
+    left = 0
+    for name in node_names(names):
+        pid_path = _expand(pidfile, name)
+        pid = _running(pid_path)
+        label = f"{name}@{socket.gethostname()}"
+        if pid is None:
+            print(f"    > {label}: not running")
+            continue
+        os.kill(pid, signal.SIGKILL)
+        print(f"    > {label}: KILL -> {pid}")
+        deadline = time.monotonic() + 5.0
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _alive(pid):
+            left += 1
+        else:
+            pid_path.unlink(missing_ok=True)
+    return left
 
 
 def stop(names: list[str], pidfile: str, wait: bool) -> int:

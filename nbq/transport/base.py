@@ -66,7 +66,8 @@ class SupervisorConnection(ABC):
 
     @abstractmethod
     def heartbeat(self, info: dict) -> None:
-        """Tell the broker this supervisor is alive."""
+        """Tell the broker this supervisor is alive; its answer (an ``hb`` from poll) carries
+        ``ql``, how many tasks wait in info's queues (up to info["as"]), when info has ``as``."""
 
     @abstractmethod
     def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:

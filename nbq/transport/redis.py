@@ -1021,6 +1021,17 @@ def live_supervisors(r: redis.Redis) -> list[tuple[str, dict, dict]]:
             if got[2 * i] is not None]
 
 
+def queued(r: redis.Redis, queues: list[str]) -> int:
+    """How many tasks wait in queues' streams, taken by no worker process yet."""
+    keys = stream_keys(r, queues)
+    pipe = r.pipeline(transaction=False)
+    for qk in keys:
+        pipe.xlen(qk)
+        pipe.xpending(qk, GROUP)
+    got = pipe.execute(raise_on_error=False)
+    return sum(n - p["pending"] for n, p in zip(got[::2], got[1::2]) if isinstance(p, dict))
+
+
 def info(store: Store) -> dict:
     """Workers (live supervisors) and queue lengths, as the ZeroMQ broker's info reply."""
     r = store.r
@@ -1143,6 +1154,9 @@ class RedisSupervisor(SupervisorConnection):
             pipe.expire(P + "procs:" + self.sid, int(HEARTBEAT_TIMEOUT * 3))
             claim_key(pipe, self.key)  # the cluster's key may have changed: stop if so
             compare_key(self.key, pipe.execute()[-1], self.store.safe)
+            answer = {"k": "hb"}
+            if info.get("as"):  # an autoscaling worker: how many tasks wait (as broker.py's)
+                answer["ql"] = queued(self.store.r, info["q"])
         except redis.AuthenticationError as e:
             raise _auth_error(self.store.safe, e) from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -1156,6 +1170,8 @@ class RedisSupervisor(SupervisorConnection):
             self._ever = True
             self._delay = 0.05
             self._next_try = 0.0
+            self._messages.append(answer)
+            return
         self._messages.append({"k": "hb"})
 
     def lost(self, wid: str, how: str, at, end: dict | None = None) -> None:

@@ -79,7 +79,7 @@ def signal_named(name: str) -> signal.Signals:
 
 
 def shutdown(sup: "Supervisor", args: dict) -> dict:
-    """Stop this worker in good order (its running tasks are re-queued, not lost)."""
+    """Stop this worker warm, as SIGTERM does: running tasks finish, held ones are re-queued."""
     sup.stop()
     return {"ok": "shutting down"}
 

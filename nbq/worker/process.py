@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
+import resource
+import signal
 import time
 
 from ..future import RETRY, STARTED
@@ -16,11 +19,51 @@ from .marker import Marker
 #: a batch never holds back the results of the quick ones before it.
 FLUSH_SECONDS = 0.005
 
+#: The signal that retires a worker process (its supervisor's warm shutdown, a shrinking
+#: pool): it finishes the batch it runs, reports it, and leaves; what it held (the rest of
+#: its batch, tasks waiting for their ETA) goes back to the queue, no death counted, when its
+#: supervisor reports it gone.  The supervisor blocks it, so a process forked from it gets a
+#: signal sent before serve() began once serve() is ready for it.
+RETIRE = signal.SIGUSR2
+_retire = False   # set by RETIRE, or by this process's own limits: leave after this batch
+_waiting = False  # serve() waits for tasks: RETIRE ends the wait at once
 
-def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None = None) -> None:
-    """Serve tasks until the process is stopped; re-runs mark their items in marker.
+
+class _Retire(Exception):
+    """Raised by RETIRE in a process waiting for tasks (it holds nothing it must finish)."""
+
+
+def _on_retire(signum, frame) -> None:
+    global _retire
+    _retire = True
+    if _waiting:
+        raise _Retire
+
+
+def resident(pid: int | str = "self") -> int:
+    """Resident memory of a process in bytes (0 when it is gone), from /proc."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _peak() -> int:
+    """The most resident memory this process has had, in bytes (Linux gives KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None = None,
+          max_tasks: int = 0, max_memory: int = 0) -> None:
+    """Serve tasks until the process is retired (RETIRE, or a limit); re-runs mark their
+    items in marker.
 
     ``failed``: the exception of this process's initializer, which every task then fails with.
+    ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
+    back to the queue); ``max_memory``: leave after a batch that took the process's resident
+    memory (its peak, as Celery's) above this many bytes.  Both are checked per batch, not
+    per task; 0: no limit.
 
     A task about to wait for others' results (a chord's last header task) calls
     ``execute.flush()`` first: the results this process holds are sent then, not with
@@ -46,45 +89,64 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
             flushed = time.monotonic()
 
     execute.flush = flush
-    while True:
-        batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
-        fetched = bool(batch)
-        moved = False  # whether what waits for its ETA changed: inspect scheduled shows it
-        while later and later[0][0] <= time.time():
-            _, _, item, frames = heapq.heappop(later)
-            batch.append((item, frames))
-            moved = True
-            if item.get("rt"):  # a retry due now: its clients see it STARTED again
-                conn.notice([item["id"]], STARTED)
-        out = []
-        flushed = time.monotonic()
-        last = len(batch) - 1
-        for i, (item, frames) in enumerate(batch):
-            eta = item.get("eta")
-            if eta is not None and eta > time.time():  # no clock read for a task without one
-                heapq.heappush(later, (eta, next(seq), item, frames))
+    global _waiting, _retire
+    signal.signal(RETIRE, _on_retire)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
+    ran = 0  # tasks taken, counted only with max_tasks
+    try:
+        while True:
+            _waiting = True
+            if _retire:
+                break
+            batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
+            _waiting = False
+            if max_tasks:
+                del batch[max_tasks - ran:]  # the rest go back to the queue when this one leaves
+                ran += len(batch)
+                _retire = _retire or ran >= max_tasks
+            fetched = bool(batch)
+            moved = False  # whether what waits for its ETA changed: inspect scheduled shows it
+            while later and later[0][0] <= time.time():
+                _, _, item, frames = heapq.heappop(later)
+                batch.append((item, frames))
                 moved = True
-                continue
-            if item["h"] not in functions:  # loading it may kill this process: blame this task
-                marker.begin(item["id"], b"")
-            fn, name = functions.get(item["h"])
-            marker.begin(item["id"], name)
-            if item.get("st") or item.get("a"):
-                again = run(item, frames, fn,
-                            lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
-                marker.clear()
-            else:
-                again = run(item, frames, fn, lambda r, p: out.append((r, p)))
-            if again is not None:  # a retry: held until its eta, RETRY for its clients
-                heapq.heappush(later, (again[0]["eta"], next(seq), *again))
-                moved = True
-                conn.notice([item["id"]], RETRY)
-            if out and i < last and time.monotonic() - flushed > FLUSH_SECONDS:
-                flush()
-        marker.idle()
-        if moved:
-            # a generator: schedule() stops when its page is full, so no name is made for nothing
-            marker.schedule((item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
-                            for eta, _, item, _ in sorted(later))
-        if out or fetched:
-            conn.report(out, ready=fetched)
+                if item.get("rt"):  # a retry due now: its clients see it STARTED again
+                    conn.notice([item["id"]], STARTED)
+            out = []
+            flushed = time.monotonic()
+            last = len(batch) - 1
+            for i, (item, frames) in enumerate(batch):
+                eta = item.get("eta")
+                if eta is not None and eta > time.time():  # no clock read for a task without one
+                    heapq.heappush(later, (eta, next(seq), item, frames))
+                    moved = True
+                    continue
+                if item["h"] not in functions:  # loading it may kill this process: blame this task
+                    marker.begin(item["id"], b"")
+                fn, name = functions.get(item["h"])
+                marker.begin(item["id"], name)
+                if item.get("st") or item.get("a"):
+                    again = run(item, frames, fn,
+                                lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
+                    marker.clear()
+                else:
+                    again = run(item, frames, fn, lambda r, p: out.append((r, p)))
+                if again is not None:  # a retry: held until its eta, RETRY for its clients
+                    heapq.heappush(later, (again[0]["eta"], next(seq), *again))
+                    moved = True
+                    conn.notice([item["id"]], RETRY)
+                if out and i < last and time.monotonic() - flushed > FLUSH_SECONDS:
+                    flush()
+            marker.idle()
+            if moved:
+                # a generator: schedule() stops when its page is full, so no name is made for nothing
+                marker.schedule((item["id"], functions.get(item["h"])[1].decode(errors="replace"), eta)
+                                for eta, _, item, _ in sorted(later))
+            if max_memory and not _retire and _peak() > max_memory:
+                _retire = True
+            if out or fetched:  # a retiring process takes no more (ready: the broker would send some)
+                conn.report(out, ready=fetched and not _retire)
+    except _Retire:
+        pass
+    _waiting = False
+    conn.close()  # sends what is still queued on its sockets

@@ -8,6 +8,15 @@ it, so what its tasks started goes too (groups.py).
 The supervisor itself exits when its broker stops answering heartbeats, when
 the broker says stop, or when its lifeline (a pipe from an embedding client)
 closes, so no process outlives the client that started it, even a SIGKILLed one.
+
+SIGTERM (or SIGINT, or ``control shutdown``) is a warm shutdown: each process is
+retired (process.RETIRE: it finishes the batch it runs and leaves, and what it held
+goes back to the queue at once), and the supervisor leaves when none is left.  A
+second SIGTERM, or SIGQUIT, is cold: the processes are killed now, and the broker,
+told goodbye, re-queues their tasks without counting a death (deaths.py).  Shrinking
+the pool (pool_shrink, --autoscale) retires processes the same way, idle ones first,
+so a busy one is never killed; --max-tasks-per-child and --max-memory-per-child make
+a process retire itself after a batch, and it is replaced.
 """
 from __future__ import annotations
 
@@ -31,6 +40,10 @@ log = logging.getLogger("nbq.worker")
 HEARTBEAT = 1.0
 BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone
 CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
+MEMORY_EVERY = 0.1      # seconds between looks at the processes' memory (--max-memory-per-child)
+#: --autoscale shrinks the pool once it has wanted fewer processes for this long
+#: (Celery's AUTOSCALE_KEEPALIVE; the environment variable NBQ_AUTOSCALE_KEEPALIVE sets it)
+AUTOSCALE_KEEPALIVE = 30.0
 DEFAULT_NAME = "nbq@%h"  # a worker's name in control replies, as Celery's celery@%h
 
 
@@ -47,7 +60,9 @@ class Supervisor:
     def __init__(self, connect: Callable[[str], SupervisorConnection],
                  connect_worker: Callable[[str, dict], WorkerConnection],
                  concurrency: int, queues: list[str], lifeline: int | None = None,
-                 name: str = DEFAULT_NAME, initializer: Initializer | None = None) -> None:
+                 name: str = DEFAULT_NAME, initializer: Initializer | None = None,
+                 max_tasks: int = 0, max_memory: int = 0,
+                 autoscale: tuple[int, int] | None = None) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -62,16 +77,26 @@ class Supervisor:
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
         self._ending: dict[int, dict] = {}  # pid -> why this supervisor killed it (deaths.py's end)
-        self._retiring: set[int] = set()    # pids stopped by pool_shrink: not replaced
+        self._retiring: set[int] = set()    # pids retired (shrink, warm shutdown): not replaced
         self._count = 0
-        self._stopping = False
+        self._stopping = False  # cold: stop now
+        self._warm = False      # warm: retire every process, stop when none is left
+        self.max_tasks = max_tasks    # per process, then it is replaced (0: no limit)
+        self.max_memory = max_memory  # bytes; a process past it after a task is replaced,
+        # one past twice it while running a task is killed and that task fails (WorkerLost)
+        self._memory: dict[int, int] = {}  # pid -> resident bytes at the last look
+        self.autoscale = autoscale    # (max, min) processes, or None
+        self._calm_since: float | None = None  # since when autoscale wants fewer processes
         self._undertaker: groups.Undertaker | None = None
 
     @property
     def info(self) -> dict:
-        return {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
+        info = {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
                 "conc": self.concurrency, "q": self.queues,
                 "mem": _memory([self.pid, *self.children])}
+        if self.autoscale:  # the broker answers with the queued tasks ("ql"), up to this many
+            info["as"] = self.autoscale[0]
+        return info
 
     def run(self) -> str:
         """Serve until told to stop; returns why it stopped."""
@@ -82,6 +107,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR1, lambda *_: None)  # a process set a deadline: look again
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGQUIT, self._on_cold_signal)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {process.RETIRE})  # see process.RETIRE
         conn = self._connect(self.sid)
         self._undertaker = groups.Undertaker()
         goodbye = True
@@ -90,16 +117,22 @@ class Supervisor:
             for _ in range(self.concurrency):
                 self._spawn()
             answered = None
-            started = next_beat = time.monotonic()
+            started = next_beat = next_memory = time.monotonic()
             fds = [wake_r] + ([self.lifeline] if self.lifeline is not None else [])
             while not self._stopping:
-                wait = min(next_beat - time.monotonic(), self._next_deadline() - time.time())
+                wait = min(next_beat - time.monotonic(), self._next_deadline() - time.time(),
+                           next_memory - time.monotonic() if self.max_memory else HEARTBEAT)
                 messages, ready = conn.poll(max(0.0, wait), fds)
                 self._enforce_deadlines(time.time())
                 now = time.monotonic()
+                if self.max_memory and now >= next_memory:
+                    next_memory = now + MEMORY_EVERY
+                    self._check_memory()
                 for header in messages:
                     if header["k"] == "hb":
                         answered = now
+                        if self.autoscale and not self._warm:
+                            self._scale(header.get("ql", 0), now)
                     elif header["k"] == "stop":
                         return "the broker is shutting down"
                     elif header["k"] == "ctl":
@@ -107,6 +140,11 @@ class Supervisor:
                 if wake_r in ready:
                     os.read(wake_r, 4096)
                 self._reap(conn)
+                if self._warm:
+                    for pid in [p for p in self.children if p not in self._retiring]:
+                        self._retire(pid)
+                    if not self.children:
+                        return "asked to stop"
                 if self.lifeline in ready:
                     return "the client that started this worker is gone"
                 if now >= next_beat:
@@ -124,6 +162,7 @@ class Supervisor:
             self._undertaker.close()
             conn.close(goodbye)
             signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {process.RETIRE})
             os.close(wake_r)
             os.close(wake_w)
 
@@ -136,8 +175,11 @@ class Supervisor:
         conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
 
     def stop(self) -> None:
-        """Stop serving, as SIGTERM does: the loop ends and the processes are stopped."""
-        self._stopping = True
+        """Stop serving, as SIGTERM does: warm the first time (running tasks finish, held
+        ones go back to the queue, then the supervisor leaves), cold the second."""
+        if self._warm:
+            self._stopping = True
+        self._warm = True
 
     def grow(self, n: int) -> None:
         """Start n more worker processes."""
@@ -148,15 +190,62 @@ class Supervisor:
             self._spawn()
 
     def shrink(self, n: int) -> None:
-        """Stop n worker processes, idle ones first (a busy one's task runs again elsewhere)."""
+        """Retire n worker processes, idle ones first (a busy one finishes its task first)."""
         if not 1 <= n < self.concurrency:
             raise ValueError(f"pool_shrink {n}: this worker runs {self.concurrency} processes "
                              "and keeps at least one; use shutdown to stop it")
         self.concurrency -= n
         live = [pid for pid in self.children if pid not in self._retiring]
         for pid in sorted(live, key=lambda p: self.children[p][1].current() is not None)[:n]:
-            self._retiring.add(pid)
-            _kill(pid, signal.SIGTERM)
+            self._retire(pid)
+
+    def _retire(self, pid: int) -> None:
+        """Have a process leave after its batch, not replaced (what it held is re-queued)."""
+        self._retiring.add(pid)
+        _kill(pid, process.RETIRE)
+
+    def _scale(self, queued: int, now: float) -> None:
+        """--autoscale: as many processes as tasks running and queued, within (max, min);
+        grown at once, shrunk (idle processes only) once fewer were wanted for
+        AUTOSCALE_KEEPALIVE seconds.  Through grow and shrink, as pool_grow/pool_shrink."""
+        high, low = self.autoscale
+        idle, busy = [], 0
+        for pid, (_, marker) in self.children.items():
+            if pid not in self._retiring:
+                if marker.current() is None:
+                    idle.append(pid)
+                else:
+                    busy += 1
+        want = min(high, max(low, busy + queued))
+        if want > self.concurrency:
+            self.grow(want - self.concurrency)
+        if want >= self.concurrency:
+            self._calm_since = None
+        elif self._calm_since is None:
+            self._calm_since = now
+        elif now - self._calm_since >= float(os.environ.get("NBQ_AUTOSCALE_KEEPALIVE",
+                                                            AUTOSCALE_KEEPALIVE)):
+            n = min(self.concurrency - want, len(idle))
+            if n:
+                log.info("autoscale: %d idle processes stop (%d queued)", n, queued)
+                self.shrink(n)
+            self._calm_since = None
+
+    def _check_memory(self) -> None:
+        """--max-memory-per-child: kill a process whose resident memory passed twice the
+        limit while it runs a task (that task fails with WorkerLost saying so, deaths.py);
+        one merely past the limit retires itself after its task (process.serve)."""
+        for pid, (_, marker) in self.children.items():
+            rss = self._memory[pid] = process.resident(pid)
+            running = marker.current()
+            if rss <= 2 * self.max_memory or running is None or pid in self._ending:
+                continue
+            tid, name = running[:2]
+            self._ending[pid] = {"id": tid, "how": "memory", "text": (
+                f"task {name} ({tid}) was stopped: its worker process {pid} used {_size(rss)} "
+                f"of memory, past twice --max-memory-per-child ({_size(self.max_memory)}); "
+                "the process was killed and replaced")}
+            _kill(pid, signal.SIGKILL)
 
     def _next_deadline(self) -> float:
         """The nearest hard time limit of a running task (epoch seconds; inf when none)."""
@@ -190,6 +279,9 @@ class Supervisor:
     def _on_stop_signal(self, signum, frame) -> None:
         self.stop()
 
+    def _on_cold_signal(self, signum, frame) -> None:
+        self._warm = self._stopping = True
+
     def _spawn(self) -> None:
         wid = f"{self.sid}/{self._count}"
         self._count += 1
@@ -202,7 +294,7 @@ class Supervisor:
                 ratelimit.limits = self.rates
                 failed = self.initializer.run() if self.initializer is not None else None
                 process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker,
-                              failed)
+                              failed, self.max_tasks, self.max_memory)
             except BaseException:
                 log.exception("worker process %s failed", wid)
                 code = 1
@@ -227,17 +319,26 @@ class Supervisor:
             self._bury(pid)
             how = _describe_exit(status)
             end = self._ending.pop(pid, None)
-            if pid in self._retiring:
-                self._retiring.discard(pid)
-                log.info("worker process %s (pid %d) stopped: the pool shrank", wid, pid)
-                conn.lost(wid, "was stopped by pool_shrink", None)  # not its task's fault
-                marker.close()
-                continue
-            log.warning("worker process %s (pid %d) %s%s; starting a new one", wid, pid, how,
-                        f" ({end['text']})" if end else "")
+            memory = self._memory.pop(pid, None)
+            if memory and end is None and os.WIFSIGNALED(status) and \
+                    os.WTERMSIG(status) == signal.SIGKILL:
+                how += (f" with {_size(memory)} of memory at the last look (the kernel's "
+                        "out-of-memory killer sends SIGKILL)")
+            retired = pid in self._retiring
+            self._retiring.discard(pid)
+            replace = not (retired or self._warm or self._stopping)
+            if status == 0:  # it left on purpose, running nothing: what it held runs again
+                how = "retired" + ("" if retired else
+                                   " (--max-tasks-per-child or --max-memory-per-child)")
+                log.info("worker process %s (pid %d) %s%s", wid, pid, how,
+                         "; starting a new one" if replace else "")
+            else:
+                log.warning("worker process %s (pid %d) %s%s%s", wid, pid, how,
+                            f" ({end['text']})" if end else "",
+                            "; starting a new one" if replace else "")
             conn.lost(wid, how, marker.running(), end)
             marker.close()
-            if not self._stopping:
+            if replace:
                 self._spawn()
 
     def _bury(self, pid: int) -> None:
@@ -289,6 +390,11 @@ def _memory(pids: list[int]) -> int | None:
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(n: int) -> str:
+    """Bytes as a person reads them: 612.4 MB."""
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def _describe_exit(status: int) -> str:
