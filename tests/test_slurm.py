@@ -75,10 +75,11 @@ def test_jobs_join_run_a_map_and_close_cancels_them(slurm, tmp_path):
                 assert key not in Path(f"/proc/{pid}/{what}").read_bytes()
         assert {w["state"] for w in cluster.workers} == {"running"}
         assert len(cluster.logs()) == 2  # one log per job
-        client.shutdown()
         t0 = time.monotonic()
-        cluster.close()
+        cluster.close()  # with the client still open: it is shut down first
         print(f"close took {time.monotonic() - t0:.2f} s")
+        with pytest.raises(RuntimeError):
+            client.submit(abs, 1)
     assert not slurm.jobs()  # scancel through close(): squeue lists nothing
     assert not [p for p in pids if pid_alive(p)]
     assert len(list((tmp_path / "c").glob("*.log"))) == 2  # a directory given is the user's: kept
