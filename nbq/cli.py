@@ -184,10 +184,6 @@ def _worker(args) -> None:
         raise ValueError("-B needs -A: the app whose beat_schedule beat sends")
     if args.init and args.init_fd is not None:
         raise ValueError("give --init or an initializer on a pipe, not both")
-    if args.versions:
-        _check_versions(args.versions)
-    if args.handshake:
-        args.lifeline = sys.stdin.fileno()
     from .worker import daemon
     if args.max_tasks_per_child < 0:
         raise ValueError("--max-tasks-per-child must be at least 1 (0: no limit)")
@@ -195,6 +191,10 @@ def _worker(args) -> None:
     autoscale = daemon.parse_autoscale(args.autoscale) if args.autoscale else None
     if (args.pidfile or args.logfile) and not args.detach:
         raise ValueError("--pidfile and --logfile go with --detach")
+    if args.versions:
+        _check_versions(args.versions)
+    if args.handshake:
+        args.lifeline = sys.stdin.fileno()
     key = keys.load_key()
     if args.detach:
         daemon.detach(args.pidfile, args.logfile)

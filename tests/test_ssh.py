@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 import nbq
-from nbq.clusters import base
 from conftest import (NOTEBOOKS, execute_notebook, free_port, pid_alive, start_broker, wait_until,
                       widget_states)
 
@@ -95,7 +94,7 @@ def cluster_pids(cluster) -> list[int]:
     return pids
 
 
-def test_launch_map_scale_adapt_close(ssh_config, monkeypatch):
+def test_launch_map_scale_adapt_close(ssh_config):
     started = time.perf_counter()
     cluster = nbq.SSHCluster(["lab1", "lab2"], workers_per_host=4, python=PYTHON,
                              ssh_config=ssh_config)
@@ -129,9 +128,10 @@ def test_launch_map_scale_adapt_close(ssh_config, monkeypatch):
         wait_until(lambda: not any(pid_alive(p) for p in gone), timeout=15,
                    what="the stopped units' processes to exit")
 
-        monkeypatch.setattr(base, "ADAPT_WAIT", 1.0)
+        with pytest.raises(ValueError, match="0 <= minimum <= maximum"):
+            cluster.adapt(minimum=4, maximum=2)
         cluster.scale(0)
-        cluster.adapt(minimum=0, maximum=8)
+        cluster.adapt(minimum=0, maximum=8, wait=1.0)
         burst = client.map(time.sleep, [0.3] * 40, chunksize=1)
         wait_until(lambda: cluster.processes == 8, timeout=20, what="adapt to grow to 8")
         burst.result(60)
@@ -249,7 +249,7 @@ def test_lab_notebook(ssh_config, tmp_path, monkeypatch):
     nb = execute_notebook(NOTEBOOKS / "lab.ipynb", tmp_path)
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "served by: ['127.0.0.2', '127.0.0.3']" in text, text
-    assert "processes while busy: 8" in text and "processes when idle: 0" in text, text
+    assert "processes while busy: 8" in text and "processes when idle: 4" in text, text
     assert "left running: 0" in text, text
     assert "a cell ran on 127.0.0." in text, text  # %nbq launch ssh, then %%remote
     # the displayed cluster is a live table: redrawn until it closed

@@ -46,7 +46,7 @@ from ..transport import with_result_expires
 log = logging.getLogger("nbq.cluster")
 
 ADAPT_INTERVAL = 1.0   # seconds between adapt's looks at the queue
-ADAPT_WAIT = 5.0       # an idle unit is stopped by adapt after this many seconds idle
+ADAPT_WAIT = 5.0       # adapt's default: an idle unit stops after this many seconds idle
 STOP_WAIT = 5.0        # a unit asked to stop is killed after this long
 
 
@@ -177,7 +177,8 @@ class Cluster:
         self._stop_adapting()
         self._scale(n)
 
-    def _scale(self, n: int, idle_only: bool = False) -> None:
+    def _scale(self, n: int, idle_for: float | None = None) -> None:
+        """scale(n) without ending adapt; ``idle_for``: stop only units idle this long."""
         self._check_open()
         with self._lock:
             self._reap()
@@ -190,9 +191,9 @@ class Cluster:
                 self._units[name] = Unit(name, host, k, self._start(name, k))
                 have += k
             if have > n:
-                self._shrink(have - n, idle_only)
+                self._shrink(have - n, idle_for)
 
-    def _shrink(self, surplus: int, idle_only: bool) -> None:
+    def _shrink(self, surplus: int, idle_for: float | None) -> None:
         """Stop whole units worth at most surplus processes, idle then newest first; then (not
         for adapt) shrink a serving unit by what is left (its idle processes first)."""
         active = self._activity()
@@ -201,12 +202,12 @@ class Cluster:
         for unit in live:
             if unit.processes > surplus:
                 continue
-            if idle_only and (active.get(unit.name, 1) > 0 or unit.idle_since is None
-                              or time.monotonic() - unit.idle_since < ADAPT_WAIT):
+            if idle_for is not None and (active.get(unit.name, 1) > 0 or unit.idle_since is None
+                                         or time.monotonic() - unit.idle_since < idle_for):
                 continue
             surplus -= unit.processes
             self._retire(unit)
-        if surplus and not idle_only:  # no whole unit fits: one unit stops some processes
+        if surplus and idle_for is None:  # no whole unit fits: one unit stops some processes
             unit = next((u for u in live if u.name in self._units and u.processes > surplus
                          and u.name in active), None)
             if unit is not None:
@@ -219,14 +220,16 @@ class Cluster:
         self._units.pop(unit.name, None)
         self._stop(unit.handle)
 
-    def adapt(self, minimum: int = 0, maximum: int = 64) -> None:
-        """Grow with queued work up to ``maximum`` processes; stop units idle for ADAPT_WAIT
+    def adapt(self, minimum: int = 0, maximum: int = 64, wait: float = ADAPT_WAIT) -> None:
+        """Grow with queued work up to ``maximum`` processes; stop units idle for ``wait``
         seconds while nothing is queued, down to ``minimum``.  A busy unit is never stopped."""
         if not (isinstance(minimum, int) and isinstance(maximum, int) and 0 <= minimum <= maximum):
             raise ValueError(f"adapt needs 0 <= minimum <= maximum, not {minimum!r}, {maximum!r}")
+        if not wait >= 0:
+            raise ValueError(f"adapt's wait is seconds idle before a unit stops (>= 0), not {wait!r}")
         self._check_open()
         self._stop_adapting()
-        self._adapter = _Adapter(self, minimum, maximum)
+        self._adapter = _Adapter(self, minimum, maximum, wait)
 
     def wait_for_workers(self, n: int | None = None, timeout: float = 30.0) -> None:
         """Wait until n processes (default: all started) serve; units that failed meanwhile are
@@ -398,8 +401,8 @@ class Cluster:
 class _Adapter:
     """adapt()'s thread: each ADAPT_INTERVAL, size the cluster to running + queued tasks."""
 
-    def __init__(self, cluster: Cluster, minimum: int, maximum: int) -> None:
-        self.minimum, self.maximum = minimum, maximum
+    def __init__(self, cluster: Cluster, minimum: int, maximum: int, wait: float) -> None:
+        self.minimum, self.maximum, self.wait = minimum, maximum, wait
         self._cluster = weakref.ref(cluster)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nbq-adapt", daemon=True)
@@ -435,7 +438,7 @@ class _Adapter:
             if want > cluster.processes:
                 cluster._scale(want)
             elif want < cluster.processes and not queued:
-                cluster._scale(want, idle_only=True)
+                cluster._scale(want, idle_for=self.wait)
 
 
 def _size(n: int | None) -> str:

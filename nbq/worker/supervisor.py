@@ -93,7 +93,7 @@ class Supervisor:
     def info(self) -> dict:
         info = {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
                 "conc": self.concurrency, "q": self.queues,
-                "mem": _memory([self.pid, *self.children])}
+                "mem": sum(process.resident(p) for p in [self.pid, *self.children])}
         if self.autoscale:  # the broker answers with the queued tasks ("ql"), up to this many
             info["as"] = self.autoscale[0]
         return info
@@ -373,23 +373,6 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _memory(pids: list[int]) -> int | None:
-    """Resident memory of these processes in bytes (None without Linux's /proc)."""
-    if not os.path.isdir("/proc"):
-        return None
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE_SIZE
-        except OSError:  # it exited meanwhile
-            pass
-    return total
-
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _size(n: int) -> str:
