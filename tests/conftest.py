@@ -109,15 +109,19 @@ class Processes:
         return p
 
     def stop_all(self) -> None:
+        """SIGTERM (a worker's warm shutdown), a second SIGTERM after 1 s for what still runs
+        (cold: a test's leftover long task is not waited for), SIGKILL after 10 s more."""
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        for signum, timeout in ((signal.SIGTERM, 1), (signal.SIGKILL, 10)):
+            for p in self.procs:
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.send_signal(signum)
         for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            p.wait()
 
 
 @pytest.fixture
