@@ -108,6 +108,21 @@ def test_a_job_killed_mid_task_has_its_task_finish_elsewhere(slurm, tmp_path):
                                for w in cluster.workers), timeout=10, what="the job's end seen")
 
 
+def test_scale_and_adapt_submit_and_cancel_jobs(slurm, tmp_path):
+    with nbq.SlurmCluster(jobs=1, cores=1, directory=tmp_path / "c") as cluster, \
+            nbq.Client(cluster) as client:
+        cluster.scale(3)
+        assert len(slurm.jobs()) == 3
+        client.wait_for_workers(3, timeout=60)
+        cluster.scale(1)  # whole jobs cancelled, idle ones first
+        assert len(slurm.jobs()) == 1
+        cluster.adapt(minimum=0, maximum=3, wait=1.0)
+        res = client.map(time.sleep, [2] * 6, chunksize=1)
+        wait_until(lambda: len(slurm.jobs()) == 3, timeout=20, what="adapt to submit 3 jobs")
+        res.result(timeout=60)
+        wait_until(lambda: not slurm.jobs(), timeout=30, what="adapt to cancel the idle jobs")
+
+
 CLIENT = textwrap.dedent("""
     import sys, nbq
     cluster = nbq.SlurmCluster(jobs=2, cores=1, directory=sys.argv[1])

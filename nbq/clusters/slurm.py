@@ -118,8 +118,8 @@ class Job:
 class SlurmCluster(Cluster):
     """Workers in Slurm jobs: ``jobs`` jobs of ``cores`` worker processes each.
 
-    ``scale(n)`` submits or cancels whole jobs (n is rounded up to a multiple of cores);
-    ``close()`` cancels every job.  ``memory``, ``walltime``, ``partition``, ``account``:
+    ``scale(n)`` submits jobs of ``cores`` processes (the last one smaller when n is not a
+    multiple) or cancels jobs, idle ones first; ``close()`` cancels every job.  ``memory``, ``walltime``, ``partition``, ``account``:
     per job, as sbatch reads them; ``job_extra``: more sbatch options; ``prologue``: shell
     lines the job runs first; ``python``: the interpreter on the compute nodes (default
     this one); ``directory``: the cluster's private folder, which compute nodes must
