@@ -54,6 +54,13 @@ def test_job_script_lines_and_checks(tmp_path):
         nbq.SlurmCluster(jobs=1, cores=0)
 
 
+def test_a_job_sbatch_refuses_is_a_launch_error_naming_why(slurm, tmp_path):
+    with pytest.raises(nbq.LaunchError, match="sbatch refused job .*invalid partition"):
+        nbq.SlurmCluster(jobs=1, partition="nosuch", directory=tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.key"))  # its key file went with it
+    assert not slurm.jobs()
+
+
 def test_jobs_join_run_a_map_and_close_cancels_them(slurm, tmp_path):
     key = bytes(nbq.keys.load_key())
     with nbq.SlurmCluster(jobs=2, cores=1, memory="200MB", walltime="00:10:00",
