@@ -27,7 +27,7 @@ import cloudpickle
 
 from . import keys, protocol
 from .deaths import MAX_DEATHS
-from .errors import BrokerUnavailable, KeyMismatch, NbqError, SerializationError
+from .errors import BrokerUnavailable, FunctionRefused, KeyMismatch, NbqError, SerializationError
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -140,6 +140,7 @@ class Client(concurrent.futures.Executor):
         self._controls: dict[str, _Replies] = {}  # control id -> the workers' replies so far
         self._fn_cache: OrderedDict = OrderedDict()
         self._fn_sent: set[str] = set()
+        self._fn_refused: set[str] = set()  # shipped, then refused by a worker: shipped again
         self._nprocs: tuple[float, int] = (0.0, 0)
         try:
             self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
@@ -185,7 +186,11 @@ class Client(concurrent.futures.Executor):
             item.update(self._task_header)
         if options:
             item.update(options)
-        self._send_task(item, payload)
+        try:
+            self._send_task(item, payload)
+        except BaseException:  # refused before it left (too large): nothing waits for it
+            self._futures.pop(tid, None)
+            raise
         return fut
 
     def _send_task(self, item: dict, payload: list) -> None:
@@ -343,13 +348,14 @@ class Client(concurrent.futures.Executor):
             raise TypeError(f"{fn!r} is not callable")
         key = _fingerprint(fn)
         h = self._fn_cache.get(key) if key is not None else None
-        if h is None:
+        if h is None or h in self._fn_refused:
             payload = protocol.dumps_named(fn, f"the function {_name(fn)}")
             h = protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload))
             with self._lock:
-                if h not in self._fn_sent:
+                if h not in self._fn_sent or h in self._fn_refused:
                     self._conn.send({"k": "fn", "h": h}, payload)
                     self._fn_sent.add(h)
+                    self._fn_refused.discard(h)
             if key is not None:
                 self._fn_cache[key] = h
                 if len(self._fn_cache) > FUNCTION_CACHE:
@@ -620,7 +626,7 @@ class Client(concurrent.futures.Executor):
             if item.get("ok"):
                 fut.set_result(value)
             else:
-                fut.set_exception(protocol.rebuild_error(value))
+                fut.set_exception(self._remote_error(value))
             return
         entry = self._chunks.get(tid)
         if entry is None:
@@ -630,7 +636,7 @@ class Client(concurrent.futures.Executor):
         n = item.get("n", 1)
         try:
             values, errors = protocol.loads(payload)
-            errors = {i: protocol.rebuild_error(r) for i, r in errors.items()}
+            errors = {i: self._remote_error(r) for i, r in errors.items()}
         except Exception as e:
             values, errors = [None] * n, dict.fromkeys(range(n), SerializationError(
                 f"results of map {res.id} items {start}..{start + n - 1} could not be "
@@ -640,6 +646,14 @@ class Client(concurrent.futures.Executor):
             del self._chunks[tid]
             res._chunks.pop(tid, None)
             self._feed(res.id)
+
+    def _remote_error(self, record: tuple) -> BaseException:
+        """A task's error; a function a worker refused (FunctionRefused) is shipped again
+        with the next call, replacing what is stored."""
+        exc = protocol.rebuild_error(record)
+        if isinstance(exc, FunctionRefused):
+            self._fn_refused.add(exc.hash)
+        return exc
 
     # -- lifecycle ----------------------------------------------------------------
 

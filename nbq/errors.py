@@ -22,8 +22,26 @@ class InvalidKey(NbqError, ValueError):
     """A signing key that cannot be used: shorter than 32 bytes (empty, whitespace, a typo)."""
 
 
+class FunctionRefused(SignatureError):
+    """A worker refused the function stored for a task (not signed under the key, not a
+    function message, or not the function its hash names); the client ships it again."""
+
+    def __init__(self, h: str, why: str) -> None:
+        super().__init__(f"function {h} was refused: {why}; it is shipped again with the "
+                         "next call (submit again)")
+        self.hash = h
+        self.why = why
+
+    def __reduce__(self):
+        return (FunctionRefused, (self.hash, self.why))
+
+
 class SerializationError(NbqError, TypeError):
     """A function, argument or result could not be pickled; the message names which."""
+
+
+class MessageTooLarge(NbqError, ValueError):
+    """A message (a task's arguments, a function) is larger than the broker's max_message_size."""
 
 
 class WorkerLost(NbqError):

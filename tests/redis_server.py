@@ -58,13 +58,15 @@ class RedisServer:
         self.databases = databases
         self.tls = _self_signed(self.dir) if tls else None
         self.aof = aof
+        self.unix_socket = self.dir / "redis.sock"  # also listened on: unix:// addresses
         self.proc: subprocess.Popen | None = None
         self._db = 0
         self.start()
 
     def start(self) -> None:
         binary = server_binary()
-        cmd = [binary, "--bind", "127.0.0.1", "--dir", str(self.dir), "--databases", str(self.databases)]
+        cmd = [binary, "--bind", "127.0.0.1", "--dir", str(self.dir), "--databases", str(self.databases),
+               "--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
         if self.aof:
             cmd += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
         if self.tls:

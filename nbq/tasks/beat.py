@@ -53,10 +53,16 @@ MAX_LOOP_INTERVAL = 300.0  # Celery's beat_max_loop_interval: re-read the clock 
 ENTRY_KEYS = {"task", "schedule", "args", "kwargs", "options"}
 LAST_KEY = P + "beat:last:"  # + entry name: its mark (see transport/redis.py's key schema)
 
-# KEYS: the entry's mark; ARGV: tick (ms), now (ms) -> 1 (claimed: send it) or 0
+MARK_SKEW = 5.0  # seconds a mark may lie ahead of a beat's clock (another host's): more is bad
+
+# KEYS: the entry's mark; ARGV: tick (ms), now (ms), skew (ms) -> 1 (claimed: send it) or 0.
+# Marks are unsigned: one that is not a number or lies ahead of now by more than the skew
+# counts as none (claimed over), so a garbage mark can hold back no tick for long.
 CLAIM = """
 local last = tonumber(redis.call('GET', KEYS[1]))
-if last and last >= tonumber(ARGV[1]) then return 0 end
+if last and last >= tonumber(ARGV[1]) and last <= tonumber(ARGV[2]) + tonumber(ARGV[3]) then
+  return 0
+end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
@@ -127,13 +133,27 @@ class RedisMarks:
         except (redis.ConnectionError, redis.TimeoutError):
             return None
 
-    def last(self, name: str) -> float | None:
+    def last(self, name: str, now: float) -> float | None:
         mark = self._retry("reading beat marks", lambda: self.r.get(LAST_KEY + name))
-        return None if mark is None else int(mark) / 1000
+        return None if mark is None else _valid_mark(mark, name, now, self.where)
 
     def claim(self, name: str, tick: float, now: float) -> bool:
         return bool(self._retry("claiming a beat tick", lambda: self._claim(
-            keys=[LAST_KEY + name], args=[_ms(tick), _ms(now)])))
+            keys=[LAST_KEY + name], args=[_ms(tick), _ms(now), _ms(MARK_SKEW)])))
+
+
+def _valid_mark(mark, name: str, now: float, where: str) -> float | None:
+    """A mark read (ms) as seconds, or None (logged) when it is not an integer, is before
+    the epoch or lies ahead of now by more than MARK_SKEW: as if the entry had never been sent."""
+    try:
+        t = int(mark) / 1000
+    except (TypeError, ValueError, OverflowError):
+        t = None
+    if t is None or not 0 <= t <= now + MARK_SKEW:
+        log.warning("beat: ignored the mark of %s in %s (%.40r): not a time up to now",
+                    name, where, mark)
+        return None
+    return t
 
 
 class FileMarks:
@@ -149,12 +169,13 @@ class FileMarks:
         except ValueError as e:
             raise ValueError(f"beat schedule file {self.path} is not nbq's JSON: {e}") from None
 
-    def last(self, name: str) -> float | None:
+    def last(self, name: str, now: float) -> float | None:
         mark = self.marks.get(name)
-        return None if mark is None else mark / 1000
+        return None if mark is None else _valid_mark(mark, name, now, self.where)
 
     def claim(self, name: str, tick: float, now: float) -> bool:
-        if self.marks.get(name, -1) >= _ms(tick):
+        last = self.last(name, now) if name in self.marks else None
+        if last is not None and _ms(last) >= _ms(tick):
             return False
         self.marks[name] = _ms(now)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -184,7 +205,7 @@ class Beat:
     def start(self, now: float) -> None:
         """Each entry's next tick: the first after its mark, or after now if never sent."""
         for e in self.entries:
-            last = self.marks.last(e.name)
+            last = self.marks.last(e.name, now)
             self.due[e.name] = self._next(e, now if last is None else last)
 
     def tick(self, now: float) -> float:

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 from typing import Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ..errors import NbqError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+unix://")
+
+
+def unsplit(parts) -> str:
+    """urlunsplit that keeps the ``//`` of an address with no host (``unix:///path``), which
+    urlunsplit drops, so a Unix socket's path survives being rewritten."""
+    url = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return f"{url}?{parts.query}" if parts.query else url
 
 
 def _check(address: str) -> bool:
@@ -17,7 +24,8 @@ def _check(address: str) -> bool:
         return True
     if not address.startswith(ZMQ_SCHEMES):
         raise NbqError(f"unsupported broker address {address!r}: use tcp://host:port "
-                       "(an `nbq broker`), ipc://path, or redis://[user:password@]host:port/db")
+                       "(an `nbq broker`), ipc://path, redis://[user:password@]host:port/db or "
+                       "unix:///path/to/redis.sock")
     return False
 
 
@@ -32,7 +40,7 @@ def with_result_expires(address: str, seconds: float | None) -> str:
     parts = urlsplit(address)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "result_expires"]
     query.append(("result_expires", f"{seconds:g}"))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return unsplit(parts._replace(query=urlencode(query)))
 
 
 def client_connection(address: str, key: bytes, client_id: str, context=None) -> ClientConnection:

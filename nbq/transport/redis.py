@@ -18,7 +18,9 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       so such a task goes first among its priority
   nbq:qp:{queue}      Set of the queue's lanes with a stream q:{queue}:p{lane}: N or Nr,
                       read in descending text order (9r, 9, 8r, ..., 0r, then q:{queue})
-  nbq:fn:{hash}       a function's signed message, packed (SET NX, expiry result_expires)
+  nbq:fn:{hash}       a function's signed message, packed (SET by each client that ships it,
+                      expiry result_expires); a worker checks its kind, signed hash and the
+                      payload's own hash, and refuses it otherwise (FunctionRefused)
   nbq:b:{uuid}        one large frame (BIG bytes or more) of a task or result, stored apart by
                       one SET (expiry result_expires): the message holds its key (pack's
                       SPILLED form; an entry lists such fields in field b), so Lua scripts,
@@ -27,7 +29,10 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:o:{task id}     the submitting client's id, SET with the task's entry (SUBMIT)
                       and deleted when it is done or revoked: whom a cancel by another
                       client tells (expiry result_expires)
-  nbq:st:{task id}    "started": set by a worker, atomically with the revoke check
+  nbq:st:{task id}    "queue key entry id" of the entry that started the task, set by a worker
+                      atomically with the revoke and replay checks (START refuses another
+                      entry of the task while that one exists); removed if that entry is
+                      then dropped as bad, so unverified bytes leave no state
   nbq:rt:{task id}    "1" while a started task waits for a retry (a worker's RETRY notice,
                       deleted by its STARTED notice when it runs again): watch reads it as
                       RETRY.  The same NOTICE script adds a ``state`` message to the rs: of
@@ -46,7 +51,15 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:procs:{sid}     Hash worker id -> pid of the supervisor's processes
   nbq:sups            Set of supervisor ids (dead ones removed when noticed)
   nbq:queues          Set of queue names that have a stream
-  nbq:done            Sorted set task id -> time finished (counts stored results)
+  nbq:done            Sorted set task id -> time finished (counts stored results); START
+                      refuses the entries of a task in it (a replay)
+  nbq:kept            Sorted set task id -> when a result with frames stored apart was first
+  nbq:kept:sz         read from a result stream (delivered), with its bytes and frame keys
+  nbq:kept:bytes      ("bytes key key ...") and their total: past ?result_budget= (default
+                      256 MiB) the oldest lose their r: and b: keys (KEEP); smaller results
+                      are kept for result_expires
+  nbq:bad             Hash reason -> count of queue entries dropped (signature, invalid,
+                      replay, size): status's "dropped", as the ZeroMQ broker's
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
   nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
@@ -110,7 +123,7 @@ import time
 import uuid
 from collections import deque
 from typing import Any, Callable, NamedTuple
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -119,8 +132,9 @@ from redis.retry import Retry
 
 from .. import deaths, protocol
 from ..broker import DEFAULT_RESULT_EXPIRES, HEARTBEAT_TIMEOUT, STARTED_DELAY
-from ..errors import BrokerUnavailable, NbqError, SignatureError
+from ..errors import BrokerUnavailable, FunctionRefused, MessageTooLarge, NbqError, SignatureError
 from ..keys import fingerprint
+from . import unsplit
 from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport.redis")
@@ -140,29 +154,61 @@ BACKOFF_MAX = 5.0
 CTL = P + "ctl"
 CONTROL_KEEP = 1000       # control commands kept in nbq:ctl (approximately)
 CONTROL_BLOCK_MS = 5000   # a supervisor's outstanding XREAD on nbq:ctl is renewed this often
+MAX_MESSAGE_SIZE = 512 << 20  # default ?max_message_size=: Redis's largest value, as the ZeroMQ broker's
+RESULT_BUDGET = 256 << 20     # default ?result_budget=: delivered results kept, as the ZeroMQ broker's
+DROP_LOG_EVERY = 1.0          # seconds between log lines about dropped messages
 
 
 # -- addresses, connections, retries ------------------------------------------
 
-def parse_address(address: str) -> tuple[str, str, float]:
-    """(URL for redis-py, URL safe to print (no password), result_expires) of an address."""
-    parts = urlsplit(address)
-    query = parse_qsl(parts.query)
-    expires = DEFAULT_RESULT_EXPIRES
-    kept = []
-    for k, v in query:
-        if k == "result_expires":
-            expires = float(v)
+class Settings(NamedTuple):
+    """nbq's own settings in a Redis address's query (``?result_expires=...``): every
+    client and worker of one Redis must agree on them (local workers get the same URL)."""
+    result_expires: float = DEFAULT_RESULT_EXPIRES
+    max_message_size: int = MAX_MESSAGE_SIZE  # bytes: larger tasks refused by the sender,
+    #                                           larger messages dropped by the reader
+    result_budget: int = RESULT_BUDGET  # bytes of delivered results kept for by-id lookups
+
+
+def _settings(address: str) -> tuple[Settings, list]:
+    """nbq's settings in an address, and the rest of its query (redis-py's options)."""
+    kept, given = [], {}
+    for k, v in parse_qsl(urlsplit(address).query):
+        if k in Settings._fields:
+            try:
+                given[k] = type(Settings._field_defaults[k])(float(v))
+            except ValueError:
+                raise NbqError(f"bad {k}={v!r} in the Redis address: give a number") from None
         else:
             kept.append((k, v))
-    url = urlunsplit(parts._replace(query=urlencode(kept)))
+    if given.get("max_message_size", MAX_MESSAGE_SIZE) < 1 << 16:
+        raise NbqError("max_message_size in the Redis address must be at least 65536 bytes "
+                       "(a client sends tasks below 64 KiB in batches)")
+    return Settings(**given), kept
+
+
+def settings(address: str) -> Settings:
+    """The nbq settings an address carries (defaults for the others)."""
+    return _settings(address)[0]
+
+
+def parse_address(address: str) -> tuple[str, str, float]:
+    """(URL for redis-py, URL safe to print (no password), result_expires) of an address.
+
+    ``redis+unix:///path`` is taken as redis-py's ``unix:///path``.
+    """
+    if address.startswith("redis+unix://"):
+        address = address[len("redis+"):]
+    parts = urlsplit(address)
+    conf, kept = _settings(address)
+    url = unsplit(parts._replace(query=urlencode(kept)))
     netloc = parts.hostname or ""
     if parts.port:
         netloc = f"{netloc}:{parts.port}"
     if parts.username:
         netloc = f"{parts.username}@{netloc}"
-    safe = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    return url, safe, expires
+    safe = unsplit(parts._replace(netloc=netloc, query=""))
+    return url, safe, conf.result_expires
 
 
 # Commands packed in Python even with hiredis: it sends a large argument as it is, where
@@ -175,9 +221,10 @@ def connect(url: str, safe: str) -> redis.Redis:
     try:
         # no retries inside redis-py: every connection error reaches retrying(), which
         # logs it and lets a worker look for deliveries whose reply was lost with it
-        return redis.Redis.from_url(url, socket_keepalive=True, socket_connect_timeout=5.0,
+        tcp = {} if url.startswith("unix://") else {"socket_keepalive": True}  # TCP only
+        return redis.Redis.from_url(url, socket_connect_timeout=5.0,
                                     socket_timeout=None, health_check_interval=30,
-                                    retry=Retry(NoBackoff(), 0), command_packer=_PACKER)
+                                    retry=Retry(NoBackoff(), 0), command_packer=_PACKER, **tcp)
     except ValueError as e:
         raise NbqError(f"bad Redis address {safe}: {e}") from None
 
@@ -269,7 +316,8 @@ def pack(frames, spill: Callable[[Any], bytes] | None = None) -> bytes:
 
 
 def unpack(blob: bytes) -> list:
-    """The frames of pack's string: memoryviews of it, and Spilled for frames stored apart."""
+    """The frames of pack's string: memoryviews of it, and Spilled for frames stored apart;
+    ValueError if it is not pack's layout (a length past its end)."""
     mv = memoryview(blob)
     out, i = [], 0
     while i < len(mv):
@@ -281,6 +329,8 @@ def unpack(blob: bytes) -> list:
         else:
             out.append(mv[i + 8:i + 8 + n])
             i += 8 + n
+    if i != len(mv):
+        raise ValueError("a packed frame's length runs past the end")
     return out
 
 
@@ -301,13 +351,37 @@ def entry_fields(msg: list, spill: Callable[[Any], bytes] | None = None) -> dict
 
 
 def entry_frames(fields: dict) -> list:
-    """The signed message of an entry's fields (Spilled where a frame is stored apart)."""
-    spilled = fields.get(b"b", b"").decode().split(",") if b"b" in fields else []
-    frames = [fields[b"h"], fields[b"s"]]
-    for i in range(len(fields) - 2 - bool(spilled)):
-        f = fields[str(i).encode()]
-        frames.append(unpack(f)[0] if str(i) in spilled else f)
+    """The signed message of an entry's fields (Spilled where a frame is stored apart);
+    ValueError if the fields are not entry_fields' layout."""
+    try:
+        spilled = fields[b"b"].decode("ascii").split(",") if b"b" in fields else []
+        frames = [fields[b"h"], fields[b"s"]]
+        for i in range(len(fields) - 2 - (b"b" in fields)):
+            f = fields[str(i).encode()]
+            if str(i) in spilled:
+                (f,) = unpack(f)
+                if not isinstance(f, Spilled):
+                    raise ValueError(f"field {i} is listed in b but not stored apart")
+            frames.append(f)
+    except KeyError as e:
+        raise ValueError(f"field {e} is missing") from None
     return frames
+
+
+def _s(b) -> str:
+    return b.decode() if isinstance(b, bytes) else b
+
+
+def _claimed(fields: dict | None) -> tuple[str, str]:
+    """(task id, client id) an entry's header claims, unverified ("" where it names none)."""
+    try:
+        item = json.loads(fields[b"h"])["t"][0]
+        tid, c = item["id"], item["c"]
+        if isinstance(tid, str) and isinstance(c, str):
+            return tid, c
+    except Exception:  # any bytes at all: they claim nothing
+        pass
+    return "", ""
 
 
 def _entry(taken: list) -> tuple:
@@ -363,20 +437,41 @@ local function send(p, ttl, c, blob)  -- a packed message to client c's result s
   redis.call('XADD', sk, '*', 'm', blob); redis.call('EXPIRE', sk, ttl)
 end
 
-local function add(i)  -- XADD of ARGV[i] (queue key), ARGV[i + 1] (n), n names and values; -> next i
+-- XADD of ARGV[i] (queue key), ARGV[i + 1] (n), n names and values; -> next i, and the entry's
+-- id if it has frames stored apart (field b), else nil
+local function add(i)
   local nf = tonumber(ARGV[i + 1])
   local args = {'XADD', ARGV[i], '*'}
-  for k = 1, nf do args[#args + 1] = ARGV[i + 1 + k] end
-  redis.call(unpack(args))
-  return i + 2 + nf
+  local big = false
+  for k = 1, nf do
+    args[#args + 1] = ARGV[i + 1 + k]
+    big = big or (k % 2 == 1 and ARGV[i + 1 + k] == 'b')
+  end
+  local eid = redis.call(unpack(args))
+  return i + 2 + nf, big and eid or nil
 end
 
-local function start(p, ttl, wid, qk, eid, tid)  -- false: revoked (acked, deleted), never run
-  if redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
+-- false: revoked, or refused as a replay (acked, deleted, counted), never run.  A replay is
+-- an entry of a task that is done, or started by another entry that still exists (st: names
+-- the entry that started it: "queue key entry id"); an entry re-queued after a death or a
+-- goodbye replaces one that is deleted, so it starts.
+local function start(p, ttl, qk, eid, tid)
+  local sk, mark = p .. 'st:' .. tid, qk .. ' ' .. eid
+  local replay = redis.call('ZSCORE', p .. 'done', tid)
+  if not replay then
+    local was = redis.call('GET', sk)
+    if was and was ~= mark then
+      local wq, we = string.match(was, '^(.*) (%S+)$')
+      local got = wq and redis.pcall('XRANGE', wq, we, we)
+      replay = type(got) == 'table' and got.err == nil and #got > 0
+    end
+  end
+  if replay or redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
     redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
+    if replay then redis.call('HINCRBY', p .. 'bad', 'replay', 1) end
     return false
   end
-  redis.call('SET', p .. 'st:' .. tid, wid, 'EX', ttl)
+  redis.call('SET', sk, mark, 'EX', ttl)
   return true
 end
 
@@ -393,10 +488,18 @@ local function task_item(fields)  -- the header's task, unverified: it only guid
   return nil
 end
 
+local function routed(p, qk, item)  -- whether the header's queue and priority name stream qk
+  local q, pr = item.q or 'default', item.pr or 0
+  if type(q) ~= 'string' or type(pr) ~= 'number' then return false end
+  local base = p .. 'q:' .. q
+  return qk == (pr == 0 and base or base .. ':p' .. pr) or qk == base .. ':p' .. pr .. 'r'
+end
+
 -- Up to n entries for consumer wid from the first of the queues qks that has any, read
 -- one at a time and started unless revoked, stopping after one whose function is not h
 -- (so a batch of quick tasks ends with at most one other).  -> {{queue key, id, fields}*}
--- An entry whose header does not parse is returned unstarted, for the worker to drop.
+-- An entry whose header does not parse, or names another stream than its own, is returned
+-- unstarted, for the worker to drop.
 local function take(p, ttl, wid, qks, n, h)
   local out = {}
   for _, qk in ipairs(qks) do
@@ -405,8 +508,9 @@ local function take(p, ttl, wid, qks, n, h)
       if not got then break end
       local eid, fields = got[1][2][1][1], got[1][2][1][2]
       local item = task_item(fields)
+      if item ~= nil and not routed(p, qk, item) then item = nil end
       n = n - 1
-      if item == nil or start(p, ttl, wid, qk, eid, item.id) then out[#out + 1] = {qk, eid, fields} end
+      if item == nil or start(p, ttl, qk, eid, item.id) then out[#out + 1] = {qk, eid, fields} end
       if item == nil or item.h ~= h then n = 0 end
     end
     if #out > 0 then break end
@@ -466,7 +570,7 @@ return take(p, ttl, wid, streams(p, queues), ntake, h)
 # runs, up to nmore entries more of its queue join its batch (SHARED's take)
 START = SHARED + """
 local p, ttl, wid, qk = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-if not start(p, ttl, wid, qk, ARGV[5], ARGV[6]) then return {0} end
+if not start(p, ttl, qk, ARGV[5], ARGV[6]) then return {0} end
 local out = take(p, ttl, wid, {qk}, tonumber(ARGV[7]), ARGV[8])
 table.insert(out, 1, 1)
 return out
@@ -474,15 +578,22 @@ return out
 
 # ARGV: prefix, ttl, client, nfn, function hash*, ntask, [task id, queue key, 2 x nfields,
 #       (name, value)*]*: a client's tasks added with their owner (o:), their functions kept
+# -> {task id, entry id}* of the tasks with frames stored apart (the client keeps them: see
+# RedisClient._dropped)
 SUBMIT = SHARED + """
 local p, ttl, c = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local i = 5
 for _ = 1, tonumber(ARGV[4]) do redis.call('EXPIRE', p .. 'fn:' .. ARGV[i], ttl); i = i + 1 end
 local n = tonumber(ARGV[i]); i = i + 1
+local out = {}
 for _ = 1, n do
-  redis.call('SET', p .. 'o:' .. ARGV[i], c, 'EX', ttl)
-  i = add(i + 1)
+  local tid = ARGV[i]
+  redis.call('SET', p .. 'o:' .. tid, c, 'EX', ttl)
+  local eid
+  i, eid = add(i + 1)
+  if eid then out[#out + 1] = tid; out[#out + 1] = eid end
 end
+return out
 """
 
 # ARGV: prefix, ttl, cancelling client, n, [task id, packed revoked part]*
@@ -541,10 +652,81 @@ for c in pairs(to) do send(p, ttl, c, msg) end
 return 1
 """
 
+# ARGV: prefix, ttl, n, [queue key, entry id, reason, client, packed ``dropped`` notice]*:
+# entries dropped as bad (they failed to parse, read or verify; or named another stream):
+# acknowledged, deleted, counted in bad by reason.  A started mark (st:) the entry set itself
+# (take starts entries before the worker verifies them) is removed: an unverified entry leaves
+# no state behind.  The notice goes to the client its header names, if that client is connected
+# (wk:): it acts on it only if the entry was its own (RedisClient._dropped).
+DROP = SHARED + """
+local p, ttl = ARGV[1], tonumber(ARGV[2])
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local qk, eid, why, c, notice = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
+  local got = redis.call('XRANGE', qk, eid, eid)
+  local item = #got > 0 and task_item(got[1][2])
+  if item and redis.call('GET', p .. 'st:' .. item.id) == qk .. ' ' .. eid then
+    redis.call('DEL', p .. 'st:' .. item.id)
+  end
+  redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
+  redis.call('HINCRBY', p .. 'bad', why, 1)
+  if c ~= '' and redis.call('EXISTS', p .. 'wk:' .. c) == 1 then send(p, ttl, c, notice) end
+end
+"""
+
+# ARGV: prefix, budget, now, ttl, n, [task id, bytes, keys (space-separated)]*: results with
+# frames stored apart, read from a result stream (the first reader registers each part once),
+# kept for by-id lookups: while the kept bytes pass the budget, the result kept first loses its
+# result list (r:) and its stored-apart frames.  Entries older than ttl (gone by expiry) are
+# forgotten, so kept: holds no more than a day of large results.
+KEEP = """
+local p, budget, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local kept, sizes, total = p .. 'kept', p .. 'kept:sz', p .. 'kept:bytes'
+local function forget(tid, evict)
+  local v = redis.call('HGET', sizes, tid)
+  redis.call('ZREM', kept, tid); redis.call('HDEL', sizes, tid)
+  if not v then return end
+  local first = true
+  for w in string.gmatch(v, '%S+') do
+    if first then redis.call('DECRBY', total, tonumber(w)); first = false
+    elseif evict then redis.call('DEL', w) end
+  end
+  if evict then redis.call('DEL', p .. 'r:' .. tid) end
+end
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local tid, n, keys = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]; i = i + 3
+  local v = redis.call('HGET', sizes, tid) or '0'
+  if not string.find(v, keys, 1, true) then  -- a part registered once, by its first reader
+    local size = tonumber(string.match(v, '^%d+')) + n
+    redis.call('HSET', sizes, tid, size .. string.sub(v, #string.match(v, '^%d+') + 1) .. ' ' .. keys)
+    redis.call('ZADD', kept, 'NX', now, tid); redis.call('INCRBY', total, n)
+  end
+end
+for _, tid in ipairs(redis.call('ZRANGEBYSCORE', kept, '-inf', now - ttl, 'LIMIT', 0, 100)) do
+  forget(tid, false)
+end
+while tonumber(redis.call('GET', total) or '0') > budget do
+  local oldest = redis.call('ZRANGE', kept, 0, 0)
+  if #oldest == 0 then redis.call('DEL', total); break end
+  forget(oldest[1], true)
+end
+for _, k in ipairs({kept, sizes, total}) do redis.call('EXPIRE', k, math.ceil(ttl)) end
+"""
+
 #: Requests answered from Redis state, with the answer given when Redis fails them.
 FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
             "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}}
+
+
+class BadMessage(Exception):
+    """A message read from Redis that failed to parse, read or verify: dropped, never acted on."""
+
+    def __init__(self, reason: str, why: str) -> None:
+        super().__init__(why)
+        self.reason = reason  # "signature", "invalid", "replay" or "size" (as the ZeroMQ broker's)
 
 
 class Store:
@@ -552,16 +734,21 @@ class Store:
 
     def __init__(self, address: str, key: bytes) -> None:
         self.url, self.safe, self.ttl = parse_address(address)
+        self.settings = settings(address)
         self.ttl_s = max(1, int(round(self.ttl)))
         self.r = connect(self.url, self.safe)
         self.signer = protocol.Signer(key)
         self.troubles = 0  # connection errors so far: a reply lost with one may hide a delivery
+        self.dropped = dict.fromkeys(("signature", "invalid", "replay", "size"), 0)
+        self._drop_log_at = 0.0
         self._spill_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._report = self.r.register_script(REPORT)
         self._start = self.r.register_script(START)
         self._cancel = self.r.register_script(CANCEL)
         self._join = self.r.register_script(JOIN)
         self._notice = self.r.register_script(NOTICE)
+        self._drop = self.r.register_script(DROP)
+        self._keep = self.r.register_script(KEEP)
 
     def retry(self, what: str, fn, give_up=lambda: False):
         return retrying(what, self.safe, fn, give_up, self._trouble)
@@ -584,16 +771,59 @@ class Store:
             self._spill_thread.shutdown()
         self.r.close()
 
-    def decode(self, frames: list, where: str):
-        """Verified (header, payload), or None (logged) when the signature is wrong.
-
-        Frames stored apart are read first: the signature covers them too.
-        """
+    def verify(self, raw, split: Callable[[Any], list] = unpack) -> tuple[dict, list]:
+        """The verified (header, payload) of a message read from Redis: split(raw) gives its
+        frames (unpack for a packed string, entry_frames for a stream entry's fields); frames
+        stored apart are read first (the signature covers them too).  Any failure to parse,
+        read or verify raises BadMessage, never anything else."""
         try:
-            return self.signer.decode(self.resolve(frames))
-        except (SignatureError, IndexError, TypeError, LookupError) as e:
-            log.warning("dropped %s: %s", where, e)
+            return self.signer.decode(self.resolve(split(raw)))
+        except BadMessage:
+            raise
+        except SignatureError as e:
+            raise BadMessage("signature", str(e)) from None
+        except Exception as e:  # whatever bytes came: any failure is the message's, not ours
+            raise BadMessage("invalid", f"{type(e).__name__}: {e}") from None
+
+    def decode(self, raw, where: str, split: Callable[[Any], list] = unpack):
+        """verify's (header, payload), or None when the message is bad (counted, logged)."""
+        try:
+            return self.verify(raw, split)
+        except BadMessage as e:
+            self.bad(e, where)
             return None
+
+    def bad(self, e: BadMessage, where: str) -> None:
+        """Count a dropped message; log it unless another was logged within DROP_LOG_EVERY."""
+        self.dropped[e.reason] += 1
+        now = time.monotonic()
+        if now >= self._drop_log_at:
+            self._drop_log_at = now + DROP_LOG_EVERY
+            log.warning("dropped %s: %s (dropped here so far: %s)", where, e,
+                        ", ".join(f"{n} {k}" for k, n in self.dropped.items() if n))
+
+    def keep(self, parts: list[tuple[str, int, list[bytes]]]) -> None:
+        """Results read from a result stream whose frames are stored apart [(task id, bytes,
+        keys)]: kept for by-id lookups within result_budget, oldest evicted first (KEEP)."""
+        args: list = [P, self.settings.result_budget, time.time(), self.ttl, len(parts)]
+        for tid, size, keys in parts:
+            args += [tid, size, b" ".join(keys)]
+        try:
+            self.retry("keeping results", lambda: self._keep(args=args))
+        except redis.RedisError as e:  # they expire with result_expires anyway
+            log.warning("could not count delivered results against result_budget: %s", e)
+
+    def drop(self, entries: list) -> None:
+        """Acknowledge, delete and count bad entries [(queue key, entry id, fields, BadMessage)]
+        (DROP), telling the client an entry's header names (unverified) which entry was dropped
+        and why: a ``dropped`` notice that client acts on only for an entry it knows as its own."""
+        args: list = [P, self.ttl_s, len(entries)]
+        for qk, eid, fields, e in entries:
+            tid, c = _claimed(fields)
+            notice = pack(self.signer.encode({"k": "dropped", "id": tid, "e": f"{qk} {_s(eid)}",
+                                              "why": str(e)[:500]})) if c else b""
+            args += [qk, eid, e.reason, c, notice]
+        self.retry("dropping bad entries", lambda: self._drop(args=args))
 
     def _spill(self, frame) -> bytes:
         """Store a large frame under a key of its own (one SET, expiry result_expires); its key."""
@@ -617,7 +847,30 @@ class Store:
         return lambda f: keys[id(f)].result() if id(f) in keys else self._spill(f)
 
     def resolve(self, frames: list) -> list:
-        """frames, each Spilled one read into a buffer of its own; LookupError if one is gone."""
+        """frames, each Spilled one read into a buffer of its own; LookupError if one is gone
+        or has another size than its reference says, BadMessage("size") if together they
+        pass max_message_size: checked before anything is allocated."""
+        spilled = [f for f in frames if isinstance(f, Spilled)]
+        if not spilled:
+            return frames
+        size = sum(f.size for f in spilled)
+        if size > self.settings.max_message_size:
+            raise BadMessage("size", f"its frames stored apart claim {size:,} bytes, more than "
+                             f"max_message_size ({self.settings.max_message_size:,})")
+        for f in spilled:
+            if not f.key.startswith(P.encode() + b"b:"):
+                raise LookupError(f"{f.key[:60]!r} is not a stored-apart frame's key")
+        def strlen():
+            pipe = self.r.pipeline(transaction=False)
+            for f in spilled:
+                pipe.strlen(f.key)
+            return pipe.execute()
+
+        lengths = self.retry("reading large frames' sizes", strlen)
+        for f, n in zip(spilled, lengths):
+            if n != f.size:
+                raise LookupError(f"its large frame {f.key.decode(errors='replace')} is gone "
+                                  f"(expired?) or is not the {f.size:,} bytes it was")
         return [self._read(f) if isinstance(f, Spilled) else f for f in frames]
 
     def _read(self, ref: Spilled) -> bytearray:
@@ -692,12 +945,12 @@ class Store:
         if not fields:
             self.retry("acking", lambda: (self.r.xack(qk, GROUP, eid), self.r.xdel(qk, eid)))
             return
-        decoded = self.decode(entry_frames(fields), f"entry {eid!r} of {qk}")
-        if decoded is None or decoded[0].get("k") != "tasks":
-            self.store([], acks=[(qk, eid, "")])
+        try:
+            task, payload = self.task(qk, fields)
+        except BadMessage as e:
+            self.bad(e, f"entry {eid!r} of {qk}")
+            self.drop([(qk, eid, fields, e)])
             return
-        header, payload = decoded
-        task = header["t"][0]
         # first among its priority: the lane of re-queued tasks, read before the others
         rk = self.retry("re-queueing", lambda: group(self.r, task.get("q", "default"),
                                                      task.get("pr", 0), requeued=True))
@@ -718,6 +971,20 @@ class Store:
         self.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
         if retry is not None:
             self._retry_lost(task["id"])
+
+    def task(self, qk: str, fields: dict) -> tuple[dict, list]:
+        """The verified (task item, payload) of an entry of stream qk; BadMessage if it is not
+        one task whose signed queue and priority name qk (an entry copied into another
+        queue's stream is refused there: "replay")."""
+        header, payload = self.verify(fields, entry_frames)
+        items = header.get("t")
+        if header.get("k") != "tasks" or not isinstance(items, list) or len(items) != 1:
+            raise BadMessage("invalid", "it is not one task")
+        item = items[0]
+        q, pr = item.get("q", "default"), item.get("pr", 0)
+        if qk not in (queue_key(q, pr), queue_key(q, pr, requeued=True)):
+            raise BadMessage("replay", f"it is a task of queue {q!r} priority {pr}, not of {qk}")
+        return item, payload
 
     def _retry_lost(self, tid: str) -> None:
         """A re-queued task that waited for a retry runs again from the start: its clients
@@ -760,6 +1027,9 @@ class RedisClient(ClientConnection):
         self._closing = False
         self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
         self._maps: set[str] = set()
+        # task id -> (its entry "queue key entry id", mode, items) for unfinished tasks with
+        # frames stored apart: the only entries of this client a worker may drop (_dropped)
+        self._own: dict[str, tuple[str, str, int]] = {}
         self._sender = threading.Thread(target=self._send_loop, name=f"nbq-redis-sender-{client_id}",
                                         daemon=True)
         self._sender.start()
@@ -768,6 +1038,18 @@ class RedisClient(ClientConnection):
         self._reply_local({"k": "welcome", "rq": rq})
 
     def send(self, header: dict, frames: list = ()) -> None:
+        limit = self.store.settings.max_message_size
+        if frames and protocol.frame_size(frames) > limit:
+            items = header.get("t")
+            if header.get("k") == "tasks" and len(items) > 1:  # a batch: each task is one entry
+                for item, payload in protocol.split(items, frames):
+                    self.send({"k": "tasks", "t": [item]}, payload)
+                return
+            raise MessageTooLarge(
+                f"this {header.get('k')!r} message is {protocol.frame_size(frames):,} bytes, more "
+                f"than max_message_size ({limit:,} bytes) at Redis {self.store.safe}: send less "
+                "at once (a large input as a file or a shared path), or raise the limit with "
+                "?max_message_size=BYTES in the Redis address of the client and every worker")
         header["c"] = self.cid
         with self._cv:
             self._outbox.append((header, list(frames)))
@@ -797,18 +1079,54 @@ class RedisClient(ClientConnection):
             return out
         if trim is not None:
             self._untrimmed = 0
+        large: list = []  # (task id, bytes, keys) of results read with frames stored apart
         for stream, entries in got or ():
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for eid, fields in entries:
                 self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
                 if stream == self._rs and fields and b"m" in fields:
                     self._untrimmed += max(len(fields[b"m"]), TRIM_AFTER // 64)
-                    decoded = self.store.decode(unpack(fields[b"m"]), "a message for this client")
+                    decoded = self.store.decode(fields[b"m"], f"entry {eid!r} of {stream}")
+                    if decoded is not None and decoded[0].get("k") == "dropped":
+                        decoded = self._dropped(decoded[0])
+                    elif decoded is not None and decoded[0].get("k") == "res":
+                        large += _stored_apart(decoded[0], fields[b"m"])
+                        if self._own:
+                            for item in decoded[0]["t"]:
+                                self._own.pop(item["id"], None)
                     if decoded is not None:
                         out.append(decoded)
+        if large:
+            self.store.keep(large)
         while self._inbox:
             out.append(self._inbox.popleft())
         return out
+
+    def _dropped(self, header: dict) -> tuple[dict, list] | None:
+        """A worker's (signed) notice that it dropped a bad entry whose header names one of this
+        client's tasks.  If that entry is the one this client added for the task (its frames
+        stored apart are gone or changed, or pass the worker's max_message_size), the task
+        fails here with SignatureError; else (a forged entry or a copy naming the task) nothing
+        changes: unverified bytes never fail anyone's task, and the task's own entry still runs.
+        Only entries with frames stored apart are known (_own): no other entry of a client
+        with the right key fails to verify at a worker with the right key."""
+        tid, why = header.get("id"), header.get("why")
+        own = self._own.get(tid)
+        if own is None or own[0] != header.get("e"):
+            log.warning("a worker dropped an entry naming task %s that is not this client's own "
+                        "(%s): ignored", tid, why)
+            return None
+        del self._own[tid]
+        _, mode, n = own
+        err = protocol.error_record(SignatureError(
+            f"task {tid} was dropped by a worker, unrun: {why}"))
+        if mode == "call":
+            item, payload = {"id": tid, "s": 0, "n": 1, "ok": 0}, protocol.dumps(err)
+        else:
+            item = {"id": tid, "s": 0, "n": n}
+            payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), err)))
+        item["nf"] = len(payload)
+        return {"k": "res", "t": [item]}, payload
 
     def wake(self) -> None:
         try:
@@ -893,6 +1211,7 @@ class RedisClient(ClientConnection):
         cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
         hashes = set()
         tasks: list = []  # SUBMIT's arguments for each task
+        big: dict = {}  # task id -> (queue key, mode, items) of tasks with frames stored apart
         ntasks = 0
         chunked: set[str] = set()  # maps given chunks here: their chunk lists' expiry renewed once
         for header, frames in messages:
@@ -900,17 +1219,20 @@ class RedisClient(ClientConnection):
             if k == "fn":
                 fk = P + "fn:" + header["h"]
                 blob = pack(self.signer.encode({"k": "fn", "h": header["h"]}, frames))
-                cmds.append(("set", (fk, blob), {"nx": True, "ex": st.ttl_s}))
-                cmds.append(("expire", (fk, st.ttl_s), {}))
+                # SET, not SET NX: whatever is stored under the key (a blob a worker refused)
+                # is replaced; once per client and function (and again after a refusal)
+                cmds.append(("set", (fk, blob), {"ex": st.ttl_s}))
             elif k == "tasks":
                 for item, payload in protocol.split(header["t"], frames):
                     item["c"] = self.cid
                     spill = st.spiller(payload)
                     fields = entry_fields(self.signer.encode({"k": "tasks", "t": [item]}, payload),
                                           spill)
-                    tasks += [item["id"], queue_key(item.get("q", "default"), item.get("pr", 0)),
-                              2 * len(fields),
+                    qk = queue_key(item.get("q", "default"), item.get("pr", 0))
+                    tasks += [item["id"], qk, 2 * len(fields),
                               *(x for kv in fields.items() for x in kv)]
+                    if "b" in fields:
+                        big[item["id"]] = (qk, item.get("m", "call"), item.get("n", 1))
                     ntasks += 1
                     hashes.add(item.get("h"))
                     mp = item.get("mp")
@@ -943,10 +1265,17 @@ class RedisClient(ClientConnection):
             return pipe.execute()
 
         if cmds:
-            st.retry("sending", execute)
+            got = st.retry("sending", execute)
+            if big:
+                added = got if len(cmds) == 1 else got[-1]
+                for tid, eid in zip(added[::2], added[1::2]):
+                    qk, mode, n = big[_s(tid)]
+                    self._own[_s(tid)] = (f"{qk} {_s(eid)}", mode, n)
 
     def _on_cancel(self, header: dict):
         ids = list(header["ids"])
+        for tid in ids:
+            self._own.pop(tid, None)
         args: list = [P, self.store.ttl_s, self.cid, len(ids)]
         for tid in ids:
             args += [tid, pack(self.signer.encode({"k": "res", "t": [
@@ -987,7 +1316,7 @@ class RedisClient(ClientConnection):
             known[tid] = ("DONE" if parts else "RETRY" if retrying else
                           "STARTED" if started else "PENDING")
             for blob in parts:
-                decoded = self.store.decode(unpack(blob), f"a stored result of {tid}")
+                decoded = self.store.decode(blob, f"a stored result of {tid}")
                 if decoded is not None:
                     messages.append(decoded)
         return {"maps": maps, "known": known}, messages
@@ -1007,6 +1336,16 @@ class RedisClient(ClientConnection):
         fired = self.store._join(args=[P, self.store.ttl_s, header["key"], header["member"],
                                        header["total"]])
         return {"fire": bool(fired)}, []
+
+
+def _stored_apart(header: dict, raw: bytes) -> list[tuple[str, int, list[bytes]]]:
+    """(task id, bytes, keys) of the parts of a verified result message with frames stored apart."""
+    out = []
+    for item, frames in protocol.split(header["t"], unpack(raw)[2:]):
+        refs = [f for f in frames if isinstance(f, Spilled)]
+        if refs:
+            out.append((item["id"], sum(f.size for f in refs), [f.key for f in refs]))
+    return out
 
 
 def live_supervisors(r: redis.Redis) -> list[tuple[str, dict, dict]]:
@@ -1060,7 +1399,9 @@ def info(store: Store) -> dict:
                 "processes": sorted(int(p) for p in procs.values()), "memory": meta.get("mem")}
                for sid, meta, procs in sups]
     results = r.zcount(P + "done", time.time() - store.ttl, "+inf")
-    return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results}
+    dropped = {k.decode(): int(v) for k, v in r.hgetall(P + "bad").items()}
+    return {"workers": workers, "queues": lengths, "tasks": tasks, "results": results,
+            "dropped": dropped}
 
 
 # -- supervisor ---------------------------------------------------------------
@@ -1074,7 +1415,11 @@ class _ControlReader:
         self.store = store
         self._conn = None
         self._retry_at = 0.0
-        last = store.retry("reading the control stream", lambda: store.r.xrevrange(CTL, count=1))
+        try:
+            last = store.retry("reading the control stream", lambda: store.r.xrevrange(CTL, count=1))
+        except redis.ResponseError as e:  # not a stream: read() says so until it is one
+            log.warning("control commands: %s is not a stream (%s)", CTL, e)
+            last = []
         self._last = last[0][0] if last else b"0-0"  # commands sent before this worker are not its
 
     def fileno(self) -> int | None:
@@ -1097,6 +1442,9 @@ class _ControlReader:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             self._drop(e)
             return []
+        except redis.ResponseError as e:  # nbq:ctl is not a stream: no control until it is
+            self._drop(e)
+            return []
         self.store.r.connection_pool.release(self._conn)
         self._conn = None
         out = []
@@ -1105,7 +1453,7 @@ class _ControlReader:
             for eid, flat in entries:
                 self._last = eid
                 fields = dict(zip(flat[::2], flat[1::2]))
-                decoded = self.store.decode(unpack(fields.get(b"m", b"")), "a control command")
+                decoded = self.store.decode(fields.get(b"m", b""), f"control entry {eid!r}")
                 if decoded is not None and decoded[0].get("k") == "ctl":
                     out.append(decoded[0])
         return out
@@ -1294,6 +1642,21 @@ class _Notices:
                 log.warning("could not send started notices: %s", e)
 
 
+def _too_large(item: dict, size: int, limit: int) -> tuple[dict, list]:
+    """A result part too large to store, as the error saying so (for each item of a chunk)."""
+    err = protocol.error_record(MessageTooLarge(
+        f"the result of task {item['id']} is {size:,} bytes, more than max_message_size "
+        f"({limit:,} bytes): return less (write large outputs to a file or a shared path), or "
+        "raise the limit with ?max_message_size=BYTES in the Redis address of the client "
+        "and every worker"))
+    if "ok" in item:  # a call's result
+        payload = protocol.dumps(err)
+        return dict(item, ok=0, nf=len(payload)), payload
+    n = item.get("n", 1)
+    payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), err)))
+    return dict(item, nf=len(payload)), payload
+
+
 class RedisWorker(WorkerConnection):
     """One consumer of the queues' groups: XREADGROUP, run, store results and XACK atomically."""
 
@@ -1393,21 +1756,21 @@ class RedisWorker(WorkerConnection):
         return max(1, min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6))))
 
     def _verify(self, entries: list) -> list:
-        """(queue key, entry id, item, payload, fields) of entries whose signature holds."""
+        """(queue key, entry id, item, payload, fields) of entries that are verified tasks of
+        the stream they came from; the others are dropped (Store.drop), never run."""
         out, bad = [], []
         for qk, eid, fields in entries:
             try:
-                frames = entry_frames(fields) if fields else None
-            except KeyError:
-                frames = None
-            decoded = self.store.decode(frames, f"entry {eid!r} of {qk}") if frames else None
-            if decoded is None or decoded[0].get("k") != "tasks" or len(decoded[0].get("t", ())) != 1:
-                bad.append((qk, eid, ""))
+                if not fields:
+                    raise BadMessage("invalid", "it has no fields (deleted?)")
+                item, payload = self.store.task(qk, fields)
+            except BadMessage as e:
+                self.store.bad(e, f"entry {eid!r} of {qk}")
+                bad.append((qk, eid, fields, e))
                 continue
-            header, payload = decoded
-            out.append((qk, eid, header["t"][0], payload, fields))
+            out.append((qk, eid, item, payload, fields))
         if bad:
-            self.store.store([], acks=bad)
+            self.store.drop(bad)
         return out
 
     def _begin(self, batch: list) -> list[tuple[dict, list]]:
@@ -1422,19 +1785,32 @@ class RedisWorker(WorkerConnection):
         return out
 
     def function(self, h: str) -> list:
+        """The payload of the function stored under fn:{h}, if it is a signed function message
+        whose signed hash and whose payload's own hash are h; else FunctionRefused (the client
+        that sees it ships the function again: SET, replacing what is stored)."""
         blob = self.store.retry("fetching a function", lambda: self.store.r.get(P + "fn:" + h))
         if blob is None:
             raise NbqError(f"function {h} is not stored at {self.store.safe} (expired?)")
-        decoded = self.store.decode(unpack(blob), f"function {h}")
-        if decoded is None:
-            raise SignatureError(f"function {h} was refused: its signature does not match the "
-                                 "shared key")
-        return decoded[1]
+        try:
+            header, payload = self.store.verify(blob)
+        except BadMessage as e:
+            self.store.bad(e, f"function {h}")
+            raise FunctionRefused(h, f"what is stored under its key is not signed under the "
+                                     f"shared key ({e})") from None
+        if header.get("k") != "fn" or header.get("h") != h:
+            raise FunctionRefused(h, f"what is stored under its key is another message "
+                                     f"({header.get('k')!r} for {header.get('h')!r})")
+        if protocol.function_hash(b"".join(payload)) != h:
+            raise FunctionRefused(h, "the stored payload's hash is not the function's")
+        return payload
 
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
         self._notices.done(item["id"] for item, _ in results)
         parts = []
+        limit = self.store.settings.max_message_size
         for item, payload in results:
+            if payload and protocol.frame_size(payload) > limit:
+                item, payload = _too_large(item, protocol.frame_size(payload), limit)
             entry = self._batch.get(item["id"])
             task = entry[2] if entry else {"id": item["id"]}
             d = item.get("d")
@@ -1499,8 +1875,12 @@ class RedisWorker(WorkerConnection):
         st = self.store
         r = st.r
         hb = r.get(P + "hb:" + self.sid)
-        if hb is not None:
-            queues = json.loads(hb)["q"]
+        try:  # unsigned: this process's supervisor rewrites it every heartbeat
+            queues = json.loads(hb)["q"] if hb is not None else None
+            queues = queues if isinstance(queues, list) and all(isinstance(q, str) for q in queues) else None
+        except (ValueError, TypeError, KeyError):
+            queues = None
+        if queues is not None:
             for q in set(queues) - set(self.queues):
                 group(r, q)
             self.queues = queues

@@ -40,7 +40,12 @@ class Functions:
         except KeyError:
             pass
         try:
-            fn = protocol.loads(self._fetch(h))
+            payload = self._fetch(h)
+        except Exception as e:  # not stored, or refused: fetched again for the next task (the
+            fn = _Unloadable(e)  # client ships a refused function again), so not kept
+            return fn, _name(fn).encode()[:NAME_MAX]
+        try:
+            fn = protocol.loads(payload)
         except Exception as e:  # a module missing here, a broken pickle: every task of it fails
             fn = _Unloadable(unimportable(e, "the function of this task"))
         name = _name(fn).encode()[:NAME_MAX]
