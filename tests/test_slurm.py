@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import nbq
-from conftest import pid_alive, wait_until
+from conftest import pid_alive, redis_url, wait_until
 from nbq.clusters.slurm import job_script, memory_mb
 
 
@@ -90,6 +90,15 @@ def test_jobs_join_run_a_map_and_close_cancels_them(slurm, tmp_path):
     assert not slurm.jobs()  # scancel through close(): squeue lists nothing
     assert not [p for p in pids if pid_alive(p)]
     assert len(list((tmp_path / "c").glob("*.log"))) == 2  # a directory given is the user's: kept
+
+
+def test_jobs_serve_a_redis_broker(slurm, tmp_path):
+    with nbq.SlurmCluster(jobs=1, cores=2, broker=redis_url(), directory=tmp_path / "c") \
+            as cluster, nbq.Client(cluster, ship=[sys.modules[__name__]]) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert {j for j, _ in client.map(_job_of_task, range(10))} == set(slurm.jobs())
+        cluster.close()
+    assert not slurm.jobs()
 
 
 def test_a_job_killed_mid_task_has_its_task_finish_elsewhere(slurm, tmp_path):
