@@ -16,6 +16,7 @@ tasks run again elsewhere, without counting as deaths of those tasks).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -31,6 +32,8 @@ from typing import Iterable
 
 from ..errors import LaunchError
 from .base import STOP_WAIT, Cluster
+
+log = logging.getLogger("nbq.cluster")
 
 #: job states before a job's end is final (squeue's %T; COMPLETING: its processes are being
 #: killed, and the state it ends in, TIMEOUT or CANCELLED or ..., comes next); any other
@@ -119,8 +122,8 @@ class SlurmCluster(Cluster):
     """Workers in Slurm jobs: ``jobs`` jobs of ``cores`` worker processes each.
 
     ``scale(n)`` submits jobs of ``cores`` processes (the last one smaller when n is not a
-    multiple) or cancels jobs, idle ones first; ``close()`` cancels every job.  ``memory``, ``walltime``, ``partition``, ``account``:
-    per job, as sbatch reads them; ``job_extra``: more sbatch options; ``prologue``: shell
+    multiple) or cancels jobs, idle ones first; ``close()`` cancels every job.  ``memory``,
+    ``walltime``, ``partition``, ``account``: per job, as sbatch reads them; ``job_extra``: more sbatch options; ``prologue``: shell
     lines the job runs first; ``python``: the interpreter on the compute nodes (default
     this one); ``directory``: the cluster's private folder, which compute nodes must
     see (default a new one under ~/.cache/nbq/slurm, removed on close).  The embedded
@@ -147,18 +150,18 @@ class SlurmCluster(Cluster):
                               "submits Slurm jobs (a login node)")
         self.unit_size = cores
         self.python = python
-        self._own_dir = directory is None
-        if directory is None:
-            base = Path.home() / ".cache" / "nbq" / "slurm"
-            base.mkdir(parents=True, exist_ok=True, mode=0o700)
-            directory = tempfile.mkdtemp(prefix="cluster-", dir=base)  # mode 0700
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._states: dict[str, str] = {}
         self._states_at = -STATE_POLL
         self._states_lock = threading.Lock()
+        self._own_dir = directory is None
+        self.directory = None if directory is None else Path(directory)
         super().__init__(**cluster)
         try:
+            if self.directory is None:
+                base = Path.home() / ".cache" / "nbq" / "slurm"
+                base.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self.directory = Path(tempfile.mkdtemp(prefix="cluster-", dir=base))  # 0700
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.scale(jobs * cores)
         except BaseException:
             self.close()
@@ -200,7 +203,7 @@ class SlurmCluster(Cluster):
             if time.monotonic() > deadline:
                 _run(["scancel", "--signal=KILL", job.id])
                 break
-            time.sleep(0.1)
+            time.sleep(0.25)
         (self.directory / f"{job.name.split('@', 1)[0]}.key").unlink(missing_ok=True)
 
     def _ended(self, job: Job) -> str | None:
@@ -224,7 +227,9 @@ class SlurmCluster(Cluster):
                 ids = ",".join(self._states) or job.id
                 p = _run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ids])
                 if p.returncode and "Invalid job id" not in p.stderr:
-                    raise LaunchError(f"squeue failed: {p.stderr.strip()}")
+                    # a busy or restarting slurmctld: the states known stand until it answers
+                    log.warning("squeue failed (%s); asking again", p.stderr.strip())
+                    return self._states.get(job.id, "PENDING")
                 known = dict(line.split(None, 1) for line in p.stdout.splitlines() if line.strip())
                 # a job squeue forgot stays forgotten: drop it from later calls
                 self._states = {i: known[i] for i in self._states if i in known}
@@ -236,7 +241,7 @@ class SlurmCluster(Cluster):
         try:
             super().close()
         finally:
-            if self._own_dir:
+            if self._own_dir and self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
 
 
