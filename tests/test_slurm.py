@@ -42,6 +42,10 @@ def test_job_script_lines_and_checks(tmp_path):
                  f"exec 3<{tmp_path / 'k'} && rm -f {tmp_path / 'k'} || exit 1",
                  "module load python", "exec /py -m nbq worker --key-file - <&3 3<&-"]:
         assert line in script.splitlines(), line
+    assert "kill" not in script  # no lease: the embedded broker dies with the notebook
+    leased = job_script(name="nbq-1", command=["/py"], key_file=tmp_path / "k",
+                        log_file=tmp_path / "l", cores=1, lease=tmp_path / "lease")
+    assert f"cat {tmp_path / 'lease'}" in leased and "kill -TERM $$" in leased
     assert memory_mb("500M") == 500 and memory_mb("1.5GiB") == 1536 and memory_mb(2048) == 2048
     with pytest.raises(ValueError, match="line break"):
         job_script(name="x", command=[], key_file=tmp_path / "k", log_file=tmp_path / "l",
@@ -141,7 +145,9 @@ def test_scale_and_adapt_submit_and_cancel_jobs(slurm, tmp_path):
 
 CLIENT = textwrap.dedent("""
     import sys, nbq
-    cluster = nbq.SlurmCluster(jobs=2, cores=1, directory=sys.argv[1])
+    nbq.clusters.slurm.LEASE_TIMEOUT = 3  # the test's patience, not a user's shared filesystem's
+    broker = sys.argv[2] if len(sys.argv) > 2 else None
+    cluster = nbq.SlurmCluster(jobs=2, cores=1, directory=sys.argv[1], broker=broker)
     client = nbq.Client(cluster)
     client.wait_for_workers(2, timeout=60)
     print(" ".join(str(p) for p in sorted({w["pid"] for w in client.workers()})), flush=True)
@@ -149,8 +155,12 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def test_jobs_end_within_seconds_when_the_client_is_killed(slurm, procs, tmp_path):
-    p = procs.start([sys.executable, "-c", CLIENT, str(tmp_path / "c")], stdin=subprocess.PIPE,
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_jobs_end_within_seconds_when_the_client_is_killed(slurm, procs, tmp_path, broker):
+    """Embedded broker: it dies with the client, and the workers stop when it stops answering.
+    Redis outlives the client: the jobs stop when the cluster's lease file stops changing."""
+    p = procs.start([sys.executable, "-c", CLIENT, str(tmp_path / "c"),
+                     *([redis_url()] if broker == "redis" else [])], stdin=subprocess.PIPE,
                     env=slurm.env())
     line = p.stdout.readline()
     pids = [int(x) for x in line.split()]
@@ -159,7 +169,7 @@ def test_jobs_end_within_seconds_when_the_client_is_killed(slurm, procs, tmp_pat
     p.send_signal(signal.SIGKILL)
     p.wait()
     wait_until(lambda: not slurm.jobs(), timeout=30, what="the jobs to end")
-    print(f"jobs ended {time.monotonic() - t0:.1f} s after the client's SIGKILL")
+    print(f"{broker}: jobs ended {time.monotonic() - t0:.1f} s after the client's SIGKILL")
     wait_until(lambda: not [q for q in pids if pid_alive(q)], timeout=10, what="workers gone")
 
 

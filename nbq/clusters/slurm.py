@@ -9,8 +9,10 @@ it to the worker on its standard input, so no key is in a script, on a command l
 in an environment.  The job's output goes to a log file in the same directory.
 
 Nothing is left behind: close() cancels the jobs (``scancel``); a worker whose broker
-stops answering (the client died, even by SIGKILL) exits within seconds, ending its
-job; a job ended by its walltime or by preemption takes its worker with it, and the
+stops answering (the client died, even by SIGKILL, taking its embedded broker) exits
+within seconds, ending its job; with a broker that outlives the client (Redis, ``nbq
+broker``) the cluster renews a lease file in its directory, and a job whose lease stops
+changing stops its worker (LEASE_TIMEOUT); a job ended by its walltime or by preemption takes its worker with it, and the
 broker re-queues what it was running (the death rules of deaths.py: a lost worker's
 tasks run again elsewhere, without counting as deaths of those tasks).
 """
@@ -42,6 +44,11 @@ LIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUS
                          "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING",
                          "STAGE_OUT"})
 STATE_POLL = 1.0  # seconds a squeue answer stands for every job of the cluster
+#: with a broker that outlives the notebook (Redis, `nbq broker`), the cluster renews a lease
+#: file every LEASE_INTERVAL seconds, and a job whose lease has not changed for
+#: LEASE_TIMEOUT seconds stops its worker (generous: a shared filesystem may lag)
+LEASE_INTERVAL = 1.0
+LEASE_TIMEOUT = 30.0
 
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -71,12 +78,16 @@ def memory_mb(memory: str | int) -> int:
 def job_script(*, name: str, command: list[str], key_file: Path, log_file: Path, cores: int,
                memory: str | int | None = None, walltime: str | None = None,
                partition: str | None = None, account: str | None = None,
-               job_extra: Iterable[str] = (), prologue: Iterable[str] = ()) -> str:
+               job_extra: Iterable[str] = (), prologue: Iterable[str] = (),
+               lease: Path | None = None) -> str:
     """The batch script of one job: ``#SBATCH`` lines, then ``command`` with the key from
     key_file (removed as the job starts) on its standard input.
 
     ``job_extra``: more sbatch options, one per line (``"--qos=high"``); ``prologue``:
-    shell lines run before the worker starts (``"module load python"``).
+    shell lines run before the worker starts (``"module load python"``); ``lease``: a file
+    the cluster rewrites every LEASE_INTERVAL seconds while it is open: when it has not
+    changed for LEASE_TIMEOUT seconds, the job stops its worker (SIGTERM, a second one 5 s
+    later: cold).
     """
     options = [f"--job-name={name}", f"--output={log_file}", "--nodes=1", "--ntasks=1",
                f"--cpus-per-task={cores}",
@@ -105,9 +116,24 @@ def job_script(*, name: str, command: list[str], key_file: Path, log_file: Path,
         "# the signing key: opened, then removed, before anything else runs",
         f"exec 3<{key} && rm -f {key} || exit 1",
         *prologue,
+        *(_watchdog(lease) if lease is not None else []),
         f"exec {shlex.join(command)} <&3 3<&-",
         "",
     ])
+
+
+def _watchdog(lease: Path) -> list[str]:
+    """Shell lines: a background loop that stops the worker ($$, after exec) once the lease
+    stops changing.  It compares the file's content (read afresh at each open, even over
+    NFS), never clocks, so the two machines' clocks need not agree."""
+    every = max(1, round(LEASE_TIMEOUT / 3))
+    checks = -(-LEASE_TIMEOUT // every)
+    return ["# the notebook renews the lease while the cluster is open; when it stops, so does this",
+            f"(last=; same=0; while sleep {every}; do now=$(cat {shlex.quote(str(lease))} "
+            f'2>/dev/null); if [ "$now" = "$last" ]; then same=$((same+1)); else same=0; '
+            f'last=$now; fi; if [ $same -ge {checks:.0f} ]; then echo "nbq: the cluster\'s lease '
+            f'ended: stopping the worker" >&2; kill -TERM $$; sleep 5; kill -TERM $$; exit; fi; '
+            f"done) 3<&- &"]
 
 
 @dataclass
@@ -155,6 +181,7 @@ class SlurmCluster(Cluster):
         self._states_lock = threading.Lock()
         self._own_dir = directory is None
         self.directory = None if directory is None else Path(directory)
+        self._lease: _Lease | None = None
         super().__init__(**cluster)
         try:
             if self.directory is None:
@@ -162,6 +189,8 @@ class SlurmCluster(Cluster):
                 base.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.directory = Path(tempfile.mkdtemp(prefix="cluster-", dir=base))  # 0700
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.broker is None:  # a broker of its own dies with this process: no lease
+                self._lease = _Lease(self.directory / "lease")
             self.scale(jobs * cores)
         except BaseException:
             self.close()
@@ -178,7 +207,8 @@ class SlurmCluster(Cluster):
             f.write(bytes(self.key))
         log_file = self.directory / f"{stem}.log"
         script = job_script(name=stem, command=self.job_command(name, n), key_file=key_file,
-                            log_file=log_file, cores=n, **self.options)
+                            log_file=log_file, cores=n, **self.options,
+                            lease=self._lease and self._lease.path)
         env = dict(os.environ)
         env.pop("NBQ_KEY", None)  # sbatch exports its environment into the job
         p = _run(["sbatch", "--parsable"], input=script, env=env)
@@ -241,8 +271,38 @@ class SlurmCluster(Cluster):
         try:
             super().close()
         finally:
+            if self._lease is not None:
+                self._lease.stop()
             if self._own_dir and self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Lease:
+    """A thread writing a new number into a file every LEASE_INTERVAL seconds until stop()."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stopped = threading.Event()
+        self._renew(0)
+        self._thread = threading.Thread(target=self._run, name="nbq-slurm-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self, n: int) -> None:
+        with open(self.path, "w") as f:
+            f.write(f"{n}\n")
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stopped.wait(LEASE_INTERVAL):
+            n += 1
+            try:
+                self._renew(n)
+            except OSError as e:  # a full or unmounted filesystem: jobs stop; say why here
+                log.warning("could not renew the Slurm jobs' lease %s: %s", self.path, e)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5.0)
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
