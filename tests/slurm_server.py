@@ -139,7 +139,17 @@ class SlurmServer:
         return self.run("squeue", "-h", "-o", "%i").split()
 
     def stop(self) -> None:
-        """slurmd, slurmctld, then munged: TERM each, KILL what does not exit."""
+        """Cancel the jobs left (their slurmstepd would outlive slurmd), then slurmd,
+        slurmctld and munged: TERM each, KILL what does not exit."""
+        if len(self.procs) == 3 and all(p.poll() is None for p in self.procs):
+            try:
+                if self.jobs():
+                    self.run("scancel", "--partition", PARTITION)
+                    deadline = time.monotonic() + 20
+                    while self.jobs() and time.monotonic() < deadline:
+                        time.sleep(0.2)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass  # the daemons are stopped all the same
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
