@@ -8,6 +8,7 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 from .asyncresult import AsyncResult
 from .client import Client, ship_modules as ship
 from .clusters import Cluster, LaunchWarning, SSHCluster
+from .clusters.slurm import SlurmCluster
 from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, LaunchError, NbqError,
                      RemoteError, SerializationError, SignatureError, VersionMismatch, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
@@ -28,6 +29,7 @@ __all__ = [
     "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
     "Celery", "shared_task", "Cluster", "SSHCluster", "LaunchError", "LaunchWarning", "VersionMismatch",
+    "SlurmCluster",
 ]
 
 

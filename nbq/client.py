@@ -142,6 +142,7 @@ class Client(concurrent.futures.Executor):
                                          result_expires=result_expires, initializer=init)
         else:
             self.key, self._cluster = address.key, address
+            address._clients.add(self)
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted

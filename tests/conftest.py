@@ -202,3 +202,13 @@ def client(transport, procs):
     c = make_client(transport, procs)
     yield c
     c.shutdown(wait=False)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """The session's private Slurm (munged, slurmctld, slurmd: tests/slurm_server.py), started
+    by the first test that asks for it; SLURM_CONF names it while it runs."""
+    from slurm_server import SlurmServer
+    server = SlurmServer(tmp_path_factory.mktemp("slurm"))
+    yield server
+    server.stop()
