@@ -134,12 +134,12 @@ def procs(tmp_path):
 def start_broker(procs: Processes, address: str | None = None) -> str:
     """An `nbq broker` subprocess on address (default: a free loopback port); returns the address.
 
-    Given the address of one that was killed, it is that broker restarted."""
-    address = address or f"tcp://127.0.0.1:{free_port()}"
-    p = procs.nbq("broker", "--bind", address)
+    Given the address of one that was killed, it is that broker restarted.  A new one binds
+    port 0 and reports the port it got, so no other process can take it in between."""
+    p = procs.nbq("broker", "--bind", address or "tcp://127.0.0.1:0")
     line = p.stdout.readline()
-    assert "listening" in line, line
-    return address
+    assert "listening on " in line, line + p.stdout.read()
+    return address or line.split("listening on ", 1)[1].split(",")[0].strip()
 
 
 @pytest.fixture(params=TRANSPORTS)
