@@ -3,17 +3,19 @@
 ``nbq.Client()`` is a concurrent.futures.Executor: submit, map, starmap and
 gather, with live progress and results as pandas DataFrames.
 """
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 
 from .asyncresult import AsyncResult
 from .client import Client, ship_modules as ship
 from .clusters import Cluster, LaunchWarning, SSHCluster
+from .clusters.slurm import SlurmCluster
 from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, LaunchError, NbqError,
                      RemoteError, SerializationError, SignatureError, VersionMismatch, WorkerLost)
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
 from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
+from .waiting import as_completed, wait
 
 Celery = App  # so that `from celery import Celery` needs only `celery` replaced by `nbq`
 
@@ -27,6 +29,7 @@ __all__ = [
     "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
     "Celery", "shared_task", "Cluster", "SSHCluster", "LaunchError", "LaunchWarning", "VersionMismatch",
+    "SlurmCluster",
 ]
 
 

@@ -6,7 +6,8 @@ socket, ``s`` a worker supervisor (``nbq worker``), ``w`` one worker process.
 
 Message kinds (header ``k``), see protocol.py for the frame layout:
 
-  from a client     hello (rx socket) · fn · tasks · cancel · watch · mapend · info · join
+  from a client     hello (rx socket; also its heartbeat, every second) · fn · tasks · cancel
+                    · watch · mapend · info · join
                     · ctl (a control command: cmd, a arguments, d destination names or
                       null for all, ci the client's collection id) · bye
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
@@ -15,7 +16,8 @@ Message kinds (header ``k``), see protocol.py for the frame layout:
   from a worker     hello (idle, ready for work) · res (results; the worker is idle again)
                     · rej (a message it got failed its signature check) · ntc (a state
                       notice: ids, s RETRY when a retry holds them, STARTED when they run again)
-  to a client       welcome · res · started · state (a worker's notice: ids, s) · reply
+  to a client       welcome (b: this broker's boot id, new at each start) · res · started
+                    · state (a worker's notice: ids, s) · reply
                     · ctlr (forwarded as it came)
   to a supervisor   hb (ql: tasks queued for it, when its hb has as, its --autoscale maximum)
                     · ctl (as the client sent it, with c) · stop
@@ -39,6 +41,12 @@ dropped silently: a result for a client that is gone waits for it to come back,
 and the result store keeps results (up to its byte budget, results.py) until
 ``result_expires``, where any client can fetch them by id.
 
+A broker that restarts starts empty: each client re-sends what it has not
+seen finish (a task id already held is not queued twice),
+supervisors' heartbeats and worker processes' hellos (on reconnecting)
+register them again, and a task whose function has not arrived yet waits
+for it (``parked``) instead of failing on its worker.
+
 A task whose process died while running it, its worker alive, runs again
 until such deaths reach its limit (max_task_deaths), then fails with WorkerLost;
 a chunk re-run after a death reports item by item, so the item that kills its
@@ -50,6 +58,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -199,10 +208,12 @@ class Broker:
         self._stop_r.bind(self._stop_addr)
         self.result_expires = result_expires
         self.heartbeat_timeout = heartbeat_timeout
+        self.boot = uuid.uuid4().hex[:12]  # tells a client this is a broker it has not seen
 
         self.queues: dict[str, Lanes] = {}
         self.tasks: dict[str, Task] = {}
         self.functions: dict[str, list] = {}
+        self.parked: dict[str, list] = {}            # function hash -> tasks waiting for it
         self.procs: dict[str, Proc] = {}
         self.supervisors: dict[str, Supervisor] = {}
         self.clients: dict[str, bytes] = {}          # client id -> routing id of its rx socket
@@ -361,6 +372,8 @@ class Broker:
     def _on_hello(self, peer, header, frames, body):
         if peer[:1] == b"w":
             sup = self._supervisor(header)
+            if header["w"] in self.procs:  # reconnected: what it ran was lost with the link
+                self._proc_gone(header["w"], died=False)
             proc = Proc(header["w"], header["s"], header["pid"], tuple(sup.queues))
             self.procs[proc.wid] = proc
             sup.procs.add(proc.wid)
@@ -368,7 +381,8 @@ class Broker:
             return
         cid = header["c"]
         self.clients[cid] = peer
-        self._send(peer, {"k": "welcome", "rq": header.get("rq"), "mx": self.max_message_size})
+        self._send(peer, {"k": "welcome", "rq": header.get("rq"), "b": self.boot,
+                          "mx": self.max_message_size})
         self._outgoing.extend((cid, msg) for msg in self.unsent.pop(cid, ()))
 
     def _on_bye(self, peer, header, frames, body):
@@ -384,6 +398,10 @@ class Broker:
 
     def _on_fn(self, peer, header, frames, body):
         self.functions[header["h"]] = frames
+        for task in reversed(self.parked.pop(header["h"], ())):
+            if task.where == "parked":
+                task.where = "queued"
+                self._queue(task.item).appendleft(task)
 
     def _on_tasks(self, peer, header, frames, body):
         items = header["t"]
@@ -393,6 +411,8 @@ class Broker:
             names.clear()
         for item, payload in protocol.split(items, frames):
             item["c"] = header["c"]
+            if item["id"] in self.tasks:  # sent again (after a restart, a silence): queued once
+                continue
             item["h"] = names.setdefault(item["h"], item["h"])
             if "q" in item:
                 item["q"] = names.setdefault(item["q"], item["q"])
@@ -693,7 +713,9 @@ class Broker:
             self._finish(task.id)
 
     def _finish(self, tid: str) -> None:
-        self.tasks.pop(tid, None)
+        task = self.tasks.pop(tid, None)
+        if task is not None and task.where == "queued":  # a re-sent copy answered by a late result
+            task.where = "done"
         self.watchers.pop(tid, None)
         self._expire_later("res", tid)
 
@@ -727,17 +749,21 @@ class Broker:
             batch = self._take(proc)
             if not batch:
                 continue
+            peer = b"w" + proc.wid.encode()
+            for h in {t.item["h"] for t in batch} - proc.functions:
+                fn = self.functions.get(h)
+                if fn is None:  # sent again to a restarted broker ahead of its function
+                    batch = self._park(batch, h)  # _on_fn queues them again
+                elif self._send(peer, {"k": "fn", "h": h}, fn):
+                    proc.functions.add(h)
+            if not batch:
+                continue
             proc.idle = False
             proc.running.extend(batch)
             for t in batch:
                 t.where = proc.wid
                 if t.item.get("f"):
                     self._started.append((now, t))
-            peer = b"w" + proc.wid.encode()
-            for h in {t.item["h"] for t in batch} - proc.functions:
-                fn = self.functions.get(h)
-                if fn is not None and self._send(peer, {"k": "fn", "h": h}, fn):
-                    proc.functions.add(h)
             if len(batch) == 1 and batch[0].original is not None:
                 sent = self._send_raw(peer, batch[0].original)
             else:
@@ -759,6 +785,15 @@ class Broker:
         for t in reversed(batch):
             t.where = "queued"
             self._queue(t.item).appendleft(t)
+
+    def _park(self, batch: list, h: str) -> list:
+        """Set aside the tasks of batch whose function (hash h) has not arrived; the rest."""
+        parked = self.parked.setdefault(h, [])
+        for t in batch:
+            if t.item["h"] == h:
+                t.where = "parked"
+                parked.append(t)
+        return [t for t in batch if t.item["h"] != h]
 
     def _take(self, proc: Proc) -> list:
         for q in proc.queues:

@@ -257,7 +257,7 @@ def _worker(args) -> None:
     finally:
         if beat is not None:
             beat.stop()
-    if why in ("the broker never answered", "the broker stopped answering"):
+    if why == "the broker never answered":
         raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
     if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
         raise NbqError(f"the broker at {address} shut down; this worker stops with it")

@@ -3,6 +3,15 @@
 The user's threads pickle and send; one background receiver thread completes
 futures, fills map results and reads the next chunks of lazy maps.  Nothing
 in the caller's thread polls.
+
+The receiver thread also says hello to the broker every HEARTBEAT seconds.  A
+broker silent for BROKER_SILENCE seconds is logged; after ``broker_grace``
+seconds waits (Future.result, MapResult, requests) raise BrokerUnavailable,
+and the work is kept: the client holds every task it has not seen finish
+(``_sent``) and sends it again, with its function, map ends, watches and
+open requests, to a broker that answers with a new boot id (restarted) or
+after a silence.  The broker skips what it holds or has done; a result
+already seen here is dropped, so the user sees each once.
 """
 from __future__ import annotations
 
@@ -45,6 +54,11 @@ MAX_CHUNKSIZE = 10_000
 UNSIZED_CHUNKSIZE = 64
 CHUNKS_PER_PROCESS = 4
 FUNCTION_CACHE = 256
+FUNCTION_KEEP = 64 << 20  # bytes of function pickles kept to re-send to a restarted broker
+HEARTBEAT = 1.0          # seconds between the client's hellos to its broker
+BROKER_SILENCE = 3.0     # a broker silent this long is logged, and gets everything again later
+BROKER_GRACE = 30.0      # ... and after this long, waits raise BrokerUnavailable
+RESEND_BATCH = 1 << 20   # bytes of tasks per message when re-sending
 
 _current: "weakref.ref[Client] | None" = None
 
@@ -77,14 +91,22 @@ class Client(concurrent.futures.Executor):
     process is known only once the chunk re-runs item by item).  It travels in each task's signed header (absent for the
     default), so the ZeroMQ broker or the Redis workers apply it with no setting
     of their own (deaths.py).
+
+    ``broker_grace``: seconds a silent broker is waited for before waits raise
+    BrokerUnavailable (the work is kept, and sent again if the broker comes back
+    at the same address).
     """
 
     def __init__(self, address: "str | Cluster | None" = None, workers: int | None = None, *,
                  key_file: str | None = None, result_expires: float | None = None,
                  timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
                  ship: Iterable[types.ModuleType | str] = (),
-                 initializer: Callable | None = None, initargs: tuple = ()) -> None:
+                 initializer: Callable | None = None, initargs: tuple = (),
+                 broker_grace: float = BROKER_GRACE) -> None:
         global _current
+        if not broker_grace > 0:
+            raise ValueError(f"broker_grace must be a positive number of seconds, not {broker_grace!r}")
+        self.broker_grace = broker_grace
         from .cluster import LocalCluster
         from .clusters.base import Cluster
         if isinstance(address, Cluster):
@@ -121,6 +143,7 @@ class Client(concurrent.futures.Executor):
                                          result_expires=result_expires, initializer=init)
         else:
             self.key, self._cluster = address.key, address
+            address._clients.add(self)
         self.address = self._cluster.address
         self._pid = os.getpid()
         self._closed = False      # no new work accepted
@@ -140,6 +163,18 @@ class Client(concurrent.futures.Executor):
         self._controls: dict[str, _Replies] = {}  # control id -> the workers' replies so far
         self._fn_cache: OrderedDict = OrderedDict()
         self._fn_sent: set[str] = set()
+        self._fn_kept: OrderedDict = OrderedDict()  # hash -> pickle, oldest first (FUNCTION_KEEP)
+        self._fn_kept_bytes = 0
+        self._sent: dict[str, tuple[dict, list]] = {}  # tasks sent, not seen finish: re-sent
+        self._asked: dict[int, dict] = {}  # open requests, re-sent
+        self._boot: str | None = None  # the broker's boot id (ZeroMQ): a new one means a restart
+        self._heard = time.monotonic()  # when the broker last said anything
+        self._next_beat = 0.0
+        self._connected = False    # welcomed once: from then on, heartbeats and silence count
+        self._silent = False       # the broker has been silent for BROKER_SILENCE
+        self._resend_due = False   # ... and gets everything again at its next welcome
+        self._unavailable = False  # ... and for broker_grace: waits raise BrokerUnavailable
+        self._lost: concurrent.futures.Future = concurrent.futures.Future()  # failed then (waiting.py)
         self._fn_refused: set[str] = set()  # shipped, then refused by a worker: shipped again
         self._nprocs: tuple[float, int] = (0.0, 0)
         try:
@@ -163,6 +198,8 @@ class Client(concurrent.futures.Executor):
         except KeyMismatch:
             self._shutdown_now()
             raise
+        self._heard = time.monotonic()
+        self._connected = True
         _current = weakref.ref(self)
         _at_exit(self)
 
@@ -202,6 +239,7 @@ class Client(concurrent.futures.Executor):
         """
         now = time.perf_counter()
         with self._lock:
+            self._sent[item["id"]] = (item, payload)
             burst = now - self._last_send < BURST
             self._last_send = now
             if not self._outbox and (not burst or protocol.frame_size(payload) >= DIRECT_SEND):
@@ -333,7 +371,7 @@ class Client(concurrent.futures.Executor):
         if time.monotonic() - checked > 5.0:
             try:
                 n = sum(w["concurrency"] for w in self.workers())
-            except TimeoutError:
+            except (TimeoutError, BrokerUnavailable):
                 n = 0
             self._nprocs = (time.monotonic(), n)
         return n
@@ -348,13 +386,15 @@ class Client(concurrent.futures.Executor):
             raise TypeError(f"{fn!r} is not callable")
         key = _fingerprint(fn)
         h = self._fn_cache.get(key) if key is not None else None
+        if h is not None and h not in self._fn_sent and h not in self._fn_kept:
+            h = None  # a restarted broker lacks it, and its pickle is no longer kept: make it again
         if h is None or h in self._fn_refused:
             payload = protocol.dumps_named(fn, f"the function {_name(fn)}")
             h = protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload))
             with self._lock:
-                if h not in self._fn_sent or h in self._fn_refused:
-                    self._conn.send({"k": "fn", "h": h}, payload)
-                    self._fn_sent.add(h)
+                self._keep_function(h, payload)
+                if h in self._fn_refused:  # shipped again below, replacing what is stored
+                    self._fn_sent.discard(h)
                     self._fn_refused.discard(h)
             if key is not None:
                 self._fn_cache[key] = h
@@ -362,7 +402,24 @@ class Client(concurrent.futures.Executor):
                     self._fn_cache.popitem(last=False)
         else:
             self._fn_cache.move_to_end(key)
+        if h not in self._fn_sent:
+            with self._lock:
+                if h not in self._fn_sent and h in self._fn_kept:
+                    self._conn.send({"k": "fn", "h": h}, self._fn_kept[h])
+                    self._fn_sent.add(h)
         return h
+
+    def _keep_function(self, h: str, payload: list) -> None:
+        """Keep a function's pickle to send again to a restarted broker (under _lock): the
+        newest FUNCTION_CACHE, within FUNCTION_KEEP bytes."""
+        if h in self._fn_kept:
+            self._fn_kept.move_to_end(h)
+            return
+        self._fn_kept[h] = payload
+        self._fn_kept_bytes += protocol.frame_size(payload)
+        while len(self._fn_kept) > 1 and (len(self._fn_kept) > FUNCTION_CACHE
+                                          or self._fn_kept_bytes > FUNCTION_KEEP):
+            self._fn_kept_bytes -= protocol.frame_size(self._fn_kept.popitem(last=False)[1])
 
     # -- results --------------------------------------------------------------
 
@@ -463,6 +520,7 @@ class Client(concurrent.futures.Executor):
 
     def _revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
+        self._sent.pop(tid, None)
         fut = self._futures.pop(tid, None)
         if fut is not None:
             fut._revoked()
@@ -558,15 +616,159 @@ class Client(concurrent.futures.Executor):
                  **fields) -> Any:
         if self._closed:
             raise RuntimeError("this nbq client has been shut down")
+        self._check_broker()
         rq, fut = self._new_request(on_reply)
         self._flush_outbox()  # a request (a cancel, say) must follow the tasks it names
-        self._conn.send(dict(fields, k=kind, rq=rq))
+        header = self._asked[rq] = dict(fields, k=kind, rq=rq)
+        self._conn.send(header)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             self._requests.pop(rq, None)
+            if self._silent:
+                raise self._unavailable_error() from None
             raise TimeoutError(f"the broker at {self.address} did not answer {kind!r} within "
                                f"{timeout:g} s") from None
+        finally:
+            self._asked.pop(rq, None)
+
+    # -- a silent broker (receiver thread, but _check_broker) ----------------------
+
+    def _check_broker(self) -> None:
+        """Raise BrokerUnavailable once the broker has been silent for broker_grace seconds."""
+        if self._unavailable:
+            raise self._unavailable_error()
+
+    def _unavailable_error(self) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"the broker at {self.address} has not answered for "
+            f"{time.monotonic() - self._heard:.0f} s (broker_grace={self.broker_grace:g} s): "
+            "is it running? This client keeps its unfinished work and sends it again when a "
+            "broker answers at that address; wait again, or shut the client down")
+
+    def _keep_alive(self, heard: bool) -> None:
+        """Say hello every HEARTBEAT seconds; notice a broker gone silent, and one back."""
+        if not self._connected:  # Client() waits for the first welcome, with its own timeout
+            return
+        now = time.monotonic()
+        if heard:
+            self._heard = now
+            if self._silent:
+                if self._unavailable:
+                    self._lost = concurrent.futures.Future()
+                self._silent = self._unavailable = False
+                log.warning("the broker at %s answers again", self.address)
+        if now >= self._next_beat:
+            self._next_beat = now + HEARTBEAT
+            self._conn.hello(None)
+        quiet = now - self._heard
+        if quiet > min(BROKER_SILENCE, self.broker_grace) and not self._silent:
+            self._silent = self._resend_due = True
+            log.warning("the broker at %s has not answered for %.0f s; waiting for it "
+                        "(broker_grace=%g s)", self.address, quiet, self.broker_grace)
+        if quiet > self.broker_grace and not self._unavailable:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """broker_grace has passed: open requests fail, and every wait wakes to raise."""
+        self._unavailable = True
+        error = self._unavailable_error()
+        log.error("%s", error)
+        self._lost.set_exception(error)
+        for rq in list(self._requests):
+            entry = self._requests.pop(rq, None)
+            if entry is not None:
+                entry[0].set_exception(error)
+        for fut in list(self._futures.values()):
+            with fut._condition:
+                fut._condition.notify_all()
+        for res in {entry[0] for entry in list(self._chunks.values())}:
+            with res._cond:
+                res._cond.notify_all()
+
+    def _on_welcome(self, boot: str | None) -> None:
+        """A broker's welcome: a new boot id (a restarted broker), or the first after a
+        silence, gets what this client has not seen finish."""
+        if boot is None:  # a transport without boot ids, or a hello Redis failed to answer
+            boot = self._boot
+        restarted = self._boot is not None and boot != self._boot
+        self._boot = boot
+        if restarted:
+            log.warning("the broker at %s restarted: sending it this client's unfinished work",
+                        self.address)
+        # after a silence, messages lost with a dropped link are sent again (the broker skips
+        # what it has); not to a broker that keeps its queues, or one in this process
+        if restarted or (self._resend_due and not self._conn.durable
+                         and self._cluster.broker is None):
+            self._resend()
+        self._resend_due = False
+
+    def _resend(self) -> None:
+        """Send the broker again: functions, unfinished tasks, map ends, watches, requests."""
+        self._flush_outbox()
+        for tid in [t for t in list(self._sent) if t not in self._futures and t not in self._chunks]:
+            self._sent.pop(tid, None)  # finished (or cancelled) meanwhile
+        resend = self._conn.lost(list(self._sent))
+        lost = []
+        with self._lock:
+            self._fn_sent = set()
+            tasks = []
+            for tid in resend:
+                entry = self._sent.get(tid)
+                if entry is None:
+                    continue
+                item, payload = entry
+                h = item["h"]
+                if h not in self._fn_sent:
+                    if h not in self._fn_kept:
+                        lost.append(item["id"])
+                        continue
+                    self._conn.send({"k": "fn", "h": h}, self._fn_kept[h])
+                    self._fn_sent.add(h)
+                tasks.append((item, payload))
+            batch, frames, size = [], [], 0
+            for item, payload in tasks:
+                batch.append(item)
+                frames.extend(payload)
+                size += protocol.frame_size(payload)
+                if size >= RESEND_BATCH:
+                    self._conn.send({"k": "tasks", "t": batch}, frames)
+                    batch, frames, size = [], [], 0
+            if batch:
+                self._conn.send({"k": "tasks", "t": batch}, frames)
+            maps = {self._chunks[item["id"]][0] for item, _ in tasks if item["id"] in self._chunks}
+        for res in maps:
+            if res.id not in self._feeders and res._total is not None:
+                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
+        watched = [tid for tid, f in list(self._futures.items())
+                   if getattr(f, "_foreign", False) and not f.done()]
+        watched += [tid for tid in list(self._chunks) if tid not in self._sent]
+        if watched:
+            self._conn.send({"k": "watch", "ids": watched, "rq": None})
+        for rq, header in list(self._asked.items()):
+            if header["k"] != "ctl" and rq in self._requests:  # a command is never sent twice
+                self._conn.send(dict(header))
+        for tid in lost:
+            self._fail_task(tid, BrokerUnavailable(
+                f"the broker at {self.address} restarted and this client no longer keeps the "
+                f"pickle of task {tid}'s function (only the newest {FUNCTION_CACHE} are kept): "
+                "submit it again"))
+        log.warning("sent %d unfinished tasks again to the broker at %s", len(tasks), self.address)
+
+    def _fail_task(self, tid: str, error: BaseException) -> None:
+        """End one of this client's tasks here with error (its map's window moves on)."""
+        self._sent.pop(tid, None)
+        fut = self._futures.pop(tid, None)
+        if fut is not None and not fut.done():
+            if fut._state == "PENDING":
+                fut.set_running_or_notify_cancel()
+            fut.set_exception(error)
+        entry = self._chunks.pop(tid, None)
+        if entry is not None:
+            res, start, n = entry
+            res._chunks.pop(tid, None)
+            res._fail(start, n, error)
+            self._feed(res.id)
 
     # -- receiving (receiver thread) --------------------------------------------
 
@@ -590,6 +792,8 @@ class Client(concurrent.futures.Executor):
             if replies is not None:
                 replies.add(header["n"], header.get("r"))
         elif kind in ("reply", "welcome"):
+            if kind == "welcome":
+                self._on_welcome(header.get("b"))
             entry = self._requests.pop(header.get("rq"), None)
             if entry is not None:
                 fut, on_reply = entry
@@ -615,6 +819,7 @@ class Client(concurrent.futures.Executor):
             return
         fut = self._futures.pop(tid, None)
         if fut is not None:
+            self._sent.pop(tid, None)
             try:
                 value = protocol.loads(payload)
             except Exception as e:
@@ -644,6 +849,7 @@ class Client(concurrent.futures.Executor):
         res._deliver(start, values, errors)
         if res._done.find(0, chunk_start, chunk_start + chunk_n) == -1:
             del self._chunks[tid]
+            self._sent.pop(tid, None)
             res._chunks.pop(tid, None)
             self._feed(res.id)
 
@@ -690,13 +896,16 @@ class Client(concurrent.futures.Executor):
             self._shutdown_now()
 
     def _wait_for_work(self) -> None:
-        """Until every task and map item this client submitted has finished."""
+        """Until every task and map item this client submitted has finished; BrokerUnavailable
+        once the client has given up on its broker."""
         for fut in list(self._futures.values()):
             if not getattr(fut, "_foreign", False):
-                concurrent.futures.wait([fut])
+                fut._await(None)
         for res, *_ in list(self._chunks.values()):
             with res._cond:  # not res._wait: that obeys the map's own timeout
-                res._cond.wait_for(res.done)
+                while not res.done():
+                    self._check_broker()  # woken when the client gives up on its broker
+                    res._cond.wait()
 
     def _request_unchecked(self, kind: str, **fields):
         closed, self._closed = self._closed, False
@@ -768,7 +977,7 @@ class Client(concurrent.futures.Executor):
         from .status import status_bundle
         try:
             return status_bundle(self.address, self._request("info", timeout=2.0))
-        except TimeoutError:
+        except (TimeoutError, BrokerUnavailable):
             return {"text/plain": f"{self!r} (the broker did not answer)"}
 
 
@@ -811,6 +1020,10 @@ def _receive_loop(client_ref: "weakref.ref[Client]", conn) -> None:
                 log.exception("error handling a %r message", header.get("k"))
         if client._stopped:
             return
+        try:
+            client._keep_alive(bool(messages))
+        except Exception:
+            log.exception("error keeping the link to the broker")
         del client
 
 

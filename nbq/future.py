@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
 PENDING = "PENDING"
@@ -35,6 +36,31 @@ class Future(concurrent.futures.Future):
             if s in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return REVOKED
             return PENDING
+
+    def result(self, timeout: float | None = None):
+        """The task's value (its exception raised); BrokerUnavailable once the client has
+        waited broker_grace for a silent broker (the task is kept: ask again later)."""
+        self._await(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None):
+        """The task's exception, or None; waits as result() does."""
+        self._await(timeout)
+        return super().exception(0)
+
+    def _await(self, timeout: float | None) -> None:
+        """Wait until done or timeout (then result(0) raises TimeoutError), raising
+        BrokerUnavailable while the client has given up waiting for its broker."""
+        client = self._client
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._state not in (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED):
+                if client is not None:
+                    client._check_broker()  # woken by the client when it gives up
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                self._condition.wait(remaining)
 
     def cancel(self) -> bool:
         """Cancel the task if no worker has started it; True means it will never run."""

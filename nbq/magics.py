@@ -499,6 +499,7 @@ class _StreamReader:
         """The cell's result, writing its output events as they arrive meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not fut.done():
+            fut._await(0)  # BrokerUnavailable once the client has given up on its broker
             wait_ms = self.POLL_MS
             if deadline is not None:
                 left = deadline - time.monotonic()

@@ -142,6 +142,7 @@ class MapResult:
         try:
             with self._cond:
                 while not predicate():
+                    self._client._check_broker()  # BrokerUnavailable: woken when the client gives up
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(f"map {self.id}: {self._ndone} of "

@@ -107,30 +107,22 @@ def kill(names: list[str], pidfile: str) -> int:
     """SIGKILL each running node (its worker processes die with it; the broker re-runs their
     tasks) and remove its pid file; returns how many were still alive after 5 s."""
     print("> Killing nodes...")
-    left = 0
-    for name in node_names(names):
-        pid_path = _expand(pidfile, name)
-        pid = _running(pid_path)
-        label = f"{name}@{socket.gethostname()}"
-        if pid is None:
-            print(f"    > {label}: not running")
-            continue
-        os.kill(pid, signal.SIGKILL)
-        print(f"    > {label}: KILL -> {pid}")
-        deadline = time.monotonic() + 5.0
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _alive(pid):
-            left += 1
-        else:
-            pid_path.unlink(missing_ok=True)
-    return left
+    return sum(not _gone(label, pid, pid_path, 5.0, quiet=True)
+               for label, pid, pid_path in _signal(names, pidfile, signal.SIGKILL, "KILL"))
 
 
 def stop(names: list[str], pidfile: str, wait: bool) -> int:
     """SIGTERM each running node; with wait, until it has exited. Returns how many would not stop."""
     print("> Stopping nodes...")
-    stopping = []
+    stopping = _signal(names, pidfile, signal.SIGTERM, "TERM")
+    if not wait:
+        return 0
+    return sum(not _gone(label, pid, pid_path, STOP_WAIT) for label, pid, pid_path in stopping)
+
+
+def _signal(names: list[str], pidfile: str, signum: int, verb: str) -> list[tuple[str, int, Path]]:
+    """Send signum to each running node; (label, pid, pid file) of each one signalled."""
+    sent = []
     for name in node_names(names):
         pid_path = _expand(pidfile, name)
         pid = _running(pid_path)
@@ -138,20 +130,22 @@ def stop(names: list[str], pidfile: str, wait: bool) -> int:
         if pid is None:
             print(f"    > {label}: not running")
             continue
-        os.kill(pid, signal.SIGTERM)
-        print(f"    > {label}: TERM -> {pid}")
-        stopping.append((label, pid, pid_path))
-    stuck = 0
-    for label, pid, pid_path in stopping:
-        if not wait:
-            continue
-        deadline = time.monotonic() + STOP_WAIT
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            stuck += 1
-            print(f"    > {label}: still running after {STOP_WAIT:g} s")
-        else:
-            pid_path.unlink(missing_ok=True)
-            print(f"    > {label}: stopped")
-    return stuck
+        os.kill(pid, signum)
+        print(f"    > {label}: {verb} -> {pid}")
+        sent.append((label, pid, pid_path))
+    return sent
+
+
+def _gone(label: str, pid: int, pid_path: Path, timeout: float, quiet: bool = False) -> bool:
+    """Wait up to timeout seconds for pid to exit; then remove its pid file.  False if it lives."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _alive(pid):
+        if not quiet:
+            print(f"    > {label}: still running after {timeout:g} s")
+        return False
+    pid_path.unlink(missing_ok=True)
+    if not quiet:
+        print(f"    > {label}: stopped")
+    return True

@@ -131,13 +131,15 @@ def procs(tmp_path):
     p.stop_all()
 
 
-def start_broker(procs: Processes) -> str:
-    """An `nbq broker` subprocess on a free loopback port; returns its address."""
-    address = f"tcp://127.0.0.1:{free_port()}"
-    p = procs.nbq("broker", "--bind", address)
+def start_broker(procs: Processes, address: str | None = None) -> str:
+    """An `nbq broker` subprocess on address (default: a free loopback port); returns the address.
+
+    Given the address of one that was killed, it is that broker restarted.  A new one binds
+    port 0 and reports the port it got, so no other process can take it in between."""
+    p = procs.nbq("broker", "--bind", address or "tcp://127.0.0.1:0")
     line = p.stdout.readline()
-    assert "listening" in line, line
-    return address
+    assert "listening on " in line, line + p.stdout.read()
+    return address or line.split("listening on ", 1)[1].split(",")[0].strip()
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -200,3 +202,13 @@ def client(transport, procs):
     c = make_client(transport, procs)
     yield c
     c.shutdown(wait=False)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """The session's private Slurm (munged, slurmctld, slurmd: tests/slurm_server.py), started
+    by the first test that asks for it; SLURM_CONF names it while it runs."""
+    from slurm_server import SlurmServer
+    server = SlurmServer(tmp_path_factory.mktemp("slurm"))
+    yield server
+    server.stop()

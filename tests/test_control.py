@@ -61,8 +61,10 @@ def test_inspect_registered_stats_and_active(workers):
     assert inspect.scheduled() == {ALPHA: [], BETA: []}
     r = workers.tasks.nap.delay(3)
     t0 = time.time()
+    # while its process loads the function, a task shows with no name yet
     running = wait_until(lambda: [t for ts in (inspect.active() or {}).values() for t in ts
-                                  if t["id"] == r.id], what="the task in `inspect active`")
+                                  if t["id"] == r.id and t["name"]],
+                         what="the task in `inspect active`")
     (task,) = running
     assert task["name"] == "tasks.nap"
     assert t0 - 1 <= task["time_start"] <= time.time()

@@ -30,7 +30,8 @@ def test_sigkilled_worker_process_task_is_rerun(client, tmp_path):
         return x * 2
 
     fut = client.submit(slow, 21)
-    pid = int(wait_until(lambda: runs.exists() and runs.read_text().split()[0], what="the task to start"))
+    pid = int(wait_until(lambda: runs.exists() and runs.read_text().split()[:1],
+                         what="the task to start")[0])
     os.kill(pid, signal.SIGKILL)
     assert fut.result(timeout=15) == 42
     pids = runs.read_text().split()

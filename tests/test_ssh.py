@@ -7,6 +7,7 @@ port where nothing listens), which the clusters get as ``ssh_config``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,15 +243,17 @@ def test_nbq_launch_ssh_command(ssh_config, procs):
                what="nbq launch's workers to exit")
 
 
-def test_lab_notebook(ssh_config, tmp_path, monkeypatch):
+def test_lab_notebook(ssh_config, slurm, tmp_path, monkeypatch):
     monkeypatch.setenv("NBQ_SSH_CONFIG", str(ssh_config))
     monkeypatch.setenv("NBQ_LAB_HOSTS", "lab1 lab2")
     monkeypatch.setenv("NBQ_LAB_PYTHON", PYTHON)
     nb = execute_notebook(NOTEBOOKS / "lab.ipynb", tmp_path)
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "served by: ['127.0.0.2', '127.0.0.3']" in text, text
+    assert re.search(r"served by: \['127\.0\.0\.2', '127\.0\.0\.3', 'slurm job \d+'\]",
+                     text), text  # SSH hosts and a Slurm job on one broker, in one map
     assert "processes while busy: 8" in text and "processes when idle: 4" in text, text
-    assert "left running: 0" in text, text
+    assert "left running: 0" in text and not slurm.jobs(), text
     assert "a cell ran on 127.0.0." in text, text  # %nbq launch ssh, then %%remote
     # the displayed cluster is a live table: redrawn until it closed
     tables = [st["state"].get("value", "") for st in widget_states(nb).values()]

@@ -110,6 +110,9 @@ class Cluster:
         self._count = itertools.count()
         self._lock = threading.RLock()
         self._client = None
+        # the users' Client(cluster)s: shut down before the broker stops (their sockets on its
+        # context would hold close() forever)
+        self._clients: "weakref.WeakSet" = weakref.WeakSet()
         self._adapter: _Adapter | None = None
         self._closed = False
         _open.add(self)
@@ -295,8 +298,9 @@ class Cluster:
     def _stop_client(self) -> None:
         with self._lock:
             client, self._client = self._client, None
-        if client is not None:
-            client.shutdown(wait=False)
+        for c in [client, *self._clients]:
+            if c is not None:
+                c.shutdown(wait=False)
 
     def _stop_broker(self) -> None:
         if self.broker is not None:

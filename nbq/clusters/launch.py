@@ -17,6 +17,25 @@ def add_launchers(sub) -> None:
     _broker_options(s)
     s.set_defaults(make=_ssh)
 
+    j = sub.add_parser("slurm", help="workers in Slurm batch jobs (sbatch; scancel when stopped)")
+    j.add_argument("-j", "--jobs", type=int, default=1, help="jobs to submit (default 1)")
+    j.add_argument("-c", "--cores", type=int, default=1,
+                   help="CPUs per job, one worker process each (default 1)")
+    j.add_argument("--memory", default=None, help="memory per job, as 16GB (default: Slurm's)")
+    j.add_argument("--walltime", default=None, help="time limit per job, as 01:00:00")
+    j.add_argument("--partition", default=None, help="the partition (default: Slurm's)")
+    j.add_argument("--account", default=None, help="the account to charge")
+    j.add_argument("--job-extra", action="append", default=[], metavar="OPTION",
+                   help="one more sbatch option, as --job-extra=--qos=high; repeat for several")
+    j.add_argument("--prologue", action="append", default=[], metavar="LINE",
+                   help="a shell line the job runs first (module load ...); repeat for several")
+    j.add_argument("--python", default=sys.executable,
+                   help="the Python on the compute nodes, with nbq installed (default this one)")
+    j.add_argument("--directory", default=None, help="the cluster's private folder, seen by the "
+                   "compute nodes (default: a new one under ~/.cache/nbq/slurm)")
+    _broker_options(j)
+    j.set_defaults(make=_slurm)
+
 
 def _broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", default=None, help="a running broker the workers and clients use "
@@ -30,6 +49,15 @@ def _ssh(args):
     return SSHCluster(args.hosts, args.workers_per_host, python=args.python, broker=args.broker,
                       listen=args.listen, ssh_config=args.ssh_config,
                       key_file=getattr(args, "key_file", None))
+
+
+def _slurm(args):
+    from .slurm import SlurmCluster
+    return SlurmCluster(args.jobs, args.cores, memory=args.memory, walltime=args.walltime,
+                        partition=args.partition, account=args.account, job_extra=args.job_extra,
+                        prologue=args.prologue, python=args.python, directory=args.directory,
+                        broker=args.broker, listen=args.listen,
+                        key_file=getattr(args, "key_file", None))
 
 
 def serve(cluster) -> None:

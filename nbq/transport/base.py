@@ -38,15 +38,25 @@ class ClientConnection(ABC):
     to a ctl).
     """
 
+    #: Whether the broker keeps queued work through an outage (Redis): then a client
+    #: re-sends nothing after a silence, only what lost() names to a broker that restarted.
+    durable = False
+
     @abstractmethod
-    def hello(self, rq: int) -> None:
-        """Announce this client; the broker answers {"k": "welcome", "rq": rq}, or, when
-        this client's key differs from the cluster's, {"k": "welcome", "rq": rq, "refused":
-        check_key's message} (the client raises KeyMismatch with it)."""
+    def hello(self, rq: int | None) -> None:
+        """Announce this client; the broker answers {"k": "welcome", "rq": rq, "b": its boot
+        id}, or, when this client's key differs from the cluster's, {"k": "welcome", "rq": rq,
+        "refused": check_key's message} (the client raises KeyMismatch with it).  Also the
+        client's heartbeat, with rq None: what the broker says proves it alive."""
 
     @abstractmethod
     def send(self, header: dict, frames: list = ()) -> None:
         """Send one message to the broker; thread-safe."""
+
+    def lost(self, ids: list[str]) -> list[str]:
+        """Of these unfinished task ids, those a restarted broker no longer holds, to be
+        sent again (the receiver thread asks, after a welcome with a new boot id)."""
+        return ids
 
     @abstractmethod
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:

@@ -106,7 +106,12 @@ own retries are off, so none is hidden).  An XREADGROUP whose reply was lost
 with the connection leaves entries pending on the consumer, unseen: after any
 connection error an idle worker re-reads its own pending entries (id 0).  A
 supervisor keeps its processes through an outage (it answers its own
-heartbeats while it retries), once it has reached Redis at least once.
+heartbeats while it retries), once it has reached Redis at least once.  A
+client's hellos are answered with Redis's run_id: one that changed means Redis
+restarted, and the client sends again the tasks it lost (no o: and no r: key:
+it came back empty) with their functions; a worker process waits FUNCTION_WAIT
+for a function not stored yet, a process that finds its group gone (NOGROUP)
+is replaced and joins again, and a supervisor finds nothing of a dead process there.
 
 The URL may carry ``?result_expires=SECONDS`` (default one day); the
 client and its workers must agree on it (local workers get the same URL).
@@ -157,6 +162,8 @@ CONTROL_BLOCK_MS = 5000   # a supervisor's outstanding XREAD on nbq:ctl is renew
 MAX_MESSAGE_SIZE = 512 << 20  # default ?max_message_size=: Redis's largest value, as the ZeroMQ broker's
 RESULT_BUDGET = 256 << 20     # default ?result_budget=: delivered results kept, as the ZeroMQ broker's
 DROP_LOG_EVERY = 1.0          # seconds between log lines about dropped messages
+FUNCTION_WAIT = 10.0      # a function not stored is waited for this long: a Redis that came back
+                          # empty gets it again from its client (the tasks may come first)
 
 
 # -- addresses, connections, retries ------------------------------------------
@@ -1005,7 +1012,15 @@ class Store:
 # -- client -----------------------------------------------------------------
 
 class RedisClient(ClientConnection):
-    """A client: a sender thread plays the broker's part for this client; receive() reads rs:."""
+    """A client: a sender thread plays the broker's part for this client; receive() reads rs:.
+
+    hello (the client's heartbeat too) is answered at once with Redis's run_id (the boot
+    id), not behind this client's sends: a Redis that stops answering leaves the client's
+    hellos unanswered, and one that restarted says so: the client then sends again the
+    tasks lost() names, those Redis no longer knows (it came back empty).
+    """
+
+    durable = True  # queued work is in Redis (with AOF or RDB, through a restart too)
 
     def __init__(self, address: str, key: bytes, client_id: str, context=None) -> None:
         self.store = Store(address, key)
@@ -1034,8 +1049,16 @@ class RedisClient(ClientConnection):
                                         daemon=True)
         self._sender.start()
 
-    def hello(self, rq: int) -> None:
-        self._reply_local({"k": "welcome", "rq": rq})
+    def hello(self, rq: int | None) -> None:
+        try:
+            try:
+                boot = self.store.r.info("server").get("run_id")
+            except redis.ResponseError:  # INFO not allowed to this user: restarts are not seen
+                self.store.r.ping()
+                boot = None
+        except (redis.ConnectionError, redis.TimeoutError):
+            return  # no answer: the client notices the silence
+        self._reply_local({"k": "welcome", "rq": rq, "b": boot})
 
     def send(self, header: dict, frames: list = ()) -> None:
         limit = self.store.settings.max_message_size
@@ -1073,8 +1096,11 @@ class RedisClient(ClientConnection):
             pipe.xread(dict(self._last), block=block)
             return pipe.execute()[-1]
 
+        # an outage returns after about timeout, so that the client's heartbeat goes on
+        until = time.monotonic() + (1.0 if timeout is None else timeout)
         try:
-            got = self.store.retry("receiving", read, give_up=lambda: self._closing)
+            got = self.store.retry("receiving", read,
+                                   give_up=lambda: self._closing or time.monotonic() > until)
         except (redis.ConnectionError, redis.TimeoutError):
             return out
         if trim is not None:
@@ -1321,6 +1347,19 @@ class RedisClient(ClientConnection):
                     messages.append(decoded)
         return {"maps": maps, "known": known}, messages
 
+    def lost(self, ids: list[str]) -> list[str]:
+        """Tasks with neither an owner (o:, from SUBMIT until done) nor a result (r:): those
+        a Redis that restarted without its data lost.  Its queues and maps are made again."""
+        self._queues.clear()
+        self._maps.clear()
+
+        def ask():
+            pipe = self.store.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.exists(P + "o:" + tid, P + "r:" + tid)
+            return pipe.execute()
+        return [tid for tid, n in zip(ids, self.store.retry("looking for lost tasks", ask)) if not n]
+
     def _on_info(self, header: dict):
         return info(self.store), []
 
@@ -1529,9 +1568,13 @@ class RedisSupervisor(SupervisorConnection):
             pid = st.r.hget(P + "procs:" + self.sid, wid)
             why = f"worker process {pid.decode() if pid else wid} {how}"
             for qk in stream_keys(st.r, self.queues):
-                for eid, fields in st.claim(qk, wid, self.sid, 0):
-                    st.after_death(qk, eid, fields, why, at, end=end)
-                st.r.xgroup_delconsumer(qk, GROUP, wid)
+                try:
+                    for eid, fields in st.claim(qk, wid, self.sid, 0):
+                        st.after_death(qk, eid, fields, why, at, end=end)
+                    st.r.xgroup_delconsumer(qk, GROUP, wid)
+                except redis.ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise  # else a Redis restarted empty: nothing of wid's is there
             st.r.hdel(P + "procs:" + self.sid, wid)
 
         st.retry("re-queueing a dead process's tasks", handle)
@@ -1788,7 +1831,13 @@ class RedisWorker(WorkerConnection):
         """The payload of the function stored under fn:{h}, if it is a signed function message
         whose signed hash and whose payload's own hash are h; else FunctionRefused (the client
         that sees it ships the function again: SET, replacing what is stored)."""
-        blob = self.store.retry("fetching a function", lambda: self.store.r.get(P + "fn:" + h))
+        deadline = time.monotonic() + FUNCTION_WAIT
+        while True:
+            blob = self.store.retry("fetching a function",
+                                    lambda: self.store.r.get(P + "fn:" + h))
+            if blob is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if blob is None:
             raise NbqError(f"function {h} is not stored at {self.store.safe} (expired?)")
         try:

@@ -3,10 +3,17 @@
 A client has two sockets so that user threads can send while the receiver
 thread blocks: ``t<client id>`` sends, ``c<client id>`` receives.  Supervisors
 are ``s<id>`` and worker processes ``w<id>``.  No socket has a high-water mark:
-flow is bounded by the work submitted, and nothing is ever dropped.  A socket
-to a non-loopback address is encrypted and authenticated with CURVE (secure.py).
-The broker's ``welcome`` says its largest message (``mx``); a client refuses to
-send a larger one (MessageTooLarge, before anything leaves).
+flow is bounded by the work submitted, and nothing is ever dropped.
+
+Sockets reconnect by themselves when a broker restarts at the same address:
+a client's hello doubles as its heartbeat (client.py re-sends its unfinished
+work when the broker's boot id changes), a supervisor's heartbeats register it
+again, and a worker process watches its socket's link and says hello again,
+when it is next idle, after the link dropped and came back.
+
+A socket to a non-loopback address is encrypted and authenticated with CURVE
+(secure.py).  The broker's ``welcome`` says its largest message (``mx``); a client
+refuses to send a larger one (MessageTooLarge, before anything leaves).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol, secure
 from ..errors import KeyMismatch, MessageTooLarge, SignatureError
@@ -26,7 +34,12 @@ log = logging.getLogger("nbq.transport")
 RESULT_HEADROOM = 64 << 10  # bytes of a result message beside its payload (header, signature)
 
 
-def _dealer(ctx: zmq.Context, identity: bytes, address: str, key: bytes) -> zmq.Socket:
+LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+
+
+def _dealer(ctx: zmq.Context, identity: bytes, address: str, key: bytes,
+            watch: bool = False) -> zmq.Socket:
+    """A DEALER connected to address; with watch, its link events (get_monitor_socket) too."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -34,6 +47,8 @@ def _dealer(ctx: zmq.Context, identity: bytes, address: str, key: bytes) -> zmq.
     sock.setsockopt(zmq.LINGER, 2000)
     if secure.needs_curve(address):
         secure.connect_curve(sock, key)
+    if watch:  # before connecting, so that no event is missed
+        sock.get_monitor_socket(LINK_EVENTS)
     sock.connect(address)
     return sock
 
@@ -71,8 +86,9 @@ class ZmqClient(ClientConnection):
         self._poller.register(self._rx, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
 
-    def hello(self, rq: int) -> None:
-        """Announce the receiving socket; the broker answers with welcome (or a refusal)."""
+    def hello(self, rq: int | None) -> None:
+        """Announce the receiving socket; the broker answers with welcome (and its boot id),
+        or a refusal."""
         self._hello_rq = rq
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
@@ -194,16 +210,27 @@ class ZmqWorker(WorkerConnection):
         self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
         self.wid = wid
-        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address, key)
+        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address, key, watch=True)
+        self._links = self.sock.get_monitor_socket()  # made by _dealer, before connecting
+        self._dropped = False  # the link went down: say hello once it is back
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._links, zmq.POLLIN)
         self._functions: dict[str, list] = {}
-        self.sock.send_multipart(self.signer.encode(dict(hello, k="hello", w=wid)))
+        self._hello = dict(hello, k="hello", w=wid)
+        self.sock.send_multipart(self.signer.encode(self._hello))
 
     def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if deadline is not None and not self.sock.poll(
-                    max(0, int((deadline - time.monotonic()) * 1000))):
-                return []
+            ready = dict(self._poller.poll(
+                None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))))
+            if self._links in ready:
+                self._relink()
+            if self.sock not in ready:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return []
+                continue
             msg = self.sock.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg)
             if decoded is None:
@@ -217,6 +244,18 @@ class ZmqWorker(WorkerConnection):
                 self._functions[header["h"]] = frames
             elif header["k"] == "tasks":
                 return list(protocol.split(header["t"], frames))
+
+    def _relink(self) -> None:
+        """Say hello again once the link to the broker is back after dropping (a restarted
+        broker knows nothing of this process; called only while idle, so it is true)."""
+        while self._links.poll(0):
+            event = recv_monitor_message(self._links)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._dropped = True
+            elif event == zmq.EVENT_CONNECTED and self._dropped:
+                self._dropped = False
+                log.info("worker process %s: reconnected to the broker", self.wid)
+                self.sock.send_multipart(self.signer.encode(self._hello))
 
     def _reject(self, msg: list) -> None:
         """Tell the broker which tasks a badly signed message named, so they fail and we get more."""
@@ -242,5 +281,7 @@ class ZmqWorker(WorkerConnection):
                                                      "s": state}))
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._links.close(linger=0)
         self.sock.close(linger=1000)
         self.ctx.term()

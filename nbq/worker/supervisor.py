@@ -5,9 +5,13 @@ interpreter), die with it (PR_SET_PDEATHSIG), and are replaced when they die;
 the broker is told at once, with what the process was running, so that task's
 death counts against it (deaths.py).  Each leads a process group, killed with
 it, so what its tasks started goes too (groups.py).
-The supervisor itself exits when its broker stops answering heartbeats, when
-the broker says stop, or when its lifeline (a pipe from an embedding client)
+The supervisor itself exits when its broker never answers its first heartbeats,
+when the broker says stop, or when its lifeline (a pipe from an embedding client)
 closes, so no process outlives the client that started it, even a SIGKILLed one.
+A broker that stops answering later is waited for, processes and all: when it
+comes back at the same address (restarted by hand, by ``nbq multi`` or by
+systemd) the heartbeats register this worker again (and each process says
+hello again, transport/zmq.py).
 
 SIGTERM (or SIGINT, or ``control shutdown``) is a warm shutdown: each process is
 retired (process.RETIRE: it finishes the batch it runs and leaves, and what it held
@@ -39,7 +43,7 @@ from .marker import Marker
 log = logging.getLogger("nbq.worker")
 
 HEARTBEAT = 1.0
-BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone
+BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone (waited for)
 CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
 MEMORY_EVERY = 0.1      # seconds between looks at the processes' memory (--max-memory-per-child)
 #: --autoscale shrinks the pool once it has wanted fewer processes for this long
@@ -120,6 +124,7 @@ class Supervisor:
             for _ in range(self.concurrency):
                 self._spawn()
             answered = None
+            silent = False
             started = next_beat = next_memory = time.monotonic()
             fds = [wake_r] + ([self.lifeline] if self.lifeline is not None else [])
             while not self._stopping:
@@ -134,6 +139,9 @@ class Supervisor:
                 for header in messages:
                     if header["k"] == "hb":
                         answered = now
+                        if silent:
+                            silent = False
+                            log.warning("the broker answers again; serving it")
                         if self.autoscale and not self._warm:
                             self._scale(header.get("ql", 0), now)
                     elif header["k"] == "stop":
@@ -156,9 +164,10 @@ class Supervisor:
                 if answered is None and now - started > CONNECT_TIMEOUT:
                     goodbye = False
                     return "the broker never answered"
-                if answered is not None and now - answered > BROKER_TIMEOUT:
-                    goodbye = False
-                    return "the broker stopped answering"
+                if answered is not None and now - answered > BROKER_TIMEOUT and not silent:
+                    silent = True
+                    log.warning("the broker stopped answering heartbeats; waiting for it to "
+                                "come back at the same address")
             return "asked to stop"
         finally:
             self._stop_children()

@@ -1,0 +1,63 @@
+"""nbq.wait and nbq.as_completed: concurrent.futures' own, which also end when a client of
+the futures gives up on its silent broker (BrokerUnavailable), instead of waiting for ever.
+
+Each client holds a ``_lost`` signal, a plain Future failed with BrokerUnavailable when its
+broker has been silent for ``broker_grace`` (and replaced when the broker answers again).
+It is waited on beside the user's futures, so nothing polls.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from typing import Iterable, Iterator
+
+
+def _signals(fs: Iterable) -> set:
+    """The lost signals of the clients of these futures (other futures have none)."""
+    clients = {getattr(f, "_client", None) for f in fs}
+    return {c._lost for c in clients if getattr(c, "_lost", None) is not None}
+
+
+def wait(fs: Iterable, timeout: float | None = None,
+         return_when: str = cf.ALL_COMPLETED) -> cf._base.DoneAndNotDoneFutures:
+    """concurrent.futures.wait; BrokerUnavailable once a client of fs gave up on its broker."""
+    fs = set(fs)
+    signals = _signals(fs)
+    if not signals:
+        return cf.wait(fs, timeout, return_when)
+    met = cf.Future()  # set by the done-callbacks once return_when holds
+    lock = threading.Lock()
+    left = [len(fs)]
+
+    def check(f) -> None:
+        with lock:
+            left[0] -= 1
+            failed = (return_when == cf.FIRST_EXCEPTION and not f.cancelled()
+                      and f.exception() is not None)
+            if (left[0] <= 0 or failed or return_when == cf.FIRST_COMPLETED) and not met.done():
+                met.set_result(None)
+
+    if not fs:
+        met.set_result(None)
+    for f in fs:
+        f.add_done_callback(check)  # at once for one already done
+    ready, _ = cf.wait(signals | {met}, timeout, cf.FIRST_COMPLETED)
+    for s in ready & signals:
+        s.result()  # raises BrokerUnavailable
+    done = {f for f in fs if f.done()}
+    return cf._base.DoneAndNotDoneFutures(done, fs - done)
+
+
+def as_completed(fs: Iterable, timeout: float | None = None) -> Iterator:
+    """concurrent.futures.as_completed; BrokerUnavailable once a client of fs gave up on its
+    broker."""
+    fs = set(fs)
+    signals = _signals(fs)
+    for f in cf.as_completed(fs | signals, timeout):
+        if f in signals:
+            f.result()  # raises BrokerUnavailable
+        else:
+            yield f
+            fs.discard(f)
+            if not fs:
+                return
