@@ -109,7 +109,7 @@ CLIENT, SENDER, SUPERVISOR, WORKER = b"c", b"t", b"s", b"w"
 
 #: kind -> (peers that may send it, field checks, required fields: a tuple, or a dict by peer)
 KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
-    "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_count, w=_str, pid=_count),
+    "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_optional(_count), w=_str, pid=_count),
               {CLIENT: ("c",), WORKER: ("w", "s", "pid", "host", "spid", "conc", "q")}),
     "fn": (SENDER, {"c": _str, "h": _str}, ("c", "h")),
     "tasks": (SENDER, {"c": _str, "t": _list(_task)}, ("c", "t")),
