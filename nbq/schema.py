@@ -99,7 +99,7 @@ RESULT = {"id": _str, "s": _count, "n": _ints(1, 1 << 53), "nf": _ints(0, LIST_M
 _task = _object(TASK, ("id", "h", "nf"))
 _result = _object(RESULT, ("id", "nf"))
 _queues = _list(_str)
-_end = _optional(_object({"id": _optional(_str), "how": _one_of("time_limit", "revoked"),
+_end = _optional(_object({"id": _optional(_str), "how": _str,
                           "text": lambda v: type(v) is str}, ("how", "text")))
 _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _count(v[1]))
 _SUPERVISOR = {"s": _str, "n": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
