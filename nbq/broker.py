@@ -37,8 +37,9 @@ Dispatch is by credit: a worker process holds at most one message of tasks
 at a time, so a task handed to a worker is started (a batch of tasks measured
 at under a millisecond each may share a message, lasting ~2 ms in all).
 Sockets have no high-water mark and ROUTER_MANDATORY is set, so nothing is
-dropped silently: a result for a client that is gone stays in the result
-store until ``result_expires``, where any client can fetch it by id.
+dropped silently: a result for a client that is gone waits for it to come back,
+and the result store keeps results (up to its byte budget, results.py) until
+``result_expires``, where any client can fetch them by id.
 
 A broker that restarts starts empty: each client re-sends what it has not
 seen finish (a task id already held is not queued twice),
@@ -63,17 +64,20 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from . import deaths, keys, protocol
+from . import deaths, keys, protocol, replay, schema, secure
 from .errors import SignatureError
+from .results import ResultStore
 
 log = logging.getLogger("nbq.broker")
 
-#: The broker checks the signature of every message it re-signs or that is at
-#: most this large.  A larger message holding one task or one result is only
-#: ever forwarded as the bytes that came in (the receiver that unpickles it
-#: verifies it); should it need re-sending in another form (a retry), the
-#: broker verifies it first.  So the broker never signs what it has not checked.
-VERIFY_MAX = 1 << 20
+#: The broker acts on a message only once it is verified (signature), well formed
+#: (schema.py) and not a replay (replay.py); any other is dropped, counted in
+#: ``info``'s "dropped" and logged at most every DROP_LOG_EVERY seconds, and its
+#: sender gets nothing.  Verifying costs ~0.8 ms per MB, paid in the loop.
+DROP_LOG_EVERY = 1.0
+DEFAULT_MAX_MESSAGE_SIZE = 512 << 20  # bytes, as Redis's largest value
+DEFAULT_RESULT_BUDGET = 256 << 20     # bytes of delivered results kept for AsyncResult/from_id
+SMALL_FRAME = 512  # a batched task's payload frames this small are kept as bytes (less memory)
 HEARTBEAT = 1.0          # seconds between supervisor heartbeats
 HEARTBEAT_TIMEOUT = 4.0  # silence after which a supervisor and its processes are dead
 BATCH_SECONDS = 0.002    # a batch of short tasks lasts about this long
@@ -82,13 +86,12 @@ BATCH_MAX = 256
 DEFAULT_RESULT_EXPIRES = 86400.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """A task as the broker sees it: its header item and payload, never unpickled."""
     item: dict
     frames: list
     original: list | None  # the message it came in, when it was alone: forwarded as is
-    verified: bool = True  # False: a large message, checked only by the worker so far
     where: str = "queued"  # "queued", or the id of the worker process running it
     delivered: bytearray | None = None  # per item: has a result reached its client
     ndelivered: int = 0
@@ -175,7 +178,10 @@ class Broker:
     def __init__(self, key: bytes, bind: str | list[str] = "tcp://127.0.0.1:5555",
                  context: zmq.Context | None = None,
                  result_expires: float = DEFAULT_RESULT_EXPIRES,
-                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 result_budget: int = DEFAULT_RESULT_BUDGET,
+                 max_age: float = replay.DEFAULT_MAX_AGE, curve: bool | None = None) -> None:
         self.signer = protocol.Signer(key)
         self.fingerprint = keys.fingerprint(key)
         self.ctx = context or zmq.Context.instance()
@@ -184,8 +190,13 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)  # a larger frame: peer disconnected
+        self.max_message_size = max_message_size
+        binds = [bind] if isinstance(bind, str) else list(bind)
+        self.curve = any(map(secure.needs_curve, binds)) if curve is None else curve
+        self._zap = secure.CurveGate(self.sock, key) if self.curve else None
         self.addresses = []
-        for addr in [bind] if isinstance(bind, str) else bind:
+        for addr in binds:
             if addr.startswith("tcp://") and addr.endswith(":0"):
                 port = self.sock.bind_to_random_port(addr.rsplit(":", 1)[0])
                 addr = f"{addr.rsplit(':', 1)[0]}:{port}"
@@ -208,15 +219,18 @@ class Broker:
         self.clients: dict[str, bytes] = {}          # client id -> routing id of its rx socket
         self.unsent: dict[str, list] = {}            # messages for a client not connected yet
         self._outgoing: list[tuple[str, list]] = []  # for clients, sent after dispatching
-        self.results: dict[str, list] = {}           # task id -> [(item, frames, raw)] parts
+        self.results = ResultStore(result_budget)    # task id -> [(item, frames, raw)] parts
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
         self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
         self.joins: dict[str, dict] = {}             # join key -> {"m": member set, "fired": bool}
         self.expiry: deque = deque()                 # (time, kind, id) in time order
         self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
+        self._names: dict[str, str] = {}             # one copy of each function hash and queue name
         self._started: list[tuple[float, Task]] = []  # dispatched, not yet reported STARTED
         self._timer = 0.0
-        self._verified = True  # whether the message being handled had its signature checked
+        self.replays = replay.ReplayWindow(max_age)
+        self.dropped = {"signature": 0, "invalid": 0, "replay": 0, "size": 0}
+        self._drop_log_at = 0.0
         self._handlers = {
             "hello": self._on_hello, "fn": self._on_fn, "tasks": self._on_tasks,
             "cancel": self._on_cancel, "watch": self._on_watch, "mapend": self._on_mapend,
@@ -232,12 +246,17 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
+        zap = self._zap.sock if self._zap is not None else None
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         try:
             while True:
                 wait = STARTED_DELAY if self._started else HEARTBEAT / 2
                 events = dict(poller.poll(wait * 1000))
                 if self._stop_r in events:
                     break
+                if zap in events:
+                    self._zap.answer()
                 if self.sock in events:
                     self._drain()
                 now = time.monotonic()
@@ -247,6 +266,7 @@ class Broker:
                     self._timer = now + HEARTBEAT / 2
                     self.check_heartbeats(now)
                     self.expire(time.time())
+                    self.replays.forget(time.time())
         finally:
             self._shutdown()
 
@@ -262,6 +282,8 @@ class Broker:
             self._send(b"s" + sup.sid.encode(), {"k": "stop"})
         self.sock.close(linger=200)
         self._stop_r.close(linger=0)
+        if self._zap is not None:
+            self._zap.close()
 
     def _drain(self) -> None:
         for _ in range(10000):
@@ -276,22 +298,39 @@ class Broker:
             log.exception("error dispatching tasks")
 
     def handle(self, msg: list) -> None:
-        """Handle one message; anything malformed is logged and dropped, never fatal."""
+        """Handle one message that is verified, well formed and new; drop any other, changing nothing."""
         peer = msg[0].bytes
         body = msg[1:]
-        try:
-            self._verified = protocol.frame_size(body[2:]) <= VERIFY_MAX or not _forwardable(body[0])
-            header, frames = self.signer.decode(body, verify=self._verified)
-            handler = self._handlers[header["k"]]
-        except (SignatureError, KeyError, TypeError, IndexError) as e:
-            log.warning("dropped a message from %r: %s", peer[:40], e or "unknown kind")
-            if isinstance(e, SignatureError):
-                self._refuse(peer, body)
+        if protocol.frame_size(body) > self.max_message_size:
+            self._drop(peer, "size", f"it is larger than max_message_size ({self.max_message_size})")
             return
         try:
-            handler(peer, header, frames, body)
+            header, frames = self.signer.decode(body)
+        except SignatureError as e:
+            self._drop(peer, "signature", str(e))
+            self._refuse(peer, body)
+            return
+        why = schema.refuse(peer, header, frames)
+        if why is not None:
+            self._drop(peer, "invalid", why)
+            return
+        why = self.replays.refuse(header, time.time())
+        if why is not None:
+            self._drop(peer, "replay", why)
+            return
+        try:
+            self._handlers[header["k"]](peer, header, frames, body)
         except Exception:  # a bad but signed message must not stop the broker
             log.exception("error handling %r from %r", header.get("k"), peer[:40])
+
+    def _drop(self, peer: bytes, what: str, why: str) -> None:
+        """Count a dropped message; log it unless another was logged less than a second ago."""
+        self.dropped[what] += 1
+        now = time.monotonic()
+        if now >= self._drop_log_at:
+            self._drop_log_at = now + DROP_LOG_EVERY
+            log.warning("dropped a message from %r: %s (dropped so far: %s)", peer[:40], why,
+                        ", ".join(f"{n} {k}" for k, n in self.dropped.items() if n))
 
     def _refuse(self, peer: bytes, body: list) -> None:
         """Answer a hello or heartbeat whose signature failed with this broker's key fingerprint,
@@ -338,10 +377,12 @@ class Broker:
             proc = Proc(header["w"], header["s"], header["pid"], tuple(sup.queues))
             self.procs[proc.wid] = proc
             sup.procs.add(proc.wid)
+            self._send(peer, {"k": "welcome", "mx": self.max_message_size})
             return
         cid = header["c"]
         self.clients[cid] = peer
-        self._send(peer, {"k": "welcome", "rq": header.get("rq"), "b": self.boot})
+        self._send(peer, {"k": "welcome", "rq": header.get("rq"), "b": self.boot,
+                          "mx": self.max_message_size})
         self._outgoing.extend((cid, msg) for msg in self.unsent.pop(cid, ()))
 
     def _on_bye(self, peer, header, frames, body):
@@ -365,11 +406,19 @@ class Broker:
     def _on_tasks(self, peer, header, frames, body):
         items = header["t"]
         alone = len(items) == 1 and "a" not in items[0]
+        names = self._names
+        if len(names) > 10_000:
+            names.clear()
         for item, payload in protocol.split(items, frames):
             item["c"] = header["c"]
             if item["id"] in self.tasks:  # sent again (after a restart, a silence): queued once
                 continue
-            task = Task(item, payload, body if alone else None, verified=self._verified)
+            item["h"] = names.setdefault(item["h"], item["h"])
+            if "q" in item:
+                item["q"] = names.setdefault(item["q"], item["q"])
+            if not alone:  # a zmq.Frame costs ~180 bytes of memory beside its data
+                payload = [f.bytes if len(f) < SMALL_FRAME else f for f in payload]
+            task = Task(item, payload, body if alone else None)
             self.tasks[task.id] = task
             mp = item.get("mp")
             if mp is not None:
@@ -488,8 +537,8 @@ class Broker:
             "memory": s.memory,
         } for s in self.supervisors.values()]
         queues = {q: sum(1 for t in d if t.where == "queued") for q, d in self.queues.items()}
-        self._reply(header, {"workers": workers, "queues": queues,
-                             "tasks": len(self.tasks), "results": len(self.results)})
+        self._reply(header, {"workers": workers, "queues": queues, "tasks": len(self.tasks),
+                             "results": len(self.results), "dropped": dict(self.dropped)})
 
     # -- workers --------------------------------------------------------------
 
@@ -571,16 +620,6 @@ class Broker:
             task.where = "queued"
             self._queue(item).appendleft(task)
             return
-        if not task.verified:  # it is about to be re-signed: check it first
-            try:
-                self.signer.decode(task.original)
-            except SignatureError:
-                log.warning("dropped task %s: its signature does not match the shared key", task.id)
-                for pos in task.undelivered():
-                    self._fail_items(task, pos, 1, SignatureError(
-                        f"task {task.id} was dropped: its message's signature does not match "
-                        "the shared key"))
-                return
         for pos in fail:
             self._deliver(task, *deaths.ending(task.item, pos, why, end))
         if item is None:
@@ -615,7 +654,8 @@ class Broker:
         for item, payload in protocol.split(header["t"], frames):
             task = self.tasks.get(item["id"])
             # a late answer from a process since declared dead still counts: items are deduplicated
-            if task is not None and (proc is None or task.where == proc.wid):
+            if (task is not None and (proc is None or task.where == proc.wid)
+                    and item.get("s", 0) + item.get("n", 1) <= len(task.delivered)):
                 parts.append((task, item, payload))
         owners = {task.item["c"] for task, _, _ in parts}
         whole = len(owners) == 1 and len(parts) == len(header["t"])
@@ -626,7 +666,7 @@ class Broker:
                 old = self.cost.get(h)
                 self.cost[h] = d if old is None else 0.8 * old + 0.2 * d
             self._deliver(task, item, payload, forward=not whole,
-                          raw=None if self._verified else body)
+                          raw=body if len(header["t"]) == 1 else None)
         if whole:
             self._to_client(owners.pop(), body)
         if proc is not None and header.get("rdy"):
@@ -655,11 +695,11 @@ class Broker:
                  raw: list | None = None) -> None:
         """Store a result part, forward it to its client and watchers, finish the task when complete.
 
-        raw is the message it came in when the broker did not verify it: then
-        that message, and never a re-signed copy, is what anyone is sent.
+        raw is the message it came in, when it holds this part alone: forwarded as it
+        came (a large result is not signed again).
         """
         part = (dict(item, s0=task.item.get("s0", 0)), payload, raw)
-        self.results.setdefault(task.id, []).append(part)
+        self.results.add(task.id, part)
         if forward:
             self._to_client(task.item["c"], self._result_message(part))
         for cid in self.watchers.get(task.id, ()):
@@ -680,7 +720,7 @@ class Broker:
         self._expire_later("res", tid)
 
     def _store_part(self, tid: str, part: tuple) -> None:
-        self.results.setdefault(tid, []).append(part)
+        self.results.add(tid, part)
         self._expire_later("res", tid)
 
     def _result_message(self, part: tuple) -> list:
@@ -763,14 +803,12 @@ class Broker:
                 continue
             first = dq.popleft()
             cost = self.cost.get(first.item.get("h"))
-            if cost is None or cost > BATCH_SECONDS / 2 or not dq or not first.verified:
+            if cost is None or cost > BATCH_SECONDS / 2 or not dq:
                 return [first]
             limit = min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6)),
                         max(1, len(dq) // max(1, len(self.procs))))
             batch = [first]
             while dq and len(batch) < limit:
-                if not dq[0].verified:  # goes alone, as it came
-                    break
                 t = dq.popleft()
                 if t.where == "queued":
                     batch.append(t)
@@ -796,12 +834,3 @@ class Broker:
         for cid, ids in due.items():
             self._to_client(cid, self.signer.encode({"k": "started", "ids": ids}))
 
-
-def _forwardable(header: bytes) -> bool:
-    """Whether a large message may travel unverified: one task or one result, forwarded as is."""
-    try:
-        h = protocol.loads_header(header)
-        items = h["t"]
-        return h["k"] in ("tasks", "res") and len(items) == 1 and "a" not in items[0]
-    except Exception:
-        return False

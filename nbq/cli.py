@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bind", action="append", help=f"address to listen on (default {DEFAULT_BIND}); "
                    "repeat for several")
     b.add_argument("--result-expires", type=float, default=86400.0, help="seconds results are kept")
+    b.add_argument("--result-budget", type=_size, default=None, help="bytes of results kept "
+                   "after delivery for AsyncResult and MapResult.from_id, oldest dropped first "
+                   "(default 256M; K, M, G suffixes)")
+    b.add_argument("--max-message-size", type=_size, default=None, help="largest message "
+                   "accepted, in bytes (default 512M; K, M, G suffixes)")
+    b.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
+                   help="encrypt and authenticate with CURVE, keys derived from the signing key "
+                   "(default: on when binding a non-loopback address, or as $NBQ_CURVE says)")
     b.set_defaults(run=_broker)
 
     w = sub.add_parser("worker", help="run worker processes for a broker",
@@ -146,10 +154,34 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument("-t", "--timeout", type=float, default=1.0,
                             help="seconds to wait for replies (default 1)")
         parser.add_argument("-j", "--json", action="store_true", help="print the replies as JSON")
+    for parser in (b, w):
+        parser.add_argument("--max-message-age", type=float, default=None, help="seconds after "
+                            "which a message (on a worker: a control command) is refused as a "
+                            "possible replay; also the clock difference tolerated between hosts "
+                            "(default 300)")
     for parser in (b, w, bt, s, i, c, la):
         parser.add_argument("--key-file", default=None, help="signing key file, - for standard input "
                             "(default: $NBQ_KEY, $NBQ_KEY_FILE or ~/.config/nbq/key)")
     return p
+
+
+def _size(text: str) -> int:
+    """A byte count with an optional K, M or G suffix (powers of 1024)."""
+    text = text.strip().upper().removesuffix("B")
+    scale = 1 << (10 * "KMG".index(text[-1]) + 10) if text and text[-1] in "KMG" else 1
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number "
+                                         "with K, M or G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return value
+
+
+def _given(**options) -> dict:
+    """The options given on the command line (the others keep their defaults)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _address(given: str | None) -> str:
@@ -168,9 +200,12 @@ def _broker(args) -> None:
     from . import keys
     from .broker import Broker
     broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
-                    result_expires=args.result_expires)
+                    result_expires=args.result_expires, curve=args.curve,
+                    **_given(max_message_size=args.max_message_size,
+                             result_budget=args.result_budget, max_age=args.max_message_age))
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
-    print(f"nbq broker listening on {', '.join(broker.addresses)}", flush=True)
+    print(f"nbq broker listening on {', '.join(broker.addresses)}"
+          f"{' (CURVE: encrypted)' if broker.curve else ''}", flush=True)
     broker.run()
 
 
@@ -212,7 +247,8 @@ def _worker(args) -> None:
                      transport.worker_connector(address, key),
                      autoscale[1] if autoscale else args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
-                     **({"name": args.hostname} if args.hostname else {}), initializer=init,
+                     **_given(name=args.hostname or None, max_age=args.max_message_age),
+                     initializer=init,
                      max_tasks=args.max_tasks_per_child, max_memory=max_memory,
                      autoscale=autoscale)
     beat = _start_beat(app, address, args.schedule) if args.beat else None

@@ -36,7 +36,8 @@ import cloudpickle
 
 from . import keys, protocol
 from .deaths import MAX_DEATHS
-from .errors import BrokerUnavailable, FunctionRefused, KeyMismatch, NbqError, SerializationError
+from .errors import (BrokerUnavailable, FunctionRefused, KeyMismatch, MessageTooLarge, NbqError,
+                     SerializationError)
 from .future import Future
 from .mapresult import MapResult, _Chunker
 from .transport import client_connection
@@ -306,7 +307,7 @@ class Client(concurrent.futures.Executor):
         try:
             with self._feed_lock:
                 self._feed_locked(map_id, in_caller)
-        except SerializationError:
+        except (SerializationError, MessageTooLarge):
             # cancel what was sent outside the lock: the receiver thread, which must
             # deliver the cancel's reply, may be waiting for the lock to refill this map
             if in_caller and entry is not None:

@@ -6,6 +6,10 @@ A message is a list of frames::
 
 * ``header`` is compact JSON (never pickle), so a broker can route a message
   without loading anything a sender chose.  ``header["k"]`` is the kind.
+  ``encode`` adds the message's id and time, signed with the rest: ``ms``
+  the sender (random per Signer, new after fork), ``mn`` its message number
+  (counting up), ``mt`` when it was sent (epoch seconds).  Receivers that
+  refuse replays keep a window of them (replay.py).
 * ``signature`` is HMAC-SHA256 under the shared key over the header and every
   payload frame, each preceded by its length, so frames cannot be re-cut.
 * payload frames are what the kind defines; pickled objects take one frame
@@ -22,10 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
+import os
 import pickle
 import re
+import secrets
+import time
 import traceback
+import weakref
 from typing import Any, Iterable, Sequence
 
 import cloudpickle
@@ -39,11 +48,34 @@ _dumps_json = json.JSONEncoder(separators=(",", ":")).encode
 _loads_json = json.loads
 
 
+_signers: "weakref.WeakSet[Signer]" = weakref.WeakSet()
+
+
+def _new_senders() -> None:
+    """In a forked child: each Signer a sender of its own again, not a copy of its parent's."""
+    for signer in list(_signers):
+        signer._new_sender()
+
+
+os.register_at_fork(after_in_child=_new_senders)
+
+
 class Signer:
-    """HMAC-SHA256 over a header and payload frames under one key."""
+    """HMAC-SHA256 over a header and payload frames under one key.
+
+    Each Signer is a sender of its own (``ms``, numbering its messages ``mn``), so a
+    receiver's replay window (replay.py) sees each sender's numbers in about the order
+    they were sent, whatever else signs in the same process (an embedded broker, say).
+    """
 
     def __init__(self, key: bytes) -> None:
         self._base = hmac.new(key, digestmod=hashlib.sha256)
+        self._new_sender()
+        _signers.add(self)
+
+    def _new_sender(self) -> None:
+        self._sender = secrets.token_hex(8)
+        self._numbers = itertools.count()
 
     def sign(self, header: bytes, frames: Sequence) -> bytes:
         mac = self._base.copy()
@@ -55,21 +87,18 @@ class Signer:
         return mac.digest()
 
     def encode(self, header: dict, frames: Sequence = ()) -> list:
-        """Frames to send: header, signature, payload."""
-        h = _dumps_json(header).encode()
+        """Frames to send: header (with this message's id and time), signature, payload."""
+        h = _dumps_json(dict(header, ms=self._sender, mn=next(self._numbers),
+                             mt=time.time())).encode()
         return [h, self.sign(h, frames), *frames]
 
-    def decode(self, msg: Sequence, verify: bool = True) -> tuple[dict, list]:
-        """Split a received message into (header, payload frames), checking the signature.
-
-        ``verify=False`` is only for a broker forwarding a large message it never
-        unpickles; the final receiver verifies it.
-        """
+    def decode(self, msg: Sequence) -> tuple[dict, list]:
+        """Split a received message into (header, payload frames), checking the signature."""
         if len(msg) < 2:
             raise SignatureError("message has no signature frame")
         h = _bytes(msg[0])
         payload = list(msg[2:])
-        if verify and not hmac.compare_digest(self.sign(h, payload), _bytes(msg[1])):
+        if not hmac.compare_digest(self.sign(h, payload), _bytes(msg[1])):
             raise SignatureError("message signature does not match the shared key")
         try:
             header = _loads_json(h)

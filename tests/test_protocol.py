@@ -12,7 +12,9 @@ def test_roundtrip_and_tamper():
     s = protocol.Signer(b"k1")
     msg = s.encode({"k": "x", "n": 1}, [b"abc", b"def"])
     header, frames = s.decode(msg)
+    ids = {k: header.pop(k) for k in ("ms", "mn", "mt")}  # message id and time, signed too
     assert header == {"k": "x", "n": 1} and frames == [b"abc", b"def"]
+    assert s.decode(s.encode({"k": "x"}))[0]["mn"] == ids["mn"] + 1
     for i in range(len(msg)):
         bad = list(msg)
         bad[i] = bytes(bad[i]) + b"!"

@@ -10,6 +10,10 @@ a client's hello doubles as its heartbeat (client.py re-sends its unfinished
 work when the broker's boot id changes), a supervisor's heartbeats register it
 again, and a worker process watches its socket's link and says hello again,
 when it is next idle, after the link dropped and came back.
+
+A socket to a non-loopback address is encrypted and authenticated with CURVE
+(secure.py).  The broker's ``welcome`` says its largest message (``mx``); a client
+refuses to send a larger one (MessageTooLarge, before anything leaves).
 """
 from __future__ import annotations
 
@@ -21,23 +25,28 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .. import protocol
-from ..errors import KeyMismatch, SignatureError
+from .. import protocol, secure
+from ..errors import KeyMismatch, MessageTooLarge, SignatureError
+from ..worker import execute
 from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
+RESULT_HEADROOM = 64 << 10  # bytes of a result message beside its payload (header, signature)
 
 
 LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
-def _dealer(ctx: zmq.Context, identity: bytes, address: str, watch: bool = False) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, identity: bytes, address: str, key: bytes,
+            watch: bool = False) -> zmq.Socket:
     """A DEALER connected to address; with watch, its link events (get_monitor_socket) too."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 2000)
+    if secure.needs_curve(address):
+        secure.connect_curve(sock, key)
     if watch:  # before connecting, so that no event is missed
         sock.get_monitor_socket(LINK_EVENTS)
     sock.connect(address)
@@ -64,8 +73,9 @@ class ZmqClient(ClientConnection):
         self.key, self.address = key, address
         self._hello_rq: int | None = None
         self.cid = client_id
-        self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address)
-        self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address)
+        self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address, key)
+        self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address, key)
+        self.max_message_size: int | None = None  # the broker's, from its welcome
         self._lock = threading.Lock()
         wake_addr = f"inproc://nbq-wake-{client_id}"
         self._wake_r = self.ctx.socket(zmq.PAIR)
@@ -83,6 +93,21 @@ class ZmqClient(ClientConnection):
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
     def send(self, header: dict, frames: list = ()) -> None:
+        if frames and self.max_message_size is not None:
+            size = protocol.frame_size(frames)
+            if size > self.max_message_size:
+                items = header.get("t")
+                if header.get("k") == "tasks" and len(items) > 1:  # a batch: send it in halves
+                    half = len(items) // 2
+                    cut = sum(item["nf"] for item in items[:half])
+                    self.send({"k": "tasks", "t": items[:half]}, frames[:cut])
+                    self.send({"k": "tasks", "t": items[half:]}, frames[cut:])
+                    return
+                raise MessageTooLarge(
+                    f"this {header.get('k')!r} message is {size:,} bytes, more than the broker's "
+                    f"max_message_size of {self.max_message_size:,} bytes: send less at once (a "
+                    "large input as a file or a shared path), or start the broker with a larger "
+                    "--max-message-size")
         header["c"] = self.cid
         msg = self.signer.encode(header, frames)
         with self._lock:
@@ -98,6 +123,8 @@ class ZmqClient(ClientConnection):
             msg = self._rx.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg) or self._refused(msg)
             if decoded is not None:
+                if decoded[0].get("k") == "welcome":
+                    self.max_message_size = decoded[0].get("mx")
                 out.append(decoded)
         return out
 
@@ -130,7 +157,7 @@ class ZmqSupervisor(SupervisorConnection):
         self.signer = protocol.Signer(key)
         self.key, self.address = key, address
         self.sid = sid
-        self.sock = _dealer(self.ctx, b"s" + sid.encode(), address)
+        self.sock = _dealer(self.ctx, b"s" + sid.encode(), address, key)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
 
@@ -183,7 +210,7 @@ class ZmqWorker(WorkerConnection):
         self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
         self.wid = wid
-        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address, watch=True)
+        self.sock = _dealer(self.ctx, b"w" + wid.encode(), address, key, watch=True)
         self._links = self.sock.get_monitor_socket()  # made by _dealer, before connecting
         self._dropped = False  # the link went down: say hello once it is back
         self._poller = zmq.Poller()
@@ -211,7 +238,9 @@ class ZmqWorker(WorkerConnection):
                     self._reject(msg)
                 continue
             header, frames = decoded
-            if header["k"] == "fn":
+            if header["k"] == "welcome":  # results must fit in the broker's largest message
+                execute.max_result = header["mx"] - RESULT_HEADROOM
+            elif header["k"] == "fn":
                 self._functions[header["h"]] = frames
             elif header["k"] == "tasks":
                 return list(protocol.split(header["t"], frames))

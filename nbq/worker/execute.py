@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .. import protocol
-from ..errors import SerializationError
+from ..errors import MessageTooLarge, SerializationError
 
 FUNCTION_CACHE = 512
 NAME_MAX = 300  # bytes of a function's name kept for ``inspect active``
@@ -94,6 +94,10 @@ class _Unloadable:
 
 #: The header of the call running now in this process: what a task reads as its request.
 current: dict = {}
+
+#: Largest result payload the broker takes (its max_message_size, less room for the header),
+#: once the transport knows it; a larger result fails with MessageTooLarge instead.
+max_result: int | None = None
 
 
 def flush() -> None:
@@ -196,14 +200,35 @@ def _emit_chunk(base: dict, start: int, values: list, errors: dict, t0: float, e
                     values[i] = None
                     errors[i] = protocol.loads(bad)
         payload = protocol.dumps((values, errors))
+    if max_result is not None and protocol.frame_size(payload) > max_result:
+        if len(values) > 1:  # send the items one by one: only those too large fail
+            for i, v in enumerate(values):
+                _emit_chunk(base, start + i, [v], {0: errors[i]} if i in errors else {}, t0, emit)
+            return
+        if not errors:
+            errors = {0: protocol.loads(_too_large(payload, f"the result of item "
+                                                            f"{base['s0'] + start}"))}
+            payload = protocol.dumps(([None], errors))
     emit(dict(base, s=start, n=len(values), nf=len(payload), d=time.perf_counter() - t0), payload)
 
 
 def _dump_value(value, what: str) -> tuple[list, int]:
     """Pickle a result; an unpicklable one becomes the error record saying so."""
     try:
-        return protocol.dumps(value), 1
+        payload = protocol.dumps(value)
+        if max_result is not None and protocol.frame_size(payload) > max_result:
+            return _too_large(payload, what), 0
+        return payload, 1
     except Exception as e:
         err = SerializationError(f"{what} ({type(value).__name__}) could not be pickled: "
                                  f"{type(e).__name__}: {e}")
         return protocol.dumps(protocol.error_record(err)), 0
+
+
+def _too_large(payload: list, what: str) -> list:
+    """The error record (pickled) of a result larger than the broker takes."""
+    err = MessageTooLarge(f"{what} is {protocol.frame_size(payload):,} bytes pickled, more than "
+                          f"the broker's max_message_size allows ({max_result:,}): return less "
+                          "(write large data to a file and return its path), or start the "
+                          "broker with a larger --max-message-size")
+    return protocol.dumps(protocol.error_record(err))

@@ -34,6 +34,7 @@ import time
 import uuid
 from typing import Callable
 
+from ..replay import DEFAULT_MAX_AGE, ReplayWindow
 from ..transport.base import SupervisorConnection, WorkerConnection
 from . import control, groups, process, ratelimit
 from .initializer import Initializer
@@ -66,7 +67,8 @@ class Supervisor:
                  concurrency: int, queues: list[str], lifeline: int | None = None,
                  name: str = DEFAULT_NAME, initializer: Initializer | None = None,
                  max_tasks: int = 0, max_memory: int = 0,
-                 autoscale: tuple[int, int] | None = None) -> None:
+                 autoscale: tuple[int, int] | None = None,
+                 max_age: float = DEFAULT_MAX_AGE) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -91,6 +93,7 @@ class Supervisor:
         self._memory: dict[int, int] = {}  # pid -> resident bytes at the last look
         self.autoscale = autoscale    # (max, min) processes, or None
         self._calm_since: float | None = None  # since when autoscale wants fewer processes
+        self._controls = ReplayWindow(max_age)  # a control command replayed is not obeyed again
         self._undertaker: groups.Undertaker | None = None
 
     @property
@@ -180,6 +183,12 @@ class Supervisor:
         dest = request.get("d")
         if dest is not None and self.name not in dest and self.sid not in dest:
             return
+        now = time.time()
+        why = self._controls.refuse(request, now)
+        if why is not None:
+            log.warning("refused control command %r: %s", str(request.get("cmd"))[:40], why)
+            return
+        self._controls.forget(now)
         conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
         conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
 
