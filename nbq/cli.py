@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    "it runs")
     w.add_argument("--logfile", default=None, help="with --detach: file its output goes to "
                    "(default: none)")
+    w.add_argument("--broker-grace", type=float, default=None, metavar="SECONDS",
+                   help="how long a broker that stopped answering is waited for (it may be "
+                        "restarted at the same address) before this worker exits (default 300)")
     w.add_argument("--lifeline", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--versions", default=None, help=argparse.SUPPRESS)  # a cluster's: NBQ/PYTHON
     # a cluster's: the key on stdin's first line (keys.handshake), stdin then the lifeline
@@ -247,7 +250,8 @@ def _worker(args) -> None:
                      transport.worker_connector(address, key),
                      autoscale[1] if autoscale else args.concurrency,
                      [q for q in queues.split(",") if q], args.lifeline,
-                     **_given(name=args.hostname or None, max_age=args.max_message_age),
+                     **_given(name=args.hostname or None, max_age=args.max_message_age,
+                              broker_grace=args.broker_grace),
                      initializer=init,
                      max_tasks=args.max_tasks_per_child, max_memory=max_memory,
                      autoscale=autoscale)
@@ -261,6 +265,8 @@ def _worker(args) -> None:
         raise NbqError(f"{why} at {address}: is `nbq broker` running there with the same key?")
     if why == "the broker is shutting down":  # not asked to stop: say so, exit non-zero
         raise NbqError(f"the broker at {address} shut down; this worker stops with it")
+    if why.startswith("the broker did not answer"):
+        raise NbqError(f"{why} at {address}: this worker stops (--broker-grace)")
     logging.getLogger("nbq.worker").info("stopping: %s", why)
 
 

@@ -246,3 +246,18 @@ def test_nbq_wait_and_as_completed_keep_concurrent_futures_meaning():
         done, not_done = nbq.wait([slow, bad], timeout=10)
         assert done == {slow, bad} and not not_done
         assert nbq.wait([], timeout=1) == (set(), set())
+
+
+def test_a_worker_whose_broker_stays_gone_exits_after_its_grace(procs):
+    """A broker restarted within --broker-grace is served again (the tests above); one that
+    stays gone longer is not waited for: the worker exits, saying why."""
+    address = start_broker(procs)
+    broker = procs.procs[-1]
+    worker = procs.nbq("worker", "--broker", address, "-c", "1", "--broker-grace", "2")
+    with nbq.Client(address) as client:
+        client.wait_for_workers(1)
+    broker.kill()
+    t0 = time.monotonic()
+    out = worker.communicate(timeout=30)[0]
+    assert time.monotonic() - t0 < 20
+    assert "the broker did not answer for 2 s" in out, out

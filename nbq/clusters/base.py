@@ -48,6 +48,7 @@ log = logging.getLogger("nbq.cluster")
 ADAPT_INTERVAL = 1.0   # seconds between adapt's looks at the queue
 ADAPT_WAIT = 5.0       # adapt's default: an idle unit stops after this many seconds idle
 STOP_WAIT = 5.0        # a unit asked to stop is killed after this long
+LAUNCHED_BROKER_GRACE = 10.0  # a launched worker whose broker is silent this long exits
 
 
 class LaunchWarning(UserWarning):
@@ -153,7 +154,7 @@ class Cluster:
         """
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
                 "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
-                "--versions", versions()]
+                "--versions", versions(), "--broker-grace", f"{LAUNCHED_BROKER_GRACE:g}"]
 
     def handshake(self) -> bytes:
         """What a unit writes on the worker's standard input (then keeps it open)."""

@@ -8,7 +8,8 @@ it, so what its tasks started goes too (groups.py).
 The supervisor itself exits when its broker never answers its first heartbeats,
 when the broker says stop, or when its lifeline (a pipe from an embedding client)
 closes, so no process outlives the client that started it, even a SIGKILLed one.
-A broker that stops answering later is waited for, processes and all: when it
+A broker that stops answering later is waited for (``broker_grace``, then the worker
+exits, so a worker whose broker is gone for good does not live on), processes and all: when it
 comes back at the same address (restarted by hand, by ``nbq multi`` or by
 systemd) the heartbeats register this worker again (and each process says
 hello again, transport/zmq.py).
@@ -44,6 +45,7 @@ log = logging.getLogger("nbq.worker")
 
 HEARTBEAT = 1.0
 BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone (waited for)
+BROKER_GRACE = 300.0    # how long a gone broker is waited for before this worker exits
 CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
 MEMORY_EVERY = 0.1      # seconds between looks at the processes' memory (--max-memory-per-child)
 #: --autoscale shrinks the pool once it has wanted fewer processes for this long
@@ -68,7 +70,7 @@ class Supervisor:
                  name: str = DEFAULT_NAME, initializer: Initializer | None = None,
                  max_tasks: int = 0, max_memory: int = 0,
                  autoscale: tuple[int, int] | None = None,
-                 max_age: float = DEFAULT_MAX_AGE) -> None:
+                 max_age: float = DEFAULT_MAX_AGE, broker_grace: float = BROKER_GRACE) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -78,6 +80,7 @@ class Supervisor:
         self.concurrency = concurrency
         self.queues = list(queues)
         self.lifeline = lifeline
+        self.broker_grace = broker_grace  # a broker silent this long is not coming back: exit
         self.initializer = initializer  # run in each worker process, a replacement's too
         self._connect = connect
         self._connect_worker = connect_worker
@@ -164,6 +167,9 @@ class Supervisor:
                 if answered is None and now - started > CONNECT_TIMEOUT:
                     goodbye = False
                     return "the broker never answered"
+                if answered is not None and now - answered > self.broker_grace:
+                    goodbye = False
+                    return f"the broker did not answer for {self.broker_grace:g} s"
                 if answered is not None and now - answered > BROKER_TIMEOUT and not silent:
                     silent = True
                     log.warning("the broker stopped answering heartbeats; waiting for it to "
