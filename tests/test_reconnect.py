@@ -261,3 +261,21 @@ def test_a_worker_whose_broker_stays_gone_exits_after_its_grace(procs):
     out = worker.communicate(timeout=30)[0]
     assert time.monotonic() - t0 < 20
     assert "the broker did not answer for 2 s" in out, out
+
+
+def test_a_redis_worker_stops_on_sigterm_while_its_redis_is_down(procs, tmp_path):
+    """Stopping while Redis is away: the worker leaves its processes' tasks to be claimed by
+    live workers later instead of retrying for ever, and exits at the first SIGTERM."""
+    from redis_server import RedisServer
+    server = RedisServer(tmp_path / "redis")
+    try:
+        address = server.url()
+        worker = procs.nbq("worker", "--broker", address, "-c", "1")
+        with nbq.Client(address) as client:
+            client.wait_for_workers(1)
+        server.kill()
+        worker.terminate()
+        out = worker.communicate(timeout=8)[0]  # before the fix: never, without SIGKILL
+        assert worker.returncode is not None, out
+    finally:
+        server.stop()

@@ -80,10 +80,13 @@ class SupervisorConnection(ABC):
         ``ql``, how many tasks wait in info's queues (up to info["as"]), when info has ``as``."""
 
     @abstractmethod
-    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:
+    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None,
+             leaving: bool = False) -> None:
         """Report that worker process wid died; at = [task id, item position or None] it was
         running, if any (its death counts against that task); end says why the supervisor
-        killed it, if it did: that task ends, never re-run (deaths.py)."""
+        killed it, if it did: that task ends, never re-run (deaths.py).  leaving: this worker
+        is stopping, so an unreachable broker is not waited for (its tasks are recovered as a
+        dead worker's are)."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:

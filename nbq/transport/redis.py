@@ -1561,7 +1561,8 @@ class RedisSupervisor(SupervisorConnection):
             return
         self._messages.append({"k": "hb"})
 
-    def lost(self, wid: str, how: str, at, end: dict | None = None) -> None:
+    def lost(self, wid: str, how: str, at, end: dict | None = None,
+             leaving: bool = False) -> None:
         st = self.store
 
         def handle():
@@ -1577,7 +1578,11 @@ class RedisSupervisor(SupervisorConnection):
                         raise  # else a Redis restarted empty: nothing of wid's is there
             st.r.hdel(P + "procs:" + self.sid, wid)
 
-        st.retry("re-queueing a dead process's tasks", handle)
+        try:
+            st.retry("re-queueing a dead process's tasks", handle, give_up=lambda: leaving)
+        except redis.RedisError as e:  # live workers claim them once this one's heartbeat expires
+            log.warning("left worker process %s's tasks to live workers: Redis at %s is "
+                        "unavailable (%s)", wid, st.safe, e)
 
     def answer(self, request: dict, name: str, reply) -> None:
         st = self.store

@@ -168,7 +168,8 @@ class ZmqSupervisor(SupervisorConnection):
     def heartbeat(self, info: dict) -> None:
         self._send(dict(info, k="hb"))
 
-    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None) -> None:
+    def lost(self, wid: str, how: str, at: list | None, end: dict | None = None,
+             leaving: bool = False) -> None:  # a send: never waits
         # on the wire: "at" [task id, item] only when the item is known, "run" the task id
         self._send({"k": "lost", "w": wid, "how": how, "end": end,
                     "at": at if at and at[1] is not None else None, "run": at and at[0]})

@@ -360,7 +360,7 @@ class Supervisor:
                 log.warning("worker process %s (pid %d) %s%s%s", wid, pid, how,
                             f" ({end['text']})" if end else "",
                             "; starting a new one" if replace else "")
-            conn.lost(wid, how, marker.running(), end)
+            conn.lost(wid, how, marker.running(), end, leaving=self._warm)
             marker.close()
             if replace:
                 self._spawn()
