@@ -40,7 +40,7 @@ from .errors import (BrokerUnavailable, FunctionRefused, KeyMismatch, MessageToo
                      SerializationError)
 from .future import Future
 from .mapresult import MapResult, _Chunker
-from .transport import client_connection
+from .transport import is_memory
 
 if TYPE_CHECKING:
     from .clusters.base import Cluster
@@ -92,6 +92,10 @@ class Client(concurrent.futures.Executor):
     default), so the ZeroMQ broker or the Redis workers apply it with no setting
     of their own (deaths.py).
 
+    ``Client("memory://")`` runs tasks in ``workers`` threads of this process (default
+    os.cpu_count()), ``Client("memory://", inline=True)`` in the thread that submits
+    them, during submit/map (clusters/memory.py says what a process-less worker refuses).
+
     ``broker_grace``: seconds a silent broker is waited for before waits raise
     BrokerUnavailable (the work is kept, and sent again if the broker comes back
     at the same address).
@@ -102,7 +106,7 @@ class Client(concurrent.futures.Executor):
                  timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
                  ship: Iterable[types.ModuleType | str] = (),
                  initializer: Callable | None = None, initargs: tuple = (),
-                 broker_grace: float = BROKER_GRACE) -> None:
+                 broker_grace: float = BROKER_GRACE, inline: bool = False) -> None:
         global _current
         if not broker_grace > 0:
             raise ValueError(f"broker_grace must be a positive number of seconds, not {broker_grace!r}")
@@ -137,10 +141,20 @@ class Client(concurrent.futures.Executor):
         self._owns_cluster = not isinstance(address, Cluster)  # Client(cluster): the user's to close
         if self._owns_cluster:
             self.key = keys.load_key(key_file)
-            init = None if initializer is None else worker_init.encode(self.key, initializer,
-                                                                       initargs)
-            self._cluster = LocalCluster(self.key, address, workers,
-                                         result_expires=result_expires, initializer=init)
+            if is_memory(address):
+                from .clusters.memory import MemoryCluster
+                self._cluster = MemoryCluster(self.key, address, workers, inline=inline,
+                                              result_expires=result_expires,
+                                              initializer=initializer,
+                                              max_task_deaths=max_task_deaths)
+            else:
+                if inline:
+                    raise ValueError("inline=True runs tasks in the submitting thread of this "
+                                     "process: it needs the address memory://")
+                init = None if initializer is None else worker_init.encode(
+                    self.key, initializer, initargs)
+                self._cluster = LocalCluster(self.key, address, workers,
+                                             result_expires=result_expires, initializer=init)
         else:
             self.key, self._cluster = address.key, address
             address._clients.add(self)
@@ -178,8 +192,7 @@ class Client(concurrent.futures.Executor):
         self._fn_refused: set[str] = set()  # shipped, then refused by a worker: shipped again
         self._nprocs: tuple[float, int] = (0.0, 0)
         try:
-            self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
-                                           self._cluster.context)
+            self._conn = self._cluster.client_connection(self.id)
         except Exception:
             self._close_cluster()
             raise
@@ -242,7 +255,8 @@ class Client(concurrent.futures.Executor):
             self._sent[item["id"]] = (item, payload)
             burst = now - self._last_send < BURST
             self._last_send = now
-            if not self._outbox and (not burst or protocol.frame_size(payload) >= DIRECT_SEND):
+            if not self._outbox and (not burst or self._conn.inline
+                                     or protocol.frame_size(payload) >= DIRECT_SEND):
                 self._conn.submit([item], payload)
                 return
             first = not self._outbox
@@ -292,7 +306,8 @@ class Client(concurrent.futures.Executor):
                         deadline=None if timeout is None else time.monotonic() + timeout,
                         args=source if total is not None else keep)
         chunker = _Chunker(source, chunksize, keep)
-        window = max(16, 4 * self._processes())
+        # inline, the caller's thread runs every chunk (never the receiver thread)
+        window = math.inf if self._conn.inline else max(16, 4 * self._processes())
         task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
         self._feeders[map_id] = (res, chunker, {"window": window, "task": task, "name": _name(fn)})
         self._feed(map_id, in_caller=True)

@@ -41,7 +41,8 @@ import zmq
 from .. import keys
 from ..broker import DEFAULT_RESULT_EXPIRES, Broker
 from ..errors import LaunchError, NbqError
-from ..transport import with_result_expires
+from ..transport import client_connection, with_result_expires
+from ..transport.base import ClientConnection
 
 log = logging.getLogger("nbq.cluster")
 
@@ -155,6 +156,10 @@ class Cluster:
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
                 "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
                 "--versions", versions(), "--broker-grace", f"{LAUNCHED_BROKER_GRACE:g}"]
+
+    def client_connection(self, client_id: str) -> ClientConnection:
+        """The connection of a client of this cluster to its broker."""
+        return client_connection(self.connect_address, self.key, client_id, self.context)
 
     def handshake(self) -> bytes:
         """What a unit writes on the worker's standard input (then keeps it open)."""

@@ -55,7 +55,7 @@ def _peak() -> int:
 
 
 def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None = None,
-          max_tasks: int = 0, max_memory: int = 0) -> None:
+          max_tasks: int = 0, max_memory: int = 0, retire_signal: bool = True) -> None:
     """Serve tasks until the process is retired (RETIRE, or a limit); re-runs mark their
     items in marker.
 
@@ -63,7 +63,8 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
     ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
     back to the queue); ``max_memory``: leave after a batch that took the process's resident
     memory (its peak, as Celery's) above this many bytes.  Both are checked per batch, not
-    per task; 0: no limit.
+    per task; 0: no limit.  ``retire_signal`` False: a worker thread (threads.py), which
+    installs no signal handler; it stops when its connection's fetch raises.
 
     A task about to wait for others' results (a chord's last header task) calls
     ``execute.flush()`` first: the results this process holds are sent then, not with
@@ -90,8 +91,9 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
 
     execute.flush = flush
     global _waiting, _retire
-    signal.signal(RETIRE, _on_retire)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
+    if retire_signal:
+        signal.signal(RETIRE, _on_retire)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
     ran = 0  # tasks taken, counted only with max_tasks
     try:
         while True:
