@@ -7,6 +7,7 @@ import os
 import sys
 
 from .errors import NbqError, VersionMismatch
+from .transport import across_processes
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
@@ -188,13 +189,17 @@ def _given(**options) -> dict:
 
 
 def _address(given: str | None) -> str:
-    return given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
+    """The broker of a command: given, else $NBQ_BROKER, else the default; never a memory://
+    one (it lives inside another process)."""
+    address = given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
+    across_processes(address, "this command")
+    return address
 
 
 def _app_broker(given: str | None, app) -> str:
     """The broker of a command that may have an app (-A): --broker, else the app's broker_url,
     else $NBQ_BROKER or the default."""
-    return given or (app and app.conf.broker_url) or _address(None)
+    return _address(given or (app and app.conf.broker_url) or None)
 
 
 def _broker(args) -> None:
@@ -202,6 +207,8 @@ def _broker(args) -> None:
 
     from . import keys
     from .broker import Broker
+    for bind in args.bind or ():
+        across_processes(bind, "nbq broker")
     broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
                     result_expires=args.result_expires, curve=args.curve,
                     **_given(max_message_size=args.max_message_size,

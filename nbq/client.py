@@ -143,7 +143,7 @@ class Client(concurrent.futures.Executor):
             self.key = keys.load_key(key_file)
             if is_memory(address):
                 from .clusters.memory import MemoryCluster
-                self._cluster = MemoryCluster(self.key, address, workers, inline=inline,
+                self._cluster = MemoryCluster(address, workers, inline=inline, key=self.key,
                                               result_expires=result_expires,
                                               initializer=initializer,
                                               max_task_deaths=max_task_deaths)

@@ -30,9 +30,12 @@ from .base import Cluster
 class MemoryCluster(Cluster):
     """Worker threads serving this process's memory:// broker at address."""
 
-    def __init__(self, key: bytes, address: str, workers: int | None = None, *,
-                 inline: bool = False, result_expires: float | None = None,
-                 initializer: object = None, max_task_deaths: int = MAX_DEATHS) -> None:
+    def __init__(self, address: str = "memory://", workers: int | None = None, *,
+                 inline: bool = False, key: bytes | None = None,
+                 result_expires: float | None = None, initializer: object = None,
+                 max_task_deaths: int = MAX_DEATHS) -> None:
+        """``workers``: threads (None: os.cpu_count(); 0: none, a client of the shared broker
+        only); ``inline``: no threads, each task runs in the thread that submits it."""
         if initializer is not None:
             raise NbqError("memory:// runs tasks in threads of this process, not in worker "
                            "processes: there is no process for an initializer to prepare; "
@@ -44,13 +47,13 @@ class MemoryCluster(Cluster):
         if inline and workers:
             raise ValueError("an inline memory:// client runs tasks in the submitting thread: "
                              "give inline=True or workers=N, not both")
-        super().__init__(address, key=key)
+        super().__init__(address, key=key)  # key: None loads it, as any cluster does
         self.broker = broker(address)  # the process's: it outlives this cluster
         if result_expires is not None:
             self.broker.result_expires = float(result_expires)
         self.inline = inline
         self.unit_size = workers or 1
-        if not inline:
+        if not inline and workers != 0:
             self._scale(workers or os.cpu_count() or 1)
 
     def client_connection(self, client_id: str) -> ClientConnection:

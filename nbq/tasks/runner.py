@@ -21,6 +21,7 @@ from typing import Any
 import cloudpickle
 
 from .. import protocol
+from ..errors import NbqError
 from ..worker import execute, ratelimit
 from ..worker import marker as markers
 from . import serializers
@@ -135,7 +136,12 @@ def _invoke(task: Task, request: Request, req: dict, args, kwargs) -> Any:
 def _limits(soft: float | None, hard: float | None):
     """Raise SoftTimeLimitExceeded in the task after soft seconds (it may clean up); after hard
     seconds the supervisor kills this process, wherever it is stuck, and the task fails with
-    TimeLimitExceeded without running again (Celery's meanings)."""
+    TimeLimitExceeded without running again (Celery's meanings).  A call that a memory://
+    worker runs, in a thread of the client's process, cannot be interrupted: NbqError."""
+    if (soft or hard) and execute.current.get("ip"):
+        raise NbqError(f"a time limit (time_limit={hard}, soft_time_limit={soft}) needs a worker "
+                       "process to interrupt or kill; memory:// runs this task in a thread of the "
+                       "client's process: leave the limits out there, or use another broker")
     if hard:
         markers.mine.set_deadline(time.time() + hard, hard)
         os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor's wait now ends by the deadline
@@ -161,8 +167,11 @@ _client = None
 
 
 def worker_client():
-    """A client of this worker's broker (NBQ_BROKER, set by ``nbq worker``), made on first use."""
+    """A client of this worker's broker (NBQ_BROKER, set by ``nbq worker``), made on first use;
+    for a call run by a memory:// worker (header ``ip``), one of that in-process broker."""
     global _client
+    if execute.current.get("ip"):
+        return _in_process_client(execute.current["ip"], bool(execute.current.get("il")))
     if _client is None or _client._closed:
         from ..client import Client
         if not os.environ.get("NBQ_BROKER"):
@@ -170,6 +179,20 @@ def worker_client():
                                "`nbq worker`, which sets NBQ_BROKER")
         _client = Client(os.environ["NBQ_BROKER"])
     return _client
+
+
+_in_process: dict = {}
+
+
+def _in_process_client(address: str, inline: bool):
+    """A client of the memory:// broker at address, starting no threads; inline (``il``): the
+    tasks it sends run at once in the sending thread, as the call that sends them did."""
+    client = _in_process.get((address, inline))
+    if client is None or client._closed:
+        from ..client import Client
+        from ..clusters.memory import MemoryCluster
+        client = _in_process[address, inline] = Client(MemoryCluster(address, 0, inline=inline))
+    return client
 
 
 def _after_success(request: Request, req: dict, value: Any) -> None:
