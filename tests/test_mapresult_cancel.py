@@ -100,6 +100,8 @@ CTRL_C_SCRIPT = """
 import pathlib, sys, threading, time
 import nbq
 
+pytestmark = pytest.mark.conformance  # every transport, memory:// too (conftest.py)
+
 folder, address, how = pathlib.Path(sys.argv[1]), sys.argv[2] or None, sys.argv[3]
 client = nbq.Client(address, workers=2)
 client.wait_for_workers(2)

@@ -1,13 +1,14 @@
 """The cluster of a memory:// client: worker threads of this process, or none (inline).
 
-``Client("memory://")`` runs tasks in ``workers`` threads (default os.cpu_count())
-of the client's own process, each running the worker loop worker processes run
+``Client("memory://")`` runs tasks in ``workers`` threads (default os.cpu_count(),
+none when its broker has threads already) of the client's own process, each running the worker loop worker processes run
 (nbq/worker/threads.py); ``Client("memory://", inline=True)`` runs each task in the
 thread that submits it, during submit/map, so a debugger stops there.  Every
 memory:// client of a process shares one in-process broker per address
 (``memory://`` or ``memory://name``): results, AsyncResult by id, joins and claims
-are shared, and threads of one client may run another's tasks, as workers of one
-broker do.  The broker outlives its clients (until the process ends), keeping
+are shared, and threads of one client run another's tasks, as workers of one
+broker do.  Threads stop with the client that started them (tasks then wait, as on a
+broker whose workers stopped).  The broker outlives its clients (until the process ends), keeping
 results for result_expires; a client that gives result_expires sets it for the
 broker.
 
@@ -34,8 +35,10 @@ class MemoryCluster(Cluster):
                  inline: bool = False, key: bytes | None = None,
                  result_expires: float | None = None, initializer: object = None,
                  max_task_deaths: int = MAX_DEATHS) -> None:
-        """``workers``: threads (None: os.cpu_count(); 0: none, a client of the shared broker
-        only); ``inline``: no threads, each task runs in the thread that submits it."""
+        """``workers``: threads to start (0: none; None: os.cpu_count(), or none when the
+        broker at address has worker threads already: they serve this client too, as the
+        workers of a running broker serve every client of it); ``inline``: no threads, each
+        task runs in the thread that submits it."""
         if initializer is not None:
             raise NbqError("memory:// runs tasks in threads of this process, not in worker "
                            "processes: there is no process for an initializer to prepare; "
@@ -53,8 +56,10 @@ class MemoryCluster(Cluster):
             self.broker.result_expires = float(result_expires)
         self.inline = inline
         self.unit_size = workers or 1
-        if not inline and workers != 0:
-            self._scale(workers or os.cpu_count() or 1)
+        if workers is None and not inline and not self.broker.supervisors:
+            workers = os.cpu_count() or 1
+        if workers and not inline:
+            self._scale(workers)
 
     def client_connection(self, client_id: str) -> ClientConnection:
         return MemoryClient(self.connect_address, client_id,

@@ -2,8 +2,9 @@
 
 Every operation is a method call under the broker's lock: nothing is signed or
 copied through a socket, but payload frames stay the cloudpickled bytes the
-sender made (views of a sender's buffers are copied, as a socket would), so a
-worker thread never shares an object with the code that submitted it.
+sender made: a sender's buffers are copied when sent and each receiver gets its own
+writable copy of a large buffer, as from a socket, so a worker thread never shares
+an object with the code that submitted it.
 
 A client made with ``inline`` runs the tasks it submits in the submitting thread,
 before submit() returns: ``inline(worker)`` is the worker loop the cluster layer
@@ -27,8 +28,15 @@ class Stopped(NbqError):
 
 
 def _own(frames: list) -> list:
-    """Frames as bytes: a view of the sender's buffer (an out-of-band array) is copied."""
+    """Frames as bytes, as the broker keeps them: a view of the sender's buffer (an
+    out-of-band array) is copied, so what the sender does to it later changes nothing."""
     return [f if isinstance(f, bytes) else bytes(f) for f in frames]
+
+
+def _handed(frames: list) -> list:
+    """A receiver's own copy of a payload: its out-of-band buffers (the frames after the
+    pickle stream) writable, as they arrive from a socket, and shared with no other receiver."""
+    return frames[:1] + [bytearray(f) for f in frames[1:]]
 
 
 class MemoryClient(ClientConnection):
@@ -82,7 +90,8 @@ class MemoryClient(ClientConnection):
                                            "ci": ci})
 
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
-        return self._box.get(timeout)
+        return [(header, _handed(frames) if len(frames) > 1 else frames)
+                for header, frames in self._box.get(timeout)]
 
     def wake(self) -> None:
         self._box.wake()
@@ -147,7 +156,7 @@ class MemoryWorker(WorkerConnection):
             task = self.broker.take(self.wid, timeout, self._stopped.is_set)
         if self._stopped.is_set():
             raise Stopped(f"worker {self.wid} was stopped")
-        return [] if task is None else [(dict(task.item, **self._tag), task.frames)]
+        return [] if task is None else [(dict(task.item, **self._tag), _handed(task.frames))]
 
     def function(self, h: str) -> list:
         return self.broker.function(h)
