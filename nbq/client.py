@@ -249,14 +249,20 @@ class Client(concurrent.futures.Executor):
         A lone submit goes at once (lowest latency); submits in quick succession
         are queued and leave as a few large messages (highest throughput).
         Large payloads always go at once, alone, so they are never copied.
+        An inline connection's submit runs the task: it goes at once, with no lock held
+        (the task may send tasks through this client).
         """
+        if self._conn.inline:
+            with self._lock:
+                self._sent[item["id"]] = (item, payload)
+            self._conn.submit([item], payload)
+            return
         now = time.perf_counter()
         with self._lock:
             self._sent[item["id"]] = (item, payload)
             burst = now - self._last_send < BURST
             self._last_send = now
-            if not self._outbox and (not burst or self._conn.inline
-                                     or protocol.frame_size(payload) >= DIRECT_SEND):
+            if not self._outbox and (not burst or protocol.frame_size(payload) >= DIRECT_SEND):
                 self._conn.submit([item], payload)
                 return
             first = not self._outbox
