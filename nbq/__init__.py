@@ -11,7 +11,8 @@ from .clusters import Cluster, LaunchWarning, SSHCluster
 from .clusters.slurm import SlurmCluster
 from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, LaunchError, NbqError,
                      RemoteError, SerializationError, SignatureError, VersionMismatch, WorkerLost)
-from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
+from .future import Future
+from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from .mapresult import MapResult
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
 from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)

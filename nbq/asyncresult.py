@@ -5,7 +5,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from .errors import NbqError
-from .future import FAILURE, SUCCESS
+from .states import FAILURE, SUCCESS
 
 
 class AsyncResult:

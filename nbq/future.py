@@ -5,12 +5,7 @@ import concurrent.futures
 import time
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
-PENDING = "PENDING"
-STARTED = "STARTED"
-SUCCESS = "SUCCESS"
-FAILURE = "FAILURE"
-REVOKED = "REVOKED"
-RETRY = "RETRY"
+from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 
 
 class Future(concurrent.futures.Future):

@@ -8,7 +8,7 @@ import resource
 import signal
 import time
 
-from ..future import RETRY, STARTED
+from ..states import RETRY, STARTED
 from ..transport.base import WorkerConnection
 from . import execute
 from .execute import Functions, run
