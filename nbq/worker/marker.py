@@ -141,7 +141,3 @@ class Marker:
 def clip_id(task_id: str) -> str:
     """A task id as the marker gives it back: its first ID_MAX bytes."""
     return task_id.encode()[:ID_MAX].decode(errors="replace")
-
-
-#: This worker process's marker (set by process.serve): where a task sets its deadline.
-mine: Marker | None = None

@@ -136,7 +136,3 @@ def _name(name: str) -> bytes:
         raise ValueError(f"task name {name[:40]}... is longer than {NAME_MAX} bytes: rate limits "
                          "need a shorter name")
     return raw
-
-
-#: This worker's table: made by its supervisor before it forks (None outside ``nbq worker``).
-limits: RateLimits | None = None
