@@ -254,7 +254,7 @@ class NbqMagics(Magics):
 
         There is no way to address one process, so tasks go out in rounds of one
         per process until every process has run it; a process runs the cell at most once
-        (it remembers the run id) and a repeat only holds it for ALL_HOLD s so
+        (it remembers the run id) and a repeat only holds it for remotecell.ALL_HOLD s so
         the round's other tasks reach other processes.  Rounds end when every
         process the broker listed at the start has answered.
         """
