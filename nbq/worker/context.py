@@ -28,15 +28,16 @@ class TaskContext:
     processes wait for each other's held results.  ``marker`` is the process's
     shared page, where ``limit_time`` asks its supervisor for a kill deadline.
     ``rates`` is the worker's rate-limit table, shared by its processes.
-    ``output`` streams output events of the call to its client, where the
-    worker's transport can carry them; None where it cannot.
+    ``output(frames)`` streams output of the call (encoded events, a remote
+    cell's prints) to the client that submitted it while it runs, through the
+    worker's transport (WorkerConnection.output): best effort, thread-safe.
     """
 
     item: dict
     flush: Callable[[], None]
     marker: Marker
     rates: RateLimits
-    output: Callable[[list], None] | None = None
+    output: Callable[[list], None]
 
     @property
     def id(self) -> str:

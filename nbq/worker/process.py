@@ -58,7 +58,7 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
           failed: BaseException | None = None, max_tasks: int = 0, max_memory: int = 0) -> None:
     """Serve tasks until the process is retired (RETIRE, or a limit); re-runs mark their
     items in marker.  Each call runs with its TaskContext current (context.py): this
-    process's marker, the worker's rate limits, and ``flush``.
+    process's marker, the worker's rate limits, ``flush``, and its output stream.
 
     ``failed``: the exception of this process's initializer, which every task then fails with.
     ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
@@ -124,7 +124,8 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
                     marker.begin(item["id"], b"")
                 fn, name = functions.get(item["h"])
                 marker.begin(item["id"], name)
-                context = TaskContext(item, flush, marker, rates)
+                context = TaskContext(item, flush, marker, rates,
+                                      lambda frames, item=item: conn.output(item, frames))
                 if item.get("st") or item.get("a"):
                     again = run(context, frames, fn,
                                 lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
