@@ -441,7 +441,7 @@ def _control(args) -> None:
                          f"{' '.join(n.upper() for n in names)}")
     arguments = dict(zip(names, args.arguments))
     if args.what == "rate_limit":
-        from .worker.ratelimit import interval
+        from .worker.context import interval
         interval(arguments["rate_limit"])  # a bad rate is one error here, not one per worker
     _ask_workers(args, args.what, arguments)
 

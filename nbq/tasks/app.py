@@ -13,7 +13,7 @@ import weakref
 from typing import Any, Callable, Iterable
 
 from ..asyncresult import AsyncResult
-from ..worker import context
+from ..worker.context import current as current_call
 from . import runner
 from .canvas import GroupResult, Signature
 from .conf import Settings, settings_of
@@ -134,7 +134,7 @@ class App:
 
         Inside a task on a worker it is the worker's own client of its broker.
         """
-        if context.current() is not None:
+        if current_call() is not None:
             return runner.worker_client()
         with self._lock:
             if self._client is None or self._client.closed:  # (closed too in a forked process)

@@ -20,8 +20,7 @@ from typing import Any, Iterable
 import cloudpickle
 
 from .. import protocol
-from ..worker import context
-from ..worker.context import TaskContext
+from ..worker.context import TaskContext, current
 from . import serializers
 from .exceptions import ChordError, ContentDisallowed, NotRegistered, Retry, SoftTimeLimitExceeded
 from .task import Request, Task, _requests
@@ -101,7 +100,7 @@ class Runner:
                                     f"{self.name} was sent as {serializer}: add it to the worker "
                                     "app's accept_content, or send with another serializer")
         args, kwargs = serializers.decode(serializer, data)
-        ctx = context.current()
+        ctx = current()
         request = Request(id=ctx.id, retries=ctx.retries, args=tuple(args), kwargs=kwargs,
                           eta=ctx.eta, expires=ctx.expires, called_directly=False,
                           hostname=socket.gethostname())
@@ -124,7 +123,7 @@ def _invoke(ctx: TaskContext, task: Task, request: Request, req: dict, args, kwa
     """Run the task under its rate limit and time limits (the call's, else the task's);
     exceptions of ``autoretry_for`` become retries."""
     fn, each = task.run, req.get("each")
-    ctx.rates.acquire(task.name, task.rate_limit)
+    ctx.acquire_rate(task.name, task.rate_limit)
     try:
         with _limits(ctx, req.get("stl", task.soft_time_limit), req.get("tl", task.time_limit)):
             if each == "map":

@@ -1,22 +1,27 @@
-"""The task running now in a worker process: its call and the services it may use.
+"""The worker's API for tasks: the call running now and the services it may use.
 
 A worker process makes one TaskContext per call it runs and makes it current
 for the length of the call (``running``, used by execute.run only); code
 running inside the call (the tasks layer, a user's function) reads it with
 ``current()``.  It is process-wide, not per thread, so threads a task starts
 see it too.  Outside a call, or outside a worker, ``current()`` is None.
+
+Besides: ``Reschedule``, which a call raises to run again later (a retry), and
+``interval``, the rate-limit syntax the worker understands (so a bad rate fails
+where it is declared).  This module imports nothing of the worker: the layers
+above use it without reaching into the worker's parts.
 """
 from __future__ import annotations
 
-import os
-import signal
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .marker import Marker
-from .ratelimit import RateLimits
+from ..errors import NbqError
+
+#: A rate limit as Celery writes it: "10/s", "10/m", "10/h", a number per second, or None.
+Rate = str | float | int | None
+PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(slots=True)
@@ -25,18 +30,19 @@ class TaskContext:
 
     ``flush()`` sends the results this process has run and not yet reported: a
     task about to wait for other tasks' results calls it first, so that no two
-    processes wait for each other's held results.  ``marker`` is the process's
-    shared page, where ``limit_time`` asks its supervisor for a kill deadline.
-    ``rates`` is the worker's rate-limit table, shared by its processes.
-    ``output(frames)`` streams output of the call (encoded events, a remote
-    cell's prints) to the client that submitted it while it runs, through the
-    worker's transport (WorkerConnection.output): best effort, thread-safe.
+    processes wait for each other's held results.  ``limit_time(seconds)`` has
+    the supervisor kill this process that long from now, wherever the call is
+    stuck (a hard time limit; 0 takes it away).  ``acquire_rate(name, own)``
+    waits until task name may start under the worker's rate limits (own: the
+    task's rate, used until one is set by control).  ``output(frames)`` streams
+    output of the call (encoded events, a remote cell's prints) to the client
+    that submitted it while it runs: best effort, thread-safe.
     """
 
     item: dict
     flush: Callable[[], None]
-    marker: Marker
-    rates: RateLimits
+    limit_time: Callable[[float], None]
+    acquire_rate: Callable[[str, Rate], None]
     output: Callable[[list], None]
 
     @property
@@ -58,15 +64,6 @@ class TaskContext:
         """Epoch seconds after which the call is revoked unrun, if it has an expiry."""
         return self.item.get("x")
 
-    def limit_time(self, seconds: float) -> None:
-        """Have the supervisor kill this process ``seconds`` from now, wherever the call is
-        stuck (a hard time limit); 0 takes the limit away."""
-        if seconds:
-            self.marker.set_deadline(time.time() + seconds, seconds)
-            os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor's wait now ends by the deadline
-        else:
-            self.marker.set_deadline(0.0, 0.0)
-
 
 _current: TaskContext | None = None
 
@@ -85,3 +82,33 @@ def running(context: TaskContext) -> Iterator[None]:
         yield
     finally:
         _current = previous
+
+
+class Reschedule(NbqError):
+    """Raised by a call to run again in this process at ``eta`` (epoch seconds): a retry.
+
+    Its result is not reported until the last run, so the caller sees one outcome.
+    """
+
+    def __init__(self, eta: float, args: tuple | None = None, kwargs: dict | None = None) -> None:
+        super().__init__(eta)
+        self.eta, self.new_args, self.new_kwargs = eta, args, kwargs
+
+
+def interval(rate: Rate) -> float:
+    """Seconds between starts for a Celery rate ("10/s", "10/m", "10/h", or a number per
+    second); 0 for no limit (None, 0, "0")."""
+    if rate is None:
+        return 0.0
+    if isinstance(rate, str):
+        count, _, period = rate.strip().partition("/")
+        if period and period not in PERIODS:
+            raise ValueError(f"bad rate limit {rate!r}: write N/s, N/m or N/h")
+        try:
+            n = float(count)
+        except ValueError:
+            raise ValueError(f"bad rate limit {rate!r}: write N/s, N/m or N/h") from None
+        seconds = PERIODS[period or "s"]
+    else:
+        n, seconds = float(rate), 1.0
+    return seconds / n if n > 0 else 0.0

@@ -12,8 +12,8 @@ from collections import OrderedDict
 from typing import Callable
 
 from .. import protocol
-from ..errors import MessageTooLarge, NbqError, SerializationError
-from .context import TaskContext, running
+from ..errors import MessageTooLarge, SerializationError
+from .context import Reschedule, TaskContext, running
 
 FUNCTION_CACHE = 512
 NAME_MAX = 300  # bytes of a function's name kept for ``inspect active``
@@ -96,17 +96,6 @@ class _Unloadable:
 #: Largest result payload the broker takes (its max_message_size, less room for the header),
 #: once the transport knows it; a larger result fails with MessageTooLarge instead.
 max_result: int | None = None
-
-
-class Reschedule(NbqError):
-    """Raised by a call to run again in this process at ``eta`` (epoch seconds): a retry.
-
-    Its result is not reported until the last run, so the caller sees one outcome.
-    """
-
-    def __init__(self, eta: float, args: tuple | None = None, kwargs: dict | None = None) -> None:
-        super().__init__(eta)
-        self.eta, self.new_args, self.new_kwargs = eta, args, kwargs
 
 
 def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], None],

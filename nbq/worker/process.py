@@ -57,8 +57,9 @@ def _peak() -> int:
 def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
           failed: BaseException | None = None, max_tasks: int = 0, max_memory: int = 0) -> None:
     """Serve tasks until the process is retired (RETIRE, or a limit); re-runs mark their
-    items in marker.  Each call runs with its TaskContext current (context.py): this
-    process's marker, the worker's rate limits, ``flush``, and its output stream.
+    items in marker.  Each call runs with its TaskContext current (context.py): ``flush``,
+    its hard time limit (a deadline in marker), the worker's rate limits (rates), and its
+    output stream.
 
     ``failed``: the exception of this process's initializer, which every task then fails with.
     ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
@@ -87,6 +88,13 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
             conn.report(out, ready=False)
             out = []
             flushed = time.monotonic()
+
+    def limit_time(seconds: float) -> None:
+        if seconds:
+            marker.set_deadline(time.time() + seconds, seconds)
+            os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor's wait now ends by the deadline
+        else:
+            marker.set_deadline(0.0, 0.0)
 
     global _waiting, _retire
     signal.signal(RETIRE, _on_retire)
@@ -124,7 +132,7 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
                     marker.begin(item["id"], b"")
                 fn, name = functions.get(item["h"])
                 marker.begin(item["id"], name)
-                context = TaskContext(item, flush, marker, rates,
+                context = TaskContext(item, flush, limit_time, rates.acquire,
                                       lambda frames, item=item: conn.output(item, frames))
                 if item.get("st") or item.get("a"):
                     again = run(context, frames, fn,
