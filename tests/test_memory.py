@@ -268,3 +268,19 @@ def test_the_transport_imports_nothing_above_it():
                 parts = (node.module or "").split(".")
                 above = parts[0] if node.level == 3 else None  # from ...x: a sibling of transport
                 assert above not in ("client", "worker", "notebook", "tasks", "magics"), path
+
+
+def test_concurrent_calls_on_worker_threads_each_see_their_own_request():
+    pool = nbq.Client("memory://requests", workers=2)  # the app's client shares its threads
+    app = nbq.App("requests", broker="memory://requests")
+    try:
+        @app.task(bind=True)
+        def whoami(self):
+            time.sleep(0.2)  # the other thread's call starts meanwhile
+            return self.request.id
+
+        results = [whoami.delay() for _ in range(4)]
+        assert [r.get(timeout=10) for r in results] == [r.id for r in results]
+    finally:
+        app.close()
+        pool.shutdown()

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NoReturn
 
-from ..worker import ratelimit
+from ..worker.context import current, interval
 from .exceptions import MaxRetriesExceededError, Retry
 
 #: Options @app.task accepts (Celery's names), with their defaults.
@@ -49,7 +49,7 @@ class Task:
         self.options = dict(options)
         for opt, default in TASK_OPTIONS.items():
             setattr(self, opt, options.get(opt, default))
-        ratelimit.interval(self.rate_limit)  # a bad rate fails where the task is declared
+        interval(self.rate_limit)  # a bad rate fails where the task is declared
         functools.update_wrapper(self, fn)
 
     # -- calling here -------------------------------------------------------------
@@ -60,8 +60,13 @@ class Task:
 
     @property
     def request(self) -> Request:
-        """The call running now (``called_directly`` when none is)."""
-        return _requests[-1] if _requests else Request()
+        """The call running now (``called_directly`` when none is): the worker's current call's
+        (a memory:// worker runs several at once, in threads)."""
+        ctx = current()
+        for request in reversed(_requests):
+            if ctx is None or request.id == ctx.id:
+                return request
+        return Request()
 
     def retry(self, args: tuple | None = None, kwargs: dict | None = None,
               exc: BaseException | None = None, countdown: float | None = None,

@@ -50,21 +50,22 @@ class _ThreadRateLimits(ratelimit.RateLimits):
 
 
 _rates_lock = threading.Lock()
+_rates_table: _ThreadRateLimits | None = None
 
 
 def _rates() -> ratelimit.RateLimits:
-    """This process's rate-limit table, which memory:// workers share (made on first use)."""
+    """This process's rate-limit table, which its memory:// workers share (made on first use)."""
+    global _rates_table
     with _rates_lock:
-        if not isinstance(ratelimit.limits, _ThreadRateLimits):
-            ratelimit.limits = _ThreadRateLimits()
-        return ratelimit.limits
+        if _rates_table is None:
+            _rates_table = _ThreadRateLimits()
+        return _rates_table
 
 
 def run_inline(conn: MemoryWorker) -> None:
     """Run what conn hands out, in this thread, until nothing is left (a countdown is waited for)."""
-    _rates()
     try:
-        serve(conn, Marker(), retire_signal=False)
+        serve(conn, Marker(), _rates(), retire_signal=False)
     except Stopped:
         pass
     finally:
@@ -119,7 +120,7 @@ class ThreadPool:
         with self._lock:
             self.children[tid] = (conn.wid, marker)
         try:
-            serve(conn, marker, retire_signal=False)
+            serve(conn, marker, self.rates, retire_signal=False)
         except Stopped:
             pass
         except BaseException:
