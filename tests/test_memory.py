@@ -14,6 +14,7 @@ import pytest
 
 import nbq
 from nbq.errors import NbqError, SerializationError
+from nbq.worker import context
 from conftest import wait_until
 
 MEMORY_SOURCES = Path(nbq.__file__).parent / "transport" / "memory"
@@ -281,6 +282,7 @@ def test_concurrent_calls_on_worker_threads_each_see_their_own_request():
 
         results = [whoami.delay() for _ in range(4)]
         assert [r.get(timeout=10) for r in results] == [r.id for r in results]
+        assert context.current() is None  # no call is left current once they have all ended
     finally:
         app.close()
         pool.shutdown()

@@ -5,7 +5,7 @@ for the length of the call (``running``, used by execute.run only); code
 running inside the call (the tasks layer, a user's function) reads it with
 ``current()``.  It is the calling thread's own call where that thread runs one
 (a memory:// worker runs several calls at once, in threads of one process), else
-the process's last: threads a task starts see it too.  Outside a call, or outside
+the latest the process runs: threads a task starts see it too.  Outside a call, or outside
 a worker, ``current()`` is None.
 
 Besides: ``Reschedule``, which a call raises to run again later (a retry), and
@@ -68,27 +68,30 @@ class TaskContext:
         return self.item.get("x")
 
 
-_current: TaskContext | None = None  # the call this process started last
-_local = threading.local()           # .context: the call this thread runs
+_running: list[TaskContext] = []  # the calls this process runs now, latest last
+_local = threading.local()         # .context: the call this thread runs
 
 
 def current() -> TaskContext | None:
-    """The call this thread runs now, else the call this process runs (for a thread a task
-    started); None outside a call or outside a worker."""
+    """The call this thread runs now, else the latest call this process runs (for a thread a
+    task started); None outside a call or outside a worker."""
     context = getattr(_local, "context", None)
-    return context if context is not None else _current
+    if context is None and _running:
+        context = _running[-1]
+    return context
 
 
 @contextmanager
 def running(context: TaskContext) -> Iterator[None]:
     """Make context current for the length of the call (the worker's own execute loop)."""
-    global _current
-    previous, mine = _current, getattr(_local, "context", None)
-    _current = _local.context = context
+    mine = getattr(_local, "context", None)
+    _local.context = context
+    _running.append(context)
     try:
         yield
     finally:
-        _current, _local.context = previous, mine
+        _running.remove(context)  # (not pop: another thread's call may have started since)
+        _local.context = mine
 
 
 class Reschedule(NbqError):

@@ -162,6 +162,7 @@ class ThreadPool:
     def stop(self) -> None:
         """Stop every thread (each finishes its task), without waiting."""
         self._stopping.set()
+        self._conn.wake()
         with self._lock:
             workers = list(self._workers.values())
         for _, conn in workers:

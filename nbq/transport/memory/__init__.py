@@ -1,7 +1,8 @@
 """memory://: an in-process transport, for debugging, tests and Celery's task_always_eager.
 
-state.py is the broker (one per address per process), connections.py the client,
-pool and worker-thread connections over it, mailbox.py a client's incoming messages.
+state.py is the broker (one per address per process; records.py what it holds),
+connections.py the client, pool and worker-thread connections over it, mailbox.py a
+client's incoming messages.
 Tasks run in threads of the process (nbq/worker/threads.py, started by
 nbq/clusters/memory.py) or, inline, in the thread that submits them; the transport
 itself runs nothing.  Nothing outside the process can reach it.

@@ -125,6 +125,11 @@ class MemorySupervisor(SupervisorConnection):
     def answer(self, request: dict, name: str, reply) -> None:
         self.broker.answer(request, name, reply)
 
+    def wake(self) -> None:
+        """Make a pending poll() return now (the pool is stopping)."""
+        if self._inbox is not None:
+            self._inbox.wake()
+
     def close(self, goodbye: bool) -> None:
         self.broker.leave(self.sid)
 

@@ -24,44 +24,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
 from ... import policy
 from ...errors import NbqError
 from ...results import ResultStore
+from .. import MEMORY_SCHEME
 from .mailbox import Mailbox
-
-
-@dataclass(eq=False, slots=True)
-class Task:
-    """A task as the broker holds it: its header item and payload frames, never unpickled."""
-    item: dict
-    frames: list
-    where: str = "queued"  # "queued", "cancelled", "done", or the worker id running it
-    delivered: bytearray = field(default_factory=bytearray)
-    ndelivered: int = 0
-    retrying: bool = False  # held by its worker until a retry's eta (a RETRY notice)
-
-    @property
-    def id(self) -> str:
-        return self.item["id"]
-
-
-@dataclass(eq=False)
-class Supervisor:
-    """A pool of worker threads, as its heartbeat describes it."""
-    info: dict
-    inbox: Mailbox
-    procs: set = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class Proc:
-    """One worker thread (or an inline run): the queues it takes from and what it runs."""
-    wid: str
-    sid: str | None
-    queues: tuple
-    running: set = field(default_factory=set)
+from .records import Proc, Supervisor, Task
 
 
 class MemoryBroker:
@@ -105,6 +74,7 @@ class MemoryBroker:
     def bye(self, cid: str) -> None:
         with self._lock:
             self.clients.pop(cid, None)
+            self.queues.pop(INLINE_LANE + cid, None)
 
     def ship(self, h: str, frames: list) -> None:
         with self._lock:
@@ -408,8 +378,6 @@ class MemoryBroker:
             if kind != "watch" or key not in self.tasks:
                 tables[kind].pop(key, None)
 
-
-MEMORY_SCHEME = "memory://"
 
 #: Queue names of inline clients' tasks (one per client): taken by that client's runs only.
 INLINE_LANE = "\x00inline:"
