@@ -169,8 +169,7 @@ def test_forged_entry_is_never_unpickled(procs, tmp_path):
         tid = f"{client.id}-names-forged-fn"
         named = client._futures[tid] = nbq.Future(tid, client)
         args = protocol.dumps(((), {}))
-        client._conn.send({"k": "tasks", "t": [{"id": tid, "h": h, "q": "default", "f": 1,
-                                                "nf": len(args)}]}, args)
+        client._conn.submit([{"id": tid, "h": h, "q": "default", "f": 1, "nf": len(args)}], args)
         with pytest.raises(nbq.SignatureError, match="refused"):
             named.result(timeout=15)
         good = client.submit(abs, -1)
