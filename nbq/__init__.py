@@ -9,24 +9,26 @@ from .asyncresult import AsyncResult
 from .client import Client, ship_modules as ship
 from .clusters import Cluster, LaunchWarning, SSHCluster
 from .clusters.slurm import SlurmCluster
-from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, LaunchError, NbqError,
-                     RemoteError, SerializationError, SignatureError, VersionMismatch, WorkerLost)
-from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
+from .errors import (BrokerTimeout, BrokerUnavailable, InputError, InvalidKey, KeyMismatch,
+                     LaunchError, NbqError, RemoteError, SerializationError, SignatureError,
+                     VersionMismatch, WorkerLost)
+from .future import Future
 from .mapresult import MapResult
+from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
-from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
+from .progress import progress
+from .version import __version__
 from .waiting import as_completed, wait
 
 Celery = App  # so that `from celery import Celery` needs only `celery` replaced by `nbq`
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Client", "ship", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
-    "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
+    "BrokerUnavailable", "BrokerTimeout", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
     "Celery", "shared_task", "Cluster", "SSHCluster", "LaunchError", "LaunchWarning", "VersionMismatch",
     "SlurmCluster",
@@ -35,6 +37,6 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext nbq``: the %nbq and %%remote magics (IPython is imported only now)."""
-    from .magics import load_ipython_extension as load
+    from .notebook.magics import load_ipython_extension as load
     load(ipython)
 
