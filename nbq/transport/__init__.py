@@ -20,7 +20,8 @@ def unsplit(parts) -> str:
 
 
 def is_memory(address: "str | None") -> bool:
-    """Whether address names an in-process broker (memory.py): ``memory://`` or ``memory://name``."""
+    """Whether address names an in-process broker (transport/memory/): ``memory://`` or
+    ``memory://name``."""
     return isinstance(address, str) and address.startswith(MEMORY_SCHEME)
 
 
