@@ -62,8 +62,8 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
                       replay, size): status's "dropped", as the ZeroMQ broker's
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
-  nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
-                      epoch), claimed by compare-and-set so each tick is sent once (tasks/beat.py)
+  nbq:claim:{key}     claim-once (Client.claim): SET NX with the claim's ttl, the value the
+                      claiming client's id (beat ticks: beat:{entry}:{tick ms}, tasks/beat.py)
   nbq:keyfp           the fingerprint of the cluster's signing key (keys.py), SET NX by the
                       first client, supervisor or worker process to connect; each later one
                       compares its own and refuses to start when it differs (transport/base.py)
