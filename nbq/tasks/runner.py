@@ -116,8 +116,8 @@ class Runner:
         finally:
             _requests.remove(request)  # (not pop: another thread's call may have come since)
         _after_success(ctx, request, req, value)
-        rs = req.get("rs", "pickle")
-        return serializers.decode(rs, serializers.encode(rs, value, f"the result of {self.name}"))
+        ser = req.get("result_serializer", "pickle")
+        return serializers.decode(ser, serializers.encode(ser, value, f"the result of {self.name}"))
 
 
 def _invoke(ctx: TaskContext, task: Task, request: Request, req: dict, args, kwargs) -> Any:
