@@ -99,6 +99,7 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
             if _retire:
                 break
             batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
+            execute.max_result = conn.max_result  # results must fit in the broker's messages
             _waiting = False
             if max_tasks:
                 del batch[max_tasks - ran:]  # the rest go back to the queue when this one leaves
