@@ -29,8 +29,7 @@ class QueuedTask:
     item: dict
     frames: list
     original: list | None  # the message it came in, when it was alone: forwarded as is
-    where: str = "queued"  # "queued", "parked", "cancelled", "done", or the id of the
-    #                        worker process running it
+    where: str = "queued"  # or "parked", "cancelled", "done", or the id of its worker process
     delivered: bytearray | None = None  # per item: has a result reached its client
     ndelivered: int = 0
     retrying: bool = False  # held by its worker until a retry's eta (a RETRY notice)
