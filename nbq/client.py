@@ -830,7 +830,7 @@ class Client(concurrent.futures.Executor):
             for tid in header["ids"]:
                 fut = self._futures.get(tid)
                 if fut is not None:
-                    fut._notice(header["s"])
+                    fut._notice(header["state"])
         elif kind == "out":  # output a running task streams
             fut = self._futures.get(header["id"])
             if fut is not None:
@@ -838,7 +838,7 @@ class Client(concurrent.futures.Executor):
         elif kind == "ctlr":
             replies = self._controls.get(header.get("ci"))
             if replies is not None:
-                replies.add(header["n"], header.get("r"))
+                replies.add(header["name"], header.get("r"))
         elif kind in ("reply", "welcome"):
             if kind == "welcome":
                 self._on_welcome(header.get("b"))

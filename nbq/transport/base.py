@@ -131,7 +131,8 @@ class SupervisorConnection(ABC):
     @abstractmethod
     def heartbeat(self, info: dict) -> None:
         """Tell the broker this supervisor is alive; its answer (an ``hb`` from poll) carries
-        ``ql``, how many tasks wait in info's queues (up to info["as"]), when info has ``as``."""
+        ``queued``, how many tasks wait in info's queues (up to info["autoscale"]), when info has
+        ``autoscale``."""
 
     @abstractmethod
     def lost(self, wid: str, how: str, at: list | None, end: dict | None = None,

@@ -117,7 +117,7 @@ class ZmqClient(ClientConnection):
 
     def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
                 ci: str) -> None:
-        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
+        self._send({"k": "ctl", "rq": rq, "cmd": command, "args": arguments, "dest": destination,
                     "ci": ci})
 
     def _send(self, header: dict, frames: list = ()) -> None:
@@ -190,7 +190,7 @@ class ZmqSupervisor(SupervisorConnection):
         self._poller.register(self.sock, zmq.POLLIN)
 
     def _send(self, header: dict) -> None:
-        header["s"] = self.sid
+        header["sup"] = self.sid
         self.sock.send_multipart(self.signer.encode(header))
 
     def heartbeat(self, info: dict) -> None:
@@ -203,7 +203,7 @@ class ZmqSupervisor(SupervisorConnection):
                     "at": at if at and at[1] is not None else None, "run": at and at[0]})
 
     def answer(self, request: dict, name: str, reply) -> None:
-        self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "n": name, "r": reply})
+        self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "name": name, "r": reply})
 
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         for fd in fds:
@@ -310,7 +310,7 @@ class ZmqWorker(WorkerConnection):
 
     def notice(self, ids: list[str], state: str) -> None:
         self.sock.send_multipart(self.signer.encode({"k": "ntc", "w": self.wid, "ids": ids,
-                                                     "s": state}))
+                                                     "state": state}))
 
     def output(self, task: dict, frames: list) -> None:
         msg = self.signer.encode({"k": "out", "w": self.wid, "id": task["id"]}, frames)

@@ -98,7 +98,7 @@ class RedisClient(ClientConnection):
 
     def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
                 ci: str) -> None:
-        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
+        self._send({"k": "ctl", "rq": rq, "cmd": command, "args": arguments, "dest": destination,
                     "ci": ci})
 
     def _send(self, header: dict, frames: list = ()) -> None:
