@@ -105,8 +105,9 @@ def test_nbq_progress_outside_a_kernel_draws_a_text_bar(shared_client, capsys):
     futs = [shared_client.submit(square, i) for i in range(5)]
     bar = nbq.progress(futs)
     assert isinstance(bar, nbq.progress.TextBar)
-    wait_until(lambda: bar._ended, timeout=30, what="the end of the text bar")
-    assert "5/5 done" in capsys.readouterr().err
+    err: list[str] = []
+    wait_until(lambda: err.append(capsys.readouterr().err) or "5/5 done" in "".join(err),
+               timeout=30, what="the text bar's last line")
 
 
 def test_mapresult_text_fallback(shared_client):
