@@ -14,12 +14,12 @@ from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, Lau
 from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
 from .mapresult import MapResult
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
-from . import progress  # a module that is also callable: nbq.progress(futures_or_mapresult)
+from .progress import progress
+from .version import __version__
 from .waiting import as_completed, wait
 
 Celery = App  # so that `from celery import Celery` needs only `celery` replaced by `nbq`
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Client", "ship", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
@@ -35,6 +35,6 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext nbq``: the %nbq and %%remote magics (IPython is imported only now)."""
-    from .magics import load_ipython_extension as load
+    from .notebook.magics import load_ipython_extension as load
     load(ipython)
 

@@ -223,6 +223,7 @@ class Broker:
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
         self.maps: dict[str, dict] = {}              # map id -> {"total": n, "chunks": [ids]}
         self.joins: dict[str, dict] = {}             # join key -> {"m": member set, "fired": bool}
+        self.claims: dict[str, float] = {}           # claim key -> when it may be claimed again
         self.expiry: deque = deque()                 # (time, kind, id) in time order
         self.cost: dict[str, float] = {}             # function hash -> seconds per task (EMA)
         self._names: dict[str, str] = {}             # one copy of each function hash and queue name
@@ -237,6 +238,7 @@ class Broker:
             "info": self._on_info, "join": self._on_join, "bye": self._on_bye, "hb": self._on_hb,
             "lost": self._on_lost, "res": self._on_res, "rej": self._on_rej,
             "ctl": self._on_ctl, "ctlr": self._on_ctlr, "ntc": self._on_ntc,
+            "claim": self._on_claim, "out": self._on_out,
         }
 
     # -- loop -----------------------------------------------------------------
@@ -520,6 +522,22 @@ class Broker:
         fire = not join["fired"] and len(join["m"]) >= header["total"]
         join["fired"] |= fire
         self._reply(header, {"fire": fire})
+
+    def _on_claim(self, peer, header, frames, body):
+        """Claim-once (beat ticks): won by the first claim of a key until its ttl passes."""
+        now = time.time()
+        if len(self.claims) > 1000:
+            self.claims = {k: t for k, t in self.claims.items() if t > now}
+        won = self.claims.get(header["key"], 0.0) <= now
+        if won:
+            self.claims[header["key"]] = now + header["ttl"]
+        self._reply(header, {"won": won})
+
+    def _on_out(self, peer, header, frames, body):
+        """A running task's output: to its client, as it came, if that worker process runs it."""
+        task = self.tasks.get(header["id"])
+        if task is not None and task.where == header["w"] and peer[1:] == header["w"].encode():
+            self._to_client(task.item["c"], body)
 
     def _chunk_range(self, tid: str) -> tuple:
         task = self.tasks.get(tid)

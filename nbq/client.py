@@ -166,7 +166,7 @@ class Client(concurrent.futures.Executor):
         self._fn_kept: OrderedDict = OrderedDict()  # hash -> pickle, oldest first (FUNCTION_KEEP)
         self._fn_kept_bytes = 0
         self._sent: dict[str, tuple[dict, list]] = {}  # tasks sent, not seen finish: re-sent
-        self._asked: dict[int, dict] = {}  # open requests, re-sent
+        self._asked: dict[int, Callable[[int], None]] = {}  # open requests' senders: re-sent
         self._boot: str | None = None  # the broker's boot id (ZeroMQ): a new one means a restart
         self._heard = time.monotonic()  # when the broker last said anything
         self._next_beat = 0.0
@@ -243,7 +243,7 @@ class Client(concurrent.futures.Executor):
             burst = now - self._last_send < BURST
             self._last_send = now
             if not self._outbox and (not burst or protocol.frame_size(payload) >= DIRECT_SEND):
-                self._conn.send({"k": "tasks", "t": [item]}, payload)
+                self._conn.submit([item], payload)
                 return
             first = not self._outbox
             self._outbox.append((item, payload))
@@ -260,7 +260,7 @@ class Client(concurrent.futures.Executor):
                 items.append(item)
                 frames.extend(payload)
             # sent under the lock, so batches leave in the order they were queued
-            self._conn.send({"k": "tasks", "t": items}, frames)
+            self._conn.submit(items, frames)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int | None = None, queue: str = "default") -> MapResult:
@@ -348,7 +348,7 @@ class Client(concurrent.futures.Executor):
             del self._feeders[map_id]
             if res._total is None:
                 res._set_total(chunker.position)
-            self._conn.send({"k": "mapend", "mp": map_id, "total": chunker.position})
+            self._conn.end_map(map_id, chunker.position)
 
     def _abandon_map(self, res: MapResult) -> None:
         self._feeders.pop(res.id, None)
@@ -405,7 +405,7 @@ class Client(concurrent.futures.Executor):
         if h not in self._fn_sent:
             with self._lock:
                 if h not in self._fn_sent and h in self._fn_kept:
-                    self._conn.send({"k": "fn", "h": h}, self._fn_kept[h])
+                    self._conn.ship(h, self._fn_kept[h])
                     self._fn_sent.add(h)
         return h
 
@@ -435,11 +435,11 @@ class Client(concurrent.futures.Executor):
     def workers(self) -> list[dict]:
         """Connected workers: id, host, pid, concurrency, active, queues, processes, memory
         (resident bytes of the worker and its processes, where known)."""
-        return self._request("info")["workers"]
+        return self._request("info", self._conn.info)["workers"]
 
     def status(self) -> dict:
         """Workers, queue lengths and counts of tasks and stored results at the broker."""
-        return self._request("info")
+        return self._request("info", self._conn.info)
 
     def wait_for_workers(self, n: int = 1, timeout: float = 30.0) -> None:
         """Block until worker processes with at least n slots in all are connected."""
@@ -460,8 +460,10 @@ class Client(concurrent.futures.Executor):
         ci = uuid.uuid4().hex
         replies = self._controls[ci] = _Replies()
         try:
-            n = self._request("ctl", cmd=command, a=arguments or {},
-                              d=None if destination is None else list(destination), ci=ci)["n"]
+            dest = None if destination is None else list(destination)
+            n = self._request(  # a command is never sent twice
+                "control", lambda rq: self._conn.control(rq, command, arguments or {}, dest, ci),
+                again=False)["n"]
             return replies.wait(n, timeout)
         finally:
             self._controls.pop(ci, None)
@@ -490,7 +492,7 @@ class Client(concurrent.futures.Executor):
     def _cancel_tasks(self, ids: list[str]) -> dict[str, bool]:
         if threading.current_thread() is self._receiver:
             return {}
-        return self._request("cancel", ids=ids)
+        return self._request("cancel", lambda rq: self._conn.cancel(rq, ids))
 
     def _cancel_map(self, res: MapResult) -> int:
         """Cancel the items of a map no worker has started; returns how many.
@@ -509,7 +511,7 @@ class Client(concurrent.futures.Executor):
             if feeder is None:
                 return 0
             sent = feeder[1].position
-            self._conn.send({"k": "mapend", "mp": res.id, "total": sent})
+            self._conn.end_map(res.id, sent)
             if res._total is None:
                 res._set_total(sent)
                 return 0
@@ -562,7 +564,8 @@ class Client(concurrent.futures.Executor):
                     fut._notice(state)
 
         if new:
-            self._request("watch", ids=[fut.id for fut in new], on_reply=known)
+            ids = [fut.id for fut in new]
+            self._request("watch", lambda rq: self._conn.watch(rq, ids=ids), on_reply=known)
             # a stored result travels just behind the reply: wait for it, so that a task the
             # broker holds as done never reads PENDING here
             concurrent.futures.wait(finished, CONNECT_TIMEOUT)
@@ -573,13 +576,16 @@ class Client(concurrent.futures.Executor):
 
         Members are a set, so a task that ran twice counts once (a chord's header).
         """
-        now = getattr(self._conn, "answer_now", None)  # Redis: one call, from this thread
-        answer = (now({"k": "join", "key": key, "member": member, "total": total}) if now
-                  else self._request("join", key=key, member=member, total=total))
+        answer = self._request("join", lambda rq: self._conn.join(rq, key, member, total))
         if "fire" not in answer:
             raise NbqError(f"the broker at {self.address} failed to record join {key!r}: "
                            f"{answer.get('error')}")
         return answer["fire"]
+
+    def claim(self, key: str, ttl: float) -> bool:
+        """Claim-once on the broker: True for the first claim of key by any of its clients
+        within ttl seconds, False for the others (one of several beats sends a tick)."""
+        return self._request("claim", lambda rq: self._conn.claim(rq, key, ttl))["won"]
 
     def _find_map(self, map_id: str) -> MapResult:
         holder: dict = {}
@@ -598,7 +604,7 @@ class Client(concurrent.futures.Executor):
                 self._chunks[tid] = (res, start, n)
             holder["res"] = res
 
-        self._request("watch", maps=[map_id], on_reply=register)
+        self._request("watch", lambda rq: self._conn.watch(rq, maps=[map_id]), on_reply=register)
         if "res" not in holder:
             raise NbqError(f"no map with id {map_id!r} is known to the broker at {self.address} "
                            "(its results may have expired)")
@@ -612,15 +618,18 @@ class Client(concurrent.futures.Executor):
         self._requests[rq] = (fut, on_reply)
         return rq, fut
 
-    def _request(self, kind: str, timeout: float = CONNECT_TIMEOUT, on_reply: Callable | None = None,
-                 **fields) -> Any:
+    def _request(self, kind: str, send: Callable[[int], None], timeout: float = CONNECT_TIMEOUT,
+                 on_reply: Callable | None = None, again: bool = True) -> Any:
+        """send(rq) a request to the broker and wait for its reply; with again, it is sent
+        again after the broker restarts or comes back."""
         if self._closed:
             raise RuntimeError("this nbq client has been shut down")
         self._check_broker()
         rq, fut = self._new_request(on_reply)
         self._flush_outbox()  # a request (a cancel, say) must follow the tasks it names
-        header = self._asked[rq] = dict(fields, k=kind, rq=rq)
-        self._conn.send(header)
+        if again:
+            self._asked[rq] = send
+        send(rq)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -723,7 +732,7 @@ class Client(concurrent.futures.Executor):
                     if h not in self._fn_kept:
                         lost.append(item["id"])
                         continue
-                    self._conn.send({"k": "fn", "h": h}, self._fn_kept[h])
+                    self._conn.ship(h, self._fn_kept[h])
                     self._fn_sent.add(h)
                 tasks.append((item, payload))
             batch, frames, size = [], [], 0
@@ -732,22 +741,22 @@ class Client(concurrent.futures.Executor):
                 frames.extend(payload)
                 size += protocol.frame_size(payload)
                 if size >= RESEND_BATCH:
-                    self._conn.send({"k": "tasks", "t": batch}, frames)
+                    self._conn.submit(batch, frames)
                     batch, frames, size = [], [], 0
             if batch:
-                self._conn.send({"k": "tasks", "t": batch}, frames)
+                self._conn.submit(batch, frames)
             maps = {self._chunks[item["id"]][0] for item, _ in tasks if item["id"] in self._chunks}
         for res in maps:
             if res.id not in self._feeders and res._total is not None:
-                self._conn.send({"k": "mapend", "mp": res.id, "total": res._total})
+                self._conn.end_map(res.id, res._total)
         watched = [tid for tid, f in list(self._futures.items())
                    if getattr(f, "_foreign", False) and not f.done()]
         watched += [tid for tid in list(self._chunks) if tid not in self._sent]
         if watched:
-            self._conn.send({"k": "watch", "ids": watched, "rq": None})
-        for rq, header in list(self._asked.items()):
-            if header["k"] != "ctl" and rq in self._requests:  # a command is never sent twice
-                self._conn.send(dict(header))
+            self._conn.watch(None, ids=watched)
+        for rq, send in list(self._asked.items()):
+            if rq in self._requests:
+                send(rq)
         for tid in lost:
             self._fail_task(tid, BrokerUnavailable(
                 f"the broker at {self.address} restarted and this client no longer keeps the "
@@ -787,6 +796,10 @@ class Client(concurrent.futures.Executor):
                 fut = self._futures.get(tid)
                 if fut is not None:
                     fut._notice(header["s"])
+        elif kind == "out":  # output a running task streams
+            fut = self._futures.get(header["id"])
+            if fut is not None:
+                fut._output(frames)
         elif kind == "ctlr":
             replies = self._controls.get(header.get("ci"))
             if replies is not None:
@@ -886,7 +899,8 @@ class Client(concurrent.futures.Executor):
                 pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
                 pending += list(self._chunks)
                 if pending:
-                    answer = self._request_unchecked("cancel", ids=pending)
+                    answer = self._request_unchecked(
+                        "cancel", lambda rq: self._conn.cancel(rq, pending))
                     for tid, ok in answer.items():
                         if ok:
                             self._revoke(tid)
@@ -907,10 +921,10 @@ class Client(concurrent.futures.Executor):
                     self._check_broker()  # woken when the client gives up on its broker
                     res._cond.wait()
 
-    def _request_unchecked(self, kind: str, **fields):
+    def _request_unchecked(self, kind: str, send: Callable[[int], None]):
         closed, self._closed = self._closed, False
         try:
-            return self._request(kind, **fields)
+            return self._request(kind, send)
         finally:
             self._closed = closed
 
@@ -976,7 +990,7 @@ class Client(concurrent.futures.Executor):
             return {"text/plain": repr(self)}
         from .status import status_bundle
         try:
-            return status_bundle(self.address, self._request("info", timeout=2.0))
+            return status_bundle(self.address, self._request("info", self._conn.info, timeout=2.0))
         except (TimeoutError, BrokerUnavailable):
             return {"text/plain": f"{self!r} (the broker did not answer)"}
 

@@ -38,7 +38,14 @@ from __future__ import annotations
 
 from . import protocol
 from .errors import TimeLimitExceeded, WorkerLost
-from .worker.marker import clip_id
+
+ID_MAX = 200  # bytes of a task id a process's marker keeps (worker/marker.py)
+
+
+def clip_id(task_id: str) -> str:
+    """A task id as a process's marker gives it back: its first ID_MAX bytes."""
+    return task_id.encode()[:ID_MAX].decode(errors="replace")
+
 
 MAX_DEATHS = 3  # deaths of a task's own process before it fails with WorkerLost (default)
 

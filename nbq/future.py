@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
+from typing import Callable
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
 PENDING = "PENDING"
@@ -17,6 +19,7 @@ class Future(concurrent.futures.Future):
     """The eventual result of one task; works with concurrent.futures.wait and as_completed."""
 
     _retrying = False  # a started task waiting to run again after a retry (a state notice)
+    _on_output: "Callable[[list[bytes]], None] | None" = None
 
     def __init__(self, task_id: str, client=None) -> None:
         super().__init__()
@@ -73,6 +76,19 @@ class Future(concurrent.futures.Future):
             return False
         self._client._revoke(self.id)
         return self.cancelled()
+
+    def stream_output(self, fn: "Callable[[list[bytes]], None] | None") -> None:
+        """Call fn(frames) on the client's receiver thread with each piece of output the
+        running task streams (WorkerConnection.output: a remote cell's prints); None stops."""
+        self._on_output = fn
+
+    def _output(self, frames: list) -> None:
+        fn = self._on_output
+        if fn is not None:
+            try:
+                fn([bytes(f) for f in frames])
+            except Exception:
+                logging.getLogger("nbq.client").exception("error handling task %s's output", self.id)
 
     def _notice(self, state: str) -> None:
         """A worker's state notice (receiver thread): RETRY while the task waits for its

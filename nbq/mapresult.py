@@ -300,11 +300,11 @@ class MapResult:
         return {"text/plain": f"{self!r}\n{format_counts(self.counts())}"}
 
     def _ipython_display_(self) -> None:
-        """In a Jupyter kernel, displaying a MapResult shows its live progress widget."""
-        from .progress import in_kernel
-        if in_kernel():
-            from .widgets import widget_progress
-            widget_progress(self)
+        """In a Jupyter kernel, displaying a MapResult shows its live progress (a widget)."""
+        from .progress import kernel_display
+        shown = kernel_display()
+        if shown is not None:
+            shown(self)
         else:
             from IPython.display import display
             display(self._repr_mimebundle_(), raw=True)

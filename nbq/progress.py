@@ -1,11 +1,20 @@
-"""Progress displays for a MapResult: a text bar here; the display is pluggable.
+"""Progress displays for a MapResult or a list of futures: ``nbq.progress(obj)``.
 
 A display is any callable taking the MapResult; it is registered as a listener
 and called from the client's receiver thread as items complete.  Displays
 throttle themselves (at most ~10 redraws a second) and always draw the end.
+
+The display seam: this module draws a text bar and knows nothing of widgets.
+In a Jupyter kernel, when no display is given, it looks up the entry point
+named ``jupyter`` in the group ``nbq.display`` (nbq declares
+``nbq.notebook.widgets:widget_progress`` there, in pyproject.toml): a callable
+taking the MapResult that attaches and shows its display and returns it.  The
+lookup happens once, at the first progress shown in a kernel; without such an
+entry point, a kernel gets the text bar (and a displayed MapResult its text).
 """
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -66,15 +75,30 @@ def in_kernel() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
+def kernel_display() -> Callable | None:
+    """The display of the ``nbq.display`` entry point ``jupyter`` when in a Jupyter kernel
+    (see the module docstring), else None."""
+    return _display_entry_point() if in_kernel() else None
+
+
+@functools.cache
+def _display_entry_point() -> Callable | None:
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="nbq.display", name="jupyter"):
+        return ep.load()
+    return None
+
+
 def show(res, display: Callable | None = None):
     """Attach display to res and draw it once now.
 
-    The default display is an ipywidgets bar in a Jupyter kernel (see
-    widgets.py) and a text bar on stderr elsewhere.
+    The default display is the kernel's (a widget: see the module docstring) in
+    a Jupyter kernel and a text bar on stderr elsewhere.
     """
-    if display is None and in_kernel():
-        from .widgets import widget_progress
-        return widget_progress(res)
+    if display is None:
+        shown = kernel_display()
+        if shown is not None:
+            return shown(res)
     display = display or TextBar()
     res.add_listener(display)
     display(res)
@@ -133,13 +157,3 @@ def progress(obj, display: Callable | None = None):
     if not (hasattr(obj, "counts") and hasattr(obj, "add_listener")):
         obj = FuturesProgress(obj)
     return show(obj, display)
-
-
-class _CallableModule(type(sys)):
-    """Lets ``nbq.progress(...)`` be called while ``nbq.progress`` stays this module."""
-
-    def __call__(self, obj, display: Callable | None = None):
-        return progress(obj, display)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -105,7 +105,7 @@ _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _co
 _SUPERVISOR = {"s": _str, "n": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
                "q": _queues}
 
-CLIENT, SENDER, SUPERVISOR, WORKER = b"c", b"t", b"s", b"w"
+CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
 
 #: kind -> (peers that may send it, field checks, required fields: a tuple, or a dict by peer)
 KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
@@ -120,6 +120,8 @@ KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
     "info": (SENDER, {"c": _str, "rq": _count}, ("c", "rq")),
     "join": (SENDER, {"c": _str, "rq": _count, "key": _str, "member": _str, "total": _count},
              ("c", "key", "member", "total", "rq")),
+    "claim": (SENDER, {"c": _str, "rq": _count, "key": _str, "ttl": _seconds},
+              ("c", "key", "ttl", "rq")),
     "ctl": (SENDER, {"c": _str, "rq": _count, "cmd": _str, "d": _optional(_queues), "ci": _str,
                      "a": _any}, ("c", "cmd", "ci", "rq")),
     "bye": (SENDER + SUPERVISOR, {"c": _str, "s": _str}, {SENDER: ("c",), SUPERVISOR: ("s",)}),
@@ -130,6 +132,7 @@ KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
              ("s", "c", "ci", "n")),
     "res": (WORKER, {"w": _str, "t": _list(_result), "rdy": _flag}, ("w", "t")),
     "rej": (WORKER, {"w": _str, "ids": _list(_str)}, ("w", "ids")),
+    "out": (OUTPUT, {"w": _str, "id": _str}, ("w", "id")),
     "ntc": (WORKER, {"w": _str, "ids": _list(_str), "s": _one_of("RETRY", "STARTED")},
             ("w", "ids", "s")),
 }
@@ -152,9 +155,9 @@ def refuse(peer: bytes, header: dict, frames: list) -> str | None:
         return f"a {kind!r} message: {fault}"
     if kind == "tasks" or kind == "res":
         return _frames_fault(kind, header["t"], frames)
-    if kind == "fn" and not frames:
-        return "a 'fn' message has no payload"
-    if frames and kind != "fn":
+    if kind in ("fn", "out") and not frames:
+        return f"a {kind!r} message has no payload"
+    if frames and kind not in ("fn", "out"):
         return f"a {kind!r} message has payload frames"
     return None
 

@@ -12,7 +12,8 @@ from conftest import NOTEBOOKS, execute_notebook, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from nbq.magics import RemoteCellError, analyze
+from nbq.notebook.cellnames import analyze
+from nbq.notebook.magics import RemoteCellError
 
 
 @pytest.fixture

@@ -1,17 +1,14 @@
 """The ipywidgets progress display on real maps, and the text fallbacks."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 import nbq
 from conftest import NOTEBOOKS, execute_notebook, wait_until, widget_states
-
-
-from nbq.widgets import ProgressWidget, widget_progress
+from nbq.notebook.widgets import ProgressWidget, widget_progress
+from nbq.progress import FuturesProgress, TextBar
 
 
 def square(x):
@@ -95,7 +92,7 @@ def test_a_pause_is_drawn_by_the_timer():
 
 def test_progress_of_a_list_of_futures(shared_client):
     futs = [shared_client.submit(fail_on_3, i) for i in range(12)]
-    w = widget_progress(nbq.progress.FuturesProgress(futs), display=False)
+    w = widget_progress(FuturesProgress(futs), display=False)
     wait_until(lambda: w.bar.value == 12, timeout=30, what="all futures")
     assert w.bar.bar_style == "danger" and "1 failed" in w.text.value
     w.close()
@@ -104,7 +101,7 @@ def test_progress_of_a_list_of_futures(shared_client):
 def test_nbq_progress_outside_a_kernel_draws_a_text_bar(shared_client, capsys):
     futs = [shared_client.submit(square, i) for i in range(5)]
     bar = nbq.progress(futs)
-    assert isinstance(bar, nbq.progress.TextBar)
+    assert isinstance(bar, TextBar)
     err: list[str] = []
     wait_until(lambda: err.append(capsys.readouterr().err) or "5/5 done" in "".join(err),
                timeout=30, what="the text bar's last line")
@@ -128,13 +125,6 @@ def test_displaying_a_mapresult_in_a_terminal_shell_shows_the_counts(shared_clie
         r = shell.run_cell("res")
     assert r.success
     assert any("10/10 done" in o.data.get("text/plain", "") for o in cap.outputs), cap.outputs
-
-
-def test_importing_nbq_imports_neither_ipywidgets_nor_pandas():
-    code = ("import sys, nbq; bad = [m for m in ('ipywidgets', 'pandas', 'IPython') "
-            "if m in sys.modules]; print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
 
 
 # -- the example notebook on a real kernel ---------------------------------------------

@@ -41,6 +41,7 @@ import zmq
 from .. import keys
 from ..broker import DEFAULT_RESULT_EXPIRES, Broker
 from ..errors import LaunchError, NbqError
+from ..version import __version__
 from ..transport import with_result_expires
 
 log = logging.getLogger("nbq.cluster")
@@ -57,7 +58,6 @@ class LaunchWarning(UserWarning):
 
 def versions() -> str:
     """This side's nbq and Python versions, as a worker compares them (``--versions``)."""
-    from .. import __version__
     return f"{__version__}/{platform.python_version()}"
 
 
@@ -116,6 +116,8 @@ class Cluster:
         self._clients: "weakref.WeakSet" = weakref.WeakSet()
         self._adapter: _Adapter | None = None
         self._closed = False
+        atexit.unregister(_close_all)  # registered once, when a cluster first opens
+        atexit.register(_close_all)
         _open.add(self)
 
     # -- hooks a launcher implements ------------------------------------------
@@ -452,7 +454,6 @@ def _size(n: int | None) -> str:
     return f"{n:.1f} TiB"
 
 
-@atexit.register
 def _close_all() -> None:
     """Clusters still open when the interpreter exits stop their workers."""
     for cluster in list(_open):

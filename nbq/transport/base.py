@@ -30,12 +30,23 @@ def check_key(key: bytes, cluster: str | None, where: str, hint: str = "") -> No
 
 
 class ClientConnection(ABC):
-    """A client's link: send from any thread, receive on the client's receiver thread.
+    """A client's link to its broker: every operation the layers above use.
 
-    Client → broker kinds: fn, tasks, cancel, watch, mapend, info, join, ctl, bye
-    (see broker.py for their fields); broker → client: welcome, res, started, state
-    (ids, s: RETRY or STARTED, from a worker's notice), reply, ctlr (one worker's answer
-    to a ctl).
+    Operations are sent from any thread and never wait for the broker; what the
+    broker says comes back through receive(), on the client's receiver thread, as
+    (header, frames) messages of these kinds:
+
+      welcome  the answer to hello: rq, b (the broker's boot id), or refused (a message)
+      reply    the answer to a request: rq, r (the answer, as each operation says)
+      res      results: t (one item per task or map chunk: id, ok, s start, n, nf frames)
+      started  ids: tasks a worker started
+      state    ids, s: a worker's notice (RETRY: held for a retry; STARTED: running again)
+      ctlr     ci, n (a worker's name), r (its reply): one worker's answer to control()
+      out      id, frames: output events of a running task (output streaming)
+
+    A request's rq is the client's number for it; an operation given rq None wants no reply.
+    Driver errors never escape: an unreachable broker is silence (the client notices it,
+    and raises BrokerUnavailable after its grace period).
     """
 
     #: Whether the broker keeps queued work through an outage (Redis): then a client
@@ -50,8 +61,51 @@ class ClientConnection(ABC):
         client's heartbeat, with rq None: what the broker says proves it alive."""
 
     @abstractmethod
-    def send(self, header: dict, frames: list = ()) -> None:
-        """Send one message to the broker; thread-safe."""
+    def ship(self, h: str, frames: list) -> None:
+        """Store the pickled function whose content hash is h, for the tasks that name it."""
+
+    @abstractmethod
+    def submit(self, tasks: list[dict], frames: list) -> None:
+        """Queue tasks (headers as protocol.py describes, each naming its nf payload frames,
+        in order in frames).  Their results come as ``res`` messages; a task id the broker
+        already holds is not queued twice.  Raises MessageTooLarge, before sending anything,
+        for a task larger than the broker accepts."""
+
+    @abstractmethod
+    def end_map(self, map_id: str, total: int) -> None:
+        """Map map_id has total items in all: no more chunks follow (MapResult.from_id)."""
+
+    @abstractmethod
+    def cancel(self, rq: int, ids: list[str]) -> None:
+        """Revoke these tasks if no worker has started them.  Reply: {task id: revoked?};
+        each revoked task's result comes as a ``res`` item with rv set."""
+
+    @abstractmethod
+    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
+        """Send this client the results of these tasks and of these maps' chunks, stored and
+        to come.  Reply: {"known": {task id: PENDING, STARTED, RETRY or DONE}, "maps": {map id:
+        {"total", "star", "chunks": [(task id, (start, n))]}}}, before any stored result."""
+
+    @abstractmethod
+    def info(self, rq: int) -> None:
+        """Reply: the broker's state (status.py's form): workers, queues, counts."""
+
+    @abstractmethod
+    def join(self, rq: int, key: str, member: str, total: int) -> None:
+        """Add member to the set named key (a chord's header); reply {"fire": True} to the one
+        call that completes it (total members), {"fire": False} to the others."""
+
+    @abstractmethod
+    def claim(self, rq: int, key: str, ttl: float) -> None:
+        """Claim-once: reply {"won": True} to the first claim of key among every client of
+        this broker for ttl seconds, {"won": False} to the rest (beat ticks: one beat sends
+        a due entry, however many run)."""
+
+    @abstractmethod
+    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
+                ci: str) -> None:
+        """Broadcast a control command to every worker (those named in destination).  Reply:
+        {"n": how many it reached}; each one's answer comes as a ``ctlr`` message with ci."""
 
     def lost(self, ids: list[str]) -> list[str]:
         """Of these unfinished task ids, those a restarted broker no longer holds, to be
@@ -68,7 +122,7 @@ class ClientConnection(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Release sockets; the broker keeps this client's results for result_expires."""
+        """Leave (telling the broker); it keeps this client's results for result_expires."""
 
 
 class SupervisorConnection(ABC):
@@ -116,10 +170,17 @@ class WorkerConnection(ABC):
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
         """Send result parts; ready means this process has finished its batch."""
 
+    @abstractmethod
     def notice(self, ids: list[str], state: str) -> None:
         """Tell the clients of these tasks (submitter and watchers) their state, RETRY (waiting
         for a retry, held here) or STARTED (running again), as a ``state`` message; later
         watchers see RETRY too.  Only retries send these: no cost for other tasks."""
+
+    @abstractmethod
+    def output(self, task: dict, frames: list) -> None:
+        """Stream output of the running task (its header as fetched) to the client that
+        submitted it, as an ``out`` message; thread-safe (a task's threads print too).  Best
+        effort: output that cannot go now is dropped here (it also travels with the result)."""
 
     @abstractmethod
     def close(self) -> None:

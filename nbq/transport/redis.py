@@ -725,7 +725,7 @@ for _, k in ipairs({kept, sizes, total}) do redis.call('EXPIRE', k, math.ceil(tt
 #: Requests answered from Redis state, with the answer given when Redis fails them.
 FALLBACK = {"cancel": {}, "watch": {"maps": {}, "known": {}},
             "info": {"workers": [], "queues": {}, "tasks": 0, "results": 0},
-            "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}}
+            "join": {"error": "Redis failed the join"}, "ctl": {"n": 0}, "claim": {"won": False}}
 
 
 class BadMessage(Exception):
@@ -1060,13 +1060,42 @@ class RedisClient(ClientConnection):
             return  # no answer: the client notices the silence
         self._reply_local({"k": "welcome", "rq": rq, "b": boot})
 
-    def send(self, header: dict, frames: list = ()) -> None:
+    def ship(self, h: str, frames: list) -> None:
+        self._send({"k": "fn", "h": h}, frames)
+
+    def submit(self, tasks: list[dict], frames: list) -> None:
+        self._send({"k": "tasks", "t": tasks}, frames)
+
+    def end_map(self, map_id: str, total: int) -> None:
+        self._send({"k": "mapend", "mp": map_id, "total": total})
+
+    def cancel(self, rq: int, ids: list[str]) -> None:
+        self._send({"k": "cancel", "rq": rq, "ids": ids})
+
+    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
+        self._send({"k": "watch", "rq": rq, "ids": list(ids), "maps": list(maps)})
+
+    def info(self, rq: int) -> None:
+        self._send({"k": "info", "rq": rq})
+
+    def join(self, rq: int, key: str, member: str, total: int) -> None:
+        self._send({"k": "join", "rq": rq, "key": key, "member": member, "total": total})
+
+    def claim(self, rq: int, key: str, ttl: float) -> None:
+        self._send({"k": "claim", "rq": rq, "key": key, "ttl": ttl})
+
+    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
+                ci: str) -> None:
+        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
+                    "ci": ci})
+
+    def _send(self, header: dict, frames: list = ()) -> None:
         limit = self.store.settings.max_message_size
         if frames and protocol.frame_size(frames) > limit:
             items = header.get("t")
             if header.get("k") == "tasks" and len(items) > 1:  # a batch: each task is one entry
                 for item, payload in protocol.split(items, frames):
-                    self.send({"k": "tasks", "t": [item]}, payload)
+                    self._send({"k": "tasks", "t": [item]}, payload)
                 return
             raise MessageTooLarge(
                 f"this {header.get('k')!r} message is {protocol.frame_size(frames):,} bytes, more "
@@ -1218,11 +1247,6 @@ class RedisClient(ClientConnection):
             log.exception("error answering %r from Redis state", header["k"])
             return FALLBACK[header["k"]], []
 
-    def answer_now(self, header: dict) -> dict:
-        """A request that need not follow this client's sends (a join), answered in the
-        caller's thread: one Redis call, not a trip through the sender and receiver threads."""
-        return self._answer(header)[0]
-
     def _flush(self, messages: list) -> None:
         if not messages:
             return
@@ -1370,6 +1394,11 @@ class RedisClient(ClientConnection):
         self.store.r.xadd(CTL, {"m": pack(self.signer.encode(header))},
                           maxlen=CONTROL_KEEP, approximate=True)
         return {"n": n}, []
+
+    def _on_claim(self, header: dict):
+        won = self.store.r.set(P + "claim:" + header["key"], self.cid, nx=True,
+                               px=max(1, int(header["ttl"] * 1000)))
+        return {"won": bool(won)}, []
 
     def _on_join(self, header: dict):
         fired = self.store._join(args=[P, self.store.ttl_s, header["key"], header["member"],
@@ -1915,6 +1944,19 @@ class RedisWorker(WorkerConnection):
             st.retry("telling a retry's clients", tell)
         except redis.RedisError as e:
             log.warning("could not send %s notices: %s", state, e)
+
+    def output(self, task: dict, frames: list) -> None:
+        cid = task.get("c")
+        if cid is None:
+            return
+        entry = {"m": pack(self.store.signer.encode({"k": "out", "id": task["id"]}, frames))}
+        try:  # redis-py's pool is thread-safe: a task's threads print too
+            pipe = self.store.r.pipeline(transaction=False)
+            pipe.xadd(P + "rs:" + cid, entry)
+            pipe.expire(P + "rs:" + cid, self.store.ttl_s)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # best effort: the output travels with the result too
 
     def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
         """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""

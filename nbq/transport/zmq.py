@@ -92,7 +92,36 @@ class ZmqClient(ClientConnection):
         self._hello_rq = rq
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
-    def send(self, header: dict, frames: list = ()) -> None:
+    def ship(self, h: str, frames: list) -> None:
+        self._send({"k": "fn", "h": h}, frames)
+
+    def submit(self, tasks: list[dict], frames: list) -> None:
+        self._send({"k": "tasks", "t": tasks}, frames)
+
+    def end_map(self, map_id: str, total: int) -> None:
+        self._send({"k": "mapend", "mp": map_id, "total": total})
+
+    def cancel(self, rq: int, ids: list[str]) -> None:
+        self._send({"k": "cancel", "rq": rq, "ids": ids})
+
+    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
+        self._send({"k": "watch", "rq": rq, "ids": list(ids), "maps": list(maps)})
+
+    def info(self, rq: int) -> None:
+        self._send({"k": "info", "rq": rq})
+
+    def join(self, rq: int, key: str, member: str, total: int) -> None:
+        self._send({"k": "join", "rq": rq, "key": key, "member": member, "total": total})
+
+    def claim(self, rq: int, key: str, ttl: float) -> None:
+        self._send({"k": "claim", "rq": rq, "key": key, "ttl": ttl})
+
+    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
+                ci: str) -> None:
+        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
+                    "ci": ci})
+
+    def _send(self, header: dict, frames: list = ()) -> None:
         if frames and self.max_message_size is not None:
             size = protocol.frame_size(frames)
             if size > self.max_message_size:
@@ -100,8 +129,8 @@ class ZmqClient(ClientConnection):
                 if header.get("k") == "tasks" and len(items) > 1:  # a batch: send it in halves
                     half = len(items) // 2
                     cut = sum(item["nf"] for item in items[:half])
-                    self.send({"k": "tasks", "t": items[:half]}, frames[:cut])
-                    self.send({"k": "tasks", "t": items[half:]}, frames[cut:])
+                    self._send({"k": "tasks", "t": items[:half]}, frames[:cut])
+                    self._send({"k": "tasks", "t": items[half:]}, frames[cut:])
                     return
                 raise MessageTooLarge(
                     f"this {header.get('k')!r} message is {size:,} bytes, more than the broker's "
@@ -142,7 +171,7 @@ class ZmqClient(ClientConnection):
 
     def close(self) -> None:
         try:
-            self.send({"k": "bye"})
+            self._send({"k": "bye"})
         except zmq.ZMQError:
             pass
         for s in (self._rx, self._tx, self._wake_r, self._wake_w):
@@ -218,6 +247,9 @@ class ZmqWorker(WorkerConnection):
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self._links, zmq.POLLIN)
         self._functions: dict[str, list] = {}
+        self._address, self._key = address, key
+        self._out: zmq.Socket | None = None  # output streaming's socket (output())
+        self._out_lock = threading.Lock()
         self._hello = dict(hello, k="hello", w=wid)
         self.sock.send_multipart(self.signer.encode(self._hello))
 
@@ -281,7 +313,19 @@ class ZmqWorker(WorkerConnection):
         self.sock.send_multipart(self.signer.encode({"k": "ntc", "w": self.wid, "ids": ids,
                                                      "s": state}))
 
+    def output(self, task: dict, frames: list) -> None:
+        msg = self.signer.encode({"k": "out", "w": self.wid, "id": task["id"]}, frames)
+        with self._out_lock:  # a task's threads print too: a socket of its own, made once
+            if self._out is None:
+                self._out = _dealer(self.ctx, b"o" + self.wid.encode(), self._address, self._key)
+            try:
+                self._out.send_multipart(msg, copy=False, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # not connected yet, or the broker is gone: it travels with the result
+
     def close(self) -> None:
+        if self._out is not None:
+            self._out.close(linger=1000)
         self.sock.disable_monitor()
         self._links.close(linger=0)
         self.sock.close(linger=1000)

@@ -24,6 +24,8 @@ import struct
 import time
 from typing import Iterable
 
+from ..deaths import ID_MAX, clip_id
+
 _SIZE = 16384
 _HEAD = struct.Struct("qH")  # item index, task id length
 _MARK_END = 256
@@ -32,7 +34,6 @@ _LIMIT_AT = _MARK_END
 _TASK = struct.Struct("QdHH")  # sequence number, start (epoch seconds), id length, name length
 _TASK_AT = _LIMIT_AT + _LIMIT.size
 _TEXT_AT = _TASK_AT + _TASK.size
-ID_MAX = 200  # bytes of a task id kept; a name gets execute.NAME_MAX, and both fit
 _LIST = struct.Struct("QI")  # sequence number, length of the JSON list of scheduled tasks
 _LIST_AT = 1024
 _LIST_ROOM = _SIZE - _LIST_AT - _LIST.size
@@ -136,11 +137,6 @@ class Marker:
 
     def close(self) -> None:
         self._mem.close()
-
-
-def clip_id(task_id: str) -> str:
-    """A task id as the marker gives it back: its first ID_MAX bytes."""
-    return task_id.encode()[:ID_MAX].decode(errors="replace")
 
 
 #: This worker process's marker (set by process.serve): where a task sets its deadline.
