@@ -9,10 +9,12 @@ from .asyncresult import AsyncResult
 from .client import Client, ship_modules as ship
 from .clusters import Cluster, LaunchWarning, SSHCluster
 from .clusters.slurm import SlurmCluster
-from .errors import (BrokerUnavailable, InputError, InvalidKey, KeyMismatch, LaunchError, NbqError,
-                     RemoteError, SerializationError, SignatureError, VersionMismatch, WorkerLost)
-from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, Future
+from .errors import (BrokerTimeout, BrokerUnavailable, InputError, InvalidKey, KeyMismatch,
+                     LaunchError, NbqError, RemoteError, SerializationError, SignatureError,
+                     VersionMismatch, WorkerLost)
+from .future import Future
 from .mapresult import MapResult
+from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
 from .progress import progress
 from .version import __version__
@@ -26,7 +28,7 @@ __all__ = [
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
     "NbqError", "RemoteError", "SignatureError", "SerializationError", "WorkerLost",
-    "BrokerUnavailable", "InputError", "KeyMismatch", "InvalidKey", "progress",
+    "BrokerUnavailable", "BrokerTimeout", "InputError", "KeyMismatch", "InvalidKey", "progress",
     "App", "Signature", "signature", "group", "chain", "chord", "chunks", "GroupResult",
     "Celery", "shared_task", "Cluster", "SSHCluster", "LaunchError", "LaunchWarning", "VersionMismatch",
     "SlurmCluster",

@@ -5,7 +5,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from .errors import NbqError
-from .future import FAILURE, SUCCESS
+from .states import FAILURE, SUCCESS
 
 
 class AsyncResult:
@@ -19,8 +19,8 @@ class AsyncResult:
 
     def __init__(self, task_id: str, client=None) -> None:
         self.id = task_id
-        self._client = client or _default_client()
-        self._future = self._client._watch_task(task_id)
+        self.client = client or _default_client()  # the nbq client it is watched through
+        self._future = self.client.watch([task_id])[0]
 
     @property
     def state(self) -> str:
@@ -70,7 +70,7 @@ class AsyncResult:
         a running one's process is killed with signal and replaced, and the task ends REVOKED."""
         if self._future.cancel():
             return True
-        return terminate and self._client._terminate(self._future, signal)
+        return terminate and self.client._terminate(self._future, signal)
 
     def __repr__(self) -> str:
         return f"<nbq.AsyncResult {self.id} {self.state}>"

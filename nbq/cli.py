@@ -218,6 +218,7 @@ def _broker(args) -> None:
 
 def _worker(args) -> None:
     from . import keys, transport
+    from .tasks import runner
     from .worker import initializer
     from .worker.supervisor import Supervisor
     if args.concurrency < 1:
@@ -258,7 +259,7 @@ def _worker(args) -> None:
                               broker_grace=args.broker_grace),
                      initializer=init,
                      max_tasks=args.max_tasks_per_child, max_memory=max_memory,
-                     autoscale=autoscale)
+                     autoscale=autoscale, registered=runner.registry.keys)
     beat = _start_beat(app, address, args.schedule) if args.beat else None
     try:
         why = sup.run()
@@ -286,11 +287,9 @@ def _check_versions(theirs: str) -> None:
 
 def _load_app(spec: str):
     """The app of ``-A spec``, imported from the current directory as Celery does."""
-    from .tasks import load_app, runner
+    from .tasks import load_app
     _cwd_on_path()
-    app = load_app(spec)
-    runner.accept = set(app.conf.accept_content)
-    return app
+    return load_app(spec)
 
 
 def _read_all(fd: int) -> bytes:
@@ -446,7 +445,7 @@ def _control(args) -> None:
                          f"{' '.join(n.upper() for n in names)}")
     arguments = dict(zip(names, args.arguments))
     if args.what == "rate_limit":
-        from .worker.ratelimit import interval
+        from .worker.context import interval
         interval(arguments["rate_limit"])  # a bad rate is one error here, not one per worker
     _ask_workers(args, args.what, arguments)
 

@@ -36,10 +36,11 @@ import cloudpickle
 
 from . import keys, protocol
 from .deaths import MAX_DEATHS
-from .errors import (BrokerUnavailable, FunctionRefused, KeyMismatch, MessageTooLarge, NbqError,
-                     SerializationError)
+from .errors import (BrokerTimeout, BrokerUnavailable, FunctionRefused, KeyMismatch,
+                     MessageTooLarge, NbqError, SerializationError)
 from .future import Future
 from .mapresult import MapResult, _Chunker
+from .schema import PRIORITY_MAX
 from .transport import client_connection
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ class Client(concurrent.futures.Executor):
     ``broker_grace``: seconds a silent broker is waited for before waits raise
     BrokerUnavailable (the work is kept, and sent again if the broker comes back
     at the same address).
+
+    ``wait_at_exit`` (an attribute, True): whether the interpreter's exit waits for
+    this client's unfinished work, as ``shutdown(wait=True)``.
     """
 
     def __init__(self, address: "str | Cluster | None" = None, workers: int | None = None, *,
@@ -150,7 +154,7 @@ class Client(concurrent.futures.Executor):
         self._stopped = False     # the receiver thread should return; nothing is waited for
         self._conn_closed = False
         self._down = False        # every step of _shutdown_now has been done
-        self._wait_at_exit = True  # what the interpreter's exit does: shutdown(wait=this)
+        self.wait_at_exit = True  # what the interpreter's exit does: shutdown(wait=this)
         self._lock = threading.Lock()
         self._feed_lock = threading.RLock()
         self._outbox: list[tuple[dict, list]] = []  # tasks the receiver thread sends, batched
@@ -208,6 +212,36 @@ class Client(concurrent.futures.Executor):
     def submit(self, fn: Callable, /, *args, queue: str = "default", **kwargs) -> Future:
         """Run fn(*args, **kwargs) on a worker; ``queue`` routes it (default "default")."""
         return self._submit(fn, args, kwargs, queue=queue)
+
+    def apply(self, fn: Callable, args: Iterable = (), kwargs: dict | None = None, *,
+              task_id: str | None = None, queue: str = "default", eta: float | None = None,
+              expires: float | None = None, priority: int | None = None,
+              max_task_deaths: int | None = None) -> Future:
+        """Run fn(*args, **kwargs) on a worker, with the options of Celery's apply_async that
+        submit() has no room for.
+
+        ``task_id``: the task's id (default: a new one), known before it is sent, so that a
+        chain or chord can name tasks not sent yet.  ``eta``: epoch seconds before which it
+        does not start.  ``expires``: epoch seconds after which it is revoked, not run.
+        ``priority``: 0 to 9, 9 most urgent (0 and None: the default).  ``max_task_deaths``:
+        this task's, instead of the client's.
+        """
+        if priority is not None and (type(priority) is not int or not 0 <= priority <= PRIORITY_MAX):
+            raise ValueError(f"priority must be an integer from 0 to {PRIORITY_MAX}, not {priority!r}")
+        if max_task_deaths is not None and (type(max_task_deaths) is not int or max_task_deaths < 1):
+            raise ValueError(f"max_task_deaths must be an integer of at least 1, not "
+                             f"{max_task_deaths!r}")
+        header: dict = {}
+        if eta is not None:
+            header["eta"] = float(eta)
+        if expires is not None:
+            header["x"] = float(expires)
+        if priority:
+            header["pr"] = priority
+        if max_task_deaths is not None:
+            header["md"] = max_task_deaths
+        return self._submit(fn, tuple(args), kwargs or {}, queue=queue, tid=task_id,
+                            options=header)
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, queue: str = "default",
                 tid: str | None = None, options: dict | None = None) -> Future:
@@ -384,7 +418,7 @@ class Client(concurrent.futures.Executor):
         """
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        key = _fingerprint(fn)
+        key = fingerprint(fn)
         h = self._fn_cache.get(key) if key is not None else None
         if h is not None and h not in self._fn_sent and h not in self._fn_kept:
             h = None  # a restarted broker lacks it, and its pickle is no longer kept: make it again
@@ -446,7 +480,9 @@ class Client(concurrent.futures.Executor):
         deadline = time.monotonic() + timeout
         while sum(len(w["processes"]) for w in self.workers()) < n:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} worker processes joined within {timeout:g} s")
+                raise BrokerTimeout(f"fewer than {n} worker processes joined the broker at "
+                                    f"{self.address} within {timeout:g} s: start workers with "
+                                    f"`nbq worker --broker {self.address}`, or wait longer (timeout=)")
             time.sleep(0.05)
 
     def control(self, command: str, arguments: dict | None = None,
@@ -535,12 +571,10 @@ class Client(concurrent.futures.Executor):
         res._fail(start, n, _cancelled(res))
         return n
 
-    def _watch_task(self, tid: str) -> Future:
-        """A Future for any task id on this broker, filled from stored and later results."""
-        return self._watch_tasks([tid])[0]
-
-    def _watch_tasks(self, tids: list[str]) -> list[Future]:
-        """_watch_task of each id, in one request for the ids this client has no Future of."""
+    def watch(self, tids: Iterable[str]) -> list[Future]:
+        """A Future for each task id on this broker, wherever the task was submitted (AsyncResult,
+        a chord's header), filled from stored and later results; one request for the ids this
+        client has no Future of."""
         futs, new = [], []
         for tid in tids:
             fut = self._futures.get(tid)
@@ -571,10 +605,11 @@ class Client(concurrent.futures.Executor):
             concurrent.futures.wait(finished, CONNECT_TIMEOUT)
         return futs
 
-    def _join(self, key: str, member: str, total: int) -> bool:
-        """Add member to the join named key on the broker; True for the one call that completes it.
+    def join(self, key: str, member: str, total: int) -> bool:
+        """Add member to the join named key on the broker; True for the one call that completes it
+        (the member that makes total).  A chord's header tasks count themselves so.
 
-        Members are a set, so a task that ran twice counts once (a chord's header).
+        Members are a set, so a task that ran twice counts once.
         """
         answer = self._request("join", lambda rq: self._conn.join(rq, key, member, total))
         if "fire" not in answer:
@@ -636,8 +671,9 @@ class Client(concurrent.futures.Executor):
             self._requests.pop(rq, None)
             if self._silent:
                 raise self._unavailable_error() from None
-            raise TimeoutError(f"the broker at {self.address} did not answer {kind!r} within "
-                               f"{timeout:g} s") from None
+            raise BrokerTimeout(f"the broker at {self.address} did not answer {kind!r} within "
+                                f"{timeout:g} s: check that it runs there (`nbq broker`) and "
+                                "that this machine reaches it, then try again") from None
         finally:
             self._asked.pop(rq, None)
 
@@ -880,6 +916,19 @@ class Client(concurrent.futures.Executor):
         if self._closed:
             raise RuntimeError("cannot submit to an nbq client after shutdown")
 
+    @property
+    def closed(self) -> bool:
+        """True once shut down, and in a process forked from the one that made it (its threads
+        stayed behind): such a client sends nothing, make a new one."""
+        return self._closed or self._pid != os.getpid()
+
+    @property
+    def private_broker(self) -> bool:
+        """Whether this client's broker runs inside this process (a private one, as Client()
+        with no address starts): its tasks end with the process, so exit should wait for them
+        (``wait_at_exit``)."""
+        return self._cluster.broker is not None
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; wait for what was submitted; stop local workers and broker.
 
@@ -1086,7 +1135,7 @@ def _shutdown_at_exit() -> None:
     with contextlib.ExitStack() as stops:  # each client is stopped, whatever another raises
         for client in list(_open_clients):
             if client._pid == os.getpid():  # a forked child's copy has no threads to stop
-                stops.callback(client.shutdown, wait=client._wait_at_exit)
+                stops.callback(client.shutdown, wait=client.wait_at_exit)
 
 
 def _cancelled(res: MapResult) -> CancelledError:
@@ -1097,7 +1146,7 @@ def _name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
-def _fingerprint(fn) -> tuple | None:
+def fingerprint(fn) -> tuple | None:
     """What decides whether a cached pickle of fn is still right; None: pickle every time.
 
     An object may say for itself, with a ``__nbq_fingerprint__()`` method.

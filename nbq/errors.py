@@ -57,6 +57,11 @@ class BrokerUnavailable(NbqError, ConnectionError):
     """The broker could not be reached or stopped answering."""
 
 
+class BrokerTimeout(NbqError, TimeoutError):
+    """The broker did not answer a request in time, or did not report the workers waited for;
+    a TimeoutError too, so ``except TimeoutError`` still catches it."""
+
+
 class LaunchError(NbqError):
     """A cluster could not start workers: the message names the host (or job) and why."""
 
@@ -85,7 +90,7 @@ class RemoteError(NbqError):
         return (RemoteError, (self.type_name, self.message, self.traceback))
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(NbqError):
     """Holds the worker's traceback text; attached as ``__cause__`` of a remote error."""
 
     def __init__(self, tb: str) -> None:

@@ -7,12 +7,7 @@ import time
 from typing import Callable
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
-PENDING = "PENDING"
-STARTED = "STARTED"
-SUCCESS = "SUCCESS"
-FAILURE = "FAILURE"
-REVOKED = "REVOKED"
-RETRY = "RETRY"
+from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 
 
 class Future(concurrent.futures.Future):

@@ -1,9 +1,15 @@
 """Celery's ``celery.states``, at the same path: ``from nbq import states``; ``states.SUCCESS``.
 
-The state names are nbq.Future's (nbq never reports Celery's RECEIVED, REJECTED or IGNORED);
-the sets group them as Celery's do.
+The state names of nbq.Future, the worker's notices and the broker's answers (nbq never
+reports Celery's RECEIVED, REJECTED or IGNORED), defined here, below all of them; the sets
+group them as Celery's do.
 """
-from .future import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
+PENDING = "PENDING"
+STARTED = "STARTED"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+RETRY = "RETRY"
 
 READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 UNREADY_STATES = frozenset({PENDING, STARTED, RETRY})

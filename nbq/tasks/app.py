@@ -8,13 +8,12 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import logging
-import os
 import threading
 import weakref
 from typing import Any, Callable, Iterable
 
 from ..asyncresult import AsyncResult
-from ..worker import execute
+from ..worker.context import current as current_call
 from . import runner
 from .canvas import GroupResult, Signature
 from .conf import Settings, settings_of
@@ -135,11 +134,10 @@ class App:
 
         Inside a task on a worker it is the worker's own client of its broker.
         """
-        if execute.current:
+        if current_call() is not None:
             return runner.worker_client()
         with self._lock:
-            if self._client is None or self._client._closed or self._client._pid != os.getpid():
-                # (a forked process has its parent's client, whose threads stayed behind)
+            if self._client is None or self._client.closed:  # (closed too in a forked process)
                 from ..client import Client
                 if self.conf.result_backend and self.conf.result_backend != self.conf.broker_url:
                     log.info("nbq keeps results in the broker: result_backend %s is not used",
@@ -149,7 +147,7 @@ class App:
                                       result_expires=float(self.conf.result_expires))
                 # as Celery's: a sent task outlives this process on a broker of its own, so
                 # exit waits only for what a private broker (ending with it) holds
-                self._client._wait_at_exit = self._client._cluster.broker is not None
+                self._client.wait_at_exit = self._client.private_broker
             return self._client
 
     def close(self) -> None:
@@ -223,7 +221,8 @@ def shared_task(*args, **options) -> Task | Callable[[Callable], Task]:
 
 
 def load_app(spec: str) -> App:
-    """The app ``-A spec`` names, found as Celery finds it, with its tasks imported.
+    """The app ``-A spec`` names, found as Celery finds it, with its tasks imported; this
+    process accepts tasks in its ``accept_content`` only (a worker's app).
 
     ``module:attribute``; else the module's ``app`` or ``celery``, or any App
     in it; else the same in ``module.celery``.
@@ -242,6 +241,7 @@ def load_app(spec: str) -> App:
     for name in (*app.conf.imports, *app.conf.include):
         importlib.import_module(name)
     app.annotate()
+    runner.accept_only(app.conf.accept_content)
     return app
 
 

@@ -169,19 +169,13 @@ def _client_of(app):
 def send(client, sig: Signature, chain: list | None = None, chord: dict | None = None) -> None:
     """Send a frozen signature through client: its header (eta, expiry) and request."""
     opts = sig.options
-    header: dict = {}
-    eta = opts.get("eta")
+    eta, expires = opts.get("eta"), opts.get("expires")
     if eta is not None:
-        header["eta"] = eta.timestamp() if isinstance(eta, datetime) else float(eta)
+        eta = eta.timestamp() if isinstance(eta, datetime) else float(eta)
     elif opts.get("countdown"):
-        header["eta"] = time.time() + float(opts["countdown"])
-    expires = opts.get("expires")
+        eta = time.time() + float(opts["countdown"])
     if expires is not None:
-        header["x"] = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
-    if opts.get("priority"):  # 0 and none are the default: no header field
-        header["pr"] = opts["priority"]
-    if opts.get("reject_on_worker_lost") is False:  # Celery's: the first death fails it
-        header["md"] = 1
+        expires = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
     req: dict = {"rs": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
                        ("tl", opts.get("time_limit")), ("stl", opts.get("soft_time_limit")),
@@ -191,7 +185,10 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
     ser = opts["serializer"]
     body = (ser, serializers.encode(ser, (sig.args, sig.kwargs) if ser == "pickle"
                                     else [list(sig.args), sig.kwargs], f"the arguments of {sig.name}"))
-    client._submit(sig.runner, (body, req), {}, tid=sig.id, queue=opts["queue"], options=header)
+    # reject_on_worker_lost=False is Celery's "the first death of its process fails it"
+    client.apply(sig.runner, (body, req), task_id=sig.id, queue=opts["queue"], eta=eta,
+                 expires=expires, priority=opts.get("priority"),
+                 max_task_deaths=1 if opts.get("reject_on_worker_lost") is False else None)
 
 
 class GroupResult:
@@ -296,8 +293,8 @@ class chain:
         for sig in rest:
             sig.freeze()
         first = self.tasks[0].apply_async(args, kwargs, chain=rest, **options)
-        result, client = first, first._client
-        client._watch_tasks([sig.id for sig in rest])  # one request for all the later steps
+        result, client = first, first.client
+        client.watch([sig.id for sig in rest])  # one request for all the later steps
         for sig in rest:
             nxt = AsyncResult(sig.id, client=client)
             nxt.parent = result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..worker import ratelimit
+from ..worker.context import interval
 
 if TYPE_CHECKING:
     from .app import App
@@ -46,7 +46,7 @@ class Control:
                    destination: Iterable[str] | None = None, reply: bool = False,
                    timeout: float = DEFAULT_TIMEOUT) -> list[dict] | None:
         """Limit task_name to rate_limit ("10/s", "10/m", "10/h"; None: no limit) on each worker."""
-        ratelimit.interval(rate_limit)  # a bad rate fails here, not on every worker
+        interval(rate_limit)  # a bad rate fails here, not on every worker
         return self.broadcast("rate_limit", {"task_name": task_name, "rate_limit": rate_limit},
                               destination, reply, timeout)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import NbqError, TimeLimitExceeded
-from ..worker.execute import Reschedule
+from ..worker.context import Reschedule
 
 
 class Retry(Reschedule):

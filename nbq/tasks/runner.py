@@ -13,24 +13,29 @@ import inspect
 import os
 import signal
 import socket
-import time
 import traceback
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Iterable
 
 import cloudpickle
 
 from .. import protocol
-from ..worker import execute, ratelimit
-from ..worker import marker as markers
+from ..worker.context import TaskContext, current
 from . import serializers
 from .exceptions import ChordError, ContentDisallowed, NotRegistered, Retry, SoftTimeLimitExceeded
 from .task import Request, Task, _requests
 
 #: Tasks registered in this process by name (every App's), as ``-A module`` imports them.
 registry: dict[str, Task] = {}
-#: The content types this worker accepts: set from the apps it loaded with ``-A``.
+#: The content types this worker accepts (accept_only), None: any.
 accept: set[str] | None = None
+
+
+def accept_only(content_types: Iterable[str]) -> None:
+    """Refuse, in this process, tasks sent with a serializer not among content_types (the
+    ``accept_content`` of the app a worker loads with ``-A``)."""
+    global accept
+    accept = set(content_types)
 
 
 class Runner:
@@ -62,8 +67,8 @@ class Runner:
         return Runner(*self.__reduce__()[1])
 
     def __nbq_fingerprint__(self) -> tuple | None:
-        from ..client import _fingerprint
-        inner = _fingerprint(self.fn) if self.fn is not None else ()
+        from ..client import fingerprint
+        inner = fingerprint(self.fn) if self.fn is not None else ()
         return None if inner is None else (self, inner)
 
     def task(self) -> Task:
@@ -95,33 +100,32 @@ class Runner:
                                     f"{self.name} was sent as {serializer}: add it to the worker "
                                     "app's accept_content, or send with another serializer")
         args, kwargs = serializers.decode(serializer, data)
-        item = execute.current
-        request = Request(id=item.get("id"), retries=item.get("rt", 0), args=tuple(args),
-                          kwargs=kwargs, eta=item.get("eta"), expires=item.get("x"),
-                          called_directly=False, hostname=socket.gethostname())
+        ctx = current()
+        request = Request(id=ctx.id, retries=ctx.retries, args=tuple(args), kwargs=kwargs,
+                          eta=ctx.eta, expires=ctx.expires, called_directly=False,
+                          hostname=socket.gethostname())
         _requests.append(request)
         try:
-            value = _invoke(task, request, req, args, kwargs)
+            value = _invoke(ctx, task, request, req, args, kwargs)
         except Retry:
             raise
         except BaseException as exc:
-            _after_failure(request, req, exc)
+            _after_failure(ctx, request, req, exc)
             raise
         finally:
             _requests.pop()
-        _after_success(request, req, value)
+        _after_success(ctx, request, req, value)
         rs = req.get("rs", "pickle")
         return serializers.decode(rs, serializers.encode(rs, value, f"the result of {self.name}"))
 
 
-def _invoke(task: Task, request: Request, req: dict, args, kwargs) -> Any:
-    """Run the task under its time limits (the call's, else the task's); exceptions of
-    ``autoretry_for`` become retries."""
+def _invoke(ctx: TaskContext, task: Task, request: Request, req: dict, args, kwargs) -> Any:
+    """Run the task under its rate limit and time limits (the call's, else the task's);
+    exceptions of ``autoretry_for`` become retries."""
     fn, each = task.run, req.get("each")
-    if ratelimit.limits is not None:
-        ratelimit.limits.acquire(task.name, task.rate_limit)
+    ctx.acquire_rate(task.name, task.rate_limit)
     try:
-        with _limits(req.get("stl", task.soft_time_limit), req.get("tl", task.time_limit)):
+        with _limits(ctx, req.get("stl", task.soft_time_limit), req.get("tl", task.time_limit)):
             if each == "map":
                 return [fn(x) for x in args[0]]
             if each == "star":
@@ -132,13 +136,12 @@ def _invoke(task: Task, request: Request, req: dict, args, kwargs) -> Any:
 
 
 @contextmanager
-def _limits(soft: float | None, hard: float | None):
+def _limits(ctx: TaskContext, soft: float | None, hard: float | None):
     """Raise SoftTimeLimitExceeded in the task after soft seconds (it may clean up); after hard
     seconds the supervisor kills this process, wherever it is stuck, and the task fails with
     TimeLimitExceeded without running again (Celery's meanings)."""
     if hard:
-        markers.mine.set_deadline(time.time() + hard, hard)
-        os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor's wait now ends by the deadline
+        ctx.limit_time(hard)
     if soft:
         def alarm(signum, frame):
             raise SoftTimeLimitExceeded(f"the task ran longer than its soft time limit of {soft:g} s")
@@ -152,7 +155,7 @@ def _limits(soft: float | None, hard: float | None):
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         if hard:
-            markers.mine.set_deadline(0.0, 0.0)
+            ctx.limit_time(0)
 
 
 # -- what follows a task (runs on the worker) --------------------------------------------
@@ -163,7 +166,7 @@ _client = None
 def worker_client():
     """A client of this worker's broker (NBQ_BROKER, set by ``nbq worker``), made on first use."""
     global _client
-    if _client is None or _client._closed:
+    if _client is None or _client.closed:
         from ..client import Client
         if not os.environ.get("NBQ_BROKER"):
             raise RuntimeError("a task can start other tasks only on a worker started by "
@@ -172,7 +175,7 @@ def worker_client():
     return _client
 
 
-def _after_success(request: Request, req: dict, value: Any) -> None:
+def _after_success(ctx: TaskContext, request: Request, req: dict, value: Any) -> None:
     for sig in req.get("link", ()):
         sig.apply_async((value,), client=worker_client())  # (an immutable one drops it)
     chain = req.get("chain")
@@ -180,10 +183,10 @@ def _after_success(request: Request, req: dict, value: Any) -> None:
         step, rest = chain[0], chain[1:]
         step.apply_async((value,), client=worker_client(), chain=rest)
     if req.get("chord"):
-        _chord_part(request, req["chord"], value, None)
+        _chord_part(ctx, request, req["chord"], value, None)
 
 
-def _after_failure(request: Request, req: dict, exc: BaseException) -> None:
+def _after_failure(ctx: TaskContext, request: Request, req: dict, exc: BaseException) -> None:
     """A failed task's chain fails with it, its error callbacks run, its chord learns of it."""
     client = None
     chain = list(req.get("chain") or ())
@@ -200,7 +203,7 @@ def _after_failure(request: Request, req: dict, exc: BaseException) -> None:
         else:
             sig.apply_async((request.id,), client=client)
     if req.get("chord"):
-        _chord_part(request, req["chord"], None, exc)
+        _chord_part(ctx, request, req["chord"], None, exc)
 
 
 def _takes_three(sig) -> bool:
@@ -213,16 +216,17 @@ def _takes_three(sig) -> bool:
     return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-def _chord_part(request: Request, chord: dict, value: Any, exc: BaseException | None) -> None:
+def _chord_part(ctx: TaskContext, request: Request, chord: dict, value: Any,
+                exc: BaseException | None) -> None:
     """Count this header task (done or failed) in its chord; the one that completes the
     count sends the body, once, with the header's results in order."""
     client = worker_client()
-    if not client._join(chord["id"], request.id, chord["n"]):
+    if not client.join(chord["id"], request.id, chord["n"]):
         return
-    execute.flush()  # results of header tasks this process ran before may still be held here
+    ctx.flush()  # results of header tasks this process ran before may still be held here
     ids = [header_id(chord, i) for i in range(chord["n"])]
     others = [tid for tid in ids if tid != request.id]
-    futures = dict(zip(others, client._watch_tasks(others)))  # one "watch" request for them all
+    futures = dict(zip(others, client.watch(others)))  # one "watch" request for them all
     results, failed = [], None if exc is None else (request.id, exc)
     for tid in ids:
         if failed is not None:
@@ -255,4 +259,4 @@ def fail(client, sig, exc: BaseException) -> None:
     """Give the (frozen) signature's task exc as its result, without running it."""
     exc = protocol.rebuild_error(protocol.error_record(exc))  # picklable, whatever exc was
     exc.__cause__ = None
-    client._submit(_raise, (exc,), {}, tid=sig.id, queue=sig.options["queue"])
+    client.apply(_raise, (exc,), task_id=sig.id, queue=sig.options["queue"])

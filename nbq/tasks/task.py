@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NoReturn
 
-from ..worker import ratelimit
+from ..worker.context import interval
 from .exceptions import MaxRetriesExceededError, Retry
 
 #: Options @app.task accepts (Celery's names), with their defaults.
@@ -49,7 +49,7 @@ class Task:
         self.options = dict(options)
         for opt, default in TASK_OPTIONS.items():
             setattr(self, opt, options.get(opt, default))
-        ratelimit.interval(self.rate_limit)  # a bad rate fails where the task is declared
+        interval(self.rate_limit)  # a bad rate fails where the task is declared
         functools.update_wrapper(self, fn)
 
     # -- calling here -------------------------------------------------------------

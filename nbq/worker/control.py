@@ -12,8 +12,6 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..tasks import runner
-
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
@@ -33,8 +31,8 @@ def stats(sup: "Supervisor", args: dict) -> dict:
 
 
 def registered(sup: "Supervisor", args: dict) -> list[str]:
-    """Names of the tasks this worker's ``-A`` app registered (imported before fork)."""
-    return sorted(runner.registry)
+    """Names of the tasks this worker knows by name (its ``-A`` app's, imported before fork)."""
+    return sorted(sup.registered()) if sup.registered is not None else []
 
 
 def active(sup: "Supervisor", args: dict) -> list[dict]:

@@ -13,6 +13,7 @@ from typing import Callable
 
 from .. import protocol
 from ..errors import MessageTooLarge, SerializationError
+from .context import Reschedule, TaskContext, running
 
 FUNCTION_CACHE = 512
 NAME_MAX = 300  # bytes of a function's name kept for ``inspect active``
@@ -92,41 +93,23 @@ class _Unloadable:
         raise self.error.with_traceback(self._tb)  # not one more frame in its traceback per call
 
 
-#: The header of the call running now in this process: what a task reads as its request.
-current: dict = {}
-
 #: Largest result payload the broker takes (its max_message_size, less room for the header),
 #: once the transport knows it; a larger result fails with MessageTooLarge instead.
 max_result: int | None = None
 
 
-def flush() -> None:
-    """Send the results of the tasks this process has run and not yet reported (the worker
-    process sets this): for a task about to wait for other tasks' results."""
-
-
-class Reschedule(Exception):
-    """Raised by a call to run again in this process at ``eta`` (epoch seconds): a retry.
-
-    Its result is not reported until the last run, so the caller sees one outcome.
-    """
-
-    def __init__(self, eta: float, args: tuple | None = None, kwargs: dict | None = None) -> None:
-        super().__init__(eta)
-        self.eta, self.new_args, self.new_kwargs = eta, args, kwargs
-
-
-def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
+def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], None],
         mark: Callable[[str, int], None] | None = None) -> tuple[dict, list] | None:
-    """Run one task, passing each result part to emit.
+    """Run one task (``context.item``), passing each result part to emit.
 
+    A call (mode ``call``) runs with context current (context.current()).
     A re-run after a death (``st`` set) goes item by item: each item is marked
     before it runs and reported when done, and items in ``ex`` (those that
     killed their process) are not run again.  A call past its expiry (``x``)
     is reported revoked without running; a call that raised Reschedule is
     returned as the (item, frames) to run at its new ``eta``.
     """
-    global current
+    item = context.item
     tid = item["id"]
     base = {"id": tid, "s0": item.get("s0", 0)}
     t0 = time.perf_counter()
@@ -134,24 +117,22 @@ def run(item: dict, frames: list, fn, emit: Callable[[dict, list], None],
         if item.get("x") is not None and time.time() > item["x"]:
             emit(dict(base, s=0, n=1, rv=1, nf=0), [])
             return None
-        current = item
-        try:
+        with running(context):
             try:
-                args, kwargs = protocol.loads(frames)
-            except ModuleNotFoundError as e:
-                raise unimportable(e, "an argument of this task") from None
-            value = fn(*args, **kwargs)
-        except Reschedule as r:
-            if r.new_args is not None or r.new_kwargs is not None:
-                frames = protocol.dumps((args if r.new_args is None else tuple(r.new_args),
-                                         kwargs if r.new_kwargs is None else r.new_kwargs))
-            return dict(item, eta=r.eta, rt=item.get("rt", 0) + 1, nf=len(frames)), frames
-        except BaseException as e:
-            payload, ok = protocol.dumps(protocol.error_record(e)), 0
-        else:
-            payload, ok = _dump_value(value, f"the result of task {tid}")
-        finally:
-            current = {}
+                try:
+                    args, kwargs = protocol.loads(frames)
+                except ModuleNotFoundError as e:
+                    raise unimportable(e, "an argument of this task") from None
+                value = fn(*args, **kwargs)
+            except Reschedule as r:
+                if r.new_args is not None or r.new_kwargs is not None:
+                    frames = protocol.dumps((args if r.new_args is None else tuple(r.new_args),
+                                             kwargs if r.new_kwargs is None else r.new_kwargs))
+                return dict(item, eta=r.eta, rt=item.get("rt", 0) + 1, nf=len(frames)), frames
+            except BaseException as e:
+                payload, ok = protocol.dumps(protocol.error_record(e)), 0
+            else:
+                payload, ok = _dump_value(value, f"the result of task {tid}")
         emit(dict(base, s=0, n=1, ok=ok, nf=len(payload), d=time.perf_counter() - t0), payload)
         return None
     try:

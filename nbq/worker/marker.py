@@ -137,7 +137,3 @@ class Marker:
 
     def close(self) -> None:
         self._mem.close()
-
-
-#: This worker process's marker (set by process.serve): where a task sets its deadline.
-mine: Marker | None = None

@@ -8,12 +8,12 @@ import resource
 import signal
 import time
 
-from ..future import RETRY, STARTED
+from ..states import RETRY, STARTED
 from ..transport.base import WorkerConnection
-from . import execute
+from .context import TaskContext
 from .execute import Functions, run
-from . import marker as markers
 from .marker import Marker
+from .ratelimit import RateLimits
 
 #: Results of a long batch are sent at least this often, so a slow task late in
 #: a batch never holds back the results of the quick ones before it.
@@ -54,10 +54,12 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None = None,
-          max_tasks: int = 0, max_memory: int = 0) -> None:
+def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
+          failed: BaseException | None = None, max_tasks: int = 0, max_memory: int = 0) -> None:
     """Serve tasks until the process is retired (RETIRE, or a limit); re-runs mark their
-    items in marker.
+    items in marker.  Each call runs with its TaskContext current (context.py): ``flush``,
+    its hard time limit (a deadline in marker), the worker's rate limits (rates), and its
+    output stream.
 
     ``failed``: the exception of this process's initializer, which every task then fails with.
     ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
@@ -65,8 +67,8 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
     memory (its peak, as Celery's) above this many bytes.  Both are checked per batch, not
     per task; 0: no limit.
 
-    A task about to wait for others' results (a chord's last header task) calls
-    ``execute.flush()`` first: the results this process holds are sent then, not with
+    A task about to wait for others' results (a chord's last header task) calls its
+    context's ``flush()`` first: the results this process holds are sent then, not with
     its batch's, so that no two processes wait for each other's.
 
     A task with an ``eta`` in the future (a countdown, or a retry's delay) waits
@@ -74,7 +76,6 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
     if the process dies, the broker re-runs it as any other task it held.  A retry's
     clients are told (``conn.notice``) that it is RETRY, and STARTED when it runs again.
     """
-    markers.mine = marker
     functions = Functions(conn.function, failed)
     later: list = []  # heap of (eta, seq, item, frames)
     seq = itertools.count()
@@ -88,7 +89,13 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
             out = []
             flushed = time.monotonic()
 
-    execute.flush = flush
+    def limit_time(seconds: float) -> None:
+        if seconds:
+            marker.set_deadline(time.time() + seconds, seconds)
+            os.kill(os.getppid(), signal.SIGUSR1)  # the supervisor's wait now ends by the deadline
+        else:
+            marker.set_deadline(0.0, 0.0)
+
     global _waiting, _retire
     signal.signal(RETIRE, _on_retire)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
@@ -125,12 +132,14 @@ def serve(conn: WorkerConnection, marker: Marker, failed: BaseException | None =
                     marker.begin(item["id"], b"")
                 fn, name = functions.get(item["h"])
                 marker.begin(item["id"], name)
+                context = TaskContext(item, flush, limit_time, rates.acquire,
+                                      lambda frames, item=item: conn.output(item, frames))
                 if item.get("st") or item.get("a"):
-                    again = run(item, frames, fn,
+                    again = run(context, frames, fn,
                                 lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
                     marker.clear()
                 else:
-                    again = run(item, frames, fn, lambda r, p: out.append((r, p)))
+                    again = run(context, frames, fn, lambda r, p: out.append((r, p)))
                 if again is not None:  # a retry: held until its eta, RETRY for its clients
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
                     moved = True

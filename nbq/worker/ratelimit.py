@@ -19,31 +19,13 @@ import struct
 import tempfile
 import time
 
+from .context import Rate, interval
+
 SLOTS = 256
 NAME_MAX = 200
 _COUNT = struct.Struct("Q")
 _SLOT = struct.Struct(f"ddH{NAME_MAX}s")  # interval (s, 0: none), last start (epoch s), name length
-PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 RECHECK = 0.5  # seconds a waiting task sleeps at most before it reads its rate again
-
-
-def interval(rate: str | float | int | None) -> float:
-    """Seconds between starts for a Celery rate ("10/s", "10/m", "10/h", or a number per
-    second); 0 for no limit (None, 0, "0")."""
-    if rate is None:
-        return 0.0
-    if isinstance(rate, str):
-        count, _, period = rate.strip().partition("/")
-        if period and period not in PERIODS:
-            raise ValueError(f"bad rate limit {rate!r}: write N/s, N/m or N/h")
-        try:
-            n = float(count)
-        except ValueError:
-            raise ValueError(f"bad rate limit {rate!r}: write N/s, N/m or N/h") from None
-        seconds = PERIODS[period or "s"]
-    else:
-        n, seconds = float(rate), 1.0
-    return seconds / n if n > 0 else 0.0
 
 
 class RateLimits:
@@ -88,7 +70,7 @@ class RateLimits:
             self._where[name] = slot
         return slot
 
-    def set(self, name: str, rate: str | float | int | None) -> None:
+    def set(self, name: str, rate: Rate) -> None:
         """Limit task name to rate from its next start on (None or 0: no limit), whatever its
         own option says."""
         every, raw = interval(rate), _name(name)
@@ -100,13 +82,13 @@ class RateLimits:
         finally:
             self._unlock()
 
-    def acquire(self, name: str, own: str | float | int | None) -> None:
+    def acquire(self, name: str, own: Rate) -> None:
         """Wait until task name may start here (own: its rate_limit option, used until one is
         set), then count it as started."""
         while (wait := self._take(name, own)) > 0:
             time.sleep(min(wait, RECHECK))
 
-    def _take(self, name: str, own: str | float | int | None) -> float:
+    def _take(self, name: str, own: Rate) -> float:
         """Start task name now if its interval has passed since its last start (0.0), else the
         seconds until it will have."""
         if own is None and not _COUNT.unpack_from(self._mem, 0)[0]:
@@ -136,7 +118,3 @@ def _name(name: str) -> bytes:
         raise ValueError(f"task name {name[:40]}... is longer than {NAME_MAX} bytes: rate limits "
                          "need a shorter name")
     return raw
-
-
-#: This worker's table: made by its supervisor before it forks (None outside ``nbq worker``).
-limits: RateLimits | None = None

@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..replay import DEFAULT_MAX_AGE, ReplayWindow
 from ..transport.base import SupervisorConnection, WorkerConnection
@@ -70,7 +70,8 @@ class Supervisor:
                  name: str = DEFAULT_NAME, initializer: Initializer | None = None,
                  max_tasks: int = 0, max_memory: int = 0,
                  autoscale: tuple[int, int] | None = None,
-                 max_age: float = DEFAULT_MAX_AGE, broker_grace: float = BROKER_GRACE) -> None:
+                 max_age: float = DEFAULT_MAX_AGE, broker_grace: float = BROKER_GRACE,
+                 registered: Callable[[], Iterable[str]] | None = None) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.sid = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:6]}"
@@ -82,6 +83,7 @@ class Supervisor:
         self.lifeline = lifeline
         self.broker_grace = broker_grace  # a broker silent this long is not coming back: exit
         self.initializer = initializer  # run in each worker process, a replacement's too
+        self.registered = registered  # names of the tasks it knows (``inspect registered``)
         self._connect = connect
         self._connect_worker = connect_worker
         self.children: dict[int, tuple[str, Marker]] = {}
@@ -315,10 +317,9 @@ class Supervisor:
             code = 0
             try:
                 _become_child(self.pid, self._undertaker.fd)
-                ratelimit.limits = self.rates
                 failed = self.initializer.run() if self.initializer is not None else None
                 process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker,
-                              failed, self.max_tasks, self.max_memory)
+                              self.rates, failed, self.max_tasks, self.max_memory)
             except BaseException:
                 log.exception("worker process %s failed", wid)
                 code = 1
