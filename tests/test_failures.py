@@ -141,7 +141,7 @@ def test_a_task_its_dead_process_only_held_is_not_blamed(transport, procs, tmp_p
     procs.nbq("worker", "--broker", address, "-c", "1")
     with nbq.Client(address, max_task_deaths=1) as client:
         client.wait_for_workers(1)
-        fut = client._submit(abs, (-7,), {}, options={"eta": time.time() + 3})
+        fut = client.apply(abs, (-7,), eta=time.time() + 3)
         wait_until(lambda: client.workers()[0]["active"] == 1, what="the task to be held")
         (pid,) = client.workers()[0]["processes"]
         os.kill(pid, signal.SIGKILL)
