@@ -5,7 +5,7 @@ gather, with live progress and results as pandas DataFrames.
 """
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 
-from .asyncresult import AsyncResult
+from .tasks.asyncresult import AsyncResult
 from .client import Client, ship_modules as ship
 from .clusters import Cluster, LaunchWarning, SSHCluster
 from .clusters.slurm import SlurmCluster

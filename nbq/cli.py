@@ -407,7 +407,7 @@ def _ask_workers(args, command: str, arguments: dict) -> None:
 
 def _revoke(args) -> None:
     """Revoke tasks by id (queued ones at the broker); terminate also kills running ones."""
-    from .asyncresult import AsyncResult
+    from .tasks.asyncresult import AsyncResult
     from .client import Client
     terminate = args.what == "terminate"
     if len(args.arguments) < 1 + terminate:

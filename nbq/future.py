@@ -15,6 +15,7 @@ class Future(concurrent.futures.Future):
 
     _retrying = False  # a started task waiting to run again after a retry (a state notice)
     _on_output: "Callable[[list[bytes]], None] | None" = None
+    _early: "list[list[bytes]] | None" = None  # output that came before stream_output
 
     def __init__(self, task_id: str, client=None) -> None:
         super().__init__()
@@ -73,17 +74,31 @@ class Future(concurrent.futures.Future):
         return self.cancelled()
 
     def stream_output(self, fn: "Callable[[list[bytes]], None] | None") -> None:
-        """Call fn(frames) on the client's receiver thread with each piece of output the
-        running task streams (WorkerConnection.output: a remote cell's prints); None stops."""
-        self._on_output = fn
+        """Call fn(frames) with each piece of output the running task streams
+        (WorkerConnection.output: a remote cell's prints), on the client's receiver thread;
+        what came before this call is handed over first.  None stops."""
+        with self._condition:
+            self._on_output = fn
+            early, self._early = self._early, None
+        for frames in early or ():
+            self._call_output(fn, frames)
 
     def _output(self, frames: list) -> None:
-        fn = self._on_output
-        if fn is not None:
-            try:
-                fn([bytes(f) for f in frames])
-            except Exception:
-                logging.getLogger("nbq.client").exception("error handling task %s's output", self.id)
+        frames = [bytes(f) for f in frames]
+        with self._condition:
+            fn = self._on_output
+            if fn is None:
+                self._early = (self._early or []) + [frames]
+                return
+        self._call_output(fn, frames)
+
+    def _call_output(self, fn: Callable, frames: list[bytes]) -> None:
+        if fn is None:
+            return
+        try:
+            fn(frames)
+        except Exception:
+            logging.getLogger("nbq.client").exception("error handling task %s's output", self.id)
 
     def _notice(self, state: str) -> None:
         """A worker's state notice (receiver thread): RETRY while the task waits for its

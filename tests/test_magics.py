@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import sys
 import threading
 
 import pytest
@@ -301,3 +303,29 @@ def test_client_rich_repr_lists_broker_workers_and_queues(shared_client):
     (w,) = shared_client.workers()
     assert "<table" in bundle["text/html"] and str(w["pid"]) in bundle["text/html"]
     assert shared_client.address in bundle["text/plain"] and "queues" in bundle["text/plain"]
+
+
+@pytest.mark.parametrize("transport", ["zmq", "redis"])
+def test_output_streams_live_from_a_separate_worker_process(transport, procs, tmp_path):
+    """The cell runs on an `nbq worker` started apart, under another host name (its own UTS
+    namespace: as on another machine, nothing but the broker in common with the kernel), and
+    its output still streams while it runs."""
+    from conftest import standalone_broker
+    address = standalone_broker(transport, procs)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    procs.start(["unshare", "--uts", "sh", "-c", "hostname labhost-2 && exec "
+                 f"{sys.executable} -m nbq worker --broker {address} -c 1"], env=env)
+    with nbq.Client(address) as client:
+        client.wait_for_workers(1)
+        sh = InteractiveShell.instance()
+        sh.run_line_magic("load_ext", "nbq")
+        magics = sh.magics_manager.registry["NbqMagics"]
+        magics.client = client
+        try:
+            r, cap = run_streaming(sh, "%%remote\nimport socket\nprint('first', socket.gethostname())\n"
+                                   + WAIT_FOR_GO, "first", tmp_path / "go")
+        finally:
+            magics.client = None
+    assert r.success, cap.stderr
+    assert cap.stdout.endswith("released\n")
+    assert cap.stdout.split()[1] == "labhost-2"

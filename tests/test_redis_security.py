@@ -14,7 +14,8 @@ import redis
 import nbq
 from nbq import protocol
 from nbq.errors import FunctionRefused, MessageTooLarge
-from nbq.transport.redis import P, SPILLED, entry_fields, pack
+from nbq.transport.redis.frames import SPILLED, entry_fields, pack
+from nbq.transport.redis.keys import P
 from conftest import redis_server, redis_url, wait_until
 
 FORGER = protocol.Signer(b"not the key, but 32 bytes long!!")
@@ -397,7 +398,7 @@ def test_a_clients_own_dropped_entry_fails_its_task_a_forged_one_changes_nothing
     only if the entry is the one it added for it.  A forged entry naming another of its tasks
     is dropped too, and that task still runs."""
     import numpy as np
-    from nbq.transport.redis import unpack
+    from nbq.transport.redis.frames import unpack
     url = redis_url()
     r = redis.Redis.from_url(url)
     with nbq.Client(url) as client:

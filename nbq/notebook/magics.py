@@ -11,8 +11,8 @@
   there;
 - the worker runs the cell with its output captured and returns the outputs,
   the assigned names and the traceback of an exception (remotecell.py);
-- here the outputs are written in order, as they stream in when the worker is
-  on this machine (output.py), the names are bound, and a remote exception is
+- here the outputs are written in order, as they stream in from the worker,
+  wherever it runs (output.py), the names are bound, and a remote exception is
   raised as ``RemoteCellError`` so the cell fails (a following cell of "run
   all" does not run).  ``--all`` and ``--bg`` write output at the end only.
 """
@@ -190,7 +190,7 @@ class NbqMagics(Magics):
             return None
         with OutputStream() as output:
             fut = self.last = client.submit(remote_cell, *call, queue=args.queue,
-                                            stream=output.spec, **first)
+                                            stream=True, **first)
             try:
                 result = output.follow(fut, write_events, args.timeout)
             except KeyboardInterrupt:

@@ -1,26 +1,24 @@
 """A remote cell's output, received in the kernel: streamed while it runs, the rest at the end.
 
-``OutputStream`` binds a PULL socket on 127.0.0.1 for one cell; its ``spec``
-(address, a random token and this host's name) goes inside the (signed) task
-as remote_cell's ``stream``.  A worker on this machine pushes each output
-event as JSON (text and MIME bundles only, nothing is unpickled) tagged with
-the token and its sequence number; ``follow`` hands them on in order while the
-task runs.  The result still carries every event, so whatever did not stream
-(a worker on another machine, which cannot reach a loopback socket, or a gap)
-is handed on when the task finishes, in order and without repeats.
+A remote cell submitted with ``stream=True`` sends its output events while it
+runs through the worker's transport (TaskContext.output → WorkerConnection.output
+→ the client's ``out`` messages → Future.stream_output), from a worker on any
+machine: batches of JSON ``[first sequence number, events]`` (text and MIME
+bundles only; nothing is unpickled).  ``OutputStream.follow`` hands them on in
+order while the task runs.  The result still carries every event, so whatever
+did not stream (a gap, a transport that dropped a batch) is handed on when the
+task finishes, in order and without repeats.
 
 ``write_events`` is what the magic hands them to: streams to stdout/stderr,
 bundles through IPython's display publisher.
 """
 from __future__ import annotations
 
-import socket
+import json
 import sys
+import threading
 import time
-import uuid
 from typing import TYPE_CHECKING, Callable, Sequence
-
-import zmq
 
 if TYPE_CHECKING:
     from .remotecell import RemoteCellResult
@@ -55,27 +53,32 @@ def _flush() -> None:
 class OutputStream:
     """The kernel's end of one cell's output stream (see the module docstring)."""
 
-    POLL_MS = 50
+    POLL = 0.05
 
     def __init__(self) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.token = uuid.uuid4().hex
-        self.spec = {"address": f"tcp://127.0.0.1:{port}", "token": self.token,
-                     "host": socket.gethostname()}
         self.shown = 0            # events handed on, in order, from the stream
         self.gap = False          # one went missing: the rest is handed on from the result
+        self._got: list = []      # events streamed in, not handed on yet
+        self._cv = threading.Condition()
 
     def __enter__(self) -> "OutputStream":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        pass
 
-    def close(self) -> None:
-        self.sock.close()
+    def _receive(self, frames: list[bytes]) -> None:
+        """A batch of streamed events (the client's receiver thread): [first seq, events]."""
+        try:
+            start, events = json.loads(frames[0])
+        except (ValueError, TypeError, IndexError):
+            return
+        with self._cv:
+            if self.gap or start != self.shown + len(self._got):
+                self.gap = True
+                return
+            self._got.extend(events)
+            self._cv.notify()
 
     def follow(self, fut, on_events: Callable[[list], None] = write_events,
                timeout: float | None = None) -> "RemoteCellResult":
@@ -86,38 +89,30 @@ class OutputStream:
         fut.result() raises.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not fut.done():
-            fut._await(0)  # BrokerUnavailable once the client has given up on its broker
-            wait_ms = self.POLL_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                wait_ms = max(1, min(wait_ms, int(left * 1000)))
-            self._drain(wait_ms, on_events)
-        self._drain(0, on_events)
+        fut.stream_output(self._receive)
+        try:
+            while not fut.done():
+                fut._await(0)  # BrokerUnavailable once the client has given up on its broker
+                wait = self.POLL
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    wait = min(wait, left)
+                self._hand_on(wait, on_events)
+            self._hand_on(0, on_events)
+        finally:
+            fut.stream_output(None)
         result = fut.result()
         on_events(result.outputs[self.shown:])
         return result
 
-    def _drain(self, timeout_ms: int, on_events: Callable[[list], None]) -> None:
-        """Hand on what arrives within timeout_ms (and right after), a batch per POLL_MS."""
-        batch: list = []
-        started = time.monotonic()
-        while self.sock.poll(timeout_ms):
-            timeout_ms = 0
-            try:
-                token, seq, event = self.sock.recv_json(zmq.NOBLOCK)
-            except (zmq.ZMQError, ValueError, TypeError):
-                continue
-            if token != self.token or self.gap:
-                continue
-            if seq != self.shown:
-                self.gap = True
-                continue
-            batch.append(event)
-            self.shown += 1
-            if time.monotonic() - started >= self.POLL_MS / 1000:
-                on_events(batch)
-                batch, started = [], time.monotonic()
-        on_events(batch)
+    def _hand_on(self, wait: float, on_events: Callable[[list], None]) -> None:
+        """Hand on what streamed in, waiting up to wait seconds for something."""
+        with self._cv:
+            if not self._got:
+                self._cv.wait(wait)
+            batch, self._got = self._got, []
+            self.shown += len(batch)
+        if batch:
+            on_events(batch)

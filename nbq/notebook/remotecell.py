@@ -10,9 +10,9 @@ as its ``repr``.
 
 The cell's stdout/stderr and ``display()`` calls become output events, in
 order: ``("stdout"|"stderr", text)`` or ``("display", data, metadata)``.
-Every event travels back in the RemoteCellResult; when the magic passed a
-stream address and the worker is on the same machine, each is also pushed at
-once (see output.py).  The assigned names come back pickled one by one, and an
+Every event travels back in the RemoteCellResult; when the magic asks for a
+stream, they also go to the client as they happen, through the worker's
+transport (TaskContext.output), from any machine (see output.py).  The assigned names come back pickled one by one, and an
 exception as its type name, message and traceback with the cell's own line
 numbers.
 """
@@ -22,16 +22,19 @@ import ast
 import base64
 import builtins
 import io
+import json
 import os
 import socket
 import sys
+import threading
 import time
 import types
 import uuid
 from typing import Any, Callable
 
 import cloudpickle
-import zmq
+
+from ..worker import context
 
 #: How long a task of an ``--all`` round that lands on a process that already ran
 #: the cell keeps that process busy, so the other tasks of the round go elsewhere.
@@ -78,36 +81,53 @@ class RemoteCellResult:
 
 
 class _Events:
-    """The worker's side of a cell's output: every event is kept (it travels back
-    with the result) and, when a stream address was given, pushed at once."""
+    """The worker's side of a cell's output: every event is kept (it travels back with
+    the result) and, when streaming, sent on through the worker's transport
+    (TaskContext.output) in batches at most every FLUSH_EVERY seconds, by a thread of
+    its own so a cell that prints and then computes for long still shows its output."""
 
-    def __init__(self, outputs: list, stream: dict | None) -> None:
+    FLUSH_EVERY = 0.05
+
+    def __init__(self, outputs: list, send: Callable[[list], None] | None) -> None:
         self.outputs = outputs
-        self.sock = None
-        if stream and stream.get("host") == socket.gethostname():
-            try:
-                self.sock = zmq.Context.instance().socket(zmq.PUSH)
-                self.sock.setsockopt(zmq.LINGER, 1000)
-                self.sock.setsockopt(zmq.SNDHWM, 100_000)
-                self.sock.connect(stream["address"])
-                self.token = stream["token"]
-            except zmq.ZMQError:
-                self.sock = None
+        self.send = send
+        self.sent = 0                   # events sent on so far
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher = None
+        if send is not None:
+            self._flusher = threading.Thread(target=self._run, name="nbq-cell-output", daemon=True)
+            self._flusher.start()
 
     def __call__(self, event: tuple) -> None:
         if event[0] == "display":   # bytes (a figure's PNG) would stop the JSON stream
             event = ("display", _text_only(event[1]), event[2])
-        self.outputs.append(event)
-        if self.sock is not None:
+        with self._lock:
+            self.outputs.append(event)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.FLUSH_EVERY):
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            start, events = self.sent, self.outputs[self.sent:]
+            self.sent = len(self.outputs)
+        if events:
             try:
-                self.sock.send_json([self.token, len(self.outputs) - 1, list(event)], zmq.NOBLOCK)
-            except (zmq.ZMQError, TypeError, ValueError):
-                self.close()       # the rest travels with the result
+                self.send([json.dumps([start, [list(e) for e in events]]).encode()])
+            except (TypeError, ValueError):
+                self.send = None        # the rest travels with the result only
+                self._stop.set()
+            except Exception:
+                self._stop.set()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self._flusher is not None:
+            self._stop.set()
+            self._flusher.join()
+            if self.send is not None:
+                self._flush()
 
 
 def _text_only(data: dict) -> dict:
@@ -185,15 +205,15 @@ def _divert_ipython_display(display: Callable) -> Callable[[], None]:
 
 def remote_cell(code: str, shipped: dict[str, bytes], modules: dict[str, str],
                 assigns: list[str], run_id: str | None = None,
-                magic_line: str | None = None, stream: dict | None = None) -> RemoteCellResult:
+                magic_line: str | None = None, stream: bool = False) -> RemoteCellResult:
     """Runs on a worker: the cell in a fresh namespace, capturing what it prints and displays.
 
     shipped holds the pickled names it reads, modules the read names that are
     modules (imported here), assigns the names to bring back.  With run_id
     (``--all``), a process runs the cell at most once.  With magic_line (the
     cell's ``%%remote ...`` line), line numbers in a traceback are those the
-    user sees in the notebook cell.  stream is where to push output events as
-    they happen (output.py).
+    user sees in the notebook cell.  With stream, output events also go to
+    the client as they happen, through the worker's transport (output.py).
     """
     import importlib
     import linecache
@@ -212,7 +232,8 @@ def remote_cell(code: str, shipped: dict[str, bytes], modules: dict[str, str],
     lines = code.splitlines(True)
     linecache.cache[filename] = (len(code), None, lines, filename)
     ns: dict[str, Any] = {"__name__": "__nbq_remote__", "__builtins__": builtins}
-    emit = _Events(result.outputs, stream)
+    ctx = context.current() if stream else None
+    emit = _Events(result.outputs, ctx.output if ctx is not None else None)
 
     def display(*objs: Any, raw: bool = False, **kw: Any) -> None:
         for obj in objs:

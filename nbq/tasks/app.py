@@ -12,7 +12,7 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable
 
-from ..asyncresult import AsyncResult
+from .asyncresult import AsyncResult
 from ..worker.context import current as current_call
 from . import runner
 from .canvas import GroupResult, Signature

@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import redis
-
+from ..errors import BrokerUnavailable
 from ..transport import REDIS_SCHEMES
 from ..transport.redis import P, check, connect, parse_address, retrying
 from .crontab import BaseSchedule, maybe_schedule
@@ -51,7 +50,7 @@ log = logging.getLogger("nbq.beat")
 DEFAULT_SCHEDULE = "nbq-beat-schedule"  # the marks file when the broker is not Redis
 MAX_LOOP_INTERVAL = 300.0  # Celery's beat_max_loop_interval: re-read the clock at least this often
 ENTRY_KEYS = {"task", "schedule", "args", "kwargs", "options"}
-LAST_KEY = P + "beat:last:"  # + entry name: its mark (see transport/redis.py's key schema)
+LAST_KEY = P + "beat:last:"  # + entry name: its mark (see transport/redis/keys.py's key schema)
 
 MARK_SKEW = 5.0  # seconds a mark may lie ahead of a beat's clock (another host's): more is bad
 
@@ -130,7 +129,7 @@ class RedisMarks:
         """fn() through Redis outages; None once stopping (nothing is claimed while stopping)."""
         try:
             return retrying(what, self.safe, fn, give_up=self._stopping)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except BrokerUnavailable:
             return None
 
     def last(self, name: str, now: float) -> float | None:

@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Iterable
 
-from ..asyncresult import AsyncResult
+from .asyncresult import AsyncResult
 from . import serializers
 from .runner import Runner, header_id, worker_client
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from concurrent.futures import CancelledError
 from typing import Any
 
-from .errors import NbqError
-from .states import FAILURE, SUCCESS
+from ..errors import NbqError
+from ..states import FAILURE, SUCCESS
 
 
 class AsyncResult:
@@ -79,8 +79,8 @@ class AsyncResult:
 def _default_client():
     """The current client; where none is open but an nbq.App was made (a Celery project's web
     process or task asking by id), that app's client, as Celery's AsyncResult uses its app's."""
-    from .client import current_client
-    from .tasks.app import _current
+    from ..client import current_client
+    from .app import _current
     try:
         return current_client()
     except NbqError:
