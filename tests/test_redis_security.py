@@ -96,8 +96,8 @@ def test_bad_messages_on_a_clients_result_stream_leave_it_receiving(cluster):
     """Before: the same entries on nbq:rs:{client} killed the client's receiver thread, and
     every later submit timed out.  After: dropped (counted in the client's store), results go on.
 
-    White-box of nbq/transport/redis.py: the count is the client store's own (a client's drops
-    are logged, not stored in Redis for status)."""
+    White-box of nbq/transport/redis/store.py: the count is the client store's own (a
+    client's drops are logged, not stored in Redis for status)."""
     client, r, _ = cluster
     rs = P + "rs:" + client.id
     for m in [_spilled(P.encode() + b"b:x", 1 << 62), b"\x01", b"", pack([b"{}"]),
