@@ -40,6 +40,7 @@ from .errors import (BrokerTimeout, BrokerUnavailable, FunctionRefused, KeyMisma
                      MessageTooLarge, NbqError, SerializationError)
 from .future import Future
 from .mapresult import MapResult, _Chunker
+from .policy import CONNECT_TIMEOUT, HEARTBEAT
 from .schema import PRIORITY_MAX
 from .transport import client_connection
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbq.client")
 
-CONNECT_TIMEOUT = 10.0
 DIRECT_SEND = 64 * 1024  # tasks with payloads this large skip the outbox and go at once
 BURST = 0.0002           # a submit sooner than this after the previous one joins a batch
 MAX_CHUNKSIZE = 10_000
@@ -56,7 +56,6 @@ UNSIZED_CHUNKSIZE = 64
 CHUNKS_PER_PROCESS = 4
 FUNCTION_CACHE = 256
 FUNCTION_KEEP = 64 << 20  # bytes of function pickles kept to re-send to a restarted broker
-HEARTBEAT = 1.0          # seconds between the client's hellos to its broker
 BROKER_SILENCE = 3.0     # a broker silent this long is logged, and gets everything again later
 BROKER_GRACE = 30.0      # ... and after this long, waits raise BrokerUnavailable
 RESEND_BATCH = 1 << 20   # bytes of tasks per message when re-sending

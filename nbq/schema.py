@@ -5,7 +5,7 @@ returns True, or False or a string saying what is wrong); required fields are
 listed apart.  Fields no schema names are not read by the broker
 and travel as they came (signed, so a receiver that reads them trusts them as
 much as the rest).  ``refuse`` also checks who may send a kind (the first byte
-of the peer's identity, broker.py) and that the payload frames add up to what
+of the peer's identity, broker/loop.py) and that the payload frames add up to what
 the header says, so a handler never meets a field it cannot use.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _fault(fields: dict[str, Check], required: tuple, obj: dict) -> str | None:
     return None
 
 
-#: A task as a client sends it (broker.py reads id, h, q, pr, f, m, mp, s0, n, nf, a;
+#: A task as a client sends it (the broker reads id, h, q, pr, f, m, mp, s0, n, nf, a;
 #: deaths.py and workers the rest).
 TASK = {"id": _str, "h": _str, "q": _str, "pr": _ints(0, PRIORITY_MAX), "f": _flag,
         "m": _one_of("call", "map", "star"), "mp": _str, "s0": _count, "n": _ints(1, 1 << 53),

@@ -39,8 +39,9 @@ from typing import Any
 import zmq
 
 from .. import keys
-from ..broker import DEFAULT_RESULT_EXPIRES, Broker
+from ..broker import Broker
 from ..errors import LaunchError, NbqError
+from ..policy import RESULT_EXPIRES
 from ..version import __version__
 from ..transport import with_result_expires
 
@@ -99,7 +100,7 @@ class Cluster:
             self.context = zmq.Context()
             inproc = f"inproc://nbq-broker-{id(self)}"
             self.broker = Broker(self.key, [listen, inproc], self.context,
-                                 result_expires=result_expires or DEFAULT_RESULT_EXPIRES)
+                                 result_expires=result_expires or RESULT_EXPIRES)
             self.address = self.broker.addresses[0]
             self.connect_address = inproc
             self._thread = threading.Thread(target=self.broker.run, name="nbq-broker", daemon=True)

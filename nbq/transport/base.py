@@ -158,6 +158,11 @@ class SupervisorConnection(ABC):
 class WorkerConnection(ABC):
     """A worker process's link: fetch tasks, fetch functions, report results."""
 
+    #: The largest result payload the broker takes (its largest message, less room for a
+    #: result message's header), once this connection knows it (fetch sets it); None: no
+    #: limit known.  The worker process fails a larger result with MessageTooLarge.
+    max_result: int | None = None
+
     @abstractmethod
     def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
         """The next batch of tasks, waiting for it up to timeout seconds (None: for ever)."""

@@ -1,4 +1,4 @@
-"""The ZeroMQ transport: DEALER sockets talking to nbq's broker (broker.py).
+"""The ZeroMQ transport: DEALER sockets talking to nbq's broker (nbq/broker/).
 
 A client has two sockets so that user threads can send while the receiver
 thread blocks: ``t<client id>`` sends, ``c<client id>`` receives.  Supervisors
@@ -27,7 +27,6 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol, secure
 from ..errors import KeyMismatch, MessageTooLarge, SignatureError
-from ..worker import execute
 from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
@@ -272,7 +271,7 @@ class ZmqWorker(WorkerConnection):
                 continue
             header, frames = decoded
             if header["k"] == "welcome":  # results must fit in the broker's largest message
-                execute.max_result = header["mx"] - RESULT_HEADROOM
+                self.max_result = header["mx"] - RESULT_HEADROOM
             elif header["k"] == "fn":
                 self._functions[header["h"]] = frames
             elif header["k"] == "tasks":

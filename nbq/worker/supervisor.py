@@ -35,6 +35,7 @@ import time
 import uuid
 from typing import Callable, Iterable
 
+from ..policy import CONNECT_TIMEOUT, HEARTBEAT
 from ..replay import DEFAULT_MAX_AGE, ReplayWindow
 from ..transport.base import SupervisorConnection, WorkerConnection
 from . import control, groups, process, ratelimit
@@ -43,10 +44,8 @@ from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
 
-HEARTBEAT = 1.0
 BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone (waited for)
 BROKER_GRACE = 300.0    # how long a gone broker is waited for before this worker exits
-CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
 MEMORY_EVERY = 0.1      # seconds between looks at the processes' memory (--max-memory-per-child)
 #: --autoscale shrinks the pool once it has wanted fewer processes for this long
 #: (Celery's AUTOSCALE_KEEPALIVE; the environment variable NBQ_AUTOSCALE_KEEPALIVE sets it)

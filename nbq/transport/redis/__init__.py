@@ -50,11 +50,8 @@ the client and its workers must agree on them (local workers get the same URL).
 from __future__ import annotations
 
 from .client import RedisClient
-from .connection import check, connect, parse_address, retrying
-from .keys import P
+from .connection import retrying
 from .supervisor import RedisSupervisor
 from .worker import RedisWorker
 
-__all__ = ["RedisClient", "RedisSupervisor", "RedisWorker",
-           # for tasks/beat.py, until it has a transport interface of its own
-           "P", "check", "connect", "parse_address", "retrying"]
+__all__ = ["RedisClient", "RedisSupervisor", "RedisWorker", "retrying"]

@@ -63,8 +63,7 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:jn:{key}        Set of the members of a join (a chord's header task ids), and
   nbq:jf:{key}        its "fired" flag: set once, by the member that completed it
   nbq:claim:{key}     a client's claim-once (SET NX PX ttl): the client id that won it
-  nbq:beat:last:{entry}  when a beat last sent that beat_schedule entry (ms since the
-                      epoch), claimed by compare-and-set so each tick is sent once (tasks/beat.py)
+                      (beat ticks: beat:{entry}:{tick ms}, tasks/beat.py)
   nbq:keyfp           the fingerprint of the cluster's signing key (nbq/keys.py), SET NX by
                       the first client, supervisor or worker process to connect; each later one
                       compares its own and refuses to start when it differs (transport/base.py)
