@@ -144,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for parser in (w, bt):
         parser.add_argument("-s", "--schedule", default=None, help="beat's file of when each entry "
-                            "was last sent, when the broker is not Redis (default: nbq-beat-schedule, "
-                            "here)")
+                            "was last sent, read when it restarts (beats share ticks through the broker, "
+                            "not this file; default: nbq-beat-schedule, here)")
         parser.add_argument("-l", "--loglevel", dest="log_level", default=argparse.SUPPRESS,
                             help="as --log-level (info logs each beat send)")
     for parser in (i, c):
@@ -310,8 +310,8 @@ def _make_beat(app, address: str, schedule: str | None):
     from .tasks.beat import Beat
     app.conf.broker_url = address
     beat = Beat(app, schedule)
-    print(f"nbq beat: {len(beat.entries)} entries of {app.main}, marks in {beat.marks.where}",
-          flush=True)
+    print(f"nbq beat: {len(beat.entries)} entries of {app.main}, marks in {beat.marks.where}, "
+          "each tick claimed on the broker", flush=True)
     return beat
 
 

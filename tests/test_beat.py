@@ -1,30 +1,32 @@
 """Periodic tasks: crontab parsing and next fire times, and beat's ticks (time passed in, no sleeps).
 
-Beat is driven here with explicit times (Beat.start(now), Beat.tick(now)) over the
-marks it keeps in a file or in the session's private Redis (never 6379); then as processes,
+Beat is driven here with explicit times (Beat.start(now), Beat.tick(now)) over the marks
+it keeps in a file and the claims it makes on a real broker (an embedded ZeroMQ one, or
+the session's private Redis, never 6379); then as processes,
 `nbq beat` and `nbq worker -A beatproj -B` on a 1-second schedule, read through their logs
 (each send, with its task id), the task ids their runs note, and results fetched by id.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from unittest.mock import ANY
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 
 import nbq
 from nbq.client import current_client
 from nbq.errors import NbqError
-from nbq.tasks.beat import LAST_KEY, Beat, app_timezone, read_entries
+from nbq.tasks.beat import Beat, app_timezone, claim_key, claim_ttl, read_entries
 from nbq.tasks.crontab import crontab, maybe_schedule, parse_field, schedule
-from conftest import redis_url, start_broker, wait_until
+from conftest import TRANSPORTS, redis_url, start_broker, wait_until
 
 UTC = timezone.utc
 NY = ZoneInfo("America/New_York")
@@ -141,10 +143,12 @@ def test_interval_ticks_lie_on_a_grid_from_the_epoch():
 # -- beat over explicit time ---------------------------------------------------
 
 class RecordingApp:
-    """What beat uses of nbq.App (conf, send_task), keeping what was sent."""
+    """What beat uses of nbq.App (conf, client, send_task), keeping what was sent; its client
+    is a real one, of a real broker, on which beat claims each tick."""
 
-    def __init__(self, **conf) -> None:
+    def __init__(self, client, **conf) -> None:
         self.conf = conf
+        self.client = client
         self.sent: list[tuple] = []
 
     def send_task(self, name, args=(), kwargs=None, **options):
@@ -157,18 +161,52 @@ EVERY_SECOND = {"tick": {"task": "tasks.add", "schedule": 1.0, "args": (1, 2),
                          "options": {"queue": "lopri"}}}
 
 
-def file_app(tmp_path, schedule=EVERY_SECOND, **conf):
-    app = RecordingApp(broker_url="tcp://127.0.0.1:5555", beat_schedule=schedule, **conf)
-    return app, lambda: Beat(app, tmp_path / "marks")
+@contextmanager
+def fresh_broker(transport: str):
+    """A broker of its own with no workers (no claims yet): an embedded ZeroMQ broker on a
+    thread of the test, or a fresh database of the session's private Redis."""
+    if transport == "redis":
+        yield redis_url()
+        return
+    cluster = nbq.Cluster()
+    try:
+        yield cluster.address
+    finally:
+        cluster.close()
 
 
-def redis_app(url, schedule=EVERY_SECOND, **conf):
-    app = RecordingApp(broker_url=url, beat_schedule=schedule, **conf)
-    return app, lambda: Beat(app)
+@pytest.fixture(params=TRANSPORTS)
+def broker(request):
+    with fresh_broker(request.param) as address:
+        yield address
 
 
-def test_entries_are_sent_by_name_with_args_and_options_once_per_tick(tmp_path):
-    app, make = file_app(tmp_path)
+@pytest.fixture
+def zmq_broker():
+    with fresh_broker("zmq") as address:
+        yield address
+
+
+@pytest.fixture
+def beat_app(tmp_path):
+    """beat_app(address, schedule, marks=name, **conf) -> (app, make): a RecordingApp with a
+    client of its own, and make() -> a new Beat of it on the marks file tmp_path/name (a beat
+    (re)started on one host); the clients are shut down after the test."""
+    clients = []
+
+    def make_app(address, schedule=EVERY_SECOND, marks="marks", **conf):
+        client = nbq.Client(address)
+        clients.append(client)
+        app = RecordingApp(client, broker_url=address, beat_schedule=schedule, **conf)
+        return app, lambda: Beat(app, tmp_path / marks)
+
+    yield make_app
+    for client in clients:
+        client.shutdown(wait=False)
+
+
+def test_entries_are_sent_by_name_with_args_and_options_once_per_tick(zmq_broker, beat_app):
+    app, make = beat_app(zmq_broker)
     beat = make()
     beat.start(T0 + 0.2)
     assert beat.tick(T0 + 0.5) == pytest.approx(0.5)      # nothing due yet: wait for T0+1
@@ -180,8 +218,8 @@ def test_entries_are_sent_by_name_with_args_and_options_once_per_tick(tmp_path):
     assert len(app.sent) == 2
 
 
-def test_a_late_beat_sends_once_not_once_per_missed_tick(tmp_path):
-    app, make = file_app(tmp_path)
+def test_a_late_beat_sends_once_not_once_per_missed_tick(zmq_broker, beat_app):
+    app, make = beat_app(zmq_broker)
     beat = make()
     beat.start(T0)
     beat.tick(T0 + 5.5)                 # ticks T0+1 .. T0+5 were missed: one send
@@ -190,11 +228,13 @@ def test_a_late_beat_sends_once_not_once_per_missed_tick(tmp_path):
     assert len(app.sent) == 1
     beat.tick(T0 + 6.0)
     assert len(app.sent) == 2
+    # what it claimed for the late send: the latest tick passed, the one any beat awake claims
+    assert not app.client.claim(claim_key("tick", T0 + 5), 60)
+    assert app.client.claim(claim_key("tick", T0 + 1), 60)
 
 
-@pytest.mark.parametrize("where", ["file", "redis"])
-def test_restart_sends_a_missed_tick_once_and_never_a_tick_twice(tmp_path, where):
-    app, make = file_app(tmp_path) if where == "file" else redis_app(redis_url())
+def test_restart_sends_a_missed_tick_once_and_never_a_tick_twice(broker, beat_app):
+    app, make = beat_app(broker)
     first = make()
     first.start(T0)
     first.tick(T0 + 1.0)
@@ -218,17 +258,16 @@ def test_restart_sends_a_missed_tick_once_and_never_a_tick_twice(tmp_path, where
     assert len(app.sent) == 5
 
 
-def test_a_new_entry_waits_for_its_first_tick(tmp_path):
-    app, make = file_app(tmp_path, {"daily": {"task": "t", "schedule": crontab(minute=0, hour=0)}})
+def test_a_new_entry_waits_for_its_first_tick(zmq_broker, beat_app):
+    app, make = beat_app(zmq_broker, {"daily": {"task": "t", "schedule": crontab(minute=0, hour=0)}})
     beat = make()
     beat.start(T0)
     assert beat.tick(T0) == 300.0           # capped by beat_max_loop_interval's default
     assert app.sent == []
 
 
-def test_two_beats_on_one_redis_send_each_tick_once():
-    url = redis_url()
-    apps_and_beats = [redis_app(url) for _ in range(2)]
+def test_two_beats_on_one_broker_send_each_tick_once(broker, beat_app):
+    apps_and_beats = [beat_app(broker, marks=f"marks{i}") for i in range(2)]
     beats = [make() for _, make in apps_and_beats]
     for b in beats:
         b.start(T0)
@@ -239,14 +278,12 @@ def test_two_beats_on_one_redis_send_each_tick_once():
     sent = [s for app, _ in apps_and_beats for s in app.sent]
     assert len(sent) == 20
     assert {len(app.sent) for app, _ in apps_and_beats} == {10}
-    r = redis.Redis.from_url(url)
-    assert int(r.get(LAST_KEY + "tick")) >= (T0 + 20) * 1000
-    r.close()
+    assert not apps_and_beats[0][0].client.claim(claim_key("tick", T0 + 20), 60)
 
 
-def test_crontab_entries_follow_the_app_timezone(tmp_path):
+def test_crontab_entries_follow_the_app_timezone(zmq_broker, beat_app):
     schedule = {"nine": {"task": "t", "schedule": crontab(minute=0, hour=9)}}
-    app, make = file_app(tmp_path, schedule, timezone="Asia/Tokyo")
+    app, make = beat_app(zmq_broker, schedule, timezone="Asia/Tokyo")
     beat = make()
     nine_tokyo = at(2024, 5, 2, 0, 0).timestamp()      # 09:00 in Tokyo is 00:00 UTC
     beat.start(nine_tokyo - 60)
@@ -273,24 +310,25 @@ def test_bad_entries_fail_when_beat_reads_them():
         read_entries({"x": {"task": "t", "schedule": "hourly"}})
 
 
-def test_a_failing_send_is_logged_and_the_next_entry_still_goes(tmp_path, caplog):
+def test_a_failing_send_is_logged_and_the_next_entry_still_goes(zmq_broker, tmp_path, caplog):
     class Failing(RecordingApp):
         def send_task(self, name, *a, **kw):
             if name == "bad":
                 raise OSError("broker gone")
             return super().send_task(name, *a, **kw)
 
-    app = Failing(broker_url="tcp://x:1", beat_schedule={
-        "a": {"task": "bad", "schedule": 1.0}, "b": {"task": "good", "schedule": 1.0}})
-    beat = Beat(app, tmp_path / "marks")
-    beat.start(T0)
-    beat.tick(T0 + 1)
+    with nbq.Client(zmq_broker) as client:
+        app = Failing(client, broker_url=zmq_broker, beat_schedule={
+            "a": {"task": "bad", "schedule": 1.0}, "b": {"task": "good", "schedule": 1.0}})
+        beat = Beat(app, tmp_path / "marks")
+        beat.start(T0)
+        beat.tick(T0 + 1)
     assert [s[0] for s in app.sent] == ["good"]
     assert "sending a (bad)" in caplog.text and "broker gone" in caplog.text
 
 
-def test_stop_ends_a_long_wait_at_once(tmp_path):
-    app, make = file_app(tmp_path, {"hourly": {"task": "t", "schedule": 3600.0}})
+def test_stop_ends_a_long_wait_at_once(zmq_broker, beat_app):
+    app, make = beat_app(zmq_broker, {"hourly": {"task": "t", "schedule": 3600.0}})
     beat = make()
     thread = threading.Thread(target=beat.run)
     thread.start()
@@ -381,7 +419,7 @@ COMMANDS = {"beat": ("beat",), "worker -B": ("worker", "-B", "-c", "1")}
 def beat(procs, env, broker: str, *extra: str, command: str = "beat") -> Output:
     """`nbq beat` or `nbq worker -B` (which also runs what it sends) on the test project."""
     return Output(procs.nbq(*COMMANDS[command], "-A", "beatproj", "--broker", broker, "-l", "info",
-                            *extra, env=env))
+                            *extra, env=env, cwd=procs.tmp))  # its default marks file: there
 
 
 def queued(broker: str) -> int:
@@ -402,10 +440,11 @@ def test_beat_sends_every_second_each_tick_after_it_starts(procs, tmp_path):
     assert len(sends) - 1 <= queued(url) <= len(sends)  # a killed beat may log a send it never made
 
 
-def test_two_beat_processes_on_one_redis_send_each_tick_once(procs, tmp_path):
-    url = redis_url()
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_beat_processes_on_one_broker_send_each_tick_once(procs, tmp_path, transport):
+    url = redis_url() if transport == "redis" else start_broker(procs)
     env = project_env(tmp_path)
-    beats = [beat(procs, env, url) for _ in range(2)]
+    beats = [beat(procs, env, url, "-s", str(tmp_path / f"marks{i}")) for i in range(2)]
     for b in beats:
         wait_until(lambda: any("nbq beat:" in line for line in b.lines), what="beat to start")
     started = time.time()
@@ -494,3 +533,157 @@ def test_a_forked_process_does_not_take_its_parents_client():
                 os._exit(0)
             os._exit(1)
         assert os.waitpid(pid, 0)[1] == 0
+
+
+# -- beats coordinated through the broker's claim-once, over explicit time ----------------
+
+@pytest.mark.parametrize("mark", ["garbage", "", "1e400", -99999999999999999999, 10 ** 18, None,
+                                  [1]])
+def test_a_garbage_mark_in_the_file_neither_crashes_beat_nor_holds_back_ticks(zmq_broker, beat_app,
+                                                                              tmp_path, mark):
+    """A mark that is not an integer, lies before the epoch or in the far future counts as
+    none: the entry waits for its first tick, and its marks are rewritten."""
+    (tmp_path / "marks").write_text(json.dumps({"tick": mark}))
+    app, make = beat_app(zmq_broker)
+    beat = make()
+    beat.start(T0)
+    beat.tick(T0 + 1.0)
+    beat.tick(T0 + 2.0)
+    assert len(app.sent) == 2
+    assert json.loads((tmp_path / "marks").read_text()) == {"tick": (T0 + 2.0) * 1000}
+
+
+def test_a_marks_file_that_is_not_nbqs_is_refused_not_overwritten(zmq_broker, beat_app, tmp_path):
+    app, make = beat_app(zmq_broker)
+    for text in ("not json", "[1, 2]"):
+        (tmp_path / "marks").write_text(text)
+        with pytest.raises(ValueError, match="not nbq's JSON"):
+            make()
+        assert (tmp_path / "marks").read_text() == text
+
+
+def test_a_mark_ahead_of_the_clock_within_the_skew_is_kept(zmq_broker, beat_app, tmp_path):
+    """A mark a few seconds ahead (a clock stepped back a little) still counts: no tick up to
+    it is sent again; one further ahead than MARK_SKEW would be garbage (above)."""
+    (tmp_path / "marks").write_text(json.dumps({"tick": (T0 + 3.0) * 1000}))
+    app, make = beat_app(zmq_broker)
+    beat = make()
+    beat.start(T0)
+    for k in (1, 2, 3):
+        beat.tick(T0 + k)
+    assert app.sent == []
+    beat.tick(T0 + 4)
+    assert len(app.sent) == 1
+
+
+@pytest.mark.parametrize("ahead", [0.4, 30.0])
+def test_beats_whose_clocks_disagree_send_each_tick_once(broker, beat_app, ahead):
+    """One beat's clock is ahead of the other's (by less than the claim's ttl): each reaches a
+    tick at another moment, and the later one finds it claimed."""
+    (on_time, a), (fast, b) = [beat_app(broker, marks=f"marks{i}") for i in range(2)]
+    beats = a(), b()
+    beats[0].start(T0)
+    beats[1].start(T0 + ahead)
+    for second in range(1, 41):  # real time: the fast beat wakes at its own clock's ticks
+        beats[1].tick(T0 + second + ahead)
+        beats[0].tick(T0 + second)
+    # ticks 1 .. 40 + ahead, each once: the fast beat reaches ticks 1 .. 40 first
+    assert len(fast.sent) == 40 and len(on_time.sent) == int(ahead)
+
+
+def test_a_restarted_beat_does_not_send_again_what_another_sent(broker, beat_app, caplog):
+    """B stops while A goes on; B back late claims the latest tick passed (not the first it
+    missed), which A sent: no catch-up send."""
+    (app_a, make_a), (app_b, make_b) = [beat_app(broker, marks=f"marks{i}") for i in range(2)]
+    a, b = make_a(), make_b()
+    a.start(T0)
+    b.start(T0)
+    for k in range(1, 4):
+        a.tick(T0 + k)
+        b.tick(T0 + k + 0.01)
+    for k in range(4, 11):  # B is down
+        a.tick(T0 + k)
+    b = make_b()
+    b.start(T0 + 10.5)
+    with caplog.at_level("DEBUG", logger="nbq.beat"):
+        b.tick(T0 + 10.5)
+    assert app_b.sent == [] and len(app_a.sent) == 10
+    assert f"tick for tick {datetime.fromtimestamp(T0 + 10, UTC).isoformat()} was claimed" \
+        in caplog.text
+    b.tick(T0 + 11.0)
+    a.tick(T0 + 11.01)
+    assert len(app_a.sent + app_b.sent) == 11
+
+
+def test_claims_live_twice_the_interval_from_a_minute_up_to_a_year():
+    assert claim_ttl(1.0) == 60.0
+    assert claim_ttl(3600.0) == 7200.0
+    assert claim_ttl(86400.0 * 7) == 86400.0 * 14
+    assert claim_ttl(86400.0 * 365 * 4) == 86400.0 * 366
+    assert claim_key("add-every-10s", T0 + 10) == f"beat:add-every-10s:{int(T0 * 1000) + 10_000}"
+
+
+class DownBroker:
+    """A broker that can be killed and started again at the same address: an `nbq broker`
+    subprocess, or a private redis-server of the test's own (the session's stays up)."""
+
+    def __init__(self, transport: str, procs, tmp_path) -> None:
+        self.transport, self.procs = transport, procs
+        if transport == "redis":
+            from redis_server import RedisServer
+            self.redis = RedisServer(tmp_path / "redis")
+            self.address = self.redis.url(db=0)
+        else:
+            self.address = start_broker(procs)
+
+    def kill(self) -> None:
+        if self.transport == "redis":
+            self.redis.kill()
+        else:
+            proc = self.procs.procs[-1]
+            proc.kill()
+            proc.wait()
+
+    def start(self) -> None:
+        if self.transport == "redis":
+            self.redis.start()
+        else:
+            start_broker(self.procs, self.address)
+
+    def close(self) -> None:
+        if self.transport == "redis":
+            self.redis.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_tick_due_while_the_broker_is_down_is_skipped_not_sent_twice(procs, tmp_path, caplog,
+                                                                        transport):
+    down = DownBroker(transport, procs, tmp_path)
+    client = nbq.Client(down.address, broker_grace=1.0)
+    try:
+        app = RecordingApp(client, broker_url=down.address, beat_schedule=EVERY_SECOND)
+        beat = Beat(app, tmp_path / "marks")
+        beat.start(T0)
+        beat.tick(T0 + 1)
+        assert len(app.sent) == 1
+        down.kill()
+        with caplog.at_level("WARNING", logger="nbq.beat"):
+            assert beat.tick(T0 + 2) == pytest.approx(1.0)  # raises nothing: beat goes on
+        assert len(app.sent) == 1
+        assert "beat: skipped tick (tasks.add) for tick" in caplog.text
+        down.start()
+
+        def answers() -> bool:
+            try:
+                client.status()
+            except NbqError:
+                return False
+            return True
+
+        wait_until(answers, 20, what="the broker back")
+        beat.tick(T0 + 3)
+        assert len(app.sent) == 2               # the next tick goes; the skipped one never does
+        assert not client.claim(claim_key("tick", T0 + 3), 60)
+    finally:
+        client.shutdown(wait=False)
+        down.close()

@@ -15,7 +15,8 @@ import redis
 
 import nbq
 from nbq import keys, protocol
-from nbq.transport.redis import P, entry_fields
+from nbq.transport.redis.frames import entry_fields
+from nbq.transport.redis.keys import P
 
 from conftest import free_port, redis_url, standalone_broker, wait_until
 

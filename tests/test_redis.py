@@ -14,7 +14,8 @@ import redis
 
 import nbq
 from nbq import protocol
-from nbq.transport.redis import P, entry_fields
+from nbq.transport.redis.frames import entry_fields
+from nbq.transport.redis.keys import P
 from conftest import redis_server, redis_url, wait_until
 from redis_server import RedisServer
 
@@ -157,7 +158,7 @@ def test_forged_entry_is_never_unpickled(procs, tmp_path):
         forger = protocol.Signer(b"not the key")
         fn = protocol.dumps(_MakesFile(str(marker)))
         h = protocol.function_hash(fn[0])
-        from nbq.transport.redis import pack
+        from nbq.transport.redis.frames import pack
         r.set(P + "fn:" + h, pack(forger.encode({"k": "fn", "h": h}, fn)))
         payload = protocol.dumps(((_MakesFile(str(marker)),), {}))
         for i, fh in enumerate([h, client._ship(abs)]):
@@ -168,8 +169,7 @@ def test_forged_entry_is_never_unpickled(procs, tmp_path):
         tid = f"{client.id}-names-forged-fn"
         named = client._futures[tid] = nbq.Future(tid, client)
         args = protocol.dumps(((), {}))
-        client._conn.send({"k": "tasks", "t": [{"id": tid, "h": h, "q": "default", "f": 1,
-                                                "nf": len(args)}]}, args)
+        client._conn.submit([{"id": tid, "h": h, "q": "default", "f": 1, "nf": len(args)}], args)
         with pytest.raises(nbq.SignatureError, match="refused"):
             named.result(timeout=15)
         good = client.submit(abs, -1)

@@ -14,7 +14,8 @@ import redis
 import nbq
 from nbq import protocol
 from nbq.errors import FunctionRefused, MessageTooLarge
-from nbq.transport.redis import P, SPILLED, entry_fields, pack
+from nbq.transport.redis.frames import SPILLED, entry_fields, pack
+from nbq.transport.redis.keys import P
 from conftest import redis_server, redis_url, wait_until
 
 FORGER = protocol.Signer(b"not the key, but 32 bytes long!!")
@@ -396,7 +397,7 @@ def test_a_clients_own_dropped_entry_fails_its_task_a_forged_one_changes_nothing
     only if the entry is the one it added for it.  A forged entry naming another of its tasks
     is dropped too, and that task still runs."""
     import numpy as np
-    from nbq.transport.redis import unpack
+    from nbq.transport.redis.frames import unpack
     url = redis_url()
     r = redis.Redis.from_url(url)
     with nbq.Client(url) as client:
@@ -417,22 +418,3 @@ def test_a_clients_own_dropped_entry_fails_its_task_a_forged_one_changes_nothing
             fut.result(timeout=20)
         assert other.result(timeout=20) == 1 << 18
         assert _dropped(client) == {"invalid": 1, "signature": 1}
-
-
-@pytest.mark.parametrize("mark", [b"garbage", b"", b"1e400", b"-99999999999999999999",
-                                  str(10 ** 18).encode()])
-def test_a_garbage_beat_mark_neither_crashes_beat_nor_holds_back_ticks(mark):
-    """Before: a mark that is not an integer crashed beat at start (int()), and one in the far
-    future suppressed every tick until then.  After: such a mark counts as none."""
-    from nbq.tasks.beat import LAST_KEY
-    from test_beat import T0, redis_app
-    url = redis_url()
-    r = redis.Redis.from_url(url)
-    r.set(LAST_KEY + "tick", mark)
-    app, make = redis_app(url)
-    beat = make()
-    beat.start(T0)
-    beat.tick(T0 + 1.0)
-    beat.tick(T0 + 2.0)
-    assert len(app.sent) == 2
-    assert int(r.get(LAST_KEY + "tick")) == (T0 + 2.0) * 1000

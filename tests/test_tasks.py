@@ -74,7 +74,7 @@ def test_delay_get_and_states(project):
     assert again.get(timeout=10) == 8
 
 
-def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project, caplog):
+def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project, caplog, tmp_path):
     """reports.py and celeryconfig.py import from Celery's module paths under nbq: shared tasks,
     states, results, exceptions and schedules work as they do under Celery."""
     import reports
@@ -112,7 +112,7 @@ def test_a_celery_project_with_celery_replaced_by_nbq_in_its_imports(project, ca
     # the config's crontab (from nbq.schedules) drives a beat: its tick runs the shared task
     entry = project.app.conf.beat_schedule["nightly-report"]
     assert isinstance(entry["schedule"], crontab)
-    beat = Beat(project.app)
+    beat = Beat(project.app, tmp_path / "marks")
     beat.start(time.time())
     beat.tick(beat.due["nightly-report"])  # 03:00 UTC: the tick is sent now
     wait_until(lambda: project.lines("nightly"), 20, what="the nightly report run by the worker")

@@ -259,7 +259,7 @@ def test_replayed_control_command_is_obeyed_once(procs):
 
 def test_replayed_control_command_on_redis_is_obeyed_once(procs):
     import redis as redis_py
-    from nbq.transport.redis import CTL
+    from nbq.transport.redis.keys import CTL
     url = redis_url()
     procs.nbq("worker", "--broker", url, "-c", "1")
     with nbq.Client(url) as c:

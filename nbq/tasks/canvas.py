@@ -176,7 +176,7 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
         eta = time.time() + float(opts["countdown"])
     if expires is not None:
         expires = expires.timestamp() if isinstance(expires, datetime) else time.time() + expires
-    req: dict = {"rs": opts["result_serializer"]}
+    req: dict = {"result_serializer": opts["result_serializer"]}
     for key, value in (("chain", chain), ("chord", chord), ("each", opts.get("each")),
                        ("tl", opts.get("time_limit")), ("stl", opts.get("soft_time_limit")),
                        ("link", opts.get("link")), ("link_error", opts.get("link_error"))):

@@ -15,7 +15,7 @@ skipped and one that happens twice fires once (the first time).
 
 An interval's ticks are multiples of ``run_every`` since the Unix epoch, not
 counted from when a beat started: so every beat, and a restarted one, agrees
-on which tick is which (what lets two beats on one Redis fire each tick once).
+on which tick is which (what lets beats on one broker fire each tick once).
 """
 from __future__ import annotations
 

@@ -115,8 +115,8 @@ class Runner:
         finally:
             _requests.pop()
         _after_success(ctx, request, req, value)
-        rs = req.get("rs", "pickle")
-        return serializers.decode(rs, serializers.encode(rs, value, f"the result of {self.name}"))
+        ser = req.get("result_serializer", "pickle")
+        return serializers.decode(ser, serializers.encode(ser, value, f"the result of {self.name}"))
 
 
 def _invoke(ctx: TaskContext, task: Task, request: Request, req: dict, args, kwargs) -> Any:

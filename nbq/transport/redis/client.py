@@ -1,0 +1,351 @@
+"""A client's connection to Redis: a sender thread plays the broker's part; receive() reads rs:."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import redis
+
+from ... import protocol
+from ...errors import BrokerUnavailable, MessageTooLarge, NbqError, SignatureError
+from ..base import ClientConnection
+from .answers import ANSWERS, FALLBACK
+from .connection import check, connect
+from .frames import entry_fields, pack, stored_apart
+from .keys import P, group, queue_key, text
+from .scripts import SUBMIT
+from .store import Store
+
+log = logging.getLogger("nbq.transport.redis")
+
+TRIM_AFTER = 4 << 20      # a client trims what it has read of its rs: after 4 MiB or 64 messages
+
+
+class RedisClient(ClientConnection):
+    """A client: a sender thread plays the broker's part for this client; receive() reads rs:.
+
+    hello (the client's heartbeat too) is answered at once with Redis's run_id (the boot
+    id), not behind this client's sends: a Redis that stops answering leaves the client's
+    hellos unanswered, and one that restarted says so: the client then sends again the
+    tasks lost() names, those Redis no longer knows (it came back empty).
+    """
+
+    durable = True  # queued work is in Redis (with AOF or RDB, through a restart too)
+
+    def __init__(self, address: str, key: bytes, client_id: str, context=None) -> None:
+        self.store = Store(address, key)
+        self.signer = self.store.signer
+        self.cid = client_id
+        try:
+            check(self.store.r, self.store.safe)
+            self.store.check_key(key)
+        except NbqError:
+            self.store.close()
+            raise
+        self._rx = connect(self.store.url, self.store.safe)  # the receiver's blocking reads
+        self._rs, self._wk = P + "rs:" + client_id, P + "wk:" + client_id
+        self._last = {self._rs: "0-0", self._wk: "0-0"}
+        self._untrimmed = 0  # bytes read from rs: since it was last trimmed (64 KiB at least each)
+        self._inbox: deque = deque()
+        self._outbox: deque = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
+        self._maps: set[str] = set()
+        # task id -> (its entry "queue key entry id", mode, items) for unfinished tasks with
+        # frames stored apart: the only entries of this client a worker may drop (_dropped)
+        self._own: dict[str, tuple[str, str, int]] = {}
+        self._sender = threading.Thread(target=self._send_loop, name=f"nbq-redis-sender-{client_id}",
+                                        daemon=True)
+        self._sender.start()
+
+    def hello(self, rq: int | None) -> None:
+        try:
+            try:
+                boot = self.store.r.info("server").get("run_id")
+            except redis.ResponseError:  # INFO not allowed to this user: restarts are not seen
+                self.store.r.ping()
+                boot = None
+        except redis.RedisError:
+            return  # no answer: the client notices the silence
+        self._reply_local({"k": "welcome", "rq": rq, "b": boot})
+
+    def ship(self, h: str, frames: list) -> None:
+        self._send({"k": "fn", "h": h}, frames)
+
+    def submit(self, tasks: list[dict], frames: list) -> None:
+        self._send({"k": "tasks", "t": tasks}, frames)
+
+    def end_map(self, map_id: str, total: int) -> None:
+        self._send({"k": "mapend", "mp": map_id, "total": total})
+
+    def cancel(self, rq: int, ids: list[str]) -> None:
+        self._send({"k": "cancel", "rq": rq, "ids": ids})
+
+    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
+        self._send({"k": "watch", "rq": rq, "ids": list(ids), "maps": list(maps)})
+
+    def info(self, rq: int) -> None:
+        self._send({"k": "info", "rq": rq})
+
+    def join(self, rq: int, key: str, member: str, total: int) -> None:
+        self._send({"k": "join", "rq": rq, "key": key, "member": member, "total": total})
+
+    def claim(self, rq: int, key: str, ttl: float) -> None:
+        self._send({"k": "claim", "rq": rq, "key": key, "ttl": ttl})
+
+    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
+                ci: str) -> None:
+        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
+                    "ci": ci})
+
+    def _send(self, header: dict, frames: list = ()) -> None:
+        limit = self.store.settings.max_message_size
+        if frames and protocol.frame_size(frames) > limit:
+            items = header.get("t")
+            if header.get("k") == "tasks" and len(items) > 1:  # a batch: each task is one entry
+                for item, payload in protocol.split(items, frames):
+                    self._send({"k": "tasks", "t": [item]}, payload)
+                return
+            raise MessageTooLarge(
+                f"this {header.get('k')!r} message is {protocol.frame_size(frames):,} bytes, more "
+                f"than max_message_size ({limit:,} bytes) at Redis {self.store.safe}: send less "
+                "at once (a large input as a file or a shared path), or raise the limit with "
+                "?max_message_size=BYTES in the Redis address of the client and every worker")
+        header["c"] = self.cid
+        with self._cv:
+            self._outbox.append((header, list(frames)))
+            self._cv.notify()
+
+    def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
+        out = []
+        while self._inbox:
+            out.append(self._inbox.popleft())
+        if out:
+            block = None
+        else:
+            block = 0 if timeout is None else max(1, int(timeout * 1000))
+        trim = self._last[self._rs] if self._untrimmed >= TRIM_AFTER else None
+
+        def read():
+            if trim is None:
+                return self._rx.xread(dict(self._last), block=block)
+            pipe = self._rx.pipeline(transaction=False)
+            pipe.xtrim(self._rs, minid=trim)
+            pipe.xread(dict(self._last), block=block)
+            return pipe.execute()[-1]
+
+        # an outage returns after about timeout, so that the client's heartbeat goes on
+        until = time.monotonic() + (1.0 if timeout is None else timeout)
+        try:
+            got = self.store.retry("receiving", read,
+                                   give_up=lambda: self._closing or time.monotonic() > until)
+        except BrokerUnavailable:
+            return out
+        if trim is not None:
+            self._untrimmed = 0
+        large: list = []  # (task id, bytes, keys) of results read with frames stored apart
+        for stream, entries in got or ():
+            stream = stream.decode() if isinstance(stream, bytes) else stream
+            for eid, fields in entries:
+                self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
+                if stream == self._rs and fields and b"m" in fields:
+                    self._untrimmed += max(len(fields[b"m"]), TRIM_AFTER // 64)
+                    decoded = self.store.decode(fields[b"m"], f"entry {eid!r} of {stream}")
+                    if decoded is not None and decoded[0].get("k") == "dropped":
+                        decoded = self._dropped(decoded[0])
+                    elif decoded is not None and decoded[0].get("k") == "res":
+                        large += stored_apart(decoded[0], fields[b"m"])
+                        if self._own:
+                            for item in decoded[0]["t"]:
+                                self._own.pop(item["id"], None)
+                    if decoded is not None:
+                        out.append(decoded)
+        if large:
+            self.store.keep(large)
+        while self._inbox:
+            out.append(self._inbox.popleft())
+        return out
+
+    def _dropped(self, header: dict) -> tuple[dict, list] | None:
+        """A worker's (signed) notice that it dropped a bad entry whose header names one of this
+        client's tasks.  If that entry is the one this client added for the task (its frames
+        stored apart are gone or changed, or pass the worker's max_message_size), the task
+        fails here with SignatureError; else (a forged entry or a copy naming the task) nothing
+        changes: unverified bytes never fail anyone's task, and the task's own entry still runs.
+        Only entries with frames stored apart are known (_own): no other entry of a client
+        with the right key fails to verify at a worker with the right key."""
+        tid, why = header.get("id"), header.get("why")
+        own = self._own.get(tid)
+        if own is None or own[0] != header.get("e"):
+            log.warning("a worker dropped an entry naming task %s that is not this client's own "
+                        "(%s): ignored", tid, why)
+            return None
+        del self._own[tid]
+        _, mode, n = own
+        err = protocol.error_record(SignatureError(
+            f"task {tid} was dropped by a worker, unrun: {why}"))
+        if mode == "call":
+            item, payload = {"id": tid, "s": 0, "n": 1, "ok": 0}, protocol.dumps(err)
+        else:
+            item = {"id": tid, "s": 0, "n": n}
+            payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), err)))
+        item["nf"] = len(payload)
+        return {"k": "res", "t": [item]}, payload
+
+    def wake(self) -> None:
+        try:
+            self.store.r.xadd(self._wk, {"w": b""}, maxlen=1, approximate=False)
+        except redis.RedisError:
+            pass
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._sender.join(10.0)
+        try:
+            self.store.r.delete(self._rs, self._wk)
+        except redis.RedisError:
+            pass
+        self.store.close()
+        self._rx.close()
+
+    # -- the sender thread: the broker's part for this client ------------------
+
+    def _reply_local(self, header: dict, frames: list = ()) -> None:
+        self._inbox.append((header, list(frames)))
+        self.wake()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._outbox and not self._closing:
+                    self._cv.wait()
+                if not self._outbox:
+                    return
+                batch = []
+                while self._outbox and len(batch) < 2000:
+                    batch.append(self._outbox.popleft())
+            try:
+                self._handle(batch)
+            except NbqError as e:
+                log.error("%s", e)
+            except Exception:
+                log.exception("error sending to Redis at %s", self.store.safe)
+
+    def _handle(self, batch: list) -> None:
+        simple: list = []
+        for header, frames in batch:
+            if header["k"] in FALLBACK:
+                self._flush(simple)
+                simple = []
+                if header["k"] == "cancel":  # no more this client's own to fail (_dropped)
+                    for tid in header["ids"]:
+                        self._own.pop(tid, None)
+                answer, messages = self._answer(header)
+                self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
+                self._inbox.extend(messages)
+                self.wake()
+            else:
+                simple.append((header, frames))
+        self._flush(simple)
+
+    def _answer(self, header: dict) -> tuple[dict, list]:
+        """A request's answer from Redis state, and the messages it brings (stored results)."""
+        answer = ANSWERS[header["k"]]
+        try:
+            return self.store.retry(header["k"], lambda: answer(self.store, self.cid, header))
+        except Exception:  # the request must still be answered, or the caller waits
+            log.exception("error answering %r from Redis state", header["k"])
+            return FALLBACK[header["k"]], []
+
+    def _flush(self, messages: list) -> None:
+        if not messages:
+            return
+        st = self.store
+        for header, _ in messages:
+            if header["k"] == "tasks":
+                for item in header["t"]:
+                    lane = (item.get("q", "default"), item.get("pr", 0))
+                    if lane not in self._queues:
+                        st.retry("creating a queue", lambda: group(st.r, *lane))
+                        self._queues.add(lane)
+        cmds: list = []  # (method, args, kwargs): a pipeline is rebuilt for each attempt
+        hashes = set()
+        tasks: list = []  # SUBMIT's arguments for each task
+        big: dict = {}  # task id -> (queue key, mode, items) of tasks with frames stored apart
+        ntasks = 0
+        chunked: set[str] = set()  # maps given chunks here: their chunk lists' expiry renewed once
+        for header, frames in messages:
+            k = header["k"]
+            if k == "fn":
+                fk = P + "fn:" + header["h"]
+                blob = pack(self.signer.encode({"k": "fn", "h": header["h"]}, frames))
+                # SET, not SET NX: whatever is stored under the key (a blob a worker refused)
+                # is replaced; once per client and function (and again after a refusal)
+                cmds.append(("set", (fk, blob), {"ex": st.ttl_s}))
+            elif k == "tasks":
+                for item, payload in protocol.split(header["t"], frames):
+                    item["c"] = self.cid
+                    spill = st.frames.spiller(payload)
+                    fields = entry_fields(self.signer.encode({"k": "tasks", "t": [item]}, payload),
+                                          spill)
+                    qk = queue_key(item.get("q", "default"), item.get("pr", 0))
+                    tasks += [item["id"], qk, 2 * len(fields),
+                              *(x for kv in fields.items() for x in kv)]
+                    if "b" in fields:
+                        big[item["id"]] = (qk, item.get("m", "call"), item.get("n", 1))
+                    ntasks += 1
+                    hashes.add(item.get("h"))
+                    mp = item.get("mp")
+                    if mp is not None:
+                        if mp not in self._maps:
+                            self._maps.add(mp)
+                            cmds.append(("hset", (P + "m:" + mp,), {"mapping": {
+                                "star": int(item.get("m") == "star"), "c": self.cid}}))
+                            cmds.append(("expire", (P + "m:" + mp, st.ttl_s), {}))
+                        cmds.append(("rpush", (P + "mc:" + mp,
+                                               f"{item['id']} {item.get('s0', 0)} {item.get('n', 1)}"), {}))
+                        chunked.add(mp)
+            elif k == "mapend":
+                cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
+                cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
+        cmds += [("expire", (P + "mc:" + mp, st.ttl_s), {}) for mp in chunked]
+        if tasks:  # after the functions they name, in one step with their owners (EVAL: no
+            # script cache to reload after a Redis restart; Redis compiles it once)
+            hashes.discard(None)
+            cmds.append(("eval", (SUBMIT, 0, P, st.ttl_s, self.cid, len(hashes), *hashes,
+                                  ntasks, *tasks), {}))
+
+        def execute():
+            if len(cmds) == 1:  # a lone task: no pipeline's cost
+                name, args, kwargs = cmds[0]
+                return getattr(st.r, name)(*args, **kwargs)
+            pipe = st.r.pipeline(transaction=False)
+            for name, args, kwargs in cmds:
+                getattr(pipe, name)(*args, **kwargs)
+            return pipe.execute()
+
+        if cmds:
+            got = st.retry("sending", execute)
+            if big:
+                added = got if len(cmds) == 1 else got[-1]
+                for tid, eid in zip(added[::2], added[1::2]):
+                    qk, mode, n = big[text(tid)]
+                    self._own[text(tid)] = (f"{qk} {text(eid)}", mode, n)
+
+    def lost(self, ids: list[str]) -> list[str]:
+        """Tasks with neither an owner (o:, from SUBMIT until done) nor a result (r:): those
+        a Redis that restarted without its data lost.  Its queues and maps are made again."""
+        self._queues.clear()
+        self._maps.clear()
+
+        def ask():
+            pipe = self.store.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.exists(P + "o:" + tid, P + "r:" + tid)
+            return pipe.execute()
+        return [tid for tid, n in zip(ids, self.store.retry("looking for lost tasks", ask)) if not n]

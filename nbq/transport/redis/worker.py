@@ -1,0 +1,341 @@
+"""A worker process's connection to Redis: take batches, store results and take the next
+batch in one step, "started" and retry notices, output streaming, dead workers' tasks."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+
+import redis
+
+from ... import policy, protocol
+from ...errors import FunctionRefused, MessageTooLarge, NbqError
+from ..base import WorkerConnection
+from . import scripts
+from .frames import BadMessage, Spilled, entry_frames, pack
+from .keys import GROUP, P, group, stream_keys
+from .recovery import reclaim
+from .store import Store
+
+log = logging.getLogger("nbq.transport.redis")
+
+BLOCK_MS = 1000           # a worker's XREADGROUP wait; reclaim checks run between waits
+RECLAIM_EVERY = 1.0       # seconds between a worker's looks for dead workers' entries
+FUNCTION_WAIT = 10.0      # a function not stored is waited for this long: a Redis that came back
+                          # empty gets it again from its client (the tasks may come first)
+
+
+class Notices:
+    """A worker process's "started" notices: for submitted tasks still running STARTED_DELAY
+    after they started, sent by a thread of their own."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._cv = threading.Condition()
+        self._due: dict[str, tuple[float, str]] = {}  # task id -> (when, submitting client)
+        threading.Thread(target=self._run, name="nbq-started", daemon=True).start()
+
+    def running(self, items: list[dict]) -> None:
+        """Tasks that start now."""
+        when = time.monotonic() + policy.STARTED_DELAY
+        with self._cv:
+            idle = not self._due  # else the thread already waits for an earlier time
+            for item in items:
+                if item.get("f") and item.get("c"):
+                    self._due[item["id"]] = (when, item["c"])
+            if idle and self._due:
+                self._cv.notify()
+
+    def done(self, ids) -> None:
+        """Tasks that need no notice any more."""
+        with self._cv:
+            for tid in ids:
+                self._due.pop(tid, None)
+
+    def _run(self) -> None:
+        st = self._store
+        while True:
+            with self._cv:
+                while not self._due:
+                    self._cv.wait()
+                wait = min(when for when, _ in self._due.values()) - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                now = time.monotonic()
+                due: dict[str, list] = {}
+                for tid, (when, c) in list(self._due.items()):
+                    if when <= now:
+                        due.setdefault(c, []).append(tid)
+                        del self._due[tid]
+
+            def tell():
+                pipe = st.r.pipeline(transaction=False)
+                for c, ids in due.items():
+                    pipe.xadd(P + "rs:" + c, {"m": pack(st.signer.encode({"k": "started", "ids": ids}))})
+                    pipe.expire(P + "rs:" + c, st.ttl_s)
+                pipe.execute()
+
+            try:
+                st.retry("telling submitters", tell)
+            except NbqError as e:
+                log.warning("could not send started notices: %s", e)
+
+
+def _too_large(item: dict, size: int, limit: int) -> tuple[dict, list]:
+    """A result part too large to store, as the error saying so (for each item of a chunk)."""
+    err = protocol.error_record(MessageTooLarge(
+        f"the result of task {item['id']} is {size:,} bytes, more than max_message_size "
+        f"({limit:,} bytes): return less (write large outputs to a file or a shared path), or "
+        "raise the limit with ?max_message_size=BYTES in the Redis address of the client "
+        "and every worker"))
+    if "ok" in item:  # a call's result
+        payload = protocol.dumps(err)
+        return dict(item, ok=0, nf=len(payload)), payload
+    n = item.get("n", 1)
+    payload = protocol.dumps(([None] * n, dict.fromkeys(range(n), err)))
+    return dict(item, nf=len(payload)), payload
+
+
+class RedisWorker(WorkerConnection):
+    """One consumer of the queues' groups: XREADGROUP, run, store results and XACK atomically."""
+
+    def __init__(self, address: str, key: bytes, wid: str, hello: dict) -> None:
+        self.store = Store(address, key)
+        self.wid = wid
+        self.sid = hello["s"]
+        st = self.store
+        st.check_key(key)  # before reading any entry: a process with another key takes none
+
+        def join():
+            for q in hello["q"]:
+                group(st.r, q)
+            st.r.hset(P + "procs:" + self.sid, wid, hello["pid"])
+            st.r.expire(P + "procs:" + self.sid, int(policy.HEARTBEAT_TIMEOUT * 3))
+            return stream_keys(st.r, hello["q"])
+
+        self.queues: list[str] = list(hello["q"])
+        self.keys = st.retry("joining", join)  # its queues' streams, read in this order
+        # task id -> (queue key, entry id, item, keys of its frames stored apart)
+        self._batch: dict[str, tuple[str, str, dict, list]] = {}
+        self._reported: set[str] = set()  # tasks of the batch with a result sent before "ready"
+        self._carried: set[str] = set()   # tasks held past their batch (due later): acked when done
+        # entries found again after a connection error, or read with a more urgent one: run
+        # one by one before any new ones are taken
+        self._held: deque = deque()
+        self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
+        self._troubles_seen = self.store.troubles
+        self._notices = Notices(self.store)
+        self._costs = policy.Costs()
+        self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
+
+    def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        batch, self._prefetched = self._prefetched, []
+        while True:
+            if time.monotonic() >= self._next_reclaim:  # busy or idle, every RECLAIM_EVERY
+                self._next_reclaim = time.monotonic() + RECLAIM_EVERY
+                try:
+                    self._reclaim()
+                except (redis.RedisError, NbqError) as e:
+                    log.warning("looking for dead workers' tasks failed: %s", e)
+            if batch:
+                return batch
+            left = BLOCK_MS if deadline is None else int(1000 * (deadline - time.monotonic()))
+            if left <= 0:
+                return []
+            batch = self._next_batch(min(BLOCK_MS, left))
+
+    def _next_batch(self, block_ms: int) -> list[tuple[dict, list]]:
+        """The next batch, started; [] when none came within block_ms."""
+        st = self.store
+        if st.troubles != self._troubles_seen:
+            # An XREADGROUP whose reply was lost with a connection left its entries
+            # pending on this consumer, unseen: read this consumer's own history (id 0).
+            self._troubles_seen = st.troubles
+            held = {eid for _, eid, _ in self._held}
+            got = st.retry("recovering tasks", lambda: st.r.xreadgroup(
+                GROUP, self.wid, dict.fromkeys(self.keys, "0"), count=policy.BATCH_MAX))
+            self._held.extend((s.decode(), eid, f) for s, es in got or () for eid, f in es
+                              if eid not in held)
+        held = bool(self._held)
+        if held:
+            entries = [self._held.popleft()]
+        else:
+            if len(self.keys) > len(self.queues):
+                # priority streams: a backlog is taken most urgent first, as REPORT does
+                # (XREADGROUP would return an entry of each stream that has any)
+                taken = self._verify(st.store([], take=(self.wid, 1, "", self.queues)))
+                if taken:
+                    return self._begin(taken)
+            got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
+                GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1, block=block_ms))
+            # one entry of each stream that had any: the most urgent runs, the rest (pending
+            # on this consumer now) are held to run next, one by one
+            entries = sorted(((s.decode(), eid, f) for s, es in got or () for eid, f in es),
+                             key=lambda e: self.keys.index(e[0]))
+            self._held.extend(entries[1:])
+            entries = entries[:1]
+        first = self._verify(entries)
+        if not first:
+            return []
+        qk, eid, item, _, _ = first[0]
+        h = item.get("h") or ""
+        more = 0 if held else self._costs.batch(h) - 1
+        got = st.retry("starting tasks", lambda: st.start(
+            args=[P, st.ttl_s, self.wid, qk, eid, item["id"], more, h]))
+        if not got[0]:
+            return []  # revoked: acknowledged and deleted by the script, never run
+        return self._begin(first + self._verify([scripts.taken(e) for e in got[1:]]))
+
+    def _verify(self, entries: list) -> list:
+        """(queue key, entry id, item, payload, fields) of entries that are verified tasks of
+        the stream they came from; the others are dropped (Store.drop), never run."""
+        out, bad = [], []
+        for qk, eid, fields in entries:
+            try:
+                if not fields:
+                    raise BadMessage("invalid", "it has no fields (deleted?)")
+                item, payload = self.store.task(qk, fields)
+            except BadMessage as e:
+                self.store.bad(e, f"entry {eid!r} of {qk}")
+                bad.append((qk, eid, fields, e))
+                continue
+            out.append((qk, eid, item, payload, fields))
+        if bad:
+            self.store.drop(bad)
+        return out
+
+    def _begin(self, batch: list) -> list[tuple[dict, list]]:
+        """The batch of started entries, noted for report() and for "started" notices."""
+        out = []
+        for qk, eid, item, payload, fields in batch:
+            spilled = ([f.key for f in entry_frames(fields) if isinstance(f, Spilled)]
+                       if b"b" in fields else [])  # only an entry with frames stored apart has any
+            self._batch[item["id"]] = (qk, eid, item, spilled)
+            out.append((item, payload))
+        self._notices.running([item for item, _ in out])
+        return out
+
+    def function(self, h: str) -> list:
+        """The payload of the function stored under fn:{h}, if it is a signed function message
+        whose signed hash and whose payload's own hash are h; else FunctionRefused (the client
+        that sees it ships the function again: SET, replacing what is stored)."""
+        deadline = time.monotonic() + FUNCTION_WAIT
+        while True:
+            blob = self.store.retry("fetching a function",
+                                    lambda: self.store.r.get(P + "fn:" + h))
+            if blob is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if blob is None:
+            raise NbqError(f"function {h} is not stored at {self.store.safe} (expired?)")
+        try:
+            header, payload = self.store.verify(blob)
+        except BadMessage as e:
+            self.store.bad(e, f"function {h}")
+            raise FunctionRefused(h, f"what is stored under its key is not signed under the "
+                                     f"shared key ({e})") from None
+        if header.get("k") != "fn" or header.get("h") != h:
+            raise FunctionRefused(h, f"what is stored under its key is another message "
+                                     f"({header.get('k')!r} for {header.get('h')!r})")
+        if protocol.function_hash(b"".join(payload)) != h:
+            raise FunctionRefused(h, "the stored payload's hash is not the function's")
+        return payload
+
+    def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
+        self._notices.done(item["id"] for item, _ in results)
+        parts = []
+        limit = self.store.settings.max_message_size
+        for item, payload in results:
+            if payload and protocol.frame_size(payload) > limit:
+                item, payload = _too_large(item, protocol.frame_size(payload), limit)
+            entry = self._batch.get(item["id"])
+            task = entry[2] if entry else {"id": item["id"]}
+            self._costs.add(task.get("h"), item.get("d"))
+            parts.append((task, item, payload))
+            self._reported.add(item["id"])
+        acks, spilled = [], []
+        for tid in self._carried & {item["id"] for item, _ in results}:
+            self._carried.discard(tid)  # held past its batch (due later), now done
+            qk, eid, _, keys = self._batch.pop(tid)
+            acks.append((qk, eid, tid))
+            spilled += keys
+        if not ready:
+            self._finish(parts, acks, spilled)
+            return
+        reported, self._reported = self._reported, set()
+        last = ""  # the function of the batch's last task: the next batch may be more of it
+        for tid, (qk, eid, task, keys) in list(self._batch.items()):
+            if tid in reported:
+                acks.append((qk, eid, tid))
+                spilled += keys
+                last = task.get("h") or ""
+                del self._batch[tid]
+            else:
+                self._carried.add(tid)
+        # The next batch is taken and started in the same step that stores these results,
+        # as the ZeroMQ broker hands a worker its next task with its "ready": so a client
+        # that sees a result and cancels what follows finds the next task started.
+        ntake = 0 if self._held else self._costs.batch(last)  # held entries go first
+        taken = self._finish(parts, acks, spilled, take=(self.wid, ntake, last, self.queues))
+        self._prefetched = self._begin(self._verify(taken))
+
+    def notice(self, ids: list[str], state: str) -> None:
+        st = self.store
+        if state == "RETRY":
+            self._notices.done(ids)  # no "started" notice after this one
+        msgs = [(tid, pack(st.signer.encode({"k": "state", "ids": [tid], "s": state})))
+                for tid in ids]
+
+        def tell():
+            for tid, msg in msgs:
+                st.notice(args=[P, st.ttl_s, tid, state, msg])
+
+        try:
+            st.retry("telling a retry's clients", tell)
+        except NbqError as e:
+            log.warning("could not send %s notices: %s", state, e)
+
+    def output(self, task: dict, frames: list) -> None:
+        cid = task.get("c")
+        if cid is None:
+            return
+        entry = {"m": pack(self.store.signer.encode({"k": "out", "id": task["id"]}, frames))}
+        try:  # redis-py's pool is thread-safe: a task's threads print too
+            pipe = self.store.r.pipeline(transaction=False)
+            pipe.xadd(P + "rs:" + cid, entry)
+            pipe.expire(P + "rs:" + cid, self.store.ttl_s)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # best effort: the output travels with the result too
+
+    def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
+        """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""
+        taken = self.store.store(parts, acks=acks, take=take)
+        if spilled:
+            self.store.retry("deleting large inputs", lambda: self.store.r.delete(*spilled))
+        return taken
+
+    def _reclaim(self) -> None:
+        """Follow the supervisor's queue list (add_consumer, cancel_consumer); claim and
+        re-queue the entries of consumers whose supervisor's heartbeat expired (recovery.py)."""
+        st = self.store
+        hb = st.r.get(P + "hb:" + self.sid)
+        try:  # unsigned: this process's supervisor rewrites it every heartbeat
+            queues = json.loads(hb)["q"] if hb is not None else None
+            queues = queues if isinstance(queues, list) and all(isinstance(q, str) for q in queues) else None
+        except (ValueError, TypeError, KeyError):
+            queues = None
+        if queues is not None:
+            for q in set(queues) - set(self.queues):
+                group(st.r, q)
+            self.queues = queues
+        self.keys = stream_keys(st.r, self.queues)  # and the priorities given streams since
+        reclaim(st, self.keys, self.sid, self.wid)
+
+    def close(self) -> None:
+        self.store.close()
