@@ -32,6 +32,7 @@ class Receiver:
                  futures: dict, chunks: dict) -> None:
         self._conn = conn
         self._sender = sender
+        self._sent = sender.sent  # tasks sent, not seen finish (the Sender's table, shared)
         self._functions = functions
         self._feeder = feeder
         self._requests = requests
@@ -104,7 +105,7 @@ class Receiver:
             return
         fut = self._futures.pop(tid, None)
         if fut is not None:
-            self._sender.sent.pop(tid, None)
+            self._sent.pop(tid, None)
             try:
                 value = protocol.loads(payload)
             except Exception as e:
@@ -134,7 +135,7 @@ class Receiver:
         res._deliver(start, values, errors)
         if res._done.find(0, chunk_start, chunk_start + chunk_n) == -1:
             del self._chunks[tid]
-            self._sender.sent.pop(tid, None)
+            self._sent.pop(tid, None)
             res._chunks.pop(tid, None)
             self._feeder.feed(res.id)
 
@@ -148,7 +149,7 @@ class Receiver:
 
     def revoke(self, tid: str) -> int:
         """Mark a task the broker revoked (a future, or a map chunk) here; returns its item count."""
-        self._sender.sent.pop(tid, None)
+        self._sent.pop(tid, None)
         fut = self._futures.pop(tid, None)
         if fut is not None:
             fut._revoked()
@@ -163,7 +164,7 @@ class Receiver:
 
     def _fail_task(self, tid: str, error: BaseException) -> None:
         """End one of this client's tasks here with error (its map's window moves on)."""
-        self._sender.sent.pop(tid, None)
+        self._sent.pop(tid, None)
         fut = self._futures.pop(tid, None)
         if fut is not None and not fut.done():
             if fut._state == "PENDING":
@@ -203,7 +204,7 @@ class Receiver:
 
     def _resend(self) -> None:
         """Send the broker again: functions, unfinished tasks, map ends, watches, requests."""
-        sent = self._sender.sent
+        sent = self._sent
         self._sender.flush()
         for tid in [t for t in list(sent) if t not in self._futures and t not in self._chunks]:
             sent.pop(tid, None)  # finished (or cancelled) meanwhile
