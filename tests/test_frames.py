@@ -1,4 +1,4 @@
-"""Tests for nbq.frames.to_dataframe: map results to a DataFrame."""
+"""Tests for nbq.client.frames.to_dataframe: map results to a DataFrame."""
 
 import collections
 import os
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import NOTEBOOKS, execute_notebook, widget_states
-from nbq.frames import to_dataframe
+from nbq.client.frames import to_dataframe
 
 Point = collections.namedtuple("Point", "x y")
 
@@ -217,7 +217,7 @@ def test_no_positions_gives_an_empty_result_column():
 def test_importing_frames_does_not_import_pandas():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    code = "import sys, nbq.frames; assert 'pandas' not in sys.modules, 'pandas imported'"
+    code = "import sys, nbq.client.frames; assert 'pandas' not in sys.modules, 'pandas imported'"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 

@@ -8,7 +8,7 @@ import pytest
 import nbq
 from conftest import NOTEBOOKS, execute_notebook, wait_until, widget_states
 from nbq.notebook.widgets import ProgressWidget, widget_progress
-from nbq.progress import FuturesProgress, TextBar
+from nbq.client.progress import FuturesProgress, TextBar
 
 
 def square(x):
