@@ -21,6 +21,7 @@ Celery = App  # so that `from celery import Celery` needs only `celery` replaced
 
 
 __all__ = [
+    "__version__",
     "Client", "ship", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
