@@ -1,16 +1,16 @@
-"""The ZeroMQ broker's stored results: by task id, within a byte budget, oldest evicted first.
+"""Stored results by task id, within a byte budget, oldest evicted first: the ZeroMQ
+broker's (broker/results.py) and the in-process broker's (transport/memory/).
 
 A result reaches its client as it arrives; what is stored is the copy that
 AsyncResult, MapResult.from_id and watchers fetch later.  When the stored
 payloads pass the budget, the results stored first are dropped first (those
-tasks' results can then no longer be fetched by id); ``result_expires`` drops
-any of them earlier.
+tasks' results can then no longer be fetched by id).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from .protocol import frame_size
+from . import protocol
 
 PART_OVERHEAD = 200  # bytes counted per stored part beside its payload (header, tuple, list)
 
@@ -32,7 +32,7 @@ class ResultStore:
         if parts is None:
             parts = self._parts[tid] = []
         parts.append(part)
-        size = frame_size(part[1]) + PART_OVERHEAD
+        size = protocol.frame_size(part[1]) + PART_OVERHEAD
         self._sizes[tid] = self._sizes.get(tid, 0) + size
         self.bytes += size
         while self.bytes > self.budget and self._parts:

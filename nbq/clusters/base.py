@@ -39,8 +39,9 @@ from typing import Any
 import zmq
 
 from .. import keys
-from ..broker import DEFAULT_RESULT_EXPIRES, Broker
+from ..broker import Broker
 from ..errors import LaunchError, NbqError
+from ..policy import RESULT_EXPIRES
 from ..version import __version__
 from ..transport import client_connection, with_result_expires
 from ..transport.base import ClientConnection
@@ -100,7 +101,7 @@ class Cluster:
             self.context = zmq.Context()
             inproc = f"inproc://nbq-broker-{id(self)}"
             self.broker = Broker(self.key, [listen, inproc], self.context,
-                                 result_expires=result_expires or DEFAULT_RESULT_EXPIRES)
+                                 result_expires=result_expires or RESULT_EXPIRES)
             self.address = self.broker.addresses[0]
             self.connect_address = inproc
             self._thread = threading.Thread(target=self.broker.run, name="nbq-broker", daemon=True)
@@ -380,10 +381,10 @@ class Cluster:
         with self._lock:
             if self._client is None:
                 self._check_open()  # no new client once close() has begun
-                from .. import client as client_module
-                current = client_module._current  # this client is the cluster's, not the user's
-                self._client = client_module.Client(self)
-                client_module._current = current
+                from ..client import Client, registry
+                current = registry._current  # this client is the cluster's, not the user's
+                self._client = Client(self)
+                registry._current = current
             client = self._client
         return client.status()
 

@@ -10,6 +10,7 @@ import time
 
 from ..states import RETRY, STARTED
 from ..transport.base import WorkerConnection
+from . import execute
 from .context import TaskContext
 from .execute import Functions, run
 from .marker import Marker
@@ -109,6 +110,7 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
             if _retire:
                 break
             batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
+            execute.max_result = conn.max_result  # results must fit in the broker's messages
             _waiting = False
             if max_tasks:
                 del batch[max_tasks - ran:]  # the rest go back to the queue when this one leaves

@@ -35,6 +35,7 @@ import time
 import uuid
 from typing import Callable, Iterable
 
+from ..policy import CONNECT_TIMEOUT, HEARTBEAT
 from ..replay import DEFAULT_MAX_AGE, ReplayWindow
 from ..transport.base import SupervisorConnection, WorkerConnection
 from . import control, groups, process, ratelimit
@@ -43,10 +44,8 @@ from .marker import Marker
 
 log = logging.getLogger("nbq.worker")
 
-HEARTBEAT = 1.0
 BROKER_TIMEOUT = 5.0    # no answer to heartbeats for this long: the broker is gone (waited for)
 BROKER_GRACE = 300.0    # how long a gone broker is waited for before this worker exits
-CONNECT_TIMEOUT = 10.0  # no first answer for this long: cannot reach the broker
 MEMORY_EVERY = 0.1      # seconds between looks at the processes' memory (--max-memory-per-child)
 #: --autoscale shrinks the pool once it has wanted fewer processes for this long
 #: (Celery's AUTOSCALE_KEEPALIVE; the environment variable NBQ_AUTOSCALE_KEEPALIVE sets it)
@@ -103,11 +102,11 @@ class Supervisor:
 
     @property
     def info(self) -> dict:
-        info = {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
-                "conc": self.concurrency, "q": self.queues,
+        info = {"sup": self.sid, "name": self.name, "host": self.host, "spid": self.pid,
+                "conc": self.concurrency, "queues": self.queues,
                 "mem": sum(process.resident(p) for p in [self.pid, *self.children])}
-        if self.autoscale:  # the broker answers with the queued tasks ("ql"), up to this many
-            info["as"] = self.autoscale[0]
+        if self.autoscale:  # the broker answers with the queued tasks ("queued"), up to this many
+            info["autoscale"] = self.autoscale[0]
         return info
 
     def run(self) -> str:
@@ -148,7 +147,7 @@ class Supervisor:
                             silent = False
                             log.warning("the broker answers again; serving it")
                         if self.autoscale and not self._warm:
-                            self._scale(header.get("ql", 0), now)
+                            self._scale(header.get("queued", 0), now)
                     elif header["k"] == "stop":
                         return "the broker is shutting down"
                     elif header["k"] == "ctl":
@@ -188,7 +187,7 @@ class Supervisor:
 
     def _on_control(self, conn: SupervisorConnection, request: dict) -> None:
         """Answer a control command addressed to this worker (by name or id, or to all)."""
-        dest = request.get("d")
+        dest = request.get("dest")
         if dest is not None and self.name not in dest and self.sid not in dest:
             return
         now = time.time()
@@ -197,7 +196,7 @@ class Supervisor:
             log.warning("refused control command %r: %s", str(request.get("cmd"))[:40], why)
             return
         self._controls.forget(now)
-        conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
+        conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("args") or {}))
         conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
 
     def stop(self) -> None:

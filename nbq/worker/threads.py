@@ -103,8 +103,8 @@ class ThreadPool:
 
     @property
     def info(self) -> dict:
-        return {"n": self.name, "host": self.host, "spid": self.pid, "conc": self.concurrency,
-                "q": list(self.queues)}
+        return {"sup": self.sid, "name": self.name, "host": self.host, "spid": self.pid,
+                "conc": self.concurrency, "queues": list(self.queues)}
 
     def _spawn(self) -> None:
         conn = MemoryWorker(broker(self.address), sid=self.sid)
@@ -136,7 +136,7 @@ class ThreadPool:
             requests, _ = self._conn.poll(POLL, [])
             for request in requests:
                 if request.get("k") == "ctl":
-                    reply = control.handle(self, request["cmd"], request.get("a") or {})
+                    reply = control.handle(self, request["cmd"], request.get("args") or {})
                     self._conn.answer(request, self.name, reply)
                     self._conn.heartbeat(self.info)  # a changed pool or queue list, at once
 

@@ -86,8 +86,8 @@ class MemoryClient(ClientConnection):
 
     def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
                 ci: str) -> None:
-        self.broker.control(self.cid, rq, {"cmd": command, "a": arguments, "d": destination,
-                                           "ci": ci})
+        self.broker.control(self.cid, rq, {"cmd": command, "args": arguments,
+                                           "dest": destination, "ci": ci})
 
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
         return [(header, _handed(frames) if len(frames) > 1 else frames)
@@ -109,7 +109,7 @@ class MemorySupervisor(SupervisorConnection):
         self._inbox = None
 
     def heartbeat(self, info: dict) -> None:
-        self._inbox = self.broker.heartbeat(dict(info, s=self.sid))
+        self._inbox = self.broker.heartbeat(dict(info, sup=self.sid))
 
     def lost(self, wid: str, how: str, at: list | None, end: dict | None = None,
              leaving: bool = False) -> None:

@@ -174,8 +174,8 @@ class MemoryBroker:
             for sid, sup in self.supervisors.items():
                 i = sup.info
                 workers.append({
-                    "id": sid, "name": i.get("n", sid), "host": i["host"], "pid": i["spid"],
-                    "concurrency": i["conc"], "queues": list(i["q"]),
+                    "id": sid, "name": i.get("name", sid), "host": i["host"], "pid": i["spid"],
+                    "concurrency": i["conc"], "queues": list(i["queues"]),
                     "active": sum(len(self.procs[w].running) for w in sup.procs if w in self.procs),
                     "processes": [i["spid"]] * len(sup.procs), "memory": i.get("mem")})
             queues = {q: sum(1 for _, _, t in heap if t.where == "queued")
@@ -205,11 +205,12 @@ class MemoryBroker:
             self._reply(cid, rq, {"won": won})
 
     def control(self, cid: str, rq: int, request: dict) -> None:
-        """Hand a control request (cmd, a, d, ci) to the pools it names; reply {"n": how many}."""
+        """Hand a control request (cmd, args, dest, ci) to the pools it names; reply {"n": how
+        many}."""
         with self._lock:
-            dest = request.get("d")
+            dest = request.get("dest")
             sups = [(sid, s) for sid, s in self.supervisors.items()
-                    if dest is None or sid in dest or s.info.get("n") in dest]
+                    if dest is None or sid in dest or s.info.get("name") in dest]
             for _, sup in sups:
                 sup.inbox.put(dict(request, k="ctl", c=cid))
             self._reply(cid, rq, {"n": len(sups)})
@@ -229,18 +230,18 @@ class MemoryBroker:
     def heartbeat(self, info: dict) -> Mailbox:
         """Register a pool, or update it (its queues: its threads follow); its inbox."""
         with self._lock:
-            sup = self.supervisors.get(info["s"])
+            sup = self.supervisors.get(info["sup"])
             if sup is None:
-                sup = self.supervisors[info["s"]] = Supervisor(dict(info), Mailbox())
+                sup = self.supervisors[info["sup"]] = Supervisor(dict(info), Mailbox())
             sup.info = dict(info)
             for wid in sup.procs:
-                self.procs[wid].queues = tuple(info["q"])
+                self.procs[wid].queues = tuple(info["queues"])
             self._work.notify_all()
             return sup.inbox
 
     def answer(self, request: dict, name: str, reply) -> None:
         with self._lock:
-            self._send(request["c"], {"k": "ctlr", "ci": request["ci"], "n": name, "r": reply})
+            self._send(request["c"], {"k": "ctlr", "ci": request["ci"], "name": name, "r": reply})
 
     def leave(self, sid: str) -> None:
         """A pool stopped: what its threads held is queued again."""
@@ -257,7 +258,7 @@ class MemoryBroker:
             sup = self.supervisors.get(sid) if sid is not None else None
             if sup is not None:
                 sup.procs.add(wid)
-                queues = tuple(sup.info["q"])
+                queues = tuple(sup.info["queues"])
             self.procs[wid] = Proc(wid, sid, queues)
 
     def take(self, wid: str, timeout: float | None, stopped) -> Task | None:
@@ -322,7 +323,7 @@ class MemoryBroker:
                 if task is not None and task.where == wid:
                     task.retrying = state == "RETRY"
                     for cid in {task.item["c"]} | self.watchers.get(tid, set()):
-                        self._send(cid, {"k": "state", "ids": [tid], "s": state})
+                        self._send(cid, {"k": "state", "ids": [tid], "state": state})
 
     def output(self, wid: str, tid: str, frames: list) -> None:
         with self._lock:

@@ -1,0 +1,145 @@
+"""Dispatch by credit: queued tasks go to idle worker processes, results make them idle again.
+
+A worker process holds at most one message of tasks at a time, so a task handed
+to a worker is started.  Tasks of a function measured at under a millisecond
+each may share a message, lasting ~BATCH_SECONDS (~2 ms) in all (policy.Costs,
+from the durations results report), and never more than a fair share of what is
+queued, so that one process does not take what others could run.  A task still
+running STARTED_DELAY after dispatch is reported STARTED to its client.
+"""
+from __future__ import annotations
+
+import time
+
+from .. import protocol
+from ..policy import HEARTBEAT, STARTED_DELAY, Costs
+from .members import Members, ProcessRecord
+from .outbox import Outbox
+from .queues import QueuedTask, Queues
+from .results import Results
+
+
+class Dispatcher:
+    """Hands tasks to idle processes, takes their results, reports tasks STARTED."""
+
+    def __init__(self, queues: Queues, members: Members, results: Results,
+                 outbox: Outbox) -> None:
+        self.queues = queues
+        self.members = members
+        self.results = results
+        self.outbox = outbox
+        self.costs = Costs()  # seconds per task of each function, from results
+        self._started: list[tuple[float, QueuedTask]] = []  # dispatched, not reported STARTED
+
+    @property
+    def starting(self) -> bool:
+        """Whether tasks wait to be reported STARTED (the loop then wakes within STARTED_DELAY)."""
+        return bool(self._started)
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to idle worker processes, batching short ones."""
+        now = time.monotonic()
+        for proc in self.members.procs.values():
+            if not proc.idle or proc.away_until > now:
+                continue
+            batch = self._take(proc)
+            if not batch:
+                continue
+            peer = b"w" + proc.wid.encode()
+            for h in {t.item["h"] for t in batch} - proc.functions:
+                fn = self.queues.functions.get(h)
+                if fn is None:  # sent again to a restarted broker ahead of its function
+                    batch = self.queues.park(batch, h)  # Queues.add_function queues them again
+                elif self.outbox.send(peer, {"k": "fn", "h": h}, fn):
+                    proc.functions.add(h)
+            if not batch:
+                continue
+            proc.idle = False
+            proc.running.extend(batch)
+            for t in batch:
+                t.where = proc.wid
+                if t.item.get("f"):
+                    self._started.append((now, t))
+            if len(batch) == 1 and batch[0].original is not None:
+                sent = self.outbox.send_raw(peer, batch[0].original)
+            else:
+                items, frames = [], []
+                for t in batch:
+                    items.append(t.item)
+                    frames.extend(t.frames)
+                sent = self.outbox.send(peer, {"k": "tasks", "t": items}, frames)
+            if not sent:
+                self._put_back(proc, batch, now)
+
+    def _take(self, proc: ProcessRecord) -> list:
+        """The next batch for proc from the first of its queues with a task waiting."""
+        for q in proc.queues:
+            lanes = self.queues.lanes.get(q)
+            dq = lanes.head() if lanes is not None else None
+            if dq is None:
+                continue
+            first = dq.popleft()
+            if not dq:
+                return [first]
+            limit = self.costs.batch(first.item.get("h"),
+                                     len(dq) // max(1, len(self.members.procs)))
+            batch = [first]
+            while dq and len(batch) < limit:
+                t = dq.popleft()
+                if t.where == "queued":
+                    batch.append(t)
+            return batch
+        return []
+
+    def _put_back(self, proc: ProcessRecord, batch: list, now: float) -> None:
+        """Queue again, first, a batch that could not reach its process: one gone without a
+        word (its worker killed, not yet missed by heartbeats), or away for a moment (it
+        stays idle, and is tried again after a while: it gets work once it is back)."""
+        proc.running = [t for t in proc.running if t.where != proc.wid or t not in batch]
+        proc.idle = True
+        proc.away_until = now + HEARTBEAT / 2
+        for t in reversed(batch):
+            self.queues.requeue(t)
+
+    def on_res(self, peer, header, frames, body):
+        """Results from a worker process: to their clients; with ``rdy`` it takes more work."""
+        proc = self.members.procs.get(header.get("w", ""))
+        parts = []
+        for item, payload in protocol.split(header["t"], frames):
+            task = self.queues.tasks.get(item["id"])
+            # a late answer from a process since declared dead still counts: items are deduplicated
+            if (task is not None and (proc is None or task.where == proc.wid)
+                    and item.get("s", 0) + item.get("n", 1) <= len(task.delivered)):
+                parts.append((task, item, payload))
+        owners = {task.item["c"] for task, _, _ in parts}
+        whole = len(owners) == 1 and len(parts) == len(header["t"])
+        for task, item, payload in parts:
+            self.costs.add(task.item.get("h"), item.get("d"))
+            self.results.deliver(task, item, payload, forward=not whole,
+                                 raw=body if len(header["t"]) == 1 else None)
+        if whole:
+            self.outbox.to_client(owners.pop(), body)
+        if proc is not None and header.get("rdy"):
+            # what it still holds (tasks due later) stays its own; a ready process takes more
+            proc.running = [t for t in proc.running
+                            if t.where == proc.wid and t.id in self.queues.tasks]
+            proc.idle = True
+
+    def flush_started(self, now: float) -> None:
+        """Report STARTED for tasks still running STARTED_DELAY after dispatch.
+
+        A quick task's result is its only message; a long one is seen STARTED
+        within ~10 ms.
+        """
+        due: dict[str, list] = {}
+        keep = []
+        for t0, task in self._started:
+            if self.queues.tasks.get(task.id) is not task or task.where == "queued":
+                continue
+            if now - t0 >= STARTED_DELAY:
+                due.setdefault(task.item["c"], []).append(task.id)
+            else:
+                keep.append((t0, task))
+        self._started = keep
+        for cid, ids in due.items():
+            self.outbox.to_client(cid, self.outbox.signer.encode({"k": "started", "ids": ids}))
