@@ -6,24 +6,22 @@ gather, with live progress and results as pandas DataFrames.
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 
 from .tasks.asyncresult import AsyncResult
-from .client import Client, ship_modules as ship
+from .client import Client, Future, MapResult, as_completed, ship_modules as ship, wait
+from .client.progress import progress
 from .clusters import Cluster, LaunchWarning, SSHCluster
 from .clusters.slurm import SlurmCluster
 from .errors import (BrokerTimeout, BrokerUnavailable, InputError, InvalidKey, KeyMismatch,
                      LaunchError, NbqError, RemoteError, SerializationError, SignatureError,
                      VersionMismatch, WorkerLost)
-from .future import Future
-from .mapresult import MapResult
 from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from .tasks import App, GroupResult, Signature, chain, chord, chunks, group, shared_task, signature
-from .progress import progress
 from .version import __version__
-from .waiting import as_completed, wait
 
 Celery = App  # so that `from celery import Celery` needs only `celery` replaced by `nbq`
 
 
 __all__ = [
+    "__version__",
     "Client", "ship", "Future", "AsyncResult", "MapResult", "as_completed", "wait",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",

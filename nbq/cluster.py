@@ -14,7 +14,40 @@ import os
 import subprocess
 import sys
 
+from typing import Callable
+
+from . import keys
 from .clusters.base import STOP_WAIT, Cluster
+
+
+def client_cluster(address: "str | Cluster | None", workers: int | None, *,
+                   key_file: str | None, result_expires: float | None,
+                   initializer: Callable | None, initargs: tuple) -> tuple[Cluster, bool]:
+    """The cluster of Client(address, workers, ...) and whether it is the client's own to
+    close: the user's Cluster as given, else a LocalCluster for the address (NBQ_BROKER
+    when none: without either, a private broker) with ``workers`` local worker processes
+    (``os.cpu_count()`` for a private broker).  Checks the arguments that choose it."""
+    if isinstance(address, Cluster):
+        if workers is not None or initializer is not None:
+            raise ValueError("a cluster's workers are its own: size it with cluster.scale(n) "
+                             "or cluster.adapt(), not Client(cluster, workers=...)")
+        return address, False
+    from .worker import initializer as worker_init
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive number of processes (or None), "
+                         f"not {workers!r}")
+    address = address or os.environ.get("NBQ_BROKER") or None
+    if initializer is not None:
+        if not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        if address is not None and workers is None:
+            raise ValueError("an initializer runs in the worker processes this client starts: "
+                             "give workers=N, or start workers with `nbq worker --init "
+                             "MODULE:FUNC`")
+    key = keys.load_key(key_file)
+    init = None if initializer is None else worker_init.encode(key, initializer, initargs)
+    return LocalCluster(key, address, workers, result_expires=result_expires,
+                        initializer=init), True
 
 
 class LocalCluster(Cluster):

@@ -21,6 +21,8 @@ The receiver that unpickles a payload always verifies the signature first
 
 Several items may share one message (a batch): the header lists them, each
 with ``nf``, the number of payload frames it owns, in order (``split``).
+
+FIELDS and ITEM_FIELDS name every header field and what it means: one meaning each.
 """
 from __future__ import annotations
 
@@ -43,6 +45,43 @@ from .errors import RemoteError, RemoteTraceback, SerializationError, SignatureE
 
 #: Buffers at least this large leave the pickle stream as their own frame.
 OUT_OF_BAND_MIN = 64 * 1024
+
+#: Every header field of every kind of message, with its one meaning.  Short on the wire
+#: (a header travels with every task); schema.py checks them where the broker acts.
+FIELDS = {
+    "k": "kind of message",
+    "ms": "sender of a signed message (random per signer)", "mn": "its message number",
+    "mt": "when it was sent (epoch seconds)",
+    "c": "client id", "rq": "request number, echoed in the reply", "r": "a reply's answer",
+    "b": "a broker's boot id (welcome)", "mx": "the broker's largest message (welcome)",
+    "refused": "why a hello was refused (a key mismatch)", "fp": "a key's fingerprint (keyfp)",
+    "h": "function hash", "t": "task or result items (ITEM_FIELDS)", "ids": "task ids",
+    "id": "task id", "maps": "map ids", "mp": "map id", "total": "a map's item count",
+    "key": "a join's or claim's key", "member": "a join's member", "ttl": "a claim's seconds",
+    "cmd": "control command", "args": "its arguments", "dest": "worker names it goes to",
+    "ci": "a control command's collection id (answers carry it)",
+    "sup": "worker (supervisor) id", "name": "worker name, or an initializer's name",
+    "host": "host name", "spid": "supervisor pid", "pid": "worker process pid",
+    "conc": "worker processes", "queues": "queues served", "mem": "resident bytes",
+    "autoscale": "an autoscaling worker's most processes", "queued": "tasks waiting for it",
+    "w": "worker process id", "how": "how a process died", "at": "[task id, item] it ran",
+    "run": "task id it ran", "end": "why its supervisor ended a task (deaths.py)",
+    "rdy": "a worker process is ready for more", "state": "RETRY or STARTED (a notice)",
+    "why": "why an entry was dropped", "e": "a dropped entry's stream and id",
+}
+
+#: Fields of a task item (in ``tasks``) and a result item (in ``res``).
+ITEM_FIELDS = {
+    "id": "task id", "h": "function hash", "q": "queue", "pr": "priority 0-9",
+    "nf": "payload frames it owns", "c": "client id (the owner)",
+    "f": "report STARTED", "m": "mode: call, map or star", "mp": "map id",
+    "s0": "position of a chunk's first item in its map", "n": "items",
+    "s": "first item of a result part, within its chunk", "ok": "succeeded (a call)",
+    "rv": "revoked", "d": "seconds it ran", "rt": "retries so far", "eta": "not before (epoch s)",
+    "x": "expires (epoch s)", "md": "most deaths allowed", "a": "deaths of a chunk's first run",
+    "dp": "deaths per item position", "st": "run item by item", "skip": "items to skip",
+    "ex": "item positions that failed already",
+}
 
 _dumps_json = json.JSONEncoder(separators=(",", ":")).encode
 _loads_json = json.loads

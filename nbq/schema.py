@@ -102,15 +102,15 @@ _queues = _list(_str)
 _end = _optional(_object({"id": _optional(_str), "how": _str,
                           "text": lambda v: type(v) is str}, ("how", "text")))
 _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _count(v[1]))
-_SUPERVISOR = {"s": _str, "n": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
-               "q": _queues}
+_SUPERVISOR = {"sup": _str, "name": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
+               "queues": _queues, "autoscale": _count}
 
 CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
 
 #: kind -> (peers that may send it, field checks, required fields: a tuple, or a dict by peer)
 KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
     "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_optional(_count), w=_str, pid=_count),
-              {CLIENT: ("c",), WORKER: ("w", "s", "pid", "host", "spid", "conc", "q")}),
+              {CLIENT: ("c",), WORKER: ("w", "sup", "pid", "host", "spid", "conc", "queues")}),
     "fn": (SENDER, {"c": _str, "h": _str}, ("c", "h")),
     "tasks": (SENDER, {"c": _str, "t": _list(_task)}, ("c", "t")),
     "cancel": (SENDER, {"c": _str, "rq": _count, "ids": _list(_str)}, ("c", "ids", "rq")),
@@ -122,19 +122,19 @@ KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
              ("c", "key", "member", "total", "rq")),
     "claim": (SENDER, {"c": _str, "rq": _count, "key": _str, "ttl": _seconds},
               ("c", "key", "ttl", "rq")),
-    "ctl": (SENDER, {"c": _str, "rq": _count, "cmd": _str, "d": _optional(_queues), "ci": _str,
-                     "a": _any}, ("c", "cmd", "ci", "rq")),
-    "bye": (SENDER + SUPERVISOR, {"c": _str, "s": _str}, {SENDER: ("c",), SUPERVISOR: ("s",)}),
-    "hb": (SUPERVISOR, _SUPERVISOR, ("s", "host", "spid", "conc", "q")),
-    "lost": (SUPERVISOR, {"s": _str, "w": _str, "how": lambda v: type(v) is str, "at": _at,
-                          "run": _optional(_str), "end": _end}, ("s", "w")),
-    "ctlr": (SUPERVISOR, {"s": _str, "c": _str, "ci": _str, "n": _str, "r": _any},
-             ("s", "c", "ci", "n")),
+    "ctl": (SENDER, {"c": _str, "rq": _count, "cmd": _str, "dest": _optional(_queues), "ci": _str,
+                     "args": _any}, ("c", "cmd", "ci", "rq")),
+    "bye": (SENDER + SUPERVISOR, {"c": _str, "sup": _str}, {SENDER: ("c",), SUPERVISOR: ("sup",)}),
+    "hb": (SUPERVISOR, _SUPERVISOR, ("sup", "host", "spid", "conc", "queues")),
+    "lost": (SUPERVISOR, {"sup": _str, "w": _str, "how": lambda v: type(v) is str, "at": _at,
+                          "run": _optional(_str), "end": _end}, ("sup", "w")),
+    "ctlr": (SUPERVISOR, {"sup": _str, "c": _str, "ci": _str, "name": _str, "r": _any},
+             ("sup", "c", "ci", "name")),
     "res": (WORKER, {"w": _str, "t": _list(_result), "rdy": _flag}, ("w", "t")),
     "rej": (WORKER, {"w": _str, "ids": _list(_str)}, ("w", "ids")),
     "out": (OUTPUT, {"w": _str, "id": _str}, ("w", "id")),
-    "ntc": (WORKER, {"w": _str, "ids": _list(_str), "s": _one_of("RETRY", "STARTED")},
-            ("w", "ids", "s")),
+    "ntc": (WORKER, {"w": _str, "ids": _list(_str), "state": _one_of("RETRY", "STARTED")},
+            ("w", "ids", "state")),
 }
 
 

@@ -131,12 +131,13 @@ def procs(tmp_path):
     p.stop_all()
 
 
-def start_broker(procs: Processes, address: str | None = None) -> str:
-    """An `nbq broker` subprocess on address (default: a free loopback port); returns the address.
+def start_broker(procs: Processes, address: str | None = None, *options: str) -> str:
+    """An `nbq broker` subprocess on address (default: a free loopback port), given options;
+    returns the address.
 
     Given the address of one that was killed, it is that broker restarted.  A new one binds
     port 0 and reports the port it got, so no other process can take it in between."""
-    p = procs.nbq("broker", "--bind", address or "tcp://127.0.0.1:0")
+    p = procs.nbq("broker", "--bind", address or "tcp://127.0.0.1:0", *options)
     line = p.stdout.readline()
     assert "listening on " in line, line + p.stdout.read()
     return address or line.split("listening on ", 1)[1].split(",")[0].strip()

@@ -40,8 +40,8 @@ def nbq_cli(proj: Project, *args: str) -> tuple[int, str, str]:
 def test_ping_reaches_every_worker_or_those_named_and_returns_when_all_answered(workers):
     control = workers.app.control
     t0 = time.monotonic()
-    replies = control.ping(timeout=5.0)
-    assert time.monotonic() - t0 < 2.5  # the broker said how many to expect: no waiting out the timeout
+    replies = control.ping(timeout=30.0)
+    assert time.monotonic() - t0 < 15.0  # the broker said how many to expect: no waiting out the timeout
     assert sorted(replies, key=lambda r: list(r)) == [{ALPHA: {"ok": "pong"}}, {BETA: {"ok": "pong"}}]
     assert control.inspect(destination=[BETA]).ping() == {BETA: {"ok": "pong"}}
     assert control.inspect(destination=["nobody@nowhere"], timeout=0.2).ping() is None
@@ -106,39 +106,57 @@ def starts(task, n: int, **options) -> list[float]:
     return sorted(r.get(timeout=60) for r in results)
 
 
+def least_span(n: int, every: float, processes: int = 2) -> float:
+    """The least time between the first and last of n times starts() returns when the
+    worker's processes start the task at most once every `every` s.
+
+    A task reads its clock after the limit let it start, maybe much later on a loaded
+    machine, so neighbouring times may be closer than `every`.  But each process runs one
+    task at a time: when the earliest time is read, at most `processes` of the n tasks have
+    started, so the other n - processes started later, `every` apart, and the last of them
+    read its time after its start."""
+    return (n - 1 - processes) * every
+
+
+#: n calls of an unlimited task on two processes end within this many seconds (a hang
+#: catcher; far below least_span(NO_LIMIT_N, 0.2), the tightest limit these tests lift)
+NO_LIMIT_N, NO_LIMIT_SPAN = 20, 2.0
+
+
 def test_rate_limit_from_the_task_option_holds_across_the_workers_processes(workers):
     times = starts(workers.tasks.limited, 10)  # rate_limit="600/m": one start per 0.1 s
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    assert min(gaps) >= 0.09 and times[-1] - times[0] < 5.0, gaps
+    # a limit per process (not shared by the worker's two) would start them in about 0.4 s
+    assert least_span(10, 0.1) <= times[-1] - times[0] < 5.0, times
 
 
 def test_rate_limit_from_task_annotations_60_per_minute(workers):
     times = starts(workers.tasks.metered, 10)
-    assert 9.0 <= times[-1] - times[0] < 20.0
+    assert least_span(10, 1.0) <= times[-1] - times[0] < 20.0, times
 
 
 def test_rate_limit_changed_at_run_time_from_the_command_line(workers):
     t = workers.tasks
-    times = starts(t.stamp, 4)
-    assert times[-1] - times[0] < 0.25  # no limit: two processes start them together
+    times = starts(t.stamp, NO_LIMIT_N)
+    assert times[-1] - times[0] < NO_LIMIT_SPAN, times  # no limit: not held at all
     rc, out, err = nbq_cli(workers, "control", "rate_limit", "tasks.stamp", "300/m", "-t", "5")
     assert rc == 0, err
     assert out.splitlines() == [f"->  {ALPHA}: OK", "        new rate limit set successfully",
                                 f"->  {BETA}: OK", "        new rate limit set successfully"]
-    times = starts(t.stamp, 5)
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.19
+    times = starts(t.stamp, 8)
+    assert times[-1] - times[0] >= least_span(8, 0.2), times
     replies = workers.app.control.rate_limit("tasks.stamp", None, reply=True, timeout=5)
     assert {name: r for reply in replies for name, r in reply.items()} == {
         ALPHA: {"ok": "new rate limit set successfully"}, BETA: {"ok": "new rate limit set successfully"}}
-    times = starts(t.stamp, 4)
-    assert times[-1] - times[0] < 0.25
+    times = starts(t.stamp, NO_LIMIT_N)
+    assert times[-1] - times[0] < NO_LIMIT_SPAN, times
     rc, out, err = nbq_cli(workers, "control", "rate_limit", "tasks.stamp", "often")
     assert rc == 1 and "bad rate limit 'often'" in err and "Traceback" not in err
 
 
 def test_a_new_rate_limit_applies_from_the_next_start(workers):
     """Under 1/h a task runs once; changed to 600/m, the call waiting for its turn starts within
-    about half a second (not an hour later, as booked under the old rate), and so does the next."""
+    seconds (about half a second unloaded; not an hour later, as booked under the old rate), and
+    so does the next."""
     t = workers.tasks
     t.hourly.apply_async(queue="solo").get(timeout=20)
     waiting = t.hourly.apply_async(queue="solo")
@@ -149,9 +167,9 @@ def test_a_new_rate_limit_applies_from_the_next_start(workers):
         waiting.get(timeout=0.3)
     changed = time.time()
     assert len(workers.app.control.rate_limit("tasks.hourly", "600/m", reply=True, timeout=5)) == 2
-    assert waiting.get(timeout=10) - changed < 2.5
+    assert waiting.get(timeout=10) - changed < 8.0  # not the hour booked under the old rate
     sent = time.time()
-    assert t.hourly.apply_async(queue="solo").get(timeout=10) - sent < 2.0
+    assert t.hourly.apply_async(queue="solo").get(timeout=10) - sent < 8.0
 
 
 def test_a_bad_rate_limit_fails_where_the_task_is_declared():

@@ -60,7 +60,7 @@ def test_sigterm_is_warm_then_cold_and_neither_counts_a_death(transport, procs, 
         def processes() -> int:
             return sum(len(w["processes"]) for w in client.workers())
 
-        held = client._submit(nap, (0, "held"), {}, options={"eta": time.time() + 4})
+        held = client.apply(nap, (0, "held"), eta=time.time() + 4)
         wait_until(lambda: any(client.control("scheduled", timeout=2).values()),
                    what="the process to hold the task due later")
         running = client.submit(nap, 1.5, "finished")

@@ -92,9 +92,10 @@ def test_unpicklable_result_fails_that_task_only(shared_client):
     with pytest.raises(nbq.SerializationError, match="could not be pickled"):
         fut.result(timeout=10)
     res = shared_client.map(lambda i: threading.Lock() if i == 2 else i, range(5), chunksize=5)
-    errs = res.errors() if res.done() else (res._wait(res.done, 10), res.errors())[1]
+    res.wait(10)
+    errs = res.errors()
     assert list(errs) == [2] and isinstance(errs[2], nbq.SerializationError)
-    assert [v for i, v in enumerate(res._values) if i != 2] == [0, 1, 3, 4]
+    assert dict(res.as_completed(errors="skip")) == {0: 0, 1: 1, 3: 3, 4: 4}
 
 
 def test_memory_error_fails_alone_and_worker_keeps_serving(shared_client):
@@ -136,20 +137,20 @@ def test_map_10000_items(shared_client, chunksize):
 
 def test_failing_item_does_not_fail_its_chunk(shared_client):
     res = shared_client.map(lambda x: 1 // (x % 10), range(100), chunksize=50)
-    res._wait(res.done, 20)
+    res.wait(20)
     assert sorted(res.errors()) == list(range(0, 100, 10))
     assert all(isinstance(e, ZeroDivisionError) for e in res.errors().values())
-    assert [v for i, v in enumerate(res._values) if i % 10] == [1 // (i % 10) for i in range(100) if i % 10]
+    assert dict(res.as_completed(errors="skip")) == {i: 1 // (i % 10) for i in range(100) if i % 10}
 
 
 def test_map_timeout(client):
-    res = client.map(time.sleep, [0.0, 5.0], timeout=0.5, chunksize=1)
+    res = client.map(time.sleep, [0.0, 30.0], timeout=3.0, chunksize=1)
     it = iter(res)
     assert next(it) is None
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         next(it)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 15.0  # at the map's deadline, not when its item ends
 
 
 def test_result_timeout(shared_client):
@@ -159,10 +160,20 @@ def test_result_timeout(shared_client):
     assert fut.result(timeout=10) is None
 
 
-def test_as_completed_and_wait(shared_client):
-    futs = [shared_client.submit(time.sleep, d) for d in (0.6, 0.0)]
+def test_as_completed_and_wait(shared_client, tmp_path):
+    gate = tmp_path / "gate"
+
+    def held():
+        """Ends once the test creates gate (30 s at most): after the other task came first."""
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    futs = [shared_client.submit(held), shared_client.submit(time.sleep, 0.0)]
     first = next(nbq.as_completed(futs, timeout=10))
     assert first is futs[1]
+    assert not futs[0].done()
+    gate.touch()
     done, not_done = nbq.wait(futs, timeout=10, return_when=nbq.ALL_COMPLETED)
     assert done == set(futs) and not not_done
     done, _ = concurrent.futures.wait([shared_client.submit(abs, -1)], timeout=10)
@@ -209,7 +220,7 @@ def test_generator_input_completes_and_input_error_fails_its_position(shared_cli
         raise OSError("disk gone")
 
     res = shared_client.map(abs, broken(), chunksize=64)
-    res._wait(res.done, 20)
+    res.wait(20)
     assert len(res) == 301 and list(res.errors()) == [300]
     assert isinstance(res.errors()[300], nbq.InputError)
 
@@ -257,7 +268,7 @@ def test_mapresult_cancel_counts_and_marks_items(transport, procs, tmp_path):
         wait_until(lambda: res.counts()["done"] >= 2, what="the first chunk")
         n = res.cancel()
         assert 10 <= n <= 16
-        res._wait(res.done, 10)
+        res.wait(10)
         errs = res.errors()
         assert len(errs) == n
         assert all(isinstance(e, concurrent.futures.CancelledError) for e in errs.values())

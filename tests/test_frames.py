@@ -1,17 +1,16 @@
-"""Tests for nbq.frames.to_dataframe: map results to a DataFrame."""
+"""Tests for nbq.client.frames.to_dataframe: map results to a DataFrame."""
 
 import collections
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import NOTEBOOKS, execute_notebook, widget_states
-from nbq.frames import to_dataframe
+from nbq.client.frames import to_dataframe
 
 Point = collections.namedtuple("Point", "x y")
 
@@ -218,26 +217,16 @@ def test_no_positions_gives_an_empty_result_column():
 def test_importing_frames_does_not_import_pandas():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    code = "import sys, nbq.frames; assert 'pandas' not in sys.modules, 'pandas imported'"
+    code = "import sys, nbq.client.frames; assert 'pandas' not in sys.modules, 'pandas imported'"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def test_speed_100k_dicts_within_2x_of_pandas():
+def test_100k_dicts_give_the_frame_pandas_builds():
+    """The dicts path at the size benchmarks/bench_frames.py times against pandas (speed is
+    measured there, not here): the same frame, column for column, dtype for dtype."""
     values = [{"a": i, "b": i * 0.5, "c": str(i), "d": i % 2 == 0} for i in range(100_000)]
-    ours = lambda: to_dataframe(values, {}, None, star=False)  # noqa: E731
-    theirs = lambda: pd.DataFrame(values)  # noqa: E731
-    ours(), theirs()  # warm up both so neither pays first-call costs
-    runs = [(_seconds(ours), _seconds(theirs)) for _ in range(3)]  # interleaved against drift
-    ratio = min(o for o, _ in runs) / min(t for _, t in runs)
-    print(f"to_dataframe / pandas.DataFrame (best of 3) = {ratio:.2f}")
-    assert ratio < 2, ratio
+    pd.testing.assert_frame_equal(to_dataframe(values, {}, None, star=False), pd.DataFrame(values))
 
 
 # -- the sweep notebook on a real kernel ------------------------------------------------

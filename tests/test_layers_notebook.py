@@ -36,7 +36,7 @@ def test_a_worker_runs_a_remote_cell_without_ipython_or_the_magics(client):
 
 def test_importing_nbq_loads_no_notebook_machinery_and_patches_no_module():
     code = ("import sys, types, nbq\n"
-            "print(type(sys.modules['nbq.progress']) is types.ModuleType, callable(nbq.progress))\n"
+            "print(type(sys.modules['nbq.client.progress']) is types.ModuleType, callable(nbq.progress))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('IPython', 'ipywidgets', 'pandas') or m.startswith('nbq.notebook')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -39,7 +39,7 @@ def interrupt_after(seconds: float):
 
 def local_pids(client: nbq.Client) -> list[int]:
     """The pids of the client's local worker supervisor and of its worker processes."""
-    return [*(u.handle.pid for u in client._cluster._units.values()), *(p for w in client.workers() for p in w["processes"])]
+    return [p for w in client.workers() for p in (w["pid"], *w["processes"])]
 
 
 def assert_all_stopped(pids: list[int], threads_before: set) -> None:
@@ -89,12 +89,12 @@ def test_leaving_a_with_block_after_a_map_timeout(transport, procs):
 
 def test_shutdown_with_cancel_futures_after_a_map_timeout(transport, procs):
     client = make_client(transport, procs)
-    r = client.map(time.sleep, [0.5] * 20, chunksize=1, timeout=0.2)
+    r = client.map(time.sleep, [2.0] * 20, chunksize=1, timeout=0.2)
     with pytest.raises(TimeoutError):
         list(r)
     t0 = time.monotonic()
     client.shutdown(wait=True, cancel_futures=True)
-    assert time.monotonic() - t0 < 4.5  # not the 5 s the 20 items take on 2 processes
+    assert time.monotonic() - t0 < 12  # not the 20 s the 20 items take on 2 processes
     assert r.done()
     cancelled = [i for i, e in r.errors().items() if isinstance(e, CancelledError)]
     assert cancelled and len(cancelled) == len(r.errors())

@@ -5,7 +5,6 @@ import base64
 import os
 import sys
 import threading
-import time
 
 import pytest
 
@@ -173,36 +172,42 @@ def test_remote_exception_fails_the_cell_with_the_remote_traceback(shell):
     assert "bad" not in shell.user_ns
 
 
+def queued(client, queue: str) -> int:
+    """Tasks the broker holds in queue (one no worker serves: a task sent there stays)."""
+    return client.status()["queues"].get(queue, 0)
+
+
 def test_unpicklable_name_fails_before_sending(shell, shared_client):
     shell.user_ns["lock"] = threading.Lock()
-    seq = next(shared_client._seq)
-    r, cap = run(shell, "%%remote\nwith lock:\n    got = 1\n")
+    r, cap = run(shell, "%%remote --queue unpicklable-test\nwith lock:\n    got = 1\n")
     assert not r.success
     msg = str(r.error_in_exec)
     assert "'lock'" in msg and "nothing was sent" in msg
-    assert next(shared_client._seq) == seq + 1     # no task was submitted
+    assert queued(shared_client, "unpicklable-test") == 0     # no task reached the broker
     assert "got" not in shell.user_ns
 
 
 def test_syntax_error_sends_nothing(shell, shared_client):
-    seq = next(shared_client._seq)
-    r, cap = run(shell, "%%remote\nx = (1,\n")
+    r, cap = run(shell, "%%remote --queue syntax-error-test\nx = (1,\n")
     assert not r.success
-    assert next(shared_client._seq) == seq + 1
+    assert queued(shared_client, "syntax-error-test") == 0
 
 
-def test_bg_returns_at_once_leaving_a_future(shell):
-    t0 = time.monotonic()
-    r, cap = run(shell, "%%remote --bg\nimport time\ntime.sleep(1.0)\nlate = 42\n")
-    took = time.monotonic() - t0
-    assert r.success and took < 0.8, took
+def test_bg_returns_at_once_leaving_a_future(shell, tmp_path):
+    """The cell waits for a file the test writes only after run_cell returned: a --bg that
+    waited for the cell would return with its task done (after WAIT_FOR_GO gave up)."""
+    go = tmp_path / "go"
+    shell.user_ns["go"] = str(go)
+    r, cap = run(shell, "%%remote --bg\n" + WAIT_FOR_GO + "late = 42\n")
     fut = shell.user_ns["_"]
-    assert isinstance(fut, nbq.Future)
+    assert r.success and isinstance(fut, nbq.Future)
+    assert not fut.done() and "late" not in shell.user_ns
+    go.touch()
     assert fut.result(timeout=30).error is None
     wait_until(lambda: shell.user_ns.get("late") == 42, what="the name bound after --bg")
 
 
-def test_interrupt_cancels_a_task_not_yet_started(shell):
+def test_interrupt_cancels_a_task_not_yet_started(shell, shared_client):
     """Ctrl-C (SIGINT) while the cell waits: the cell fails and its queued task is revoked."""
     import os
     import signal
@@ -210,8 +215,10 @@ def test_interrupt_cancels_a_task_not_yet_started(shell):
     magics.last = None
 
     def interrupt():
-        wait_until(lambda: magics.last is not None, what="the cell's task")
-        time.sleep(0.2)    # let run_cell reach its wait: the signal must land inside it
+        # the broker holds the cell's task: the submit is a broker round trip behind, and the
+        # cell is waiting for its result (the signal must land in that wait)
+        wait_until(lambda: magics.last is not None and queued(shared_client, "nobody-serves-this"),
+                   what="the cell's task queued at the broker")
         os.kill(os.getpid(), signal.SIGINT)
     t = threading.Thread(target=interrupt)
     t.start()
@@ -262,7 +269,9 @@ def test_nbq_connect_status_workers_shutdown():
     finally:
         with capture_output():
             sh.run_line_magic("nbq", "shutdown")
-    assert client._closed and magics.client is None
+    assert magics.client is None
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        client.submit(abs, 1)
 
 
 # -- the %%remote notebook on a real kernel ------------------------------------------------

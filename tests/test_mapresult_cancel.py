@@ -255,6 +255,8 @@ class CountingCondition:
 
 
 def test_iteration_takes_the_lock_per_run_of_values_not_per_item(shared_client):
+    """White-box of nbq/mapresult.py: counts how often iteration takes the map's own
+    condition (no public behaviour shows it but speed, which belongs in benchmarks/)."""
     n = 100_000
     for consume in (list, sum):
         res = shared_client.map(lambda x: x, range(n), chunksize=10_000)

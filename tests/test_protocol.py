@@ -61,3 +61,13 @@ def test_error_records_keep_type_or_become_remote_error():
     rec = protocol.error_record(Odd(1, 2))  # pickles, but will not unpickle
     exc = protocol.rebuild_error(rec)
     assert isinstance(exc, RemoteError) and exc.type_name.endswith("Odd") and exc.message == "1"
+
+
+def test_every_field_the_broker_checks_has_one_entry_in_the_field_table():
+    """schema.py's checks name only fields protocol.FIELDS / ITEM_FIELDS define, so a new
+    field gets a meaning in the table (and a name not already taken) before it is used."""
+    from nbq import schema
+    header_fields = {f for _, checks, _ in schema.KINDS.values() for f in checks}
+    assert header_fields - set(protocol.FIELDS) == set()
+    assert set(schema.TASK) - set(protocol.ITEM_FIELDS) == set()
+    assert set(schema.RESULT) - set(protocol.ITEM_FIELDS) == set()

@@ -128,7 +128,7 @@ def test_broker_that_stays_dead_raises_after_grace_and_work_resumes_when_it_retu
 
 def test_task_whose_function_pickle_is_no_longer_kept_fails_clearly_after_a_restart(
         procs, tmp_path, monkeypatch):
-    monkeypatch.setattr(nbq.client, "FUNCTION_CACHE", 1)  # only the newest function's pickle
+    monkeypatch.setattr(nbq.client.shipping, "FUNCTION_CACHE", 1)  # only the newest function's pickle
     address, b = broker(procs)  # no worker yet: nothing finishes before the restart
     log = str(tmp_path / "runs")
     with nbq.Client(address) as client:

@@ -20,7 +20,7 @@ def test_a_stopped_redis_is_an_nbq_error_never_a_redis_py_one(tmp_path):
         with nbq.Client(url, broker_grace=1) as client:
             conn = RedisClient(url, client.key, "raw-client")
             sup = RedisSupervisor(url, client.key, "sup-1")
-            sup.heartbeat({"q": ["default"], "n": "w", "host": "h", "spid": 1, "conc": 1})
+            sup.heartbeat({"queues": ["default"], "name": "w", "host": "h", "spid": 1, "conc": 1})
             server.stop()
 
             # the client's operations: a wait raises BrokerUnavailable after the grace period
@@ -44,7 +44,7 @@ def test_a_stopped_redis_is_an_nbq_error_never_a_redis_py_one(tmp_path):
 
             # a supervisor through the outage: heartbeats answered locally, a dead process's
             # tasks left to live workers when leaving, goodbye logged, never raised
-            sup.heartbeat({"q": ["default"], "n": "w", "host": "h", "spid": 1, "conc": 1})
+            sup.heartbeat({"queues": ["default"], "name": "w", "host": "h", "spid": 1, "conc": 1})
             sup.lost("sup-1/1", "was killed", None, leaving=True)
             sup.close(goodbye=True)
         with pytest.raises(nbq.BrokerUnavailable, match=f"127.0.0.1:{server.port}") as raised:

@@ -94,15 +94,17 @@ def test_spilled_frame_claiming_huge_size_allocates_nothing(cluster):
 
 def test_bad_messages_on_a_clients_result_stream_leave_it_receiving(cluster):
     """Before: the same entries on nbq:rs:{client} killed the client's receiver thread, and
-    every later submit timed out.  After: dropped (counted in the client's store), results go on."""
+    every later submit timed out.  After: dropped (counted in the client's store), results go on.
+
+    White-box of nbq/transport/redis/store.py: the count is the client store's own (a
+    client's drops are logged, not stored in Redis for status)."""
     client, r, _ = cluster
     rs = P + "rs:" + client.id
     for m in [_spilled(P.encode() + b"b:x", 1 << 62), b"\x01", b"", pack([b"{}"]),
               pack(FORGER.encode({"k": "res", "t": [{"id": "x", "ok": 1, "nf": 0}]}))]:
         r.xadd(rs, {"m": m})
     r.xadd(rs, {"no m": b"1"})
-    _served(client)
-    assert client._receiver.is_alive()
+    _served(client)  # the receiver thread lives: results still arrive
     assert sum(client._conn.store.dropped.values()) == 5
 
 
@@ -272,9 +274,8 @@ def fuzzed(tmp_path_factory):
             _served(client)
             pids = _pids(client)
             yield client, r
-            _served(client)
+            _served(client)  # the client's receiver thread still delivers results
             assert _pids(client) == pids  # no process died on any case
-            assert client._receiver.is_alive()
     finally:
         procs.stop_all()
 

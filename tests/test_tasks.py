@@ -227,11 +227,11 @@ def test_soft_and_hard_time_limits(project):
     assert t.slow_but_careful.apply_async((0.8,), soft_time_limit=10).get(timeout=10) == "finished"
     before = {p for w in project.app.client.workers() for p in w["processes"]}
     started = time.monotonic()
-    res = t.slow.apply_async((5, "hard"), queue="default")
+    res = t.slow.apply_async((30, "hard"), queue="default")
     with pytest.raises(TimeLimitExceeded, match="ran past its time limit of 0.5 s: its worker "
                                                 "process .* was killed and replaced"):
-        res.get(timeout=10)
-    assert time.monotonic() - started < 4.0  # killed at its limit, not when the sleep ended
+        res.get(timeout=20)
+    assert time.monotonic() - started < 15  # killed at its limit, not when the sleep ended
     assert res.state == "FAILURE"
     wait_until(lambda: len({p for w in project.app.client.workers() for p in w["processes"]}
                            - before) == 1, what="a new process in place of the killed one")

@@ -243,7 +243,7 @@ def test_replayed_control_command_is_obeyed_once(procs):
         c.wait_for_workers(1)
         key = keys.load_key()
         captured = protocol.Signer(key).encode(
-            {"k": "ctl", "c": "someone", "cmd": "pool_grow", "a": {"n": 1}, "d": None, "ci": "x",
+            {"k": "ctl", "c": "someone", "cmd": "pool_grow", "args": {"n": 1}, "dest": None, "ci": "x",
              "rq": 1})
         sender = Raw(address, b"tsomeone")
         try:
@@ -362,7 +362,7 @@ def test_delivered_results_are_kept_under_a_byte_budget_oldest_dropped_first(pro
 FUZZ = settings(max_examples=1000, deadline=None, database=None, phases=[Phase.generate],
                 suppress_health_check=list(HealthCheck))
 KINDS = ["hello", "fn", "tasks", "cancel", "watch", "mapend", "info", "join", "ctl", "bye",
-         "hb", "lost", "ctlr", "res", "rej", "ntc", "state", "welcome", ""]
+         "hb", "lost", "ctlr", "res", "rej", "ntc", "state", "welcome", "claim", "out", ""]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=False)
     | st.text(max_size=20),
@@ -371,6 +371,7 @@ json_values = st.recursive(
     max_leaves=12)
 field_names = st.sampled_from(["k", "c", "t", "h", "id", "nf", "n", "q", "pr", "m", "mp", "s0",
                                "ids", "rq", "w", "s", "how", "at", "end", "rdy", "d", "cmd", "a",
+                               "sup", "name", "queues", "state", "dest", "args", "ttl",
                                "ci", "key", "member", "total", "maps", "host", "spid", "conc",
                                "pid", "ms", "mn", "mt", "eta", "x", "ex"])
 headers = st.dictionaries(field_names, json_values, max_size=8).flatmap(
@@ -429,15 +430,16 @@ def _templates(cid: str) -> list[tuple[bytes, dict, list]]:
         (b"t", {"k": "watch", "c": cid, "ids": ["fz"], "rq": 1}, []),
         (b"t", {"k": "bye", "c": cid}, []),
         (b"c", {"k": "hello", "c": cid}, []),
-        (b"w", {"k": "hello", "w": "w", "s": "s", "pid": 1, "host": "h", "spid": 1, "conc": 1,
-                "q": ["default"]}, []),
-        (b"s", {"k": "hb", "s": "s", "host": "h", "spid": 1, "conc": 1, "q": ["default"]}, []),
-        (b"s", {"k": "lost", "s": "s", "w": "w"}, []),
-        (b"s", {"k": "ctlr", "s": "s", "c": cid, "ci": "x", "n": "name"}, []),
-        (b"s", {"k": "bye", "s": "s"}, []),
+        (b"w", {"k": "hello", "w": "w", "sup": "s", "pid": 1, "host": "h", "spid": 1, "conc": 1,
+                "queues": ["default"]}, []),
+        (b"s", {"k": "hb", "sup": "s", "host": "h", "spid": 1, "conc": 1, "queues": ["default"]}, []),
+        (b"s", {"k": "lost", "sup": "s", "w": "w"}, []),
+        (b"s", {"k": "ctlr", "sup": "s", "c": cid, "ci": "x", "name": "name"}, []),
+        (b"s", {"k": "bye", "sup": "s"}, []),
         (b"w", {"k": "res", "w": "w", "t": [{"id": "fz", "nf": 1}]}, [b"x"]),
         (b"w", {"k": "rej", "w": "w", "ids": ["fz"]}, []),
-        (b"w", {"k": "ntc", "w": "w", "ids": ["fz"], "s": "RETRY"}, []),
+        (b"w", {"k": "ntc", "w": "w", "ids": ["fz"], "state": "RETRY"}, []),
+        (b"o", {"k": "out", "w": "w", "id": "fz"}, [b"x"]),
     ]
 
 
@@ -445,7 +447,7 @@ def test_fuzz_signed_malformed_messages_of_every_kind(cluster):
     """Each kind the broker accepts, signed with the right key, with one field missing or
     of a wrong type, or sent by the wrong kind of peer: dropped, counted, unanswered."""
     templates = _templates("fz")
-    socks = {p: cluster.raw(p + b"fz") for p in (b"c", b"t", b"s", b"w")}
+    socks = {p: cluster.raw(p + b"fz") for p in (b"c", b"t", b"s", b"w", b"o")}
     signer = protocol.Signer(cluster.key)
     before = cluster.dropped()["invalid"]
     sent = 0
@@ -460,7 +462,7 @@ def test_fuzz_signed_malformed_messages_of_every_kind(cluster):
         nonlocal sent
         prefix, header, payload = templates[which]
         if wrong_peer:  # well formed, from a peer that never sends this kind
-            prefix = {b"t": b"w", b"c": b"s", b"s": b"t", b"w": b"c"}[prefix]
+            prefix = {b"t": b"w", b"c": b"s", b"s": b"t", b"w": b"c", b"o": b"t"}[prefix]
         else:
             header = _invalid(header, choice, junk)
         socks[prefix].send(signer.encode(header, payload))
@@ -488,7 +490,7 @@ def test_fuzz_control_commands_reach_the_worker_and_it_still_serves(cluster):
                                 max_size=4) | json_values,
            dest=st.none() | st.lists(st.sampled_from(["nbq@%h", "x"]), max_size=2))
     def case(cmd, args, dest):
-        sender.send(signer.encode({"k": "ctl", "c": "fzctl", "cmd": cmd, "a": args, "d": dest,
+        sender.send(signer.encode({"k": "ctl", "c": "fzctl", "cmd": cmd, "args": args, "dest": dest,
                                    "ci": "fz", "rq": 1}))
         served(cluster.client)
 

@@ -12,7 +12,7 @@ process fails alone.  The tasks a dead process only held, and every task of a
 worker that stopped answering heartbeats, run again as they were (deaths.py).
 
 Control: the broker sends a client's ctl to every supervisor whose name is in
-``d`` (all when null) and replies {"n": how many}; each answers with ctlr, which
+``dest`` (all when null) and replies {"n": how many}; each answers with ctlr, which
 the broker forwards to the client, which collects n answers or stops at its
 timeout.
 """
@@ -73,12 +73,12 @@ class Members:
 
     def supervisor(self, header: dict) -> SupervisorRecord:
         """The supervisor a heartbeat or worker hello names, registered on first sight."""
-        sid = header["s"]
+        sid = header["sup"]
         sup = self.supervisors.get(sid)
         if sup is None:
             sup = self.supervisors[sid] = SupervisorRecord(
-                sid, header["host"], header["spid"], header["conc"], tuple(header["q"]),
-                time.monotonic(), header.get("n", sid))
+                sid, header["host"], header["spid"], header["conc"], tuple(header["queues"]),
+                time.monotonic(), header.get("name", sid))
             log.info("worker %s joined (%s pid %s, %s processes)", sid, sup.host, sup.pid,
                      sup.concurrency)
         return sup
@@ -90,7 +90,7 @@ class Members:
         sup = self.supervisor(header)
         if header["w"] in self.procs:  # reconnected: what it ran was lost with the link
             self.proc_gone(header["w"], died=False)
-        proc = ProcessRecord(header["w"], header["s"], header["pid"], tuple(sup.queues))
+        proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues))
         self.procs[proc.wid] = proc
         sup.procs.add(proc.wid)
         self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size})
@@ -100,19 +100,19 @@ class Members:
         sup.seen = time.monotonic()
         sup.concurrency = header["conc"]
         sup.memory = header.get("mem")
-        queues = tuple(header["q"])
+        queues = tuple(header["queues"])
         if queues != sup.queues:  # add_consumer or cancel_consumer: its processes follow
             sup.queues = queues
             for wid in sup.procs & self.procs.keys():
                 self.procs[wid].queues = queues
         reply = {"k": "hb"}
-        if header.get("as"):  # an autoscaling worker: how many tasks wait (up to its maximum)
-            reply["ql"] = self.queues.queued(queues, header["as"])
+        if header.get("autoscale"):  # an autoscaling worker: how many tasks wait (up to its maximum)
+            reply["queued"] = self.queues.queued(queues, header["autoscale"])
         self.outbox.send(peer, reply)
 
     def on_supervisor_bye(self, peer, header, frames, body):
         """A supervisor leaving on purpose: its processes' tasks run again, no death counted."""
-        sup = self.supervisors.pop(header["s"], None)
+        sup = self.supervisors.pop(header["sup"], None)
         if sup:
             for wid in sup.procs:
                 self.proc_gone(wid, died=False)
@@ -141,7 +141,7 @@ class Members:
         """A worker's state notice (a retry's RETRY, STARTED when it runs again): to the
         task's client and watchers; remembered for later watchers.  Nothing is stored."""
         proc = self.procs.get(header.get("w", ""))
-        state = header["s"]
+        state = header["state"]
         for tid in header["ids"]:
             task = self.queues.tasks.get(tid)
             if task is not None and proc is not None and task.where == proc.wid:
@@ -149,7 +149,7 @@ class Members:
 
     def on_ctl(self, peer, header, frames, body):
         """Send a client's control command to the supervisors it names; tell it how many."""
-        dest = header.get("d")
+        dest = header.get("dest")
         sups = [s for s in self.supervisors.values()
                 if dest is None or s.name in dest or s.sid in dest]
         for sup in sups:

@@ -114,7 +114,7 @@ class Results:
     def tell_state(self, task: QueuedTask, state: str) -> None:
         """A state message (RETRY or STARTED) to a task's client and watchers."""
         task.retrying = state == "RETRY"
-        msg = self.outbox.signer.encode({"k": "state", "ids": [task.id], "s": state})
+        msg = self.outbox.signer.encode({"k": "state", "ids": [task.id], "state": state})
         for cid in {task.item["c"]} | self.watchers.get(task.id, set()):
             self.outbox.to_client(cid, msg)
 

@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
                    "(default 256M; K, M, G suffixes)")
     b.add_argument("--max-message-size", type=_size, default=None, help="largest message "
                    "accepted, in bytes (default 512M; K, M, G suffixes)")
+    b.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
+                   help="silence after which a worker counts as lost whole and its tasks run "
+                   "elsewhere (default 4; longer for hosts that stall)")
     b.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
                    help="encrypt and authenticate with CURVE, keys derived from the signing key "
                    "(default: on when binding a non-loopback address, or as $NBQ_CURVE says)")
@@ -49,7 +52,8 @@ def _broker(args) -> None:
     broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
                     result_expires=args.result_expires, curve=args.curve,
                     **given(max_message_size=args.max_message_size,
-                            result_budget=args.result_budget, max_age=args.max_message_age))
+                            result_budget=args.result_budget, max_age=args.max_message_age,
+                            heartbeat_timeout=args.heartbeat_timeout))
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     print(f"nbq broker listening on {', '.join(broker.addresses)}"
           f"{' (CURVE: encrypted)' if broker.curve else ''}", flush=True)

@@ -337,10 +337,10 @@ class Cluster:
         with self._lock:
             if self._client is None:
                 self._check_open()  # no new client once close() has begun
-                from .. import client as client_module
-                current = client_module._current  # this client is the cluster's, not the user's
-                self._client = client_module.Client(self)
-                client_module._current = current
+                from ..client import Client, registry
+                current = registry._current  # this client is the cluster's, not the user's
+                self._client = Client(self)
+                registry._current = current
             client = self._client
         return client.status()
 

@@ -31,7 +31,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from ..errors import NbqError
-from ..status import status_bundle
+from ..client.status import status_bundle
 from .cellnames import analyze
 from .output import OutputStream, write_events
 from .remotecell import RemoteCellResult, remote_cell
@@ -95,7 +95,7 @@ class NbqMagics(Magics):
     # -- the client ------------------------------------------------------------
 
     def _client(self):
-        if self.client is not None and not self.client._closed:
+        if self.client is not None and not self.client.closed:
             return self.client
         from ..client import current_client
         try:
@@ -138,7 +138,7 @@ class NbqMagics(Magics):
         return None
 
     def _drop_client(self) -> None:
-        if self.client is not None and not self.client._closed:
+        if self.client is not None and not self.client.closed:
             self.client.shutdown(wait=False)
         self._close_cluster()
 

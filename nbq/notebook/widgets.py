@@ -1,13 +1,13 @@
 """The notebook progress display: an ipywidgets bar fed by the client's receiver thread.
 
-``ProgressWidget(res)`` is a listener (see nbq/progress.py): the receiver thread
+``ProgressWidget(res)`` is a listener (see nbq/client/progress.py): the receiver thread
 calls it as chunks complete; it redraws at most every ``MIN_INTERVAL``
 seconds so a million-item map does not flood the kernel's iopub channel, and
 a timer draws the state that a skipped call left behind.  The final state is
 always drawn, and the display's text/plain part is replaced with the final
 counts then, so a saved notebook shows them in nbconvert and on GitHub.
 
-This module imports ipywidgets; nbq/progress.py loads ``widget_progress``
+This module imports ipywidgets; nbq/client/progress.py loads ``widget_progress``
 through the ``nbq.display`` entry point only when a kernel shows progress.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import ipywidgets
 
-from ..progress import MIN_INTERVAL, format_counts
+from ..client.progress import MIN_INTERVAL, format_counts
 
 
 def _finished(c: dict) -> bool:

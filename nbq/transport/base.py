@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from .. import keys
-from ..errors import KeyMismatch
+from .. import keys, protocol
+from ..errors import KeyMismatch, MessageTooLarge
 
 
 def check_key(key: bytes, cluster: str | None, where: str, hint: str = "") -> None:
@@ -125,13 +125,75 @@ class ClientConnection(ABC):
         """Leave (telling the broker); it keeps this client's results for result_expires."""
 
 
+class MessageClient(ClientConnection):
+    """A ClientConnection that sends each operation as one message of the kinds the ZeroMQ
+    broker reads (protocol.py, broker/loop.py): a subclass delivers them (``_put``), to a
+    broker or to its own stand-in for one (the Redis client answers them from Redis).
+
+    A message larger than the broker's max_message_size is never sent: a batch of tasks
+    goes task by task, anything else raises MessageTooLarge in the caller."""
+
+    cid: str
+    #: The broker's largest message (None until known), and how a user raises it.
+    max_message_size: int | None = None
+    raise_limit = ""
+
+    @abstractmethod
+    def _put(self, header: dict, frames: list) -> None:
+        """Deliver one message as it is; thread-safe."""
+
+    def _send(self, header: dict, frames: list = ()) -> None:
+        limit = self.max_message_size
+        if frames and limit is not None and protocol.frame_size(frames) > limit:
+            if header["k"] == "tasks" and len(header["t"]) > 1:
+                for item, payload in protocol.split(header["t"], frames):
+                    self._send({"k": "tasks", "t": [item]}, payload)
+                return
+            raise MessageTooLarge(
+                f"this {header['k']!r} message is {protocol.frame_size(frames):,} bytes, more "
+                f"than max_message_size ({limit:,} bytes) at the broker: send less at once (a "
+                f"large input as a file or a shared path), or {self.raise_limit}")
+        header["c"] = self.cid
+        self._put(header, frames)
+
+    def ship(self, h: str, frames: list) -> None:
+        self._send({"k": "fn", "h": h}, frames)
+
+    def submit(self, tasks: list[dict], frames: list) -> None:
+        self._send({"k": "tasks", "t": tasks}, frames)
+
+    def end_map(self, map_id: str, total: int) -> None:
+        self._send({"k": "mapend", "mp": map_id, "total": total})
+
+    def cancel(self, rq: int, ids: list[str]) -> None:
+        self._send({"k": "cancel", "rq": rq, "ids": ids})
+
+    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
+        self._send({"k": "watch", "rq": rq, "ids": list(ids), "maps": list(maps)})
+
+    def info(self, rq: int) -> None:
+        self._send({"k": "info", "rq": rq})
+
+    def join(self, rq: int, key: str, member: str, total: int) -> None:
+        self._send({"k": "join", "rq": rq, "key": key, "member": member, "total": total})
+
+    def claim(self, rq: int, key: str, ttl: float) -> None:
+        self._send({"k": "claim", "rq": rq, "key": key, "ttl": ttl})
+
+    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
+                ci: str) -> None:
+        self._send({"k": "ctl", "rq": rq, "cmd": command, "args": arguments, "dest": destination,
+                    "ci": ci})
+
+
 class SupervisorConnection(ABC):
     """A supervisor's link: heartbeats, deaths of its processes, orders from the broker."""
 
     @abstractmethod
     def heartbeat(self, info: dict) -> None:
         """Tell the broker this supervisor is alive; its answer (an ``hb`` from poll) carries
-        ``ql``, how many tasks wait in info's queues (up to info["as"]), when info has ``as``."""
+        ``queued``, how many tasks wait in info's queues (up to info["autoscale"]), when info has
+        ``autoscale``."""
 
     @abstractmethod
     def lost(self, wid: str, how: str, at: list | None, end: dict | None = None,

@@ -26,8 +26,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol, secure
-from ..errors import KeyMismatch, MessageTooLarge, SignatureError
-from .base import ClientConnection, SupervisorConnection, WorkerConnection, check_key
+from ..errors import KeyMismatch, SignatureError
+from .base import MessageClient, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
 RESULT_HEADROOM = 64 << 10  # bytes of a result message beside its payload (header, signature)
@@ -63,7 +63,9 @@ def _decode(signer: protocol.Signer, msg: list):
         return None
 
 
-class ZmqClient(ClientConnection):
+class ZmqClient(MessageClient):
+    raise_limit = "start the broker with a larger --max-message-size"
+
     def __init__(self, address: str, key: bytes, client_id: str,
                  context: zmq.Context | None = None) -> None:
         self.ctx = context or zmq.Context()
@@ -91,52 +93,7 @@ class ZmqClient(ClientConnection):
         self._hello_rq = rq
         self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
 
-    def ship(self, h: str, frames: list) -> None:
-        self._send({"k": "fn", "h": h}, frames)
-
-    def submit(self, tasks: list[dict], frames: list) -> None:
-        self._send({"k": "tasks", "t": tasks}, frames)
-
-    def end_map(self, map_id: str, total: int) -> None:
-        self._send({"k": "mapend", "mp": map_id, "total": total})
-
-    def cancel(self, rq: int, ids: list[str]) -> None:
-        self._send({"k": "cancel", "rq": rq, "ids": ids})
-
-    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
-        self._send({"k": "watch", "rq": rq, "ids": list(ids), "maps": list(maps)})
-
-    def info(self, rq: int) -> None:
-        self._send({"k": "info", "rq": rq})
-
-    def join(self, rq: int, key: str, member: str, total: int) -> None:
-        self._send({"k": "join", "rq": rq, "key": key, "member": member, "total": total})
-
-    def claim(self, rq: int, key: str, ttl: float) -> None:
-        self._send({"k": "claim", "rq": rq, "key": key, "ttl": ttl})
-
-    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
-                ci: str) -> None:
-        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
-                    "ci": ci})
-
-    def _send(self, header: dict, frames: list = ()) -> None:
-        if frames and self.max_message_size is not None:
-            size = protocol.frame_size(frames)
-            if size > self.max_message_size:
-                items = header.get("t")
-                if header.get("k") == "tasks" and len(items) > 1:  # a batch: send it in halves
-                    half = len(items) // 2
-                    cut = sum(item["nf"] for item in items[:half])
-                    self._send({"k": "tasks", "t": items[:half]}, frames[:cut])
-                    self._send({"k": "tasks", "t": items[half:]}, frames[cut:])
-                    return
-                raise MessageTooLarge(
-                    f"this {header.get('k')!r} message is {size:,} bytes, more than the broker's "
-                    f"max_message_size of {self.max_message_size:,} bytes: send less at once (a "
-                    "large input as a file or a shared path), or start the broker with a larger "
-                    "--max-message-size")
-        header["c"] = self.cid
+    def _put(self, header: dict, frames: list) -> None:
         msg = self.signer.encode(header, frames)
         with self._lock:
             self._tx.send_multipart(msg, copy=False)
@@ -190,7 +147,7 @@ class ZmqSupervisor(SupervisorConnection):
         self._poller.register(self.sock, zmq.POLLIN)
 
     def _send(self, header: dict) -> None:
-        header["s"] = self.sid
+        header["sup"] = self.sid
         self.sock.send_multipart(self.signer.encode(header))
 
     def heartbeat(self, info: dict) -> None:
@@ -203,7 +160,7 @@ class ZmqSupervisor(SupervisorConnection):
                     "at": at if at and at[1] is not None else None, "run": at and at[0]})
 
     def answer(self, request: dict, name: str, reply) -> None:
-        self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "n": name, "r": reply})
+        self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "name": name, "r": reply})
 
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
         for fd in fds:
@@ -310,7 +267,7 @@ class ZmqWorker(WorkerConnection):
 
     def notice(self, ids: list[str], state: str) -> None:
         self.sock.send_multipart(self.signer.encode({"k": "ntc", "w": self.wid, "ids": ids,
-                                                     "s": state}))
+                                                     "state": state}))
 
     def output(self, task: dict, frames: list) -> None:
         msg = self.signer.encode({"k": "out", "w": self.wid, "id": task["id"]}, frames)

@@ -64,7 +64,7 @@ def encode(key: bytes, fn: Callable, args: tuple) -> bytes:
     """(fn, args) pickled and signed, as bytes for ``decode`` in ``nbq worker``."""
     name = getattr(fn, "__qualname__", None) or repr(fn)
     payload = protocol.dumps_named((fn, tuple(args)), f"the initializer {name} or its initargs")
-    frames = protocol.Signer(key).encode({"k": "init", "n": name}, payload)
+    frames = protocol.Signer(key).encode({"k": "init", "name": name}, payload)
     return b"".join(len(f).to_bytes(8, "little") + bytes(f) for f in frames)
 
 
@@ -86,4 +86,4 @@ def decode(key: bytes, data: bytes) -> Initializer:
         fn, args = protocol.loads(payload)
         fn(*args)
 
-    return Initializer(str(header.get("n")), call)
+    return Initializer(str(header.get("name")), call)

@@ -24,7 +24,7 @@ import struct
 import time
 from typing import Iterable
 
-from ..deaths import ID_MAX, clip_id
+from ..deaths import ID_MAX
 
 _SIZE = 16384
 _HEAD = struct.Struct("qH")  # item index, task id length

@@ -92,11 +92,11 @@ class Supervisor:
     @property
     def info(self) -> dict:
         """What each heartbeat tells the broker about this worker."""
-        info = {"s": self.sid, "n": self.name, "host": self.host, "spid": self.pid,
-                "conc": self.concurrency, "q": self.queues,
+        info = {"sup": self.sid, "name": self.name, "host": self.host, "spid": self.pid,
+                "conc": self.concurrency, "queues": self.queues,
                 "mem": sum(process.resident(p) for p in [self.pid, *self.pool.children])}
-        if self.autoscale:  # the broker answers with the queued tasks ("ql"), up to this many
-            info["as"] = self.autoscale.high
+        if self.autoscale:  # the broker answers with the queued tasks ("queued"), up to this many
+            info["autoscale"] = self.autoscale.high
         return info
 
     def run(self) -> str:
@@ -138,7 +138,7 @@ class Supervisor:
                             silent = False
                             log.warning("the broker answers again; serving it")
                         if self.autoscale and not self._warm:
-                            self._scale(header.get("ql", 0), now)
+                            self._scale(header.get("queued", 0), now)
                     elif header["k"] == "stop":
                         return "the broker is shutting down"
                     elif header["k"] == "ctl":
@@ -184,7 +184,7 @@ class Supervisor:
 
     def _on_control(self, conn: SupervisorConnection, request: dict) -> None:
         """Answer a control command addressed to this worker (by name or id, or to all)."""
-        dest = request.get("d")
+        dest = request.get("dest")
         if dest is not None and self.name not in dest and self.sid not in dest:
             return
         now = time.time()
@@ -193,7 +193,7 @@ class Supervisor:
             log.warning("refused control command %r: %s", str(request.get("cmd"))[:40], why)
             return
         self._controls.forget(now)
-        conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("a") or {}))
+        conn.answer(request, self.name, control.handle(self, request["cmd"], request.get("args") or {}))
         conn.heartbeat(self.info)  # the broker learns a changed pool or queue list at once
 
     def stop(self) -> None:

@@ -79,9 +79,9 @@ def info_(st: Store, cid: str, header: dict) -> Answer:
 
 def ctl(st: Store, cid: str, header: dict) -> Answer:
     """Broadcast a control command on nbq:ctl; {"n": the live supervisors it names}."""
-    dest = header.get("d")
+    dest = header.get("dest")
     n = sum(1 for sid, meta, _ in live_supervisors(st.r)
-            if dest is None or meta.get("n", sid) in dest or sid in dest)
+            if dest is None or meta.get("name", sid) in dest or sid in dest)
     st.r.xadd(CTL, {"m": pack(st.signer.encode(header))}, maxlen=CONTROL_KEEP, approximate=True)
     return {"n": n}, []
 

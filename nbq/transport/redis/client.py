@@ -9,8 +9,8 @@ from collections import deque
 import redis
 
 from ... import protocol
-from ...errors import BrokerUnavailable, MessageTooLarge, NbqError, SignatureError
-from ..base import ClientConnection
+from ...errors import BrokerUnavailable, NbqError, SignatureError
+from ..base import MessageClient
 from .answers import ANSWERS, FALLBACK
 from .connection import check, connect
 from .frames import entry_fields, pack, stored_apart
@@ -23,7 +23,7 @@ log = logging.getLogger("nbq.transport.redis")
 TRIM_AFTER = 4 << 20      # a client trims what it has read of its rs: after 4 MiB or 64 messages
 
 
-class RedisClient(ClientConnection):
+class RedisClient(MessageClient):
     """A client: a sender thread plays the broker's part for this client; receive() reads rs:.
 
     hello (the client's heartbeat too) is answered at once with Redis's run_id (the boot
@@ -36,6 +36,9 @@ class RedisClient(ClientConnection):
 
     def __init__(self, address: str, key: bytes, client_id: str, context=None) -> None:
         self.store = Store(address, key)
+        self.max_message_size = self.store.settings.max_message_size
+        self.raise_limit = ("raise the limit with ?max_message_size=BYTES in the Redis address "
+                            "of the client and every worker")
         self.signer = self.store.signer
         self.cid = client_id
         try:
@@ -72,49 +75,7 @@ class RedisClient(ClientConnection):
             return  # no answer: the client notices the silence
         self._reply_local({"k": "welcome", "rq": rq, "b": boot})
 
-    def ship(self, h: str, frames: list) -> None:
-        self._send({"k": "fn", "h": h}, frames)
-
-    def submit(self, tasks: list[dict], frames: list) -> None:
-        self._send({"k": "tasks", "t": tasks}, frames)
-
-    def end_map(self, map_id: str, total: int) -> None:
-        self._send({"k": "mapend", "mp": map_id, "total": total})
-
-    def cancel(self, rq: int, ids: list[str]) -> None:
-        self._send({"k": "cancel", "rq": rq, "ids": ids})
-
-    def watch(self, rq: int | None, ids: list[str] = (), maps: list[str] = ()) -> None:
-        self._send({"k": "watch", "rq": rq, "ids": list(ids), "maps": list(maps)})
-
-    def info(self, rq: int) -> None:
-        self._send({"k": "info", "rq": rq})
-
-    def join(self, rq: int, key: str, member: str, total: int) -> None:
-        self._send({"k": "join", "rq": rq, "key": key, "member": member, "total": total})
-
-    def claim(self, rq: int, key: str, ttl: float) -> None:
-        self._send({"k": "claim", "rq": rq, "key": key, "ttl": ttl})
-
-    def control(self, rq: int, command: str, arguments: dict, destination: list[str] | None,
-                ci: str) -> None:
-        self._send({"k": "ctl", "rq": rq, "cmd": command, "a": arguments, "d": destination,
-                    "ci": ci})
-
-    def _send(self, header: dict, frames: list = ()) -> None:
-        limit = self.store.settings.max_message_size
-        if frames and protocol.frame_size(frames) > limit:
-            items = header.get("t")
-            if header.get("k") == "tasks" and len(items) > 1:  # a batch: each task is one entry
-                for item, payload in protocol.split(items, frames):
-                    self._send({"k": "tasks", "t": [item]}, payload)
-                return
-            raise MessageTooLarge(
-                f"this {header.get('k')!r} message is {protocol.frame_size(frames):,} bytes, more "
-                f"than max_message_size ({limit:,} bytes) at Redis {self.store.safe}: send less "
-                "at once (a large input as a file or a shared path), or raise the limit with "
-                "?max_message_size=BYTES in the Redis address of the client and every worker")
-        header["c"] = self.cid
+    def _put(self, header: dict, frames: list) -> None:
         with self._cv:
             self._outbox.append((header, list(frames)))
             self._cv.notify()

@@ -98,6 +98,6 @@ def after_death(st: Store, qk: str, eid, fields: dict | None, why: str, at, died
 def _retry_lost(st: Store, tid: str) -> None:
     """A re-queued task that waited for a retry runs again from the start: its clients
     see it STARTED (not RETRY) from now on."""
-    msg = pack(st.signer.encode({"k": "state", "ids": [tid], "s": "STARTED"}))
+    msg = pack(st.signer.encode({"k": "state", "ids": [tid], "state": "STARTED"}))
     st.retry("telling a retry's clients", lambda: st.notice(
         args=[P, st.ttl_s, tid, "STARTED", msg, "if"]))

@@ -39,7 +39,7 @@ def info(store: Store) -> dict:
     sups = live_supervisors(r)
     queues = {q.decode() for q in r.smembers(P + "queues")}
     for _, meta, _ in sups:
-        queues.update(meta["q"])
+        queues.update(meta["queues"])
     active: dict[str, int] = {}
     lengths, tasks = {}, 0
     for q, keys in queue_streams(r, sorted(queues)).items():
@@ -55,8 +55,8 @@ def info(store: Store) -> dict:
             for c in summary.get("consumers") or ():
                 sid = text(c["name"]).split("/")[0]
                 active[sid] = active.get(sid, 0) + int(c["pending"])
-    workers = [{"id": sid, "name": meta.get("n", sid), "host": meta["host"], "pid": meta["spid"],
-                "concurrency": meta["conc"], "queues": list(meta["q"]), "active": active.get(sid, 0),
+    workers = [{"id": sid, "name": meta.get("name", sid), "host": meta["host"], "pid": meta["spid"],
+                "concurrency": meta["conc"], "queues": list(meta["queues"]), "active": active.get(sid, 0),
                 "processes": sorted(int(p) for p in procs.values()), "memory": meta.get("mem")}
                for sid, meta, procs in sups]
     results = r.zcount(P + "done", time.time() - store.ttl, "+inf")

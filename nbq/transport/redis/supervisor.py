@@ -103,7 +103,7 @@ class RedisSupervisor(SupervisorConnection):
 
     def heartbeat(self, info: dict) -> None:
         # every queue ever consumed: a dead process's entries are looked for in each
-        self.queues = list(dict.fromkeys([*self.queues, *info.get("q", ())]))
+        self.queues = list(dict.fromkeys([*self.queues, *info.get("queues", ())]))
         if self._backoff.waiting():  # Redis is away: keep waiting, keep the processes
             self._messages.append({"k": "hb"})
             return
@@ -115,8 +115,8 @@ class RedisSupervisor(SupervisorConnection):
             claim_key(pipe, self.key)  # the cluster's key may have changed: stop if so
             compare_key(self.key, pipe.execute()[-1], self.store.safe)
             answer = {"k": "hb"}
-            if info.get("as"):  # an autoscaling worker: how many tasks wait (as the ZeroMQ broker's)
-                answer["ql"] = queued(self.store.r, info["q"])
+            if info.get("autoscale"):  # an autoscaling worker: how many tasks wait (as the ZeroMQ broker's)
+                answer["queued"] = queued(self.store.r, info["queues"])
         except redis.RedisError as e:
             if not unreachable(e):
                 raise nbq_error("heartbeat", self.store.safe, e) from None
@@ -151,7 +151,7 @@ class RedisSupervisor(SupervisorConnection):
     def answer(self, request: dict, name: str, reply) -> None:
         st = self.store
         rs = P + "rs:" + request["c"]
-        blob = pack(st.signer.encode({"k": "ctlr", "ci": request["ci"], "n": name, "r": reply}))
+        blob = pack(st.signer.encode({"k": "ctlr", "ci": request["ci"], "name": name, "r": reply}))
 
         def send():
             pipe = st.r.pipeline(transaction=False)

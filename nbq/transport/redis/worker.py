@@ -106,18 +106,18 @@ class RedisWorker(WorkerConnection):
     def __init__(self, address: str, key: bytes, wid: str, hello: dict) -> None:
         self.store = Store(address, key)
         self.wid = wid
-        self.sid = hello["s"]
+        self.sid = hello["sup"]
         st = self.store
         st.check_key(key)  # before reading any entry: a process with another key takes none
 
         def join():
-            for q in hello["q"]:
+            for q in hello["queues"]:
                 group(st.r, q)
             st.r.hset(P + "procs:" + self.sid, wid, hello["pid"])
             st.r.expire(P + "procs:" + self.sid, int(policy.HEARTBEAT_TIMEOUT * 3))
-            return stream_keys(st.r, hello["q"])
+            return stream_keys(st.r, hello["queues"])
 
-        self.queues: list[str] = list(hello["q"])
+        self.queues: list[str] = list(hello["queues"])
         self.keys = st.retry("joining", join)  # its queues' streams, read in this order
         # task id -> (queue key, entry id, item, keys of its frames stored apart)
         self._batch: dict[str, tuple[str, str, dict, list]] = {}
@@ -288,7 +288,7 @@ class RedisWorker(WorkerConnection):
         st = self.store
         if state == "RETRY":
             self._notices.done(ids)  # no "started" notice after this one
-        msgs = [(tid, pack(st.signer.encode({"k": "state", "ids": [tid], "s": state})))
+        msgs = [(tid, pack(st.signer.encode({"k": "state", "ids": [tid], "state": state})))
                 for tid in ids]
 
         def tell():
@@ -326,7 +326,7 @@ class RedisWorker(WorkerConnection):
         st = self.store
         hb = st.r.get(P + "hb:" + self.sid)
         try:  # unsigned: this process's supervisor rewrites it every heartbeat
-            queues = json.loads(hb)["q"] if hb is not None else None
+            queues = json.loads(hb)["queues"] if hb is not None else None
             queues = queues if isinstance(queues, list) and all(isinstance(q, str) for q in queues) else None
         except (ValueError, TypeError, KeyError):
             queues = None

@@ -1,8 +1,9 @@
 """nbq.wait and nbq.as_completed: concurrent.futures' own, which also end when a client of
 the futures gives up on its silent broker (BrokerUnavailable), instead of waiting for ever.
 
-Each client holds a ``_lost`` signal, a plain Future failed with BrokerUnavailable when its
-broker has been silent for ``broker_grace`` (and replaced when the broker answers again).
+Each client's link to its broker (link.py) holds a ``lost`` signal, a plain Future failed
+with BrokerUnavailable when its broker has been silent for ``broker_grace`` (and replaced
+when the broker answers again).
 It is waited on beside the user's futures, so nothing polls.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Iterable, Iterator
 
 def _signals(fs: Iterable) -> set:
     """The lost signals of the clients of these futures (other futures have none)."""
-    clients = {getattr(f, "_client", None) for f in fs}
-    return {c._lost for c in clients if getattr(c, "_lost", None) is not None}
+    links = {getattr(getattr(f, "_client", None), "_link", None) for f in fs}
+    return {link.lost for link in links if link is not None}
 
 
 def wait(fs: Iterable, timeout: float | None = None,

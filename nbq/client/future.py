@@ -7,7 +7,7 @@ import time
 from typing import Callable
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 
-from .states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
+from ..states import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 
 
 class Future(concurrent.futures.Future):

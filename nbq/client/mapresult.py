@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import InputError, NbqError
+from ..errors import NbqError
 
 if TYPE_CHECKING:
     import pandas
@@ -150,7 +150,7 @@ class MapResult:
                                            "items done when the timeout expired")
                     self._cond.wait(remaining)
         except KeyboardInterrupt:
-            if not self.done() and not self._client._closed:
+            if not self.done() and not self._client.closed:
                 self.cancel()
             raise
 
@@ -291,7 +291,7 @@ class MapResult:
     @classmethod
     def from_id(cls, map_id: str, client=None) -> "MapResult":
         """Find a map again by its id, from any client on the same broker."""
-        from .client import current_client
+        from .registry import current_client
         return (client or current_client())._find_map(map_id)
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
@@ -319,34 +319,4 @@ def _check_mode(errors: str) -> None:
     if errors not in ERROR_MODES:
         raise ValueError(f"errors must be one of {', '.join(map(repr, ERROR_MODES))}, "
                          f"not {errors!r}")
-
-
-class _Chunker:
-    """Reads a map's input chunk by chunk (only the client's feeder calls it)."""
-
-    def __init__(self, source: Iterable, chunksize: int, keep: list | None) -> None:
-        self._it = iter(source)
-        self.chunksize = chunksize
-        self.position = 0
-        self.exhausted = False
-        self._keep = keep
-
-    def next(self) -> tuple[int, list, InputError | None]:
-        """The next chunk: (start position, items, the error that ended the input or None)."""
-        start = self.position
-        items: list = []
-        error = None
-        try:
-            for x in itertools.islice(self._it, self.chunksize):
-                items.append(x)
-        except Exception as e:
-            error = InputError(f"the map's input raised {type(e).__name__} after "
-                               f"{start + len(items)} items: {e}")
-            error.__cause__ = e
-        if error is not None or len(items) < self.chunksize:
-            self.exhausted = True
-        self.position += len(items)
-        if self._keep is not None:
-            self._keep.extend(items)
-        return start, items, error
 
