@@ -40,7 +40,7 @@ from .. import keys
 from ..broker import Broker
 from ..errors import LaunchError, NbqError
 from ..policy import RESULT_EXPIRES
-from ..version import __version__
+from .. import version
 from ..transport import with_result_expires
 from . import table
 from .scaling import ADAPT_WAIT, Adapter, Unit, plan_shrink
@@ -57,7 +57,7 @@ class LaunchWarning(UserWarning):
 
 def versions() -> str:
     """This side's nbq and Python versions, as a worker compares them (``--versions``)."""
-    return f"{__version__}/{platform.python_version()}"
+    return f"{version.__version__}/{platform.python_version()}"
 
 
 class Cluster:
