@@ -214,7 +214,7 @@ def test_a_refusing_host_is_named_while_the_other_serves(ssh_config):
 
 
 def test_a_worker_of_other_versions_refuses_naming_both(ssh_config, monkeypatch):
-    monkeypatch.setattr(nbq, "__version__", "0.0.1")
+    monkeypatch.setattr(nbq.version, "__version__", "0.0.1")  # this side's (clusters.base.versions)
     with pytest.raises(nbq.LaunchError, match=r"lab2: .*this worker has nbq [\d.]+ on Python "
                                               r"[\d.]+, its client nbq 0.0.1 on Python"):
         nbq.SSHCluster(["lab2"], 1, python=PYTHON, ssh_config=ssh_config)

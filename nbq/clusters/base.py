@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import html
 import itertools
 import logging
 import platform
@@ -33,7 +32,6 @@ import time
 import uuid
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -42,14 +40,14 @@ from .. import keys
 from ..broker import Broker
 from ..errors import LaunchError, NbqError
 from ..policy import RESULT_EXPIRES
-from ..version import __version__
+from .. import version
 from ..transport import client_connection, with_result_expires
 from ..transport.base import ClientConnection
+from . import table
+from .scaling import ADAPT_WAIT, Adapter, Unit, plan_shrink
 
 log = logging.getLogger("nbq.cluster")
 
-ADAPT_INTERVAL = 1.0   # seconds between adapt's looks at the queue
-ADAPT_WAIT = 5.0       # adapt's default: an idle unit stops after this many seconds idle
 STOP_WAIT = 5.0        # a unit asked to stop is killed after this long
 LAUNCHED_BROKER_GRACE = 10.0  # a launched worker whose broker is silent this long exits
 
@@ -60,20 +58,7 @@ class LaunchWarning(UserWarning):
 
 def versions() -> str:
     """This side's nbq and Python versions, as a worker compares them (``--versions``)."""
-    return f"{__version__}/{platform.python_version()}"
-
-
-@dataclass
-class Unit:
-    """One launched ``nbq worker``: where, how many processes, and the launcher's handle."""
-    name: str
-    host: str
-    processes: int
-    handle: Any
-    started: float = field(default_factory=time.monotonic)
-    failure: str | None = None
-    idle_since: float | None = None
-    reported: bool = False  # its failure was raised or warned about
+    return f"{version.__version__}/{platform.python_version()}"
 
 
 class Cluster:
@@ -116,7 +101,7 @@ class Cluster:
         # the users' Client(cluster)s: shut down before the broker stops (their sockets on its
         # context would hold close() forever)
         self._clients: "weakref.WeakSet" = weakref.WeakSet()
-        self._adapter: _Adapter | None = None
+        self._adapter: Adapter | None = None
         self._closed = False
         atexit.unregister(_close_all)  # registered once, when a cluster first opens
         atexit.register(_close_all)
@@ -203,26 +188,17 @@ class Cluster:
                 self._shrink(have - n, idle_for)
 
     def _shrink(self, surplus: int, idle_for: float | None) -> None:
-        """Stop whole units worth at most surplus processes, idle then newest first; then (not
-        for adapt) shrink a serving unit by what is left (its idle processes first)."""
-        active = self._activity()
+        """Stop surplus processes as scaling.plan_shrink says: whole units, then (not for
+        adapt) some processes of one serving unit."""
         live = [u for u in self._units.values() if u.failure is None]
-        live.sort(key=lambda u: (active.get(u.name, 0) > 0, -u.started))
-        for unit in live:
-            if unit.processes > surplus:
-                continue
-            if idle_for is not None and (active.get(unit.name, 1) > 0 or unit.idle_since is None
-                                         or time.monotonic() - unit.idle_since < idle_for):
-                continue
-            surplus -= unit.processes
+        stop, within = plan_shrink(live, self._activity(), surplus, idle_for, time.monotonic())
+        for unit in stop:
             self._retire(unit)
-        if surplus and idle_for is None:  # no whole unit fits: one unit stops some processes
-            unit = next((u for u in live if u.name in self._units and u.processes > surplus
-                         and u.name in active), None)
-            if unit is not None:
-                self._status()  # the cluster's client exists
-                self._client.control("pool_shrink", {"n": surplus}, [unit.name], timeout=5.0)
-                unit.processes -= surplus
+        if within is not None:  # no whole unit fits: one unit stops some processes
+            unit, n = within
+            self._status()  # the cluster's client exists
+            self._client.control("pool_shrink", {"n": n}, [unit.name], timeout=5.0)
+            unit.processes -= n
 
     def _retire(self, unit: Unit) -> None:
         log.info("stopping %s", unit.name)
@@ -238,7 +214,7 @@ class Cluster:
             raise ValueError(f"adapt's wait is seconds idle before a unit stops (>= 0), not {wait!r}")
         self._check_open()
         self._stop_adapting()
-        self._adapter = _Adapter(self, minimum, maximum, wait)
+        self._adapter = Adapter(self, minimum, maximum, wait)
 
     def wait_for_workers(self, n: int | None = None, timeout: float = 30.0) -> None:
         """Wait until n processes (default: all started) serve; units that failed meanwhile are
@@ -327,26 +303,11 @@ class Cluster:
         self.close()
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{html.escape(w['host'])}</td><td>{w['processes']}</td>"
-            f"<td>{html.escape(w['state'])}</td><td>{w['active']}</td>"
-            f"<td>{_size(w['memory'])}</td></tr>" for w in self.workers)
-        return (f"<b>{type(self).__name__}</b> {html.escape(self.address)}: "
-                + ("closed" if self._closed else f"{self.processes} worker processes")
-                + (f", adapting {self._adapter.minimum}..{self._adapter.maximum}"
-                   if self._adapter else "")
-                + "<table><tr><th>host</th><th>processes</th><th>state</th><th>active</th>"
-                  f"<th>memory</th></tr>{rows}</table>")
+        return table.html_table(self)
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        """In Jupyter, the table redraws every second while the cluster is open (view.py);
-        the static table is there too, for a saved notebook."""
-        table = self._repr_html_()
-        try:
-            from .view import live_view
-        except ImportError:  # no ipywidgets: the table as it is now
-            return {"text/html": table, "text/plain": repr(self)}
-        return {**live_view(self, table), "text/html": table, "text/plain": repr(self)}
+        """The table, live in Jupyter (table.py)."""
+        return table.bundle(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}: {self.processes} worker processes>"
@@ -405,59 +366,6 @@ class Cluster:
     def _check_open(self) -> None:
         if self._closed:
             raise NbqError(f"{type(self).__name__} is closed: make a new one")
-
-
-class _Adapter:
-    """adapt()'s thread: each ADAPT_INTERVAL, size the cluster to running + queued tasks."""
-
-    def __init__(self, cluster: Cluster, minimum: int, maximum: int, wait: float) -> None:
-        self.minimum, self.maximum, self.wait = minimum, maximum, wait
-        self._cluster = weakref.ref(cluster)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nbq-adapt", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(10.0)
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            cluster = self._cluster()
-            if cluster is None or cluster._closed:
-                return
-            try:
-                self.step(cluster, time.monotonic())
-            except Exception:
-                log.exception("adapt could not size the cluster; trying again")
-            del cluster
-            self._stopped.wait(ADAPT_INTERVAL)
-
-    def step(self, cluster: Cluster, now: float) -> None:
-        st = cluster._status()
-        queued = sum(st["queues"].values())
-        mine = [w for w in st["workers"] if w["name"] in cluster._units]
-        active = sum(w["active"] for w in mine)
-        with cluster._lock:
-            for w in mine:
-                unit = cluster._units[w["name"]]
-                unit.idle_since = (unit.idle_since or now) if w["active"] == 0 else None
-            want = max(self.minimum, min(self.maximum, active + queued))
-            if want > cluster.processes:
-                cluster._scale(want)
-            elif want < cluster.processes and not queued:
-                cluster._scale(want, idle_for=self.wait)
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _close_all() -> None:

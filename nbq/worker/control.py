@@ -26,7 +26,7 @@ def stats(sup: "Supervisor", args: dict) -> dict:
             "uptime": round(time.time() - sup.started, 3),
             "pool": {"implementation": "nbq.worker.supervisor (fork)",
                      "max-concurrency": sup.concurrency,
-                     "processes": sorted(sup.children)},
+                     "processes": sorted(sup.pool.children)},
             "queues": list(sup.queues)}
 
 
@@ -38,7 +38,7 @@ def registered(sup: "Supervisor", args: dict) -> list[str]:
 def active(sup: "Supervisor", args: dict) -> list[dict]:
     """The task each worker process is running now, read from its shared marker."""
     out = []
-    for pid, (_, marker) in sorted(sup.children.items()):
+    for pid, (_, marker) in sorted(sup.pool.children.items()):
         now = marker.current()
         if now is not None:
             tid, name, start = now
@@ -115,7 +115,7 @@ def cancel_consumer(sup: "Supervisor", args: dict) -> dict:
 def scheduled(sup: "Supervisor", args: dict) -> list[dict]:
     """Tasks each process holds until their ETA (countdowns, retries), read from its marker."""
     out = []
-    for pid, (_, marker) in sorted(sup.children.items()):
+    for pid, (_, marker) in sorted(sup.pool.children.items()):
         for tid, name, eta in marker.scheduled():
             out.append({"eta": datetime.fromtimestamp(eta, timezone.utc).isoformat(),
                         "request": {"id": tid, "name": name, "worker_pid": pid,

@@ -93,14 +93,14 @@ class _Unloadable:
         raise self.error.with_traceback(self._tb)  # not one more frame in its traceback per call
 
 
-#: Largest result payload the broker takes (its max_message_size, less room for the header),
-#: once the transport knows it; a larger result fails with MessageTooLarge instead.
-max_result: int | None = None
-
-
 def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], None],
-        mark: Callable[[str, int], None] | None = None) -> tuple[dict, list] | None:
+        mark: Callable[[str, int], None] | None = None,
+        max_result: int | None = None) -> tuple[dict, list] | None:
     """Run one task (``context.item``), passing each result part to emit.
+
+    ``max_result``: the largest result payload the broker takes (its max_message_size, less
+    room for the header: the connection's ``max_result``), None while unknown; a larger
+    result fails with MessageTooLarge instead.
 
     A call (mode ``call``) runs with context current (context.current()).
     A re-run after a death (``st`` set) goes item by item: each item is marked
@@ -132,7 +132,7 @@ def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], Non
             except BaseException as e:
                 payload, ok = protocol.dumps(protocol.error_record(e)), 0
             else:
-                payload, ok = _dump_value(value, f"the result of task {tid}")
+                payload, ok = _dump_value(value, f"the result of task {tid}", max_result)
         emit(dict(base, s=0, n=1, ok=ok, nf=len(payload), d=time.perf_counter() - t0), payload)
         return None
     try:
@@ -164,19 +164,20 @@ def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], Non
                 values.append(None)
                 errors[i - part] = protocol.error_record(e)
         if stream:
-            _emit_chunk(base, part, values, errors, t0, emit)
+            _emit_chunk(base, part, values, errors, t0, emit, max_result)
             values, errors, part, t0 = [], {}, i + 1, time.perf_counter()
     if values or not stream:
-        _emit_chunk(base, part, values, errors, t0, emit)
+        _emit_chunk(base, part, values, errors, t0, emit, max_result)
 
 
-def _emit_chunk(base: dict, start: int, values: list, errors: dict, t0: float, emit) -> None:
+def _emit_chunk(base: dict, start: int, values: list, errors: dict, t0: float, emit,
+                max_result: int | None) -> None:
     try:
         payload = protocol.dumps((values, errors))
     except Exception:
         for i, v in enumerate(values):
             if i not in errors:
-                bad, ok = _dump_value(v, f"the result of item {base['s0'] + start + i}")
+                bad, ok = _dump_value(v, f"the result of item {base['s0'] + start + i}", max_result)
                 if not ok:
                     values[i] = None
                     errors[i] = protocol.loads(bad)
@@ -184,21 +185,22 @@ def _emit_chunk(base: dict, start: int, values: list, errors: dict, t0: float, e
     if max_result is not None and protocol.frame_size(payload) > max_result:
         if len(values) > 1:  # send the items one by one: only those too large fail
             for i, v in enumerate(values):
-                _emit_chunk(base, start + i, [v], {0: errors[i]} if i in errors else {}, t0, emit)
+                _emit_chunk(base, start + i, [v], {0: errors[i]} if i in errors else {}, t0, emit,
+                            max_result)
             return
         if not errors:
             errors = {0: protocol.loads(_too_large(payload, f"the result of item "
-                                                            f"{base['s0'] + start}"))}
+                                                            f"{base['s0'] + start}", max_result))}
             payload = protocol.dumps(([None], errors))
     emit(dict(base, s=start, n=len(values), nf=len(payload), d=time.perf_counter() - t0), payload)
 
 
-def _dump_value(value, what: str) -> tuple[list, int]:
+def _dump_value(value, what: str, max_result: int | None) -> tuple[list, int]:
     """Pickle a result; an unpicklable one becomes the error record saying so."""
     try:
         payload = protocol.dumps(value)
         if max_result is not None and protocol.frame_size(payload) > max_result:
-            return _too_large(payload, what), 0
+            return _too_large(payload, what, max_result), 0
         return payload, 1
     except Exception as e:
         err = SerializationError(f"{what} ({type(value).__name__}) could not be pickled: "
@@ -206,7 +208,7 @@ def _dump_value(value, what: str) -> tuple[list, int]:
         return protocol.dumps(protocol.error_record(err)), 0
 
 
-def _too_large(payload: list, what: str) -> list:
+def _too_large(payload: list, what: str, max_result: int) -> list:
     """The error record (pickled) of a result larger than the broker takes."""
     err = MessageTooLarge(f"{what} is {protocol.frame_size(payload):,} bytes pickled, more than "
                           f"the broker's max_message_size allows ({max_result:,}): return less "

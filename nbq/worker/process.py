@@ -10,7 +10,6 @@ import time
 
 from ..states import RETRY, STARTED
 from ..transport.base import WorkerConnection
-from . import execute
 from .context import TaskContext
 from .execute import Functions, run
 from .marker import Marker
@@ -110,7 +109,6 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
             if _retire:
                 break
             batch = conn.fetch(max(0.0, later[0][0] - time.time()) if later else None)
-            execute.max_result = conn.max_result  # results must fit in the broker's messages
             _waiting = False
             if max_tasks:
                 del batch[max_tasks - ran:]  # the rest go back to the queue when this one leaves
@@ -141,10 +139,12 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
                                       lambda frames, item=item: conn.output(item, frames))
                 if item.get("st") or item.get("a"):
                     again = run(context, frames, fn,
-                                lambda r, p: conn.report([(r, p)], ready=False), marker.mark)
+                                lambda r, p: conn.report([(r, p)], ready=False), marker.mark,
+                                conn.max_result)
                     marker.clear()
                 else:
-                    again = run(context, frames, fn, lambda r, p: out.append((r, p)))
+                    again = run(context, frames, fn, lambda r, p: out.append((r, p)),
+                                max_result=conn.max_result)
                 if again is not None:  # a retry: held until its eta, RETRY for its clients
                     heapq.heappush(later, (again[0]["eta"], next(seq), *again))
                     moved = True

@@ -76,7 +76,8 @@ class ThreadPool:
     """n worker threads serving the memory:// broker at address, with a control thread.
 
     Its attributes are those worker/control.py reads of a supervisor (name, sid, pid,
-    started, concurrency, queues, children, rates), so it answers the same commands.
+    started, concurrency, queues, rates, registered, pool.children), so it answers the same
+    commands.
     """
 
     def __init__(self, address: str, name: str, n: int, queues: list[str] = ("default",)) -> None:
@@ -90,6 +91,8 @@ class ThreadPool:
         self.queues = list(queues)
         self.rates = _rates()
         self.children: dict[int, tuple[str, Marker]] = {}  # thread id -> (worker id, marker)
+        self.pool = self        # (a supervisor's pool holds its children; this one holds its own)
+        self.registered = None  # task names registered by -A: none here (control.registered)
         self._workers: dict[str, tuple[threading.Thread, MemoryWorker]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
