@@ -286,3 +286,12 @@ def test_concurrent_calls_on_worker_threads_each_see_their_own_request():
     finally:
         app.close()
         pool.shutdown()
+
+
+def test_a_call_on_a_worker_thread_is_not_the_callers(threads):
+    """While a memory:// thread runs a call, the user's own threads are not inside it (an App
+    there still sends through its own client, not a worker's)."""
+    fut = threads.submit(time.sleep, 1.0)
+    wait_until(lambda: fut.state == nbq.STARTED, what="the task to start")
+    assert context.current() is None
+    fut.result(timeout=5)

@@ -3,9 +3,10 @@
 A worker process makes one TaskContext per call it runs and makes it current
 for the length of the call (``running``, used by execute.run only); code
 running inside the call (the tasks layer, a user's function) reads it with
-``current()``.  It is the calling thread's own call where that thread runs one
-(a memory:// worker runs several calls at once, in threads of one process), else
-the latest the process runs: threads a task starts see it too.  Outside a call, or outside
+``current()``.  It is the calling thread's own call where that thread runs one,
+else the latest a worker process runs: threads a task starts see it too.  A call
+that a memory:// worker runs (header ``ip``: in a thread of a user's process, beside
+the user's own threads and other calls) is its thread's only.  Outside a call, or outside
 a worker, ``current()`` is None.
 
 Besides: ``Reschedule``, which a call raises to run again later (a retry), and
@@ -68,7 +69,7 @@ class TaskContext:
         return self.item.get("x")
 
 
-_running: list[TaskContext] = []  # the calls this process runs now, latest last
+_running: list[TaskContext] = []  # the calls this worker process runs now, latest last
 _local = threading.local()         # .context: the call this thread runs
 
 
@@ -86,11 +87,14 @@ def running(context: TaskContext) -> Iterator[None]:
     """Make context current for the length of the call (the worker's own execute loop)."""
     mine = getattr(_local, "context", None)
     _local.context = context
-    _running.append(context)
+    shared = not context.item.get("ip")  # not a memory:// call: the process's threads see it
+    if shared:
+        _running.append(context)
     try:
         yield
     finally:
-        _running.remove(context)  # (not pop: another thread's call may have started since)
+        if shared:
+            _running.remove(context)  # (not pop: another thread's call may have started since)
         _local.context = mine
 
 
