@@ -18,15 +18,19 @@ from typing import Callable
 
 from . import keys
 from .clusters.base import STOP_WAIT, Cluster
+from .deaths import MAX_DEATHS
+from .transport import is_memory
 
 
 def client_cluster(address: "str | Cluster | None", workers: int | None, *,
                    key_file: str | None, result_expires: float | None,
-                   initializer: Callable | None, initargs: tuple) -> tuple[Cluster, bool]:
+                   initializer: Callable | None, initargs: tuple, inline: bool = False,
+                   max_task_deaths: int = MAX_DEATHS) -> tuple[Cluster, bool]:
     """The cluster of Client(address, workers, ...) and whether it is the client's own to
-    close: the user's Cluster as given, else a LocalCluster for the address (NBQ_BROKER
-    when none: without either, a private broker) with ``workers`` local worker processes
-    (``os.cpu_count()`` for a private broker).  Checks the arguments that choose it."""
+    close: the user's Cluster as given, a MemoryCluster for a memory:// address (worker
+    threads of this process, or ``inline``: none), else a LocalCluster for the address
+    (NBQ_BROKER when none: without either, a private broker) with ``workers`` local worker
+    processes (``os.cpu_count()`` for a private broker).  Checks the arguments that choose it."""
     if isinstance(address, Cluster):
         if workers is not None or initializer is not None:
             raise ValueError("a cluster's workers are its own: size it with cluster.scale(n) "
@@ -45,6 +49,14 @@ def client_cluster(address: "str | Cluster | None", workers: int | None, *,
                              "give workers=N, or start workers with `nbq worker --init "
                              "MODULE:FUNC`")
     key = keys.load_key(key_file)
+    if is_memory(address):
+        from .clusters.memory import MemoryCluster
+        return MemoryCluster(address, workers, inline=inline, key=key,
+                             result_expires=result_expires, initializer=initializer,
+                             max_task_deaths=max_task_deaths), True
+    if inline:
+        raise ValueError("inline=True runs tasks in the submitting thread of this process: "
+                         "it needs the address memory://")
     init = None if initializer is None else worker_init.encode(key, initializer, initargs)
     return LocalCluster(key, address, workers, result_expires=result_expires,
                         initializer=init), True

@@ -1,6 +1,7 @@
 """Shared fixtures: real brokers and worker processes, started and stopped by their own handles."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -14,6 +15,37 @@ import pytest
 import nbq
 
 TRANSPORTS = ["zmq", "redis"]
+#: The transports every behaviour of the contract must hold on: a test module, class or
+#: function marked ``conformance`` gets its ``transport``, ``shared_client`` and ``client``
+#: fixtures over these; tests that kill or signal a worker process stay on TRANSPORTS.
+CONFORMANCE = TRANSPORTS + ["memory"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "conformance: run the transport fixtures on memory:// "
+                            "too (tests of what every transport must do)")
+
+
+def _own_parametrization(metafunc, name: str) -> bool:
+    """Whether the test asks for fixture name and nothing else parametrizes it."""
+    if name not in metafunc.fixturenames:
+        return False
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if name in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return False
+    defs = metafunc._arg2fixturedefs.get(name)
+    return bool(defs) and defs[-1].params is None and defs[-1].func.__module__ == __name__
+
+
+def pytest_generate_tests(metafunc):
+    """The transports of the ``transport`` and ``shared_client`` fixtures: CONFORMANCE for
+    tests marked conformance, else TRANSPORTS."""
+    names = CONFORMANCE if metafunc.definition.get_closest_marker("conformance") else TRANSPORTS
+    if _own_parametrization(metafunc, "transport"):
+        metafunc.parametrize("transport", names, indirect=True)
+    if _own_parametrization(metafunc, "shared_client"):
+        metafunc.parametrize("shared_client", names, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -143,8 +175,9 @@ def start_broker(procs: Processes, address: str | None = None, *options: str) ->
     return address or line.split("listening on ", 1)[1].split(",")[0].strip()
 
 
-@pytest.fixture(params=TRANSPORTS)
+@pytest.fixture
 def transport(request) -> str:
+    """The transport's name (parametrized by pytest_generate_tests)."""
     return request.param
 
 
@@ -177,19 +210,24 @@ def redis_url(**query) -> str:
     return redis_server().url(**query)
 
 
+_memory_brokers = itertools.count()
+
+
 def make_client(transport: str, procs: Processes | None = None, workers: int = 2, **kw) -> nbq.Client:
     """A client on the given transport with `workers` local worker processes, all connected."""
     if transport == "zmq":
         client = nbq.Client(workers=workers, **kw)
     elif transport == "redis":
         client = nbq.Client(redis_url(), workers=workers, **kw)
+    elif transport == "memory":  # a broker of its own in this process, as each zmq client has
+        client = nbq.Client(f"memory://test-{next(_memory_brokers)}", workers=workers, **kw)
     else:
         raise ValueError(transport)
     client.wait_for_workers(workers)
     return client
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
+@pytest.fixture(scope="module")
 def shared_client(request):
     """One client per module and transport, for tests that leave no state behind."""
     client = make_client(request.param)

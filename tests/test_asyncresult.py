@@ -11,7 +11,9 @@ from contextlib import contextmanager
 import pytest
 
 import nbq
-from conftest import wait_until
+from conftest import TRANSPORTS, wait_until
+
+pytestmark = pytest.mark.conformance  # every transport, memory:// too (conftest.py)
 
 
 @pytest.fixture
@@ -135,6 +137,7 @@ def test_revoke_from_another_client(transport, procs, tmp_path):
         c.shutdown(wait=False)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)  # kills a process: memory:// has none to kill
 def test_revoke_with_terminate_kills_the_process_running_a_plain_task(client):
     fut = client.submit(time.sleep, 60)
     wait_until(lambda: fut.state == nbq.STARTED, what="the task to start")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import nbq
+
+pytestmark = pytest.mark.conformance  # every transport, memory:// too (conftest.py)
 
 
 def test_claim_once_is_won_by_one_client_per_key_until_its_ttl(shared_client):

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import make_client, redis_url, wait_until
 
+pytestmark = pytest.mark.conformance  # every transport, memory:// too (conftest.py)
+
 N = 60
 
 
@@ -147,7 +149,7 @@ def test_ctrl_c_while_waiting_on_a_map_cancels_the_rest(transport, procs, tmp_pa
     script.write_text(textwrap.dedent(CTRL_C_SCRIPT.format(n=N)))
     folder = tmp_path / "ran"
     folder.mkdir()
-    address = redis_url() if transport == "redis" else ""
+    address = {"redis": redis_url(), "memory": "memory://"}.get(transport, "")
     p = procs.start([sys.executable, str(script), str(folder), address, how])
     first = p.stdout.readline()
     assert first.strip() == "waiting", first + p.communicate(timeout=30)[0]

@@ -405,3 +405,40 @@ def test_an_app_without_a_broker_starts_its_own_as_a_notebook_would():
         assert ~double.map([1, 2, 3]) == [2, 4, 6]
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("how", ["memory", "eager"])
+def test_in_this_process_on_memory_too(tmp_path, how):
+    """The project's tasks with no worker process: on memory:// worker threads, and eager
+    (task_always_eager: in the caller's thread).  What needs a process (time limits, a worker
+    killed) is refused there (test_memory.py)."""
+    proj = Project(None, "memory://tasks", tmp_path / "notes.txt")
+    t = proj.tasks
+    notes, t.NOTES = t.NOTES, str(proj.notes)  # the tasks run here: their notes go where lines() reads
+    proj.app.conf.task_always_eager = how == "eager"
+    try:
+        res = t.add.delay(4, 4)
+        assert res.get(timeout=10) == 8 and (res.state, res.successful()) == ("SUCCESS", True)
+        with pytest.raises(ValueError, match="boom 1"):
+            t.boom.delay(1).get(timeout=10)
+        assert proj.app.AsyncResult(res.id).get(timeout=10) == 8
+        assert group(t.add.s(i, i) for i in range(10))().get(timeout=20) == [i + i for i in range(10)]
+        assert (t.add.s(4, 4) | t.mul.s(8) | t.add.s(1))().get(timeout=20) == 65
+        assert chord([t.add.s(i, i) for i in range(10)])(t.xsum.s()).get(timeout=20) == 90
+        assert ~t.add.starmap(zip(range(100), range(100))) == [i + i for i in range(100)]
+        parts = t.add.chunks(zip(range(20), range(20)), 10)().get(timeout=20)
+        assert parts == [[i + i for i in range(k, k + 10)] for k in range(0, 20, 10)]
+        assert t.flaky.delay("m", 2).get(timeout=20) == 2
+        assert [int(r[3]) for r in proj.lines("flaky") if r[1] == "m"] == [0, 1, 2]
+        with pytest.raises(ValueError, match="boom 2"):
+            (t.add.s(1, 1) | t.boom.s() | t.record.s())().get(timeout=20)
+        assert not proj.lines("record")
+        boom = t.boom.apply_async((5,), link_error=t.on_error.s())
+        with pytest.raises(ValueError):
+            boom.get(timeout=10)
+        wait_until(lambda: ["on_error", boom.id, "ValueError"] in proj.lines("on_error"), 10,
+                   what="the error callback")
+    finally:
+        t.NOTES = notes
+        proj.app.conf.task_always_eager = False
+        proj.app.close()

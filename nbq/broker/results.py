@@ -1,5 +1,6 @@
 """Results, and what the broker keeps beside them: the result store, watchers, map
-records, joins, claims, and their expiry.
+records, joins, claims, and their expiry (the store itself: nbq/results.py, which the
+in-process transport shares).
 
 A result reaches its client as it arrives; what is stored is the copy that
 AsyncResult, MapResult.from_id and watchers fetch later.  When the stored
@@ -10,50 +11,12 @@ any of them earlier, with map records, joins and watches of unknown tasks.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 
-from .. import deaths, protocol
+from .. import deaths
+from ..results import ResultStore
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
-
-PART_OVERHEAD = 200  # bytes counted per stored part beside its payload (header, tuple, list)
-
-
-class ResultStore:
-    """Result parts (item, payload frames, raw message or None) by task id."""
-
-    __slots__ = ("budget", "bytes", "_parts", "_sizes")
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.bytes = 0
-        self._parts: OrderedDict[str, list] = OrderedDict()
-        self._sizes: dict[str, int] = {}
-
-    def add(self, tid: str, part: tuple) -> None:
-        """Store a part of tid's result, then evict the oldest results while over budget."""
-        parts = self._parts.get(tid)
-        if parts is None:
-            parts = self._parts[tid] = []
-        parts.append(part)
-        size = protocol.frame_size(part[1]) + PART_OVERHEAD
-        self._sizes[tid] = self._sizes.get(tid, 0) + size
-        self.bytes += size
-        while self.bytes > self.budget and self._parts:
-            self.pop(next(iter(self._parts)))
-
-    def get(self, tid: str, default=None):
-        return self._parts.get(tid, default)
-
-    def pop(self, tid: str, default=None):
-        parts = self._parts.pop(tid, None)
-        if parts is None:
-            return default
-        self.bytes -= self._sizes.pop(tid)
-        return parts
-
-    def __len__(self) -> int:
-        return len(self._parts)
 
 
 class Results:

@@ -49,6 +49,9 @@ def _broker(args) -> None:
 
     from .. import keys
     from ..broker import Broker
+    from ..transport import across_processes
+    for bind in args.bind or ():
+        across_processes(bind, "nbq broker")
     broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
                     result_expires=args.result_expires, curve=args.curve,
                     **given(max_message_size=args.max_message_size,

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from ..transport import across_processes
+
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 BROKER_HELP = f"broker address (default: the -A app's broker_url, else $NBQ_BROKER or {DEFAULT_BIND})"
 
@@ -29,14 +31,17 @@ def given(**options) -> dict:
 
 
 def address(given: str | None) -> str:
-    """--broker, else $NBQ_BROKER, else the default address."""
-    return given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
+    """--broker, else $NBQ_BROKER, else the default address; never a memory:// one (it lives
+    inside another process)."""
+    found = given or os.environ.get("NBQ_BROKER") or DEFAULT_BIND
+    across_processes(found, "this command")
+    return found
 
 
 def app_broker(given: str | None, app) -> str:
     """The broker of a command that may have an app (-A): --broker, else the app's broker_url,
     else $NBQ_BROKER or the default."""
-    return given or (app and app.conf.broker_url) or address(None)
+    return address(given or (app and app.conf.broker_url) or None)
 
 
 def load_app(spec: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -21,7 +22,6 @@ from ..deaths import MAX_DEATHS
 from ..errors import (BrokerTimeout, BrokerUnavailable, KeyMismatch, MessageTooLarge, NbqError,
                       SerializationError)
 from ..policy import CONNECT_TIMEOUT
-from ..transport import client_connection
 from . import registry
 from .control import Controls, terminate
 from .feeding import Chunker, Feeder, ProcessCount, default_chunksize
@@ -55,6 +55,10 @@ class Client(concurrent.futures.Executor):
     default), so the ZeroMQ broker or the Redis workers apply it with no setting
     of their own (deaths.py).
 
+    ``Client("memory://")`` runs tasks in ``workers`` threads of this process (default
+    os.cpu_count()), ``Client("memory://", inline=True)`` in the thread that submits
+    them, during submit/map (clusters/memory.py says what a process-less worker refuses).
+
     ``broker_grace``: seconds a silent broker is waited for before waits raise
     BrokerUnavailable (the work is kept, and sent again if the broker comes back
     at the same address).
@@ -68,7 +72,7 @@ class Client(concurrent.futures.Executor):
                  timeout: float = CONNECT_TIMEOUT, max_task_deaths: int = MAX_DEATHS,
                  ship: Iterable[types.ModuleType | str] = (),
                  initializer: Callable | None = None, initargs: tuple = (),
-                 broker_grace: float = BROKER_GRACE) -> None:
+                 broker_grace: float = BROKER_GRACE, inline: bool = False) -> None:
         if not broker_grace > 0:
             raise ValueError(f"broker_grace must be a positive number of seconds, not {broker_grace!r}")
         if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
@@ -83,7 +87,8 @@ class Client(concurrent.futures.Executor):
         # Client(cluster): the user's cluster, not this client's to close
         self._cluster, self._owns_cluster = client_cluster(
             address, workers, key_file=key_file, result_expires=result_expires,
-            initializer=initializer, initargs=initargs)
+            initializer=initializer, initargs=initargs, inline=inline,
+            max_task_deaths=max_task_deaths)
         self.key = self._cluster.key
         self.id = uuid.uuid4().hex[:16]
         if not self._owns_cluster:
@@ -98,8 +103,7 @@ class Client(concurrent.futures.Executor):
         self._futures: dict[str, Future] = {}  # tasks not seen finish, by id
         self._chunks: dict[str, tuple[MapResult, int, int]] = {}  # map chunks in flight, by id
         try:
-            self._conn = client_connection(self._cluster.connect_address, self.key, self.id,
-                                           self._cluster.context)
+            self._conn = self._cluster.client_connection(self.id)
         except Exception:
             self._close_cluster()
             raise
@@ -206,7 +210,8 @@ class Client(concurrent.futures.Executor):
         res = MapResult(self, map_id, star=star, total=total,
                         deadline=None if timeout is None else time.monotonic() + timeout,
                         args=source if total is not None else keep)
-        window = max(16, 4 * self._processes())
+        # inline, the caller's thread runs every chunk (never the receiver thread)
+        window = math.inf if self._conn.inline else max(16, 4 * self._processes())
         task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
         try:
             self._feeder.start(res, Chunker(source, chunksize, keep), task, function_name(fn), window)

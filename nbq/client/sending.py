@@ -37,7 +37,14 @@ class Sender:
         A lone submit goes at once (lowest latency); submits in quick succession
         are queued and leave as a few large messages (highest throughput).
         Large payloads always go at once, alone, so they are never copied.
+        An inline connection's submit runs the task: it goes at once, with no lock held
+        (the task may send tasks through this client).
         """
+        if self._conn.inline:
+            with self.lock:
+                self.sent[item["id"]] = (item, payload)
+            self._conn.submit([item], payload)
+            return
         now = time.perf_counter()
         with self.lock:
             self.sent[item["id"]] = (item, payload)

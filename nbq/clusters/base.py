@@ -41,7 +41,8 @@ from ..broker import Broker
 from ..errors import LaunchError, NbqError
 from ..policy import RESULT_EXPIRES
 from .. import version
-from ..transport import with_result_expires
+from ..transport import client_connection, with_result_expires
+from ..transport.base import ClientConnection
 from . import table
 from .scaling import ADAPT_WAIT, Adapter, Unit, plan_shrink
 
@@ -143,6 +144,10 @@ class Cluster:
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
                 "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
                 "--versions", versions(), "--broker-grace", f"{LAUNCHED_BROKER_GRACE:g}"]
+
+    def client_connection(self, client_id: str) -> ClientConnection:
+        """The connection of a client of this cluster to its broker."""
+        return client_connection(self.connect_address, self.key, client_id, self.context)
 
     def handshake(self) -> bytes:
         """What a unit writes on the worker's standard input (then keeps it open)."""

@@ -51,6 +51,7 @@ class App:
             self.conf.include = tuple(include)
         self.tasks: dict[str, Task] = dict(_shared)
         self._client = None
+        self._eager = None  # task_always_eager's client
         self._lock = threading.Lock()
         self.control = Control(self)
         _apps.add(self)
@@ -132,10 +133,14 @@ class App:
     def client(self):
         """The nbq client this app sends through, connected on first use.
 
-        Inside a task on a worker it is the worker's own client of its broker.
+        Inside a task on a worker it is the worker's own client of its broker.  With
+        ``task_always_eager`` (Celery's; CELERY_ALWAYS_EAGER) it is an inline memory://
+        client instead: each task runs in the calling thread as it is sent (eager).
         """
         if current_call() is not None:
             return runner.worker_client()
+        if self.conf.task_always_eager:
+            return self._eager_client()
         with self._lock:
             if self._client is None or self._client.closed:  # (closed too in a forked process)
                 from ..client import Client
@@ -150,13 +155,22 @@ class App:
                 self._client.wait_at_exit = self._client.private_broker
             return self._client
 
+    def _eager_client(self):
+        """The inline memory:// client of task_always_eager, made on first use."""
+        with self._lock:
+            if self._eager is None or self._eager.closed:
+                from ..client import Client
+                self._eager = Client("memory://", inline=True)
+            return self._eager
+
     def close(self) -> None:
-        """Shut down this app's client (and the private broker it started, if any), not
+        """Shut down this app's clients (and the private broker it started, if any), not
         waiting for results nobody asked for."""
         with self._lock:
-            if self._client is not None:
-                self._client.shutdown(wait=False)
-                self._client = None
+            for client in (self._client, self._eager):
+                if client is not None:
+                    client.shutdown(wait=False)
+            self._client = self._eager = None
 
     # -- configuration -------------------------------------------------------------------
 

@@ -143,7 +143,11 @@ class Signature:
                     link.freeze()
                 self.options[key] = links
         send(client, self, chain=chain, chord=chord)
-        return AsyncResult(self.id, client=client)
+        result = AsyncResult(self.id, client=client)
+        conf = self.app.conf if self.app is not None else None
+        if conf is not None and conf.task_always_eager and conf.task_eager_propagates:
+            result.get()  # it has run: Celery's task_eager_propagates raises its error here
+        return result
 
     def __or__(self, other) -> "chain":
         return chain(self, other)

@@ -21,7 +21,8 @@ DEFAULTS: dict[str, Any] = {
     "task_soft_time_limit": None,
     "task_acks_late": False,
     "task_reject_on_worker_lost": None,  # None: nbq's rule (re-run until max_task_deaths)
-    "task_always_eager": False,
+    "task_always_eager": False,   # tasks run in the sending thread (an inline memory:// client)
+    "task_eager_propagates": False,  # ... and a failed one raises there, at apply_async
     "result_expires": 86400,
     "beat_schedule": {},
     "timezone": "UTC",
@@ -48,6 +49,7 @@ OLD_NAMES = {
     "CELERY_ACKS_LATE": "task_acks_late",
     "CELERY_REJECT_ON_WORKER_LOST": "task_reject_on_worker_lost",
     "CELERY_ALWAYS_EAGER": "task_always_eager",
+    "CELERY_EAGER_PROPAGATES_EXCEPTIONS": "task_eager_propagates",
     "CELERY_TASK_RESULT_EXPIRES": "result_expires",
     "CELERY_RESULT_EXPIRES": "result_expires",
     "CELERYBEAT_SCHEDULE": "beat_schedule",

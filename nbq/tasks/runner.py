@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import cloudpickle
 
 from .. import protocol
+from ..errors import NbqError
 from ..worker.context import TaskContext, current
 from . import serializers
 from .exceptions import ChordError, ContentDisallowed, NotRegistered, Retry, SoftTimeLimitExceeded
@@ -113,7 +114,7 @@ class Runner:
             _after_failure(ctx, request, req, exc)
             raise
         finally:
-            _requests.pop()
+            _requests.remove(request)  # (not pop: another thread's call may have come since)
         _after_success(ctx, request, req, value)
         ser = req.get("result_serializer", "pickle")
         return serializers.decode(ser, serializers.encode(ser, value, f"the result of {self.name}"))
@@ -139,7 +140,12 @@ def _invoke(ctx: TaskContext, task: Task, request: Request, req: dict, args, kwa
 def _limits(ctx: TaskContext, soft: float | None, hard: float | None):
     """Raise SoftTimeLimitExceeded in the task after soft seconds (it may clean up); after hard
     seconds the supervisor kills this process, wherever it is stuck, and the task fails with
-    TimeLimitExceeded without running again (Celery's meanings)."""
+    TimeLimitExceeded without running again (Celery's meanings).  A call that a memory://
+    worker runs, in a thread of the client's process, cannot be interrupted: NbqError."""
+    if (soft or hard) and ctx.item.get("ip"):
+        raise NbqError(f"a time limit (time_limit={hard}, soft_time_limit={soft}) needs a worker "
+                       "process to interrupt or kill; memory:// runs this task in a thread of the "
+                       "client's process: leave the limits out there, or use another broker")
     if hard:
         ctx.limit_time(hard)
     if soft:
@@ -164,8 +170,12 @@ _client = None
 
 
 def worker_client():
-    """A client of this worker's broker (NBQ_BROKER, set by ``nbq worker``), made on first use."""
+    """A client of this worker's broker (NBQ_BROKER, set by ``nbq worker``), made on first use;
+    for a call run by a memory:// worker (header ``ip``), one of that in-process broker."""
     global _client
+    ctx = current()
+    if ctx is not None and ctx.item.get("ip"):
+        return _in_process_client(ctx.item["ip"], bool(ctx.item.get("il")))
     if _client is None or _client.closed:
         from ..client import Client
         if not os.environ.get("NBQ_BROKER"):
@@ -173,6 +183,20 @@ def worker_client():
                                "`nbq worker`, which sets NBQ_BROKER")
         _client = Client(os.environ["NBQ_BROKER"])
     return _client
+
+
+_in_process: dict = {}
+
+
+def _in_process_client(address: str, inline: bool):
+    """A client of the memory:// broker at address, starting no threads; inline (``il``): the
+    tasks it sends run at once in the sending thread, as the call that sends them did."""
+    client = _in_process.get((address, inline))
+    if client is None or client.closed:
+        from ..client import Client
+        from ..clusters.memory import MemoryCluster
+        client = _in_process[address, inline] = Client(MemoryCluster(address, 0, inline=inline))
+    return client
 
 
 def _after_success(ctx: TaskContext, request: Request, req: dict, value: Any) -> None:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NoReturn
 
-from ..worker.context import interval
+from ..worker.context import current, interval
 from .exceptions import MaxRetriesExceededError, Retry
 
 #: Options @app.task accepts (Celery's names), with their defaults.
@@ -60,8 +60,13 @@ class Task:
 
     @property
     def request(self) -> Request:
-        """The call running now (``called_directly`` when none is)."""
-        return _requests[-1] if _requests else Request()
+        """The call running now (``called_directly`` when none is): the worker's current call's
+        (a memory:// worker runs several at once, in threads)."""
+        ctx = current()
+        for request in reversed(_requests):
+            if ctx is None or request.id == ctx.id:
+                return request
+        return Request()
 
     def retry(self, args: tuple | None = None, kwargs: dict | None = None,
               exc: BaseException | None = None, countdown: float | None = None,

@@ -9,6 +9,7 @@ from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+unix://")
+MEMORY_SCHEME = "memory://"
 
 
 def unsplit(parts) -> str:
@@ -18,14 +19,31 @@ def unsplit(parts) -> str:
     return f"{url}?{parts.query}" if parts.query else url
 
 
+def is_memory(address: "str | None") -> bool:
+    """Whether address names an in-process broker (transport/memory/): ``memory://`` or
+    ``memory://name``."""
+    return isinstance(address, str) and address.startswith(MEMORY_SCHEME)
+
+
+def across_processes(address: str, what: str) -> None:
+    """Raise NbqError when address is an in-process broker, which what (a worker, a broker,
+    a command) in another process cannot reach."""
+    if is_memory(address):
+        raise NbqError(
+            f"{what} cannot use {address}: a memory:// broker lives inside the process of the "
+            "nbq.Client that made it, and its workers are threads of that process; nothing in "
+            "another process can reach it.  Use nbq.Client('memory://') in that process, or a "
+            "broker other processes can reach (tcp://, redis://)")
+
+
 def _check(address: str) -> bool:
     """Whether address is a Redis one (else ZeroMQ); raises for any other scheme."""
     if address.startswith(REDIS_SCHEMES):
         return True
     if not address.startswith(ZMQ_SCHEMES):
         raise NbqError(f"unsupported broker address {address!r}: use tcp://host:port "
-                       "(an `nbq broker`), ipc://path, redis://[user:password@]host:port/db or "
-                       "unix:///path/to/redis.sock")
+                       "(an `nbq broker`), ipc://path, redis://[user:password@]host:port/db, "
+                       "unix:///path/to/redis.sock, or memory:// (in-process)")
     return False
 
 
@@ -35,7 +53,7 @@ def with_result_expires(address: str, seconds: float | None) -> str:
     On Redis the client and every worker store results, so the setting travels
     in the URL that local workers are started with; a ZeroMQ broker has its own.
     """
-    if seconds is None or not _check(address):
+    if seconds is None or is_memory(address) or not _check(address):
         return address
     parts = urlsplit(address)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "result_expires"]
@@ -44,7 +62,11 @@ def with_result_expires(address: str, seconds: float | None) -> str:
 
 
 def client_connection(address: str, key: bytes, client_id: str, context=None) -> ClientConnection:
-    """A client's connection to the broker at address."""
+    """A client's connection to the broker at address (a memory:// one: memory.MemoryClient,
+    which runs no task itself; the cluster layer adds threads or inline running)."""
+    if is_memory(address):
+        from .memory import MemoryClient
+        return MemoryClient(address, client_id)
     if _check(address):
         from .redis import RedisClient
         return RedisClient(address, key, client_id)
@@ -54,6 +76,7 @@ def client_connection(address: str, key: bytes, client_id: str, context=None) ->
 
 def supervisor_connector(address: str, key: bytes) -> Callable[[str], SupervisorConnection]:
     """A factory of supervisor connections (called in the supervisor process)."""
+    across_processes(address, "nbq worker")
     if _check(address):
         from .redis import RedisSupervisor
         return lambda sid: RedisSupervisor(address, key, sid)
@@ -63,6 +86,7 @@ def supervisor_connector(address: str, key: bytes) -> Callable[[str], Supervisor
 
 def worker_connector(address: str, key: bytes) -> Callable[[str, dict], WorkerConnection]:
     """A factory of worker-process connections (called after fork, in each process)."""
+    across_processes(address, "nbq worker")
     if _check(address):
         from .redis import RedisWorker
         return lambda wid, hello: RedisWorker(address, key, wid, hello)

@@ -53,6 +53,11 @@ class ClientConnection(ABC):
     #: re-sends nothing after a silence, only what lost() names to a broker that restarted.
     durable = False
 
+    #: Whether submit() runs the tasks itself, in the calling thread, before it returns
+    #: (memory:// inline): the client then sends each task at once, never batching it for
+    #: its receiver thread, and a map's whole input from the caller's thread.
+    inline = False
+
     @abstractmethod
     def hello(self, rq: int | None) -> None:
         """Announce this client; the broker answers {"k": "welcome", "rq": rq, "b": its boot

@@ -3,8 +3,11 @@
 A worker process makes one TaskContext per call it runs and makes it current
 for the length of the call (``running``, used by execute.run only); code
 running inside the call (the tasks layer, a user's function) reads it with
-``current()``.  It is process-wide, not per thread, so threads a task starts
-see it too.  Outside a call, or outside a worker, ``current()`` is None.
+``current()``.  It is the calling thread's own call where that thread runs one,
+else the latest a worker process runs: threads a task starts see it too.  A call
+that a memory:// worker runs (header ``ip``: in a thread of a user's process, beside
+the user's own threads and other calls) is its thread's only.  Outside a call, or outside
+a worker, ``current()`` is None.
 
 Besides: ``Reschedule``, which a call raises to run again later (a retry), and
 ``interval``, the rate-limit syntax the worker understands (so a bad rate fails
@@ -13,6 +16,7 @@ above use it without reaching into the worker's parts.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -65,23 +69,33 @@ class TaskContext:
         return self.item.get("x")
 
 
-_current: TaskContext | None = None
+_running: list[TaskContext] = []  # the calls this worker process runs now, latest last
+_local = threading.local()         # .context: the call this thread runs
 
 
 def current() -> TaskContext | None:
-    """The call this worker process runs now; None outside a call or outside a worker."""
-    return _current
+    """The call this thread runs now, else the latest call this process runs (for a thread a
+    task started); None outside a call or outside a worker."""
+    context = getattr(_local, "context", None)
+    if context is None and _running:
+        context = _running[-1]
+    return context
 
 
 @contextmanager
 def running(context: TaskContext) -> Iterator[None]:
     """Make context current for the length of the call (the worker's own execute loop)."""
-    global _current
-    previous, _current = _current, context
+    mine = getattr(_local, "context", None)
+    _local.context = context
+    shared = not context.item.get("ip")  # not a memory:// call: the process's threads see it
+    if shared:
+        _running.append(context)
     try:
         yield
     finally:
-        _current = previous
+        if shared:
+            _running.remove(context)  # (not pop: another thread's call may have started since)
+        _local.context = mine
 
 
 class Reschedule(NbqError):

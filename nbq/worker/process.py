@@ -55,7 +55,8 @@ def _peak() -> int:
 
 
 def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
-          failed: BaseException | None = None, max_tasks: int = 0, max_memory: int = 0) -> None:
+          failed: BaseException | None = None, max_tasks: int = 0, max_memory: int = 0,
+          retire_signal: bool = True) -> None:
     """Serve tasks until the process is retired (RETIRE, or a limit); re-runs mark their
     items in marker.  Each call runs with its TaskContext current (context.py): ``flush``,
     its hard time limit (a deadline in marker), the worker's rate limits (rates), and its
@@ -65,7 +66,8 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
     ``max_tasks``: leave after this many tasks (the rest of the batch that reaches it goes
     back to the queue); ``max_memory``: leave after a batch that took the process's resident
     memory (its peak, as Celery's) above this many bytes.  Both are checked per batch, not
-    per task; 0: no limit.
+    per task; 0: no limit.  ``retire_signal`` False: a worker thread (threads.py), which
+    installs no signal handler; it stops when its connection's fetch raises.
 
     A task about to wait for others' results (a chord's last header task) calls its
     context's ``flush()`` first: the results this process holds are sent then, not with
@@ -97,8 +99,9 @@ def serve(conn: WorkerConnection, marker: Marker, rates: RateLimits,
             marker.set_deadline(0.0, 0.0)
 
     global _waiting, _retire
-    signal.signal(RETIRE, _on_retire)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
+    if retire_signal:
+        signal.signal(RETIRE, _on_retire)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
     ran = 0  # tasks taken, counted only with max_tasks
     try:
         while True:

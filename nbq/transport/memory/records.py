@@ -1,0 +1,38 @@
+"""What the in-process broker (state.py) holds: tasks, pools of worker threads, worker threads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .mailbox import Mailbox
+
+
+@dataclass(eq=False, slots=True)
+class Task:
+    """A task as the broker holds it: its header item and payload frames, never unpickled."""
+    item: dict
+    frames: list
+    where: str = "queued"  # "queued", "cancelled", "done", or the worker id running it
+    delivered: bytearray = field(default_factory=bytearray)
+    ndelivered: int = 0
+    retrying: bool = False  # held by its worker until a retry's eta (a RETRY notice)
+
+    @property
+    def id(self) -> str:
+        return self.item["id"]
+
+
+@dataclass(eq=False)
+class Supervisor:
+    """A pool of worker threads, as its heartbeat describes it."""
+    info: dict
+    inbox: Mailbox
+    procs: set = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class Proc:
+    """One worker thread (or an inline run): the queues it takes from and what it runs."""
+    wid: str
+    sid: str | None
+    queues: tuple
+    running: set = field(default_factory=set)

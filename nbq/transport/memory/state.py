@@ -1,0 +1,403 @@
+"""The in-process broker of memory:// addresses: queues, results, joins, claims, watches, control.
+
+One MemoryBroker per address per process (``broker(address)``): ``memory://`` is the
+process's default one, ``memory://name`` another.  Every Client("memory://") of a
+process shares it, so AsyncResult and MapResult.from_id work between them, as between
+clients of one ZeroMQ broker; a forked child starts with empty ones.
+
+It follows the ZeroMQ broker (nbq/broker.py) operation by operation, minus what a
+process boundary needs: nothing is signed (nothing crosses one), nothing has a size
+limit, nobody goes silent (no heartbeats, no re-sending).  Payloads are still the
+cloudpickled frames the client made, so pickling fails or succeeds as elsewhere.
+
+Each queue serves its most urgent priority first (header ``pr``), in order within one;
+a task given back by a worker thread that stopped goes first.  A worker takes one task
+at a time.  Results are stored in a ResultStore (results.py: byte budget, oldest out
+first) for result_expires seconds; expiry runs as operations come, so no thread is needed.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections import deque
+
+from ... import policy
+from ...errors import NbqError
+from ...results import ResultStore
+from .. import MEMORY_SCHEME
+from .mailbox import Mailbox
+from .records import Proc, Supervisor, Task
+
+
+class MemoryBroker:
+    """The state behind one memory:// address; every method is thread-safe."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.boot = uuid.uuid4().hex[:12]
+        self.result_expires = policy.RESULT_EXPIRES
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)  # worker threads wait here for tasks
+        self._seq = itertools.count()
+        self._front = itertools.count(-1, -1)  # sequence numbers of tasks given back: first
+        self.queues: dict[str, list] = {}       # name -> heap of (-priority, seq, Task)
+        self.tasks: dict[str, Task] = {}
+        self.functions: dict[str, list] = {}
+        self.results = ResultStore(policy.RESULT_BUDGET)
+        self.clients: dict[str, Mailbox] = {}
+        self.watchers: dict[str, set] = {}
+        self.maps: dict[str, dict] = {}
+        self.joins: dict[str, dict] = {}
+        self.claims: dict[str, float] = {}
+        self.expiry: deque = deque()  # (time, kind, key) in time order
+        self.supervisors: dict[str, Supervisor] = {}
+        self.procs: dict[str, Proc] = {}
+
+    # -- clients ------------------------------------------------------------------
+
+    def connect(self, cid: str) -> Mailbox:
+        """The mailbox of client cid, where everything for it arrives."""
+        with self._lock:
+            box = self.clients.get(cid)
+            if box is None:
+                box = self.clients[cid] = Mailbox()
+            return box
+
+    def hello(self, cid: str, rq: int | None) -> None:
+        with self._lock:
+            self._send(cid, {"k": "welcome", "rq": rq, "b": self.boot})
+
+    def bye(self, cid: str) -> None:
+        with self._lock:
+            self.clients.pop(cid, None)
+            self.queues.pop(INLINE_LANE + cid, None)
+
+    def ship(self, h: str, frames: list) -> None:
+        with self._lock:
+            self.functions[h] = frames
+
+    def submit(self, cid: str, tasks: list[dict], frames: list, lane: str | None = None) -> None:
+        """Queue tasks (each naming its nf frames); lane, when given, is the queue for all."""
+        with self._lock:
+            self._expire()
+            i = 0
+            for item in tasks:
+                n = item.get("nf", 0)
+                payload, i = frames[i:i + n], i + n
+                if item["id"] in self.tasks:  # a task id held already is not queued twice
+                    continue
+                item = dict(item, c=cid)
+                task = Task(item, payload, delivered=bytearray(item.get("n", 1)))
+                self.tasks[task.id] = task
+                mp = item.get("mp")
+                if mp is not None:
+                    meta = self.maps.get(mp)
+                    if meta is None:
+                        meta = self.maps[mp] = {"total": None, "chunks": [],
+                                                "star": item.get("m") == "star"}
+                        self._expire_later("map", mp)
+                    meta["chunks"].append(task.id)
+                self._queue(task, lane or item.get("q", "default"), next(self._seq))
+            self._work.notify_all()
+
+    def _queue(self, task: Task, name: str, seq: int) -> None:
+        heapq.heappush(self.queues.setdefault(name, []), (-task.item.get("pr", 0), seq, task))
+
+    def end_map(self, map_id: str, total: int) -> None:
+        with self._lock:
+            meta = self.maps.get(map_id)
+            if meta is not None:
+                meta["total"] = total
+
+    def cancel(self, cid: str, rq: int, ids: list[str]) -> None:
+        """Revoke the tasks no worker has taken; reply {id: revoked?}."""
+        with self._lock:
+            answer = {}
+            for tid in ids:
+                task = self.tasks.get(tid)
+                answer[tid] = task is not None and task.where == "queued"
+                if not answer[tid]:
+                    continue
+                task.where = "cancelled"  # skipped when its queue reaches it
+                del self.tasks[tid]
+                part = ({"id": tid, "rv": 1, "s": 0, "s0": task.item.get("s0", 0),
+                         "n": task.item.get("n", 1), "nf": 0}, [])
+                self._store(tid, part)
+                # the asker learns it from the reply; its owner and watchers from this
+                for other in {task.item["c"], *self.watchers.pop(tid, ())} - {cid}:
+                    self._send(other, {"k": "res", "t": [part[0]]})
+            self._reply(cid, rq, answer)
+
+    def watch(self, cid: str, rq: int | None, ids: list[str], maps: list[str]) -> None:
+        """Reply what is known of these tasks and maps, then send their stored results."""
+        with self._lock:
+            self._expire()
+            ids = list(ids)
+            found = {}
+            for mp in maps:
+                meta = self.maps.get(mp)
+                if meta is not None:
+                    found[mp] = {"total": meta["total"], "star": meta["star"],
+                                 "chunks": [(t, self._chunk_range(t)) for t in meta["chunks"]]}
+                    ids.extend(meta["chunks"])
+            known = {}
+            for tid in ids:
+                task = self.tasks.get(tid)
+                if task is not None:
+                    self.watchers.setdefault(tid, set()).add(cid)
+                    known[tid] = ("PENDING" if task.where == "queued" else
+                                  "RETRY" if task.retrying else "STARTED")
+                elif self.results.get(tid) is not None:
+                    known[tid] = "DONE"
+                elif tid not in self.watchers:  # not submitted yet (a later step of a chain)
+                    self.watchers[tid] = {cid}
+                    self._expire_later("watch", tid)
+                else:
+                    self.watchers[tid].add(cid)
+            self._reply(cid, rq, {"maps": found, "known": known})
+            for tid in ids:
+                for item, payload in self.results.get(tid, ()):
+                    self._send(cid, {"k": "res", "t": [item]}, payload)
+
+    def _chunk_range(self, tid: str) -> tuple:
+        task = self.tasks.get(tid)
+        item = task.item if task is not None else (self.results.get(tid) or [({}, None)])[0][0]
+        return (item.get("s0", 0), item.get("n", 1))
+
+    def info(self, cid: str, rq: int) -> None:
+        with self._lock:
+            workers = []
+            for sid, sup in self.supervisors.items():
+                i = sup.info
+                workers.append({
+                    "id": sid, "name": i.get("name", sid), "host": i["host"], "pid": i["spid"],
+                    "concurrency": i["conc"], "queues": list(i["queues"]),
+                    "active": sum(len(self.procs[w].running) for w in sup.procs if w in self.procs),
+                    "processes": [i["spid"]] * len(sup.procs), "memory": i.get("mem")})
+            queues = {q: sum(1 for _, _, t in heap if t.where == "queued")
+                      for q, heap in self.queues.items() if not q.startswith(INLINE_LANE)}
+            self._reply(cid, rq, {"workers": workers, "queues": queues, "tasks": len(self.tasks),
+                                  "results": len(self.results), "dropped": {}})
+
+    def join(self, cid: str, rq: int, key: str, member: str, total: int) -> None:
+        with self._lock:
+            join = self.joins.get(key)
+            if join is None:
+                join = self.joins[key] = {"m": set(), "fired": False}
+                self._expire_later("join", key)
+            join["m"].add(member)
+            fire = not join["fired"] and len(join["m"]) >= total
+            join["fired"] |= fire
+            self._reply(cid, rq, {"fire": fire})
+
+    def claim(self, cid: str, rq: int, key: str, ttl: float) -> None:
+        with self._lock:
+            now = time.time()
+            if len(self.claims) > 1000:
+                self.claims = {k: t for k, t in self.claims.items() if t > now}
+            won = self.claims.get(key, 0.0) <= now
+            if won:
+                self.claims[key] = now + ttl
+            self._reply(cid, rq, {"won": won})
+
+    def control(self, cid: str, rq: int, request: dict) -> None:
+        """Hand a control request (cmd, args, dest, ci) to the pools it names; reply {"n": how
+        many}."""
+        with self._lock:
+            dest = request.get("dest")
+            sups = [(sid, s) for sid, s in self.supervisors.items()
+                    if dest is None or sid in dest or s.info.get("name") in dest]
+            for _, sup in sups:
+                sup.inbox.put(dict(request, k="ctl", c=cid))
+            self._reply(cid, rq, {"n": len(sups)})
+
+    def _reply(self, cid: str, rq: int | None, answer) -> None:
+        if rq is not None:
+            self._send(cid, {"k": "reply", "rq": rq, "r": answer})
+
+    def _send(self, cid: str, header: dict, frames: list = ()) -> None:
+        """A message for a client; one that has left gets nothing (it never comes back)."""
+        box = self.clients.get(cid)
+        if box is not None:
+            box.put(header, list(frames))
+
+    # -- worker pools (supervisors) ---------------------------------------------------
+
+    def heartbeat(self, info: dict) -> Mailbox:
+        """Register a pool, or update it (its queues: its threads follow); its inbox."""
+        with self._lock:
+            sup = self.supervisors.get(info["sup"])
+            if sup is None:
+                sup = self.supervisors[info["sup"]] = Supervisor(dict(info), Mailbox())
+            sup.info = dict(info)
+            for wid in sup.procs:
+                self.procs[wid].queues = tuple(info["queues"])
+            self._work.notify_all()
+            return sup.inbox
+
+    def answer(self, request: dict, name: str, reply) -> None:
+        with self._lock:
+            self._send(request["c"], {"k": "ctlr", "ci": request["ci"], "name": name, "r": reply})
+
+    def leave(self, sid: str) -> None:
+        """A pool stopped: what its threads held is queued again."""
+        with self._lock:
+            sup = self.supervisors.pop(sid, None)
+            for wid in sup.procs if sup is not None else ():
+                self.gone(wid)
+
+    # -- worker threads -----------------------------------------------------------
+
+    def attach(self, wid: str, sid: str | None, queues: tuple = ()) -> None:
+        """A worker thread of pool sid (its queues), or an inline run of queues (sid None)."""
+        with self._lock:
+            sup = self.supervisors.get(sid) if sid is not None else None
+            if sup is not None:
+                sup.procs.add(wid)
+                queues = tuple(sup.info["queues"])
+            self.procs[wid] = Proc(wid, sid, queues)
+
+    def take(self, wid: str, timeout: float | None, stopped) -> Task | None:
+        """The next task for worker wid, waiting up to timeout seconds (None: until one
+        comes or stopped() is true); its client hears it STARTED."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not stopped():
+                proc = self.procs.get(wid)
+                task = self._next(proc.queues) if proc is not None else None
+                if task is not None:
+                    task.where = wid
+                    proc.running.add(task.id)
+                    if task.item.get("f"):
+                        self._send(task.item["c"], {"k": "started", "ids": [task.id]})
+                    return task
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return None
+                self._work.wait(wait)
+            return None
+
+    def _next(self, queues: tuple) -> Task | None:
+        best = None
+        for q in queues:  # the most urgent head among the queues, the first queue on a tie
+            heap = self.queues.get(q)
+            while heap and heap[0][2].where != "queued":
+                heapq.heappop(heap)
+            if heap and (best is None or heap[0][0] < best[0][0]):
+                best = heap
+        return heapq.heappop(best)[2] if best is not None else None
+
+    def wake(self) -> None:
+        """Wake every waiting worker thread (to see that it is stopped)."""
+        with self._lock:
+            self._work.notify_all()
+
+    def function(self, h: str) -> list:
+        with self._lock:
+            frames = self.functions.get(h)
+        if frames is None:
+            raise NbqError(f"function {h} was never shipped to {self.address}")
+        return frames
+
+    def report(self, wid: str, results: list[tuple[dict, list]], ready: bool) -> None:
+        """Result parts from worker wid: stored, sent to each task's client and watchers."""
+        with self._lock:
+            for item, payload in results:
+                task = self.tasks.get(item["id"])
+                if task is not None and task.where == wid:
+                    self._deliver(task, item, payload)
+            proc = self.procs.get(wid)
+            if proc is not None and ready:  # what it still holds (due later) stays its own
+                proc.running = {tid for tid in proc.running
+                                if tid in self.tasks and self.tasks[tid].where == wid}
+
+    def notice(self, wid: str, ids: list[str], state: str) -> None:
+        """A retry's RETRY (held by its worker) or STARTED (running again), for its clients."""
+        with self._lock:
+            for tid in ids:
+                task = self.tasks.get(tid)
+                if task is not None and task.where == wid:
+                    task.retrying = state == "RETRY"
+                    for cid in {task.item["c"]} | self.watchers.get(tid, set()):
+                        self._send(cid, {"k": "state", "ids": [tid], "state": state})
+
+    def output(self, wid: str, tid: str, frames: list) -> None:
+        with self._lock:
+            task = self.tasks.get(tid)
+            if task is not None and task.where == wid:
+                self._send(task.item["c"], {"k": "out", "id": tid}, frames)
+
+    def gone(self, wid: str) -> None:
+        """A worker thread stopped: the tasks it held are queued again, first."""
+        with self._lock:
+            proc = self.procs.pop(wid, None)
+            if proc is None:
+                return
+            sup = self.supervisors.get(proc.sid) if proc.sid is not None else None
+            if sup is not None:
+                sup.procs.discard(wid)
+            for tid in proc.running:
+                task = self.tasks.get(tid)
+                if task is not None and task.where == wid:
+                    task.where, task.retrying = "queued", False
+                    self._queue(task, proc.queues[0] if len(proc.queues) == 1
+                                else task.item.get("q", "default"), next(self._front))
+            self._work.notify_all()
+
+    # -- results ---------------------------------------------------------------
+
+    def _deliver(self, task: Task, item: dict, payload: list) -> None:
+        part = (dict(item, s0=task.item.get("s0", 0)), payload)
+        self._store(task.id, part)
+        for cid in {task.item["c"]} | self.watchers.get(task.id, set()):
+            self._send(cid, {"k": "res", "t": [part[0]]}, payload)
+        start, n = item.get("s", 0), item.get("n", 1)
+        task.ndelivered += n - task.delivered.count(1, start, start + n)
+        task.delivered[start:start + n] = b"\x01" * n
+        if task.ndelivered >= len(task.delivered):
+            task.where = "done"
+            self.tasks.pop(task.id, None)
+            self.watchers.pop(task.id, None)
+
+    def _store(self, tid: str, part: tuple) -> None:
+        self.results.add(tid, part)
+        self._expire_later("res", tid)
+
+    def _expire_later(self, kind: str, key: str) -> None:
+        self.expiry.append((time.time() + self.result_expires, kind, key))
+
+    def _expire(self) -> None:
+        """Drop results, map records, joins and watches older than result_expires."""
+        now = time.time()
+        tables = {"res": self.results, "map": self.maps, "join": self.joins, "watch": self.watchers}
+        while self.expiry and self.expiry[0][0] <= now:
+            _, kind, key = self.expiry.popleft()
+            if kind != "watch" or key not in self.tasks:
+                tables[kind].pop(key, None)
+
+
+#: Queue names of inline clients' tasks (one per client): taken by that client's runs only.
+INLINE_LANE = "\x00inline:"
+
+_brokers: dict[str, MemoryBroker] = {}
+_brokers_lock = threading.Lock()
+_pid = os.getpid()
+
+
+def broker(address: str) -> MemoryBroker:
+    """The in-process broker of address (``memory://`` or ``memory://name``), made on first use;
+    a forked child has none of its parent's (their threads stayed behind)."""
+    global _pid
+    name = MEMORY_SCHEME + address[len(MEMORY_SCHEME):].strip("/")
+    with _brokers_lock:
+        if _pid != os.getpid():
+            _brokers.clear()
+            _pid = os.getpid()
+        found = _brokers.get(name)
+        if found is None:
+            found = _brokers[name] = MemoryBroker(name)
+        return found
