@@ -31,7 +31,7 @@ from .mapresult import MapResult
 from .receiver import Receiver
 from .requests import Requests
 from .sending import Sender, task_options
-from .shipping import Functions, function_name, ship_modules
+from .shipping import FunctionCache, function_name, ship_modules
 from .watching import Watches
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Client(concurrent.futures.Executor):
             self._close_cluster()
             raise
         self._sender = Sender(self._conn)
-        self._functions = Functions(self._conn, self._sender.lock)
+        self._functions = FunctionCache(self._conn, self._sender.lock)
         self._ship = self._functions.ship  # fn -> its hash, shipped once
         self._link = BrokerLink(self._conn, self.address, broker_grace,
                                 resend_after_silence=not self._conn.durable

@@ -20,7 +20,7 @@ class Sender:
     """Sends one client's tasks over its connection.
 
     ``lock`` orders what goes out: tasks, batches and the functions they name
-    (shipping.Functions uses it too).  ``sent`` holds each task sent and not seen
+    (shipping.FunctionCache uses it too).  ``sent`` holds each task sent and not seen
     finish, by id: (item, payload).
     """
 
@@ -73,7 +73,7 @@ class Sender:
 
     def resend(self, ids: list[str], functions) -> tuple[list[dict], list[str]]:
         """Send these tasks again to a restarted broker, each after its function
-        (shipping.Functions: it has none of them now).  Returns the items sent and the
+        (shipping.FunctionCache: it has none of them now).  Returns the items sent and the
         ids of those not sent: their function's pickle is no longer kept."""
         lost, tasks = [], []
         with self.lock:

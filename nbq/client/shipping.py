@@ -1,6 +1,6 @@
 """Function shipping: each function's pickle goes to the broker once, by content hash.
 
-A client's ``Functions`` caches each function's hash by its fingerprint (so a plain
+A client's ``FunctionCache`` caches each function's hash by its fingerprint (so a plain
 function is pickled again only when its code, defaults, closure or the globals it
 names are rebound: a notebook edit is always seen), keeps the newest pickles to send
 again to a restarted broker, and ships again a function a worker refused.
@@ -22,10 +22,10 @@ from .. import protocol
 FUNCTION_CACHE = 256
 FUNCTION_KEEP = 64 << 20  # bytes of function pickles kept to re-send to a restarted broker
 
-_all: "weakref.WeakSet[Functions]" = weakref.WeakSet()  # every client's, for ship_modules
+_all: "weakref.WeakSet[FunctionCache]" = weakref.WeakSet()  # every client's, for ship_modules
 
 
-class Functions:
+class FunctionCache:
     """One client's shipped functions: hashes by fingerprint, pickles kept, what the broker has.
 
     ``lock`` is the client's send lock: a function is shipped under it, so that no task

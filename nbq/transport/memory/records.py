@@ -7,7 +7,7 @@ from .mailbox import Mailbox
 
 
 @dataclass(eq=False, slots=True)
-class Task:
+class HeldTask:
     """A task as the broker holds it: its header item and payload frames, never unpickled."""
     item: dict
     frames: list
@@ -22,7 +22,7 @@ class Task:
 
 
 @dataclass(eq=False)
-class Supervisor:
+class PoolRecord:
     """A pool of worker threads, as its heartbeat describes it."""
     info: dict
     inbox: Mailbox
@@ -30,7 +30,7 @@ class Supervisor:
 
 
 @dataclass(eq=False)
-class Proc:
+class ThreadRecord:
     """One worker thread (or an inline run): the queues it takes from and what it runs."""
     wid: str
     sid: str | None

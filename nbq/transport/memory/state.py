@@ -30,7 +30,7 @@ from ...errors import NbqError
 from ...results import ResultStore
 from .. import MEMORY_SCHEME
 from .mailbox import Mailbox
-from .records import Proc, Supervisor, Task
+from .records import ThreadRecord, PoolRecord, HeldTask
 
 
 class MemoryBroker:
@@ -44,8 +44,8 @@ class MemoryBroker:
         self._work = threading.Condition(self._lock)  # worker threads wait here for tasks
         self._seq = itertools.count()
         self._front = itertools.count(-1, -1)  # sequence numbers of tasks given back: first
-        self.queues: dict[str, list] = {}       # name -> heap of (-priority, seq, Task)
-        self.tasks: dict[str, Task] = {}
+        self.queues: dict[str, list] = {}       # name -> heap of (-priority, seq, HeldTask)
+        self.tasks: dict[str, HeldTask] = {}
         self.functions: dict[str, list] = {}
         self.results = ResultStore(policy.RESULT_BUDGET)
         self.clients: dict[str, Mailbox] = {}
@@ -54,8 +54,8 @@ class MemoryBroker:
         self.joins: dict[str, dict] = {}
         self.claims: dict[str, float] = {}
         self.expiry: deque = deque()  # (time, kind, key) in time order
-        self.supervisors: dict[str, Supervisor] = {}
-        self.procs: dict[str, Proc] = {}
+        self.supervisors: dict[str, PoolRecord] = {}
+        self.procs: dict[str, ThreadRecord] = {}
 
     # -- clients ------------------------------------------------------------------
 
@@ -91,7 +91,7 @@ class MemoryBroker:
                 if item["id"] in self.tasks:  # a task id held already is not queued twice
                     continue
                 item = dict(item, c=cid)
-                task = Task(item, payload, delivered=bytearray(item.get("n", 1)))
+                task = HeldTask(item, payload, delivered=bytearray(item.get("n", 1)))
                 self.tasks[task.id] = task
                 mp = item.get("mp")
                 if mp is not None:
@@ -104,7 +104,7 @@ class MemoryBroker:
                 self._queue(task, lane or item.get("q", "default"), next(self._seq))
             self._work.notify_all()
 
-    def _queue(self, task: Task, name: str, seq: int) -> None:
+    def _queue(self, task: HeldTask, name: str, seq: int) -> None:
         heapq.heappush(self.queues.setdefault(name, []), (-task.item.get("pr", 0), seq, task))
 
     def end_map(self, map_id: str, total: int) -> None:
@@ -232,7 +232,7 @@ class MemoryBroker:
         with self._lock:
             sup = self.supervisors.get(info["sup"])
             if sup is None:
-                sup = self.supervisors[info["sup"]] = Supervisor(dict(info), Mailbox())
+                sup = self.supervisors[info["sup"]] = PoolRecord(dict(info), Mailbox())
             sup.info = dict(info)
             for wid in sup.procs:
                 self.procs[wid].queues = tuple(info["queues"])
@@ -259,9 +259,9 @@ class MemoryBroker:
             if sup is not None:
                 sup.procs.add(wid)
                 queues = tuple(sup.info["queues"])
-            self.procs[wid] = Proc(wid, sid, queues)
+            self.procs[wid] = ThreadRecord(wid, sid, queues)
 
-    def take(self, wid: str, timeout: float | None, stopped) -> Task | None:
+    def take(self, wid: str, timeout: float | None, stopped) -> HeldTask | None:
         """The next task for worker wid, waiting up to timeout seconds (None: until one
         comes or stopped() is true); its client hears it STARTED."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -281,7 +281,7 @@ class MemoryBroker:
                 self._work.wait(wait)
             return None
 
-    def _next(self, queues: tuple) -> Task | None:
+    def _next(self, queues: tuple) -> HeldTask | None:
         best = None
         for q in queues:  # the most urgent head among the queues, the first queue on a tie
             heap = self.queues.get(q)
@@ -350,7 +350,7 @@ class MemoryBroker:
 
     # -- results ---------------------------------------------------------------
 
-    def _deliver(self, task: Task, item: dict, payload: list) -> None:
+    def _deliver(self, task: HeldTask, item: dict, payload: list) -> None:
         part = (dict(item, s0=task.item.get("s0", 0)), payload)
         self._store(task.id, part)
         for cid in {task.item["c"]} | self.watchers.get(task.id, set()):

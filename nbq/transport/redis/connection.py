@@ -29,7 +29,7 @@ T = TypeVar("T")
 REKEY = f"; if the whole cluster changed its key, delete {KEYFP} in this Redis database"
 
 
-class Settings(NamedTuple):
+class RedisSettings(NamedTuple):
     """nbq's own settings in a Redis address's query (``?result_expires=...``): every
     client and worker of one Redis must agree on them (local workers get the same URL)."""
     result_expires: float = policy.RESULT_EXPIRES
@@ -38,13 +38,13 @@ class Settings(NamedTuple):
     result_budget: int = policy.RESULT_BUDGET  # bytes of delivered results kept for by-id lookups
 
 
-def _settings(address: str) -> tuple[Settings, list]:
+def _settings(address: str) -> tuple[RedisSettings, list]:
     """nbq's settings in an address, and the rest of its query (redis-py's options)."""
     kept, given = [], {}
     for k, v in parse_qsl(urlsplit(address).query):
-        if k in Settings._fields:
+        if k in RedisSettings._fields:
             try:
-                given[k] = type(Settings._field_defaults[k])(float(v))
+                given[k] = type(RedisSettings._field_defaults[k])(float(v))
             except ValueError:
                 raise NbqError(f"bad {k}={v!r} in the Redis address: give a number") from None
         else:
@@ -52,10 +52,10 @@ def _settings(address: str) -> tuple[Settings, list]:
     if given.get("max_message_size", policy.MAX_MESSAGE_SIZE) < 1 << 16:
         raise NbqError("max_message_size in the Redis address must be at least 65536 bytes "
                        "(a client sends tasks below 64 KiB in batches)")
-    return Settings(**given), kept
+    return RedisSettings(**given), kept
 
 
-def settings(address: str) -> Settings:
+def settings(address: str) -> RedisSettings:
     """The nbq settings an address carries (defaults for the others)."""
     return _settings(address)[0]
 
