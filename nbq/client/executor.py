@@ -30,7 +30,7 @@ from .link import BROKER_GRACE, BrokerLink
 from .mapresult import MapResult
 from .receiver import Receiver
 from .requests import Requests
-from .sending import Sender, task_options
+from .sending import Sender, client_task_header, task_options
 from .shipping import FunctionCache, function_name, ship_modules
 from .watching import Watches
 
@@ -75,13 +75,7 @@ class Client(concurrent.futures.Executor):
                  broker_grace: float = BROKER_GRACE, inline: bool = False) -> None:
         if not broker_grace > 0:
             raise ValueError(f"broker_grace must be a positive number of seconds, not {broker_grace!r}")
-        if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
-            raise TypeError(f"max_task_deaths must be an integer, not {max_task_deaths!r}")
-        if max_task_deaths < 1:
-            raise ValueError(f"max_task_deaths must be at least 1 (1: a task fails at the first "
-                             f"death of its process), not {max_task_deaths}")
-        # header fields of every task this client sends: none for the defaults
-        self._task_header = {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
+        self._task_header = client_task_header(max_task_deaths)
         ship_modules(*ship)
         from ..cluster import client_cluster
         # Client(cluster): the user's cluster, not this client's to close

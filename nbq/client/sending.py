@@ -9,6 +9,7 @@ import threading
 import time
 
 from .. import protocol
+from ..deaths import MAX_DEATHS
 from ..schema import PRIORITY_MAX
 
 DIRECT_SEND = 64 * 1024  # tasks with payloads this large skip the outbox and go at once
@@ -97,6 +98,16 @@ class Sender:
             if batch:
                 self._conn.submit(batch, frames)
         return [item for item, _ in tasks], lost
+
+
+def client_task_header(max_task_deaths: int) -> dict:
+    """Header fields of every task a Client sends (none for the defaults), its options checked."""
+    if not isinstance(max_task_deaths, int) or isinstance(max_task_deaths, bool):
+        raise TypeError(f"max_task_deaths must be an integer, not {max_task_deaths!r}")
+    if max_task_deaths < 1:
+        raise ValueError(f"max_task_deaths must be at least 1 (1: a task fails at the first "
+                         f"death of its process), not {max_task_deaths}")
+    return {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
 
 
 def task_options(eta: float | None, expires: float | None, priority: int | None,

@@ -8,6 +8,7 @@ nbq/clusters/memory.py) or, inline, in the thread that submits them; the transpo
 itself runs nothing.  Nothing outside the process can reach it.
 """
 from .connections import MemoryClient, MemorySupervisor, MemoryWorker, Stopped
-from .state import MemoryBroker, broker
+from .registry import broker
+from .state import MemoryBroker
 
 __all__ = ["MemoryBroker", "MemoryClient", "MemorySupervisor", "MemoryWorker", "Stopped", "broker"]

@@ -20,7 +20,8 @@ from typing import Callable
 
 from ...errors import NbqError
 from ..base import ClientConnection, SupervisorConnection, WorkerConnection
-from .state import INLINE_LANE, MemoryBroker, broker
+from .registry import broker
+from .state import INLINE_LANE, MemoryBroker
 
 
 class Stopped(NbqError):

@@ -1,11 +1,11 @@
 """The in-process broker of memory:// addresses: queues, results, joins, claims, watches, control.
 
-One MemoryBroker per address per process (``broker(address)``): ``memory://`` is the
+One MemoryBroker per address per process (registry.py): ``memory://`` is the
 process's default one, ``memory://name`` another.  Every Client("memory://") of a
 process shares it, so AsyncResult and MapResult.from_id work between them, as between
 clients of one ZeroMQ broker; a forked child starts with empty ones.
 
-It follows the ZeroMQ broker (nbq/broker.py) operation by operation, minus what a
+It follows the ZeroMQ broker (nbq/broker/) operation by operation, minus what a
 process boundary needs: nothing is signed (nothing crosses one), nothing has a size
 limit, nobody goes silent (no heartbeats, no re-sending).  Payloads are still the
 cloudpickled frames the client made, so pickling fails or succeeds as elsewhere.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -28,7 +27,6 @@ from collections import deque
 from ... import policy
 from ...errors import NbqError
 from ...results import ResultStore
-from .. import MEMORY_SCHEME
 from .mailbox import Mailbox
 from .records import ThreadRecord, PoolRecord, HeldTask
 
@@ -382,22 +380,3 @@ class MemoryBroker:
 
 #: Queue names of inline clients' tasks (one per client): taken by that client's runs only.
 INLINE_LANE = "\x00inline:"
-
-_brokers: dict[str, MemoryBroker] = {}
-_brokers_lock = threading.Lock()
-_pid = os.getpid()
-
-
-def broker(address: str) -> MemoryBroker:
-    """The in-process broker of address (``memory://`` or ``memory://name``), made on first use;
-    a forked child has none of its parent's (their threads stayed behind)."""
-    global _pid
-    name = MEMORY_SCHEME + address[len(MEMORY_SCHEME):].strip("/")
-    with _brokers_lock:
-        if _pid != os.getpid():
-            _brokers.clear()
-            _pid = os.getpid()
-        found = _brokers.get(name)
-        if found is None:
-            found = _brokers[name] = MemoryBroker(name)
-        return found
