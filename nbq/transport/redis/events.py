@@ -35,6 +35,7 @@ STREAM = P + "ev"
 BEATS = P + "evh"
 BEATS_KEPT = 1000   # heartbeat entries kept (each worker's last is read back)
 TRIM_EVERY = 10.0   # seconds between a writer's trims by age
+TAKEN = "taken"     # a task a worker took and started at once, stored as one event (decode)
 
 
 def counts_key(sid: str) -> str:
@@ -118,7 +119,13 @@ def decode(store, fields: dict, where: str) -> list[dict]:
         got = events.unpack(decoded[0]["p"]) if "p" in decoded[0] else decoded[0]["ev"]
     except (KeyError, TypeError, ValueError):  # signed, but not what a writer makes
         return []
-    return sorted(got, key=lambda e: e.get("ts", 0))
+    out = []
+    for event in got:
+        if event.get("type") == TAKEN:  # stored as one: received, then started
+            out += [dict(event, type=events.TASK_RECEIVED), dict(event, type=events.TASK_STARTED)]
+        else:
+            out.append(event)
+    return sorted(out, key=lambda e: e.get("ts", 0))
 
 
 def history(store, since: float) -> tuple[list[dict], str, str]:

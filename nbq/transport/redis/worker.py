@@ -235,12 +235,12 @@ class RedisWorker(WorkerConnection):
         for item in items:
             name = self._names.get(item.get("h"))
             named = None if name is not None else {"_h": item.get("h")}  # named when written
-            out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid, named))
             eta = item.get("eta")
-            if eta is None or eta <= now:
-                out.append(events.task_event(events.TASK_STARTED, now, item, name, self.wid,
-                                             named))
+            if eta is None or eta <= now:  # received and started: stored as one
+                out.append(events.task_event(stored_events.TAKEN, now, item, name, self.wid, named))
             else:
+                out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid,
+                                             named))
                 self._later.add(item["id"])
         return out
 
