@@ -39,11 +39,12 @@ round trip as the results; supervisor: its own), a batch per stream entry.
 
 The store (EventLog here; a capped stream on Redis) keeps the events of the last
 ``keep`` seconds, at most ``most`` records of them (a record is one event, but a task's
-received and started share one; on Redis a stream entry holds a batch) (policy.EVENTS_KEEP, EVENTS_MAX; the ZeroMQ
-broker's ``--events-keep`` / ``--events-max``, a URL's ``?events_keep=`` /
-``?events_max=`` on Redis and memory://); heartbeats are not counted there: of those it
-keeps each worker's last.  ``events=0`` (``--no-events``, ``?events=0``) turns events
-off: nothing is kept or sent, and ``Client.events()`` yields nothing.
+received and started share one; on Redis a stream entry holds a batch): policy.EVENTS_KEEP
+and EVENTS_MAX, else the ZeroMQ broker's ``--events-keep`` / ``--events-max``, a Redis
+URL's ``?events_keep=`` / ``?events_max=`` (memory:// keeps the defaults).  Heartbeats are
+not counted there: of those it keeps each worker's last.  Events off (``nbq broker
+--no-events``, ``?events=0`` on Redis, NBQ_EVENTS=0 for the embedded broker): nothing is
+kept or sent, and ``Client.events()`` yields nothing.
 """
 from __future__ import annotations
 

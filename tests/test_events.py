@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 import nbq
-from conftest import TRANSPORTS, make_client, redis_url, start_broker, wait_until
+from conftest import TRANSPORTS, redis_url, start_broker, wait_until
 
 pytestmark = pytest.mark.conformance
 
@@ -119,6 +119,7 @@ def test_retried_task_events(client):
 
         r = flaky.delay()
         assert r.get(timeout=15) == "ok"
+        assert any(e.get("id") == r.id for e in app.events(since=0, timeout=0.5))  # the app's own
         events = collect(client, lambda ev: kinds(ev, r.id)["task-succeeded"])
         assert kinds(events, r.id) == {"task-sent": 1, "task-received": 1, "task-started": 2,
                                        "task-retried": 1, "task-succeeded": 1}

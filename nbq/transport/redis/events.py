@@ -19,7 +19,8 @@ own.  So a worker process's received and started events go with its next message
 results; for a submitted task still running, its STARTED notice, within STARTED_DELAY):
 a process killed before that loses them (its task's rerun has its own).  Readers
 (a client's events()) verify each entry's signature before using it.  ``?events=0``
-in the URL turns events off for that party; ``?events_keep=SECONDS``,
+in the URL turns events off for that party (a cancel's task-revoked names only the task:
+the canceller knows no more of it); ``?events_keep=SECONDS``,
 ``?events_max=N`` bound the store (policy.EVENTS_KEEP, EVENTS_MAX by default).
 """
 from __future__ import annotations
