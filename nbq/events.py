@@ -7,8 +7,9 @@ An event is a dict with ``type`` (str) and ``ts`` (epoch seconds, when it happen
   ``traceback``, its text, truncated to TRACEBACK_MAX characters), ``task-retried``,
   ``task-revoked``, ``task-rejected`` (a worker refused the task's message: its signature
   failed; the task then fails, ``task-failed``, SignatureError), each with ``id`` (task
-  id), ``name`` (the task's or function's name, None where unknown), ``worker`` (the worker process id, ``"<worker id>/<n>"``; None before one has
-  it), ``queue`` and ``map`` (the map id, or None).  ``task-sent`` adds ``args`` (a short
+  id), ``name`` (the task's or function's name, None where unknown), ``worker`` (the
+  worker process id, ``"<worker id>/<n>"``; None before one has it), ``queue`` and
+  ``map`` (the map id, or None).  ``task-sent`` adds ``args`` (a short
   repr, made by the sender from the arguments it had: nothing is unpickled for it) and,
   for steps of chains and chords, ``parent`` and ``root``: in a chain, the step before
   and the first step's task ids; in a chord, the chord's group id as the header tasks'
