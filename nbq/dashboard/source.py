@@ -1,0 +1,101 @@
+"""One broker watched: a Client, a thread folding its event stream into a State (the kept
+past first: ``Client.events(since=0)``, so a restarted dashboard has its history back), and
+a thread asking the broker who is connected and how long its queues are."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..client import Client
+from ..errors import NbqError
+from .state import State
+
+log = logging.getLogger("nbq.dashboard")
+
+STATUS_INTERVAL = 1.0   # seconds between the broker's info requests
+EVENTS_TIMEOUT = 0.5    # seconds an events() call waits before the thread checks for stop
+
+
+class Source:
+    """A broker's State, kept current by two daemon threads until ``close()``."""
+
+    def __init__(self, broker: str, max_tasks: int | None = None) -> None:
+        self.address = broker
+        self.client = Client(broker, timeout=5.0)
+        self.client.wait_at_exit = False
+        self.state = State() if max_tasks is None else State(max_tasks)
+        self.error: str | None = None     # the last failure to read the broker, for the page
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._follow, name="nbq-dashboard-events",
+                                          daemon=True),
+                         threading.Thread(target=self._poll, name="nbq-dashboard-status",
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _follow(self) -> None:
+        """Fold events from the oldest kept on; a call that ends (its timeout) is made again
+        from the last event's time, skipping those of that instant already folded."""
+        since, seen = 0.0, set()
+        while not self._stop.is_set():
+            try:
+                for ev in self.client.events(since=since, timeout=EVENTS_TIMEOUT):
+                    key = (ev.get("type"), ev.get("id"), ev.get("worker"), ev.get("map"),
+                           ev.get("count"))
+                    ts = ev.get("ts", 0.0)
+                    if ts < since or (ts == since and key in seen):
+                        continue
+                    if ts > since:
+                        since, seen = ts, set()
+                    seen.add(key)
+                    self.state.fold([ev])
+                    if self._stop.is_set():
+                        return
+            except (NbqError, TimeoutError) as e:
+                self.error = f"events: {e}"
+                self._stop.wait(STATUS_INTERVAL)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.state.apply_status(self.client.status())
+                self.error = None
+            except (NbqError, TimeoutError) as e:
+                self.error = f"the broker at {self.address} did not answer: {e}"
+            self._stop.wait(STATUS_INTERVAL)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5.0)
+        self.client.shutdown(wait=False)
+
+
+class Sources:
+    """The Source of each broker a server was asked about, made on first use."""
+
+    def __init__(self, default: str | None = None) -> None:
+        self.default = default
+        self._lock = threading.Lock()
+        self._by_address: dict[str, Source] = {}
+
+    def get(self, address: str | None) -> Source:
+        address = address or self.default
+        if not address:
+            raise NbqError("no broker to show: open the dashboard with ?broker=ADDRESS (the "
+                           "link in a Client's repr does), or set NBQ_BROKER for the server")
+        with self._lock:
+            src = self._by_address.get(address)
+            if src is None:
+                src = self._by_address[address] = Source(address)
+            return src
+
+    def all(self) -> list[Source]:
+        with self._lock:
+            return list(self._by_address.values())
+
+    def close(self) -> None:
+        for src in self.all():
+            src.close()
+        with self._lock:
+            self._by_address.clear()
