@@ -13,7 +13,6 @@ from .state import State
 log = logging.getLogger("nbq.dashboard")
 
 STATUS_INTERVAL = 1.0   # seconds between the broker's info requests
-EVENTS_TIMEOUT = 0.5    # seconds an events() call waits before the thread checks for stop
 
 
 class Source:
@@ -34,26 +33,29 @@ class Source:
             t.start()
 
     def _follow(self) -> None:
-        """Fold events from the oldest kept on; a call that ends (its timeout) is made again
-        from the last event's time, skipping those of that instant already folded."""
-        since, seen = 0.0, set()
+        """Fold events from the oldest kept on, then live until close() shuts the client
+        down; a stream that ends otherwise (the broker went away) is asked for again from
+        the last event's time, skipping those of that instant already folded."""
+        last, seen = 0.0, set()   # the latest event's time, the events of that instant
         while not self._stop.is_set():
+            since, replaying = last, last > 0
             try:
-                for ev in self.client.events(since=since, timeout=EVENTS_TIMEOUT):
+                for ev in self.client.events(since=since):
+                    ts = ev.get("ts", 0.0)
                     key = (ev.get("type"), ev.get("id"), ev.get("worker"), ev.get("map"),
                            ev.get("count"))
-                    ts = ev.get("ts", 0.0)
-                    if ts < since or (ts == since and key in seen):
-                        continue
-                    if ts > since:
-                        since, seen = ts, set()
-                    seen.add(key)
+                    if replaying:
+                        if ts < since or (ts == since and key in seen):
+                            continue
+                        replaying = ts <= since
+                    if ts > last:
+                        last, seen = ts, {key}
+                    elif ts == last:
+                        seen.add(key)
                     self.state.fold([ev])
-                    if self._stop.is_set():
-                        return
-            except (NbqError, TimeoutError) as e:
-                self.error = f"events: {e}"
-                self._stop.wait(STATUS_INTERVAL)
+            except (NbqError, TimeoutError, RuntimeError) as e:   # RuntimeError: shut down
+                self.error = None if self._stop.is_set() else f"events: {e}"
+            self._stop.wait(STATUS_INTERVAL)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -66,9 +68,9 @@ class Source:
 
     def close(self) -> None:
         self._stop.set()
+        self.client.shutdown(wait=False)   # ends the event stream
         for t in self._threads:
             t.join(5.0)
-        self.client.shutdown(wait=False)
 
 
 class Sources:

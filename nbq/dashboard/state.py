@@ -37,12 +37,11 @@ class State:
         self.max_tasks = max_tasks
         self.tasks: OrderedDict[str, dict] = OrderedDict()   # oldest first
         self.maps: OrderedDict[str, dict] = OrderedDict()
-        self.workers: dict[str, dict] = {}                   # by worker name
+        self.workers: dict[str, dict] = {}                   # by worker (supervisor) id
         self.queues: dict[str, dict] = {}                    # name -> length, by_priority
         self.states: dict[str, int] = {}                     # tasks kept, by state
         self.series = Series()
         self.events = 0
-        self._names: dict[str, str] = {}                     # worker id -> name
         self._dirty_tasks: set[str] = set()
         self._dirty_workers: set[str] = set()
         self._dirty_maps: set[str] = set()
@@ -56,7 +55,7 @@ class State:
                 self.events += 1
                 kind = ev.get("type", "")
                 if kind == "map-sent":
-                    self._map_sent(ev)
+                    self._map(ev, kind)
                 elif kind in TASK_STATES:
                     self._task(ev, kind)
                 elif kind.startswith("worker-"):
@@ -64,10 +63,9 @@ class State:
 
     def _task(self, ev: dict, kind: str) -> None:
         ts = ev.get("ts") or time.time()
-        queue = ev.get("queue")
-        self.series.count(kind, ts, queue, ev.get("runtime"), ev.get("count", 1))
-        if ev.get("map") and kind in ("task-succeeded", "task-failed"):
-            self._map_done(ev, kind == "task-failed")
+        self.series.count(kind, ts, ev.get("queue"), ev.get("runtime"), ev.get("count", 1))
+        if ev.get("map"):
+            self._map(ev, kind)
         tid = ev.get("id")
         if not tid:
             return
@@ -82,10 +80,13 @@ class State:
         state, stamp = TASK_STATES[kind]
         if kind == "task-retried":
             t["retries"] += 1
-        for key in ("name", "args", "worker", "queue", "map", "parent", "root", "runtime",
-                    "exception", "traceback"):
+        for key in ("name", "args", "queue", "map", "parent", "root", "runtime", "exception",
+                    "traceback"):
             if ev.get(key) is not None:
-                t[key] = self._worker_name(ev[key]) if key == "worker" else ev[key]
+                t[key] = ev[key]
+        if ev.get("worker"):   # a worker process: "<worker id>/<n>"
+            t["process"] = ev["worker"]
+            t["worker"] = ev["worker"].split("/")[0]
         t[stamp] = ts
         if t["state"] is None or _later(t["state"], state):
             self._count_state(t["state"], -1)
@@ -96,7 +97,8 @@ class State:
         w = t.get("worker")
         if w and kind in ("task-succeeded", "task-failed"):
             rec = self._worker(w)
-            rec["_seen_" + ("failed" if kind == "task-failed" else "processed")] += 1
+            rec["_seen_" + ("failed" if kind == "task-failed" else "processed")] += \
+                ev.get("count", 1)
             self._dirty_workers.add(w)
 
     def _count_state(self, state: str | None, n: int) -> None:
@@ -109,55 +111,47 @@ class State:
             self._count_state(old["state"], -1)
             self._dirty_tasks.discard(old["id"])
 
-    def _map_sent(self, ev: dict) -> None:
-        mid = ev["map"]
-        if ev.get("count"):
-            self.series.count("map-sent", ev.get("ts") or time.time(), ev.get("queue"), None,
-                              ev["count"])
+    def _map(self, ev: dict, kind: str) -> None:
+        """A map's progress as its MapResult counts it: done = items succeeded, failed or
+        revoked; failed = items failed or revoked; total from its map-sent."""
+        mid, ts = ev["map"], ev.get("ts") or time.time()
         m = self.maps.get(mid)
         if m is None:
             m = self.maps[mid] = {"id": mid, "name": ev.get("name"), "queue": ev.get("queue"),
-                                  "start": ev.get("ts") or time.time(), "end": None,
-                                  "done": 0, "failed": 0, "total": None, "sent": 0}
+                                  "start": ts, "end": None, "done": 0, "failed": 0,
+                                  "total": None}
             while len(self.maps) > MAX_MAPS:
                 self.maps.popitem(last=False)
-        m["sent"] += ev.get("count", 0)
-        if ev.get("total") is not None:
-            m["total"] = ev["total"]
+        m["start"] = min(m["start"], ts)
+        m["name"] = m["name"] or ev.get("name")
+        if kind == "map-sent":
+            m["total"] = ev.get("total")
+        elif kind in ("task-succeeded", "task-failed", "task-revoked"):
+            n = ev.get("count", 1)
+            m["done"] += n
+            if kind != "task-succeeded":
+                m["failed"] += n
+        if m["total"] is not None and m["done"] >= m["total"] and m["end"] is None:
+            m["end"] = ts
         self._dirty_maps.add(mid)
 
-    def _map_done(self, ev: dict, failed: bool) -> None:
-        m = self.maps.get(ev["map"])
-        if m is None:   # its map-sent was before the kept past
-            self._map_sent({"map": ev["map"], "name": ev.get("name"), "ts": ev.get("ts")})
-            m = self.maps[ev["map"]]
-        n = ev.get("count", 1)
-        m["done"] += n
-        m["failed"] += ev.get("failed", n if failed else 0)
-        if m["total"] is not None and m["done"] >= m["total"]:
-            m["end"] = ev.get("ts") or time.time()
-        self._dirty_maps.add(m["id"])
-
     def _worker_event(self, ev: dict, kind: str) -> None:
-        name = self._worker_name(ev.get("worker", "?"))
-        w = self._worker(name)
+        wid = ev.get("worker", "?")
+        w = self._worker(wid)
         w["online"] = kind != "worker-offline"
         w["last_heartbeat"] = ev.get("ts") or time.time()
         for key in ("processed", "failed", "active", "load", "memory", "processes", "host",
                     "pid", "queues"):
             if ev.get(key) is not None:
                 w[key] = ev[key]
-        self._dirty_workers.add(name)
+        self._dirty_workers.add(wid)
 
-    def _worker(self, name: str) -> dict:
-        w = self.workers.get(name)
+    def _worker(self, wid: str) -> dict:
+        w = self.workers.get(wid)
         if w is None:
-            w = self.workers[name] = {"name": name, "online": True, "_seen_processed": 0,
-                                      "_seen_failed": 0}
+            w = self.workers[wid] = {"id": wid, "name": wid, "online": True,
+                                     "_seen_processed": 0, "_seen_failed": 0}
         return w
-
-    def _worker_name(self, who: str) -> str:
-        return self._names.get(who, who)
 
     def apply_status(self, st: dict) -> None:
         """The broker's info reply (Client.status()): who is connected, and queue lengths."""
@@ -165,21 +159,21 @@ class State:
         with self.lock:
             here = set()
             for info in st.get("workers", []):
-                name = info.get("name") or info["id"]
-                self._names[info["id"]] = name
-                here.add(name)
-                w = self._worker(name)
-                w.update(online=True, id=info["id"], host=info.get("host"), pid=info.get("pid"),
+                wid = info["id"]
+                here.add(wid)
+                w = self._worker(wid)
+                w.update(online=True, name=info.get("name") or wid, host=info.get("host"),
+                         pid=info.get("pid"),
                          concurrency=info.get("concurrency"), active=info.get("active"),
                          processes=info.get("processes"), queues=info.get("queues"),
                          seen=now)
                 if info.get("memory") is not None:
                     w["memory"] = info["memory"]
-                self._dirty_workers.add(name)
-            for name, w in self.workers.items():
-                if name not in here and w.get("online") and "id" in w:
+                self._dirty_workers.add(wid)
+            for wid, w in self.workers.items():
+                if wid not in here and w.get("online") and "seen" in w:
                     w["online"] = False
-                    self._dirty_workers.add(name)
+                    self._dirty_workers.add(wid)
             lengths = st.get("queues", {})
             for q, n in lengths.items():
                 by = n if isinstance(n, dict) else None
@@ -208,8 +202,8 @@ class State:
             changed = [self.tasks[t] for t in self._dirty_tasks if t in self.tasks]
             changed.sort(key=lambda t: t.get("ts") or 0)
             delta = {"now": time.time(),
-                     "tasks": [_row(t) for t in changed[-TABLE_ROWS:]],
-                     "workers": self._workers({n: self.workers[n] for n in self._dirty_workers}),
+                     "tasks": [self._row(t) for t in changed[-TABLE_ROWS:]],
+                     "workers": self._workers({w: self.workers[w] for w in self._dirty_workers}),
                      "maps": [self._map_row(self.maps[m]) for m in self._dirty_maps
                               if m in self.maps],
                      "queues": self._queues(), "states": dict(self.states),
@@ -231,8 +225,9 @@ class State:
             t = self.tasks.get(tid)
             if t is None:
                 return None
-            return {**t, "children": [_row(self.tasks[c]) for c in t["children"]
-                                      if c in self.tasks]}
+            return {**t, "worker": self._row(t)["worker"],
+                    "children": [self._row(self.tasks[c]) for c in t["children"]
+                                 if c in self.tasks]}
 
     def _find(self, filters: dict, limit: int) -> list[dict]:
         state, name, worker = filters.get("state"), filters.get("name"), filters.get("worker")
@@ -240,13 +235,21 @@ class State:
         rows = []
         for t in reversed(self.tasks.values()):
             if ((state and t["state"] != state) or (name and name not in (t.get("name") or ""))
-                    or (worker and t.get("worker") != worker)
+                    or (worker and worker != t.get("worker")
+                        and worker != self.workers.get(t.get("worker"), {}).get("name"))
                     or (search and search not in t["id"])):
                 continue
-            rows.append(_row(t))
+            rows.append(self._row(t))
             if len(rows) >= limit:
                 break
         return rows
+
+    def _row(self, t: dict) -> dict:
+        """A task's row in the table, its worker by name."""
+        row = {k: t.get(k) for k in ROW_FIELDS}
+        if row["worker"] in self.workers:
+            row["worker"] = self.workers[row["worker"]]["name"]
+        return row
 
     def _workers(self, workers: dict[str, dict]) -> list[dict]:
         out = []
@@ -294,5 +297,3 @@ def _later(old: str, new: str) -> bool:
     return ORDER.index(new) >= ORDER.index(old)
 
 
-def _row(t: dict) -> dict:
-    return {k: t.get(k) for k in ROW_FIELDS}
