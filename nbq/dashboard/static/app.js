@@ -184,7 +184,11 @@ function apply(d, whole) {
   view.series.push(...(d.series || []).filter((b) => b.t > last));
   view.series = view.series.filter((b) => b.t >= d.now - SPAN);
   if (d.broker) document.getElementById("broker").textContent = d.broker;
-  renderStates(d); renderWorkers(); renderQueues(); renderTasks(); renderMaps(); renderCharts();
+  renderStates(d); renderQueues();
+  if (whole || d.workers.length) renderWorkers();
+  if (whole || d.tasks.length) renderTasks();
+  if (whole || d.maps.length) renderMaps();
+  if (whole || d.series.length) renderCharts();
 }
 
 async function load() {
