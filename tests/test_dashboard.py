@@ -1,0 +1,238 @@
+"""nbq dashboard on a real broker and worker, in headless Chromium: standalone (`nbq dashboard`)
+and inside a real JupyterLab at /nbq/ (the server extension nbq's wheel enables)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import nbq
+from conftest import Processes, free_port, start_broker, wait_until
+from test_jupyterlab import CHROMIUM_ARGS, chromium
+
+REPO = Path(__file__).resolve().parent.parent
+SHOTS = os.environ.get("NBQ_DASHBOARD_SHOTS")   # a directory: also save the screenshots there
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A broker and a worker of 2 processes (subprocesses), and a Client on it."""
+    procs = Processes(tmp_path_factory.mktemp("dash"))
+    address = start_broker(procs)
+    procs.nbq("worker", "--broker", address, "--concurrency", "2", "-n", "dash@test")
+    client = nbq.Client(address)
+    client.wait_for_workers(2)
+    yield address, client, procs
+    client.shutdown(wait=False)
+    procs.stop_all()
+
+
+def start_dashboard(procs: Processes, address: str) -> str:
+    """`nbq dashboard` on a free loopback port; its URL, token included, as it prints it."""
+    p = procs.nbq("dashboard", "--broker", address, "--bind", "127.0.0.1:0")
+    for line in p.stdout:
+        if "http://" in line:
+            return line.strip()
+    raise AssertionError(f"nbq dashboard exited: {p.wait()}")
+
+
+def get(url: str, **headers) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def snapshot(url: str) -> dict:
+    base, token = url.split("/?token=")
+    return json.loads(get(f"{base}/api/snapshot?token={token}")[1])
+
+
+def processes(client: nbq.Client) -> int:
+    return sum(len(r["pool"]["processes"]) for r in client.control("stats").values())
+
+
+def save(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name))
+    if SHOTS:
+        page.screenshot(path=str(Path(SHOTS) / name))
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+    path = chromium()
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.mark.timeout(60)
+def test_standalone_shows_workers_a_moving_map_and_grows_the_pool(cluster, browser, tmp_path):
+    """The workers page lists the worker's 2 processes; the maps page shows a running map's
+    done count move to the end; '+1 process' on the page grows the pool (seen through
+    Client.control('stats'), as `nbq inspect stats` sees it)."""
+    from playwright.sync_api import expect
+    address, client, procs = cluster
+    url = start_dashboard(procs, address)
+    page = browser.new_page(viewport={"width": 1300, "height": 500})
+    page.goto(url)
+    row = page.locator("#workers tbody tr", has_text="dash@test")
+    expect(row.locator("td.processes")).to_have_text("2", timeout=10_000)
+
+    res = client.map(time.sleep, [0.01] * 300, chunksize=5)   # nothing for workers to import
+    page.click("nav a[data-tab=maps]")
+    text = page.locator(f'#maps tr[data-map="{res.id}"] .map-text')
+    seen = set()
+
+    def finished() -> bool:
+        found = re.match(r"([\d,]+)/", text.inner_text()) if text.count() else None
+        if found:
+            seen.add(int(found.group(1).replace(",", "")))
+        return 300 in seen
+    wait_until(finished, timeout=30, interval=0.05, what="the map's progress to reach 300")
+    res.result(10)
+    assert len([n for n in seen if 0 < n < 300]) >= 1, f"no progress seen between: {seen}"
+    expect(page.locator(f'#maps tr[data-map="{res.id}"] .bar.success')).to_be_visible()
+    save(page, tmp_path, "dashboard-maps.png")
+
+    page.click("nav a[data-tab=workers]")
+    before = processes(client)
+    row.get_by_role("button", name="+1 process").click()
+    expect(page.locator("#notice")).to_contain_text("pool will grow")
+    wait_until(lambda: processes(client) == before + 1, timeout=15, what="the pool to grow")
+    expect(row.locator("td.processes")).to_have_text(str(before + 1), timeout=10_000)
+    save(page, tmp_path, "dashboard.png")
+    client.control("pool_shrink", {"n": 1})
+
+
+def start_jupyterlab(procs: Processes, base: Path) -> tuple[str, str]:
+    """JupyterLab with its dirs under base and the repository's jupyter-config/ on the config
+    path: the file the wheel installs in etc/jupyter enables nbq's extension, no flag does.
+    Returns its URL and token once it answers."""
+    dirs = {name: base / name for name in ("root", "config", "data", "runtime")}
+    for d in dirs.values():
+        d.mkdir()
+    port, token = free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(dirs["config"]),
+           "JUPYTER_CONFIG_PATH": str(REPO / "jupyter-config"),
+           "JUPYTER_DATA_DIR": str(dirs["data"]), "JUPYTER_RUNTIME_DIR": str(dirs["runtime"])}
+    with open(base / "server.log", "w") as log:
+        server = procs.start([sys.executable, "-m", "jupyterlab", "--no-browser",
+                              "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+                              "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+                              f"--ServerApp.root_dir={dirs['root']}", "--ServerApp.allow_root=True",
+                              "--ServerApp.base_url=/user/someone/", "--LabApp.news_url=",
+                              "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                             env=env, stdout=log)
+    url = f"http://127.0.0.1:{port}/user/someone"
+
+    def answers() -> bool:
+        assert server.poll() is None, "jupyterlab exited:\n" + (base / "server.log").read_text()
+        try:
+            return get(f"{url}/api/status?token={token}")[0] == 200
+        except OSError:   # not listening yet
+            return False
+    wait_until(answers, timeout=30, interval=0.1, what="jupyterlab to answer")
+    return url, token
+
+
+@pytest.mark.timeout(60)
+def test_inside_jupyterlab_with_its_token(cluster, browser, tmp_path):
+    """At <base_url>/nbq/ under JupyterLab (a JupyterHub-like base_url): the page shows the
+    worker with Jupyter's token; without it, or with a wrong one, 403 and no data."""
+    from playwright.sync_api import expect
+    address, client, procs = cluster
+    url, token = start_jupyterlab(procs, tmp_path)
+    broker = urllib.parse.quote(address, safe="")
+    for path in ("/nbq/", "/nbq/api/snapshot", "/nbq/api/live", "/nbq/metrics"):
+        for auth in ("", "&token=wrong"):
+            status, body = get(f"{url}{path}?broker={broker}{auth}")
+            assert status == 403, (path, auth, status)
+            assert "dash@test" not in body
+    page = browser.new_page(viewport={"width": 1300, "height": 500})
+    page.goto(f"{url}/nbq/?token={token}&broker={broker}")
+    row = page.locator("#workers tbody tr", has_text="dash@test")
+    expect(row.locator("td.processes")).to_have_text(re.compile(r"^\d+$"), timeout=20_000)
+    expect(page.locator("#live")).to_have_text("live")
+    res = client.map(time.sleep, [0.01] * 200, chunksize=5)
+    page.click("nav a[data-tab=maps]")
+    expect(page.locator(f'#maps tr[data-map="{res.id}"] .map-text')).to_contain_text(
+        "200/200 done", timeout=30_000)
+    save(page, tmp_path, "dashboard-jupyterlab.png")
+    status, body = get(f"{url}/nbq/api/snapshot?broker={broker}", Authorization=f"token {token}")
+    assert status == 200 and "dash@test" in body
+
+
+@pytest.mark.timeout(60)
+def test_history_survives_a_restart_and_10000_tasks_load_fast(cluster, browser, tmp_path):
+    """10,000 tasks run; a dashboard started after them has them all from the broker's kept
+    events, and its page loads (snapshot drawn) within a second."""
+    address, client, procs = cluster
+    futures = [client.submit(abs, -i) for i in range(10_000)]
+    client.gather(futures, timeout=60)
+    url = start_dashboard(procs, address)
+    wait_until(lambda: snapshot(url)["kept"] >= 10_000, timeout=30, interval=0.2,
+               what="the new dashboard to fold the kept events")
+    page = browser.new_page(viewport={"width": 1300, "height": 700})
+    page.goto(url + "#tasks")       # warm: the browser's first page pays its own start-up
+    page.wait_for_selector("body[data-loaded='1']")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        page.goto(url + "#tasks")
+        page.wait_for_selector("body[data-loaded='1']")
+        times.append(time.perf_counter() - start)
+    kept = page.locator("#kept").inner_text()
+    assert int(kept.split()[0].replace(",", "")) >= 10_000, kept
+    assert page.locator("#tasks tbody tr").count() == 200
+    print(f"page load with {kept}: best {min(times) * 1000:.0f} ms, "
+          f"worst {max(times) * 1000:.0f} ms")
+    assert min(times) < 1.0, times
+    last = futures[-1].id
+    page.fill("#task-filter input[name=q]", last)
+    page.click("#task-filter button")
+    page.locator(f'#tasks tr[data-task="{last}"] a.task').click()
+    from playwright.sync_api import expect
+    expect(page.locator("#task-detail")).to_contain_text("builtins.abs")
+
+
+@pytest.mark.timeout(30)
+def test_no_token_no_data_and_metrics_parse(cluster):
+    """Without the token, or with a wrong one: 403 and nothing of the cluster, on every route
+    (a control POST changes nothing); with it, /metrics parses as Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+    address, client, procs = cluster
+    url = start_dashboard(procs, address)
+    base, token = url.split("/?token=")
+    wait_until(lambda: snapshot(url)["workers"], what="the dashboard to see the worker")
+    before = processes(client)
+    for path in ("/", "/api/snapshot", "/api/tasks", "/api/task/x", "/api/live", "/metrics"):
+        for query in ("", "?token=wrong", f"?token={token[:-1]}"):
+            status, body = get(base + path + query)
+            assert status == 403, (path, query, status)
+            assert "dash@test" not in body and "nbq_" not in body
+    request = urllib.request.Request(f"{base}/api/control?token=wrong", method="POST",
+                                     data=b'{"action": "pool_grow", "n": 1}')
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+    assert processes(client) == before
+    status, text = get(f"{base}/metrics", Authorization=f"token {token}")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert [s.value for s in families["nbq_workers"].samples] == [1.0]
+    assert {s.labels["worker"] for s in families["nbq_worker_processes"].samples} == {"dash@test"}
