@@ -10,7 +10,9 @@ An event is a dict with ``type`` (str) and ``ts`` (epoch seconds, when it happen
   unknown), ``worker`` (the worker process id, ``"<worker id>/<n>"``; None before one has
   it), ``queue`` and ``map`` (the map id, or None).  ``task-sent`` adds ``args`` (a short
   repr, made by the sender from the arguments it had: nothing is unpickled for it) and,
-  for steps of chains and chords, ``parent`` and ``root`` (task ids).
+  for steps of chains and chords, ``parent`` and ``root``: in a chain, the step before
+  and the first step's task ids; in a chord, the chord's group id as the header tasks'
+  root and as the body's parent and root.
 * worker events, ``worker-online``, ``worker-heartbeat`` (+ ``processed``, ``failed``:
   items finished and failed so far; ``active``: tasks running; ``load``: the host's
   one-minute load average; ``memory``: resident bytes of the worker and its processes;
@@ -114,8 +116,8 @@ def task_event(kind: str, ts: float, item: dict, name: str | None, worker: str |
         if event["args"] is None and "mp" in item:  # a chunk: which items of its map
             s0 = item.get("s0", 0)
             event["args"] = f"items {s0}..{s0 + item.get('n', 1) - 1}"
-        if "pa" in item:
-            event["parent"], event["root"] = item["pa"], item.get("ro")
+        if "pa" in item or "ro" in item:
+            event["parent"], event["root"] = item.get("pa"), item.get("ro")
     if extra:
         event.update(extra)
     return event

@@ -71,7 +71,7 @@ FIELDS = {
     "why": "why an entry was dropped", "e": "a dropped entry's stream and id",
     "sub": "an event subscription's id", "since": "events stored from (epoch s; null: none)",
     "live": "subscribe (1) or unsubscribe (0)", "ev": "events (events.py's dicts)",
-    "ld": "the host's one-minute load average (hb)",
+    "ld": "the host's one-minute load average (hb)", "act": "tasks its processes run (hb)",
 }
 
 #: Fields of a task item (in ``tasks``) and a result item (in ``res``).

@@ -21,7 +21,7 @@ LAYERS = [
     ("nbq.errors", "core"), ("nbq.states", "core"), ("nbq.policy", "core"),
     ("nbq.protocol", "core"), ("nbq.schema", "core"), ("nbq.keys", "core"),
     ("nbq.secure", "core"), ("nbq.replay", "core"), ("nbq.results", "core"),
-    ("nbq.deaths", "core"), ("nbq.utils", "core"),
+    ("nbq.deaths", "core"), ("nbq.events", "core"), ("nbq.utils", "core"),
     ("nbq.transport", "transport"),
     ("nbq.broker", "broker"),
     ("nbq.worker", "worker"),

@@ -160,7 +160,9 @@ class Client(concurrent.futures.Executor):
         if argsrepr is not None:
             options["ar"] = argsrepr[:200]
         if parent_id is not None:
-            options.update(pa=parent_id, ro=root_id or parent_id)
+            options["pa"] = parent_id
+        if root_id is not None:
+            options["ro"] = root_id
         return self._submit(fn, tuple(args), kwargs or {}, queue=queue, tid=task_id,
                             options=options)
 
