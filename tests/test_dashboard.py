@@ -84,7 +84,8 @@ def browser():
 def test_standalone_shows_workers_a_moving_map_and_grows_the_pool(cluster, browser, tmp_path):
     """The workers page lists the worker's 2 processes; the maps page shows a running map's
     done count move to the end; '+1 process' on the page grows the pool (seen through
-    Client.control('stats'), as `nbq inspect stats` sees it)."""
+    Client.control('stats'), as `nbq inspect stats` sees it); the rate limit form sets one
+    on the worker; Revoke in a held task's detail revokes it (its future ends)."""
     from playwright.sync_api import expect
     address, client, procs = cluster
     url = start_dashboard(procs, address)
@@ -101,13 +102,15 @@ def test_standalone_shows_workers_a_moving_map_and_grows_the_pool(cluster, brows
     def finished() -> bool:
         found = re.match(r"([\d,]+)/", text.inner_text()) if text.count() else None
         if found:
-            seen.add(int(found.group(1).replace(",", "")))
+            done = int(found.group(1).replace(",", ""))
+            if 0 < done < 300 and not any(0 < n < 300 for n in seen):
+                save(page, tmp_path, "dashboard.png")    # the map half way
+            seen.add(done)
         return 300 in seen
     wait_until(finished, timeout=30, interval=0.05, what="the map's progress to reach 300")
     res.result(10)
     assert len([n for n in seen if 0 < n < 300]) >= 1, f"no progress seen between: {seen}"
     expect(page.locator(f'#maps tr[data-map="{res.id}"] .bar.success')).to_be_visible()
-    save(page, tmp_path, "dashboard-maps.png")
 
     page.click("nav a[data-tab=workers]")
     before = processes(client)
@@ -115,8 +118,24 @@ def test_standalone_shows_workers_a_moving_map_and_grows_the_pool(cluster, brows
     expect(page.locator("#notice")).to_contain_text("pool will grow")
     wait_until(lambda: processes(client) == before + 1, timeout=15, what="the pool to grow")
     expect(row.locator("td.processes")).to_have_text(str(before + 1), timeout=10_000)
-    save(page, tmp_path, "dashboard.png")
+    save(page, tmp_path, "dashboard-workers.png")
     client.control("pool_shrink", {"n": 1})
+
+    page.fill("#rate-form input[name=task_name]", "builtins.abs")
+    page.fill("#rate-form input[name=rate_limit]", "100/s")
+    page.click("#rate-form button")
+    expect(page.locator("#notice")).to_contain_text("new rate limit set successfully")
+    client.control("rate_limit", {"task_name": "builtins.abs", "rate_limit": None})
+
+    held = client.submit(abs, -1, queue="unserved")   # waits at the broker: no worker takes it
+    page.click("nav a[data-tab=tasks]")
+    page.fill("#task-filter input[name=q]", held.id)
+    page.click("#task-filter button")
+    page.locator(f'#tasks tr[data-task="{held.id}"] a.task').click()
+    page.locator("#task-detail").get_by_role("button", name="Revoke").click()
+    expect(page.locator("#notice")).to_contain_text('"revoked":true')
+    wait_until(held.done, timeout=10, what="the revoked task's future to end")
+    assert held.cancelled() or held.exception() is not None
 
 
 def start_jupyterlab(procs: Processes, base: Path) -> tuple[str, str]:
@@ -208,6 +227,8 @@ def test_history_survives_a_restart_and_10000_tasks_load_fast(cluster, browser, 
     page.locator(f'#tasks tr[data-task="{last}"] a.task').click()
     from playwright.sync_api import expect
     expect(page.locator("#task-detail")).to_contain_text("builtins.abs")
+    page.click("nav a[data-tab=charts]")
+    save(page, tmp_path, "dashboard-charts.png")
 
 
 @pytest.mark.timeout(30)
@@ -236,3 +257,32 @@ def test_no_token_no_data_and_metrics_parse(cluster):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert [s.value for s in families["nbq_workers"].samples] == [1.0]
     assert {s.labels["worker"] for s in families["nbq_worker_processes"].samples} == {"dash@test"}
+
+
+def test_beyond_loopback_needs_a_password_and_basic_auth_takes_it():
+    """auth.Guard: no password off loopback is an error saying what to do; with one, HTTP
+    Basic auth with it passes, a wrong one does not, and a browser is asked (401) first."""
+    import base64
+
+    from nbq.dashboard.auth import DashboardAuthError, Guard
+    with pytest.raises(DashboardAuthError, match="--password"):
+        Guard("0.0.0.0")
+    assert Guard("127.0.0.1").password is None and Guard("localhost").token
+    guard = Guard("0.0.0.0", password="s3cret")
+    basic = "Basic " + base64.b64encode(b"anyone:s3cret").decode()
+    assert guard.allows(None, basic) and guard.allows(guard.token, None)
+    assert not guard.allows(None, "Basic " + base64.b64encode(b"anyone:wrong").decode())
+    assert not guard.allows("wrong", None) and not guard.allows(None, "token wrong")
+    assert guard.challenge(None) and not guard.challenge(basic)
+
+
+def test_reprs_link_to_the_dashboard_under_jupyter(monkeypatch):
+    """In a kernel of a Jupyter server with nbq's extension (NBQ_DASHBOARD_URL set), the
+    status table links to the dashboard of its broker; elsewhere, and for memory://, no link."""
+    from nbq.client.status import DASHBOARD_ENV, status_bundle
+    st = {"workers": [], "queues": {}, "tasks": 0, "results": 0}
+    assert "dashboard" not in status_bundle("tcp://127.0.0.1:5555", st)["text/html"]
+    monkeypatch.setenv(DASHBOARD_ENV, "/user/someone/nbq/")
+    html = status_bundle("tcp://127.0.0.1:5555", st)["text/html"]
+    assert 'href="/user/someone/nbq/?broker=tcp%3A%2F%2F127.0.0.1%3A5555"' in html
+    assert "dashboard" not in status_bundle("memory://x", st)["text/html"]

@@ -57,14 +57,21 @@ class Series:
         return int(time.time())
 
     def rows(self, since: int = 0) -> list[dict]:
-        """Closed buckets from since on, with percentiles instead of runtimes."""
+        """Closed buckets from since on, with percentiles instead of runtimes; a second with
+        no bucket (nothing happened) is a row of zeros, from the first bucket on."""
+        if not self.buckets:
+            return []
         now = int(time.time())
         out = []
-        for sec, b in self.buckets.items():
-            if since <= sec < now:
-                out.append({"t": sec, "done": b["done"], "failed": b["failed"], "sent": b["sent"],
-                            "queues": b["queues"],
-                            **dict(zip(("p50", "p95", "p99"), quantiles(b["runtimes"])))})
+        for sec in range(max(since, next(iter(self.buckets)), now - SPAN), now):
+            b = self.buckets.get(sec)
+            if b is None:
+                out.append({"t": sec, "done": 0, "failed": 0, "sent": 0, "queues": {},
+                            "p50": None, "p95": None, "p99": None})
+                continue
+            out.append({"t": sec, "done": b["done"], "failed": b["failed"], "sent": b["sent"],
+                        "queues": b["queues"],
+                        **dict(zip(("p50", "p95", "p99"), quantiles(b["runtimes"])))})
         return out
 
     def queue_rates(self) -> dict[str, tuple[float, float]]:

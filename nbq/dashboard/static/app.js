@@ -132,12 +132,12 @@ function renderStates(d) {
 
 const COLORS = ["#1e88e5", "#e53935", "#43a047", "#fb8c00", "#8e24aa", "#00897b"];
 
-function lineChart(id, lines) {
+function lineChart(id, lines, floor) {
   const canvas = document.getElementById(id), g = canvas.getContext("2d");
   const w = canvas.width, h = canvas.height, left = 50, bottom = 18;
   g.clearRect(0, 0, w, h);
   const now = Math.floor(Date.now() / 1000), t0 = now - SPAN;
-  const max = Math.max(1e-9, ...lines.flatMap((l) => l.points.map((p) => p[1] ?? 0)));
+  const max = Math.max(floor, ...lines.flatMap((l) => l.points.map((p) => p[1] ?? 0)));
   g.font = "11px sans-serif"; g.fillStyle = "#555"; g.strokeStyle = "#ddd";
   g.beginPath(); g.moveTo(left, 4); g.lineTo(left, h - bottom); g.lineTo(w, h - bottom); g.stroke();
   g.fillText(max < 1 ? max.toPrecision(2) : num(max), 2, 12); g.fillText("0", 2, h - bottom);
@@ -161,12 +161,12 @@ function renderCharts() {
   lineChart("chart-throughput", [
     { label: "done/s", points: s.map((b) => [b.t, b.done]) },
     { label: "failed/s", points: s.map((b) => [b.t, b.failed]) },
-    { label: "sent/s", points: s.map((b) => [b.t, b.sent]) }]);
+    { label: "sent/s", points: s.map((b) => [b.t, b.sent]) }], 1);
   lineChart("chart-latency", ["p50", "p95", "p99"].map((p) =>
-    ({ label: p, points: s.map((b) => [b.t, b[p]]) })));
+    ({ label: p, points: s.map((b) => [b.t, b[p]]) })), 1e-3);
   const names = [...new Set(s.flatMap((b) => Object.keys(b.queues || {})))];
   lineChart("chart-queues", names.map((q) =>
-    ({ label: q, points: s.filter((b) => b.queues && q in b.queues).map((b) => [b.t, b.queues[q]]) })));
+    ({ label: q, points: s.filter((b) => b.queues && q in b.queues).map((b) => [b.t, b.queues[q]]) })), 1);
 }
 
 // -- data in --------------------------------------------------------------------------------
