@@ -187,7 +187,8 @@ class State:
         """Everything a page needs at load: the newest TABLE_ROWS tasks matching filters."""
         with self.lock:
             return {"now": time.time(), "workers": self._workers(self.workers),
-                    "queues": self._queues(), "maps": [self._map_row(m) for m in self.maps.values()],
+                    "queues": self._queues(),
+                    "maps": [self._map_row(m) for m in self.maps.values()],
                     "tasks": self._find(filters or {}, TABLE_ROWS), "states": dict(self.states),
                     "kept": len(self.tasks), "events": self.events,
                     "series": self.series.rows()}
