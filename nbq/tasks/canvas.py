@@ -22,7 +22,7 @@ from .runner import Runner, header_id, worker_client
 _SEND_OPTIONS = ("task_id", "queue", "serializer", "result_serializer", "countdown", "eta",
                  "expires", "priority", "link", "link_error", "retry", "retry_policy",
                  "immutable", "each", "time_limit", "soft_time_limit", "exchange", "routing_key",
-                 "reject_on_worker_lost")
+                 "reject_on_worker_lost", "parent_id", "root_id")  # the last two: Celery's, for events
 
 
 _ids: list[str] = []  # task ids made ahead, as one os.urandom call makes 256 of them

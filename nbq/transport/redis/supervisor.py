@@ -116,13 +116,13 @@ class RedisSupervisor(SupervisorConnection):
             pipe.set(P + "hb:" + self.sid, json.dumps(info), px=int(policy.HEARTBEAT_TIMEOUT * 1000))
             pipe.sadd(P + "sups", self.sid)
             pipe.expire(P + "procs:" + self.sid, int(policy.HEARTBEAT_TIMEOUT * 3))
-            self._heartbeat_events(pipe, info)
+            counts = self._heartbeat_events(pipe, info)
             claim_key(pipe, self.key)  # the cluster's key may have changed: stop if so
             got = pipe.execute()
             compare_key(self.key, got[-1], self.store.safe)
-            self._online = self._online or self._events.on
-            if self._events.on:
-                self._counts = {k.decode(): int(v) for k, v in (got[-2] or {}).items()}
+            if counts is not None:
+                self._online = True
+                self._counts = {k.decode(): int(v) for k, v in (got[counts] or {}).items()}
             answer = {"k": "hb"}
             if info.get("autoscale"):  # an autoscaling worker: how many tasks wait (as the ZeroMQ broker's)
                 answer["queued"] = queued(self.store.r, info["queues"])
@@ -140,11 +140,12 @@ class RedisSupervisor(SupervisorConnection):
             return
         self._messages.append({"k": "hb"})
 
-    def _heartbeat_events(self, pipe, info: dict) -> None:
+    def _heartbeat_events(self, pipe, info: dict) -> int | None:
         """Add this heartbeat's events to pipe (worker-online first, once), then a read of
-        the processes' counts (the next heartbeat's), just before the key check."""
+        the processes' counts (the next heartbeat's); returns that read's place in the
+        pipeline's replies (None: events are off)."""
         if not self._events.on:
-            return
+            return None
         now = time.time()
         fields = {"host": info["host"], "pid": info["spid"], "name": info.get("name"),
                   "queues": list(info.get("queues", ()))}
@@ -158,6 +159,7 @@ class RedisSupervisor(SupervisorConnection):
                 load=info.get("ld"), memory=info.get("mem"), concurrency=info.get("conc"),
                 processes=sorted(int(p) for p in self._pids()))))
         pipe.hgetall(stored_events.counts_key(self.sid))
+        return len(pipe) - 1
 
     def _pids(self) -> list:
         try:
