@@ -286,3 +286,37 @@ def test_reprs_link_to_the_dashboard_under_jupyter(monkeypatch):
     html = status_bundle("tcp://127.0.0.1:5555", st)["text/html"]
     assert 'href="/user/someone/nbq/?broker=tcp%3A%2F%2F127.0.0.1%3A5555"' in html
     assert "dashboard" not in status_bundle("memory://x", st)["text/html"]
+
+
+def test_state_folds_chains_maps_and_forgets_the_oldest():
+    """State alone: a chain's parent lists its child; a map's counts are MapResult's (failed
+    and revoked items count as done) in the progress bar's words; a retry then a start is
+    STARTED again; past max_tasks the oldest tasks go, their state counts with them."""
+    from nbq.client.progress import format_counts
+    from nbq.dashboard.state import State
+    st = State(max_tasks=4)
+    t = time.time()
+    base = {"name": "f", "queue": "default", "worker": "w1/0"}
+    st.fold([
+        {**base, "type": "task-sent", "ts": t, "id": "a", "args": "(1,)"},
+        {**base, "type": "task-sent", "ts": t, "id": "b", "parent": "a", "root": "a"},
+        {**base, "type": "task-started", "ts": t + 1, "id": "a"},
+        {**base, "type": "task-retried", "ts": t + 2, "id": "a"},
+        {**base, "type": "task-started", "ts": t + 3, "id": "a"},
+        {"type": "map-sent", "ts": t, "map": "m", "name": "g", "queue": "default", "total": 10},
+        {**base, "type": "task-succeeded", "ts": t + 1, "id": "m:0", "map": "m", "count": 6},
+        {**base, "type": "task-failed", "ts": t + 1, "id": "m:0", "map": "m", "count": 1,
+         "exception": "ValueError", "traceback": "Traceback ..."},
+        {**base, "type": "task-revoked", "ts": t + 2, "id": "m:7", "map": "m", "count": 3},
+    ])
+    a = st.task("a")
+    assert a["state"] == "STARTED" and a["retries"] == 1
+    assert [c["id"] for c in a["children"]] == ["b"] and st.task("b")["root"] == "a"
+    m = st.snapshot()["maps"][0]
+    assert (m["done"], m["failed"], m["total"]) == (10, 4, 10)
+    assert m["text"] == format_counts(m) and m["text"].startswith("10/10 done, 4 failed")
+    assert st.task("m:0")["exception"] == "ValueError"
+    st.fold([{**base, "type": "task-sent", "ts": t + 4, "id": "c"}])
+    assert len(st.tasks) == 4 and st.task("a") is None          # the oldest went first
+    assert sum(st.states.values()) == 4 and st.states["STARTED"] == 0
+    assert [r["id"] for r in st.find({"state": "REVOKED"})] == ["m:7"]
