@@ -22,7 +22,8 @@ class Hub:
         self._timer = PeriodicCallback(self._tick, TICK * 1000)
 
     def follow(self, src: Source) -> Queue:
-        """A queue of JSON deltas of src (None: this page is dropped)."""
+        """A queue of JSON deltas of src (None: this page is dropped); a delta goes every
+        TICK, changes or not, so a page that left is noticed by the failed write."""
         if not self._timer.is_running():
             self._timer.start()
         q: Queue = Queue()
@@ -37,7 +38,7 @@ class Hub:
     def _tick(self) -> None:
         for src, pages in list(self._pages.items()):
             delta = src.state.take_delta()
-            if not pages or delta is None:
+            if not pages:
                 continue
             delta["error"] = src.error
             text = json.dumps(delta, default=str)

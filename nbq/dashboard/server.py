@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from typing import Callable
+from urllib.parse import urlsplit
 
 import tornado.web
 from tornado.httpserver import HTTPServer
@@ -22,12 +23,19 @@ class GuardedHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         guard: Guard = self.settings["nbq_guard"]
         header = self.request.headers.get("Authorization")
+        if self.request.method == "POST" and not self._same_origin():
+            raise tornado.web.HTTPError(403)   # a browser's stored password, sent by another site
         if guard.allows(self.get_query_argument("token", None), header):
             return
         if guard.challenge(header):
             self.set_header("WWW-Authenticate", 'Basic realm="nbq dashboard"')
             raise tornado.web.HTTPError(401)
         raise tornado.web.HTTPError(403)
+
+    def _same_origin(self) -> bool:
+        """Whether the request comes from this server's own page (or from no page at all)."""
+        origin = self.request.headers.get("Origin")
+        return origin is None or urlsplit(origin).netloc == self.request.host
 
     def write_error(self, status_code: int, **kwargs) -> None:
         """No page, no data: a line saying what to do."""

@@ -4,6 +4,7 @@ a thread asking the broker who is connected and how long its queues are."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 from ..client import Client
@@ -15,11 +16,16 @@ log = logging.getLogger("nbq.dashboard")
 STATUS_INTERVAL = 1.0   # seconds between the broker's info requests
 
 
+def shown(address: str) -> str:
+    """The address as pages and /metrics show it: a password in it replaced by ***."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", address)
+
+
 class Source:
     """A broker's State, kept current by two daemon threads until ``close()``."""
 
     def __init__(self, broker: str, max_tasks: int | None = None) -> None:
-        self.address = broker
+        self.address = shown(broker)
         self.client = Client(broker, timeout=5.0)
         self.client.wait_at_exit = False
         self.state = State() if max_tasks is None else State(max_tasks)

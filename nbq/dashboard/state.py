@@ -193,9 +193,10 @@ class State:
                     "kept": len(self.tasks), "events": self.events,
                     "series": self.series.rows()}
 
-    def take_delta(self) -> dict | None:
-        """What changed since the last call (None: nothing); unfinished maps always, since
-        their rate and ETA move with time."""
+    def take_delta(self) -> dict:
+        """What changed since the last call, with the small parts always (queues, counts by
+        state, new seconds of the series) and unfinished maps (their rate and ETA move with
+        time)."""
         with self.lock:
             for m in self.maps.values():
                 if m["end"] is None:
