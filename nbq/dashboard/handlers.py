@@ -82,7 +82,11 @@ class TasksHandler(DashboardHandler):
     async def get(self) -> None:
         src = await self.source()
         if src is not None:
-            limit = min(int(self.get_argument("limit", "200")), 5000)
+            try:
+                limit = min(int(self.get_argument("limit", "200")), 5000)
+            except ValueError:
+                self.fail(400, "limit must be a whole number of rows")
+                return
             self.send_json({"tasks": src.state.find(self.filters(), limit)})
 
 

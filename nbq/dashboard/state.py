@@ -18,6 +18,7 @@ from .series import Series
 
 MAX_TASKS = 20_000   # tasks kept (oldest forgotten first)
 MAX_MAPS = 500
+MAX_OFFLINE = 50     # workers gone that the page still lists
 TABLE_ROWS = 200     # task rows a page shows and a delta carries at most
 #: the state a task event puts its task in, and the time field it stamps
 TASK_STATES = {"task-sent": ("PENDING", "sent"), "task-received": ("RECEIVED", "received"),
@@ -174,6 +175,10 @@ class State:
                 if wid not in here and w.get("online") and "seen" in w:
                     w["online"] = False
                     self._dirty_workers.add(wid)
+            gone = sorted((w.get("seen") or 0, wid) for wid, w in self.workers.items()
+                          if not w.get("online"))
+            for _, wid in gone[:max(0, len(gone) - MAX_OFFLINE)]:   # the longest gone
+                del self.workers[wid]
             lengths = st.get("queues", {})
             for q, n in lengths.items():
                 by = n if isinstance(n, dict) else None
