@@ -329,3 +329,31 @@ def test_state_folds_chains_maps_and_forgets_the_oldest():
     assert len(st.tasks) == 4 and st.task("a") is None          # the oldest went first
     assert sum(st.states.values()) == 4 and st.states["STARTED"] == 0
     assert [r["id"] for r in st.find({"state": "REVOKED"})] == ["m:7"]
+
+
+@pytest.mark.timeout(60)
+def test_redis_broker_history_and_workers(procs):
+    """The same picture from a Redis broker: a dashboard's Source started after a map and
+    some calls has them from the kept events, and the worker from its heartbeats and info."""
+    from conftest import make_client
+    from nbq.dashboard.source import Source
+    client = make_client("redis", procs)
+    try:
+        res = client.map(abs, range(-500, 0), chunksize=50)
+        res.result(30)
+        client.gather([client.submit(abs, -i) for i in range(20)], timeout=30)
+        src = Source(client.address)
+        try:
+            def folded():
+                snap = src.state.snapshot()
+                maps = {m["id"]: m for m in snap["maps"]}
+                return (res.id in maps and maps[res.id]["done"] == 500
+                        and snap["states"].get("SUCCESS") == 30
+                        and any(w.get("online") and w.get("processes") for w in snap["workers"]))
+            wait_until(folded, timeout=20, interval=0.1, what="the Source to fold the history")
+            m = next(m for m in src.state.snapshot()["maps"] if m["id"] == res.id)
+            assert m["text"].startswith("500/500 done") and m["failed"] == 0
+        finally:
+            src.close()
+    finally:
+        client.shutdown(wait=False)
