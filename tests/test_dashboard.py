@@ -139,15 +139,22 @@ def test_standalone_shows_workers_a_moving_map_and_grows_the_pool(cluster, brows
 
 
 def start_jupyterlab(procs: Processes, base: Path) -> tuple[str, str]:
-    """JupyterLab with its dirs under base and the repository's jupyter-config/ on the config
-    path: the file the wheel installs in etc/jupyter enables nbq's extension, no flag does.
+    """JupyterLab with its dirs under base, the repository's jupyter-config/ on the config
+    path (the file the wheel installs in etc/jupyter enables nbq's server extension, no flag
+    does) and the prebuilt side panel where the wheel puts it (share/jupyter/labextensions).
     Returns its URL and token once it answers."""
-    dirs = {name: base / name for name in ("root", "config", "data", "runtime")}
+    dirs = {name: base / name for name in ("root", "config", "data", "runtime", "path")}
     for d in dirs.values():
         d.mkdir()
+    (dirs["path"] / "labextensions" / "@nbq").mkdir(parents=True)   # as the wheel installs it
+    (dirs["path"] / "labextensions" / "@nbq" / "jupyterlab-dashboard").symlink_to(
+        REPO / "nbq" / "jupyter_ext" / "labextension")
+    (dirs["config"] / "labconfig").mkdir()
+    (dirs["config"] / "labconfig" / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
     port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(dirs["config"]),
-           "JUPYTER_CONFIG_PATH": str(REPO / "jupyter-config"),
+           "JUPYTER_CONFIG_PATH": str(REPO / "jupyter-config"), "JUPYTER_PATH": str(dirs["path"]),
            "JUPYTER_DATA_DIR": str(dirs["data"]), "JUPYTER_RUNTIME_DIR": str(dirs["runtime"])}
     with open(base / "server.log", "w") as log:
         server = procs.start([sys.executable, "-m", "jupyterlab", "--no-browser",
@@ -172,7 +179,9 @@ def start_jupyterlab(procs: Processes, base: Path) -> tuple[str, str]:
 @pytest.mark.timeout(60)
 def test_inside_jupyterlab_with_its_token(cluster, browser, tmp_path):
     """At <base_url>/nbq/ under JupyterLab (a JupyterHub-like base_url): the page shows the
-    worker with Jupyter's token; without it, or with a wrong one, 403 and no data."""
+    worker with Jupyter's token; without it, or with a wrong one, 403 and no data. In the Lab,
+    the side panel shows that broker's worker, its button opens the dashboard in a Lab tab,
+    and both show a map finish."""
     from playwright.sync_api import expect
     address, client, procs = cluster
     url, token = start_jupyterlab(procs, tmp_path)
@@ -187,10 +196,19 @@ def test_inside_jupyterlab_with_its_token(cluster, browser, tmp_path):
     row = page.locator("#workers tbody tr", has_text="dash@test")
     expect(row.locator("td.processes")).to_have_text(re.compile(r"^\d+$"), timeout=20_000)
     expect(page.locator("#live")).to_have_text("live")
+    page.set_viewport_size({"width": 1400, "height": 700})
+    page.goto(f"{url}/lab?token={token}")          # the side panel shows the broker just seen
+    page.locator('.lm-TabBar-tab[data-id="nbq-panel"]').click()
+    panel = page.frame_locator("#nbq-panel iframe")
+    expect(panel.locator("#workers tbody tr", has_text="dash@test")).to_be_visible(
+        timeout=45_000)
+    page.locator("#nbq-panel .nbq-open-dashboard").click()
+    tab = page.frame_locator(".jp-MainAreaWidget iframe")
+    tab.locator("nav a[data-tab=maps]").click()
     res = client.map(time.sleep, [0.01] * 200, chunksize=5)
-    page.click("nav a[data-tab=maps]")
-    expect(page.locator(f'#maps tr[data-map="{res.id}"] .map-text')).to_contain_text(
-        "200/200 done", timeout=30_000)
+    for where in (panel, tab):
+        expect(where.locator(f'#maps tr[data-map="{res.id}"] .map-text')).to_contain_text(
+            "200/200 done", timeout=30_000)
     save(page, tmp_path, "dashboard-jupyterlab.png")
     status, body = get(f"{url}/nbq/api/snapshot?broker={broker}", Authorization=f"token {token}")
     assert status == 200 and "dash@test" in body

@@ -8,6 +8,11 @@ Which broker: the page's ``?broker=ADDRESS``, else the server's ``NBQ_BROKER``. 
 extension sets NBQ_DASHBOARD_URL (the dashboard's path, base_url included) in the server's
 environment, which the kernels it starts inherit: a Client's and a cluster's HTML repr
 there link to ``NBQ_DASHBOARD_URL?broker=<their broker>``.
+
+JupyterLab's side panel is a prebuilt lab extension (source: labextension/ at the top of the
+repository; built into labextension/ here, which the wheel installs as
+share/jupyter/labextensions/@nbq/jupyterlab-dashboard): an iframe of this page in its
+``?glance=1`` form, for the broker the page last showed in that browser.
 """
 from __future__ import annotations
 

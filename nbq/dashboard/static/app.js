@@ -5,6 +5,10 @@
 
 const params = new URLSearchParams(location.search);
 const TOKEN = params.get("token"), BROKER = params.get("broker");
+// ?glance=1: workers and maps only, narrow (JupyterLab's side panel shows the page so)
+const GLANCE = params.get("glance") === "1";
+// the broker last opened here, for JupyterLab's side panel (same origin: same storage)
+const BROKER_KEY = "nbq-dashboard-broker";
 const ROWS = 200, SPAN = 600;
 const view = { workers: new Map(), queues: [], tasks: new Map(), maps: new Map(), series: [],
                filter: {}, detail: null };
@@ -243,9 +247,15 @@ function showTab(name) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  const tab = () => showTab((location.hash || "#workers").slice(1));
-  window.addEventListener("hashchange", tab);
-  tab();
+  if (BROKER && !GLANCE) localStorage.setItem(BROKER_KEY, BROKER);
+  if (GLANCE) {
+    document.body.classList.add("glance");
+    for (const id of ["tab-workers", "tab-maps"]) document.getElementById(id).hidden = false;
+  } else {
+    const tab = () => showTab((location.hash || "#workers").slice(1));
+    window.addEventListener("hashchange", tab);
+    tab();
+  }
   document.querySelector("#workers tbody").addEventListener("click", (e) => {
     const act = e.target.dataset.act, worker = e.target.closest("tr")?.dataset.worker;
     if (!act || !worker) return;
