@@ -38,7 +38,8 @@ supervisor its load average to its heartbeat); on Redis each party writes those 
 round trip as the results; supervisor: its own), a batch per stream entry.
 
 The store (EventLog here; a capped stream on Redis) keeps the events of the last
-``keep`` seconds, at most ``most`` of them (policy.EVENTS_KEEP, EVENTS_MAX; the ZeroMQ
+``keep`` seconds, at most ``most`` records of them (a record is one event, but a task's
+received and started share one; on Redis a stream entry holds a batch) (policy.EVENTS_KEEP, EVENTS_MAX; the ZeroMQ
 broker's ``--events-keep`` / ``--events-max``, a URL's ``?events_keep=`` /
 ``?events_max=`` on Redis and memory://); heartbeats are not counted there: of those it
 keeps each worker's last.  ``events=0`` (``--no-events``, ``?events=0``) turns events
@@ -72,6 +73,8 @@ _PLAIN = (int, float, bool, type(None))
 def args_repr(args: tuple, kwargs: dict | None = None) -> str:
     """A short repr of a call's arguments (for task-sent): cheap for the common small ones,
     bounded (reprlib) for any other, never longer than ARGS_MAX."""
+    if not kwargs and len(args) == 1 and type(args[0]) in _PLAIN:  # the most common: at once
+        return f"({args[0]!r},)"
     if not kwargs and len(args) < 8 and all(type(a) in _PLAIN for a in args):
         text = repr(args)
     else:
@@ -177,13 +180,15 @@ class EventLog:
     Events are added as records (ts, kind, item, worker, extra) that name the task's
     header item (and a result's part) instead of copying them, and become dicts only when
     read (``since``, ``take_new``): a broker pays almost nothing for events nobody reads.
-    kind RESULT: extra is (result part, fresh items), read as result_events; item None:
+    kind RESULT: extra is (result part, fresh items), read as result_events; TAKEN: received
+    and started, one record; item None:
     extra is a ready event dict.  Kept: the last ``most`` records, none older than
     ``keep`` seconds (``prune``), and each worker's last heartbeat apart (they would
     crowd out the rest).
     """
 
     RESULT = "result"
+    TAKEN = "taken"  # a task a worker took and started at once: received, then started
 
     def __init__(self, keep: float, most: int, on: bool = True) -> None:
         self.names: dict[str, str] = {}  # function hash -> its name (from its client's fn)
@@ -229,6 +234,10 @@ class EventLog:
                 out.append(extra)
             elif kind == self.RESULT:
                 out += result_events(ts, item, extra[0], names.get(item.get("h")), worker, extra[1])
+            elif kind == self.TAKEN:
+                name = names.get(item.get("h"))
+                out += [task_event(TASK_RECEIVED, ts, item, name, worker),
+                        task_event(TASK_STARTED, ts, item, name, worker)]
             else:
                 out.append(task_event(kind, ts, item, names.get(item.get("h")), worker, extra))
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from .. import protocol
-from ..events import TASK_RECEIVED, TASK_STARTED
+from ..events import TASK_RECEIVED, TASK_STARTED, EventLog
 from ..policy import HEARTBEAT, STARTED_DELAY, Costs
 from .members import Members, ProcessRecord
 from .outbox import Outbox
@@ -64,13 +64,13 @@ class Dispatcher:
                 t.where = proc.wid
                 if t.item.get("f"):
                     self._started.append((now, t))
-                log_event(wall, TASK_RECEIVED, t.item, proc.wid)
                 eta = t.item.get("eta")
-                if eta is None or eta <= wall:
-                    log_event(wall, TASK_STARTED, t.item, proc.wid)
+                if eta is None or eta <= wall:  # received and started
+                    log_event(wall, EventLog.TAKEN, t.item, proc.wid)
                     if self._later:
                         self._later.discard(t.id)
                 else:  # held by its worker until its eta: started when its result comes
+                    log_event(wall, TASK_RECEIVED, t.item, proc.wid)
                     self._later.add(t.id)
             if len(batch) == 1 and batch[0].original is not None:
                 sent = self.outbox.send_raw(peer, batch[0].original)

@@ -339,11 +339,11 @@ class MemoryBroker:
     def _received(self, task: HeldTask, wid: str) -> None:
         """The events of a task a worker takes: received, and started unless held for its eta."""
         now = time.time()
-        self.events.task(now, events.TASK_RECEIVED, task.item, wid)
         eta = task.item.get("eta")
         if eta is None or eta <= now:
-            self.events.task(now, events.TASK_STARTED, task.item, wid)
+            self.events.task(now, events.EventLog.TAKEN, task.item, wid)
         else:
+            self.events.task(now, events.TASK_RECEIVED, task.item, wid)
             task.later = True
         self._publish()
 

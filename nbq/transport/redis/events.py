@@ -14,7 +14,10 @@ Keys (keys.py's schema)::
             heartbeat events' counts), HINCRBY with their results.
 
 Writers add their events to a command pipeline they send anyway (a client's tasks, a
-worker's results, a supervisor's heartbeat): no round trip of their own.  Readers
+worker's results and "started" notices, a supervisor's heartbeat): no round trip of their
+own.  So a worker process's received and started events go with its next message (its
+results; for a submitted task still running, its STARTED notice, within STARTED_DELAY):
+a process killed before that loses them (its task's rerun has its own).  Readers
 (a client's events()) verify each entry's signature before using it.  ``?events=0``
 in the URL turns events off for that party; ``?events_keep=SECONDS``,
 ``?events_max=N`` bound the store (policy.EVENTS_KEEP, EVENTS_MAX by default).
