@@ -120,6 +120,7 @@ def test_standalone_shows_workers_a_moving_map_and_grows_the_pool(cluster, brows
     expect(row.locator("td.processes")).to_have_text(str(before + 1), timeout=10_000)
     save(page, tmp_path, "dashboard-workers.png")
     client.control("pool_shrink", {"n": 1})
+    wait_until(lambda: processes(client) == before, timeout=15, what="the pool to shrink back")
 
     page.fill("#rate-form input[name=task_name]", "builtins.abs")
     page.fill("#rate-form input[name=rate_limit]", "100/s")
