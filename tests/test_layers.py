@@ -47,7 +47,7 @@ BELOW = {
     "notebook": {"core", "client", "worker-api", "notebook"},  # the remote cell runs on workers
     "tasks": {"core", "client", "worker-api", "tasks"},
     # the web dashboard watches and steers through the client and the tasks layer's revoke
-    "dashboard": {"core", "client", "worker-api", "tasks", "dashboard"},
+    "dashboard": {"core", "transport", "client", "worker-api", "tasks", "dashboard"},
     "app": {"core", "transport", "broker", "worker", "worker-api", "client", "notebook",
             "tasks", "dashboard", "app"},
 }

@@ -3,15 +3,13 @@ past first: ``Client.events(since=0)``, so a restarted dashboard has its history
 a thread asking the broker who is connected and how long its queues are."""
 from __future__ import annotations
 
-import logging
 import re
 import threading
 
 from ..client import Client
 from ..errors import NbqError
+from ..transport import across_processes
 from .state import State
-
-log = logging.getLogger("nbq.dashboard")
 
 STATUS_INTERVAL = 1.0   # seconds between the broker's info requests
 
@@ -29,7 +27,7 @@ class Source:
         self.client = Client(broker, timeout=5.0)
         self.client.wait_at_exit = False
         self.state = State() if max_tasks is None else State(max_tasks)
-        self.error: str | None = None     # the last failure to read the broker, for the page
+        self._errors: dict[str, str | None] = {"events": None, "status": None}
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._follow, name="nbq-dashboard-events",
                                           daemon=True),
@@ -59,18 +57,26 @@ class Source:
                     elif ts == last:
                         seen.add(key)
                     self.state.fold([ev])
+                    self._errors["events"] = None
             except (NbqError, TimeoutError, RuntimeError) as e:   # RuntimeError: shut down
-                self.error = None if self._stop.is_set() else f"events: {e}"
+                self._errors["events"] = None if self._stop.is_set() else f"events: {e}"
             self._stop.wait(STATUS_INTERVAL)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
                 self.state.apply_status(self.client.status())
-                self.error = None
+                self._errors["status"] = None
             except (NbqError, TimeoutError) as e:
-                self.error = f"the broker at {self.address} did not answer: {e}"
+                self._errors["status"] = f"the broker at {self.address} did not answer: {e}"
+            except RuntimeError:   # close() shut the client down
+                return
             self._stop.wait(STATUS_INTERVAL)
+
+    @property
+    def error(self) -> str | None:
+        """What went wrong reading the broker lately, for the page (None: nothing)."""
+        return "; ".join(e for e in self._errors.values() if e) or None
 
     def close(self) -> None:
         self._stop.set()
@@ -92,6 +98,7 @@ class Sources:
         if not address:
             raise NbqError("no broker to show: open the dashboard with ?broker=ADDRESS (the "
                            "link in a Client's repr does), or set NBQ_BROKER for the server")
+        across_processes(address, "the dashboard")   # a memory:// broker is another process's
         with self._lock:
             src = self._by_address.get(address)
             if src is None:
