@@ -182,7 +182,8 @@ def test_inside_jupyterlab_with_its_token(cluster, browser, tmp_path):
     """At <base_url>/nbq/ under JupyterLab (a JupyterHub-like base_url): the page shows the
     worker with Jupyter's token; without it, or with a wrong one, 403 and no data. In the Lab,
     the side panel shows that broker's worker, its button opens the dashboard in a Lab tab,
-    and both show a map finish."""
+    and both show a map finish; '+1 process' there (Jupyter's cookie and _xsrf, no token in
+    the URL, as behind JupyterHub) grows the pool."""
     from playwright.sync_api import expect
     address, client, procs = cluster
     url, token = start_jupyterlab(procs, tmp_path)
@@ -211,6 +212,14 @@ def test_inside_jupyterlab_with_its_token(cluster, browser, tmp_path):
         expect(where.locator(f'#maps tr[data-map="{res.id}"] .map-text')).to_contain_text(
             "200/200 done", timeout=30_000)
     save(page, tmp_path, "dashboard-jupyterlab.png")
+    before = processes(client)     # control from the tab: Jupyter's cookie and _xsrf, no token
+    tab.locator("nav a[data-tab=workers]").click()
+    tab.locator("#workers tbody tr", has_text="dash@test").get_by_role(
+        "button", name="+1 process").click()
+    expect(tab.locator("#notice")).to_contain_text("pool will grow")
+    wait_until(lambda: processes(client) == before + 1, timeout=15, what="the pool to grow")
+    client.control("pool_shrink", {"n": 1})
+    wait_until(lambda: processes(client) == before, timeout=15, what="the pool to shrink back")
     status, body = get(f"{url}/nbq/api/snapshot?broker={broker}", Authorization=f"token {token}")
     assert status == 200 and "dash@test" in body
 
