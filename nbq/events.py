@@ -174,6 +174,33 @@ def batches(events: list[dict], size: int = BATCH) -> Iterable[list[dict]]:
         yield events[i:i + size]
 
 
+def pack(batch: list[dict]) -> list:
+    """A batch of events in fewer bytes (for storing): grouped by their keys, each group
+    [constant fields, varying keys, rows of the varying values]; ``unpack`` inverts it,
+    but for the order of events of different groups (readers sort by ts)."""
+    groups: dict[tuple, list[dict]] = {}
+    for event in batch:
+        groups.setdefault(tuple(event), []).append(event)
+    out = []
+    for keys, events in groups.items():
+        first = events[0]
+        same = {k: first[k] for k in keys if all(e[k] == first[k] for e in events)}
+        varying = [k for k in keys if k not in same]
+        out.append([same, varying, [[e[k] for k in varying] for e in events]])
+    return out
+
+
+def unpack(packed: list) -> list[dict]:
+    """The events of pack's form."""
+    out = []
+    for same, varying, rows in packed:
+        for row in rows:
+            event = dict(same)
+            event.update(zip(varying, row))
+            out.append(event)
+    return out
+
+
 class EventLog:
     """A broker's bounded store of recent events and the subscribers that follow them live.
 

@@ -2,8 +2,8 @@
 
 Keys (keys.py's schema)::
 
-  nbq:ev    Stream of events: each entry one signed message {"k": "ev", "ev": [events]}
-            (field m, packed): a client's task-sent and map-sent, a worker process's
+  nbq:ev    Stream of events: each entry one signed message {"k": "ev", "p": a batch in
+            events.pack's form} (field m, packed): a client's task-sent and map-sent, a worker process's
             received, started, retried and results, a supervisor's online and offline,
             revokes.  Capped: XADD MAXLEN ~ events_max entries (an entry holds a batch, so
             at least that many events are kept), and entries older than events_keep
@@ -76,7 +76,7 @@ class EventWriter:
                 h = event.pop("_h")
                 event["name"] = event["name"] or self.names.get(h)
         for batch in events.batches(pending):
-            blob = pack(self.store.signer.encode({"k": "ev", "ev": batch}))
+            blob = pack(self.store.signer.encode({"k": "ev", "p": events.pack(batch)}))
             pipe.xadd(STREAM, {"m": blob}, maxlen=self._most, approximate=True)
         now = time.time()
         if now - self._trimmed > TRIM_EVERY:
@@ -112,9 +112,13 @@ def heartbeat(pipe, store, event: dict) -> None:
 def decode(store, fields: dict, where: str) -> list[dict]:
     """The events of a stream entry, [] unless its signature verifies."""
     decoded = store.decode(fields.get(b"m", b""), where) if fields else None
-    if decoded is None or decoded[0].get("k") != "ev" or not isinstance(decoded[0].get("ev"), list):
+    if decoded is None or decoded[0].get("k") != "ev":
         return []
-    return decoded[0]["ev"]
+    try:
+        got = events.unpack(decoded[0]["p"]) if "p" in decoded[0] else decoded[0]["ev"]
+    except (KeyError, TypeError, ValueError):  # signed, but not what a writer makes
+        return []
+    return sorted(got, key=lambda e: e.get("ts", 0))
 
 
 def history(store, since: float) -> tuple[list[dict], str, str]:
