@@ -153,12 +153,17 @@ class RedisWorker(WorkerConnection):
                     log.warning("looking for dead workers' tasks failed: %s", e)
             if batch:
                 return batch
-            if self._events or self._processed:  # about to wait: what it saw goes now
-                self._write_pending()
             left = BLOCK_MS if deadline is None else int(1000 * (deadline - time.monotonic()))
             if left <= 0:
                 return []
-            batch = self._next_batch(min(BLOCK_MS, left))
+            wait = BLOCK_MS
+            if self._events or self._processed:  # about to wait: what it saw goes when due
+                due = self._events_due - time.monotonic()
+                if due <= 0:
+                    self._write_pending()
+                else:
+                    wait = max(1, int(due * 1000))
+            batch = self._next_batch(min(wait, left))
 
     def _next_batch(self, block_ms: int) -> list[tuple[dict, list]]:
         """The next batch, started; [] when none came within block_ms."""
@@ -345,8 +350,8 @@ class RedisWorker(WorkerConnection):
             log.warning("could not write events: %s", e)
 
     def _write_events(self, pipe) -> None:
-        """Add this process's pending events and counts to pipe (with its results): a busy
-        process's at most every EVENTS_EVERY seconds, an idle one's before it waits."""
+        """Add this process's pending events and counts to pipe (with its results): at most
+        every EVENTS_EVERY seconds, with results or on their own once the process waits."""
         self._events_due = time.monotonic() + EVENTS_EVERY
         self._events.commands(pipe)
         if self._processed:
