@@ -50,6 +50,7 @@ try:  # optional: without it large frames are signed whole by HMAC-SHA256
 except ImportError:  # pragma: no cover - blake3 is a dependency; this is the fallback
     blake3 = None
 
+from . import shm
 from .errors import RemoteError, RemoteTraceback, SerializationError, SignatureError
 
 #: Buffers at least this large leave the pickle stream as their own frame.
@@ -78,6 +79,7 @@ FIELDS = {
     "host": "host name", "spid": "supervisor pid", "pid": "worker process pid",
     "conc": "worker processes", "queues": "queues served", "mem": "resident bytes",
     "autoscale": "an autoscaling worker's most processes", "queued": "tasks waiting for it",
+    "lo": "shared memory locality (hello) or the broker's segment prefix (welcome), shm.py",
     "w": "worker process id", "how": "how a process died", "at": "[task id, item] it ran",
     "run": "task id it ran", "end": "why its supervisor ended a task (deaths.py)",
     "rdy": "a worker process is ready for more", "state": "RETRY or STARTED (a notice)",
@@ -210,7 +212,8 @@ def _bytes(frame) -> bytes:
 
 def frame_size(frames: Iterable) -> int:
     """Total payload bytes of frames (bytes or zmq.Frame)."""
-    return sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+    return sum(len(f) if isinstance(f, shm.Held) else len(f.buffer) if hasattr(f, "buffer")
+               else len(f) for f in frames)
 
 
 def split(items: list[dict], frames: list) -> Iterable[tuple[dict, list]]:
@@ -240,7 +243,7 @@ def dumps(obj: Any) -> list:
 
 def loads(frames: Sequence) -> Any:
     """Inverse of dumps; frames may be bytes or zmq.Frame (zero copy)."""
-    views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    views = [shm.view(f) for f in frames]  # a shared memory descriptor (shm.py) is mapped
     return pickle.loads(views[0], buffers=views[1:])
 
 

@@ -25,7 +25,8 @@ handler table in Broker.__init__ for the module that handles each:
                     · ctlr (forwarded as it came) · out (forwarded as it came)
   to a supervisor   hb (ql: tasks queued for it, when its hb has as, its --autoscale maximum)
                     · ctl (as the client sent it, with c) · stop
-  to a worker       welcome (mx: the broker's largest message) · fn · tasks
+  to a worker       welcome (mx: the broker's largest message; lo: its shared memory prefix,
+                    to peers of its host, shm.py) · fn · tasks
   to the sender of a hello or hb whose signature failed: keyfp, unsigned (fp: the fingerprint
                     of the broker's key, so a peer with another key stops, saying so; keys.py)
 
@@ -51,7 +52,7 @@ import uuid
 
 import zmq
 
-from .. import keys, policy, protocol, replay, schema, secure
+from .. import keys, policy, protocol, replay, schema, secure, shm
 from ..errors import SignatureError
 from .dispatch import Dispatcher
 from .members import Members
@@ -102,6 +103,9 @@ class Broker:
         self.boot = uuid.uuid4().hex[:12]  # tells a client this is a broker it has not seen
 
         self.outbox = Outbox(self.sock, self.signer)
+        self.outbox.shared = shm.prefix(self.boot)  # large frames by shared memory on this host
+        if self.outbox.shared is not None:
+            shm.sweep()  # what brokers that were killed left behind
         self.queues = Queues()
         self.results = Results(self.queues, self.outbox, result_budget, result_expires)
         self.members = Members(self.queues, self.results, self.outbox, heartbeat_timeout,
@@ -163,6 +167,8 @@ class Broker:
 
     def _shutdown(self) -> None:
         self.members.stop_all()
+        if self.outbox.shared is not None:
+            shm.sweep(own=self.outbox.shared)
         self.sock.close(linger=200)
         self._stop_r.close(linger=0)
         if self._zap is not None:
@@ -234,9 +240,11 @@ class Broker:
         if peer[:1] == b"w":
             self.members.on_process_hello(peer, header, frames, body)
             return
-        self.outbox.connect(header["c"], peer)
+        self.outbox.connect(header["c"], peer, header.get("lo"))
         self.outbox.send(peer, {"k": "welcome", "rq": header.get("rq"), "b": self.boot,
-                                "mx": self.max_message_size})
+                                "mx": self.max_message_size,
+                                "lo": self.outbox.shared if self.outbox.sharing(header["c"])
+                                else None})
 
     def _on_bye(self, peer, header, frames, body):
         if peer[:1] == b"s":
@@ -249,6 +257,7 @@ class Broker:
 
     def _on_tasks(self, peer, header, frames, body):
         for task in self.queues.receive(header, frames, body):
+            task.frames = shm.hold(task.frames, unlink=True)  # the broker's until it is done
             self.results.add_chunk(task)
 
     def _on_info(self, peer, header, frames, body):
