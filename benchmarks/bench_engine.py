@@ -9,7 +9,8 @@ Each (system, workload) pair runs in a fresh executor in a child process; one ta
     python benchmarks/bench_engine.py [--systems nbq,ppe,loky,dask] [--workloads W0,W3] [--quick]
 
 NBQ_BENCH_CHECKOUT=/path/to/another/checkout measures that checkout's nbq with this script
-(with a Python that has it installed), for before/after figures in one run.
+(run it from that checkout, with a Python that has it installed: ``python -m nbq`` workers
+import nbq from the current directory first), for before/after figures in one run.
 """
 from __future__ import annotations
 
@@ -131,11 +132,11 @@ class NbqWorkerAdapter(NbqAdapter):
             [str(Path(__file__).resolve().parent), str(CHECKOUT)]))
         nbq_cmd = [sys.executable, "-m", "nbq"]
         self.procs = [subprocess.Popen(nbq_cmd + ["broker", "--bind", "tcp://127.0.0.1:0"],
-                                       stdout=subprocess.PIPE, text=True, env=env)]
+                                       stdout=subprocess.PIPE, text=True, env=env, cwd=CHECKOUT)]
         line = self.procs[0].stdout.readline()
         address = line.split("listening on ", 1)[1].split(",")[0].strip()
         self.procs.append(subprocess.Popen(nbq_cmd + ["worker", "--broker", address, "-c",
-                                                      str(WORKERS)], env=env))
+                                                      str(WORKERS)], env=env, cwd=CHECKOUT))
         self.ex = nbq.Client(address)
         self.ex.wait_for_workers(WORKERS)
 
