@@ -20,11 +20,11 @@ Trust (the contract: nothing unverified is loaded, nothing unverified creates st
   key file and the senders' memory already: sharing memory widens no one's reach.  Pickle
   streams (what could run code) never go this way, only out-of-band buffers (raw data).
 
-Lifetime: every holder holds an open file or a mapping, names are only for handing over.
-The broker opens each segment of a message it keeps: a task's are unlinked when the
-broker lets go of the task (done, cancelled, expired); a result's name is unlinked by its
-owner client once mapped (the broker's open file keeps the stored copy for fetches by id,
-which get bytes).  Names carry the broker's pid: a broker unlinks its own when it stops, and
+Lifetime: every holder holds a mapping, names are only for handing over.  The broker
+maps each segment of a message it keeps: a task's are unlinked when the broker lets go of
+the task (done, cancelled, expired); a result's name is unlinked by its owner client once
+mapped (the broker's mapping keeps the stored copy for fetches by id, which get bytes; the
+result budget counts it).  Names carry the broker's pid: a broker unlinks its own when it stops, and
 any process that shares memory unlinks those of brokers no longer running (``sweep``),
 so a killed client or broker leaves nothing in /dev/shm for long.
 """
@@ -120,38 +120,39 @@ def export(frames: Sequence, broker_prefix: str) -> list:
 
 
 class Held:
-    """An open segment: ``buffer`` maps it copy-on-write (writable, never written back).
+    """A mapped segment: ``buffer`` is it, copy-on-write (writable, never written back).
 
-    ``unlink``: remove its name when this is dropped (the broker's hold on a task's
-    segment); its memory lives on while anyone still maps it.
+    Mapped at once and its file closed: a mapping keeps the memory (after its name is
+    unlinked, too) and costs no file descriptor, so a broker may hold thousands; pages are
+    read only where touched.  ``unlink``: remove its name when this is dropped (the
+    broker's hold on a task's segment).
     """
 
-    __slots__ = ("name", "size", "_fd", "_map", "_unlink", "__weakref__")
+    __slots__ = ("name", "size", "_map", "_unlink", "__weakref__")
 
     def __init__(self, descriptor, unlink: bool = False) -> None:
+        self._unlink = False
         self.name, self.size = _parse(descriptor)
-        self._unlink = unlink
-        self._map = None
         try:
-            self._fd = os.open(os.path.join(DIR, self.name), os.O_RDONLY | os.O_NOFOLLOW |
-                               os.O_CLOEXEC)
+            fd = os.open(os.path.join(DIR, self.name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             raise SharedMemoryGone(f"the shared memory of a large frame ({self.name}) is gone: "
                                    f"{e.strerror} (its sender or broker stopped before it was "
                                    "read); submit it again") from None
-        st = os.fstat(self._fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
-                or st.st_mode & 0o077 or st.st_size != self.size):
-            os.close(self._fd)
-            self._fd = -1
-            raise SharedMemoryGone(f"shared memory {self.name} is not a private file of "
-                                   f"{self.size:,} bytes of this user: refused")
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid()
+                    or st.st_mode & 0o077 or st.st_size != self.size or not self.size):
+                raise SharedMemoryGone(f"shared memory {self.name} is not a private file of "
+                                       f"{self.size:,} bytes of this user: refused")
+            self._map = mmap.mmap(fd, self.size, flags=mmap.MAP_PRIVATE,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._unlink = unlink
 
     @property
     def buffer(self) -> memoryview:
-        if self._map is None:
-            self._map = mmap.mmap(self._fd, self.size, flags=mmap.MAP_PRIVATE,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return memoryview(self._map)
 
     @property
@@ -166,10 +167,7 @@ class Held:
         _unlink(self.name)
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if getattr(self, "_unlink", False):
+        if self._unlink:
             _unlink(self.name)
 
 
@@ -223,7 +221,7 @@ def view(frame):
 def _unlink(name: str) -> None:
     try:
         os.unlink(os.path.join(DIR, name))
-    except FileNotFoundError:
+    except (FileNotFoundError, TypeError):  # TypeError: os half gone at interpreter exit
         pass
 
 
