@@ -86,6 +86,9 @@ def usable(broker_prefix: str | None) -> bool:
 
 
 def is_descriptor(frame) -> bool:
+    """Whether a frame is a descriptor (checked on every frame loaded: cheap first)."""
+    if type(frame) is bytes:
+        return len(frame) <= DESCRIPTOR_MAX and frame.startswith(MAGIC)
     if isinstance(frame, Held):
         return False
     mv = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
