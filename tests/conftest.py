@@ -95,7 +95,10 @@ def execute_notebook(path, tmp_path):
 
 
 def standalone_broker(transport: str, procs: "Processes") -> str:
-    """The address of a broker no client owns: an `nbq broker` subprocess, or a fresh Redis db."""
+    """The address of a broker no client owns: an `nbq broker` subprocess, a fresh Redis db,
+    or a fresh vhost of the private RabbitMQ."""
+    if transport == "amqp":
+        return rabbit_url()
     return start_broker(procs) if transport == "zmq" else redis_url()
 
 
@@ -208,6 +211,35 @@ def redis_server():
 def redis_url(**query) -> str:
     """A fresh, flushed database of the session's private Redis."""
     return redis_server().url(**query)
+
+
+_rabbit = None     # the session's private RabbitMQ node, started on first use
+_rabbit_dir = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rabbit_session(tmp_path_factory):
+    """Where the private RabbitMQ keeps its files; stops it (by its handles) at the end."""
+    global _rabbit, _rabbit_dir
+    _rabbit_dir = tmp_path_factory.mktemp("rabbitmq")
+    yield
+    if _rabbit is not None:
+        _rabbit.stop()
+        _rabbit = None
+
+
+def rabbit_server():
+    """The session's private RabbitMQ node (tests/rabbitmq_server.py), started lazily."""
+    global _rabbit
+    if _rabbit is None:
+        from rabbitmq_server import RabbitServer
+        _rabbit = RabbitServer(_rabbit_dir)
+    return _rabbit
+
+
+def rabbit_url(**query) -> str:
+    """A fresh vhost of the session's private RabbitMQ."""
+    return rabbit_server().url(**query)
 
 
 _memory_brokers = itertools.count()
