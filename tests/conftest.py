@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -18,7 +19,7 @@ TRANSPORTS = ["zmq", "redis"]
 #: The transports every behaviour of the contract must hold on: a test module, class or
 #: function marked ``conformance`` gets its ``transport``, ``shared_client`` and ``client``
 #: fixtures over these; tests that kill or signal a worker process stay on TRANSPORTS.
-CONFORMANCE = TRANSPORTS + ["memory"]
+CONFORMANCE = TRANSPORTS + ["memory", "amqp"]
 
 
 def pytest_configure(config):
@@ -237,8 +238,11 @@ def rabbit_server():
     return _rabbit
 
 
-def rabbit_url(**query) -> str:
-    """A fresh vhost of the session's private RabbitMQ."""
+def rabbit_url(backend: bool = True, **query) -> str:
+    """A fresh vhost of the session's private RabbitMQ; with backend, a fresh database of the
+    private Redis as its result_backend (by-id lookups, cancel, chords)."""
+    if backend:
+        query["result_backend"] = quote(redis_url(), safe="")
     return rabbit_server().url(**query)
 
 
@@ -251,6 +255,8 @@ def make_client(transport: str, procs: Processes | None = None, workers: int = 2
         client = nbq.Client(workers=workers, **kw)
     elif transport == "redis":
         client = nbq.Client(redis_url(), workers=workers, **kw)
+    elif transport == "amqp":
+        client = nbq.Client(rabbit_url(), workers=workers, **kw)
     elif transport == "memory":  # a broker of its own in this process, as each zmq client has
         client = nbq.Client(f"memory://test-{next(_memory_brokers)}", workers=workers, **kw)
     else:
