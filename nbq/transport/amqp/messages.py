@@ -30,7 +30,7 @@ class Codec:
     def decode(self, body: bytes, where: str) -> tuple[dict, list] | None:
         """The verified (header, payload) of a body, or None (dropped, counted, logged)."""
         try:
-            return self.signer.decode(unpack(body))
+            return self.signer.decode(unpack(bytearray(body)))  # writable: arrays rebuilt on it are too
         except Exception as e:  # any bytes at all: a failure is the message's, never ours
             self.dropped += 1
             now = time.monotonic()

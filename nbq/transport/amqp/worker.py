@@ -119,7 +119,7 @@ class AmqpWorker(WorkerConnection):
     def _on_connect(self, link: Link) -> None:
         self._deliveries.clear()  # unacked ones come again, on the new connection
         self._prefetch = 1
-        link.ch.basic_qos(prefetch_count=1)
+        link.ch.basic_qos(prefetch_count=1, global_qos=True)  # channel-wide: changes apply at once
         for q in self.queues:
             declare_task_queue(link.ch, names.queue(q))
             link.ch.basic_consume(names.queue(q), self._on_message)
@@ -132,6 +132,8 @@ class AmqpWorker(WorkerConnection):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._deliveries:
+                # what else has arrived: a batch is every delivery buffered (up to prefetch)
+                self._link.call("fetching tasks", lambda: self._link.conn.process_data_events(0))
                 batch = self._take()
                 if batch:
                     return batch
@@ -254,10 +256,10 @@ class AmqpWorker(WorkerConnection):
                                                    [f for _, p in mine for f in p])))
         self._commit(sends, acks)
         if ready:
-            want = self._costs.batch(last)
+            want = 1 << (self._costs.batch(last).bit_length() - 1)  # a power of two: few changes
             if want != self._prefetch:
                 self._prefetch = want
-                self._link.call("setting prefetch", lambda: self._link.ch.basic_qos(prefetch_count=want))
+                self._link.call("setting prefetch", lambda: self._link.ch.basic_qos(prefetch_count=want, global_qos=True))
 
     def _commit(self, sends: list[tuple[str, bytes]], acks: list[tuple[int, int]]) -> None:
         """Publish and ack in one transaction (acks of a lost connection are skipped: RabbitMQ
