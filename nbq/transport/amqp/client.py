@@ -47,9 +47,10 @@ class AmqpClient(MessageClient):
         check_cluster_key(self._tx, key)
         self.backend = (Backend(self.settings.result_backend, key, self.settings.result_expires)
                         if self.settings.result_backend else None)
-        self._rx = Link(address, self._on_receiver_connect, transactional=False)
         self._got: list = []        # (header, frames) consumed, not yet returned
         self._last_tag = None       # the last delivery consumed, acked on the next receive
+        self._rx = Link(address, self._on_receiver_connect, transactional=False)
+        self._rx.call("connecting", lambda: None)  # now: wake() needs its connection
         self._inbox: deque = deque()
         self._outbox: deque = deque()
         self._cv = threading.Condition()
