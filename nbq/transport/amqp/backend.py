@@ -20,13 +20,16 @@ from urllib.parse import quote
 from ..redis.keys import P
 from ..redis.store import Store
 
-# ARGV: prefix, ttl, n, task id* -> per task 1 (run it; st: set) or 0 (revoked or done)
+# ARGV: prefix, ttl, n, task id* -> per task 1 (run it; st: set), 0 (revoked) or 2 (done: a
+# redelivery of a task whose result is stored)
 START = """
 local p, ttl = ARGV[1], tonumber(ARGV[2])
 local out = {}
 for k = 1, tonumber(ARGV[3]) do
   local tid = ARGV[3 + k]
-  if redis.call('ZSCORE', p .. 'done', tid) or redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
+  if redis.call('ZSCORE', p .. 'done', tid) then
+    out[k] = 2
+  elseif redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
     out[k] = 0
   else
     redis.call('SET', p .. 'st:' .. tid, '1', 'EX', ttl); out[k] = 1
@@ -88,11 +91,11 @@ class Backend:
         self._store = r.register_script(STORE)
         self._cancel = r.register_script(CANCEL)
 
-    def start(self, ids: list[str]) -> list[bool]:
-        """Mark tasks started; False for those revoked or finished (never run them)."""
+    def start(self, ids: list[str]) -> list[str]:
+        """Mark tasks started: for each "run", "revoked" or "done" (never run those)."""
         st = self.store
         flags = st.retry("starting tasks", lambda: self._start(args=[P, st.ttl_s, len(ids), *ids]))
-        return [bool(f) for f in flags]
+        return [("revoked", "run", "done")[f] for f in flags]
 
     def results(self, parts: list[tuple[str, bytes]], done: list[str]) -> list[list[str]]:
         """Store result parts [(task id, packed signed message)], mark tasks done; returns

@@ -157,11 +157,11 @@ class AmqpWorker(WorkerConnection):
                 good.append((gen, tag, *item))
         if good and self.backend is not None:
             flags = self.backend.start([item["id"] for _, _, item, _ in good])
-            revoked = [g for g, ok in zip(good, flags) if not ok]
-            good = [g for g, ok in zip(good, flags) if ok]
-            for gen, tag, item, _ in revoked:
+            skipped = [(g, f) for g, f in zip(good, flags) if f != "run"]
+            good = [g for g, f in zip(good, flags) if f == "run"]
+            for (gen, tag, item, _), flag in skipped:
                 drop.append((gen, tag))
-                if item.get("c"):
+                if flag == "revoked" and item.get("c"):
                     self._outbox.send(item["c"], {"k": "res", "t": [
                         {"id": item["id"], "rv": 1, "s": 0, "n": 1, "nf": 0}]})
         if drop:
