@@ -27,6 +27,10 @@ def first_run_hangs(marker: str) -> str:
     return "again"
 
 
+def kill_own_process() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_a_worker_process_killed_mid_task_has_its_task_finished_elsewhere_at_once(procs, tmp_path):
     client = make_client("amqp", procs)
     try:
@@ -38,6 +42,17 @@ def test_a_worker_process_killed_mid_task_has_its_task_finished_elsewhere_at_onc
         os.kill(pid, signal.SIGKILL)
         assert fut.result(timeout=15) == "again"
         assert time.monotonic() - killed < 5  # RabbitMQ redelivers at once: no heartbeat wait
+    finally:
+        client.shutdown(wait=False)
+
+
+def test_a_task_that_keeps_killing_its_process_fails_with_worker_lost(procs):
+    client = make_client("amqp", procs, max_task_deaths=2)
+    try:
+        fut = client.submit(kill_own_process)
+        with pytest.raises(nbq.WorkerLost, match="max_task_deaths=2"):
+            fut.result(timeout=30)
+        assert client.submit(abs, -4).result(timeout=10) == 4
     finally:
         client.shutdown(wait=False)
 

@@ -6,7 +6,9 @@ here unchanged): r:{task id} (result parts, packed signed messages), st: (starte
 START before a task runs), rv: (revoked by cancel while not started), done (sorted set of
 finished tasks: START refuses them, so a redelivered finished task never runs twice),
 wt: (watchers: the worker sends them copies of results on their RabbitMQ queues), m: and
-mc: (a map's chunks, for MapResult.from_id), jn:/jf: (chords), claim: (claim-once).
+mc: (a map's chunks, for MapResult.from_id), jn:/jf: (chords), claim: (claim-once), and
+dd:{task id} (a hash "a" or item position -> deaths of the process running it, counted by
+its supervisor: a redelivered task that reached max_task_deaths fails with WorkerLost).
 
 Without a backend, results reach only the client that submitted them; a by-id lookup
 (AsyncResult, MapResult.from_id, watch) raises NbqError naming the setting, a cancel
@@ -20,8 +22,8 @@ from urllib.parse import quote
 from ..redis.keys import P
 from ..redis.store import Store
 
-# ARGV: prefix, ttl, n, task id* -> per task 1 (run it; st: set), 0 (revoked) or 2 (done: a
-# redelivery of a task whose result is stored)
+# ARGV: prefix, ttl, n, task id* -> per task 1 (run it; st: set), 3 (run it again: it was
+# started before), 0 (revoked) or 2 (done: a redelivery of a task whose result is stored)
 START = """
 local p, ttl = ARGV[1], tonumber(ARGV[2])
 local out = {}
@@ -31,8 +33,10 @@ for k = 1, tonumber(ARGV[3]) do
     out[k] = 2
   elseif redis.call('EXISTS', p .. 'rv:' .. tid) == 1 then
     out[k] = 0
+  elseif redis.call('SET', p .. 'st:' .. tid, '1', 'EX', ttl, 'GET') then
+    out[k] = 3
   else
-    redis.call('SET', p .. 'st:' .. tid, '1', 'EX', ttl); out[k] = 1
+    out[k] = 1
   end
 end
 return out
@@ -95,7 +99,31 @@ class Backend:
         """Mark tasks started: for each "run", "revoked" or "done" (never run those)."""
         st = self.store
         flags = st.retry("starting tasks", lambda: self._start(args=[P, st.ttl_s, len(ids), *ids]))
-        return [("revoked", "run", "done")[f] for f in flags]
+        return [("revoked", "run", "done", "again")[f] for f in flags]
+
+    def died(self, tid: str, pos: int | None) -> None:
+        """Count a death of the process running task tid (at item pos, if known): dd:{tid}."""
+        st = self.store
+        key = P + "dd:" + tid
+
+        def count():
+            pipe = st.r.pipeline(transaction=False)
+            pipe.hincrby(key, "a" if pos is None else str(pos), 1)
+            pipe.expire(key, st.ttl_s)
+            pipe.execute()
+        st.retry("counting a death", count)
+
+    def deaths(self, ids: list[str]) -> dict[str, dict[str, int]]:
+        """The deaths counted against each task: {task id: {"a" or position: count}}."""
+        st = self.store
+
+        def read():
+            pipe = st.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.hgetall(P + "dd:" + tid)
+            return pipe.execute()
+        got = st.retry("reading deaths", read)
+        return {tid: {text(k): int(v) for k, v in d.items()} for tid, d in zip(ids, got) if d}
 
     def results(self, parts: list[tuple[str, bytes]], done: list[str]) -> list[list[str]]:
         """Store result parts [(task id, packed signed message)], mark tasks done; returns

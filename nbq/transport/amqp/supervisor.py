@@ -72,6 +72,11 @@ class AmqpSupervisor(SupervisorConnection):
 
     def lost(self, wid: str, how: str, at, end: dict | None = None, leaving: bool = False) -> None:
         self._procs.pop(wid, None)
+        if self.backend is not None and end is None and at:
+            try:  # the death counts against the task (deaths.py), read at its redelivery
+                self.backend.died(at[0], at[1] if len(at) > 1 else None)
+            except NbqError as e:
+                log.warning("could not count the death of %s's task: %s", wid, e)
         if end is None or self.backend is None:
             return  # RabbitMQ delivers the process's unacked tasks again
         # the task its supervisor killed on purpose: ended, not re-run (deaths.py)

@@ -8,8 +8,8 @@ import threading
 import time
 from collections import deque
 
-from ... import policy, protocol
-from ...errors import FunctionRefused, NbqError
+from ... import deaths, policy, protocol
+from ...errors import FunctionRefused, NbqError, WorkerLost
 from ..base import WorkerConnection
 from . import names
 from .backend import Backend
@@ -20,6 +20,8 @@ from .messages import Codec, props
 log = logging.getLogger("nbq.transport.amqp")
 
 FUNCTION_WAIT = 10.0      # a function not stored yet is waited for this long
+DEATH_WAIT = 0.3          # a task started before and delivered again: its supervisor's count
+                          # of a death is waited for this long (once per batch)
 RESULT_HEADROOM = 1 << 16
 
 
@@ -157,8 +159,11 @@ class AmqpWorker(WorkerConnection):
                 good.append((gen, tag, *item))
         if good and self.backend is not None:
             flags = self.backend.start([item["id"] for _, _, item, _ in good])
-            skipped = [(g, f) for g, f in zip(good, flags) if f != "run"]
-            good = [g for g, f in zip(good, flags) if f == "run"]
+            skipped = [(g, f) for g, f in zip(good, flags) if f in ("revoked", "done")]
+            again = [g for g, f in zip(good, flags) if f == "again"]
+            good = [g for g, f in zip(good, flags) if f in ("run", "again")]
+            if again:
+                good = self._after_deaths(good, again, drop)
             for (gen, tag, item, _), flag in skipped:
                 drop.append((gen, tag))
                 if flag == "revoked" and item.get("c"):
@@ -170,6 +175,51 @@ class AmqpWorker(WorkerConnection):
             self._batch[item["id"]] = (gen, tag, item)
         self._outbox.running([item for _, _, item, _ in good])
         return [(item, payload) for _, _, item, payload in good]
+
+    def _after_deaths(self, good: list, again: list, drop: list) -> list:
+        """Tasks run again after their process died: those whose deaths (counted by its
+        supervisor, which may lag RabbitMQ's redelivery by a poll: waited for DEATH_WAIT)
+        reached max_task_deaths fail with WorkerLost, item by item (deaths.py); the rest run
+        item by item, skipping the failed ones."""
+        ids = [item["id"] for _, _, item, _ in again]
+        counted = self.backend.deaths(ids)
+        if len(counted) < len(ids):
+            time.sleep(DEATH_WAIT)
+            counted = self.backend.deaths(ids)
+        ended, parts = set(), []
+        for gen, tag, item, payload in again:
+            dd = counted.get(item["id"])
+            if not dd:
+                continue  # its connection dropped, or it was only held: not its fault
+            n = item.get("n", 1)
+            todo = [p for p in self.backend.store.delivered(item["id"], n)
+                    if p not in set(item.get("ex", ()))]
+            fail = [p for p in todo if dd.get("a", 0) + dd.get(str(p), 0) >= deaths.limit(item)]
+            for p in fail:
+                parts.append(deaths.failure(item, p, 1, WorkerLost(
+                    f"task {item['id']}" + (f" (item {item.get('s0', 0) + p})" if n > 1 else "")
+                    + f": its worker process died {dd.get('a', 0) + dd.get(str(p), 0)} times while "
+                    f"running it (max_task_deaths={deaths.limit(item)})")))
+            rest = [p for p in todo if p not in fail]
+            if not rest:
+                ended.add(item["id"])
+                drop.append((gen, tag))
+            elif fail:
+                item.update(st=1, skip=rest[0], ex=sorted(set(item.get("ex", ())) | set(fail)))
+            if parts:
+                self._send_parts(item, parts, done=not rest)
+                parts = []
+        return [g for g in good if g[2]["id"] not in ended]
+
+    def _send_parts(self, task: dict, parts: list, done: bool) -> None:
+        """Result parts of a task decided here (not run): stored, sent to its owner and watchers."""
+        stored = [(i["id"], self.codec.encode({"k": "res", "t": [dict(i, s0=task.get("s0", 0))]}, p))
+                  for i, p in parts]
+        watchers = self.backend.results(stored, [task["id"]] if done else [])
+        sends = [(w, blob) for (_, blob), ws in zip(stored, watchers) for w in ws]
+        if task.get("c"):
+            sends += [(task["c"], blob) for _, blob in stored]
+        self._commit(sends, [])
 
     def _verify(self, rk: str, body: bytes) -> tuple[dict, list] | None:
         decoded = self.codec.decode(body, f"a task on {rk}")
