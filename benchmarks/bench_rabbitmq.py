@@ -75,6 +75,7 @@ def celery_side() -> dict:
     import benchrmq
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "benchrmq", "worker", "-c", "2",
                                "-Q", queue, "--loglevel", "warning"], cwd=tmp,
+                              env=dict(os.environ, C_FORCE_ROOT="1"),  # pickle, as root: a bench
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = {}
     try:
@@ -110,6 +111,7 @@ def celery_side() -> dict:
 
 if __name__ == "__main__":
     n = nbq_side()
+    print("nbq:", {k: round(v, 3) for k, v in n.items()}, flush=True)
     c = celery_side()
     print("(a shared 2-core machine: other sessions load it)")
     print(f"{'workload':<34}{'nbq':>12}{'Celery':>12}{'nbq/Celery':>12}")
