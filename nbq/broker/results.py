@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .. import deaths, events
+from .. import deaths, events, shm
 from ..events import EventLog
 from ..results import ResultStore
 from .outbox import Outbox
@@ -70,16 +70,18 @@ class Results:
     def finish(self, tid: str) -> None:
         """A task is done: the broker forgets it; its result expires after result_expires."""
         task = self.queues.tasks.pop(tid, None)
-        if task is not None and task.where == "queued":  # a re-sent copy answered by a late result
-            task.where = "done"
+        if task is not None:
+            task.frames, task.original = [], None  # its shared memory goes now, not when unqueued
+            if task.where == "queued":  # a re-sent copy answered by a late result
+                task.where = "done"
         self.watchers.pop(tid, None)
         self._expire_later("res", tid)
 
     def message(self, part: tuple) -> list:
         """The ``res`` message of a stored part (the one it came in, when there is one)."""
         item, payload, raw = part
-        return raw if raw is not None else self.outbox.signer.encode({"k": "res", "t": [item]},
-                                                                     payload)
+        return raw if raw is not None else self.outbox.signer.encode(
+            {"k": "res", "t": [item]}, shm.wire(payload, False))
 
     def tell_state(self, task: QueuedTask, state: str) -> None:
         """A state message (RETRY or STARTED) to a task's client and watchers."""
@@ -118,6 +120,7 @@ class Results:
             task = self.queues.tasks.get(tid)
             if task is not None and task.where == "queued":
                 task.where = "cancelled"  # skipped when its queue reaches it
+                task.frames, task.original = [], None  # its shared memory goes now
                 del self.queues.tasks[tid]
                 self.events.task(time.time(), events.TASK_REVOKED, task.item, None,
                                  {"count": task.item.get("n", 1)} if "mp" in task.item else None)
