@@ -115,7 +115,7 @@ class Client(concurrent.futures.Executor):
         self._inbox = Receiver(self._conn, self._sender, self._functions, self._feeder,
                                self._requests, self._controls.replies, self._link,
                                self._futures, self._chunks)
-        self._receiver = self._inbox.start(f"nbq-receiver-{self.id}")
+        self._inbox.start(f"nbq-receiver-{self.id}", self._cluster.host())
         welcome = self._requests.new(None)
         self._conn.hello(welcome[0])
         try:
@@ -259,7 +259,7 @@ class Client(concurrent.futures.Executor):
         return terminate(self.control, fut, sig, timeout)
 
     def _cancel_tasks(self, ids: list[str]) -> dict[str, bool]:
-        if threading.current_thread() is self._receiver:
+        if threading.current_thread() is self._inbox.thread:
             return {}
         return self._request("cancel", lambda rq: self._conn.cancel(rq, ids))
 
@@ -404,8 +404,7 @@ class Client(concurrent.futures.Executor):
             self._cluster.close()
 
     def _stop_receiver(self) -> None:
-        if threading.current_thread() is not self._receiver:  # not from a done-callback
-            self._receiver.join(5.0)
+        self._inbox.join(5.0)
 
     def _close_connection(self) -> None:
         if not self._conn_closed:

@@ -145,6 +145,11 @@ class Cluster:
                 "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
                 "--versions", versions(), "--broker-grace", f"{LAUNCHED_BROKER_GRACE:g}"]
 
+    def host(self) -> Broker | None:
+        """The embedded ZeroMQ broker, whose thread also receives for its clients
+        (Broker.attach), or None."""
+        return self.broker if isinstance(self.broker, Broker) else None
+
     def client_connection(self, client_id: str) -> ClientConnection:
         """The connection of a client of this cluster to its broker."""
         return client_connection(self.connect_address, self.key, client_id, self.context)
