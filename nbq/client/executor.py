@@ -409,7 +409,7 @@ class Client(concurrent.futures.Executor):
     def _close_connection(self) -> None:
         if not self._conn_closed:
             self._conn_closed = True
-            self._conn.close()
+            self._inbox.close()
 
     def __repr__(self) -> str:
         return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"

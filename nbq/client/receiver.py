@@ -61,8 +61,17 @@ class Receiver:
             self.thread.start()
             return
         self._left = threading.Event()
+        self._after_left: list = []  # what runs once the host's thread has left it
+        self._left_lock = threading.Lock()
         host.attach(self._conn.sockets, _guest_turn(weakref.ref(self), self._conn),
-                    self._left.set)
+                    self._on_left)
+
+    def _on_left(self) -> None:
+        with self._left_lock:
+            self._left.set()
+            after, self._after_left = self._after_left, []
+        for fn in after:
+            fn()
 
     def join(self, timeout: float) -> None:
         """Wait (up to timeout seconds) until nothing receives for this Receiver any more,
@@ -70,10 +79,19 @@ class Receiver:
         if threading.current_thread() is self.thread:
             return
         if self._left is not None:
-            self._conn.wake()
             self._left.wait(timeout)
         elif self.thread is not None:
             self.thread.join(timeout)
+
+    def close(self) -> None:
+        """Close the connection: now, or, while a host's thread may still poll its sockets
+        (the wait for it was cut short), once it has left them."""
+        if self._left is not None and threading.current_thread() is not self.thread:
+            with self._left_lock:
+                if not self._left.is_set():
+                    self._after_left.append(self._conn.close)
+                    return
+        self._conn.close()
 
     def _handle(self, messages: list) -> None:
         """One turn of the thread: the batched submits, then the messages, then the link."""
