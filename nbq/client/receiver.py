@@ -18,12 +18,16 @@ import logging
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 from .. import protocol
-from ..policy import HEARTBEAT
 from ..errors import BrokerUnavailable, FunctionRefused, NbqError, SerializationError
+from ..policy import HEARTBEAT
 from . import shipping
 from .feeding import cancelled
+
+if TYPE_CHECKING:
+    from ..broker import Broker
 
 log = logging.getLogger("nbq.client")
 
@@ -50,15 +54,15 @@ class Receiver:
         self.stopped = False  # the thread should return; nothing is waited for
         self.thread: threading.Thread | None = None  # the thread it receives on
         self._left: threading.Event | None = None    # a host's thread no longer serves it
+        self._own: threading.Thread | None = None    # a thread of its own, when it has one
 
-    def start(self, name: str, host=None) -> None:
+    def start(self, name: str, host: "Broker | None" = None) -> None:
         """Start receiving on a thread of its own, or on ``host``'s (an embedded Broker:
         attach); it stops once stopped, or once this Receiver (its client's) is garbage: it
         is held weakly, as the Receiver holds no client."""
+        self._name = name
         if host is None:
-            self.thread = threading.Thread(target=_receive_loop, name=name, daemon=True,
-                                           args=(weakref.ref(self), self._conn))
-            self.thread.start()
+            self._own_thread()
             return
         self._left = threading.Event()
         self._after_left: list = []  # what runs once the host's thread has left it
@@ -73,6 +77,12 @@ class Receiver:
         for fn in after:
             fn()
 
+    def _own_thread(self) -> None:
+        self.thread = self._own = threading.Thread(
+            target=_receive_loop, name=self._name, daemon=True,
+            args=(weakref.ref(self), self._conn))
+        self._own.start()
+
     def join(self, timeout: float) -> None:
         """Wait (up to timeout seconds) until nothing receives for this Receiver any more,
         so that its connection may close; at once on its own thread (a done-callback)."""
@@ -80,8 +90,8 @@ class Receiver:
             return
         if self._left is not None:
             self._left.wait(timeout)
-        elif self.thread is not None:
-            self.thread.join(timeout)
+        if self._own is not None:
+            self._own.join(timeout)
 
     def close(self) -> None:
         """Close the connection: now, or, while a host's thread may still poll its sockets

@@ -61,6 +61,14 @@ def versions() -> str:
     return f"{version.__version__}/{platform.python_version()}"
 
 
+def _end(thread: threading.Thread | None, context: zmq.Context | None) -> None:
+    """Wait for a stopped broker's thread, then end its context."""
+    if thread is not None:
+        thread.join(5.0)
+    if context is not None:
+        context.term()
+
+
 class Cluster:
     """Worker processes started by a launcher, all serving one broker.
 
@@ -293,13 +301,16 @@ class Cluster:
                 c.shutdown(wait=False)
 
     def _stop_broker(self) -> None:
+        thread, context = self._thread, self.context
         if self.broker is not None:
             self.broker.stop()
-            self._thread.join(5.0)
             self.broker = None
-        if self.context is not None:
-            self.context.term()
-            self.context = None
+        self.context = None
+        if thread is threading.current_thread():  # a client's done-callback, which runs on
+            # the broker's thread (Broker.attach): the loop ends once it returns
+            threading.Thread(target=_end, args=(thread, context), daemon=True).start()
+        else:
+            _end(thread, context)
 
     def __enter__(self) -> "Cluster":
         return self
