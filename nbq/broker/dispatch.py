@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 
-from .. import protocol
+from .. import protocol, shm
+from ..events import TASK_RECEIVED, TASK_STARTED, EventLog
 from ..policy import HEARTBEAT, STARTED_DELAY, Costs
 from .members import Members, ProcessRecord
 from .outbox import Outbox
@@ -30,6 +31,7 @@ class Dispatcher:
         self.outbox = outbox
         self.costs = Costs()  # seconds per task of each function, from results
         self._started: list[tuple[float, QueuedTask]] = []  # dispatched, not reported STARTED
+        self._later: set[str] = set()  # ids of tasks dispatched before their eta (events)
 
     @property
     def starting(self) -> bool:
@@ -56,17 +58,28 @@ class Dispatcher:
                 continue
             proc.idle = False
             proc.running.extend(batch)
+            log_event = self.results.events.task
+            wall = time.time()
             for t in batch:
                 t.where = proc.wid
                 if t.item.get("f"):
                     self._started.append((now, t))
-            if len(batch) == 1 and batch[0].original is not None:
+                eta = t.item.get("eta")
+                if eta is None or eta <= wall:  # received and started
+                    log_event(wall, EventLog.TAKEN, t.item, proc.wid)
+                    if self._later:
+                        self._later.discard(t.id)
+                else:  # held by its worker until its eta: started when its result comes
+                    log_event(wall, TASK_RECEIVED, t.item, proc.wid)
+                    self._later.add(t.id)
+            if len(batch) == 1 and batch[0].original is not None and (
+                    proc.sharing or not shm.has_held(batch[0].frames)):
                 sent = self.outbox.send_raw(peer, batch[0].original)
-            else:
+            else:  # shared memory goes by name to a process of this host, else as bytes
                 items, frames = [], []
                 for t in batch:
                     items.append(t.item)
-                    frames.extend(t.frames)
+                    frames.extend(shm.wire(t.frames, proc.sharing))
                 sent = self.outbox.send(peer, {"k": "tasks", "t": items}, frames)
             if not sent:
                 self._put_back(proc, batch, now)
@@ -104,6 +117,8 @@ class Dispatcher:
     def on_res(self, peer, header, frames, body):
         """Results from a worker process: to their clients; with ``rdy`` it takes more work."""
         proc = self.members.procs.get(header.get("w", ""))
+        held = shm.hold(frames)  # results in shared memory: held open while stored
+        shared, frames = held is not frames, held
         parts = []
         for item, payload in protocol.split(header["t"], frames):
             task = self.queues.tasks.get(item["id"])
@@ -113,12 +128,28 @@ class Dispatcher:
                 parts.append((task, item, payload))
         owners = {task.item["c"] for task, _, _ in parts}
         whole = len(owners) == 1 and len(parts) == len(header["t"])
+        if shared and whole:  # by name to a client of this host (it unlinks them), else bytes
+            whole = self.outbox.sharing(next(iter(owners)))
+        sup = self.members.supervisors.get(proc.sid) if proc is not None else None
         for task, item, payload in parts:
             self.costs.add(task.item.get("h"), item.get("d"))
+            if sup is not None:
+                n = item.get("n", 1)
+                sup.processed += n
+                sup.failed += n * (not item["ok"]) if "ok" in item else item.get("nx", 0)
+            if self._later and task.id in self._later:
+                self._later.discard(task.id)
+                if not item.get("rv"):  # it ran (not expired first)
+                    self.results.events.task(time.time() - item.get("d", 0.0), TASK_STARTED,
+                                             task.item, task.where)
             self.results.deliver(task, item, payload, forward=not whole,
-                                 raw=body if len(header["t"]) == 1 else None)
+                                 raw=body if len(header["t"]) == 1 and not shared else None)
         if whole:
             self.outbox.to_client(owners.pop(), body)
+        elif shared:  # sent as bytes (or not at all): no client will unlink the names
+            for f in frames:
+                if isinstance(f, shm.Held):
+                    f.forget()
         if proc is not None and header.get("rdy"):
             # what it still holds (tasks due later) stays its own; a ready process takes more
             proc.running = [t for t in proc.running

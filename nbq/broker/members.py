@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .. import deaths
+from .. import deaths, events
 from ..errors import SignatureError
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
@@ -42,6 +42,7 @@ class ProcessRecord:
     functions: set = field(default_factory=set)
     idle: bool = True
     away_until: float = 0.0  # unreachable at the last send: not tried again before then
+    sharing: bool = False    # of the broker's host: sent shared memory descriptors (shm.py)
 
 
 @dataclass(eq=False)
@@ -56,6 +57,8 @@ class SupervisorRecord:
     name: str = ""
     procs: set = field(default_factory=set)
     memory: int | None = None  # resident bytes of it and its processes, as its heartbeat said
+    processed: int = 0  # items its processes finished (results), for its heartbeat events
+    failed: int = 0     # of which failed
 
 
 class Members:
@@ -81,6 +84,9 @@ class Members:
                 time.monotonic(), header.get("name", sid))
             log.info("worker %s joined (%s pid %s, %s processes)", sid, sup.host, sup.pid,
                      sup.concurrency)
+            self.results.events.event(events.worker_event(
+                events.WORKER_ONLINE, time.time(), sid, {"host": sup.host, "pid": sup.pid,
+                                                         "name": sup.name, "queues": list(sup.queues)}))
         return sup
 
     # -- handlers -----------------------------------------------------------------
@@ -90,10 +96,12 @@ class Members:
         sup = self.supervisor(header)
         if header["w"] in self.procs:  # reconnected: what it ran was lost with the link
             self.proc_gone(header["w"], died=False)
-        proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues))
+        proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues),
+                             sharing=self.outbox.shares(header.get("lo")))
         self.procs[proc.wid] = proc
         sup.procs.add(proc.wid)
-        self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size})
+        self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size,
+                                "lo": self.outbox.shared if proc.sharing else None})
 
     def on_hb(self, peer, header, frames, body):
         sup = self.supervisor(header)
@@ -105,6 +113,8 @@ class Members:
             sup.queues = queues
             for wid in sup.procs & self.procs.keys():
                 self.procs[wid].queues = queues
+        if self.results.events.on:
+            self.results.events.event(self._heartbeat_event(sup, header.get("ld")))
         reply = {"k": "hb"}
         if header.get("autoscale"):  # an autoscaling worker: how many tasks wait (up to its maximum)
             reply["queued"] = self.queues.queued(queues, header["autoscale"])
@@ -114,6 +124,7 @@ class Members:
         """A supervisor leaving on purpose: its processes' tasks run again, no death counted."""
         sup = self.supervisors.pop(header["sup"], None)
         if sup:
+            self._offline(sup)
             for wid in sup.procs:
                 self.proc_gone(wid, died=False)
 
@@ -130,6 +141,7 @@ class Members:
         for tid in header["ids"]:
             task = self.queues.tasks.get(tid)
             if task is not None and task.where == proc.wid:
+                self.results.events.task(time.time(), events.TASK_REJECTED, task.item, proc.wid)
                 for pos in task.undelivered():
                     self.results.fail_items(task, pos, 1, SignatureError(
                         f"worker process {proc.pid} refused task {tid}: its message's signature "
@@ -146,6 +158,8 @@ class Members:
             task = self.queues.tasks.get(tid)
             if task is not None and proc is not None and task.where == proc.wid:
                 self.results.tell_state(task, state)
+                self.results.events.task(time.time(), events.TASK_RETRIED if state == "RETRY"
+                                         else events.TASK_STARTED, task.item, proc.wid)
 
     def on_ctl(self, peer, header, frames, body):
         """Send a client's control command to the supervisors it names; tell it how many."""
@@ -168,6 +182,7 @@ class Members:
                     if now - s.seen > self.heartbeat_timeout]:
             log.warning("worker %s stopped sending heartbeats; re-queueing its tasks", sup.sid)
             del self.supervisors[sup.sid]
+            self._offline(sup)
             for wid in sup.procs:  # a worker gone whole says nothing about its tasks (deaths.py)
                 self.proc_gone(wid, died=False)
 
@@ -206,6 +221,20 @@ class Members:
                            ndelivered=task.ndelivered)
         self.queues.tasks[task.id] = retry
         self.queues.lanes_of(item).appendleft(retry)
+
+    # -- events -------------------------------------------------------------------
+
+    def _heartbeat_event(self, sup: SupervisorRecord, load: float | None) -> dict:
+        procs = [self.procs[w] for w in sup.procs if w in self.procs]
+        return events.worker_event(events.WORKER_HEARTBEAT, time.time(), sup.sid, {
+            "processed": sup.processed, "failed": sup.failed,
+            "active": sum(len(p.running) for p in procs), "load": load, "memory": sup.memory,
+            "processes": sorted(p.pid for p in procs), "host": sup.host, "pid": sup.pid,
+            "queues": list(sup.queues), "name": sup.name, "concurrency": sup.concurrency})
+
+    def _offline(self, sup: SupervisorRecord) -> None:
+        self.results.events.event(events.worker_event(events.WORKER_OFFLINE, time.time(), sup.sid,
+                                                      {"host": sup.host, "pid": sup.pid}))
 
     # -- for info and shutdown ----------------------------------------------------
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .. import deaths
+from .. import deaths, events, shm
+from ..events import EventLog
 from ..results import ResultStore
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
@@ -22,9 +23,11 @@ from .queues import QueuedTask, Queues
 class Results:
     """What the broker keeps of finished and watched tasks, and how results reach clients."""
 
-    def __init__(self, queues: Queues, outbox: Outbox, budget: int, expires: float) -> None:
+    def __init__(self, queues: Queues, outbox: Outbox, budget: int, expires: float,
+                 events: EventLog) -> None:
         self.queues = queues
         self.outbox = outbox
+        self.events = events
         self.expires = expires                       # seconds (result_expires)
         self.store = ResultStore(budget)             # task id -> [(item, frames, raw)] parts
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
@@ -52,6 +55,10 @@ class Results:
         start, n = item.get("s", 0), item.get("n", 1)
         fresh = n - task.delivered.count(1, start, start + n)
         task.delivered[start:start + n] = b"\x01" * n
+        if fresh:  # a part delivered already (a late answer of a dead process) makes no event
+            where = task.where
+            self.events.task(time.time(), EventLog.RESULT, task.item,
+                             where if "/" in where else None, (item, fresh))
         task.ndelivered += fresh
         if task.ndelivered >= len(task.delivered):
             self.finish(task.id)
@@ -63,16 +70,18 @@ class Results:
     def finish(self, tid: str) -> None:
         """A task is done: the broker forgets it; its result expires after result_expires."""
         task = self.queues.tasks.pop(tid, None)
-        if task is not None and task.where == "queued":  # a re-sent copy answered by a late result
-            task.where = "done"
+        if task is not None:
+            task.frames, task.original = [], None  # its shared memory goes now, not when unqueued
+            if task.where == "queued":  # a re-sent copy answered by a late result
+                task.where = "done"
         self.watchers.pop(tid, None)
         self._expire_later("res", tid)
 
     def message(self, part: tuple) -> list:
         """The ``res`` message of a stored part (the one it came in, when there is one)."""
         item, payload, raw = part
-        return raw if raw is not None else self.outbox.signer.encode({"k": "res", "t": [item]},
-                                                                     payload)
+        return raw if raw is not None else self.outbox.signer.encode(
+            {"k": "res", "t": [item]}, shm.wire(payload, False))
 
     def tell_state(self, task: QueuedTask, state: str) -> None:
         """A state message (RETRY or STARTED) to a task's client and watchers."""
@@ -89,9 +98,18 @@ class Results:
         meta = self.maps.get(mp)
         if meta is None:
             meta = self.maps[mp] = {"total": None, "chunks": [], "c": task.item["c"],
-                                    "star": task.item.get("m") == "star"}
+                                    "star": task.item.get("m") == "star", "first": task.item}
             self._expire_later("map", mp)
+            if "tot" in task.item:
+                self._map_sent(meta, task.item["tot"])
         meta["chunks"].append(task.id)
+
+    def _map_sent(self, meta: dict, total: int) -> None:
+        """The map-sent event of a map, once, when its item count is known."""
+        first = meta.pop("first", None)
+        if first is not None:
+            self.events.event(events.map_event(time.time(), first,
+                                               self.events.names.get(first.get("h")), total))
 
     # -- handlers (from clients) ---------------------------------------------------
 
@@ -102,7 +120,10 @@ class Results:
             task = self.queues.tasks.get(tid)
             if task is not None and task.where == "queued":
                 task.where = "cancelled"  # skipped when its queue reaches it
+                task.frames, task.original = [], None  # its shared memory goes now
                 del self.queues.tasks[tid]
+                self.events.task(time.time(), events.TASK_REVOKED, task.item, None,
+                                 {"count": task.item.get("n", 1)} if "mp" in task.item else None)
                 part = ({"id": tid, "rv": 1, "s": 0, "s0": task.item.get("s0", 0),
                          "n": task.item.get("n", 1), "nf": 0}, [], None)
                 self.store.add(tid, part)
@@ -119,6 +140,7 @@ class Results:
         meta = self.maps.get(header["mp"])
         if meta is not None:
             meta["total"] = header["total"]
+            self._map_sent(meta, header["total"])
 
     def on_watch(self, peer, header, frames, body):
         """Send a client what is stored for task ids and maps, and what comes later."""

@@ -24,14 +24,15 @@ import time
 import uuid
 from collections import deque
 
-from ... import policy
+from ... import events, policy
 from ...errors import NbqError
 from ...results import ResultStore
+from .eventing import Eventing
 from .mailbox import Mailbox
 from .records import ThreadRecord, PoolRecord, HeldTask
 
 
-class MemoryBroker:
+class MemoryBroker(Eventing):
     """The state behind one memory:// address; every method is thread-safe."""
 
     def __init__(self, address: str) -> None:
@@ -54,6 +55,7 @@ class MemoryBroker:
         self.expiry: deque = deque()  # (time, kind, key) in time order
         self.supervisors: dict[str, PoolRecord] = {}
         self.procs: dict[str, ThreadRecord] = {}
+        self.events = events.EventLog(policy.EVENTS_KEEP, policy.EVENTS_MAX)
 
     # -- clients ------------------------------------------------------------------
 
@@ -72,16 +74,20 @@ class MemoryBroker:
     def bye(self, cid: str) -> None:
         with self._lock:
             self.clients.pop(cid, None)
+            self.events.leave(cid)
             self.queues.pop(INLINE_LANE + cid, None)
 
-    def ship(self, h: str, frames: list) -> None:
+    def ship(self, h: str, frames: list, name: str = "") -> None:
         with self._lock:
             self.functions[h] = frames
+            if name:
+                self.events.names[h] = name
 
     def submit(self, cid: str, tasks: list[dict], frames: list, lane: str | None = None) -> None:
         """Queue tasks (each naming its nf frames); lane, when given, is the queue for all."""
         with self._lock:
             self._expire()
+            now = time.time()
             i = 0
             for item in tasks:
                 n = item.get("nf", 0)
@@ -91,15 +97,19 @@ class MemoryBroker:
                 item = dict(item, c=cid)
                 task = HeldTask(item, payload, delivered=bytearray(item.get("n", 1)))
                 self.tasks[task.id] = task
+                self.events.task(now, events.TASK_SENT, item)
                 mp = item.get("mp")
                 if mp is not None:
                     meta = self.maps.get(mp)
                     if meta is None:
                         meta = self.maps[mp] = {"total": None, "chunks": [],
-                                                "star": item.get("m") == "star"}
+                                                "star": item.get("m") == "star", "first": item}
                         self._expire_later("map", mp)
+                        if "tot" in item:
+                            self._map_sent(meta, item["tot"])
                     meta["chunks"].append(task.id)
                 self._queue(task, lane or item.get("q", "default"), next(self._seq))
+            self._publish()
             self._work.notify_all()
 
     def _queue(self, task: HeldTask, name: str, seq: int) -> None:
@@ -110,6 +120,8 @@ class MemoryBroker:
             meta = self.maps.get(map_id)
             if meta is not None:
                 meta["total"] = total
+                self._map_sent(meta, total)
+                self._publish()
 
     def cancel(self, cid: str, rq: int, ids: list[str]) -> None:
         """Revoke the tasks no worker has taken; reply {id: revoked?}."""
@@ -122,6 +134,8 @@ class MemoryBroker:
                     continue
                 task.where = "cancelled"  # skipped when its queue reaches it
                 del self.tasks[tid]
+                self.events.task(time.time(), events.TASK_REVOKED, task.item, None,
+                                 {"count": task.item.get("n", 1)} if "mp" in task.item else None)
                 part = ({"id": tid, "rv": 1, "s": 0, "s0": task.item.get("s0", 0),
                          "n": task.item.get("n", 1), "nf": 0}, [])
                 self._store(tid, part)
@@ -129,6 +143,7 @@ class MemoryBroker:
                 for other in {task.item["c"], *self.watchers.pop(tid, ())} - {cid}:
                     self._send(other, {"k": "res", "t": [part[0]]})
             self._reply(cid, rq, answer)
+            self._publish()
 
     def watch(self, cid: str, rq: int | None, ids: list[str], maps: list[str]) -> None:
         """Reply what is known of these tasks and maps, then send their stored results."""
@@ -229,9 +244,11 @@ class MemoryBroker:
         """Register a pool, or update it (its queues: its threads follow); its inbox."""
         with self._lock:
             sup = self.supervisors.get(info["sup"])
-            if sup is None:
+            new = sup is None
+            if new:
                 sup = self.supervisors[info["sup"]] = PoolRecord(dict(info), Mailbox())
             sup.info = dict(info)
+            self._pool_events(sup, new)
             for wid in sup.procs:
                 self.procs[wid].queues = tuple(info["queues"])
             self._work.notify_all()
@@ -247,6 +264,10 @@ class MemoryBroker:
             sup = self.supervisors.pop(sid, None)
             for wid in sup.procs if sup is not None else ():
                 self.gone(wid)
+            if sup is not None:
+                self.events.event(events.worker_event(events.WORKER_OFFLINE, time.time(), sid, {
+                    "host": sup.info["host"], "pid": sup.info["spid"]}))
+                self._publish()
 
     # -- worker threads -----------------------------------------------------------
 
@@ -272,6 +293,7 @@ class MemoryBroker:
                     proc.running.add(task.id)
                     if task.item.get("f"):
                         self._send(task.item["c"], {"k": "started", "ids": [task.id]})
+                    self._received(task, wid)
                     return task
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
@@ -307,7 +329,13 @@ class MemoryBroker:
             for item, payload in results:
                 task = self.tasks.get(item["id"])
                 if task is not None and task.where == wid:
+                    if task.later:  # held for its eta: started when it ran
+                        task.later = False
+                        if not item.get("rv"):
+                            self.events.task(time.time() - item.get("d", 0.0),
+                                             events.TASK_STARTED, task.item, wid)
                     self._deliver(task, item, payload)
+            self._publish()
             proc = self.procs.get(wid)
             if proc is not None and ready:  # what it still holds (due later) stays its own
                 proc.running = {tid for tid in proc.running
@@ -320,8 +348,11 @@ class MemoryBroker:
                 task = self.tasks.get(tid)
                 if task is not None and task.where == wid:
                     task.retrying = state == "RETRY"
+                    self.events.task(time.time(), events.TASK_RETRIED if task.retrying
+                                     else events.TASK_STARTED, task.item, wid)
                     for cid in {task.item["c"]} | self.watchers.get(tid, set()):
                         self._send(cid, {"k": "state", "ids": [tid], "state": state})
+            self._publish()
 
     def output(self, wid: str, tid: str, frames: list) -> None:
         with self._lock:
@@ -354,8 +385,17 @@ class MemoryBroker:
         for cid in {task.item["c"]} | self.watchers.get(task.id, set()):
             self._send(cid, {"k": "res", "t": [part[0]]}, payload)
         start, n = item.get("s", 0), item.get("n", 1)
-        task.ndelivered += n - task.delivered.count(1, start, start + n)
+        fresh = n - task.delivered.count(1, start, start + n)
+        task.ndelivered += fresh
         task.delivered[start:start + n] = b"\x01" * n
+        if fresh:
+            worker = task.where if task.where in self.procs else None
+            self.events.task(time.time(), events.EventLog.RESULT, task.item, worker, (item, fresh))
+            sup = self.supervisors.get(self.procs[worker].sid) if worker is not None else None
+            if sup is not None:
+                sup.processed += fresh
+                sup.failed += (fresh * (not item["ok"]) if "ok" in item
+                               else min(fresh, item.get("nx", 0)))
         if task.ndelivered >= len(task.delivered):
             task.where = "done"
             self.tasks.pop(task.id, None)
