@@ -168,7 +168,7 @@ class Broker:
                     self._publish()
                 sent = self.outbox.flush()
                 if self._new_guests or self._guests:
-                    self._serve_guests(poller, events, sent)
+                    self._serve_guests(poller, ready, sent)
                 if now >= self._timer:
                     self._timer = now + policy.HEARTBEAT / 2
                     self.members.check_heartbeats(now)
@@ -195,7 +195,7 @@ class Broker:
         if self._ended:  # no turn will come (left may be called twice: it must not mind)
             left()
 
-    def _serve_guests(self, poller: zmq.Poller, events: dict, sent: bool) -> None:
+    def _serve_guests(self, poller: zmq.Poller, ready: dict, sent: bool) -> None:
         """One turn of each guest; those done are unregistered and told so."""
         while self._new_guests:
             guest = self._new_guests.pop(0)
@@ -206,7 +206,7 @@ class Broker:
         for guest in list(self._guests):
             sockets, turn, left = guest
             try:
-                more = turn(sent or any(s in events for s in sockets))
+                more = turn(sent or any(s in ready for s in sockets))
             except Exception:  # a guest's bug must not stop the broker
                 log.exception("error in a guest of the broker's thread")
                 more = False
