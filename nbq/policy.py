@@ -14,6 +14,8 @@ BATCH_MAX = 256           # tasks in one batch at most
 RESULT_EXPIRES = 86400.0  # seconds results stay fetchable by id
 MAX_MESSAGE_SIZE = 512 << 20  # bytes of one message, as Redis's largest value
 RESULT_BUDGET = 256 << 20     # bytes of delivered results kept for AsyncResult/from_id
+EVENTS_KEEP = 3600.0      # seconds of events a broker keeps (events.py)
+EVENTS_MAX = 100_000      # events a broker keeps at most (worker heartbeats apart)
 BACKOFF_FIRST = 0.1       # seconds before the first retry of a lost connection
 BACKOFF_MAX = 5.0         # the longest wait between retries
 

@@ -60,7 +60,8 @@ FIELDS = {
     "key": "a join's or claim's key", "member": "a join's member", "ttl": "a claim's seconds",
     "cmd": "control command", "args": "its arguments", "dest": "worker names it goes to",
     "ci": "a control command's collection id (answers carry it)",
-    "sup": "worker (supervisor) id", "name": "worker name, or an initializer's name",
+    "sup": "worker (supervisor) id",
+    "name": "worker name, an initializer's name, or a shipped function's (fn, for events)",
     "host": "host name", "spid": "supervisor pid", "pid": "worker process pid",
     "conc": "worker processes", "queues": "queues served", "mem": "resident bytes",
     "autoscale": "an autoscaling worker's most processes", "queued": "tasks waiting for it",
@@ -68,6 +69,9 @@ FIELDS = {
     "run": "task id it ran", "end": "why its supervisor ended a task (deaths.py)",
     "rdy": "a worker process is ready for more", "state": "RETRY or STARTED (a notice)",
     "why": "why an entry was dropped", "e": "a dropped entry's stream and id",
+    "sub": "an event subscription's id", "since": "events stored from (epoch s; null: none)",
+    "live": "subscribe (1) or unsubscribe (0)", "ev": "events (events.py's dicts)",
+    "ld": "the host's one-minute load average (hb)", "act": "tasks its processes run (hb)",
 }
 
 #: Fields of a task item (in ``tasks``) and a result item (in ``res``).
@@ -81,6 +85,10 @@ ITEM_FIELDS = {
     "x": "expires (epoch s)", "md": "most deaths allowed", "a": "deaths of a chunk's first run",
     "dp": "deaths per item position", "st": "run item by item", "skip": "items to skip",
     "ex": "item positions that failed already",
+    "ar": "a short repr of the arguments (task-sent)", "pa": "parent task id (canvas)",
+    "ro": "root task id (canvas)", "tot": "its map's item count, when known",
+    "xn": "a failure's exception type", "tb": "its traceback, truncated",
+    "nx": "items of a result part that failed",
 }
 
 _dumps_json = json.JSONEncoder(separators=(",", ":")).encode

@@ -15,6 +15,7 @@ from typing import Callable
 ID_MAX = 256        # characters of an id, name, queue or function hash
 LIST_MAX = 100_000  # entries of a list of ids or of a batch
 PRIORITY_MAX = 9
+TEXT_MAX = 4096     # characters of an event's text (an args repr, a traceback)
 
 Check = Callable[[object], "bool | str"]
 
@@ -37,6 +38,10 @@ def _time(v) -> bool:
 
 def _seconds(v) -> bool:
     return type(v) in (int, float) and 0 <= v < 1e9
+
+
+def _text(v) -> bool:
+    return type(v) is str and len(v) <= TEXT_MAX
 
 
 def _any(v) -> bool:
@@ -92,10 +97,11 @@ TASK = {"id": _str, "h": _str, "q": _str, "pr": _ints(0, PRIORITY_MAX), "f": _fl
         "m": _one_of("call", "map", "star"), "mp": _str, "s0": _count, "n": _ints(1, 1 << 53),
         "nf": _ints(0, LIST_MAX), "a": _count, "st": _flag, "skip": _count, "ex": _list(_count),
         "rt": _count, "eta": _time, "x": _time, "md": _ints(0, 1 << 20),
-        "dp": lambda v: type(v) is dict and all(map(_count, v.values()))}
+        "dp": lambda v: type(v) is dict and all(map(_count, v.values())),
+        "ar": _text, "pa": _str, "ro": _str, "tot": _count}
 #: A result part as a worker sends it.
 RESULT = {"id": _str, "s": _count, "n": _ints(1, 1 << 53), "nf": _ints(0, LIST_MAX), "ok": _flag,
-          "rv": _flag, "s0": _count, "d": _seconds}
+          "rv": _flag, "s0": _count, "d": _seconds, "xn": _text, "tb": _text, "nx": _count}
 _task = _object(TASK, ("id", "h", "nf"))
 _result = _object(RESULT, ("id", "nf"))
 _queues = _list(_str)
@@ -103,7 +109,8 @@ _end = _optional(_object({"id": _optional(_str), "how": _str,
                           "text": lambda v: type(v) is str}, ("how", "text")))
 _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _count(v[1]))
 _SUPERVISOR = {"sup": _str, "name": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
-               "queues": _queues, "autoscale": _count}
+               "queues": _queues, "autoscale": _count, "ld": _seconds,
+               "act": _count}
 
 CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
 
@@ -111,7 +118,9 @@ CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
 KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
     "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_optional(_count), w=_str, pid=_count),
               {CLIENT: ("c",), WORKER: ("w", "sup", "pid", "host", "spid", "conc", "queues")}),
-    "fn": (SENDER, {"c": _str, "h": _str}, ("c", "h")),
+    "fn": (SENDER, {"c": _str, "h": _str, "name": _text}, ("c", "h")),
+    "events": (SENDER, {"c": _str, "sub": _str, "since": _optional(_time), "live": _flag},
+               ("c", "sub", "live")),
     "tasks": (SENDER, {"c": _str, "t": _list(_task)}, ("c", "t")),
     "cancel": (SENDER, {"c": _str, "rq": _count, "ids": _list(_str)}, ("c", "ids", "rq")),
     "watch": (SENDER, {"c": _str, "rq": _count, "ids": _list(_str), "maps": _list(_str)},

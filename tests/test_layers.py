@@ -21,7 +21,7 @@ LAYERS = [
     ("nbq.errors", "core"), ("nbq.states", "core"), ("nbq.policy", "core"),
     ("nbq.protocol", "core"), ("nbq.schema", "core"), ("nbq.keys", "core"),
     ("nbq.secure", "core"), ("nbq.replay", "core"), ("nbq.results", "core"),
-    ("nbq.deaths", "core"), ("nbq.utils", "core"),
+    ("nbq.deaths", "core"), ("nbq.events", "core"), ("nbq.utils", "core"),
     ("nbq.transport", "transport"),
     ("nbq.broker", "broker"),
     ("nbq.worker", "worker"),
@@ -31,7 +31,8 @@ LAYERS = [
     ("nbq.tasks", "tasks"), ("nbq.exceptions", "tasks"), ("nbq.result", "tasks"),
     ("nbq.schedules", "tasks"),
     ("nbq.version", "core"),
-    ("nbq.cli", "app"), ("nbq.demo", "app"), ("nbq.multi", "app"), ("nbq.__main__", "app"),
+    ("nbq.dashboard", "dashboard"),
+    ("nbq.cli", "app"), ("nbq.jupyter_ext", "app"), ("nbq.demo", "app"), ("nbq.multi", "app"), ("nbq.__main__", "app"),
     ("nbq", "app"),  # the package's __init__: the public facade
 ]
 
@@ -45,8 +46,10 @@ BELOW = {
     "client": {"core", "transport", "broker", "worker", "worker-api", "client"},
     "notebook": {"core", "client", "worker-api", "notebook"},  # the remote cell runs on workers
     "tasks": {"core", "client", "worker-api", "tasks"},
+    # the web dashboard watches and steers through the client and the tasks layer's revoke
+    "dashboard": {"core", "transport", "client", "worker-api", "tasks", "dashboard"},
     "app": {"core", "transport", "broker", "worker", "worker-api", "client", "notebook",
-            "tasks", "app"},
+            "tasks", "dashboard", "app"},
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 from .. import protocol
+from ..events import TASK_RECEIVED, TASK_STARTED, EventLog
 from ..policy import HEARTBEAT, STARTED_DELAY, Costs
 from .members import Members, ProcessRecord
 from .outbox import Outbox
@@ -35,6 +36,7 @@ class Dispatcher:
         self.outbox = outbox
         self.costs = Costs()  # seconds per task of each function, from results
         self._started: list[tuple[float, QueuedTask]] = []  # dispatched, not reported STARTED
+        self._later: set[str] = set()  # ids of tasks dispatched before their eta (events)
 
     @property
     def starting(self) -> bool:
@@ -67,10 +69,20 @@ class Dispatcher:
             return
         self.members.ready.discard(proc)
         proc.running.extend(batch)
+        log_event = self.results.events.task
+        wall = time.time()
         for t in batch:
             t.where = proc.wid
             if t.f:
                 self._started.append((now, t))
+            eta = t.get("eta")
+            if eta is None or eta <= wall:  # received and started
+                log_event(wall, EventLog.TAKEN, t, proc.wid)
+                if self._later:
+                    self._later.discard(t.id)
+            else:  # held by its worker until its eta: started when its result comes
+                log_event(wall, TASK_RECEIVED, t, proc.wid)
+                self._later.add(t.id)
         if len(batch) == 1 and batch[0].original is not None:
             sent = self.outbox.send_raw(peer, batch[0].original)
         else:
@@ -124,8 +136,18 @@ class Dispatcher:
                 parts.append((task, item, payload))
         owners = {task.c for task, _, _ in parts}
         whole = len(owners) == 1 and len(parts) == len(header["t"])
+        sup = self.members.supervisors.get(proc.sid) if proc is not None else None
         for task, item, payload in parts:
             self.costs.add(task.h, item.get("d"))
+            if sup is not None:
+                n = item.get("n", 1)
+                sup.processed += n
+                sup.failed += n * (not item["ok"]) if "ok" in item else item.get("nx", 0)
+            if self._later and task.id in self._later:
+                self._later.discard(task.id)
+                if not item.get("rv"):  # it ran (not expired first)
+                    self.results.events.task(time.time() - item.get("d", 0.0), TASK_STARTED,
+                                             task, task.where)
             self.results.deliver(task, item, payload, forward=not whole,
                                  raw=body if len(header["t"]) == 1 else None)
         if whole:

@@ -11,7 +11,8 @@ handler table in Broker.__init__ for the module that handles each:
   from a client     hello (rx socket; also its heartbeat, every second) · fn · tasks · cancel
                     · watch · mapend · info · join · claim (claim-once: key, ttl)
                     · ctl (a control command: cmd, a arguments, d destination names or
-                      null for all, ci the client's collection id) · bye
+                      null for all, ci the client's collection id) · events (sub, since,
+                      live: subscribe to events or end a subscription) · bye
   from a supervisor hb (heartbeat, answered; n its worker name) · lost (a worker process
                     died; run: the task it was running, at: [that task, item] when the item
                     is known; end: why the supervisor killed it, see deaths.py) · ctlr (its
@@ -23,6 +24,7 @@ handler table in Broker.__init__ for the module that handles each:
   to a client       welcome (b: this broker's boot id, new at each start; mx: its largest
                     message) · res · started · state (a worker's notice: ids, s) · reply
                     · ctlr (forwarded as it came) · out (forwarded as it came)
+                    · ev (sub, ev: events, the stored ones first, then each turn's new ones)
   to a supervisor   hb (ql: tasks queued for it, when its hb has as, its --autoscale maximum)
                     · ctl (as the client sent it, with c) · stop
   to a worker       welcome (mx: the broker's largest message) · fn · tasks
@@ -37,7 +39,8 @@ sender gets nothing.  Verifying costs ~0.8 ms per MB, paid in the loop.
 Its state lives in parts by job: queues.py (tasks, lanes by priority, parked
 tasks), dispatch.py (credit, batches, STARTED), results.py (results, watchers,
 maps, joins, claims, expiry), members.py (supervisors, processes, deaths,
-control) and outbox.py (sends; messages held for clients away).
+control) and outbox.py (sends; messages held for clients away); events.py (core) the events
+made from what these see, kept in a ring buffer (EventLog) and sent to subscribers.
 
 A broker that restarts starts empty: each client re-sends what it has not
 seen finish, supervisors' heartbeats and worker processes' hellos (on
@@ -51,7 +54,7 @@ import uuid
 
 import zmq
 
-from .. import keys, policy, protocol, replay, schema, secure
+from .. import events, keys, policy, protocol, replay, schema, secure
 from ..errors import SignatureError
 from .dispatch import Dispatcher
 from .members import Members
@@ -74,7 +77,9 @@ class Broker:
                  heartbeat_timeout: float = policy.HEARTBEAT_TIMEOUT,
                  max_message_size: int = policy.MAX_MESSAGE_SIZE,
                  result_budget: int = policy.RESULT_BUDGET,
-                 max_age: float = replay.DEFAULT_MAX_AGE, curve: bool | None = None) -> None:
+                 max_age: float = replay.DEFAULT_MAX_AGE, curve: bool | None = None,
+                 events_on: bool = True, events_keep: float = policy.EVENTS_KEEP,
+                 events_max: int = policy.EVENTS_MAX) -> None:
         self.signer = protocol.Signer(key)
         self.fingerprint = keys.fingerprint(key)
         self.ctx = context or zmq.Context.instance()
@@ -103,7 +108,9 @@ class Broker:
 
         self.outbox = Outbox(self.sock, self.signer)
         self.queues = Queues()
-        self.results = Results(self.queues, self.outbox, result_budget, result_expires)
+        self.events = events.EventLog(events_keep, events_max, events_on)
+        self.results = Results(self.queues, self.outbox, result_budget, result_expires,
+                               self.events)
         self.members = Members(self.queues, self.results, self.outbox, heartbeat_timeout,
                                max_message_size)
         self.dispatcher = Dispatcher(self.queues, self.members, self.results, self.outbox)
@@ -114,7 +121,7 @@ class Broker:
         results, members = self.results, self.members
         self._handlers = {
             "hello": self._on_hello, "bye": self._on_bye, "fn": self._on_fn,
-            "tasks": self._on_tasks, "info": self._on_info,
+            "tasks": self._on_tasks, "info": self._on_info, "events": self._on_events,
             "cancel": results.on_cancel, "watch": results.on_watch,
             "mapend": results.on_mapend, "join": results.on_join, "claim": results.on_claim,
             "out": results.on_out,
@@ -136,21 +143,24 @@ class Broker:
         try:
             while True:
                 wait = policy.STARTED_DELAY if self.dispatcher.starting else policy.HEARTBEAT / 2
-                events = dict(poller.poll(wait * 1000))
-                if self._stop_r in events:
+                ready = dict(poller.poll(wait * 1000))
+                if self._stop_r in ready:
                     break
-                if zap in events:
+                if zap in ready:
                     self._zap.answer()
-                if self.sock in events:
+                if self.sock in ready:
                     self._drain()
                 now = time.monotonic()
                 self.dispatcher.flush_started(now)
+                if self.events.subscribers:
+                    self._publish()
                 self.outbox.flush()
                 if now >= self._timer:
                     self._timer = now + policy.HEARTBEAT / 2
                     self.members.check_heartbeats(now)
                     self.results.expire(time.time())
                     self.replays.forget(time.time())
+                    self.events.prune(time.time())
         finally:
             self._shutdown()
 
@@ -243,13 +253,37 @@ class Broker:
             self.members.on_supervisor_bye(peer, header, frames, body)
         else:
             self.outbox.disconnect(header["c"])
+            self.events.leave(header["c"])
 
     def _on_fn(self, peer, header, frames, body):
         self.queues.add_function(header["h"], frames)
+        if header.get("name"):
+            self.events.names[header["h"]] = header["name"]
 
     def _on_tasks(self, peer, header, frames, body):
+        sent, log_event = header["mt"], self.events.task
         for task in self.queues.receive(header, frames, body):
             self.results.add_chunk(task)
+            log_event(sent, events.TASK_SENT, task)
+
+    def _on_events(self, peer, header, frames, body):
+        """Subscribe a client to events (the stored ones from since first), or unsubscribe it."""
+        sub = (header["c"], header["sub"])
+        if not header["live"] or not self.events.on:
+            self.events.subscribers.discard(sub)
+            return
+        if header.get("since") is not None:
+            for batch in events.batches(self.events.since(header["since"])):
+                self.outbox.to_client(sub[0], self.signer.encode(
+                    {"k": "ev", "sub": sub[1], "ev": batch}))
+        self.events.subscribers.add(sub)
+
+    def _publish(self) -> None:
+        """Send the events that happened since the last turn to every subscriber."""
+        new = self.events.take_new()
+        for batch in events.batches(new) if new else ():
+            for cid, sub in self.events.subscribers:
+                self.outbox.to_client(cid, self.signer.encode({"k": "ev", "sub": sub, "ev": batch}))
 
     def _on_info(self, peer, header, frames, body):
         self.outbox.reply(header, {

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .. import deaths
+from .. import deaths, events
 from ..errors import SignatureError
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
@@ -57,6 +57,8 @@ class SupervisorRecord:
     name: str = ""
     procs: set = field(default_factory=set)
     memory: int | None = None  # resident bytes of it and its processes, as its heartbeat said
+    processed: int = 0  # items its processes finished (results), for its heartbeat events
+    failed: int = 0     # of which failed
 
 
 class Members:
@@ -83,6 +85,9 @@ class Members:
                 time.monotonic(), header.get("name", sid))
             log.info("worker %s joined (%s pid %s, %s processes)", sid, sup.host, sup.pid,
                      sup.concurrency)
+            self.results.events.event(events.worker_event(
+                events.WORKER_ONLINE, time.time(), sid, {"host": sup.host, "pid": sup.pid,
+                                                         "name": sup.name, "queues": list(sup.queues)}))
         return sup
 
     # -- handlers -----------------------------------------------------------------
@@ -113,6 +118,8 @@ class Members:
                 proc.queues = queues
                 if idle:
                     self.ready.add(proc)
+        if self.results.events.on:
+            self.results.events.event(self._heartbeat_event(sup, header.get("ld")))
         reply = {"k": "hb"}
         if header.get("autoscale"):  # an autoscaling worker: how many tasks wait (up to its maximum)
             reply["queued"] = self.queues.queued(queues, header["autoscale"])
@@ -122,6 +129,7 @@ class Members:
         """A supervisor leaving on purpose: its processes' tasks run again, no death counted."""
         sup = self.supervisors.pop(header["sup"], None)
         if sup:
+            self._offline(sup)
             for wid in sup.procs:
                 self.proc_gone(wid, died=False)
 
@@ -138,6 +146,7 @@ class Members:
         for tid in header["ids"]:
             task = self.queues.tasks.get(tid)
             if task is not None and task.where == proc.wid:
+                self.results.events.task(time.time(), events.TASK_REJECTED, task, proc.wid)
                 for pos in task.undelivered():
                     self.results.fail_items(task, pos, 1, SignatureError(
                         f"worker process {proc.pid} refused task {tid}: its message's signature "
@@ -155,6 +164,8 @@ class Members:
             task = self.queues.tasks.get(tid)
             if task is not None and proc is not None and task.where == proc.wid:
                 self.results.tell_state(task, state)
+                self.results.events.task(time.time(), events.TASK_RETRIED if state == "RETRY"
+                                         else events.TASK_STARTED, task, proc.wid)
 
     def on_ctl(self, peer, header, frames, body):
         """Send a client's control command to the supervisors it names; tell it how many."""
@@ -177,6 +188,7 @@ class Members:
                     if now - s.seen > self.heartbeat_timeout]:
             log.warning("worker %s stopped sending heartbeats; re-queueing its tasks", sup.sid)
             del self.supervisors[sup.sid]
+            self._offline(sup)
             for wid in sup.procs:  # a worker gone whole says nothing about its tasks (deaths.py)
                 self.proc_gone(wid, died=False)
 
@@ -203,7 +215,7 @@ class Members:
     def _retry_after_death(self, task: QueuedTask, why: str, at: list | None,
                            end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
-        was = task.item
+        was, frames = task.item, task.frames
         fail, item = deaths.after_death(was, task.undelivered(), at, end)
         if item is was:  # the death does not count against it: queued again as it came
             self.queues.requeue(task)
@@ -213,9 +225,23 @@ class Members:
         if item is None:
             self.results.finish(task.id)
             return
-        retry = QueuedTask(item, task.frames, None, delivered=task.delivered)
+        retry = QueuedTask(item, frames, None, delivered=task.delivered)
         self.queues.tasks[task.id] = retry
         self.queues.requeue(retry)
+
+    # -- events -------------------------------------------------------------------
+
+    def _heartbeat_event(self, sup: SupervisorRecord, load: float | None) -> dict:
+        procs = [self.procs[w] for w in sup.procs if w in self.procs]
+        return events.worker_event(events.WORKER_HEARTBEAT, time.time(), sup.sid, {
+            "processed": sup.processed, "failed": sup.failed,
+            "active": sum(len(p.running) for p in procs), "load": load, "memory": sup.memory,
+            "processes": sorted(p.pid for p in procs), "host": sup.host, "pid": sup.pid,
+            "queues": list(sup.queues), "name": sup.name, "concurrency": sup.concurrency})
+
+    def _offline(self, sup: SupervisorRecord) -> None:
+        self.results.events.event(events.worker_event(events.WORKER_OFFLINE, time.time(), sup.sid,
+                                                      {"host": sup.host, "pid": sup.pid}))
 
     # -- for info and shutdown ----------------------------------------------------
 

@@ -24,6 +24,10 @@ ORIGINALS_KEPT = 10_000  # a lone task's message is kept, to forward as is, whil
 #                          (or when it is large: signing it again would cost more than keeping it)
 
 
+_OWN = {"id": lambda t: t.id, "h": lambda t: t.h, "c": lambda t: t.c,
+        "f": lambda t: t.f or None, "nf": lambda t: len(t.frames)}
+
+
 class QueuedTask:
     """A task as the broker sees it: its header item and payload, never unpickled.
 
@@ -75,8 +79,27 @@ class QueuedTask:
         return item
 
     def get(self, field: str, default=None):
-        """One of the task's other header fields (``n``, ``s0``, ``mp``, ``q``, ``pr``, ...)."""
-        return default if self.rest is None else self.rest.get(field, default)
+        """A field of its header item, as ``item.get`` (events read a task this way: the
+        task, not a copy of its item, is what they keep)."""
+        rest = self.rest
+        if rest is not None and field in rest:
+            return rest[field]
+        own = _OWN.get(field)
+        value = own(self) if own is not None else None
+        return default if value is None else value
+
+    def __getitem__(self, field: str):
+        value = self.get(field)
+        if value is None:
+            raise KeyError(field)
+        return value
+
+    def __contains__(self, field: str) -> bool:
+        return self.get(field) is not None
+
+    def release(self) -> None:
+        """It is done: its payload is dropped (events may keep the task a while)."""
+        self._msg = ()
 
     @property
     def n(self) -> int:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .. import deaths
+from .. import deaths, events
+from ..events import EventLog
 from ..results import ResultStore
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
@@ -22,9 +23,11 @@ from .queues import QueuedTask, Queues
 class Results:
     """What the broker keeps of finished and watched tasks, and how results reach clients."""
 
-    def __init__(self, queues: Queues, outbox: Outbox, budget: int, expires: float) -> None:
+    def __init__(self, queues: Queues, outbox: Outbox, budget: int, expires: float,
+                 events: EventLog) -> None:
         self.queues = queues
         self.outbox = outbox
+        self.events = events
         self.expires = expires                       # seconds (result_expires)
         self.store = ResultStore(budget)             # task id -> [(item, frames, raw)] parts
         self.watchers: dict[str, set] = {}           # task id -> client ids that asked for it
@@ -51,7 +54,12 @@ class Results:
                 self.outbox.to_client(cid, self.message(part))
         start, n = item.get("s", 0), item.get("n", 1)
         delivered = task.delivered
+        fresh = n - delivered.count(1, start, start + n)
         delivered[start:start + n] = b"\x01" * n
+        if fresh:  # a part delivered already (a late answer of a dead process) makes no event
+            where = task.where
+            self.events.task(time.time(), EventLog.RESULT, task,
+                             where if "/" in where else None, (item, fresh))
         if 0 not in delivered:
             self.finish(task.id)
 
@@ -62,8 +70,10 @@ class Results:
     def finish(self, tid: str) -> None:
         """A task is done: the broker forgets it; its result expires after result_expires."""
         task = self.queues.tasks.pop(tid, None)
-        if task is not None and task.where == "queued":  # a re-sent copy answered by a late result
-            task.where = "done"
+        if task is not None:
+            task.release()
+            if task.where == "queued":  # a re-sent copy answered by a late result
+                task.where = "done"
         self.watchers.pop(tid, None)
         self._expire_later("res", tid)
 
@@ -88,9 +98,18 @@ class Results:
         meta = self.maps.get(mp)
         if meta is None:
             meta = self.maps[mp] = {"total": None, "chunks": [], "c": task.c,
-                                    "star": task.get("m") == "star"}
+                                    "star": task.get("m") == "star", "first": task}
             self._expire_later("map", mp)
+            if "tot" in task:
+                self._map_sent(meta, task["tot"])
         meta["chunks"].append(task.id)
+
+    def _map_sent(self, meta: dict, total: int) -> None:
+        """The map-sent event of a map, once, when its item count is known."""
+        first = meta.pop("first", None)
+        if first is not None:
+            self.events.event(events.map_event(time.time(), first,
+                                               self.events.names.get(first.get("h")), total))
 
     # -- handlers (from clients) ---------------------------------------------------
 
@@ -102,6 +121,9 @@ class Results:
             if task is not None and task.where == "queued":
                 task.where = "cancelled"  # skipped when its queue reaches it
                 del self.queues.tasks[tid]
+                task.release()
+                self.events.task(time.time(), events.TASK_REVOKED, task, None,
+                                 {"count": task.n} if "mp" in task else None)
                 part = ({"id": tid, "rv": 1, "s": 0, "s0": task.get("s0", 0),
                          "n": task.n, "nf": 0}, [], None)
                 self.store.add(tid, part)
@@ -118,6 +140,7 @@ class Results:
         meta = self.maps.get(header["mp"])
         if meta is not None:
             meta["total"] = header["total"]
+            self._map_sent(meta, header["total"])
 
     def on_watch(self, peer, header, frames, body):
         """Send a client what is stored for task ids and maps, and what comes later."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..policy import RESULT_EXPIRES
+from ..policy import EVENTS_KEEP, EVENTS_MAX, RESULT_EXPIRES
 from .options import DEFAULT_BIND, add_key_file, add_max_message_age, given
 
 
@@ -25,6 +25,14 @@ def add_parser(sub) -> None:
     b.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
                    help="encrypt and authenticate with CURVE, keys derived from the signing key "
                    "(default: on when binding a non-loopback address, or as $NBQ_CURVE says)")
+    b.add_argument("--events", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep and send task and worker events (nbq events, Client.events(), "
+                   "the dashboard; default: on)")
+    b.add_argument("--events-keep", type=float, default=EVENTS_KEEP, metavar="SECONDS",
+                   help=f"seconds of events kept for readers that start later (default {EVENTS_KEEP:g})")
+    b.add_argument("--events-max", type=int, default=EVENTS_MAX, metavar="N",
+                   help=f"events kept at most (default {EVENTS_MAX:,}; worker heartbeats: "
+                   "each worker's last)")
     add_max_message_age(b)
     add_key_file(b)
     b.set_defaults(run=_broker)
@@ -54,6 +62,8 @@ def _broker(args) -> None:
         across_processes(bind, "nbq broker")
     broker = Broker(keys.load_key(), args.bind or [DEFAULT_BIND],
                     result_expires=args.result_expires, curve=args.curve,
+                    events_on=args.events, events_keep=args.events_keep,
+                    events_max=args.events_max,
                     **given(max_message_size=args.max_message_size,
                             result_budget=args.result_budget, max_age=args.max_message_age,
                             heartbeat_timeout=args.heartbeat_timeout))

@@ -1,7 +1,7 @@
 """The ``nbq`` command's entry point: the parser of every command, and running the one given.
 
-Commands: broker, worker, beat, inspect, control, status, multi, launch, demo; each group's
-parser and code are in its own module here.
+Commands: broker, worker, beat, inspect, control, status, events, dashboard, multi, launch,
+demo; each group's parser and code are in its own module here.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import sys
 
 from ..errors import NbqError
-from . import beat, broker, control, launch, worker
+from . import beat, broker, control, dashboard, events, launch, worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     control.add_inspect_parser(sub)
     control.add_control_parser(sub)
     control.add_status_parser(sub)
+    events.add_parser(sub)
+    dashboard.add_parser(sub)
     worker.add_multi_parser(sub)
     launch.add_parser(sub)
     d = sub.add_parser("demo", help="run a map on an embedded cluster: progress, DataFrame, speed")

@@ -15,15 +15,17 @@ import threading
 import time
 import types
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .. import protocol
+from ..events import args_repr
 from ..deaths import MAX_DEATHS
 from ..errors import (BrokerTimeout, BrokerUnavailable, KeyMismatch, MessageTooLarge, NbqError,
                       SerializationError)
 from ..policy import CONNECT_TIMEOUT
 from . import registry
 from .control import Controls, terminate
+from .events import Subscriptions
 from .feeding import Chunker, Feeder, ProcessCount, default_chunksize
 from .future import Future
 from .link import BROKER_GRACE, BrokerLink
@@ -112,9 +114,10 @@ class Client(concurrent.futures.Executor):
         self._processes = ProcessCount(self._cluster, self._requests, self._conn)
         self._controls = Controls(self._conn)
         self._watches = Watches(self._conn, self._futures, self._chunks)
+        self._subscriptions = Subscriptions(self._conn)
         self._inbox = Receiver(self._conn, self._sender, self._functions, self._feeder,
                                self._requests, self._controls.replies, self._link,
-                               self._futures, self._chunks)
+                               self._futures, self._chunks, self._subscriptions)
         self._receiver = self._inbox.start(f"nbq-receiver-{self.id}")
         welcome = self._requests.new(None)
         self._conn.hello(welcome[0])
@@ -140,7 +143,8 @@ class Client(concurrent.futures.Executor):
     def apply(self, fn: Callable, args: Iterable = (), kwargs: dict | None = None, *,
               task_id: str | None = None, queue: str = "default", eta: float | None = None,
               expires: float | None = None, priority: int | None = None,
-              max_task_deaths: int | None = None) -> Future:
+              max_task_deaths: int | None = None, argsrepr: str | None = None,
+              parent_id: str | None = None, root_id: str | None = None) -> Future:
         """Run fn(*args, **kwargs) on a worker, with the options of Celery's apply_async that
         submit() has no room for.
 
@@ -148,9 +152,17 @@ class Client(concurrent.futures.Executor):
         chain or chord can name tasks not sent yet.  ``eta``: epoch seconds before which it
         does not start.  ``expires``: epoch seconds after which it is revoked, not run.
         ``priority``: 0 to 9, 9 most urgent (0 and None: the default).  ``max_task_deaths``:
-        this task's, instead of the client's.
+        this task's, instead of the client's.  ``argsrepr``: what its task-sent event shows
+        as its arguments (default: a short repr of args and kwargs); ``parent_id``,
+        ``root_id``: the tasks it follows in a chain or chord, for its events.
         """
         options = task_options(eta, expires, priority, max_task_deaths)
+        if argsrepr is not None:
+            options["ar"] = argsrepr[:200]
+        if parent_id is not None:
+            options["pa"] = parent_id
+        if root_id is not None:
+            options["ro"] = root_id
         return self._submit(fn, tuple(args), kwargs or {}, queue=queue, tid=task_id,
                             options=options)
 
@@ -163,7 +175,8 @@ class Client(concurrent.futures.Executor):
         tid = tid or f"{self.id}-{next(self._seq)}"
         fut = Future(tid, self)
         self._futures[tid] = fut
-        item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload)}
+        item = {"id": tid, "h": h, "q": queue, "f": 1, "nf": len(payload),
+                "ar": args_repr(args, kwargs)}
         if self._task_header:
             item.update(self._task_header)
         if options:
@@ -207,6 +220,8 @@ class Client(concurrent.futures.Executor):
         # inline, the caller's thread runs every chunk (never the receiver thread)
         window = math.inf if self._conn.inline else max(16, 4 * self._processes())
         task = {"h": h, "q": queue, "m": "star" if star else "map", "mp": map_id, **self._task_header}
+        if total is not None:  # for its map-sent event, with its first chunk
+            task["tot"] = total
         try:
             self._feeder.start(res, Chunker(source, chunksize, keep), task, function_name(fn), window)
         except (SerializationError, MessageTooLarge):
@@ -224,6 +239,15 @@ class Client(concurrent.futures.Executor):
         deadline = None if timeout is None else time.monotonic() + timeout
         return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 for f in futures]
+
+    def events(self, since: float | None = None, timeout: float | None = None) -> Iterator[dict]:
+        """The broker's task and worker events (dicts; nbq/events.py says their fields):
+        those it keeps from ``since`` (epoch seconds; None: from now, live only; 0: all it
+        keeps), then each as it happens, until this client shuts down, the iterator is
+        closed, or ``timeout`` seconds pass with no event.  A broker with events off
+        (``nbq broker --no-events``, ``?events=0``) sends none."""
+        self._check_open()
+        return self._subscriptions.open(since, timeout)
 
     def workers(self) -> list[dict]:
         """Connected workers: id, host, pid, concurrency, active, queues, processes, memory
@@ -390,6 +414,7 @@ class Client(concurrent.futures.Executor):
         self._closed = self._inbox.stopped = True
         with contextlib.ExitStack() as steps:  # callbacks run last-registered first
             steps.callback(self._close_cluster)
+            steps.callback(self._subscriptions.end_all)
             steps.callback(self._inbox.fail_unfinished)
             steps.callback(self._close_connection)
             steps.callback(self._stop_receiver)

@@ -1,8 +1,8 @@
 """The receiver thread: what the broker sends completes, starts and updates the client's work.
 
 One background thread per client receives results (completing futures, filling map
-results and sending maps' next chunks), state notices, streamed output, control answers
-and replies; it sends the batched submits and the heartbeats, and sends the unfinished
+results and sending maps' next chunks), state notices, streamed output, control answers,
+events (to their subscriptions) and replies; it sends the batched submits and the heartbeats, and sends the unfinished
 work again to a broker that restarted.  A result already seen is dropped, so the user
 sees each once.
 """
@@ -29,7 +29,7 @@ class Receiver:
     """
 
     def __init__(self, conn, sender, functions, feeder, requests, controls: dict, link,
-                 futures: dict, chunks: dict) -> None:
+                 futures: dict, chunks: dict, subscriptions) -> None:
         self._conn = conn
         self._sender = sender
         self._sent = sender.sent  # tasks sent, not seen finish (the Sender's table, shared)
@@ -40,6 +40,7 @@ class Receiver:
         self._link = link
         self._futures = futures
         self._chunks = chunks
+        self._subscriptions = subscriptions  # events.Subscriptions
         self.stopped = False  # the thread should return; nothing is waited for
 
     def start(self, name: str) -> threading.Thread:
@@ -86,6 +87,8 @@ class Receiver:
             fut = self._futures.get(header["id"])
             if fut is not None:
                 fut._output(frames)
+        elif kind == "ev":
+            self._subscriptions.deliver(header)
         elif kind == "ctlr":
             replies = self._controls.get(header.get("ci"))
             if replies is not None:
@@ -219,6 +222,7 @@ class Receiver:
         if watched:
             self._conn.watch(None, ids=watched)
         self._requests.resend()
+        self._subscriptions.resend()
         for tid in lost:
             self._fail_task(tid, BrokerUnavailable(
                 f"the broker at {self._link.address} restarted and this client no longer keeps "

@@ -18,6 +18,7 @@ from typing import Callable
 import cloudpickle
 
 from .. import protocol
+from ..events import name_of
 
 FUNCTION_CACHE = 256
 FUNCTION_KEEP = 64 << 20  # bytes of function pickles kept to re-send to a restarted broker
@@ -39,6 +40,7 @@ class FunctionCache:
         self._sent: set[str] = set()              # hashes the broker has been sent
         self._kept: OrderedDict = OrderedDict()   # hash -> pickle, oldest first (FUNCTION_KEEP)
         self._kept_bytes = 0
+        self._names: dict[str, str] = {}          # hash -> the name its events show, while kept
         self._refused: set[str] = set()  # shipped, then refused by a worker: shipped again
         _all.add(self)
 
@@ -54,7 +56,7 @@ class FunctionCache:
             payload = protocol.dumps_named(fn, f"the function {function_name(fn)}")
             h = protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload))
             with self._lock:
-                self._keep(h, payload)
+                self._keep(h, payload, name_of(fn))
                 if h in self._refused:  # shipped again below, replacing what is stored
                     self._sent.discard(h)
                     self._refused.discard(h)
@@ -67,21 +69,24 @@ class FunctionCache:
         if h not in self._sent:
             with self._lock:
                 if h not in self._sent and h in self._kept:
-                    self._conn.ship(h, self._kept[h])
+                    self._conn.ship(h, self._kept[h], self._names.get(h, ""))
                     self._sent.add(h)
         return h
 
-    def _keep(self, h: str, payload: list) -> None:
-        """Keep a function's pickle to send again to a restarted broker (under the lock): the
-        newest FUNCTION_CACHE, within FUNCTION_KEEP bytes."""
+    def _keep(self, h: str, payload: list, name: str) -> None:
+        """Keep a function's pickle (and name) to send again to a restarted broker (under the
+        lock): the newest FUNCTION_CACHE, within FUNCTION_KEEP bytes."""
         if h in self._kept:
             self._kept.move_to_end(h)
             return
         self._kept[h] = payload
+        self._names[h] = name
         self._kept_bytes += protocol.frame_size(payload)
         while len(self._kept) > 1 and (len(self._kept) > FUNCTION_CACHE
                                        or self._kept_bytes > FUNCTION_KEEP):
-            self._kept_bytes -= protocol.frame_size(self._kept.popitem(last=False)[1])
+            old, dropped = self._kept.popitem(last=False)
+            self._names.pop(old, None)
+            self._kept_bytes -= protocol.frame_size(dropped)
 
     def refused(self, h: str) -> None:
         """A worker refused function h (FunctionRefused): ship it again with its next call."""
@@ -97,7 +102,7 @@ class FunctionCache:
         if h not in self._sent:
             if h not in self._kept:
                 return False
-            self._conn.ship(h, self._kept[h])
+            self._conn.ship(h, self._kept[h], self._names.get(h, ""))
             self._sent.add(h)
         return True
 

@@ -25,6 +25,7 @@ import atexit
 import contextlib
 import itertools
 import logging
+import os
 import platform
 import sys
 import threading
@@ -86,7 +87,8 @@ class Cluster:
             self.context = zmq.Context()
             inproc = f"inproc://nbq-broker-{id(self)}"
             self.broker = Broker(self.key, [listen, inproc], self.context,
-                                 result_expires=result_expires or RESULT_EXPIRES)
+                                 result_expires=result_expires or RESULT_EXPIRES,
+                                 events_on=os.environ.get("NBQ_EVENTS", "1") != "0")
             self.address = self.broker.addresses[0]
             self.connect_address = inproc
             self._thread = threading.Thread(target=self.broker.run, name="nbq-broker", daemon=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING
 
+from ..client.status import dashboard_link
+
 if TYPE_CHECKING:
     from .base import Cluster
 
@@ -17,7 +19,8 @@ def html_table(cluster: "Cluster") -> str:
         f"<td>{_size(w['memory'])}</td></tr>" for w in cluster.workers)
     adapter = cluster._adapter
     return (f"<b>{type(cluster).__name__}</b> {html.escape(cluster.address)}: "
-            + ("closed" if cluster._closed else f"{cluster.processes} worker processes")
+            + ("closed" if cluster._closed
+               else f"{cluster.processes} worker processes{dashboard_link(cluster.address)}")
             + (f", adapting {adapter.minimum}..{adapter.maximum}" if adapter else "")
             + "<table><tr><th>host</th><th>processes</th><th>state</th><th>active</th>"
               f"<th>memory</th></tr>{rows}</table>")

@@ -10,7 +10,7 @@ import importlib
 import logging
 import threading
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .asyncresult import AsyncResult
 from ..worker.context import current as current_call
@@ -128,6 +128,11 @@ class App:
 
     def GroupResult(self, group_id: str, task_ids: Iterable[str]) -> GroupResult:
         return GroupResult(group_id, [self.AsyncResult(t) for t in task_ids])
+
+    def events(self, since: float | None = None, timeout: float | None = None) -> Iterator[dict]:
+        """Task and worker events of this app's broker, as Client.events: those kept from
+        since (epoch seconds; None: live only; 0: all kept), then each as it happens."""
+        return self.client.events(since=since, timeout=timeout)
 
     @property
     def client(self):

@@ -13,6 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Iterable
 
+from ..events import args_repr
 from .asyncresult import AsyncResult
 from . import serializers
 from .runner import Runner, header_id, worker_client
@@ -21,7 +22,7 @@ from .runner import Runner, header_id, worker_client
 _SEND_OPTIONS = ("task_id", "queue", "serializer", "result_serializer", "countdown", "eta",
                  "expires", "priority", "link", "link_error", "retry", "retry_policy",
                  "immutable", "each", "time_limit", "soft_time_limit", "exchange", "routing_key",
-                 "reject_on_worker_lost")
+                 "reject_on_worker_lost", "parent_id", "root_id")  # the last two: Celery's, for events
 
 
 _ids: list[str] = []  # task ids made ahead, as one os.urandom call makes 256 of them
@@ -192,7 +193,9 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
     # reject_on_worker_lost=False is Celery's "the first death of its process fails it"
     client.apply(sig.runner, (body, req), task_id=sig.id, queue=opts["queue"], eta=eta,
                  expires=expires, priority=opts.get("priority"),
-                 max_task_deaths=1 if opts.get("reject_on_worker_lost") is False else None)
+                 max_task_deaths=1 if opts.get("reject_on_worker_lost") is False else None,
+                 argsrepr=args_repr(sig.args, sig.kwargs), parent_id=opts.get("parent_id"),
+                 root_id=opts.get("root_id"))
 
 
 class GroupResult:
@@ -294,8 +297,12 @@ class chain:
         if not self.tasks:
             raise ValueError("an empty chain has nothing to run")
         rest = [sig.clone() for sig in self.tasks[1:]]
-        for sig in rest:
+        root = options["task_id"] = options.get("task_id") or self.tasks[0].id or new_id()
+        parent = root
+        for sig in rest:  # for their events: the step before, and the first
             sig.freeze()
+            sig.options.update(parent_id=parent, root_id=root)
+            parent = sig.id
         first = self.tasks[0].apply_async(args, kwargs, chain=rest, **options)
         result, client = first, first.client
         client.watch([sig.id for sig in rest])  # one request for all the later steps
@@ -332,9 +339,11 @@ class chord:
         body = body.clone()
         body.freeze()
         meta = {"id": new_id(), "n": len(self.header), "body": body}
+        body.options.update(parent_id=meta["id"], root_id=meta["id"])  # for events
         header = [sig.clone() for sig in self.header]
         for i, sig in enumerate(header):
             sig.options.setdefault("task_id", header_id(meta, i))
+            sig.options["root_id"] = meta["id"]
             sig.freeze()
         client = _client_of(body.app or next((s.app for s in header if s.app), None))
         if not header:

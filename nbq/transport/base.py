@@ -43,6 +43,7 @@ class ClientConnection(ABC):
       state    ids, s: a worker's notice (RETRY: held for a retry; STARTED: running again)
       ctlr     ci, n (a worker's name), r (its reply): one worker's answer to control()
       out      id, frames: output events of a running task (output streaming)
+      ev       sub, ev: events (events.py's dicts) for the subscription sub (see events)
 
     A request's rq is the client's number for it; an operation given rq None wants no reply.
     Driver errors never escape: an unreachable broker is silence (the client notices it,
@@ -66,8 +67,9 @@ class ClientConnection(ABC):
         client's heartbeat, with rq None: what the broker says proves it alive."""
 
     @abstractmethod
-    def ship(self, h: str, frames: list) -> None:
-        """Store the pickled function whose content hash is h, for the tasks that name it."""
+    def ship(self, h: str, frames: list, name: str = "") -> None:
+        """Store the pickled function whose content hash is h, for the tasks that name it;
+        name (events.name_of) is what its tasks' events call it."""
 
     @abstractmethod
     def submit(self, tasks: list[dict], frames: list) -> None:
@@ -111,6 +113,14 @@ class ClientConnection(ABC):
                 ci: str) -> None:
         """Broadcast a control command to every worker (those named in destination).  Reply:
         {"n": how many it reached}; each one's answer comes as a ``ctlr`` message with ci."""
+
+    @abstractmethod
+    def events(self, sub: str, since: float | None, live: bool) -> None:
+        """Subscribe (live) or unsubscribe (not live) this client's subscription sub to
+        the broker's events (events.py).  Subscribing sends the stored events from since
+        (epoch seconds; None: none), then each new one as it happens, as ``ev`` messages
+        (sub, ev: a list of event dicts, in time order), until unsubscribed or this client
+        leaves.  A broker with events off sends none."""
 
     def lost(self, ids: list[str]) -> list[str]:
         """Of these unfinished task ids, those a restarted broker no longer holds, to be
@@ -161,8 +171,11 @@ class MessageClient(ClientConnection):
         header["c"] = self.cid
         self._put(header, frames)
 
-    def ship(self, h: str, frames: list) -> None:
-        self._send({"k": "fn", "h": h}, frames)
+    def ship(self, h: str, frames: list, name: str = "") -> None:
+        self._send({"k": "fn", "h": h, "name": name[:200]}, frames)
+
+    def events(self, sub: str, since: float | None, live: bool) -> None:
+        self._send({"k": "events", "sub": sub, "since": since, "live": int(live)})
 
     def submit(self, tasks: list[dict], frames: list) -> None:
         self._send({"k": "tasks", "t": tasks}, frames)

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .. import protocol
+from ..events import failure_fields, name_of
 from ..errors import MessageTooLarge, SerializationError
 from .context import Reschedule, TaskContext, running
 
@@ -44,26 +45,18 @@ class Functions:
             payload = self._fetch(h)
         except Exception as e:  # not stored, or refused: fetched again for the next task (the
             fn = _Unloadable(e)  # client ships a refused function again), so not kept
-            return fn, _name(fn).encode()[:NAME_MAX]
+            return fn, name_of(fn).encode()[:NAME_MAX]
         try:
             fn = protocol.loads(payload)
         except Exception as e:  # a module missing here, a broken pickle: every task of it fails
             fn = _Unloadable(unimportable(e, "the function of this task"))
-        name = _name(fn).encode()[:NAME_MAX]
+        name = name_of(fn).encode()[:NAME_MAX]
         if self._failed is not None:
             fn = _Unloadable(self._failed)
         entry = self._loaded[h] = fn, name
         if len(self._loaded) > FUNCTION_CACHE:
             self._loaded.popitem(last=False)
         return entry
-
-
-def _name(fn) -> str:
-    """A task's registered name, or a plain function's module and qualified name."""
-    name = getattr(fn, "name", None)
-    if isinstance(name, str):
-        return name
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def unimportable(error: BaseException, needed_by: str) -> BaseException:
@@ -130,7 +123,9 @@ def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], Non
                                              kwargs if r.new_kwargs is None else r.new_kwargs))
                 return dict(item, eta=r.eta, rt=item.get("rt", 0) + 1, nf=len(frames)), frames
             except BaseException as e:
-                payload, ok = protocol.dumps(protocol.error_record(e)), 0
+                record = protocol.error_record(e)
+                payload, ok = protocol.dumps(record), 0
+                base.update(failure_fields(record))
             else:
                 payload, ok = _dump_value(value, f"the result of task {tid}", max_result)
         emit(dict(base, s=0, n=1, ok=ok, nf=len(payload), d=time.perf_counter() - t0), payload)
@@ -192,7 +187,10 @@ def _emit_chunk(base: dict, start: int, values: list, errors: dict, t0: float, e
             errors = {0: protocol.loads(_too_large(payload, f"the result of item "
                                                             f"{base['s0'] + start}", max_result))}
             payload = protocol.dumps(([None], errors))
-    emit(dict(base, s=start, n=len(values), nf=len(payload), d=time.perf_counter() - t0), payload)
+    part = dict(base, s=start, n=len(values), nf=len(payload), d=time.perf_counter() - t0)
+    if errors:  # for its events: how many failed, the first one's exception
+        part.update(failure_fields(errors[min(errors)]), nx=len(errors))
+    emit(part, payload)
 
 
 def _dump_value(value, what: str, max_result: int | None) -> tuple[list, int]:

@@ -94,7 +94,9 @@ class Supervisor:
         """What each heartbeat tells the broker about this worker."""
         info = {"sup": self.sid, "name": self.name, "host": self.host, "spid": self.pid,
                 "conc": self.concurrency, "queues": self.queues,
-                "mem": sum(process.resident(p) for p in [self.pid, *self.pool.children])}
+                "mem": sum(process.resident(p) for p in [self.pid, *self.pool.children]),
+                "ld": round(os.getloadavg()[0], 2),
+                "act": sum(1 for _, marker in self.pool.children.values() if marker.current())}
         if self.autoscale:  # the broker answers with the queued tasks ("queued"), up to this many
             info["autoscale"] = self.autoscale.high
         return info

@@ -24,6 +24,7 @@ import time
 import uuid
 
 from ..errors import NbqError
+from ..policy import HEARTBEAT
 from ..transport.memory import MemorySupervisor, MemoryWorker, Stopped, broker
 from . import control, ratelimit
 from .marker import Marker
@@ -135,8 +136,12 @@ class ThreadPool:
                 self._workers.pop(conn.wid, None)
 
     def _serve_control(self) -> None:
+        beat = time.monotonic() + HEARTBEAT
         while not self._stopping.is_set():
             requests, _ = self._conn.poll(POLL, [])
+            if time.monotonic() >= beat:  # for its worker-heartbeat events (nothing goes silent)
+                beat = time.monotonic() + HEARTBEAT
+                self._conn.heartbeat(self.info)
             for request in requests:
                 if request.get("k") == "ctl":
                     reply = control.handle(self, request["cmd"], request.get("args") or {})

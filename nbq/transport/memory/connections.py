@@ -56,8 +56,11 @@ class MemoryClient(ClientConnection):
     def hello(self, rq: int | None) -> None:
         self.broker.hello(self.cid, rq)
 
-    def ship(self, h: str, frames: list) -> None:
-        self.broker.ship(h, _own(frames))
+    def ship(self, h: str, frames: list, name: str = "") -> None:
+        self.broker.ship(h, _own(frames), name)
+
+    def events(self, sub: str, since: float | None, live: bool) -> None:
+        self.broker.subscribe(self.cid, sub, since, live)
 
     def submit(self, tasks: list[dict], frames: list) -> None:
         """Queue tasks; an inline client then runs them here, in the calling thread."""
@@ -147,7 +150,8 @@ class MemoryWorker(WorkerConnection):
     def __init__(self, broker: MemoryBroker, wid: str | None = None, sid: str | None = None,
                  queues: tuple = (), inline: bool = False) -> None:
         self.broker = broker
-        self.wid = wid or uuid.uuid4().hex[:12]
+        # a pool's thread is "<pool id>/<n>", as a worker process is (events name it)
+        self.wid = wid or (f"{sid}/{uuid.uuid4().hex[:6]}" if sid else uuid.uuid4().hex[:12])
         self._inline = inline
         self._tag = {"ip": broker.address, **({"il": 1} if inline else {})}
         self._stopped = threading.Event()

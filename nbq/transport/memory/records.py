@@ -15,6 +15,7 @@ class HeldTask:
     delivered: bytearray = field(default_factory=bytearray)
     ndelivered: int = 0
     retrying: bool = False  # held by its worker until a retry's eta (a RETRY notice)
+    later: bool = False     # taken before its eta: its task-started event comes with its result
 
     @property
     def id(self) -> str:
@@ -27,6 +28,8 @@ class PoolRecord:
     info: dict
     inbox: Mailbox
     procs: set = field(default_factory=set)
+    processed: int = 0  # items its threads finished, for its heartbeat events
+    failed: int = 0     # of which failed
 
 
 @dataclass(eq=False)

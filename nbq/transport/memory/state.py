@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 import uuid
 from collections import deque
 
-from ... import policy
+from ... import events, policy
 from ...errors import NbqError
 from ...results import ResultStore
 from .mailbox import Mailbox
@@ -54,6 +55,7 @@ class MemoryBroker:
         self.expiry: deque = deque()  # (time, kind, key) in time order
         self.supervisors: dict[str, PoolRecord] = {}
         self.procs: dict[str, ThreadRecord] = {}
+        self.events = events.EventLog(policy.EVENTS_KEEP, policy.EVENTS_MAX)
 
     # -- clients ------------------------------------------------------------------
 
@@ -72,16 +74,39 @@ class MemoryBroker:
     def bye(self, cid: str) -> None:
         with self._lock:
             self.clients.pop(cid, None)
+            self.events.leave(cid)
             self.queues.pop(INLINE_LANE + cid, None)
 
-    def ship(self, h: str, frames: list) -> None:
+    def ship(self, h: str, frames: list, name: str = "") -> None:
         with self._lock:
             self.functions[h] = frames
+            if name:
+                self.events.names[h] = name
+
+    def subscribe(self, cid: str, sub: str, since: float | None, live: bool) -> None:
+        """Events for a client's subscription: those kept from since, then live (ev messages)."""
+        with self._lock:
+            key = (cid, sub)
+            if not live:
+                self.events.subscribers.discard(key)
+                return
+            self.events.prune(time.time())
+            for batch in events.batches(self.events.since(since)) if since is not None else ():
+                self._send(cid, {"k": "ev", "sub": sub, "ev": batch})
+            self.events.subscribers.add(key)
+
+    def _publish(self) -> None:
+        """Send the events added since the last call to the subscribers (under the lock)."""
+        if self.events.subscribers:
+            new = self.events.take_new()
+            for cid, sub in self.events.subscribers if new else ():
+                self._send(cid, {"k": "ev", "sub": sub, "ev": new})
 
     def submit(self, cid: str, tasks: list[dict], frames: list, lane: str | None = None) -> None:
         """Queue tasks (each naming its nf frames); lane, when given, is the queue for all."""
         with self._lock:
             self._expire()
+            now = time.time()
             i = 0
             for item in tasks:
                 n = item.get("nf", 0)
@@ -91,15 +116,19 @@ class MemoryBroker:
                 item = dict(item, c=cid)
                 task = HeldTask(item, payload, delivered=bytearray(item.get("n", 1)))
                 self.tasks[task.id] = task
+                self.events.task(now, events.TASK_SENT, item)
                 mp = item.get("mp")
                 if mp is not None:
                     meta = self.maps.get(mp)
                     if meta is None:
                         meta = self.maps[mp] = {"total": None, "chunks": [],
-                                                "star": item.get("m") == "star"}
+                                                "star": item.get("m") == "star", "first": item}
                         self._expire_later("map", mp)
+                        if "tot" in item:
+                            self._map_sent(meta, item["tot"])
                     meta["chunks"].append(task.id)
                 self._queue(task, lane or item.get("q", "default"), next(self._seq))
+            self._publish()
             self._work.notify_all()
 
     def _queue(self, task: HeldTask, name: str, seq: int) -> None:
@@ -110,6 +139,14 @@ class MemoryBroker:
             meta = self.maps.get(map_id)
             if meta is not None:
                 meta["total"] = total
+                self._map_sent(meta, total)
+                self._publish()
+
+    def _map_sent(self, meta: dict, total: int) -> None:
+        first = meta.pop("first", None)
+        if first is not None:
+            self.events.event(events.map_event(time.time(), first,
+                                               self.events.names.get(first.get("h")), total))
 
     def cancel(self, cid: str, rq: int, ids: list[str]) -> None:
         """Revoke the tasks no worker has taken; reply {id: revoked?}."""
@@ -122,6 +159,8 @@ class MemoryBroker:
                     continue
                 task.where = "cancelled"  # skipped when its queue reaches it
                 del self.tasks[tid]
+                self.events.task(time.time(), events.TASK_REVOKED, task.item, None,
+                                 {"count": task.item.get("n", 1)} if "mp" in task.item else None)
                 part = ({"id": tid, "rv": 1, "s": 0, "s0": task.item.get("s0", 0),
                          "n": task.item.get("n", 1), "nf": 0}, [])
                 self._store(tid, part)
@@ -129,6 +168,7 @@ class MemoryBroker:
                 for other in {task.item["c"], *self.watchers.pop(tid, ())} - {cid}:
                     self._send(other, {"k": "res", "t": [part[0]]})
             self._reply(cid, rq, answer)
+            self._publish()
 
     def watch(self, cid: str, rq: int | None, ids: list[str], maps: list[str]) -> None:
         """Reply what is known of these tasks and maps, then send their stored results."""
@@ -229,9 +269,21 @@ class MemoryBroker:
         """Register a pool, or update it (its queues: its threads follow); its inbox."""
         with self._lock:
             sup = self.supervisors.get(info["sup"])
+            now = time.time()
             if sup is None:
                 sup = self.supervisors[info["sup"]] = PoolRecord(dict(info), Mailbox())
+                self.events.event(events.worker_event(events.WORKER_ONLINE, now, info["sup"], {
+                    "host": info["host"], "pid": info["spid"], "name": info.get("name"),
+                    "queues": list(info["queues"])}))
             sup.info = dict(info)
+            self.events.event(events.worker_event(events.WORKER_HEARTBEAT, now, info["sup"], {
+                "processed": sup.processed, "failed": sup.failed,
+                "active": sum(len(self.procs[w].running) for w in sup.procs if w in self.procs),
+                "load": os.getloadavg()[0], "memory": info.get("mem"),
+                "processes": [info["spid"]] * len(sup.procs), "host": info["host"],
+                "pid": info["spid"], "queues": list(info["queues"]), "name": info.get("name"),
+                "concurrency": info["conc"]}))
+            self._publish()
             for wid in sup.procs:
                 self.procs[wid].queues = tuple(info["queues"])
             self._work.notify_all()
@@ -247,6 +299,10 @@ class MemoryBroker:
             sup = self.supervisors.pop(sid, None)
             for wid in sup.procs if sup is not None else ():
                 self.gone(wid)
+            if sup is not None:
+                self.events.event(events.worker_event(events.WORKER_OFFLINE, time.time(), sid, {
+                    "host": sup.info["host"], "pid": sup.info["spid"]}))
+                self._publish()
 
     # -- worker threads -----------------------------------------------------------
 
@@ -272,12 +328,24 @@ class MemoryBroker:
                     proc.running.add(task.id)
                     if task.item.get("f"):
                         self._send(task.item["c"], {"k": "started", "ids": [task.id]})
+                    self._received(task, wid)
                     return task
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     return None
                 self._work.wait(wait)
             return None
+
+    def _received(self, task: HeldTask, wid: str) -> None:
+        """The events of a task a worker takes: received, and started unless held for its eta."""
+        now = time.time()
+        eta = task.item.get("eta")
+        if eta is None or eta <= now:
+            self.events.task(now, events.EventLog.TAKEN, task.item, wid)
+        else:
+            self.events.task(now, events.TASK_RECEIVED, task.item, wid)
+            task.later = True
+        self._publish()
 
     def _next(self, queues: tuple) -> HeldTask | None:
         best = None
@@ -307,7 +375,13 @@ class MemoryBroker:
             for item, payload in results:
                 task = self.tasks.get(item["id"])
                 if task is not None and task.where == wid:
+                    if task.later:  # held for its eta: started when it ran
+                        task.later = False
+                        if not item.get("rv"):
+                            self.events.task(time.time() - item.get("d", 0.0),
+                                             events.TASK_STARTED, task.item, wid)
                     self._deliver(task, item, payload)
+            self._publish()
             proc = self.procs.get(wid)
             if proc is not None and ready:  # what it still holds (due later) stays its own
                 proc.running = {tid for tid in proc.running
@@ -320,8 +394,11 @@ class MemoryBroker:
                 task = self.tasks.get(tid)
                 if task is not None and task.where == wid:
                     task.retrying = state == "RETRY"
+                    self.events.task(time.time(), events.TASK_RETRIED if task.retrying
+                                     else events.TASK_STARTED, task.item, wid)
                     for cid in {task.item["c"]} | self.watchers.get(tid, set()):
                         self._send(cid, {"k": "state", "ids": [tid], "state": state})
+            self._publish()
 
     def output(self, wid: str, tid: str, frames: list) -> None:
         with self._lock:
@@ -354,8 +431,17 @@ class MemoryBroker:
         for cid in {task.item["c"]} | self.watchers.get(task.id, set()):
             self._send(cid, {"k": "res", "t": [part[0]]}, payload)
         start, n = item.get("s", 0), item.get("n", 1)
-        task.ndelivered += n - task.delivered.count(1, start, start + n)
+        fresh = n - task.delivered.count(1, start, start + n)
+        task.ndelivered += fresh
         task.delivered[start:start + n] = b"\x01" * n
+        if fresh:
+            worker = task.where if task.where in self.procs else None
+            self.events.task(time.time(), events.EventLog.RESULT, task.item, worker, (item, fresh))
+            sup = self.supervisors.get(self.procs[worker].sid) if worker is not None else None
+            if sup is not None:
+                sup.processed += fresh
+                sup.failed += (fresh * (not item["ok"]) if "ok" in item
+                               else min(fresh, item.get("nx", 0)))
         if task.ndelivered >= len(task.delivered):
             task.where = "done"
             self.tasks.pop(task.id, None)

@@ -8,10 +8,11 @@ from collections import deque
 
 import redis
 
-from ... import protocol
+from ... import events, protocol
 from ...errors import BrokerUnavailable, NbqError, SignatureError
 from ..base import MessageClient
 from .answers import ANSWERS, FALLBACK
+from . import events as stored_events
 from .connection import check, connect
 from .frames import entry_fields, pack, stored_apart
 from .keys import P, group, queue_key, text
@@ -57,6 +58,11 @@ class RedisClient(MessageClient):
         self._closing = False
         self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
         self._maps: set[str] = set()
+        self._events = stored_events.EventWriter(self.store)  # task-sent, map-sent
+        self._names: dict[str, str] = {}  # function hash -> name, for task-sent events
+        self._unsent_maps: dict[str, dict | None] = {}  # map id -> its first chunk (None: map-sent
+        #                                                 sent), until its end
+        self._subs: dict[str, str] = {}  # event subscription -> the last nbq:ev entry it saw
         # task id -> (its entry "queue key entry id", mode, items) for unfinished tasks with
         # frames stored apart: the only entries of this client a worker may drop (_dropped)
         self._own: dict[str, tuple[str, str, int]] = {}
@@ -112,7 +118,9 @@ class RedisClient(MessageClient):
             stream = stream.decode() if isinstance(stream, bytes) else stream
             for eid, fields in entries:
                 self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
-                if stream == self._rs and fields and b"m" in fields:
+                if stream in (stored_events.STREAM, stored_events.BEATS):
+                    out += self._live(stream, self._last[stream], fields)
+                elif stream == self._rs and fields and b"m" in fields:
                     self._untrimmed += max(len(fields[b"m"]), TRIM_AFTER // 64)
                     decoded = self.store.decode(fields[b"m"], f"entry {eid!r} of {stream}")
                     if decoded is not None and decoded[0].get("k") == "dropped":
@@ -200,7 +208,11 @@ class RedisClient(MessageClient):
     def _handle(self, batch: list) -> None:
         simple: list = []
         for header, frames in batch:
-            if header["k"] in FALLBACK:
+            if header["k"] == "events":
+                self._flush(simple)
+                simple = []
+                self._subscribe(header)
+            elif header["k"] in FALLBACK:
                 self._flush(simple)
                 simple = []
                 if header["k"] == "cancel":  # no more this client's own to fail (_dropped)
@@ -240,11 +252,15 @@ class RedisClient(MessageClient):
         big: dict = {}  # task id -> (queue key, mode, items) of tasks with frames stored apart
         ntasks = 0
         chunked: set[str] = set()  # maps given chunks here: their chunk lists' expiry renewed once
+        now = time.time()
         for header, frames in messages:
             k = header["k"]
             if k == "fn":
                 fk = P + "fn:" + header["h"]
-                blob = pack(self.signer.encode({"k": "fn", "h": header["h"]}, frames))
+                if header.get("name"):
+                    self._names[header["h"]] = header["name"]
+                blob = pack(self.signer.encode({"k": "fn", "h": header["h"],
+                                                "name": header.get("name", "")}, frames))
                 # SET, not SET NX: whatever is stored under the key (a blob a worker refused)
                 # is replaced; once per client and function (and again after a refusal)
                 cmds.append(("set", (fk, blob), {"ex": st.ttl_s}))
@@ -262,9 +278,13 @@ class RedisClient(MessageClient):
                     ntasks += 1
                     hashes.add(item.get("h"))
                     mp = item.get("mp")
+                    if self._events.on:
+                        self._events.add([events.task_event(events.TASK_SENT, now, item,
+                                                            self._names.get(item.get("h")))])
                     if mp is not None:
                         if mp not in self._maps:
                             self._maps.add(mp)
+                            self._map_sent(mp, item, item.get("tot"))
                             cmds.append(("hset", (P + "m:" + mp,), {"mapping": {
                                 "star": int(item.get("m") == "star"), "c": self.cid}}))
                             cmds.append(("expire", (P + "m:" + mp, st.ttl_s), {}))
@@ -272,6 +292,7 @@ class RedisClient(MessageClient):
                                                f"{item['id']} {item.get('s0', 0)} {item.get('n', 1)}"), {}))
                         chunked.add(mp)
             elif k == "mapend":
+                self._map_sent(header["mp"], None, header["total"])
                 cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
                 cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
         cmds += [("expire", (P + "mc:" + mp, st.ttl_s), {}) for mp in chunked]
@@ -281,22 +302,67 @@ class RedisClient(MessageClient):
             cmds.append(("eval", (SUBMIT, 0, P, st.ttl_s, self.cid, len(hashes), *hashes,
                                   ntasks, *tasks), {}))
 
+        piped = len(cmds) > 1 or bool(self._events)
+
         def execute():
-            if len(cmds) == 1:  # a lone task: no pipeline's cost
+            if not piped:  # a lone task: no pipeline's cost
                 name, args, kwargs = cmds[0]
                 return getattr(st.r, name)(*args, **kwargs)
             pipe = st.r.pipeline(transaction=False)
             for name, args, kwargs in cmds:
                 getattr(pipe, name)(*args, **kwargs)
+            self._events.commands(pipe)  # after the tasks (written once: best effort)
             return pipe.execute()
 
         if cmds:
             got = st.retry("sending", execute)
             if big:
-                added = got if len(cmds) == 1 else got[-1]
+                added = got[len(cmds) - 1] if piped else got
                 for tid, eid in zip(added[::2], added[1::2]):
                     qk, mode, n = big[text(tid)]
                     self._own[text(tid)] = (f"{qk} {text(eid)}", mode, n)
+
+    def _map_sent(self, mp: str, first: dict | None, total: int | None) -> None:
+        """The map-sent event of a map, once, when its total is known: with its first chunk
+        (given as first), or at its end (first None; its record is then forgotten)."""
+        if first is None:
+            first = self._unsent_maps.pop(mp, None)  # None: sent already
+        elif total is None:
+            self._unsent_maps[mp] = first
+            return
+        else:
+            self._unsent_maps[mp] = None
+        if first is not None and total is not None:
+            self._events.add([events.map_event(time.time(), first,
+                                               self._names.get(first.get("h")), total)])
+
+    def _subscribe(self, header: dict) -> None:
+        """An events subscription (sender thread): the stored events, then live ones (receive)."""
+        sub = header["sub"]
+        if not header["live"]:
+            self._subs.pop(sub, None)
+            if not self._subs:
+                self._last.pop(stored_events.STREAM, None)
+                self._last.pop(stored_events.BEATS, None)
+            return
+        since = header.get("since")
+        past, last, last_beat = self.store.retry("reading events", lambda: stored_events.history(
+            self.store, time.time() if since is None else since))
+        for batch in events.batches(past):
+            self._inbox.append(({"k": "ev", "sub": sub, "ev": batch}, []))
+        self._last.setdefault(stored_events.STREAM, last)
+        self._last.setdefault(stored_events.BEATS, last_beat)
+        self._subs[sub] = last
+        self.wake()
+
+    def _live(self, stream: str, eid: str, fields: dict) -> list:
+        """ev messages of a live event entry, for each subscription that has not seen it."""
+        new = stored_events.decode(self.store, fields, f"event entry {eid}")
+        out = []
+        for sub, seen in list(self._subs.items()):
+            if stream == stored_events.BEATS or _after(eid, seen):
+                out.append(({"k": "ev", "sub": sub, "ev": new}, []))
+        return out if new else []
 
     def lost(self, ids: list[str]) -> list[str]:
         """Tasks with neither an owner (o:, from SUBMIT until done) nor a result (r:): those
@@ -310,3 +376,10 @@ class RedisClient(MessageClient):
                 pipe.exists(P + "o:" + tid, P + "r:" + tid)
             return pipe.execute()
         return [tid for tid, n in zip(ids, self.store.retry("looking for lost tasks", ask)) if not n]
+
+
+def _after(eid: str, seen: str) -> bool:
+    """Whether stream entry id eid comes after seen."""
+    a, _, b = eid.partition("-")
+    c, _, d = seen.partition("-")
+    return (int(a), int(b or 0)) > (int(c), int(d or 0))

@@ -36,6 +36,9 @@ class RedisSettings(NamedTuple):
     max_message_size: int = policy.MAX_MESSAGE_SIZE  # bytes: larger tasks refused by the
     #                                                  sender, larger messages dropped by the reader
     result_budget: int = policy.RESULT_BUDGET  # bytes of delivered results kept for by-id lookups
+    events: int = 1  # 0: this party writes no events (redis/events.py)
+    events_keep: float = policy.EVENTS_KEEP  # seconds of events kept
+    events_max: int = policy.EVENTS_MAX      # event entries kept at most
 
 
 def _settings(address: str) -> tuple[RedisSettings, list]:

@@ -67,6 +67,8 @@ Key schema (prefix ``nbq:``, in the database the URL names)::
   nbq:keyfp           the fingerprint of the cluster's signing key (nbq/keys.py), SET NX by
                       the first client, supervisor or worker process to connect; each later one
                       compares its own and refuses to start when it differs (transport/base.py)
+  nbq:ev, nbq:evh     Streams of events (signed batches) and of worker heartbeat events;
+  nbq:wc:{sid}        a supervisor's processed/failed counts: see events.py here
   nbq:ctl             Stream of control commands (field m: a packed signed ``ctl`` message,
                       as the ZeroMQ broker's), MAXLEN ~CONTROL_KEEP: a broadcast, read
                       by every supervisor with XREAD (no group) from where it joined;

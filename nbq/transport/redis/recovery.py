@@ -12,7 +12,10 @@ import logging
 
 import redis
 
-from ... import deaths, policy
+import time
+
+from ... import deaths, events, policy
+from . import events as stored_events
 from .frames import BadMessage, entry_fields, pack
 from .keys import GROUP, P, group, text
 from .store import Store
@@ -49,8 +52,10 @@ def reclaim(st: Store, keys: list[str], sid: str, wid: str) -> None:
     r = st.r
     for dead in [s.decode() for s in r.smembers(P + "sups")]:
         if not r.exists(P + "hb:" + dead):
-            r.srem(P + "sups", dead)
-            r.delete(P + "procs:" + dead)
+            if r.srem(P + "sups", dead):  # the one that removed it tells (worker-offline)
+                stored_events.write(st, [events.worker_event(events.WORKER_OFFLINE, time.time(),
+                                                             dead, {"how": "lost"})])
+            r.delete(P + "procs:" + dead, stored_events.counts_key(dead))
     for qk in keys:
         summary = r.xpending(qk, GROUP)
         for c in summary.get("consumers") or ():
@@ -90,7 +95,12 @@ def after_death(st: Store, qk: str, eid, fields: dict | None, why: str, at, died
         adds.append((rk, entry_fields(st.signer.encode({"k": "tasks", "t": [retry]}, payload),
                                       spill)))
         log.warning("re-queued task %s: %s", task["id"], why)
-    st.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")])
+    writer = stored_events.EventWriter(st)
+    if writer.on:  # the failures a death makes (WorkerLost), as a worker's results would
+        writer.add([e for t, item, _ in parts
+                    for e in events.result_events(time.time(), t, item, None, None)])
+    st.store(parts, adds=adds, acks=[(qk, eid, task["id"] if retry is None else "")],
+             extra=writer.commands if writer else None)
     if retry is not None:
         _retry_lost(st, task["id"])
 

@@ -150,7 +150,7 @@ class Store:
             log.warning("could not count delivered results against result_budget: %s", e)
 
     def store(self, parts: list[tuple[dict, dict, list]], adds=(), acks=(),
-              take: tuple = ("", 0, "", ())) -> list:
+              take: tuple = ("", 0, "", ()), extra: Callable[[Any], None] | None = None) -> list:
         """Store result parts [(task item, result item, payload)], add entries [(queue key,
         fields)], ack entries [(queue key, entry id, task id or "")]: atomically.
 
@@ -159,7 +159,8 @@ class Store:
         it is the only one); large frames are stored apart, once.
         take = (worker id, n, function hash, queue names) takes and starts up to
         n entries for that worker in the same step, most urgent first; they are returned as
-        [(queue key, entry id, fields)].
+        [(queue key, entry id, fields)].  extra(pipeline) adds commands sent in the same round
+        trip, after (events).
         """
         spill = self.frames.spiller([f for _, _, payload in parts for f in payload])
         by_client: dict[str, list] = {}
@@ -187,7 +188,15 @@ class Store:
             args += [qk, eid, tid]
         wid, n, h, queues = take
         args += [wid, n, h, len(queues), *queues]
-        got = self.retry("storing results", lambda: self.report(args=args))
+        def run():
+            if extra is None:
+                return self.report(args=args)
+            pipe = self.r.pipeline(transaction=False)
+            self.report(args=args, client=pipe)
+            extra(pipe)
+            return pipe.execute()[0]
+
+        got = self.retry("storing results", run)
         return [scripts.taken(e) for e in got]
 
     def delivered(self, tid: str, n: int) -> list[int]:

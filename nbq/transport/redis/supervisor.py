@@ -8,9 +8,10 @@ import time
 
 import redis
 
-from ... import policy
+from ... import events, policy
 from ...errors import NbqError
 from ..base import SupervisorConnection
+from . import events as stored_events
 from .connection import Backoff, check, claim_key, compare_key, nbq_error, unreachable
 from .frames import pack
 from .keys import CTL, P, stream_keys
@@ -97,6 +98,9 @@ class RedisSupervisor(SupervisorConnection):
         self._messages: list[dict] = []
         self._ever = False
         self._backoff = Backoff()
+        self._events = stored_events.EventWriter(self.store)
+        self._online = False  # worker-online written (with the first heartbeat that reached Redis)
+        self._counts: dict = {}  # processed, failed: as its processes last wrote them
         check(self.store.r, self.store.safe)
         self.store.check_key(key)  # before any process is started
         self._control = ControlReader(self.store)
@@ -112,8 +116,13 @@ class RedisSupervisor(SupervisorConnection):
             pipe.set(P + "hb:" + self.sid, json.dumps(info), px=int(policy.HEARTBEAT_TIMEOUT * 1000))
             pipe.sadd(P + "sups", self.sid)
             pipe.expire(P + "procs:" + self.sid, int(policy.HEARTBEAT_TIMEOUT * 3))
+            counts = self._heartbeat_events(pipe, info)
             claim_key(pipe, self.key)  # the cluster's key may have changed: stop if so
-            compare_key(self.key, pipe.execute()[-1], self.store.safe)
+            got = pipe.execute()
+            compare_key(self.key, got[-1], self.store.safe)
+            if counts is not None:
+                self._online = True
+                self._counts = {k.decode(): int(v) for k, v in (got[counts] or {}).items()}
             answer = {"k": "hb"}
             if info.get("autoscale"):  # an autoscaling worker: how many tasks wait (as the ZeroMQ broker's)
                 answer["queued"] = queued(self.store.r, info["queues"])
@@ -130,6 +139,33 @@ class RedisSupervisor(SupervisorConnection):
             self._messages.append(answer)
             return
         self._messages.append({"k": "hb"})
+
+    def _heartbeat_events(self, pipe, info: dict) -> int | None:
+        """Add this heartbeat's events to pipe (worker-online first, once), then a read of
+        the processes' counts (the next heartbeat's); returns that read's place in the
+        pipeline's replies (None: events are off)."""
+        if not self._events.on:
+            return None
+        now = time.time()
+        fields = {"host": info["host"], "pid": info["spid"], "name": info.get("name"),
+                  "queues": list(info.get("queues", ()))}
+        if not self._online:
+            self._events.add([events.worker_event(events.WORKER_ONLINE, now, self.sid, fields)])
+            self._events.commands(pipe)
+        stored_events.heartbeat(pipe, self.store, events.worker_event(
+            events.WORKER_HEARTBEAT, now, self.sid, dict(
+                fields, processed=self._counts.get("processed", 0),
+                failed=self._counts.get("failed", 0), active=info.get("act", 0),
+                load=info.get("ld"), memory=info.get("mem"), concurrency=info.get("conc"),
+                processes=sorted(int(p) for p in self._pids()))))
+        pipe.hgetall(stored_events.counts_key(self.sid))
+        return len(pipe) - 1
+
+    def _pids(self) -> list:
+        try:
+            return list(self.store.r.hvals(P + "procs:" + self.sid))
+        except redis.RedisError:
+            return []
 
     def lost(self, wid: str, how: str, at, end: dict | None = None,
              leaving: bool = False) -> None:
@@ -183,8 +219,12 @@ class RedisSupervisor(SupervisorConnection):
                 for qk in stream_keys(st.r, self.queues):
                     for wid in consumers:
                         recover(st, qk, wid, self.sid)
-                st.r.delete(P + "hb:" + self.sid, P + "procs:" + self.sid)
+                st.r.delete(P + "hb:" + self.sid, P + "procs:" + self.sid,
+                            stored_events.counts_key(self.sid))
                 st.r.srem(P + "sups", self.sid)
+                self._events.add([events.worker_event(events.WORKER_OFFLINE, time.time(),
+                                                      self.sid, {"how": "left"})])
+                self._events.flush()
             try:
                 st.retry("leaving", leave, give_up=lambda: True)
             except NbqError as e:

@@ -11,9 +11,10 @@ from collections import deque
 
 import redis
 
-from ... import policy, protocol
+from ... import events, policy, protocol
 from ...errors import FunctionRefused, MessageTooLarge, NbqError
 from ..base import WorkerConnection
+from . import events as stored_events
 from . import scripts
 from .frames import BadMessage, Spilled, entry_frames, pack
 from .keys import GROUP, P, group, stream_keys
@@ -32,8 +33,9 @@ class Notices:
     """A worker process's "started" notices: for submitted tasks still running STARTED_DELAY
     after they started, sent by a thread of their own."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, writer: stored_events.EventWriter) -> None:
         self._store = store
+        self._writer = writer  # the process's events: sent with these notices too (live)
         self._cv = threading.Condition()
         self._due: dict[str, tuple[float, str]] = {}  # task id -> (when, submitting client)
         threading.Thread(target=self._run, name="nbq-started", daemon=True).start()
@@ -77,6 +79,7 @@ class Notices:
                 for c, ids in due.items():
                     pipe.xadd(P + "rs:" + c, {"m": pack(st.signer.encode({"k": "started", "ids": ids}))})
                     pipe.expire(P + "rs:" + c, st.ttl_s)
+                self._writer.commands(pipe)
                 pipe.execute()
 
             try:
@@ -128,7 +131,11 @@ class RedisWorker(WorkerConnection):
         self._held: deque = deque()
         self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
         self._troubles_seen = self.store.troubles
-        self._notices = Notices(self.store)
+        self._events = stored_events.EventWriter(self.store)
+        self._names = self._events.names  # function hash -> name (signed in its fn message)
+        self._later: set[str] = set()     # tasks taken before their eta: started when they ran
+        self._processed = self._failed = 0  # items finished (failed) since last written
+        self._notices = Notices(self.store, self._events)
         self._costs = policy.Costs()
         self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
 
@@ -217,7 +224,24 @@ class RedisWorker(WorkerConnection):
                        if b"b" in fields else [])  # only an entry with frames stored apart has any
             self._batch[item["id"]] = (qk, eid, item, spilled)
             out.append((item, payload))
+        if self._events.on and out:
+            self._events.add(self._received([item for item, _ in out]))
         self._notices.running([item for item, _ in out])
+        return out
+
+    def _received(self, items: list[dict]) -> list[dict]:
+        """The events of tasks this process takes: received, and started unless due later."""
+        now, out = time.time(), []
+        for item in items:
+            name = self._names.get(item.get("h"))
+            named = None if name is not None else {"_h": item.get("h")}  # named when written
+            out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid, named))
+            eta = item.get("eta")
+            if eta is None or eta <= now:
+                out.append(events.task_event(events.TASK_STARTED, now, item, name, self.wid,
+                                             named))
+            else:
+                self._later.add(item["id"])
         return out
 
     def function(self, h: str) -> list:
@@ -242,6 +266,8 @@ class RedisWorker(WorkerConnection):
         if header.get("k") != "fn" or header.get("h") != h:
             raise FunctionRefused(h, f"what is stored under its key is another message "
                                      f"({header.get('k')!r} for {header.get('h')!r})")
+        if isinstance(header.get("name"), str) and header["name"]:
+            self._names[h] = header["name"]
         if protocol.function_hash(b"".join(payload)) != h:
             raise FunctionRefused(h, "the stored payload's hash is not the function's")
         return payload
@@ -258,6 +284,8 @@ class RedisWorker(WorkerConnection):
             self._costs.add(task.get("h"), item.get("d"))
             parts.append((task, item, payload))
             self._reported.add(item["id"])
+        if self._events.on and parts:
+            self._events.add(self._results(parts))
         acks, spilled = [], []
         for tid in self._carried & {item["id"] for item, _ in results}:
             self._carried.discard(tid)  # held past its batch (due later), now done
@@ -284,8 +312,42 @@ class RedisWorker(WorkerConnection):
         taken = self._finish(parts, acks, spilled, take=(self.wid, ntake, last, self.queues))
         self._prefetched = self._begin(self._verify(taken))
 
+    def _results(self, parts: list) -> list[dict]:
+        """The events of result parts [(task item, result item, payload)]; counted for the
+        supervisor's heartbeat events (written with them, counts_pipe)."""
+        now, out = time.time(), []
+        for task, item, _ in parts:
+            name = self._names.get(task.get("h"))
+            if self._later and task["id"] in self._later:
+                self._later.discard(task["id"])
+                if not item.get("rv"):
+                    out.append(events.task_event(events.TASK_STARTED, now - item.get("d", 0.0),
+                                                 task, name, self.wid))
+            out += events.result_events(now, task, item, name, self.wid)
+            n = item.get("n", 1)
+            self._processed += n
+            self._failed += n * (not item["ok"]) if "ok" in item else item.get("nx", 0)
+        return out
+
+    def _write_events(self, pipe) -> None:
+        """Add this process's pending events and counts to pipe (with its results)."""
+        self._events.commands(pipe)
+        if self._processed:
+            key = stored_events.counts_key(self.sid)
+            pipe.hincrby(key, "processed", self._processed)
+            if self._failed:
+                pipe.hincrby(key, "failed", self._failed)
+            pipe.expire(key, self.store.ttl_s)
+            self._processed = self._failed = 0
+
     def notice(self, ids: list[str], state: str) -> None:
         st = self.store
+        if self._events.on:
+            now = time.time()
+            self._events.add([events.task_event(
+                events.TASK_RETRIED if state == "RETRY" else events.TASK_STARTED, now,
+                entry[2], self._names.get(entry[2].get("h")), self.wid)
+                for entry in map(self._batch.get, ids) if entry is not None])
         if state == "RETRY":
             self._notices.done(ids)  # no "started" notice after this one
         msgs = [(tid, pack(st.signer.encode({"k": "state", "ids": [tid], "state": state})))
@@ -294,6 +356,7 @@ class RedisWorker(WorkerConnection):
         def tell():
             for tid, msg in msgs:
                 st.notice(args=[P, st.ttl_s, tid, state, msg])
+            self._events.flush()
 
         try:
             st.retry("telling a retry's clients", tell)
@@ -315,7 +378,9 @@ class RedisWorker(WorkerConnection):
 
     def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
         """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""
-        taken = self.store.store(parts, acks=acks, take=take)
+        taken = self.store.store(parts, acks=acks, take=take,
+                                 extra=self._write_events if self._events or self._processed
+                                 else None)
         if spilled:
             self.store.retry("deleting large inputs", lambda: self.store.r.delete(*spilled))
         return taken
