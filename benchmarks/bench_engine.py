@@ -2,7 +2,15 @@
 
 Each (system, workload) pair runs in a fresh executor in a child process; one table is printed.
 
+    nbq         nbq.Client(workers=2): the embedded broker and its workers
+    nbq-worker  `nbq broker` and `nbq worker -c 2` started apart on this host, nbq.Client(address)
+    memcpy      W4 only: numpy's copy of the array (best of 3), the floor of moving it once
+
     python benchmarks/bench_engine.py [--systems nbq,ppe,loky,dask] [--workloads W0,W3] [--quick]
+
+NBQ_BENCH_CHECKOUT=/path/to/another/checkout measures that checkout's nbq with this script
+(run it from that checkout, with a Python that has it installed: ``python -m nbq`` workers
+import nbq from the current directory first), for before/after figures in one run.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # nbq from this checkout
+CHECKOUT = Path(os.environ.get("NBQ_BENCH_CHECKOUT") or Path(__file__).resolve().parents[1])
+sys.path.insert(1, str(CHECKOUT))  # nbq from this checkout (or NBQ_BENCH_CHECKOUT's)
 warnings.filterwarnings("ignore", message="Sending large graph")  # Dask, W4: that cost is measured
 MB, WORKERS, CHUNK = 2**20, 2, 10_000
 RESULT = "@@result "  # prefix of the child's result line on stdout
@@ -114,6 +123,46 @@ class NbqAdapter(Adapter):
         return list(self.ex.map(lambda x: x + 1, range(n)))
 
 
+class NbqWorkerAdapter(NbqAdapter):
+    """`nbq broker` and `nbq worker -c 2` as processes of their own, a client connected."""
+
+    def start(self) -> None:
+        import nbq
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parent), str(CHECKOUT)]))
+        nbq_cmd = [sys.executable, "-m", "nbq"]
+        self.procs = [subprocess.Popen(nbq_cmd + ["broker", "--bind", "tcp://127.0.0.1:0"],
+                                       stdout=subprocess.PIPE, text=True, env=env, cwd=CHECKOUT)]
+        line = self.procs[0].stdout.readline()
+        address = line.split("listening on ", 1)[1].split(",")[0].strip()
+        self.procs.append(subprocess.Popen(nbq_cmd + ["worker", "--broker", address, "-c",
+                                                      str(WORKERS)], env=env, cwd=CHECKOUT))
+        self.ex = nbq.Client(address)
+        self.ex.wait_for_workers(WORKERS)
+
+    def close(self) -> None:
+        super().close()
+        for p in reversed(getattr(self, "procs", [])):
+            p.terminate()
+            p.wait()
+
+
+class MemcpyAdapter(Adapter):
+    """No executor: W4's floor, numpy copying the array once in this process."""
+
+    def start(self) -> None:
+        pass
+
+
+def memcpy_bulk(ad: Adapter, quick: bool) -> dict[str, float]:
+    """W4's rows for memcpy: a numpy copy of the array, best of 3 (both rows alike)."""
+    import numpy as np
+    nb = (10 if quick else 100) * MB
+    arr = np.ones(nb // 8)
+    t = min(timed(arr.copy, lambda r: r.nbytes == nb) for _ in range(3))
+    return {f"W4 {nb // MB} MB in (MB/s)": nb / MB / t, f"W4 {nb // MB} MB out (MB/s)": nb / MB / t}
+
+
 class PpeAdapter(Adapter):
     def start(self) -> None:
         self.ex = cf.ProcessPoolExecutor(WORKERS)  # platform default start method (fork here)
@@ -159,9 +208,12 @@ class DaskAdapter(Adapter):
             self.cluster.close()
 
 
-ADAPTERS: dict[str, type[Adapter]] = {"nbq": NbqAdapter, "ppe": PpeAdapter, "loky": LokyAdapter,
-                                      "dask": DaskAdapter}
-MODULES = {"nbq": "nbq", "ppe": "concurrent.futures", "loky": "loky", "dask": "distributed"}
+ADAPTERS: dict[str, type[Adapter]] = {"nbq": NbqAdapter, "nbq-worker": NbqWorkerAdapter,
+                                      "ppe": PpeAdapter, "loky": LokyAdapter, "dask": DaskAdapter,
+                                      "memcpy": MemcpyAdapter}
+MODULES = {"nbq": "nbq", "nbq-worker": "nbq", "ppe": "concurrent.futures", "loky": "loky",
+           "dask": "distributed", "memcpy": "numpy"}
+ONLY = {"memcpy": {"W4": memcpy_bulk}}  # systems that run some workloads only, their own way
 
 
 # --- workloads: each returns {row label: value}; only W0 gets an adapter not yet started ---
@@ -270,6 +322,8 @@ def child_result(cmd: list[str], timeout: float, label: str) -> dict | None:
 def run_one(system: str, wl: str, quick: bool) -> dict[str, float]:
     """In the child: one workload on a fresh executor."""
     importlib.import_module(MODULES[system])  # imports are not part of W0
+    if system in ONLY:
+        return ONLY[system][wl](ADAPTERS[system](), quick)
     return run_adapter(ADAPTERS[system](), WORKLOADS[wl], f"{system} {wl}", quick, warm=wl != "W0")
 
 
@@ -287,16 +341,17 @@ def fmt(v: float | str | None) -> str:
 
 
 def table(rows: list[str], systems: list[str], cells: dict[tuple[str, str], float],
-          peers_of_interest: tuple[str, ...] = ("ppe", "dask")) -> str:
-    """Fixed-width table, also valid Markdown, with nbq/ppe and nbq/dask ratio columns."""
-    peers = [p for p in peers_of_interest if p in systems and "nbq" in systems]
-    head = ["workload", "better"] + systems + [f"nbq/{p}" for p in peers]
+          peers_of_interest: tuple[str, ...] = ("ppe", "dask"), ours: tuple[str, ...] = ("nbq",)) -> str:
+    """Fixed-width table, also valid Markdown, with ratio columns (nbq/ppe, nbq/dask, ...) of
+    each of ours to each peer of interest present."""
+    pairs = [(o, p) for o in ours if o in systems for p in peers_of_interest if p in systems]
+    head = ["workload", "better"] + systems + [f"{o}/{p}" for o, p in pairs]
     body = []
     for r in rows:
         lower = r.endswith(("(s)", "(ms)", "(x)"))
         line = [r, "-" if r.endswith("failed)") else "lower" if lower else "higher"]
         line += [fmt(cells.get((s, r))) for s in systems]
-        ratios = [(cells.get(("nbq", r)), cells.get((p, r))) for p in peers]
+        ratios = [(cells.get((o, r)), cells.get((p, r))) for o, p in pairs]
         body.append(line + [f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b
                             else "-" for a, b in ratios])
     w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
@@ -329,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT + json.dumps(run_one(system, wl, args.quick)), flush=True)
         return
     systems = args.systems.split(",") if args.systems else [s for s in ADAPTERS if available(s)]
+    print(f"nbq from {CHECKOUT}", file=sys.stderr, flush=True)
     wls = args.workloads.split(",")
     bad = [x for x in systems if x not in ADAPTERS] + [x for x in wls if x not in WORKLOADS]
     if bad:
@@ -337,13 +393,18 @@ def main(argv: list[str] | None = None) -> None:
     cells: dict[tuple[str, str], float] = {}  # (system, row) -> value; a missing cell prints err
     for wl in wls:
         for s in systems:
+            if s in ONLY and wl not in ONLY[s]:
+                continue
             print(f"running {s} {wl} ...", file=sys.stderr, flush=True)
             for r, v in run_isolated(s, wl, args.quick, args.timeout).items():
                 rows += [] if r in rows else [r]
                 cells[(s, r)] = v
         rows += [] if any(r.startswith(wl + " ") for r in rows) else [f"{wl} (all failed)"]
     print(f"\n{WORKERS} workers, Python {sys.version.split()[0]}{', --quick' if args.quick else ''}\n")
-    print(table(rows, systems, cells))
+    for s in ONLY:
+        for r in rows:
+            cells.setdefault((s, r), "-")
+    print(table(rows, systems, cells, ("ppe", "dask", "memcpy"), ("nbq", "nbq-worker")))
     if "nbq" in systems:
         print("\nnbq/X = nbq's figure / X's: > 1 favours nbq where 'better' is higher.", flush=True)
 

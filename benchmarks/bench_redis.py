@@ -254,7 +254,7 @@ def private_redis(aof: bool = True):
     environment the children and their workers need: one signing key for nbq (no key file
     written), and bench_engine / celery_tasks importable (tasks are pickled by reference)."""
     os.environ.setdefault("NBQ_KEY", secrets.token_hex(32))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT)] + [p for p in
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(be.CHECKOUT)] + [p for p in
                                                os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     from redis_server import RedisServer
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:

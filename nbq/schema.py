@@ -116,7 +116,8 @@ CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
 
 #: kind -> (peers that may send it, field checks, required fields: a tuple, or a dict by peer)
 KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
-    "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_optional(_count), w=_str, pid=_count),
+    "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_optional(_count), w=_str, pid=_count,
+                                                 lo=_optional(_str)),
               {CLIENT: ("c",), WORKER: ("w", "sup", "pid", "host", "spid", "conc", "queues")}),
     "fn": (SENDER, {"c": _str, "h": _str, "name": _text}, ("c", "h")),
     "events": (SENDER, {"c": _str, "sub": _str, "since": _optional(_time), "live": _flag},

@@ -6,6 +6,9 @@ libzmq), so whoever holds the signing key can connect and nobody else can, with
 no key to copy beside it.  The broker admits a peer only if its public key is
 the peers' one (a ZAP handler served in the broker's loop).
 
+Large frames between processes of one host travel through shared memory, with their
+descriptor signed: shm.py states why that widens no one's reach.
+
 CURVE is on when the broker binds, or a peer connects to, a TCP address that
 is not loopback; ``NBQ_CURVE=1`` forces it on (e.g. a client on the broker's
 host connecting to 127.0.0.1 of a broker bound to 0.0.0.0), ``NBQ_CURVE=0`` off.

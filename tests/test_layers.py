@@ -20,7 +20,7 @@ LAYERS = [
     ("nbq.worker.context", "worker-api"),
     ("nbq.errors", "core"), ("nbq.states", "core"), ("nbq.policy", "core"),
     ("nbq.protocol", "core"), ("nbq.schema", "core"), ("nbq.keys", "core"),
-    ("nbq.secure", "core"), ("nbq.replay", "core"), ("nbq.results", "core"),
+    ("nbq.secure", "core"), ("nbq.shm", "core"), ("nbq.replay", "core"), ("nbq.results", "core"),
     ("nbq.deaths", "core"), ("nbq.events", "core"), ("nbq.utils", "core"),
     ("nbq.transport", "transport"),
     ("nbq.broker", "broker"),

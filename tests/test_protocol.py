@@ -29,6 +29,37 @@ def test_roundtrip_and_tamper():
         s.decode([msg[0]])
 
 
+def test_a_tampered_large_frame_is_refused_before_unpickling(monkeypatch):
+    """Large frames are signed by their keyed BLAKE3 digest: one flipped byte, a frame cut
+    shorter, a downgrade to the whole-frame scheme or another key is refused, and nothing
+    is unpickled."""
+    s = protocol.Signer(b"k" * 32)
+    big = np.arange(protocol.LARGE_FRAME // 4, dtype=np.float64)
+    msg = s.encode({"k": "x"}, protocol.dumps(big))
+    assert len(msg[1]) == 33 and msg[1][32:] == protocol.BULK_SCHEME
+    assert np.array_equal(protocol.loads(s.decode(msg)[1]), big)
+    loaded = []
+    monkeypatch.setattr(protocol.pickle, "loads", lambda *a, **k: loaded.append(a))
+    flipped = bytearray(msg[3])
+    flipped[len(flipped) // 2] ^= 1
+    for bad in ([msg[0], msg[1], msg[2], flipped],
+                [msg[0], msg[1], msg[2], bytes(msg[3])[:-8]],
+                [msg[0], msg[1][:32], *msg[2:]],
+                [msg[0], s.sign(msg[0], msg[2:], bulk=False), *msg[2:]][:2] + [msg[2], flipped]):
+        with pytest.raises(SignatureError):
+            s.decode(bad)
+    with pytest.raises(SignatureError):
+        protocol.Signer(b"j" * 32).decode(msg)
+    # a receiver without blake3 says what to install instead of failing the signature silently
+    monkeypatch.setattr(protocol, "blake3", None)
+    with pytest.raises(SignatureError, match="pip install blake3"):
+        s.decode(msg)
+    assert not loaded
+    # and without blake3 large frames are signed whole (32 bytes), which any receiver checks
+    plain = s.encode({"k": "x"}, protocol.dumps(big))
+    assert len(plain[1]) == 32 and s.decode(plain)
+
+
 def test_large_buffers_travel_out_of_band():
     a = np.arange(1_000_000, dtype=np.float64)
     frames = protocol.dumps({"a": a, "small": np.arange(3)})

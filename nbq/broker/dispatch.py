@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from .. import protocol
+from .. import protocol, shm
 from ..events import TASK_RECEIVED, TASK_STARTED, EventLog
 from ..policy import HEARTBEAT, STARTED_DELAY, Costs
 from .members import Members, ProcessRecord
@@ -83,13 +83,14 @@ class Dispatcher:
             else:  # held by its worker until its eta: started when its result comes
                 log_event(wall, TASK_RECEIVED, t, proc.wid)
                 self._later.add(t.id)
-        if len(batch) == 1 and batch[0].original is not None:
+        if len(batch) == 1 and batch[0].original is not None and (
+                proc.sharing or not shm.has_held(batch[0].frames)):
             sent = self.outbox.send_raw(peer, batch[0].original)
-        else:
+        else:  # shared memory goes by name to a process of this host, else as bytes
             items, frames = [], []
             for t in batch:
                 items.append(t.item)
-                frames.extend(t.frames)
+                frames.extend(shm.wire(t.frames, proc.sharing))
             sent = self.outbox.send(peer, {"k": "tasks", "t": items}, frames)
         if not sent:
             self._put_back(proc, batch, now)
@@ -127,6 +128,8 @@ class Dispatcher:
     def on_res(self, peer, header, frames, body):
         """Results from a worker process: to their clients; with ``rdy`` it takes more work."""
         proc = self.members.procs.get(header.get("w", ""))
+        held = shm.hold(frames)  # results in shared memory: held open while stored
+        shared, frames = held is not frames, held
         parts = []
         for item, payload in protocol.split(header["t"], frames):
             task = self.queues.tasks.get(item["id"])
@@ -136,6 +139,8 @@ class Dispatcher:
                 parts.append((task, item, payload))
         owners = {task.c for task, _, _ in parts}
         whole = len(owners) == 1 and len(parts) == len(header["t"])
+        if shared and whole:  # by name to a client of this host (it unlinks them), else bytes
+            whole = self.outbox.sharing(next(iter(owners)))
         sup = self.members.supervisors.get(proc.sid) if proc is not None else None
         for task, item, payload in parts:
             self.costs.add(task.h, item.get("d"))
@@ -149,9 +154,13 @@ class Dispatcher:
                     self.results.events.task(time.time() - item.get("d", 0.0), TASK_STARTED,
                                              task, task.where)
             self.results.deliver(task, item, payload, forward=not whole,
-                                 raw=body if len(header["t"]) == 1 else None)
+                                 raw=body if len(header["t"]) == 1 and not shared else None)
         if whole:
             self.outbox.to_client(owners.pop(), body)
+        elif shared:  # sent as bytes (or not at all): no client will unlink the names
+            for f in frames:
+                if isinstance(f, shm.Held):
+                    f.forget()
         if proc is not None and header.get("rdy"):
             # what it still holds (tasks due later) stays its own; a ready process takes more
             proc.running = [t for t in proc.running

@@ -27,7 +27,8 @@ handler table in Broker.__init__ for the module that handles each:
                     · ev (sub, ev: events, the stored ones first, then each turn's new ones)
   to a supervisor   hb (ql: tasks queued for it, when its hb has as, its --autoscale maximum)
                     · ctl (as the client sent it, with c) · stop
-  to a worker       welcome (mx: the broker's largest message) · fn · tasks
+  to a worker       welcome (mx: the broker's largest message; lo: its shared memory prefix,
+                    to peers of its host, shm.py) · fn · tasks
   to the sender of a hello or hb whose signature failed: keyfp, unsigned (fp: the fingerprint
                     of the broker's key, so a peer with another key stops, saying so; keys.py)
 
@@ -54,7 +55,7 @@ import uuid
 
 import zmq
 
-from .. import events, keys, policy, protocol, replay, schema, secure
+from .. import events, keys, policy, protocol, replay, schema, secure, shm
 from ..errors import SignatureError
 from .dispatch import Dispatcher
 from .members import Members
@@ -107,6 +108,9 @@ class Broker:
         self.boot = uuid.uuid4().hex[:12]  # tells a client this is a broker it has not seen
 
         self.outbox = Outbox(self.sock, self.signer)
+        self.outbox.shared = shm.prefix(self.boot)  # large frames by shared memory on this host
+        if self.outbox.shared is not None:
+            shm.sweep()  # what brokers that were killed left behind
         self.queues = Queues()
         self.events = events.EventLog(events_keep, events_max, events_on)
         self.results = Results(self.queues, self.outbox, result_budget, result_expires,
@@ -173,6 +177,8 @@ class Broker:
 
     def _shutdown(self) -> None:
         self.members.stop_all()
+        if self.outbox.shared is not None:
+            shm.sweep(own=self.outbox.shared)
         self.sock.close(linger=200)
         self._stop_r.close(linger=0)
         if self._zap is not None:
@@ -244,9 +250,11 @@ class Broker:
         if peer[:1] == b"w":
             self.members.on_process_hello(peer, header, frames, body)
             return
-        self.outbox.connect(header["c"], peer)
+        self.outbox.connect(header["c"], peer, header.get("lo"))
         self.outbox.send(peer, {"k": "welcome", "rq": header.get("rq"), "b": self.boot,
-                                "mx": self.max_message_size})
+                                "mx": self.max_message_size,
+                                "lo": self.outbox.shared if self.outbox.sharing(header["c"])
+                                else None})
 
     def _on_bye(self, peer, header, frames, body):
         if peer[:1] == b"s":
@@ -263,6 +271,10 @@ class Broker:
     def _on_tasks(self, peer, header, frames, body):
         sent, log_event = header["mt"], self.events.task
         for task in self.queues.receive(header, frames, body):
+            frames = task.frames
+            held = shm.hold(frames, unlink=True)  # the broker's until it is done
+            if held is not frames:
+                task.frames = held
             self.results.add_chunk(task)
             log_event(sent, events.TASK_SENT, task)
 

@@ -43,6 +43,7 @@ class ProcessRecord:
     functions: set = field(default_factory=set)
     idle: bool = False  # set by Ready.add and Ready.discard, which index the idle ones
     away_until: float = 0.0  # unreachable at the last send: not tried again before then
+    sharing: bool = False    # of the broker's host: sent shared memory descriptors (shm.py)
 
 
 @dataclass(eq=False)
@@ -97,11 +98,13 @@ class Members:
         sup = self.supervisor(header)
         if header["w"] in self.procs:  # reconnected: what it ran was lost with the link
             self.proc_gone(header["w"], died=False)
-        proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues))
+        proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues),
+                             sharing=self.outbox.shares(header.get("lo")))
         self.procs[proc.wid] = proc
         self.ready.add(proc)
         sup.procs.add(proc.wid)
-        self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size})
+        self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size,
+                                "lo": self.outbox.shared if proc.sharing else None})
 
     def on_hb(self, peer, header, frames, body):
         sup = self.supervisor(header)

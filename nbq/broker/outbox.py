@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zmq
 
-from .. import protocol
+from .. import protocol, shm
 
 
 class Outbox:
@@ -22,7 +22,16 @@ class Outbox:
         self.clients: dict[str, bytes] = {}          # client id -> routing id of its rx socket
         self.unsent: dict[str, list] = {}            # messages for a client not connected yet
         self._outgoing: list[tuple[str, list]] = []  # for clients, sent after dispatching
+        self.shared: str | None = None               # this broker's shared memory prefix (shm.py)
+        self._sharing: set[str] = set()              # clients of its host: sent descriptors
 
+    def shares(self, lo: str | None) -> bool:
+        """Whether a peer that said hello with locality lo is sent shared memory descriptors."""
+        return self.shared is not None and lo is not None and lo == shm.locality()
+
+    def sharing(self, cid: str) -> bool:
+        """Whether client cid is sent shared memory descriptors (else bytes)."""
+        return cid in self._sharing
     def send(self, peer: bytes, header: dict, frames: list = ()) -> bool:
         """Sign and send now; False when the peer is not connected."""
         return self.send_raw(peer, self.signer.encode(header, frames))
@@ -46,14 +55,20 @@ class Outbox:
         self.to_client(header["c"], self.signer.encode({"k": "reply", "rq": header["rq"],
                                                         "r": result}))
 
-    def connect(self, cid: str, peer: bytes) -> None:
-        """A client said hello from peer: what waited for it goes with the next flush."""
+    def connect(self, cid: str, peer: bytes, lo: str | None = None) -> None:
+        """A client said hello from peer (lo: its locality): what waited for it goes with the
+        next flush."""
         self.clients[cid] = peer
+        if self.shares(lo):
+            self._sharing.add(cid)
+        else:
+            self._sharing.discard(cid)
         self._outgoing.extend((cid, msg) for msg in self.unsent.pop(cid, ()))
 
     def disconnect(self, cid: str) -> None:
         """A client left: nothing more is kept for it."""
         self.clients.pop(cid, None)
+        self._sharing.discard(cid)
         self.unsent.pop(cid, None)
 
     def flush(self) -> None:

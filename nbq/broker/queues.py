@@ -68,6 +68,12 @@ class QueuedTask:
         m = self._msg
         return m if type(m) is tuple else m[2:] if type(m) is list else (m,)
 
+    @frames.setter
+    def frames(self, frames: list | tuple) -> None:
+        """New payload frames (shared memory held open, say): the message it came in is
+        not forwarded as is any more."""
+        self._msg = tuple(frames) if len(frames) != 1 else frames[0]
+
     @property
     def item(self) -> dict:
         """The task's header item, as its client sent it (the broker's ``c`` added)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .. import deaths, events
+from .. import deaths, events, shm
 from ..events import EventLog
 from ..results import ResultStore
 from .outbox import Outbox
@@ -80,8 +80,8 @@ class Results:
     def message(self, part: tuple) -> list:
         """The ``res`` message of a stored part (the one it came in, when there is one)."""
         item, payload, raw = part
-        return raw if raw is not None else self.outbox.signer.encode({"k": "res", "t": [item]},
-                                                                     payload)
+        return raw if raw is not None else self.outbox.signer.encode(
+            {"k": "res", "t": [item]}, shm.wire(payload, False))
 
     def tell_state(self, task: QueuedTask, state: str) -> None:
         """A state message (RETRY or STARTED) to a task's client and watchers."""

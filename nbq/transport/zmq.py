@@ -11,6 +11,10 @@ work when the broker's boot id changes), a supervisor's heartbeats register it
 again, and a worker process watches its socket's link and says hello again,
 when it is next idle, after the link dropped and came back.
 
+A ``tasks`` or ``res`` message's frames of shm.SHARE_MIN bytes or more go through shared
+memory when the broker's welcome says it is of this host (``lo``, shm.py): the socket then
+carries a signed descriptor, and a client maps (and unlinks) the results' segments.
+
 A socket to a non-loopback address is encrypted and authenticated with CURVE
 (secure.py).  The broker's ``welcome`` says its largest message (``mx``); a client
 refuses to send a larger one (MessageTooLarge, before anything leaves).
@@ -25,7 +29,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .. import protocol, secure
+from .. import protocol, secure, shm
 from ..errors import KeyMismatch, SignatureError
 from .base import MessageClient, SupervisorConnection, WorkerConnection, check_key
 
@@ -77,6 +81,7 @@ class ZmqClient(MessageClient):
         self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address, key)
         self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address, key)
         self.max_message_size: int | None = None  # the broker's, from its welcome
+        self._shared: str | None = None  # the broker's shared memory prefix, when of this host
         self._lock = threading.Lock()
         wake_addr = f"inproc://nbq-wake-{client_id}"
         self._wake_r = self.ctx.socket(zmq.PAIR)
@@ -91,9 +96,12 @@ class ZmqClient(MessageClient):
         """Announce the receiving socket; the broker answers with welcome (and its boot id),
         or a refusal."""
         self._hello_rq = rq
-        self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq}))
+        self._rx.send_multipart(self.signer.encode({"k": "hello", "c": self.cid, "rq": rq,
+                                                    "lo": shm.locality()}))
 
     def _put(self, header: dict, frames: list) -> None:
+        if header["k"] == "tasks" and shm.usable(self._shared):
+            frames = shm.export(frames, self._shared)
         msg = self.signer.encode(header, frames)
         with self._lock:
             self._tx.send_multipart(msg, copy=False)
@@ -108,8 +116,12 @@ class ZmqClient(MessageClient):
             msg = self._rx.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg) or self._refused(msg)
             if decoded is not None:
-                if decoded[0].get("k") == "welcome":
+                kind = decoded[0].get("k")
+                if kind == "welcome":
                     self.max_message_size = decoded[0].get("mx")
+                    self._shared = decoded[0].get("lo")
+                elif kind == "res":  # a result's segments are this client's: mapped, unlinked
+                    decoded = decoded[0], shm.hold(decoded[1], forget=True)
                 out.append(decoded)
         return out
 
@@ -206,7 +218,8 @@ class ZmqWorker(WorkerConnection):
         self._address, self._key = address, key
         self._out: zmq.Socket | None = None  # output streaming's socket (output())
         self._out_lock = threading.Lock()
-        self._hello = dict(hello, k="hello", w=wid)
+        self._hello = dict(hello, k="hello", w=wid, lo=shm.locality())
+        self._shared: str | None = None  # the broker's shared memory prefix, when of this host
         self.sock.send_multipart(self.signer.encode(self._hello))
 
     def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
@@ -229,6 +242,7 @@ class ZmqWorker(WorkerConnection):
             header, frames = decoded
             if header["k"] == "welcome":  # results must fit in the broker's largest message
                 self.max_result = header["mx"] - RESULT_HEADROOM
+                self._shared = header.get("lo")
             elif header["k"] == "fn":
                 self._functions[header["h"]] = frames
             elif header["k"] == "tasks":
@@ -262,6 +276,8 @@ class ZmqWorker(WorkerConnection):
         for item, payload in results:
             items.append(item)
             frames.extend(payload)
+        if shm.usable(self._shared):
+            frames = shm.export(frames, self._shared)
         msg = self.signer.encode({"k": "res", "w": self.wid, "t": items, "rdy": int(ready)}, frames)
         self.sock.send_multipart(msg, copy=False)
 
