@@ -25,7 +25,7 @@ ORIGINALS_KEPT = 10_000  # a lone task's message is kept, to forward as is, whil
 
 
 _OWN = {"id": lambda t: t.id, "h": lambda t: t.h, "c": lambda t: t.c,
-        "f": lambda t: t.f or None, "nf": lambda t: len(t.frames)}
+        "f": lambda t: t.f or None, "ar": lambda t: t.ar, "nf": lambda t: len(t.frames)}
 
 
 class QueuedTask:
@@ -38,7 +38,7 @@ class QueuedTask:
     its payload frames (a tuple), or the one frame itself when it has one.
     """
 
-    __slots__ = ("id", "h", "c", "f", "rest", "_msg", "where", "retrying", "_delivered")
+    __slots__ = ("id", "h", "c", "f", "ar", "rest", "_msg", "where", "retrying", "_delivered")
 
     def __init__(self, item: dict, frames: list | tuple, original: list | None = None,
                  delivered: bytearray | None = None) -> None:
@@ -47,6 +47,7 @@ class QueuedTask:
         self.h: str = item.pop("h")
         self.c: str = item.pop("c")
         self.f: int = item.pop("f", 0)  # report STARTED
+        self.ar: str | None = item.pop("ar", None)  # its arguments' repr (events)
         item.pop("nf", None)  # len(frames)
         self.rest: dict | None = item or None  # any other header fields (ITEM_FIELDS)
         if original is not None:
@@ -80,6 +81,8 @@ class QueuedTask:
         item = {"id": self.id, "h": self.h, "c": self.c, "nf": len(self.frames)}
         if self.f:
             item["f"] = self.f
+        if self.ar is not None:
+            item["ar"] = self.ar
         if self.rest:
             item.update(self.rest)
         return item
