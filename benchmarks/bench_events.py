@@ -55,6 +55,43 @@ def w2(address: str | None, events: bool, n: int, extra_pids: list[int]) -> tupl
         return n / (time.perf_counter() - t0), cpu_seconds(pids) - c0
 
 
+def added_per_task() -> dict[str, float]:
+    """Microseconds of CPU the events code adds to one W2 task, timed alone (no noise from
+    other processes): what each transport runs per task when events are on."""
+    import timeit
+
+    from nbq import events, protocol
+    item = {"id": "0123456789abcdef-12345", "h": "0" * 32, "q": "default", "f": 1, "nf": 1,
+            "c": "0123456789abcdef"}
+    part = {"id": item["id"], "s": 0, "n": 1, "ok": 1, "nf": 1, "d": 0.0001}
+    log = events.EventLog(3600, 100_000)
+    signer = protocol.Signer(b"k" * 32)
+
+    def zmq_task():  # the client's args repr, the broker's three records
+        item["ar"] = events.args_repr((12345,), {})
+        t = time.time()
+        log.task(t, events.TASK_SENT, item)
+        log.task(t, events.EventLog.TAKEN, item, "w/0")
+        log.task(time.time(), events.EventLog.RESULT, item, "w/0", (part, 1))
+
+    batch = 64  # tasks per report (W2's batches are of this order)
+
+    def redis_tasks():  # the client's task-sent, the worker's received/started/succeeded
+        now = time.time()
+        evs = [events.task_event(events.TASK_SENT, now, item, "bench.inc") for _ in range(batch)]
+        signer.encode({"k": "ev", "p": events.pack(evs)})
+        evs = []
+        for _ in range(batch):
+            evs.append(events.task_event("taken", now, item, "bench.inc", "w/0"))
+            evs += events.result_events(now, item, part, "bench.inc", "w/0")
+        signer.encode({"k": "ev", "p": events.pack(evs)})
+
+    n = 20_000  # the best of 5 repeats, as timeit advises: the others met other processes' load
+    return {"zmq": min(timeit.repeat(zmq_task, number=n, repeat=5)) / n * 1e6,
+            "redis": min(timeit.repeat(redis_tasks, number=n // batch, repeat=5))
+            / (n // batch * batch) * 1e6}
+
+
 def private_redis():
     """A redis-server of this run's own (tests/redis_server.py), or None without one."""
     sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -110,6 +147,11 @@ def main() -> None:
     for name, off, on, cost, cpu_off, cpu_on, cpu_cost in rows:
         print(f"| {name:<9} | {off:>13,.0f} | {on:>12,.0f} | {cost:>8.1f}% | {cpu_off:>11.2f} "
               f"| {cpu_on:>10.2f} | {cpu_cost:>7.1f}% |")
+    added = added_per_task()
+    print("\nAdded by events per task, timed alone: " + ", ".join(
+        f"{name} {us:.1f} us ({us / (cpu_off / args.n * 1e6) * 100:.1f}% of its W2 CPU per task)"
+        for name, off, on, cost, cpu_off, cpu_on, cpu_cost in rows
+        for us in [added[name]]))
     print("\nCPU: every process of the run (client and embedded broker, the worker processes, "
           "a private Redis server), during the timed part: less noisy than wall time here.")
 

@@ -6,9 +6,10 @@ An event is a dict with ``type`` (str) and ``ts`` (epoch seconds, when it happen
   (+ ``runtime`` seconds), ``task-failed`` (+ ``exception``, the type's name, and
   ``traceback``, its text, truncated to TRACEBACK_MAX characters), ``task-retried``,
   ``task-revoked``, ``task-rejected`` (a worker refused the task's message: its signature
-  failed), each with ``id`` (task id), ``name`` (the task's or function's name, None where
-  unknown), ``worker`` (the worker process id, ``"<worker id>/<n>"``; None before one has
-  it), ``queue`` and ``map`` (the map id, or None).  ``task-sent`` adds ``args`` (a short
+  failed; the task then fails, ``task-failed``, SignatureError), each with ``id`` (task
+  id), ``name`` (the task's or function's name, None where unknown), ``worker`` (the
+  worker process id, ``"<worker id>/<n>"``; None before one has it), ``queue`` and
+  ``map`` (the map id, or None).  ``task-sent`` adds ``args`` (a short
   repr, made by the sender from the arguments it had: nothing is unpickled for it) and,
   for steps of chains and chords, ``parent`` and ``root``: in a chain, the step before
   and the first step's task ids; in a chord, the chord's group id as the header tasks'
@@ -39,11 +40,12 @@ round trip as the results; supervisor: its own), a batch per stream entry.
 
 The store (EventLog here; a capped stream on Redis) keeps the events of the last
 ``keep`` seconds, at most ``most`` records of them (a record is one event, but a task's
-received and started share one; on Redis a stream entry holds a batch) (policy.EVENTS_KEEP, EVENTS_MAX; the ZeroMQ
-broker's ``--events-keep`` / ``--events-max``, a URL's ``?events_keep=`` /
-``?events_max=`` on Redis and memory://); heartbeats are not counted there: of those it
-keeps each worker's last.  ``events=0`` (``--no-events``, ``?events=0``) turns events
-off: nothing is kept or sent, and ``Client.events()`` yields nothing.
+received and started share one; on Redis a stream entry holds a batch): policy.EVENTS_KEEP
+and EVENTS_MAX, else the ZeroMQ broker's ``--events-keep`` / ``--events-max``, a Redis
+URL's ``?events_keep=`` / ``?events_max=`` (memory:// keeps the defaults).  Heartbeats are
+not counted there: of those it keeps each worker's last.  Events off (``nbq broker
+--no-events``, ``?events=0`` on Redis, NBQ_EVENTS=0 for the embedded broker): nothing is
+kept or sent, and ``Client.events()`` yields nothing.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -18,7 +19,7 @@ TRANSPORTS = ["zmq", "redis"]
 #: The transports every behaviour of the contract must hold on: a test module, class or
 #: function marked ``conformance`` gets its ``transport``, ``shared_client`` and ``client``
 #: fixtures over these; tests that kill or signal a worker process stay on TRANSPORTS.
-CONFORMANCE = TRANSPORTS + ["memory"]
+CONFORMANCE = TRANSPORTS + ["memory", "amqp"]
 
 
 def pytest_configure(config):
@@ -95,7 +96,10 @@ def execute_notebook(path, tmp_path):
 
 
 def standalone_broker(transport: str, procs: "Processes") -> str:
-    """The address of a broker no client owns: an `nbq broker` subprocess, or a fresh Redis db."""
+    """The address of a broker no client owns: an `nbq broker` subprocess, a fresh Redis db,
+    or a fresh vhost of the private RabbitMQ."""
+    if transport == "amqp":
+        return rabbit_url()
     return start_broker(procs) if transport == "zmq" else redis_url()
 
 
@@ -210,6 +214,38 @@ def redis_url(**query) -> str:
     return redis_server().url(**query)
 
 
+_rabbit = None     # the session's private RabbitMQ node, started on first use
+_rabbit_dir = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rabbit_session(tmp_path_factory):
+    """Where the private RabbitMQ keeps its files; stops it (by its handles) at the end."""
+    global _rabbit, _rabbit_dir
+    _rabbit_dir = tmp_path_factory.mktemp("rabbitmq")
+    yield
+    if _rabbit is not None:
+        _rabbit.stop()
+        _rabbit = None
+
+
+def rabbit_server():
+    """The session's private RabbitMQ node (tests/rabbitmq_server.py), started lazily."""
+    global _rabbit
+    if _rabbit is None:
+        from rabbitmq_server import RabbitServer
+        _rabbit = RabbitServer(_rabbit_dir)
+    return _rabbit
+
+
+def rabbit_url(backend: bool = True, **query) -> str:
+    """A fresh vhost of the session's private RabbitMQ; with backend, a fresh database of the
+    private Redis as its result_backend (by-id lookups, cancel, chords)."""
+    if backend:
+        query["result_backend"] = quote(redis_url(), safe="")
+    return rabbit_server().url(**query)
+
+
 _memory_brokers = itertools.count()
 
 
@@ -219,6 +255,8 @@ def make_client(transport: str, procs: Processes | None = None, workers: int = 2
         client = nbq.Client(workers=workers, **kw)
     elif transport == "redis":
         client = nbq.Client(redis_url(), workers=workers, **kw)
+    elif transport == "amqp":
+        client = nbq.Client(rabbit_url(), workers=workers, **kw)
     elif transport == "memory":  # a broker of its own in this process, as each zmq client has
         client = nbq.Client(f"memory://test-{next(_memory_brokers)}", workers=workers, **kw)
     else:

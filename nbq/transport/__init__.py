@@ -9,6 +9,7 @@ from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+unix://")
+AMQP_SCHEMES = ("amqp://", "amqps://")
 MEMORY_SCHEME = "memory://"
 
 
@@ -36,14 +37,20 @@ def across_processes(address: str, what: str) -> None:
             "broker other processes can reach (tcp://, redis://)")
 
 
+def is_amqp(address: str) -> bool:
+    """Whether address names a RabbitMQ (transport/amqp/)."""
+    return address.startswith(AMQP_SCHEMES)
+
+
 def _check(address: str) -> bool:
-    """Whether address is a Redis one (else ZeroMQ); raises for any other scheme."""
+    """Whether address is a Redis one (else ZeroMQ or RabbitMQ); raises for any other scheme."""
     if address.startswith(REDIS_SCHEMES):
         return True
-    if not address.startswith(ZMQ_SCHEMES):
+    if not address.startswith(ZMQ_SCHEMES + AMQP_SCHEMES):
         raise NbqError(f"unsupported broker address {address!r}: use tcp://host:port "
                        "(an `nbq broker`), ipc://path, redis://[user:password@]host:port/db, "
-                       "unix:///path/to/redis.sock, or memory:// (in-process)")
+                       "unix:///path/to/redis.sock, amqp://user:password@host:port/vhost, "
+                       "or memory:// (in-process)")
     return False
 
 
@@ -53,7 +60,7 @@ def with_result_expires(address: str, seconds: float | None) -> str:
     On Redis the client and every worker store results, so the setting travels
     in the URL that local workers are started with; a ZeroMQ broker has its own.
     """
-    if seconds is None or is_memory(address) or not _check(address):
+    if seconds is None or is_memory(address) or not (_check(address) or is_amqp(address)):
         return address
     parts = urlsplit(address)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "result_expires"]
@@ -67,6 +74,9 @@ def client_connection(address: str, key: bytes, client_id: str, context=None) ->
     if is_memory(address):
         from .memory import MemoryClient
         return MemoryClient(address, client_id)
+    if is_amqp(address):
+        from .amqp import AmqpClient
+        return AmqpClient(address, key, client_id)
     if _check(address):
         from .redis import RedisClient
         return RedisClient(address, key, client_id)
@@ -77,6 +87,9 @@ def client_connection(address: str, key: bytes, client_id: str, context=None) ->
 def supervisor_connector(address: str, key: bytes) -> Callable[[str], SupervisorConnection]:
     """A factory of supervisor connections (called in the supervisor process)."""
     across_processes(address, "nbq worker")
+    if is_amqp(address):
+        from .amqp import AmqpSupervisor
+        return lambda sid: AmqpSupervisor(address, key, sid)
     if _check(address):
         from .redis import RedisSupervisor
         return lambda sid: RedisSupervisor(address, key, sid)
@@ -87,6 +100,9 @@ def supervisor_connector(address: str, key: bytes) -> Callable[[str], Supervisor
 def worker_connector(address: str, key: bytes) -> Callable[[str, dict], WorkerConnection]:
     """A factory of worker-process connections (called after fork, in each process)."""
     across_processes(address, "nbq worker")
+    if is_amqp(address):
+        from .amqp import AmqpWorker
+        return lambda wid, hello: AmqpWorker(address, key, wid, hello)
     if _check(address):
         from .redis import RedisWorker
         return lambda wid, hello: RedisWorker(address, key, wid, hello)

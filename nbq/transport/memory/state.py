@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -28,11 +27,12 @@ from collections import deque
 from ... import events, policy
 from ...errors import NbqError
 from ...results import ResultStore
+from .eventing import Eventing
 from .mailbox import Mailbox
 from .records import ThreadRecord, PoolRecord, HeldTask
 
 
-class MemoryBroker:
+class MemoryBroker(Eventing):
     """The state behind one memory:// address; every method is thread-safe."""
 
     def __init__(self, address: str) -> None:
@@ -83,25 +83,6 @@ class MemoryBroker:
             if name:
                 self.events.names[h] = name
 
-    def subscribe(self, cid: str, sub: str, since: float | None, live: bool) -> None:
-        """Events for a client's subscription: those kept from since, then live (ev messages)."""
-        with self._lock:
-            key = (cid, sub)
-            if not live:
-                self.events.subscribers.discard(key)
-                return
-            self.events.prune(time.time())
-            for batch in events.batches(self.events.since(since)) if since is not None else ():
-                self._send(cid, {"k": "ev", "sub": sub, "ev": batch})
-            self.events.subscribers.add(key)
-
-    def _publish(self) -> None:
-        """Send the events added since the last call to the subscribers (under the lock)."""
-        if self.events.subscribers:
-            new = self.events.take_new()
-            for cid, sub in self.events.subscribers if new else ():
-                self._send(cid, {"k": "ev", "sub": sub, "ev": new})
-
     def submit(self, cid: str, tasks: list[dict], frames: list, lane: str | None = None) -> None:
         """Queue tasks (each naming its nf frames); lane, when given, is the queue for all."""
         with self._lock:
@@ -141,12 +122,6 @@ class MemoryBroker:
                 meta["total"] = total
                 self._map_sent(meta, total)
                 self._publish()
-
-    def _map_sent(self, meta: dict, total: int) -> None:
-        first = meta.pop("first", None)
-        if first is not None:
-            self.events.event(events.map_event(time.time(), first,
-                                               self.events.names.get(first.get("h")), total))
 
     def cancel(self, cid: str, rq: int, ids: list[str]) -> None:
         """Revoke the tasks no worker has taken; reply {id: revoked?}."""
@@ -269,21 +244,11 @@ class MemoryBroker:
         """Register a pool, or update it (its queues: its threads follow); its inbox."""
         with self._lock:
             sup = self.supervisors.get(info["sup"])
-            now = time.time()
-            if sup is None:
+            new = sup is None
+            if new:
                 sup = self.supervisors[info["sup"]] = PoolRecord(dict(info), Mailbox())
-                self.events.event(events.worker_event(events.WORKER_ONLINE, now, info["sup"], {
-                    "host": info["host"], "pid": info["spid"], "name": info.get("name"),
-                    "queues": list(info["queues"])}))
             sup.info = dict(info)
-            self.events.event(events.worker_event(events.WORKER_HEARTBEAT, now, info["sup"], {
-                "processed": sup.processed, "failed": sup.failed,
-                "active": sum(len(self.procs[w].running) for w in sup.procs if w in self.procs),
-                "load": os.getloadavg()[0], "memory": info.get("mem"),
-                "processes": [info["spid"]] * len(sup.procs), "host": info["host"],
-                "pid": info["spid"], "queues": list(info["queues"]), "name": info.get("name"),
-                "concurrency": info["conc"]}))
-            self._publish()
+            self._pool_events(sup, new)
             for wid in sup.procs:
                 self.procs[wid].queues = tuple(info["queues"])
             self._work.notify_all()
@@ -335,17 +300,6 @@ class MemoryBroker:
                     return None
                 self._work.wait(wait)
             return None
-
-    def _received(self, task: HeldTask, wid: str) -> None:
-        """The events of a task a worker takes: received, and started unless held for its eta."""
-        now = time.time()
-        eta = task.item.get("eta")
-        if eta is None or eta <= now:
-            self.events.task(now, events.EventLog.TAKEN, task.item, wid)
-        else:
-            self.events.task(now, events.TASK_RECEIVED, task.item, wid)
-            task.later = True
-        self._publish()
 
     def _next(self, queues: tuple) -> HeldTask | None:
         best = None

@@ -19,7 +19,8 @@ own.  So a worker process's received and started events go with its next message
 results; for a submitted task still running, its STARTED notice, within STARTED_DELAY):
 a process killed before that loses them (its task's rerun has its own).  Readers
 (a client's events()) verify each entry's signature before using it.  ``?events=0``
-in the URL turns events off for that party; ``?events_keep=SECONDS``,
+in the URL turns events off for that party (a cancel's task-revoked names only the task:
+the canceller knows no more of it); ``?events_keep=SECONDS``,
 ``?events_max=N`` bound the store (policy.EVENTS_KEEP, EVENTS_MAX by default).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ STREAM = P + "ev"
 BEATS = P + "evh"
 BEATS_KEPT = 1000   # heartbeat entries kept (each worker's last is read back)
 TRIM_EVERY = 10.0   # seconds between a writer's trims by age
+TAKEN = "taken"     # a task a worker took and started at once, stored as one event (decode)
 
 
 def counts_key(sid: str) -> str:
@@ -118,7 +120,13 @@ def decode(store, fields: dict, where: str) -> list[dict]:
         got = events.unpack(decoded[0]["p"]) if "p" in decoded[0] else decoded[0]["ev"]
     except (KeyError, TypeError, ValueError):  # signed, but not what a writer makes
         return []
-    return sorted(got, key=lambda e: e.get("ts", 0))
+    out = []
+    for event in got:
+        if event.get("type") == TAKEN:  # stored as one: received, then started
+            out += [dict(event, type=events.TASK_RECEIVED), dict(event, type=events.TASK_STARTED)]
+        else:
+            out.append(event)
+    return sorted(out, key=lambda e: e.get("ts", 0))
 
 
 def history(store, since: float) -> tuple[list[dict], str, str]:

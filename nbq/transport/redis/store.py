@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any, Callable
 
+import redis
+
 from ... import protocol
 from ...errors import NbqError, SignatureError
 from . import scripts
@@ -191,10 +193,15 @@ class Store:
         def run():
             if extra is None:
                 return self.report(args=args)
+            # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip each time
             pipe = self.r.pipeline(transaction=False)
-            self.report(args=args, client=pipe)
+            pipe.evalsha(self.report.sha, 0, *args)
             extra(pipe)
-            return pipe.execute()[0]
+            try:
+                return pipe.execute()[0]
+            except redis.exceptions.NoScriptError:  # a Redis that restarted: load it, once
+                self.r.script_load(scripts.REPORT)
+                return self.report(args=args)
 
         got = self.retry("storing results", run)
         return [scripts.taken(e) for e in got]

@@ -25,6 +25,7 @@ log = logging.getLogger("nbq.transport.redis")
 
 BLOCK_MS = 1000           # a worker's XREADGROUP wait; reclaim checks run between waits
 RECLAIM_EVERY = 1.0       # seconds between a worker's looks for dead workers' entries
+EVENTS_EVERY = 0.1        # a busy worker process writes its events at most this often
 FUNCTION_WAIT = 10.0      # a function not stored is waited for this long: a Redis that came back
                           # empty gets it again from its client (the tasks may come first)
 
@@ -135,6 +136,7 @@ class RedisWorker(WorkerConnection):
         self._names = self._events.names  # function hash -> name (signed in its fn message)
         self._later: set[str] = set()     # tasks taken before their eta: started when they ran
         self._processed = self._failed = 0  # items finished (failed) since last written
+        self._events_due = 0.0  # when pending events go with the next results
         self._notices = Notices(self.store, self._events)
         self._costs = policy.Costs()
         self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
@@ -154,7 +156,14 @@ class RedisWorker(WorkerConnection):
             left = BLOCK_MS if deadline is None else int(1000 * (deadline - time.monotonic()))
             if left <= 0:
                 return []
-            batch = self._next_batch(min(BLOCK_MS, left))
+            wait = BLOCK_MS
+            if self._events or self._processed:  # about to wait: what it saw goes when due
+                due = self._events_due - time.monotonic()
+                if due <= 0:
+                    self._write_pending()
+                else:
+                    wait = max(1, int(due * 1000))
+            batch = self._next_batch(min(wait, left))
 
     def _next_batch(self, block_ms: int) -> list[tuple[dict, list]]:
         """The next batch, started; [] when none came within block_ms."""
@@ -235,12 +244,12 @@ class RedisWorker(WorkerConnection):
         for item in items:
             name = self._names.get(item.get("h"))
             named = None if name is not None else {"_h": item.get("h")}  # named when written
-            out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid, named))
             eta = item.get("eta")
-            if eta is None or eta <= now:
-                out.append(events.task_event(events.TASK_STARTED, now, item, name, self.wid,
-                                             named))
+            if eta is None or eta <= now:  # received and started: stored as one
+                out.append(events.task_event(stored_events.TAKEN, now, item, name, self.wid, named))
             else:
+                out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid,
+                                             named))
                 self._later.add(item["id"])
         return out
 
@@ -329,8 +338,21 @@ class RedisWorker(WorkerConnection):
             self._failed += n * (not item["ok"]) if "ok" in item else item.get("nx", 0)
         return out
 
+    def _write_pending(self) -> None:
+        """Write the pending events and counts now (a round trip of their own)."""
+        def write():
+            pipe = self.store.r.pipeline(transaction=False)
+            self._write_events(pipe)
+            pipe.execute()
+        try:
+            self.store.retry("writing events", write)
+        except NbqError as e:
+            log.warning("could not write events: %s", e)
+
     def _write_events(self, pipe) -> None:
-        """Add this process's pending events and counts to pipe (with its results)."""
+        """Add this process's pending events and counts to pipe (with its results): at most
+        every EVENTS_EVERY seconds, with results or on their own once the process waits."""
+        self._events_due = time.monotonic() + EVENTS_EVERY
         self._events.commands(pipe)
         if self._processed:
             key = stored_events.counts_key(self.sid)
@@ -378,9 +400,9 @@ class RedisWorker(WorkerConnection):
 
     def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
         """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""
+        due = (self._events or self._processed) and time.monotonic() >= self._events_due
         taken = self.store.store(parts, acks=acks, take=take,
-                                 extra=self._write_events if self._events or self._processed
-                                 else None)
+                                 extra=self._write_events if due else None)
         if spilled:
             self.store.retry("deleting large inputs", lambda: self.store.r.delete(*spilled))
         return taken

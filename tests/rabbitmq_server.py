@@ -1,0 +1,159 @@
+"""A private RabbitMQ node for the tests: free 127.0.0.1 ports, its own directory, node name
+and epmd, stopped by its own handles.
+
+Never the machine's RabbitMQ on 5672: this node has its own RABBITMQ_NODENAME, AMQP port,
+distribution port, data and log directories, config (loopback listener only, no
+management plugin, guest allowed from loopback) and Erlang cookie (HOME).  Its epmd is
+private too (ERL_EPMD_PORT on a free port, started here in the foreground), so nothing of
+ours is left in the machine's epmd on 4369, and stopping the node stops everything it
+started: `rabbitmqctl stop`, then the process group by its id.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"   # Debian's, run as this user (not via su)
+CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+BOOT_TIMEOUT = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _epmd() -> str:
+    found = sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd"))
+    if not found:
+        raise RuntimeError("no epmd under /usr/lib/erlang: install rabbitmq-server (apt)")
+    return found[-1]
+
+
+class RabbitServer:
+    """One private RabbitMQ node; restart() keeps its ports and data (durable queues survive)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        if not os.path.exists(SERVER):
+            raise RuntimeError(f"{SERVER} is missing: apt-get install rabbitmq-server")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port, self.dist_port, self.epmd_port = _free_port(), _free_port(), _free_port()
+        self.node = f"nbqtest{uuid.uuid4().hex[:8]}@localhost"
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            "log.console = false\nlog.file.level = warning\n")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq-env.conf").write_text("")
+        self.env = dict(
+            os.environ, HOME=str(self.dir), RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port), ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"), RABBITMQ_LOG_BASE=str(self.dir / "log"),
+            RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
+            RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
+            RABBITMQ_PID_FILE=str(self.dir / "rabbit.pid"))
+        self.epmd = subprocess.Popen([_epmd(), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                                     env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.proc: subprocess.Popen | None = None
+        self._vhosts = 0
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "server.log"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([SERVER], env=self.env, cwd=self.dir, stdin=subprocess.DEVNULL,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not self._answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"rabbitmq-server did not start: {self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def _answers(self) -> bool:
+        """Whether the node speaks AMQP (a protocol header answered by Connection.Start)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.5) as s:
+                s.sendall(b"AMQP\x00\x00\x09\x01")
+                return len(s.recv(8)) > 0
+        except OSError:
+            return False
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """rabbitmqctl -n NODE ARGS on this node."""
+        return subprocess.run([CTL, "-n", self.node, *args], env=self.env, cwd=self.dir,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        """rabbitmqctl stop; then its process group killed by id if anything is left."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    self.ctl("stop", timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:  # erl_child_setup and helpers of the node share its process group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self.proc = None
+        if getattr(self, "epmd", None) is not None and not self._restarting:
+            self.epmd.kill()
+            self.epmd.wait()
+            self.epmd = None
+
+    _restarting = False
+
+    def kill(self) -> None:
+        """SIGKILL the node, as a crash: what it wrote to disk is all that survives."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start the node again on the same ports and data (its epmd stays)."""
+        self._restarting = True
+        try:
+            self.stop()
+        finally:
+            self._restarting = False
+        self.start()
+
+    def url(self, vhost: str | None = None, **query) -> str:
+        """amqp://guest:guest@127.0.0.1:PORT/VHOST; a fresh vhost unless one is named (each
+        test gets queues and exchanges of its own, as each gets a fresh Redis database)."""
+        if vhost is None:
+            self._vhosts += 1
+            vhost = f"t{self._vhosts}"
+            b = f'<<"{vhost}">>'
+            done = self.ctl("eval", f'rabbit_vhost:add({b}, <<"nbq">>), '
+                            f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, {b}, '
+                            '<<".*">>, <<".*">>, <<".*">>, <<"nbq">>).')
+            if done.returncode or done.stdout.strip() != "ok":
+                raise RuntimeError(f"making vhost {vhost} failed: {done.stdout}{done.stderr}")
+        q = "?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else ""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}{q}"
