@@ -326,9 +326,12 @@ class Broker:
     def _on_tasks(self, peer, header, frames, body):
         sent, log_event = header["mt"], self.events.task
         for task in self.queues.receive(header, frames, body):
-            task.frames = shm.hold(task.frames, unlink=True)  # the broker's until it is done
+            frames = task.frames
+            held = shm.hold(frames, unlink=True)  # the broker's until it is done
+            if held is not frames:
+                task.frames = held
             self.results.add_chunk(task)
-            log_event(sent, events.TASK_SENT, task.item)
+            log_event(sent, events.TASK_SENT, task)
 
     def _on_events(self, peer, header, frames, body):
         """Subscribe a client to events (the stored ones from since first), or unsubscribe it."""
