@@ -11,6 +11,7 @@ from collections import deque
 from ... import deaths, policy, protocol
 from ...errors import FunctionRefused, NbqError, WorkerLost
 from ..base import WorkerConnection
+from ..redis.events import ProcessEvents
 from . import names
 from .backend import Backend
 from .client import declare_task_queue
@@ -29,9 +30,10 @@ class Outbox:
     """A second link for what other threads send while a task runs: streamed output and
     "started" notices (for tasks still running STARTED_DELAY after they started)."""
 
-    def __init__(self, address: str, codec: Codec) -> None:
+    def __init__(self, address: str, codec: Codec, backend: Backend | None) -> None:
         self._address = address
         self._codec = codec
+        self._backend = backend  # its events (the process's received ones) go with the notices
         self._link: Link | None = None
         self._lock = threading.Lock()
         self._cv = threading.Condition()
@@ -83,6 +85,11 @@ class Outbox:
                         del self._due[tid]
             for c, ids in due.items():
                 self.send(c, {"k": "started", "ids": ids})
+            if self._backend is not None:
+                try:
+                    self._backend.events.flush()
+                except NbqError as e:
+                    log.warning("could not write events: %s", e)
 
     def close(self) -> None:
         with self._lock:
@@ -110,7 +117,9 @@ class AmqpWorker(WorkerConnection):
         self.max_result = self.settings.max_message_size - RESULT_HEADROOM
         self.backend = (Backend(self.settings.result_backend, key, self.settings.result_expires)
                         if self.settings.result_backend else None)
-        self._outbox = Outbox(address, self.codec)
+        # its events and counts (redis/events.py), written with its results
+        self._seen = ProcessEvents(self.backend.events, wid, hello["sup"]) if self.backend else None
+        self._outbox = Outbox(address, self.codec, self.backend)
         joined = self.codec.encode({"k": "joined", "w": wid, "pid": hello["pid"]})
         self._link.call("joining", lambda: self._commit_publish(names.supervisor(hello["sup"]), joined))
 
@@ -143,6 +152,8 @@ class AmqpWorker(WorkerConnection):
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:
                 return []
+            if self._seen:  # about to wait: what it saw goes now
+                self._write_events()
             self._link.call("fetching tasks",
                             lambda: self._link.conn.process_data_events(time_limit=left),
                             give_up=lambda: False)
@@ -174,6 +185,8 @@ class AmqpWorker(WorkerConnection):
         for gen, tag, item, _ in good:
             self._batch[item["id"]] = (gen, tag, item)
         self._outbox.running([item for _, _, item, _ in good])
+        if self._seen is not None:
+            self._seen.received([item for _, _, item, _ in good])
         return [(item, payload) for _, _, item, payload in good]
 
     def _after_deaths(self, good: list, again: list, drop: list) -> list:
@@ -267,6 +280,8 @@ class AmqpWorker(WorkerConnection):
         header, payload = decoded
         if header.get("k") != "fn" or header.get("h") != h:
             raise FunctionRefused(h, "what is stored under its name is another message")
+        if self._seen is not None and isinstance(header.get("name"), str) and header["name"]:
+            self._seen.names[h] = header["name"]
         if protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload)) != h:
             raise FunctionRefused(h, "the stored payload's hash is not the function's")
         self._functions[h] = payload
@@ -275,7 +290,7 @@ class AmqpWorker(WorkerConnection):
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
         self._outbox.done(item["id"] for item, _ in results)
         by_client: dict[str, list] = {}
-        stored = []
+        stored, parts = [], []
         last = None
         for item, payload in results:
             entry = self._batch.get(item["id"])
@@ -284,6 +299,7 @@ class AmqpWorker(WorkerConnection):
             self._costs.add(last, item.get("d"))
             item = dict(item, s0=task.get("s0", 0))
             by_client.setdefault(task.get("c", ""), []).append((item, payload))
+            parts.append((task, item, payload))
             self._reported.add(item["id"])
             if self.backend is not None:
                 stored.append((item["id"], self.codec.encode({"k": "res", "t": [item]}, payload)))
@@ -296,8 +312,10 @@ class AmqpWorker(WorkerConnection):
                     done.append(tid)
             self._reported -= set(done)
         sends = []
+        if self._seen is not None:
+            self._seen.results(parts)
         if self.backend is not None and (stored or done):
-            watchers = self.backend.results(stored, done)
+            watchers = self.backend.results(stored, done, self._seen)
             for (tid, blob), ws in zip(stored, watchers):
                 sends += [(w, blob) for w in ws]
         for c, mine in by_client.items():
@@ -324,9 +342,18 @@ class AmqpWorker(WorkerConnection):
             ch.tx_commit()
         self._link.call("reporting results", commit, give_up=lambda: False)
 
+    def _write_events(self) -> None:
+        try:
+            self.backend.write_events(self._seen)
+        except NbqError as e:
+            log.warning("could not write events: %s", e)
+
     def notice(self, ids: list[str], state: str) -> None:
         if state == "RETRY":
             self._outbox.done(ids)
+        if self._seen is not None:
+            self._seen.notice([e[2] for e in map(self._batch.get, ids) if e is not None], state)
+            self._write_events()
         for tid in ids:
             entry = self._batch.get(tid)
             if entry and entry[2].get("c"):

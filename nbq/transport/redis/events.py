@@ -187,9 +187,12 @@ class SentEvents:
             self.map_sent(mp, item, item.get("tot"))
 
     def map_sent(self, mp: str, first: dict | None, total: int | None) -> None:
-        """A map's first chunk (first given) or its end (first None, total known)."""
+        """A map's first chunk (first given) or its end (first None, total known; it may come
+        before a sized map's first chunk, which then carries the total)."""
         if first is None:
-            first = self._maps.get(mp)  # None: sent already
+            first = self._maps.get(mp)  # None: sent already, or no chunk seen yet
+            if first is None:
+                return
         elif total is None:
             self._maps[mp] = first
             return
@@ -308,3 +311,10 @@ class SupervisorEvents:
         self.writer.add([events.worker_event(events.WORKER_OFFLINE, time.time(), self.sid,
                                              {"how": how})])
         self.writer.flush()
+
+
+def revoked(store, ids: list[str]) -> None:
+    """task-revoked events of tasks a cancel revoked (written at once: rare)."""
+    now = time.time()
+    write(store, [events.task_event(events.TASK_REVOKED, now, {"id": tid, "q": None}, None)
+                  for tid in ids])
