@@ -115,3 +115,9 @@ def test_url_forms_and_a_by_id_lookup_without_a_backend():
     with nbq.Client(rabbit_url(backend=False)) as client:
         with pytest.raises(NbqError, match="result_backend"):
             nbq.AsyncResult("no-such-task", client=client).get(timeout=5)
+
+
+def test_events_need_a_result_backend_and_say_so():
+    with nbq.Client(rabbit_url(backend=False)) as client:
+        with pytest.raises(NbqError, match="result_backend"):
+            client.events(timeout=0.1)
