@@ -109,9 +109,15 @@ class AmqpWorker(WorkerConnection):
         self._reported: set[str] = set()
         self._functions: dict[str, list] = {}
         self._costs = policy.Costs()
-        self._prefetch = 0
+        self._prefetch = 0   # the batch size (power of two, from measured costs)
+        self._prefetched: list = []  # the next batch, taken (started) when the last one ended
         self._link = Link(address, self._on_connect)
         self.settings = self._link.settings
+        # With a result backend, RabbitMQ delivers one task more than the batch: report() takes
+        # it (marked started in the backend) before the batch's results are published, as the
+        # ZeroMQ broker hands a worker its next task with its "ready" -- so a client that sees
+        # a result and cancels what follows finds the next task started, not revoked.
+        self._extra = 1 if self.settings.result_backend else 0
         self._link.call("connecting", lambda: None)
         check_cluster_key(self._link, key)  # before any task is taken: KeyMismatch
         self.max_result = self.settings.max_message_size - RESULT_HEADROOM
@@ -129,8 +135,10 @@ class AmqpWorker(WorkerConnection):
 
     def _on_connect(self, link: Link) -> None:
         self._deliveries.clear()  # unacked ones come again, on the new connection
+        self._prefetched = []
         self._prefetch = 1
-        link.ch.basic_qos(prefetch_count=1, global_qos=True)  # channel-wide: changes apply at once
+        link.ch.basic_qos(prefetch_count=1 + self._extra, global_qos=True)  # channel-wide:
+        # changes apply at once
         for q in self.queues:
             declare_task_queue(link.ch, names.queue(q))
             link.ch.basic_consume(names.queue(q), self._on_message)
@@ -141,6 +149,9 @@ class AmqpWorker(WorkerConnection):
 
     def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        batch, self._prefetched = self._prefetched, []
+        if batch:
+            return batch
         while True:
             if self._deliveries:
                 # what else has arrived: a batch is every delivery buffered (up to prefetch)
@@ -159,9 +170,10 @@ class AmqpWorker(WorkerConnection):
                             give_up=lambda: False)
 
     def _take(self) -> list[tuple[dict, list]]:
-        """The deliveries received, verified and started; bad and revoked ones acked, unrun."""
+        """The deliveries received (a batch at most), verified and started; bad and revoked
+        ones acked, unrun."""
         good, drop = [], []
-        while self._deliveries:
+        while self._deliveries and len(good) + len(drop) < max(1, self._prefetch):
             gen, tag, rk, body = self._deliveries.popleft()
             item = self._verify(rk, body)
             if item is None:
@@ -312,6 +324,11 @@ class AmqpWorker(WorkerConnection):
                     done.append(tid)
             self._reported -= set(done)
         sends = []
+        if ready and self._extra:  # the next batch, started before these results are seen
+            # (its deliveries came while this batch ran: read without waiting)
+            self._link.call("fetching tasks", lambda: self._link.conn.process_data_events(0))
+            if self._deliveries:
+                self._prefetched = self._take()
         if self._seen is not None:
             self._seen.results(parts)
         if self.backend is not None and (stored or done):
@@ -327,7 +344,8 @@ class AmqpWorker(WorkerConnection):
             want = 1 << (self._costs.batch(last).bit_length() - 1)  # a power of two: few changes
             if want != self._prefetch:
                 self._prefetch = want
-                self._link.call("setting prefetch", lambda: self._link.ch.basic_qos(prefetch_count=want, global_qos=True))
+                self._link.call("setting prefetch", lambda: self._link.ch.basic_qos(
+                    prefetch_count=want + self._extra, global_qos=True))
 
     def _commit(self, sends: list[tuple[str, bytes]], acks: list[tuple[int, int]]) -> None:
         """Publish and ack in one transaction (acks of a lost connection are skipped: RabbitMQ
