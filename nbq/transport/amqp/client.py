@@ -308,8 +308,8 @@ class AmqpClient(MessageClient):
                 ends.append((header["mp"], header["total"]))
                 if self._sent is not None:
                     self._sent.map_sent(header["mp"], None, header["total"])
-        if self.backend is not None and (chunks or ends or self.backend.events):
-            self.backend.chunks(self.cid, chunks, ends)  # and the events: task-sent, map-sent
+        if self.backend is not None and (chunks or ends):
+            self.backend.chunks(self.cid, chunks, ends)  # with the pending events
         ms = int(self.settings.result_expires * 1000)
 
         def send():
@@ -326,6 +326,8 @@ class AmqpClient(MessageClient):
             ch.tx_commit()
 
         self._tx.call("sending", send)
+        if self.backend is not None and self.backend.events:  # task-sent, map-sent: after the
+            self.backend.write_events()                       # tasks, off a submit's path
 
 
 def declare_task_queue(ch, q: str) -> None:
