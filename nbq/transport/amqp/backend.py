@@ -21,6 +21,9 @@ from __future__ import annotations
 import time
 from urllib.parse import quote
 
+import redis
+
+from ...errors import NbqError
 from ..redis.events import EventWriter, ProcessEvents
 from ..redis.keys import P
 from ..redis.store import Store
@@ -140,13 +143,26 @@ class Backend:
         args += [len(done), *done]
 
         def write():
+            if not seen:
+                return self._store(args=args)
+            # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip each time
             pipe = st.r.pipeline(transaction=False)
-            self._store(args=args, client=pipe)
-            if seen is not None:
-                seen.commands(pipe, st.ttl_s)
-            return pipe.execute()[0]
+            pipe.evalsha(self._store.sha, 0, *args)
+            seen.commands(pipe, st.ttl_s)
+            try:
+                return pipe.execute()[0]
+            except redis.exceptions.NoScriptError:  # a Redis that restarted: load it, once
+                return self._store(args=args)
         got = st.retry("storing results", write)
         return [[text(w) for w in ws] for ws in got]
+
+    def forget(self, keys: list[bytes]) -> None:
+        """Delete large frames stored apart that nothing reads any more (an acked task's)."""
+        try:
+            self.store.retry("deleting large frames", lambda: self.store.r.delete(*keys),
+                             give_up=lambda: True)
+        except NbqError:
+            pass  # they expire with result_expires
 
     def write_events(self, seen: ProcessEvents | None = None) -> None:
         """Write the pending events (and seen's, with its counts) now: a round trip of their

@@ -14,6 +14,7 @@ from ...errors import BrokerUnavailable, NbqError
 from ..base import MessageClient
 from ..redis import answers
 from ..redis import events as stored_events
+from ..redis.frames import stored_apart
 from . import names
 from .backend import Backend
 from .connection import Link, check_cluster_key
@@ -49,6 +50,8 @@ class AmqpClient(MessageClient):
         check_cluster_key(self._tx, key)
         self.backend = (Backend(self.settings.result_backend, key, self.settings.result_expires)
                         if self.settings.result_backend else None)
+        if self.backend is not None:
+            self.codec.frames = self.backend.store.frames  # large frames stored apart there
         self._sent = stored_events.SentEvents(self.backend.events) if self.backend else None
         self._feed = Feed(self.backend.store, self._deliver) if self.backend else None
         self._got: list = []        # (header, frames) consumed, not yet returned
@@ -81,6 +84,10 @@ class AmqpClient(MessageClient):
         decoded = self.codec.decode(body, f"a message on {self._queue}")
         if decoded is not None:
             self._got.append(decoded)
+            if self.codec.frames is not None and decoded[0].get("k") == "res":
+                large = stored_apart(decoded[0], body)
+                if large:  # kept for by-id lookups within result_budget (as on Redis)
+                    self.backend.store.keep(large)
 
     def hello(self, rq: int | None) -> None:
         self._put({"k": "hello", "rq": rq}, [])
@@ -299,8 +306,9 @@ class AmqpClient(MessageClient):
                     if self._sent is not None:
                         self._sent.task(now, item)
                     q = item.get("q", "default")
-                    out.append((names.queue(q), self.codec.encode({"k": "tasks", "t": [item]},
-                                                                  payload), item.get("pr", 0)))
+                    out.append((names.queue(q), self.codec.encode(
+                        {"k": "tasks", "t": [item]}, payload, self.codec.spiller(payload)),
+                        item.get("pr", 0)))
                     if item.get("mp") is not None:
                         chunks.append((item["mp"], item["id"], item.get("s0", 0), item.get("n", 1),
                                        item.get("m") == "star"))

@@ -107,6 +107,7 @@ class AmqpWorker(WorkerConnection):
         self._deliveries: deque = deque()   # (generation, tag, routing key, body)
         self._batch: dict[str, tuple[int, int, dict]] = {}  # task id -> (generation, tag, item)
         self._reported: set[str] = set()
+        self._apart: dict[str, list] = {}  # task id -> keys of its large frames stored apart
         self._functions: dict[str, list] = {}
         self._costs = policy.Costs()
         self._prefetch = 0   # the batch size (power of two, from measured costs)
@@ -123,6 +124,8 @@ class AmqpWorker(WorkerConnection):
         self.max_result = self.settings.max_message_size - RESULT_HEADROOM
         self.backend = (Backend(self.settings.result_backend, key, self.settings.result_expires)
                         if self.settings.result_backend else None)
+        if self.backend is not None:
+            self.codec.frames = self.backend.store.frames  # large frames stored apart there
         # its events and counts (redis/events.py), written with its results
         self._seen = ProcessEvents(self.backend.events, wid, hello["sup"]) if self.backend else None
         self._outbox = Outbox(address, self.codec, self.backend)
@@ -247,7 +250,8 @@ class AmqpWorker(WorkerConnection):
         self._commit(sends, [])
 
     def _verify(self, rk: str, body: bytes) -> tuple[dict, list] | None:
-        decoded = self.codec.decode(body, f"a task on {rk}")
+        apart: list = []
+        decoded = self.codec.decode(body, f"a task on {rk}", apart)
         if decoded is None:
             return None
         header, payload = decoded
@@ -260,6 +264,8 @@ class AmqpWorker(WorkerConnection):
             log.warning("dropped task %s on %s: it was signed for queue %r", items[0]["id"], rk,
                         items[0].get("q", "default"))
             return None
+        if apart:  # deleted once the task is acked (a redelivery needs them until then)
+            self._apart[items[0]["id"]] = apart
         return items[0], payload
 
     def function(self, h: str) -> list:
@@ -304,6 +310,7 @@ class AmqpWorker(WorkerConnection):
         by_client: dict[str, list] = {}
         stored, parts = [], []
         last = None
+        spill = self.codec.spiller([f for _, payload in results for f in payload])
         for item, payload in results:
             entry = self._batch.get(item["id"])
             task = entry[2] if entry else {"id": item["id"]}
@@ -314,7 +321,8 @@ class AmqpWorker(WorkerConnection):
             parts.append((task, item, payload))
             self._reported.add(item["id"])
             if self.backend is not None:
-                stored.append((item["id"], self.codec.encode({"k": "res", "t": [item]}, payload)))
+                stored.append((item["id"], self.codec.encode({"k": "res", "t": [item]}, payload,
+                                                             spill)))
         acks, done = [], []
         if ready:
             for tid in list(self._batch):
@@ -338,8 +346,11 @@ class AmqpWorker(WorkerConnection):
         for c, mine in by_client.items():
             if c:
                 sends.append((c, self.codec.encode({"k": "res", "t": [i for i, _ in mine]},
-                                                   [f for _, p in mine for f in p])))
+                                                   [f for _, p in mine for f in p], spill)))
         self._commit(sends, acks)
+        apart = [k for tid in done for k in self._apart.pop(tid, ())]
+        if apart:
+            self.backend.forget(apart)
         if ready:
             want = 1 << (self._costs.batch(last).bit_length() - 1)  # a power of two: few changes
             if want != self._prefetch:
