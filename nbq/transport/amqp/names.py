@@ -32,7 +32,8 @@ wt:, m:, mc:, jn:, jf:, claim:, done): see backend.py.  So do the events: redis/
 capped streams nbq:ev and nbq:evh and the counts nbq:wc:{sid}, written as the Redis transport
 writes them, with the results, map chunks and heartbeats the parties send the backend anyway
 (eventing.py).  Without a backend there are no events: subscribing raises NbqError naming
-the setting (RabbitMQ keeps no history one could read from a time).
+the setting (RabbitMQ keeps no history one could read from a time).  Large frames (1 MiB or
+more) of tasks and results go there too, under redis/frames.py's nbq:b:{uuid} (messages.py).
 """
 from __future__ import annotations
 
