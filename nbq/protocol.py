@@ -4,7 +4,7 @@ A message is a list of frames::
 
     [header, signature, payload_0, ..., payload_n]
 
-* ``header`` is compact JSON (never pickle), so a broker can route a message
+* ``header`` is compact JSON (never pickle; made and read with orjson), so a broker can route a message
   without loading anything a sender chose.  ``header["k"]`` is the kind.
   ``encode`` adds the message's id and time, signed with the rest: ``ms``
   the sender (random per Signer, new after fork), ``mn`` its message number
@@ -44,6 +44,7 @@ import weakref
 from typing import Any, Iterable, Sequence
 
 import cloudpickle
+import orjson
 
 try:  # optional: without it large frames are signed whole by HMAC-SHA256
     import blake3
@@ -107,8 +108,25 @@ ITEM_FIELDS = {
     "nx": "items of a result part that failed",
 }
 
-_dumps_json = json.JSONEncoder(separators=(",", ":")).encode
-_loads_json = json.loads
+_json_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _dumps_json(obj) -> bytes:
+    """Compact JSON of a header: orjson (a header is made per message), else the standard
+    library's for what orjson refuses (integers past 64 bits)."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return _json_encode(obj).encode()
+
+
+def _loads_json(data):
+    """A header from JSON: orjson, else the standard library's for what orjson refuses
+    (integers past 64 bits, NaN); ValueError for what is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 _signers: "weakref.WeakSet[Signer]" = weakref.WeakSet()
@@ -166,7 +184,7 @@ class Signer:
     def encode(self, header: dict, frames: Sequence = ()) -> list:
         """Frames to send: header (with this message's id and time), signature, payload."""
         h = _dumps_json(dict(header, ms=self._sender, mn=next(self._numbers),
-                             mt=time.time())).encode()
+                             mt=time.time()))
         return [h, self.sign(h, frames), *frames]
 
     def decode(self, msg: Sequence) -> tuple[dict, list]:
@@ -194,7 +212,7 @@ class Signer:
 def refusal(fingerprint: str) -> list:
     """A broker's unsigned answer to a hello whose signature failed: its key's fingerprint,
     which tells the sender that the keys differ and reveals nothing of the broker's key."""
-    return [_dumps_json({"k": "keyfp", "fp": fingerprint}).encode(), b""]
+    return [_dumps_json({"k": "keyfp", "fp": fingerprint}), b""]
 
 
 def refused(msg: Sequence) -> str | None:

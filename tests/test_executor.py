@@ -291,9 +291,13 @@ def test_thousand_tasks_exactly_once(shared_client, tmp_path):
     assert sorted(map(int, lines)) == list(range(1000))
 
 
-def test_hundred_thousand_submits_before_reading(shared_client):
-    futs = [shared_client.submit(abs, -i) for i in range(100_000)]
-    assert shared_client.gather(futs, timeout=120) == list(range(100_000))
+def test_hundred_thousand_submits_before_reading(shared_client, request):
+    """ZeroMQ's ROUTER drops messages past its high-water mark unless flow control prevents it:
+    100,000 submits before the first read on zmq (DESIGN.md); 20,000 elsewhere (the queue is a
+    server's, and the test's point there is only that nothing waits on the reader)."""
+    n = 100_000 if request.node.callspec.params["shared_client"] == "zmq" else 20_000
+    futs = [shared_client.submit(abs, -i) for i in range(n)]
+    assert shared_client.gather(futs, timeout=120) == list(range(n))
 
 
 def test_workers_listing(shared_client):

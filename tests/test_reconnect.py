@@ -279,3 +279,21 @@ def test_a_redis_worker_stops_on_sigterm_while_its_redis_is_down(procs, tmp_path
         assert worker.returncode is not None, out
     finally:
         server.stop()
+
+
+
+def test_an_embedded_brokers_thread_completes_its_clients_futures(procs):
+    """Client() has no receiver thread: its broker's thread (the same interpreter lock)
+    receives for it and runs its done-callbacks; a callback may shut the client down."""
+    client = nbq.Client(workers=1)
+    threads = []
+    fut = client.submit(abs, -3)
+    fut.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+    assert fut.result(timeout=30) == 3
+    wait_until(lambda: threads, what="the done-callback")
+    assert threads == ["nbq-broker"]
+    last = client.submit(abs, -4)
+    last.add_done_callback(lambda f: client.shutdown(wait=False))
+    wait_until(lambda: client.closed, what="the client shut down by its callback")
+    assert last.result() == 4
+    client.shutdown()

@@ -50,12 +50,19 @@ class Raw:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, 5000)
         if curve_key is not None:
             secure.connect_curve(self.sock, curve_key)
         self.sock.connect(address)
 
-    def send(self, msg: list) -> None:
-        self.sock.send_multipart(msg)
+    def send(self, msg: list) -> bool:
+        """Queue msg; False if no connection would take it within 5 s (a peer whose handshake
+        the broker refused has none between its reconnects, and would otherwise block)."""
+        try:
+            self.sock.send_multipart(msg)
+        except zmq.Again:
+            return False
+        return True
 
     def received(self, timeout: float) -> list:
         """Every message that reached this socket within timeout seconds, except the broker's

@@ -6,6 +6,11 @@ each may share a message, lasting ~BATCH_SECONDS (~2 ms) in all (policy.Costs,
 from the durations results report), and never more than a fair share of what is
 queued, so that one process does not take what others could run.  A task still
 running STARTED_DELAY after dispatch is reported STARTED to its client.
+
+Idle processes are found through an index (ready.py), never by a scan over all
+processes: a dispatch costs O(1) per batch handed out, plus one look at each group
+of processes serving the same queues.  The process idle last is served first, so a
+light load keeps to the processes already running rather than waking every one.
 """
 from __future__ import annotations
 
@@ -41,48 +46,54 @@ class Dispatcher:
     def dispatch(self) -> None:
         """Hand queued tasks to idle worker processes, batching short ones."""
         now = time.monotonic()
-        for proc in self.members.procs.values():
-            if not proc.idle or proc.away_until > now:
-                continue
-            batch = self._take(proc)
-            if not batch:
-                continue
-            peer = b"w" + proc.wid.encode()
-            for h in {t.item["h"] for t in batch} - proc.functions:
-                fn = self.queues.functions.get(h)
-                if fn is None:  # sent again to a restarted broker ahead of its function
-                    batch = self.queues.park(batch, h)  # Queues.add_function queues them again
-                elif self.outbox.send(peer, {"k": "fn", "h": h}, fn):
-                    proc.functions.add(h)
-            if not batch:
-                continue
-            proc.idle = False
-            proc.running.extend(batch)
-            log_event = self.results.events.task
-            wall = time.time()
+        ready = self.members.ready
+        ready.wake(now)
+        for _, idle in ready.groups():
+            while idle:
+                proc = idle[next(reversed(idle))]
+                batch = self._take(proc)
+                if not batch:  # its group's queues are empty for all of them
+                    break
+                self._hand(proc, batch, now)
+
+    def _hand(self, proc: ProcessRecord, batch: list, now: float) -> None:
+        """Send batch to proc (its functions first): busy until its results say it is ready."""
+        peer = b"w" + proc.wid.encode()
+        for h in {t.h for t in batch} - proc.functions:
+            fn = self.queues.functions.get(h)
+            if fn is None:  # sent again to a restarted broker ahead of its function
+                batch = self.queues.park(batch, h)  # Queues.add_function queues them again
+            elif self.outbox.send(peer, {"k": "fn", "h": h}, fn):
+                proc.functions.add(h)
+        if not batch:
+            return
+        self.members.ready.discard(proc)
+        proc.running.extend(batch)
+        log_event = self.results.events.task
+        wall = time.time()
+        for t in batch:
+            t.where = proc.wid
+            if t.f:
+                self._started.append((now, t))
+            eta = t.get("eta")
+            if eta is None or eta <= wall:  # received and started
+                log_event(wall, EventLog.TAKEN, t, proc.wid)
+                if self._later:
+                    self._later.discard(t.id)
+            else:  # held by its worker until its eta: started when its result comes
+                log_event(wall, TASK_RECEIVED, t, proc.wid)
+                self._later.add(t.id)
+        if len(batch) == 1 and batch[0].original is not None and (
+                proc.sharing or not shm.has_held(batch[0].frames)):
+            sent = self.outbox.send_raw(peer, batch[0].original)
+        else:  # shared memory goes by name to a process of this host, else as bytes
+            items, frames = [], []
             for t in batch:
-                t.where = proc.wid
-                if t.item.get("f"):
-                    self._started.append((now, t))
-                eta = t.item.get("eta")
-                if eta is None or eta <= wall:  # received and started
-                    log_event(wall, EventLog.TAKEN, t.item, proc.wid)
-                    if self._later:
-                        self._later.discard(t.id)
-                else:  # held by its worker until its eta: started when its result comes
-                    log_event(wall, TASK_RECEIVED, t.item, proc.wid)
-                    self._later.add(t.id)
-            if len(batch) == 1 and batch[0].original is not None and (
-                    proc.sharing or not shm.has_held(batch[0].frames)):
-                sent = self.outbox.send_raw(peer, batch[0].original)
-            else:  # shared memory goes by name to a process of this host, else as bytes
-                items, frames = [], []
-                for t in batch:
-                    items.append(t.item)
-                    frames.extend(shm.wire(t.frames, proc.sharing))
-                sent = self.outbox.send(peer, {"k": "tasks", "t": items}, frames)
-            if not sent:
-                self._put_back(proc, batch, now)
+                items.append(t.item)
+                frames.extend(shm.wire(t.frames, proc.sharing))
+            sent = self.outbox.send(peer, {"k": "tasks", "t": items}, frames)
+        if not sent:
+            self._put_back(proc, batch, now)
 
     def _take(self, proc: ProcessRecord) -> list:
         """The next batch for proc from the first of its queues with a task waiting."""
@@ -94,7 +105,7 @@ class Dispatcher:
             first = dq.popleft()
             if not dq:
                 return [first]
-            limit = self.costs.batch(first.item.get("h"),
+            limit = self.costs.batch(first.h,
                                      len(dq) // max(1, len(self.members.procs)))
             batch = [first]
             while dq and len(batch) < limit:
@@ -109,8 +120,8 @@ class Dispatcher:
         word (its worker killed, not yet missed by heartbeats), or away for a moment (it
         stays idle, and is tried again after a while: it gets work once it is back)."""
         proc.running = [t for t in proc.running if t.where != proc.wid or t not in batch]
-        proc.idle = True
         proc.away_until = now + HEARTBEAT / 2
+        self.members.ready.add(proc)
         for t in reversed(batch):
             self.queues.requeue(t)
 
@@ -124,15 +135,15 @@ class Dispatcher:
             task = self.queues.tasks.get(item["id"])
             # a late answer from a process since declared dead still counts: items are deduplicated
             if (task is not None and (proc is None or task.where == proc.wid)
-                    and item.get("s", 0) + item.get("n", 1) <= len(task.delivered)):
+                    and item.get("s", 0) + item.get("n", 1) <= task.n):
                 parts.append((task, item, payload))
-        owners = {task.item["c"] for task, _, _ in parts}
+        owners = {task.c for task, _, _ in parts}
         whole = len(owners) == 1 and len(parts) == len(header["t"])
         if shared and whole:  # by name to a client of this host (it unlinks them), else bytes
             whole = self.outbox.sharing(next(iter(owners)))
         sup = self.members.supervisors.get(proc.sid) if proc is not None else None
         for task, item, payload in parts:
-            self.costs.add(task.item.get("h"), item.get("d"))
+            self.costs.add(task.h, item.get("d"))
             if sup is not None:
                 n = item.get("n", 1)
                 sup.processed += n
@@ -141,7 +152,7 @@ class Dispatcher:
                 self._later.discard(task.id)
                 if not item.get("rv"):  # it ran (not expired first)
                     self.results.events.task(time.time() - item.get("d", 0.0), TASK_STARTED,
-                                             task.item, task.where)
+                                             task, task.where)
             self.results.deliver(task, item, payload, forward=not whole,
                                  raw=body if len(header["t"]) == 1 and not shared else None)
         if whole:
@@ -154,7 +165,7 @@ class Dispatcher:
             # what it still holds (tasks due later) stays its own; a ready process takes more
             proc.running = [t for t in proc.running
                             if t.where == proc.wid and t.id in self.queues.tasks]
-            proc.idle = True
+            self.members.ready.add(proc)
 
     def flush_started(self, now: float) -> None:
         """Report STARTED for tasks still running STARTED_DELAY after dispatch.
@@ -168,7 +179,7 @@ class Dispatcher:
             if self.queues.tasks.get(task.id) is not task or task.where == "queued":
                 continue
             if now - t0 >= STARTED_DELAY:
-                due.setdefault(task.item["c"], []).append(task.id)
+                due.setdefault(task.c, []).append(task.id)
             else:
                 keep.append((t0, task))
         self._started = keep

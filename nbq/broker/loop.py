@@ -43,6 +43,10 @@ maps, joins, claims, expiry), members.py (supervisors, processes, deaths,
 control) and outbox.py (sends; messages held for clients away); events.py (core) the events
 made from what these see, kept in a ring buffer (EventLog) and sent to subscribers.
 
+An embedded broker (a thread of the client's process) also serves its clients' receiving
+sockets (``attach``): the client and its broker share one interpreter lock, so one thread
+doing both saves a thread wake-up per result, and nothing runs in parallel that did before.
+
 A broker that restarts starts empty: each client re-sends what it has not
 seen finish, supervisors' heartbeats and worker processes' hellos (on
 reconnecting) register them again (queues.py, members.py).
@@ -52,6 +56,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Callable, Sequence
 
 import zmq
 
@@ -119,6 +124,9 @@ class Broker:
                                max_message_size)
         self.dispatcher = Dispatcher(self.queues, self.members, self.results, self.outbox)
         self._timer = 0.0
+        self._guests: list[tuple[Sequence[zmq.Socket], Callable[[bool], bool], Callable]] = []
+        self._new_guests: list = []  # attached by other threads, served from the next turn
+        self._ended = False
         self.replays = replay.ReplayWindow(max_age)
         self.dropped = {"signature": 0, "invalid": 0, "replay": 0, "size": 0}
         self._drop_log_at = 0.0
@@ -158,7 +166,9 @@ class Broker:
                 self.dispatcher.flush_started(now)
                 if self.events.subscribers:
                     self._publish()
-                self.outbox.flush()
+                sent = self.outbox.flush()
+                if self._new_guests or self._guests:
+                    self._serve_guests(poller, ready, sent)
                 if now >= self._timer:
                     self._timer = now + policy.HEARTBEAT / 2
                     self.members.check_heartbeats(now)
@@ -175,7 +185,46 @@ class Broker:
         s.send(b"")
         s.close(linger=1000)
 
+    def attach(self, sockets: Sequence[zmq.Socket], turn: Callable[[bool], bool],
+               left: Callable[[], None]) -> None:
+        """Serve a guest on this broker's thread: ``turn(ready)`` is called on each loop turn
+        (at least every HEARTBEAT / 2 seconds), ``ready`` True when one of its sockets may
+        have a message, until it returns False; then ``left()``, once its sockets are no
+        longer polled (they may be closed).  Safe from any thread."""
+        self._new_guests.append((sockets, turn, left))
+        if self._ended:  # no turn will come (left may be called twice: it must not mind)
+            left()
+
+    def _serve_guests(self, poller: zmq.Poller, ready: dict, sent: bool) -> None:
+        """One turn of each guest; those done are unregistered and told so."""
+        while self._new_guests:
+            guest = self._new_guests.pop(0)
+            for s in guest[0]:
+                poller.register(s, zmq.POLLIN)
+            self._guests.append(guest)
+            sent = True  # what was sent to it before it came is waiting
+        for guest in list(self._guests):
+            sockets, turn, left = guest
+            try:
+                more = turn(sent or any(s in ready for s in sockets))
+            except Exception:  # a guest's bug must not stop the broker
+                log.exception("error in a guest of the broker's thread")
+                more = False
+            if not more:
+                self._leave(poller, guest)
+
+    def _leave(self, poller: zmq.Poller, guest: tuple) -> None:
+        for s in guest[0]:
+            poller.unregister(s)
+        self._guests.remove(guest)
+        guest[2]()
+
     def _shutdown(self) -> None:
+        self._ended = True
+        self._guests += self._new_guests
+        for guest in self._guests:
+            guest[2]()
+        self._guests.clear()
         self.members.stop_all()
         if self.outbox.shared is not None:
             shm.sweep(own=self.outbox.shared)
@@ -185,11 +234,17 @@ class Broker:
             self._zap.close()
 
     def _drain(self) -> None:
+        sock = self.sock
         for _ in range(DRAIN_MAX):
-            try:
-                msg = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            # asked, not raised: zmq.Again and recv_multipart's per-frame option reads cost
+            # more than the rest of receiving a small message
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 break
+            frame = sock.recv(copy=False)
+            msg = [frame]
+            while frame.more:  # a message's frames arrive together
+                frame = sock.recv(copy=False)
+                msg.append(frame)
             self.handle(msg)
         try:
             self.dispatcher.dispatch()
@@ -271,9 +326,12 @@ class Broker:
     def _on_tasks(self, peer, header, frames, body):
         sent, log_event = header["mt"], self.events.task
         for task in self.queues.receive(header, frames, body):
-            task.frames = shm.hold(task.frames, unlink=True)  # the broker's until it is done
+            frames = task.frames
+            held = shm.hold(frames, unlink=True)  # the broker's until it is done
+            if held is not frames:
+                task.frames = held
             self.results.add_chunk(task)
-            log_event(sent, events.TASK_SENT, task.item)
+            log_event(sent, events.TASK_SENT, task)
 
     def _on_events(self, peer, header, frames, body):
         """Subscribe a client to events (the stored ones from since first), or unsubscribe it."""

@@ -26,6 +26,7 @@ from .. import deaths, events
 from ..errors import SignatureError
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
+from .ready import Ready
 from .results import Results
 
 log = logging.getLogger("nbq.broker")
@@ -40,7 +41,7 @@ class ProcessRecord:
     queues: tuple
     running: list = field(default_factory=list)
     functions: set = field(default_factory=set)
-    idle: bool = True
+    idle: bool = False  # set by Ready.add and Ready.discard, which index the idle ones
     away_until: float = 0.0  # unreachable at the last send: not tried again before then
     sharing: bool = False    # of the broker's host: sent shared memory descriptors (shm.py)
 
@@ -72,6 +73,7 @@ class Members:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size  # told to each process in its welcome
         self.procs: dict[str, ProcessRecord] = {}
+        self.ready = Ready()  # the idle ones, by the queues they serve
         self.supervisors: dict[str, SupervisorRecord] = {}
 
     def supervisor(self, header: dict) -> SupervisorRecord:
@@ -99,6 +101,7 @@ class Members:
         proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues),
                              sharing=self.outbox.shares(header.get("lo")))
         self.procs[proc.wid] = proc
+        self.ready.add(proc)
         sup.procs.add(proc.wid)
         self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size,
                                 "lo": self.outbox.shared if proc.sharing else None})
@@ -112,7 +115,12 @@ class Members:
         if queues != sup.queues:  # add_consumer or cancel_consumer: its processes follow
             sup.queues = queues
             for wid in sup.procs & self.procs.keys():
-                self.procs[wid].queues = queues
+                proc = self.procs[wid]
+                idle = proc.idle
+                self.ready.discard(proc)  # indexed by its queues: moved to its new group
+                proc.queues = queues
+                if idle:
+                    self.ready.add(proc)
         if self.results.events.on:
             self.results.events.event(self._heartbeat_event(sup, header.get("ld")))
         reply = {"k": "hb"}
@@ -141,13 +149,14 @@ class Members:
         for tid in header["ids"]:
             task = self.queues.tasks.get(tid)
             if task is not None and task.where == proc.wid:
-                self.results.events.task(time.time(), events.TASK_REJECTED, task.item, proc.wid)
+                self.results.events.task(time.time(), events.TASK_REJECTED, task, proc.wid)
                 for pos in task.undelivered():
                     self.results.fail_items(task, pos, 1, SignatureError(
                         f"worker process {proc.pid} refused task {tid}: its message's signature "
                         "does not match the shared key (tampered with, or sent with another key)"))
         proc.running = [t for t in proc.running if t.id in self.queues.tasks]
-        proc.idle = not proc.running
+        if not proc.running:
+            self.ready.add(proc)
 
     def on_ntc(self, peer, header, frames, body):
         """A worker's state notice (a retry's RETRY, STARTED when it runs again): to the
@@ -159,7 +168,7 @@ class Members:
             if task is not None and proc is not None and task.where == proc.wid:
                 self.results.tell_state(task, state)
                 self.results.events.task(time.time(), events.TASK_RETRIED if state == "RETRY"
-                                         else events.TASK_STARTED, task.item, proc.wid)
+                                         else events.TASK_STARTED, task, proc.wid)
 
     def on_ctl(self, peer, header, frames, body):
         """Send a client's control command to the supervisors it names; tell it how many."""
@@ -192,6 +201,7 @@ class Members:
         proc = self.procs.pop(wid, None)
         if proc is None:
             return
+        self.ready.discard(proc)
         sup = self.supervisors.get(proc.sid)
         if sup:
             sup.procs.discard(wid)
@@ -208,19 +218,19 @@ class Members:
     def _retry_after_death(self, task: QueuedTask, why: str, at: list | None,
                            end: dict | None = None) -> None:
         """Re-run the undelivered items of a task whose process died (rules: deaths.py)."""
-        fail, item = deaths.after_death(task.item, task.undelivered(), at, end)
-        if item is task.item:  # the death does not count against it: queued again as it came
+        was, frames = task.item, task.frames
+        fail, item = deaths.after_death(was, task.undelivered(), at, end)
+        if item is was:  # the death does not count against it: queued again as it came
             self.queues.requeue(task)
             return
         for pos in fail:
-            self.results.deliver(task, *deaths.ending(task.item, pos, why, end))
+            self.results.deliver(task, *deaths.ending(was, pos, why, end))
         if item is None:
             self.results.finish(task.id)
             return
-        retry = QueuedTask(item, task.frames, None, delivered=task.delivered,
-                           ndelivered=task.ndelivered)
+        retry = QueuedTask(item, frames, None, delivered=task.delivered)
         self.queues.tasks[task.id] = retry
-        self.queues.lanes_of(item).appendleft(retry)
+        self.queues.requeue(retry)
 
     # -- events -------------------------------------------------------------------
 

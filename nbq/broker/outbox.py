@@ -71,10 +71,12 @@ class Outbox:
         self._sharing.discard(cid)
         self.unsent.pop(cid, None)
 
-    def flush(self) -> None:
-        """Send what is queued for clients; keep what cannot go for when they say hello."""
+    def flush(self) -> bool:
+        """Send what is queued for clients; keep what cannot go for when they say hello.
+        Returns whether anything was queued."""
         out, self._outgoing = self._outgoing, []
         for cid, msg in out:
             peer = self.clients.get(cid)
             if peer is None or not self.send_raw(peer, msg):
                 self.unsent.setdefault(cid, []).append(msg)
+        return bool(out)

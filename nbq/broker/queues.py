@@ -14,36 +14,118 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterator
 
 from .. import protocol
 
-SMALL_FRAME = 512  # a batched task's payload frames this small are kept as bytes (less memory)
-NAMES_KEPT = 10_000  # interned function hashes and queue names, forgotten all at once beyond
+SMALL_FRAME = 512  # payload frames this small are kept as bytes (a zmq.Frame costs ~180 B more)
+NAMES_KEPT = 10_000  # interned function hashes, client ids and queue names, forgotten beyond
+ORIGINALS_KEPT = 10_000  # a lone task's message is kept, to forward as is, while fewer are held
+#                          (or when it is large: signing it again would cost more than keeping it)
 
 
-@dataclass(eq=False, slots=True)
+_OWN = {"id": lambda t: t.id, "h": lambda t: t.h, "c": lambda t: t.c,
+        "f": lambda t: t.f or None, "ar": lambda t: t.ar, "nf": lambda t: len(t.frames)}
+
+
 class QueuedTask:
-    """A task as the broker sees it: its header item and payload, never unpickled."""
-    item: dict
-    frames: list
-    original: list | None  # the message it came in, when it was alone: forwarded as is
-    where: str = "queued"  # or "parked", "cancelled", "done", or the id of its worker process
-    delivered: bytearray | None = None  # per item: has a result reached its client
-    ndelivered: int = 0
-    retrying: bool = False  # held by its worker until a retry's eta (a RETRY notice)
+    """A task as the broker sees it: its header item and payload, never unpickled.
 
-    def __post_init__(self) -> None:
-        if self.delivered is None:
-            self.delivered = bytearray(self.item.get("n", 1))
+    Kept compact, as a million of them may wait: the fields every task has are slots (their
+    strings shared), the rest of its header item a dict only when there is any, its
+    per-item delivery marks made at its first result; ``item`` rebuilds the header item.
+    One slot holds its frames: the message it came in (a list) when that is kept, else
+    its payload frames (a tuple), or the one frame itself when it has one.
+    """
+
+    __slots__ = ("id", "h", "c", "f", "ar", "rest", "_msg", "where", "retrying", "_delivered")
+
+    def __init__(self, item: dict, frames: list | tuple, original: list | None = None,
+                 delivered: bytearray | None = None) -> None:
+        item = dict(item)
+        self.id: str = item.pop("id")
+        self.h: str = item.pop("h")
+        self.c: str = item.pop("c")
+        self.f: int = item.pop("f", 0)  # report STARTED
+        self.ar: str | None = item.pop("ar", None)  # its arguments' repr (events)
+        item.pop("nf", None)  # len(frames)
+        self.rest: dict | None = item or None  # any other header fields (ITEM_FIELDS)
+        if original is not None:
+            self._msg = original
+        else:
+            self._msg = tuple(frames) if len(frames) != 1 else frames[0]
+        self.where = "queued"  # or "parked", "cancelled", "done", or its worker process's id
+        self.retrying = False  # held by its worker until a retry's eta (a RETRY notice)
+        self._delivered = delivered  # per item: has a result reached its client
 
     @property
-    def id(self) -> str:
-        return self.item["id"]
+    def original(self) -> list | None:
+        """The message it came in, to forward as is, when it is kept."""
+        return self._msg if type(self._msg) is list else None
+
+    @property
+    def frames(self) -> tuple | list:
+        """Its payload frames."""
+        m = self._msg
+        return m if type(m) is tuple else m[2:] if type(m) is list else (m,)
+
+    @frames.setter
+    def frames(self, frames: list | tuple) -> None:
+        """New payload frames (shared memory held open, say): the message it came in is
+        not forwarded as is any more."""
+        self._msg = tuple(frames) if len(frames) != 1 else frames[0]
+
+    @property
+    def item(self) -> dict:
+        """The task's header item, as its client sent it (the broker's ``c`` added)."""
+        item = {"id": self.id, "h": self.h, "c": self.c, "nf": len(self.frames)}
+        if self.f:
+            item["f"] = self.f
+        if self.ar is not None:
+            item["ar"] = self.ar
+        if self.rest:
+            item.update(self.rest)
+        return item
+
+    def get(self, field: str, default=None):
+        """A field of its header item, as ``item.get`` (events read a task this way: the
+        task, not a copy of its item, is what they keep)."""
+        rest = self.rest
+        if rest is not None and field in rest:
+            return rest[field]
+        own = _OWN.get(field)
+        value = own(self) if own is not None else None
+        return default if value is None else value
+
+    def __getitem__(self, field: str):
+        value = self.get(field)
+        if value is None:
+            raise KeyError(field)
+        return value
+
+    def __contains__(self, field: str) -> bool:
+        return self.get(field) is not None
+
+    def release(self) -> None:
+        """It is done: its payload is dropped (events may keep the task a while)."""
+        self._msg = ()
+
+    @property
+    def n(self) -> int:
+        """How many items it holds (a map's chunk: several)."""
+        return 1 if self.rest is None else self.rest.get("n", 1)
+
+    @property
+    def delivered(self) -> bytearray:
+        """Per item: has a result reached its client (made at the first result)."""
+        if self._delivered is None:
+            self._delivered = bytearray(self.n)
+        return self._delivered
 
     def undelivered(self) -> list[int]:
-        return [i for i, d in enumerate(self.delivered) if not d]
+        if self._delivered is None:
+            return list(range(self.n))
+        return [i for i, d in enumerate(self._delivered) if not d]
 
 
 class Lanes:
@@ -57,7 +139,7 @@ class Lanes:
         self._order: list[deque] = []  # the lanes, most urgent first
 
     def _lane(self, task: QueuedTask) -> deque:
-        pr = task.item.get("pr", 0)
+        pr = task.get("pr", 0)
         lane = self._lanes.get(pr)
         if lane is None:
             lane = self._lanes[pr] = deque()
@@ -102,24 +184,27 @@ class Queues:
         if len(names) > NAMES_KEPT:
             names.clear()
         new = []
+        keep = alone and (len(self.tasks) < ORIGINALS_KEPT
+                          or protocol.frame_size(frames) >= protocol.OUT_OF_BAND_MIN)
         for item, payload in protocol.split(items, frames):
-            item["c"] = header["c"]
             if item["id"] in self.tasks:  # sent again (after a restart, a silence): queued once
                 continue
+            item["c"] = names.setdefault(header["c"], header["c"])
             item["h"] = names.setdefault(item["h"], item["h"])
-            if "q" in item:
-                item["q"] = names.setdefault(item["q"], item["q"])
-            if not alone:  # a zmq.Frame costs ~180 bytes of memory beside its data
+            q = item.pop("q", "default")
+            if q != "default":
+                item["q"] = names.setdefault(q, q)
+            if not keep:  # a zmq.Frame costs ~180 bytes of memory beside its data
                 payload = [f.bytes if len(f) < SMALL_FRAME else f for f in payload]
-            task = QueuedTask(item, payload, body if alone else None)
+            task = QueuedTask(item, payload, body if keep else None)
             self.tasks[task.id] = task
-            self.lanes_of(item).append(task)
+            self.lanes_of(task).append(task)
             new.append(task)
         return new
 
-    def lanes_of(self, item: dict) -> Lanes:
+    def lanes_of(self, task: QueuedTask) -> Lanes:
         """The lanes of a task's queue, made on first use."""
-        q = item.get("q", "default")
+        q = task.get("q", "default")
         lanes = self.lanes.get(q)
         if lanes is None:
             lanes = self.lanes[q] = Lanes()
@@ -128,7 +213,7 @@ class Queues:
     def requeue(self, task: QueuedTask) -> None:
         """Queue a task again, first among its priority."""
         task.where = "queued"
-        self.lanes_of(task.item).appendleft(task)
+        self.lanes_of(task).appendleft(task)
 
     def add_function(self, h: str, frames: list) -> None:
         """Store a function; the tasks parked for it are queued again, first, in order."""
@@ -141,10 +226,10 @@ class Queues:
         """Set aside the tasks of batch whose function (hash h) has not arrived; the rest."""
         parked = self.parked.setdefault(h, [])
         for t in batch:
-            if t.item["h"] == h:
+            if t.h == h:
                 t.where = "parked"
                 parked.append(t)
-        return [t for t in batch if t.item["h"] != h]
+        return [t for t in batch if t.h != h]
 
     def queued(self, queues: tuple, most: int) -> int:
         """How many tasks wait in these queues, counted up to most."""

@@ -45,22 +45,22 @@ class Results:
         raw is the message it came in, when it holds this part alone: forwarded as it
         came (a large result is not signed again).
         """
-        part = (dict(item, s0=task.item.get("s0", 0)), payload, raw)
+        part = (dict(item, s0=task.get("s0", 0)), payload, raw)
         self.store.add(task.id, part)
         if forward:
-            self.outbox.to_client(task.item["c"], self.message(part))
+            self.outbox.to_client(task.c, self.message(part))
         for cid in self.watchers.get(task.id, ()):
-            if cid != task.item["c"]:
+            if cid != task.c:
                 self.outbox.to_client(cid, self.message(part))
         start, n = item.get("s", 0), item.get("n", 1)
-        fresh = n - task.delivered.count(1, start, start + n)
-        task.delivered[start:start + n] = b"\x01" * n
+        delivered = task.delivered
+        fresh = n - delivered.count(1, start, start + n)
+        delivered[start:start + n] = b"\x01" * n
         if fresh:  # a part delivered already (a late answer of a dead process) makes no event
             where = task.where
-            self.events.task(time.time(), EventLog.RESULT, task.item,
+            self.events.task(time.time(), EventLog.RESULT, task,
                              where if "/" in where else None, (item, fresh))
-        task.ndelivered += fresh
-        if task.ndelivered >= len(task.delivered):
+        if 0 not in delivered:
             self.finish(task.id)
 
     def fail_items(self, task: QueuedTask, start: int, n: int, exc: Exception) -> None:
@@ -71,7 +71,7 @@ class Results:
         """A task is done: the broker forgets it; its result expires after result_expires."""
         task = self.queues.tasks.pop(tid, None)
         if task is not None:
-            task.frames, task.original = [], None  # its shared memory goes now, not when unqueued
+            task.release()
             if task.where == "queued":  # a re-sent copy answered by a late result
                 task.where = "done"
         self.watchers.pop(tid, None)
@@ -87,21 +87,21 @@ class Results:
         """A state message (RETRY or STARTED) to a task's client and watchers."""
         task.retrying = state == "RETRY"
         msg = self.outbox.signer.encode({"k": "state", "ids": [task.id], "state": state})
-        for cid in {task.item["c"]} | self.watchers.get(task.id, set()):
+        for cid in {task.c} | self.watchers.get(task.id, set()):
             self.outbox.to_client(cid, msg)
 
     def add_chunk(self, task: QueuedTask) -> None:
         """Note a new task in its map's record (``mp``), if it is a map's chunk."""
-        mp = task.item.get("mp")
+        mp = task.get("mp")
         if mp is None:
             return
         meta = self.maps.get(mp)
         if meta is None:
-            meta = self.maps[mp] = {"total": None, "chunks": [], "c": task.item["c"],
-                                    "star": task.item.get("m") == "star", "first": task.item}
+            meta = self.maps[mp] = {"total": None, "chunks": [], "c": task.c,
+                                    "star": task.get("m") == "star", "first": task}
             self._expire_later("map", mp)
-            if "tot" in task.item:
-                self._map_sent(meta, task.item["tot"])
+            if "tot" in task:
+                self._map_sent(meta, task["tot"])
         meta["chunks"].append(task.id)
 
     def _map_sent(self, meta: dict, total: int) -> None:
@@ -120,16 +120,16 @@ class Results:
             task = self.queues.tasks.get(tid)
             if task is not None and task.where == "queued":
                 task.where = "cancelled"  # skipped when its queue reaches it
-                task.frames, task.original = [], None  # its shared memory goes now
                 del self.queues.tasks[tid]
-                self.events.task(time.time(), events.TASK_REVOKED, task.item, None,
-                                 {"count": task.item.get("n", 1)} if "mp" in task.item else None)
-                part = ({"id": tid, "rv": 1, "s": 0, "s0": task.item.get("s0", 0),
-                         "n": task.item.get("n", 1), "nf": 0}, [], None)
+                task.release()
+                self.events.task(time.time(), events.TASK_REVOKED, task, None,
+                                 {"count": task.n} if "mp" in task else None)
+                part = ({"id": tid, "rv": 1, "s": 0, "s0": task.get("s0", 0),
+                         "n": task.n, "nf": 0}, [], None)
                 self.store.add(tid, part)
                 self._expire_later("res", tid)
                 # the owner learns it from the reply when it asked; otherwise from this
-                for cid in {task.item["c"], *self.watchers.pop(tid, ())} - {header["c"]}:
+                for cid in {task.c, *self.watchers.pop(tid, ())} - {header["c"]}:
                     self.outbox.to_client(cid, self.message(part))
                 answer[tid] = True
             else:
@@ -176,7 +176,7 @@ class Results:
     def _chunk_range(self, tid: str) -> tuple:
         task = self.queues.tasks.get(tid)
         if task is not None:
-            return (task.item.get("s0", 0), task.item.get("n", 1))
+            return (task.get("s0", 0), task.n)
         parts = self.store.get(tid) or [({"s0": 0, "n": 1}, None, None)]
         return (parts[0][0].get("s0", 0), parts[0][0].get("n", 1))
 
@@ -205,7 +205,7 @@ class Results:
         """A running task's output: to its client, as it came, if that worker process runs it."""
         task = self.queues.tasks.get(header["id"])
         if task is not None and task.where == header["w"] and peer[1:] == header["w"].encode():
-            self.outbox.to_client(task.item["c"], body)
+            self.outbox.to_client(task.c, body)
 
     # -- expiry -------------------------------------------------------------------
 

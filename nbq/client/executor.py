@@ -118,7 +118,7 @@ class Client(concurrent.futures.Executor):
         self._inbox = Receiver(self._conn, self._sender, self._functions, self._feeder,
                                self._requests, self._controls.replies, self._link,
                                self._futures, self._chunks, self._subscriptions)
-        self._receiver = self._inbox.start(f"nbq-receiver-{self.id}")
+        self._inbox.start(f"nbq-receiver-{self.id}", self._cluster.host())
         welcome = self._requests.new(None)
         self._conn.hello(welcome[0])
         try:
@@ -283,7 +283,7 @@ class Client(concurrent.futures.Executor):
         return terminate(self.control, fut, sig, timeout)
 
     def _cancel_tasks(self, ids: list[str]) -> dict[str, bool]:
-        if threading.current_thread() is self._receiver:
+        if threading.current_thread() is self._inbox.thread:
             return {}
         return self._request("cancel", lambda rq: self._conn.cancel(rq, ids))
 
@@ -429,13 +429,12 @@ class Client(concurrent.futures.Executor):
             self._cluster.close()
 
     def _stop_receiver(self) -> None:
-        if threading.current_thread() is not self._receiver:  # not from a done-callback
-            self._receiver.join(5.0)
+        self._inbox.join(5.0)
 
     def _close_connection(self) -> None:
         if not self._conn_closed:
             self._conn_closed = True
-            self._conn.close()
+            self._inbox.close()
 
     def __repr__(self) -> str:
         return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"

@@ -5,18 +5,29 @@ results and sending maps' next chunks), state notices, streamed output, control 
 events (to their subscriptions) and replies; it sends the batched submits and the heartbeats, and sends the unfinished
 work again to a broker that restarted.  A result already seen is dropped, so the user
 sees each once.
+
+A client of an embedded broker has no thread of its own for this: the broker's thread
+receives for it (Broker.attach), as the two share one interpreter lock anyway, and a
+result then reaches its future with one thread wake-up fewer.  What runs here (done
+callbacks, a map's next chunks read from its input) then holds up the broker meanwhile.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import threading
+import time
 import weakref
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from ..errors import BrokerUnavailable, FunctionRefused, NbqError, SerializationError
+from ..policy import HEARTBEAT
 from . import shipping
 from .feeding import cancelled
+
+if TYPE_CHECKING:
+    from ..broker import Broker
 
 log = logging.getLogger("nbq.client")
 
@@ -42,14 +53,56 @@ class Receiver:
         self._chunks = chunks
         self._subscriptions = subscriptions  # events.Subscriptions
         self.stopped = False  # the thread should return; nothing is waited for
+        self.thread: threading.Thread | None = None  # the thread it receives on
+        self._left: threading.Event | None = None    # a host's thread no longer serves it
+        self._own: threading.Thread | None = None    # a thread of its own, when it has one
 
-    def start(self, name: str) -> threading.Thread:
-        """Start the thread; it returns once stopped, or once this Receiver (its client's)
-        is garbage: it holds the Receiver weakly, as the Receiver holds no client."""
-        thread = threading.Thread(target=_receive_loop, args=(weakref.ref(self), self._conn),
-                                  name=name, daemon=True)
-        thread.start()
-        return thread
+    def start(self, name: str, host: "Broker | None" = None) -> None:
+        """Start receiving on a thread of its own, or on ``host``'s (an embedded Broker:
+        attach); it stops once stopped, or once this Receiver (its client's) is garbage: it
+        is held weakly, as the Receiver holds no client."""
+        self._name = name
+        if host is None:
+            self._own_thread()
+            return
+        self._left = threading.Event()
+        self._after_left: list = []  # what runs once the host's thread has left it
+        self._left_lock = threading.Lock()
+        host.attach(self._conn.sockets, _guest_turn(weakref.ref(self), self._conn),
+                    self._on_left)
+
+    def _on_left(self) -> None:
+        with self._left_lock:
+            self._left.set()
+            after, self._after_left = self._after_left, []
+        for fn in after:
+            fn()
+
+    def _own_thread(self) -> None:
+        self.thread = self._own = threading.Thread(
+            target=_receive_loop, name=self._name, daemon=True,
+            args=(weakref.ref(self), self._conn))
+        self._own.start()
+
+    def join(self, timeout: float) -> None:
+        """Wait (up to timeout seconds) until nothing receives for this Receiver any more,
+        so that its connection may close; at once on its own thread (a done-callback)."""
+        if threading.current_thread() is self.thread:
+            return
+        if self._left is not None:
+            self._left.wait(timeout)
+        if self._own is not None:
+            self._own.join(timeout)
+
+    def close(self) -> None:
+        """Close the connection: now, or, while a host's thread may still poll its sockets
+        (the wait for it was cut short), once it has left them."""
+        if self._left is not None and threading.current_thread() is not self.thread:
+            with self._left_lock:
+                if not self._left.is_set():
+                    self._after_left.append(self._conn.close)
+                    return
+        self._conn.close()
 
     def _handle(self, messages: list) -> None:
         """One turn of the thread: the batched submits, then the messages, then the link."""
@@ -230,6 +283,25 @@ class Receiver:
                 f"{shipping.FUNCTION_CACHE} are kept): submit it again"))
         log.warning("sent %d unfinished tasks again to the broker at %s", len(items),
                     self._link.address)
+
+
+def _guest_turn(receiver_ref: "weakref.ref[Receiver]", conn):
+    """One turn of receiving on a host's thread (Broker.attach): what has come, and the
+    link's heartbeat; False once the client stopped or is garbage."""
+    due = 0.0
+
+    def turn(ready: bool) -> bool:
+        nonlocal due
+        receiver = receiver_ref()
+        if receiver is None or receiver.stopped:
+            return False
+        now = time.monotonic()
+        if ready or now >= due:
+            due = now + HEARTBEAT / 4
+            receiver.thread = threading.current_thread()
+            receiver._handle(conn.receive(0))
+        return not receiver.stopped
+    return turn
 
 
 def _receive_loop(receiver_ref: "weakref.ref[Receiver]", conn) -> None:

@@ -62,6 +62,14 @@ def versions() -> str:
     return f"{version.__version__}/{platform.python_version()}"
 
 
+def _end(thread: threading.Thread | None, context: zmq.Context | None) -> None:
+    """Wait for a stopped broker's thread, then end its context."""
+    if thread is not None:
+        thread.join(5.0)
+    if context is not None:
+        context.term()
+
+
 class Cluster:
     """Worker processes started by a launcher, all serving one broker.
 
@@ -146,6 +154,11 @@ class Cluster:
         return [python, "-m", "nbq", "worker", "--broker", self.address, "--concurrency", str(n),
                 "--hostname", name, *(["--key-file", key_file] if key_file else ["--handshake"]),
                 "--versions", versions(), "--broker-grace", f"{LAUNCHED_BROKER_GRACE:g}"]
+
+    def host(self) -> Broker | None:
+        """The embedded ZeroMQ broker, whose thread also receives for its clients
+        (Broker.attach), or None."""
+        return self.broker if isinstance(self.broker, Broker) else None
 
     def client_connection(self, client_id: str) -> ClientConnection:
         """The connection of a client of this cluster to its broker."""
@@ -290,13 +303,16 @@ class Cluster:
                 c.shutdown(wait=False)
 
     def _stop_broker(self) -> None:
+        thread, context = self._thread, self.context
         if self.broker is not None:
             self.broker.stop()
-            self._thread.join(5.0)
             self.broker = None
-        if self.context is not None:
-            self.context.term()
-            self.context = None
+        self.context = None
+        if thread is threading.current_thread():  # a client's done-callback, which runs on
+            # the broker's thread (Broker.attach): the loop ends once it returns
+            threading.Thread(target=_end, args=(thread, context), daemon=True).start()
+        else:
+            _end(thread, context)
 
     def __enter__(self) -> "Cluster":
         return self

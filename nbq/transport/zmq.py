@@ -106,6 +106,12 @@ class ZmqClient(MessageClient):
         with self._lock:
             self._tx.send_multipart(msg, copy=False)
 
+    @property
+    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """The sockets receive() waits on, for a thread that polls them itself (an embedded
+        broker's: Broker.attach)."""
+        return self._rx, self._wake_r
+
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
         events = dict(self._poller.poll(None if timeout is None else timeout * 1000))
         if self._wake_r in events:

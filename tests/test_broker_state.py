@@ -1,0 +1,65 @@
+"""The ZeroMQ broker's state structures on their own: the index of idle worker processes
+(dispatch finds one without a scan over all) and the compact queued task."""
+from __future__ import annotations
+
+from nbq.broker.members import ProcessRecord
+from nbq.broker.queues import QueuedTask
+from nbq.broker.ready import Ready
+
+
+def proc(wid: str, queues: tuple = ("default",)) -> ProcessRecord:
+    return ProcessRecord(wid, "sup", 1, queues)
+
+
+def idle_by_queues(ready: Ready) -> dict:
+    return {q: list(procs) for q, procs in ready.groups()}
+
+
+def test_ready_groups_idle_processes_by_their_queues():
+    ready = Ready()
+    a, b, c = proc("a"), proc("b"), proc("c", ("lopri",))
+    for p in (a, b, c):
+        ready.add(p)
+    assert idle_by_queues(ready) == {("default",): ["a", "b"], ("lopri",): ["c"]}
+    assert a.idle and len(ready) == 3
+    ready.discard(a)
+    ready.discard(c)
+    assert not a.idle and idle_by_queues(ready) == {("default",): ["b"]}
+    ready.discard(a)  # twice: nothing changes
+    assert len(ready) == 1
+
+
+def test_ready_keeps_an_unreachable_process_apart_until_its_time():
+    ready = Ready()
+    p = proc("a")
+    p.away_until = 10.0
+    ready.add(p)
+    assert p.idle and idle_by_queues(ready) == {} and len(ready) == 1
+    ready.wake(9.0)
+    assert idle_by_queues(ready) == {}
+    ready.wake(10.0)
+    assert idle_by_queues(ready) == {("default",): ["a"]} and p.away_until == 0.0
+    p.away_until = 20.0
+    ready.discard(p)
+    ready.add(p)
+    ready.discard(p)  # gone while away: never comes back
+    ready.wake(30.0)
+    assert len(ready) == 0
+
+
+def test_queued_task_keeps_its_header_item_and_frames():
+    item = {"id": "t1", "h": "f0", "c": "c1", "f": 1, "nf": 1, "ar": "(1,)"}
+    task = QueuedTask(dict(item), [b"payload"])
+    assert task.item == item and task.rest is None
+    assert task["id"] == "t1" and task.get("ar") == "(1,)" and "mp" not in task
+    assert task.frames == (b"payload",) and task.original is None
+    assert task.n == 1 and task.undelivered() == [0]
+    chunk = {"id": "m:10", "h": "f0", "c": "c1", "mp": "m", "s0": 10, "n": 3, "nf": 2, "q": "x"}
+    task = QueuedTask(dict(chunk), [b"a", b"b"])
+    assert task.item == chunk and task.frames == (b"a", b"b")
+    assert task.n == 3 and task.get("s0") == 10 and task.get("pr", 0) == 0
+    task.delivered[1] = 1
+    assert task.undelivered() == [0, 2]
+    message = [b"header", b"signature", b"payload"]
+    task = QueuedTask({"id": "t2", "h": "f0", "c": "c1", "nf": 1}, message[2:], message)
+    assert task.original is message and task.frames == [b"payload"]
