@@ -1,6 +1,8 @@
 """nbq on amqp:// against Celery on the same RabbitMQ, 2 worker processes each.
 
-  python benchmarks/bench_rabbitmq.py [AMQP_URL]   (default: the machine's RabbitMQ on 5672)
+  python benchmarks/bench_rabbitmq.py [AMQP_URL [REDIS_URL]]   (default: the machine's
+  RabbitMQ on 5672, no result backend; REDIS_URL: nbq's result_backend, where it stores
+  large frames apart and events, as Celery's Redis result backend would)
 
 W1 round trip of one trivial task (median of 200), W2 10,000 trivial tasks submitted then
 gathered, W3 1,000,000 map items (nbq: client.map with its default chunks; Celery:
@@ -17,10 +19,13 @@ import tempfile
 import textwrap
 import time
 import uuid
+from urllib.parse import quote
 
 import nbq
 
 URL = sys.argv[1] if len(sys.argv) > 1 else "amqp://guest:guest@127.0.0.1:5672/%2F"
+NBQ_URL = URL if len(sys.argv) < 3 else (
+    URL + ("&" if "?" in URL else "?") + "result_backend=" + quote(sys.argv[2], safe=""))
 BIG = 100 << 20
 
 CELERY_APP = textwrap.dedent("""
@@ -42,7 +47,7 @@ CELERY_APP = textwrap.dedent("""
 
 def nbq_side() -> dict:
     out = {}
-    with nbq.Client(URL, workers=2) as c:
+    with nbq.Client(NBQ_URL, workers=2) as c:
         c.wait_for_workers(2)
         c.submit(abs, 1).result()
         times = []

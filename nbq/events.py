@@ -36,7 +36,8 @@ in-process broker make them from the messages they handle anyway (a worker adds 
 exception's name and traceback to a failed result's header, only on failure; a
 supervisor its load average to its heartbeat); on Redis each party writes those it sees
 (client: sent; worker process: received, started, and the results it stores, in the same
-round trip as the results; supervisor: its own), a batch per stream entry.
+round trip as the results; supervisor: its own), a batch per stream entry; on amqp:// the
+same, into its result backend's Redis (without one, there are no events).
 
 The store (EventLog here; a capped stream on Redis) keeps the events of the last
 ``keep`` seconds, at most ``most`` records of them (a record is one event, but a task's

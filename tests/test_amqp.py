@@ -115,3 +115,24 @@ def test_url_forms_and_a_by_id_lookup_without_a_backend():
     with nbq.Client(rabbit_url(backend=False)) as client:
         with pytest.raises(NbqError, match="result_backend"):
             nbq.AsyncResult("no-such-task", client=client).get(timeout=5)
+
+
+def test_events_need_a_result_backend_and_say_so():
+    with nbq.Client(rabbit_url(backend=False)) as client:
+        with pytest.raises(NbqError, match="result_backend"):
+            client.events(timeout=0.1)
+
+
+def test_large_frames_travel_through_the_result_backend(procs):
+    import redis
+    client = make_client("amqp", procs, workers=1)
+    try:
+        blob = os.urandom(3 << 20)
+        assert client.submit(bytes, blob).result(timeout=30) == blob
+        r = redis.Redis.from_url(parse(client.address)[2].result_backend)
+        # the task's frame is deleted once acked; the result's is kept (result_budget)
+        wait_until(lambda: len(r.keys("nbq:b:*")) == 1, 10, what="the task's large frame deleted")
+        assert len(blob) <= r.strlen(r.keys("nbq:b:*")[0]) < len(blob) + 100  # pickled
+        r.close()
+    finally:
+        client.shutdown(wait=False)

@@ -12,16 +12,9 @@ from collections import Counter
 import pytest
 
 import nbq
-from conftest import TRANSPORTS, redis_url, start_broker, wait_until
+from conftest import TRANSPORTS, rabbit_url, redis_url, start_broker, wait_until
 
 pytestmark = pytest.mark.conformance
-
-
-@pytest.fixture(autouse=True)
-def _no_events_on_amqp(request):
-    """amqp:// takes subscriptions but sends no events yet (its transport came before them)."""
-    if "[amqp" in request.node.name:
-        pytest.skip("amqp:// sends no events yet")
 
 
 def collect(client, until, since: float = 0, timeout: float = 15.0) -> list[dict]:
@@ -155,7 +148,7 @@ def test_chain_steps_name_their_parent_and_root(client):
 
 
 def test_iterator_ends_on_timeout_and_when_its_client_closes(transport, procs):
-    address = {"zmq": lambda: start_broker(procs), "redis": redis_url,
+    address = {"zmq": lambda: start_broker(procs), "redis": redis_url, "amqp": rabbit_url,
                "memory": lambda: "memory://events-idle"}[transport]()
     with nbq.Client(address) as client:  # no worker: no heartbeat, nothing happens
         t0 = time.monotonic()
@@ -170,9 +163,9 @@ def test_iterator_ends_on_timeout_and_when_its_client_closes(transport, procs):
             client.events()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)  # processes to start and stop
+@pytest.mark.parametrize("transport", [*TRANSPORTS, "amqp"])  # processes to start and stop
 def test_worker_events_once_each(transport, procs, tmp_path):
-    address = start_broker(procs) if transport == "zmq" else redis_url()
+    address = {"zmq": lambda: start_broker(procs), "redis": redis_url, "amqp": rabbit_url}[transport]()
     with nbq.Client(address) as client:
         worker = procs.nbq("worker", "--broker", address, "-c", "1")
         events = collect(client, lambda ev: any(e["type"] == "worker-heartbeat" for e in ev))

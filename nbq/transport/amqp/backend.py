@@ -8,7 +8,9 @@ finished tasks: START refuses them, so a redelivered finished task never runs tw
 wt: (watchers: the worker sends them copies of results on their RabbitMQ queues), m: and
 mc: (a map's chunks, for MapResult.from_id), jn:/jf: (chords), claim: (claim-once), and
 dd:{task id} (a hash "a" or item position -> deaths of the process running it, counted by
-its supervisor: a redelivered task that reached max_task_deaths fails with WorkerLost).
+its supervisor: a redelivered task that reached max_task_deaths fails with WorkerLost),
+and the events (redis/events.py's streams and counts: see eventing.py), written with the
+results, the chunks and the heartbeats.
 
 Without a backend, results reach only the client that submitted them; a by-id lookup
 (AsyncResult, MapResult.from_id, watch) raises NbqError naming the setting, a cancel
@@ -19,6 +21,10 @@ from __future__ import annotations
 import time
 from urllib.parse import quote
 
+import redis
+
+from ...errors import NbqError
+from ..redis.events import EventWriter, ProcessEvents
 from ..redis.keys import P
 from ..redis.store import Store
 
@@ -94,6 +100,7 @@ class Backend:
         self._start = r.register_script(START)
         self._store = r.register_script(STORE)
         self._cancel = r.register_script(CANCEL)
+        self.events = EventWriter(self.store)  # this party's events (redis/events.py)
 
     def start(self, ids: list[str]) -> list[str]:
         """Mark tasks started: for each "run", "revoked" or "done" (never run those)."""
@@ -125,16 +132,51 @@ class Backend:
         got = st.retry("reading deaths", read)
         return {tid: {text(k): int(v) for k, v in d.items()} for tid, d in zip(ids, got) if d}
 
-    def results(self, parts: list[tuple[str, bytes]], done: list[str]) -> list[list[str]]:
-        """Store result parts [(task id, packed signed message)], mark tasks done; returns
-        each part's watchers."""
+    def results(self, parts: list[tuple[str, bytes]], done: list[str],
+                seen: ProcessEvents | None = None) -> list[list[str]]:
+        """Store result parts [(task id, packed signed message)], mark tasks done, and write
+        seen's pending events and counts, in one round trip; returns each part's watchers."""
         st = self.store
         args: list = [P, st.ttl_s, time.time(), len(parts)]
         for tid, blob in parts:
             args += [tid, blob]
         args += [len(done), *done]
-        got = st.retry("storing results", lambda: self._store(args=args))
+
+        def write():
+            if not seen:
+                return self._store(args=args)
+            # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip each time
+            pipe = st.r.pipeline(transaction=False)
+            pipe.evalsha(self._store.sha, 0, *args)
+            seen.commands(pipe, st.ttl_s)
+            try:
+                return pipe.execute()[0]
+            except redis.exceptions.NoScriptError:  # a Redis that restarted: load it, once
+                return self._store(args=args)
+        got = st.retry("storing results", write)
         return [[text(w) for w in ws] for ws in got]
+
+    def forget(self, keys: list[bytes]) -> None:
+        """Delete large frames stored apart that nothing reads any more (an acked task's)."""
+        try:
+            self.store.retry("deleting large frames", lambda: self.store.r.delete(*keys),
+                             give_up=lambda: True)
+        except NbqError:
+            pass  # they expire with result_expires
+
+    def write_events(self, seen: ProcessEvents | None = None) -> None:
+        """Write the pending events (and seen's, with its counts) now: a round trip of their
+        own, for a party about to wait or one that sends the backend nothing else."""
+        st = self.store
+
+        def write():
+            pipe = st.r.pipeline(transaction=False)
+            self.events.commands(pipe)
+            if seen is not None:
+                seen.commands(pipe, st.ttl_s)
+            if len(pipe):
+                pipe.execute()
+        st.retry("writing events", write)
 
     def cancel(self, blobs: list[tuple[str, bytes]]) -> list[tuple[bool, list[str]]]:
         """Revoke tasks not started: [(revoked?, watchers to tell)]."""
@@ -147,7 +189,8 @@ class Backend:
 
     def chunks(self, cid: str, chunks: list[tuple[str, str, int, int, bool]],
                ends: list[tuple[str, int]]) -> None:
-        """Note maps' chunks [(map id, task id, start, n, star)] and totals [(map id, total)]."""
+        """Note maps' chunks [(map id, task id, start, n, star)] and totals [(map id, total)],
+        and write the pending events (a client's task-sent and map-sent)."""
         st = self.store
 
         def write():
@@ -161,7 +204,9 @@ class Backend:
             for mp, total in ends:
                 pipe.hset(P + "m:" + mp, "total", total)
                 pipe.expire(P + "m:" + mp, st.ttl_s)
-            pipe.execute()
+            self.events.commands(pipe)  # task-sent, map-sent
+            if len(pipe):
+                pipe.execute()
 
         st.retry("noting a map's chunks", write)
 

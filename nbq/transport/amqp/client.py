@@ -13,9 +13,12 @@ from ... import protocol
 from ...errors import BrokerUnavailable, NbqError
 from ..base import MessageClient
 from ..redis import answers
+from ..redis import events as stored_events
+from ..redis.frames import stored_apart
 from . import names
 from .backend import Backend
 from .connection import Link, check_cluster_key
+from .eventing import Feed
 from .messages import Codec, props
 from .status import ask_supervisors, queue_lengths
 
@@ -47,6 +50,10 @@ class AmqpClient(MessageClient):
         check_cluster_key(self._tx, key)
         self.backend = (Backend(self.settings.result_backend, key, self.settings.result_expires)
                         if self.settings.result_backend else None)
+        if self.backend is not None:
+            self.codec.frames = self.backend.store.frames  # large frames stored apart there
+        self._sent = stored_events.SentEvents(self.backend.events) if self.backend else None
+        self._feed = Feed(self.backend.store, self._deliver) if self.backend else None
         self._got: list = []        # (header, frames) consumed, not yet returned
         self._last_tag = None       # the last delivery consumed, acked on the next receive
         self._rx = Link(address, self._on_receiver_connect, transactional=False)
@@ -77,6 +84,10 @@ class AmqpClient(MessageClient):
         decoded = self.codec.decode(body, f"a message on {self._queue}")
         if decoded is not None:
             self._got.append(decoded)
+            if self.codec.frames is not None and decoded[0].get("k") == "res":
+                large = stored_apart(decoded[0], body)
+                if large:  # kept for by-id lookups within result_budget (as on Redis)
+                    self.backend.store.keep(large)
 
     def hello(self, rq: int | None) -> None:
         self._put({"k": "hello", "rq": rq}, [])
@@ -125,10 +136,22 @@ class AmqpClient(MessageClient):
             self._closing = True
             self._cv.notify()
         self._sender.join(10.0)
+        if self._feed is not None:
+            self._feed.close()
         self._rx.close()
         self._tx.close()
         if self.backend is not None:
             self.backend.close()
+
+    def events(self, sub: str, since: float | None, live: bool) -> None:
+        if self._feed is None and live:
+            raise NbqError(f"events {NO_BACKEND} (they are kept there)")
+        super().events(sub, since, live)
+
+    def _deliver(self, messages: list) -> None:
+        """Messages for receive() from another thread (event subscriptions)."""
+        self._inbox.extend(messages)
+        self.wake()
 
     def watch(self, rq: int | None, ids=(), maps=()) -> None:
         if self.backend is None:
@@ -169,7 +192,9 @@ class AmqpClient(MessageClient):
             self._publish(simple)
             simple = []
             if k == "events":
-                continue  # events are off on amqp:// (none are sent, as a broker with events off)
+                if self._feed is not None:
+                    self._feed.subscribe(header["sub"], header.get("since"), bool(header["live"]))
+                continue
             if k == "hello":
                 try:
                     self._tx.call("hello", lambda: self._tx.conn.process_data_events(0),
@@ -198,6 +223,7 @@ class AmqpClient(MessageClient):
                                                               "nf": 0}]}))
                  for tid in header["ids"]]
         got = self.backend.cancel(blobs)
+        stored_events.revoked(self.backend.store, [tid for (tid, _), (ok, _) in zip(blobs, got) if ok])
         tell = [(w, blob) for (tid, blob), (_, ws) in zip(blobs, got) for w in ws if w != self.cid]
         if tell:
             self._tx.call("telling watchers", lambda: self._send_to(tell))
@@ -265,24 +291,33 @@ class AmqpClient(MessageClient):
         if not messages:
             return
         chunks, ends, out = [], [], []
+        now = time.time()
         for header, frames in messages:
             k = header["k"]
             if k == "fn":
+                name = header.get("name", "")
+                if name and self._sent is not None:
+                    self._sent.names[header["h"]] = name
                 out.append((names.function(header["h"]), self.codec.encode(
-                    {"k": "fn", "h": header["h"]}, frames), 0))
+                    {"k": "fn", "h": header["h"], "name": name}, frames), 0))
             elif k == "tasks":
                 for item, payload in protocol.split(header["t"], frames):
                     item["c"] = self.cid
+                    if self._sent is not None:
+                        self._sent.task(now, item)
                     q = item.get("q", "default")
-                    out.append((names.queue(q), self.codec.encode({"k": "tasks", "t": [item]},
-                                                                  payload), item.get("pr", 0)))
+                    out.append((names.queue(q), self.codec.encode(
+                        {"k": "tasks", "t": [item]}, payload, self.codec.spiller(payload)),
+                        item.get("pr", 0)))
                     if item.get("mp") is not None:
                         chunks.append((item["mp"], item["id"], item.get("s0", 0), item.get("n", 1),
                                        item.get("m") == "star"))
             elif k == "mapend":
                 ends.append((header["mp"], header["total"]))
+                if self._sent is not None:
+                    self._sent.map_sent(header["mp"], None, header["total"])
         if self.backend is not None and (chunks or ends):
-            self.backend.chunks(self.cid, chunks, ends)
+            self.backend.chunks(self.cid, chunks, ends)  # with the pending events
         ms = int(self.settings.result_expires * 1000)
 
         def send():
@@ -299,6 +334,8 @@ class AmqpClient(MessageClient):
             ch.tx_commit()
 
         self._tx.call("sending", send)
+        if self.backend is not None and self.backend.events:  # task-sent, map-sent: after the
+            self.backend.write_events()                       # tasks, off a submit's path
 
 
 def declare_task_queue(ch, q: str) -> None:

@@ -28,7 +28,12 @@
 
 With ``?result_backend=redis://...`` (as Celery's setting), the state that by-id lookups,
 cancel, watch and chords need lives in that Redis under redis/keys.py's names (r:, st:, rv:,
-wt:, m:, mc:, jn:, jf:, claim:, done): see backend.py.
+wt:, m:, mc:, jn:, jf:, claim:, done): see backend.py.  So do the events: redis/events.py's
+capped streams nbq:ev and nbq:evh and the counts nbq:wc:{sid}, written as the Redis transport
+writes them, with the results, map chunks and heartbeats the parties send the backend anyway
+(eventing.py).  Without a backend there are no events: subscribing raises NbqError naming
+the setting (RabbitMQ keeps no history one could read from a time).  Large frames (1 MiB or
+more) of tasks and results go there too, under redis/frames.py's nbq:b:{uuid} (messages.py).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import time
 from ... import deaths
 from ...errors import NbqError
 from ..base import SupervisorConnection
+from ..redis.events import SupervisorEvents
 from . import names
 from .backend import Backend
 from .connection import Link, check_cluster_key
@@ -37,6 +38,7 @@ class AmqpSupervisor(SupervisorConnection):
         settings = self._link.settings
         self.backend = (Backend(settings.result_backend, key, settings.result_expires)
                         if settings.result_backend else None)
+        self._events = SupervisorEvents(self.backend.events, sid) if self.backend else None
 
     def _on_connect(self, link: Link) -> None:
         link.ch.exchange_declare(names.CTL, "fanout", durable=True)
@@ -60,6 +62,8 @@ class AmqpSupervisor(SupervisorConnection):
 
     def heartbeat(self, info: dict) -> None:
         self._info = dict(info)
+        if self._events is not None:
+            self._heartbeat_events(info)
         answer = {"k": "hb"}
         if info.get("autoscale"):
             try:
@@ -69,6 +73,20 @@ class AmqpSupervisor(SupervisorConnection):
             except NbqError as e:
                 log.warning("heartbeat: %s", e)
         self._messages.append(answer)
+
+    def _heartbeat_events(self, info: dict) -> None:
+        """worker-online (once) and worker-heartbeat, written to the backend (best effort)."""
+        st = self.backend.store
+
+        def write():
+            pipe = st.r.pipeline(transaction=False)
+            at = self._events.heartbeat(pipe, info, list(self._procs.values()))
+            if at is not None:
+                self._events.written(pipe.execute(), at)
+        try:
+            st.retry("writing heartbeat events", write, give_up=lambda: True)
+        except NbqError as e:
+            log.warning("heartbeat: %s", e)
 
     def lost(self, wid: str, how: str, at, end: dict | None = None, leaving: bool = False) -> None:
         self._procs.pop(wid, None)
@@ -121,6 +139,11 @@ class AmqpSupervisor(SupervisorConnection):
             "", names.client(request["c"]), blob, props()))
 
     def close(self, goodbye: bool) -> None:
+        if goodbye and self._events is not None:
+            try:
+                self._events.offline("left")
+            except NbqError as e:
+                log.warning("could not write worker-offline: %s", e)
         self._link.close()
         if self.backend is not None:
             self.backend.close()

@@ -11,6 +11,7 @@ from collections import deque
 from ... import deaths, policy, protocol
 from ...errors import FunctionRefused, NbqError, WorkerLost
 from ..base import WorkerConnection
+from ..redis.events import ProcessEvents
 from . import names
 from .backend import Backend
 from .client import declare_task_queue
@@ -29,9 +30,10 @@ class Outbox:
     """A second link for what other threads send while a task runs: streamed output and
     "started" notices (for tasks still running STARTED_DELAY after they started)."""
 
-    def __init__(self, address: str, codec: Codec) -> None:
+    def __init__(self, address: str, codec: Codec, backend: Backend | None) -> None:
         self._address = address
         self._codec = codec
+        self._backend = backend  # its events (the process's received ones) go with the notices
         self._link: Link | None = None
         self._lock = threading.Lock()
         self._cv = threading.Condition()
@@ -83,6 +85,11 @@ class Outbox:
                         del self._due[tid]
             for c, ids in due.items():
                 self.send(c, {"k": "started", "ids": ids})
+            if self._backend is not None:
+                try:
+                    self._backend.events.flush()
+                except NbqError as e:
+                    log.warning("could not write events: %s", e)
 
     def close(self) -> None:
         with self._lock:
@@ -100,17 +107,28 @@ class AmqpWorker(WorkerConnection):
         self._deliveries: deque = deque()   # (generation, tag, routing key, body)
         self._batch: dict[str, tuple[int, int, dict]] = {}  # task id -> (generation, tag, item)
         self._reported: set[str] = set()
+        self._apart: dict[str, list] = {}  # task id -> keys of its large frames stored apart
         self._functions: dict[str, list] = {}
         self._costs = policy.Costs()
-        self._prefetch = 0
+        self._prefetch = 0   # the batch size (power of two, from measured costs)
+        self._prefetched: list = []  # the next batch, taken (started) when the last one ended
         self._link = Link(address, self._on_connect)
         self.settings = self._link.settings
+        # With a result backend, RabbitMQ delivers one task more than the batch: report() takes
+        # it (marked started in the backend) before the batch's results are published, as the
+        # ZeroMQ broker hands a worker its next task with its "ready" -- so a client that sees
+        # a result and cancels what follows finds the next task started, not revoked.
+        self._extra = 1 if self.settings.result_backend else 0
         self._link.call("connecting", lambda: None)
         check_cluster_key(self._link, key)  # before any task is taken: KeyMismatch
         self.max_result = self.settings.max_message_size - RESULT_HEADROOM
         self.backend = (Backend(self.settings.result_backend, key, self.settings.result_expires)
                         if self.settings.result_backend else None)
-        self._outbox = Outbox(address, self.codec)
+        if self.backend is not None:
+            self.codec.frames = self.backend.store.frames  # large frames stored apart there
+        # its events and counts (redis/events.py), written with its results
+        self._seen = ProcessEvents(self.backend.events, wid, hello["sup"]) if self.backend else None
+        self._outbox = Outbox(address, self.codec, self.backend)
         joined = self.codec.encode({"k": "joined", "w": wid, "pid": hello["pid"]})
         self._link.call("joining", lambda: self._commit_publish(names.supervisor(hello["sup"]), joined))
 
@@ -120,8 +138,10 @@ class AmqpWorker(WorkerConnection):
 
     def _on_connect(self, link: Link) -> None:
         self._deliveries.clear()  # unacked ones come again, on the new connection
+        self._prefetched = []
         self._prefetch = 1
-        link.ch.basic_qos(prefetch_count=1, global_qos=True)  # channel-wide: changes apply at once
+        link.ch.basic_qos(prefetch_count=1 + self._extra, global_qos=True)  # channel-wide:
+        # changes apply at once
         for q in self.queues:
             declare_task_queue(link.ch, names.queue(q))
             link.ch.basic_consume(names.queue(q), self._on_message)
@@ -132,6 +152,9 @@ class AmqpWorker(WorkerConnection):
 
     def fetch(self, timeout: float | None = None) -> list[tuple[dict, list]]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        batch, self._prefetched = self._prefetched, []
+        if batch:
+            return batch
         while True:
             if self._deliveries:
                 # what else has arrived: a batch is every delivery buffered (up to prefetch)
@@ -143,14 +166,17 @@ class AmqpWorker(WorkerConnection):
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:
                 return []
+            if self._seen:  # about to wait: what it saw goes now
+                self._write_events()
             self._link.call("fetching tasks",
                             lambda: self._link.conn.process_data_events(time_limit=left),
                             give_up=lambda: False)
 
     def _take(self) -> list[tuple[dict, list]]:
-        """The deliveries received, verified and started; bad and revoked ones acked, unrun."""
+        """The deliveries received (a batch at most), verified and started; bad and revoked
+        ones acked, unrun."""
         good, drop = [], []
-        while self._deliveries:
+        while self._deliveries and len(good) + len(drop) < max(1, self._prefetch):
             gen, tag, rk, body = self._deliveries.popleft()
             item = self._verify(rk, body)
             if item is None:
@@ -174,6 +200,8 @@ class AmqpWorker(WorkerConnection):
         for gen, tag, item, _ in good:
             self._batch[item["id"]] = (gen, tag, item)
         self._outbox.running([item for _, _, item, _ in good])
+        if self._seen is not None:
+            self._seen.received([item for _, _, item, _ in good])
         return [(item, payload) for _, _, item, payload in good]
 
     def _after_deaths(self, good: list, again: list, drop: list) -> list:
@@ -222,7 +250,8 @@ class AmqpWorker(WorkerConnection):
         self._commit(sends, [])
 
     def _verify(self, rk: str, body: bytes) -> tuple[dict, list] | None:
-        decoded = self.codec.decode(body, f"a task on {rk}")
+        apart: list = []
+        decoded = self.codec.decode(body, f"a task on {rk}", apart)
         if decoded is None:
             return None
         header, payload = decoded
@@ -235,6 +264,8 @@ class AmqpWorker(WorkerConnection):
             log.warning("dropped task %s on %s: it was signed for queue %r", items[0]["id"], rk,
                         items[0].get("q", "default"))
             return None
+        if apart:  # deleted once the task is acked (a redelivery needs them until then)
+            self._apart[items[0]["id"]] = apart
         return items[0], payload
 
     def function(self, h: str) -> list:
@@ -267,6 +298,8 @@ class AmqpWorker(WorkerConnection):
         header, payload = decoded
         if header.get("k") != "fn" or header.get("h") != h:
             raise FunctionRefused(h, "what is stored under its name is another message")
+        if self._seen is not None and isinstance(header.get("name"), str) and header["name"]:
+            self._seen.names[h] = header["name"]
         if protocol.function_hash(b"".join(bytes(memoryview(f)) for f in payload)) != h:
             raise FunctionRefused(h, "the stored payload's hash is not the function's")
         self._functions[h] = payload
@@ -275,8 +308,9 @@ class AmqpWorker(WorkerConnection):
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
         self._outbox.done(item["id"] for item, _ in results)
         by_client: dict[str, list] = {}
-        stored = []
+        stored, parts = [], []
         last = None
+        spill = self.codec.spiller([f for _, payload in results for f in payload])
         for item, payload in results:
             entry = self._batch.get(item["id"])
             task = entry[2] if entry else {"id": item["id"]}
@@ -284,9 +318,11 @@ class AmqpWorker(WorkerConnection):
             self._costs.add(last, item.get("d"))
             item = dict(item, s0=task.get("s0", 0))
             by_client.setdefault(task.get("c", ""), []).append((item, payload))
+            parts.append((task, item, payload))
             self._reported.add(item["id"])
             if self.backend is not None:
-                stored.append((item["id"], self.codec.encode({"k": "res", "t": [item]}, payload)))
+                stored.append((item["id"], self.codec.encode({"k": "res", "t": [item]}, payload,
+                                                             spill)))
         acks, done = [], []
         if ready:
             for tid in list(self._batch):
@@ -296,20 +332,31 @@ class AmqpWorker(WorkerConnection):
                     done.append(tid)
             self._reported -= set(done)
         sends = []
+        if ready and self._extra:  # the next batch, started before these results are seen
+            # (its deliveries came while this batch ran: read without waiting)
+            self._link.call("fetching tasks", lambda: self._link.conn.process_data_events(0))
+            if self._deliveries:
+                self._prefetched = self._take()
+        if self._seen is not None:
+            self._seen.results(parts)
         if self.backend is not None and (stored or done):
-            watchers = self.backend.results(stored, done)
+            watchers = self.backend.results(stored, done, self._seen)
             for (tid, blob), ws in zip(stored, watchers):
                 sends += [(w, blob) for w in ws]
         for c, mine in by_client.items():
             if c:
                 sends.append((c, self.codec.encode({"k": "res", "t": [i for i, _ in mine]},
-                                                   [f for _, p in mine for f in p])))
+                                                   [f for _, p in mine for f in p], spill)))
         self._commit(sends, acks)
+        apart = [k for tid in done for k in self._apart.pop(tid, ())]
+        if apart:
+            self.backend.forget(apart)
         if ready:
             want = 1 << (self._costs.batch(last).bit_length() - 1)  # a power of two: few changes
             if want != self._prefetch:
                 self._prefetch = want
-                self._link.call("setting prefetch", lambda: self._link.ch.basic_qos(prefetch_count=want, global_qos=True))
+                self._link.call("setting prefetch", lambda: self._link.ch.basic_qos(
+                    prefetch_count=want + self._extra, global_qos=True))
 
     def _commit(self, sends: list[tuple[str, bytes]], acks: list[tuple[int, int]]) -> None:
         """Publish and ack in one transaction (acks of a lost connection are skipped: RabbitMQ
@@ -324,9 +371,18 @@ class AmqpWorker(WorkerConnection):
             ch.tx_commit()
         self._link.call("reporting results", commit, give_up=lambda: False)
 
+    def _write_events(self) -> None:
+        try:
+            self.backend.write_events(self._seen)
+        except NbqError as e:
+            log.warning("could not write events: %s", e)
+
     def notice(self, ids: list[str], state: str) -> None:
         if state == "RETRY":
             self._outbox.done(ids)
+        if self._seen is not None:
+            self._seen.notice([e[2] for e in map(self._batch.get, ids) if e is not None], state)
+            self._write_events()
         for tid in ids:
             entry = self._batch.get(tid)
             if entry and entry[2].get("c"):

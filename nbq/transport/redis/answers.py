@@ -6,10 +6,8 @@ ZeroMQ broker's are, so client.py does not know the difference.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
-from ... import events
 from . import events as stored_events
 from .frames import pack
 from .keys import CONTROL_KEEP, CTL, P
@@ -32,9 +30,7 @@ def cancel(st: Store, cid: str, header: dict) -> Answer:
         args += [tid, pack(st.signer.encode({"k": "res", "t": [
             {"id": tid, "rv": 1, "s": 0, "n": 1, "nf": 0}]}))]
     flags = st.cancel(args=args)
-    now = time.time()
-    stored_events.write(st, [events.task_event(events.TASK_REVOKED, now, {"id": tid, "q": None},
-                                               None) for tid, f in zip(ids, flags) if f])
+    stored_events.revoked(st, [tid for tid, f in zip(ids, flags) if f])
     return {tid: bool(f) for tid, f in zip(ids, flags)}, []
 
 

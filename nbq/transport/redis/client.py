@@ -58,10 +58,8 @@ class RedisClient(MessageClient):
         self._closing = False
         self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
         self._maps: set[str] = set()
-        self._events = stored_events.EventWriter(self.store)  # task-sent, map-sent
-        self._names: dict[str, str] = {}  # function hash -> name, for task-sent events
-        self._unsent_maps: dict[str, dict | None] = {}  # map id -> its first chunk (None: map-sent
-        #                                                 sent), until its end
+        self._events = stored_events.EventWriter(self.store)
+        self._sent = stored_events.SentEvents(self._events)  # task-sent, map-sent
         self._subs: dict[str, str] = {}  # event subscription -> the last nbq:ev entry it saw
         # task id -> (its entry "queue key entry id", mode, items) for unfinished tasks with
         # frames stored apart: the only entries of this client a worker may drop (_dropped)
@@ -258,7 +256,7 @@ class RedisClient(MessageClient):
             if k == "fn":
                 fk = P + "fn:" + header["h"]
                 if header.get("name"):
-                    self._names[header["h"]] = header["name"]
+                    self._sent.names[header["h"]] = header["name"]
                 blob = pack(self.signer.encode({"k": "fn", "h": header["h"],
                                                 "name": header.get("name", "")}, frames))
                 # SET, not SET NX: whatever is stored under the key (a blob a worker refused)
@@ -278,13 +276,10 @@ class RedisClient(MessageClient):
                     ntasks += 1
                     hashes.add(item.get("h"))
                     mp = item.get("mp")
-                    if self._events.on:
-                        self._events.add([events.task_event(events.TASK_SENT, now, item,
-                                                            self._names.get(item.get("h")))])
+                    self._sent.task(now, item)
                     if mp is not None:
                         if mp not in self._maps:
                             self._maps.add(mp)
-                            self._map_sent(mp, item, item.get("tot"))
                             cmds.append(("hset", (P + "m:" + mp,), {"mapping": {
                                 "star": int(item.get("m") == "star"), "c": self.cid}}))
                             cmds.append(("expire", (P + "m:" + mp, st.ttl_s), {}))
@@ -292,7 +287,7 @@ class RedisClient(MessageClient):
                                                f"{item['id']} {item.get('s0', 0)} {item.get('n', 1)}"), {}))
                         chunked.add(mp)
             elif k == "mapend":
-                self._map_sent(header["mp"], None, header["total"])
+                self._sent.map_sent(header["mp"], None, header["total"])
                 cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
                 cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
         cmds += [("expire", (P + "mc:" + mp, st.ttl_s), {}) for mp in chunked]
@@ -322,20 +317,6 @@ class RedisClient(MessageClient):
                     qk, mode, n = big[text(tid)]
                     self._own[text(tid)] = (f"{qk} {text(eid)}", mode, n)
 
-    def _map_sent(self, mp: str, first: dict | None, total: int | None) -> None:
-        """The map-sent event of a map, once, when its total is known: with its first chunk
-        (given as first), or at its end (first None; its record is then forgotten)."""
-        if first is None:
-            first = self._unsent_maps.pop(mp, None)  # None: sent already
-        elif total is None:
-            self._unsent_maps[mp] = first
-            return
-        else:
-            self._unsent_maps[mp] = None
-        if first is not None and total is not None:
-            self._events.add([events.map_event(time.time(), first,
-                                               self._names.get(first.get("h")), total)])
-
     def _subscribe(self, header: dict) -> None:
         """An events subscription (sender thread): the stored events, then live ones (receive)."""
         sub = header["sub"]
@@ -360,7 +341,7 @@ class RedisClient(MessageClient):
         new = stored_events.decode(self.store, fields, f"event entry {eid}")
         out = []
         for sub, seen in list(self._subs.items()):
-            if stream == stored_events.BEATS or _after(eid, seen):
+            if stream == stored_events.BEATS or stored_events.after(eid, seen):
                 out.append(({"k": "ev", "sub": sub, "ev": new}, []))
         return out if new else []
 
@@ -376,10 +357,3 @@ class RedisClient(MessageClient):
                 pipe.exists(P + "o:" + tid, P + "r:" + tid)
             return pipe.execute()
         return [tid for tid, n in zip(ids, self.store.retry("looking for lost tasks", ask)) if not n]
-
-
-def _after(eid: str, seen: str) -> bool:
-    """Whether stream entry id eid comes after seen."""
-    a, _, b = eid.partition("-")
-    c, _, d = seen.partition("-")
-    return (int(a), int(b or 0)) > (int(c), int(d or 0))

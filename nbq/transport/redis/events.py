@@ -159,3 +159,162 @@ def history(store, since: float) -> tuple[list[dict], str, str]:
     out += beats.values()
     out.sort(key=lambda e: e.get("ts", 0))
     return out, last, recent[0][0].decode() if recent else "0-0"
+
+
+def after(eid: str, seen: str) -> bool:
+    """Whether stream entry id eid comes after seen."""
+    a, _, b = eid.partition("-")
+    c, _, d = seen.partition("-")
+    return (int(a), int(b or 0)) > (int(c), int(d or 0))
+
+
+class SentEvents:
+    """A client's task-sent and map-sent events (map-sent once per map, when its total is
+    known: with its first chunk for a sized input, at its end for a generator)."""
+
+    def __init__(self, writer: EventWriter) -> None:
+        self.writer = writer
+        self.names: dict[str, str] = {}  # function hash -> name (from the client's fn messages)
+        self._maps: dict[str, dict | None] = {}  # map id -> its first chunk (None: map-sent sent)
+
+    def task(self, now: float, item: dict) -> None:
+        """A task (or a map's chunk) sent."""
+        if not self.writer.on:
+            return
+        self.writer.add([events.task_event(events.TASK_SENT, now, item, self.names.get(item.get("h")))])
+        mp = item.get("mp")
+        if mp is not None and mp not in self._maps:
+            self.map_sent(mp, item, item.get("tot"))
+
+    def map_sent(self, mp: str, first: dict | None, total: int | None) -> None:
+        """A map's first chunk (first given) or its end (first None, total known; it may come
+        before a sized map's first chunk, which then carries the total)."""
+        if first is None:
+            first = self._maps.get(mp)  # None: sent already, or no chunk seen yet
+            if first is None:
+                return
+        elif total is None:
+            self._maps[mp] = first
+            return
+        self._maps[mp] = None
+        if first is not None and total is not None and self.writer.on:
+            self.writer.add([events.map_event(time.time(), first,
+                                              self.names.get(first.get("h")), total)])
+
+
+class ProcessEvents:
+    """A worker process's task events and its items' counts (for its supervisor's heartbeat
+    events): added as it takes tasks and reports results, written with its next message."""
+
+    def __init__(self, writer: EventWriter, wid: str, sid: str) -> None:
+        self.writer = writer
+        self.wid, self.sid = wid, sid
+        self.names = writer.names  # function hash -> name (signed in its fn message)
+        self._later: set[str] = set()  # tasks taken before their eta: started when they ran
+        self._processed = self._failed = 0  # items finished (failed) since last written
+
+    def __bool__(self) -> bool:
+        return bool(self.writer) or bool(self._processed)
+
+    def received(self, items: list[dict]) -> None:
+        """Tasks this process takes: received, and started unless due later."""
+        if not self.writer.on or not items:
+            return
+        now, out = time.time(), []
+        for item in items:
+            name = self.names.get(item.get("h"))
+            named = None if name is not None else {"_h": item.get("h")}  # named when written
+            eta = item.get("eta")
+            if eta is None or eta <= now:  # received and started: stored as one
+                out.append(events.task_event(TAKEN, now, item, name, self.wid, named))
+            else:
+                out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid, named))
+                self._later.add(item["id"])
+        self.writer.add(out)
+
+    def results(self, parts: list) -> None:
+        """Result parts [(task item, result item, payload)]: their events, and counted."""
+        if not self.writer.on or not parts:
+            return
+        now, out = time.time(), []
+        for task, item, _ in parts:
+            name = self.names.get(task.get("h"))
+            if self._later and task["id"] in self._later:
+                self._later.discard(task["id"])
+                if not item.get("rv"):
+                    out.append(events.task_event(events.TASK_STARTED, now - item.get("d", 0.0),
+                                                 task, name, self.wid))
+            out += events.result_events(now, task, item, name, self.wid)
+            n = item.get("n", 1)
+            self._processed += n
+            self._failed += n * (not item["ok"]) if "ok" in item else item.get("nx", 0)
+        self.writer.add(out)
+
+    def notice(self, tasks: list[dict], state: str) -> None:
+        """Tasks retried (state RETRY) or started late (STARTED)."""
+        if self.writer.on and tasks:
+            now = time.time()
+            self.writer.add([events.task_event(
+                events.TASK_RETRIED if state == "RETRY" else events.TASK_STARTED, now,
+                task, self.names.get(task.get("h")), self.wid) for task in tasks])
+
+    def commands(self, pipe, ttl_s: int) -> None:
+        """Add the pending events and counts to pipe."""
+        self.writer.commands(pipe)
+        if self._processed:
+            key = counts_key(self.sid)
+            pipe.hincrby(key, "processed", self._processed)
+            if self._failed:
+                pipe.hincrby(key, "failed", self._failed)
+            pipe.expire(key, ttl_s)
+            self._processed = self._failed = 0
+
+
+class SupervisorEvents:
+    """A supervisor's worker-online (once, with the first heartbeat that reached Redis),
+    worker-heartbeat (with its processes' counts as they last wrote them) and offline."""
+
+    def __init__(self, writer: EventWriter, sid: str) -> None:
+        self.writer = writer
+        self.sid = sid
+        self._online = False
+        self._counts: dict[str, int] = {}
+
+    def heartbeat(self, pipe, info: dict, pids: list[int]) -> int | None:
+        """Add this heartbeat's events to pipe, then a read of the processes' counts (the next
+        heartbeat's); returns that read's place in the pipeline's replies (None: events off)."""
+        if not self.writer.on:
+            return None
+        now = time.time()
+        fields = {"host": info["host"], "pid": info["spid"], "name": info.get("name"),
+                  "queues": list(info.get("queues", ()))}
+        if not self._online:
+            self.writer.add([events.worker_event(events.WORKER_ONLINE, now, self.sid, fields)])
+            self.writer.commands(pipe)
+        heartbeat(pipe, self.writer.store, events.worker_event(
+            events.WORKER_HEARTBEAT, now, self.sid, dict(
+                fields, processed=self._counts.get("processed", 0),
+                failed=self._counts.get("failed", 0), active=info.get("act", 0),
+                load=info.get("ld"), memory=info.get("mem"), concurrency=info.get("conc"),
+                processes=sorted(pids))))
+        pipe.hgetall(counts_key(self.sid))
+        return len(pipe) - 1
+
+    def written(self, replies: list, at: int | None) -> None:
+        """The heartbeat's pipeline went through (replies; at: heartbeat's return)."""
+        if at is not None:
+            self._online = True
+            self._counts = {k.decode(): int(v) for k, v in (replies[at] or {}).items()}
+
+    def offline(self, how: str) -> None:
+        """The supervisor leaves: worker-offline, written now."""
+        self.writer.add([events.worker_event(events.WORKER_OFFLINE, time.time(), self.sid,
+                                             {"how": how})])
+        self.writer.flush()
+
+
+def revoked(store, ids: list[str]) -> None:
+    """task-revoked events of tasks a cancel revoked (written at once: rare)."""
+    now = time.time()
+    write(store, [events.task_event(events.TASK_REVOKED, now, {"id": tid, "q": None}, None)
+                  for tid in ids])

@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from ... import events, policy
+from ... import policy
 from ...errors import NbqError
 from ..base import SupervisorConnection
 from . import events as stored_events
@@ -98,9 +98,7 @@ class RedisSupervisor(SupervisorConnection):
         self._messages: list[dict] = []
         self._ever = False
         self._backoff = Backoff()
-        self._events = stored_events.EventWriter(self.store)
-        self._online = False  # worker-online written (with the first heartbeat that reached Redis)
-        self._counts: dict = {}  # processed, failed: as its processes last wrote them
+        self._events = stored_events.SupervisorEvents(stored_events.EventWriter(self.store), sid)
         check(self.store.r, self.store.safe)
         self.store.check_key(key)  # before any process is started
         self._control = ControlReader(self.store)
@@ -116,13 +114,11 @@ class RedisSupervisor(SupervisorConnection):
             pipe.set(P + "hb:" + self.sid, json.dumps(info), px=int(policy.HEARTBEAT_TIMEOUT * 1000))
             pipe.sadd(P + "sups", self.sid)
             pipe.expire(P + "procs:" + self.sid, int(policy.HEARTBEAT_TIMEOUT * 3))
-            counts = self._heartbeat_events(pipe, info)
+            counts = self._events.heartbeat(pipe, info, [int(p) for p in self._pids()])
             claim_key(pipe, self.key)  # the cluster's key may have changed: stop if so
             got = pipe.execute()
             compare_key(self.key, got[-1], self.store.safe)
-            if counts is not None:
-                self._online = True
-                self._counts = {k.decode(): int(v) for k, v in (got[counts] or {}).items()}
+            self._events.written(got, counts)
             answer = {"k": "hb"}
             if info.get("autoscale"):  # an autoscaling worker: how many tasks wait (as the ZeroMQ broker's)
                 answer["queued"] = queued(self.store.r, info["queues"])
@@ -139,27 +135,6 @@ class RedisSupervisor(SupervisorConnection):
             self._messages.append(answer)
             return
         self._messages.append({"k": "hb"})
-
-    def _heartbeat_events(self, pipe, info: dict) -> int | None:
-        """Add this heartbeat's events to pipe (worker-online first, once), then a read of
-        the processes' counts (the next heartbeat's); returns that read's place in the
-        pipeline's replies (None: events are off)."""
-        if not self._events.on:
-            return None
-        now = time.time()
-        fields = {"host": info["host"], "pid": info["spid"], "name": info.get("name"),
-                  "queues": list(info.get("queues", ()))}
-        if not self._online:
-            self._events.add([events.worker_event(events.WORKER_ONLINE, now, self.sid, fields)])
-            self._events.commands(pipe)
-        stored_events.heartbeat(pipe, self.store, events.worker_event(
-            events.WORKER_HEARTBEAT, now, self.sid, dict(
-                fields, processed=self._counts.get("processed", 0),
-                failed=self._counts.get("failed", 0), active=info.get("act", 0),
-                load=info.get("ld"), memory=info.get("mem"), concurrency=info.get("conc"),
-                processes=sorted(int(p) for p in self._pids()))))
-        pipe.hgetall(stored_events.counts_key(self.sid))
-        return len(pipe) - 1
 
     def _pids(self) -> list:
         try:
@@ -222,9 +197,7 @@ class RedisSupervisor(SupervisorConnection):
                 st.r.delete(P + "hb:" + self.sid, P + "procs:" + self.sid,
                             stored_events.counts_key(self.sid))
                 st.r.srem(P + "sups", self.sid)
-                self._events.add([events.worker_event(events.WORKER_OFFLINE, time.time(),
-                                                      self.sid, {"how": "left"})])
-                self._events.flush()
+                self._events.offline("left")
             try:
                 st.retry("leaving", leave, give_up=lambda: True)
             except NbqError as e:

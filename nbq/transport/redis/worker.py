@@ -11,7 +11,7 @@ from collections import deque
 
 import redis
 
-from ... import events, policy, protocol
+from ... import policy, protocol
 from ...errors import FunctionRefused, MessageTooLarge, NbqError
 from ..base import WorkerConnection
 from . import events as stored_events
@@ -134,8 +134,7 @@ class RedisWorker(WorkerConnection):
         self._troubles_seen = self.store.troubles
         self._events = stored_events.EventWriter(self.store)
         self._names = self._events.names  # function hash -> name (signed in its fn message)
-        self._later: set[str] = set()     # tasks taken before their eta: started when they ran
-        self._processed = self._failed = 0  # items finished (failed) since last written
+        self._seen = stored_events.ProcessEvents(self._events, wid, self.sid)
         self._events_due = 0.0  # when pending events go with the next results
         self._notices = Notices(self.store, self._events)
         self._costs = policy.Costs()
@@ -157,7 +156,7 @@ class RedisWorker(WorkerConnection):
             if left <= 0:
                 return []
             wait = BLOCK_MS
-            if self._events or self._processed:  # about to wait: what it saw goes when due
+            if self._seen:  # about to wait: what it saw goes when due
                 due = self._events_due - time.monotonic()
                 if due <= 0:
                     self._write_pending()
@@ -233,24 +232,8 @@ class RedisWorker(WorkerConnection):
                        if b"b" in fields else [])  # only an entry with frames stored apart has any
             self._batch[item["id"]] = (qk, eid, item, spilled)
             out.append((item, payload))
-        if self._events.on and out:
-            self._events.add(self._received([item for item, _ in out]))
+        self._seen.received([item for item, _ in out])
         self._notices.running([item for item, _ in out])
-        return out
-
-    def _received(self, items: list[dict]) -> list[dict]:
-        """The events of tasks this process takes: received, and started unless due later."""
-        now, out = time.time(), []
-        for item in items:
-            name = self._names.get(item.get("h"))
-            named = None if name is not None else {"_h": item.get("h")}  # named when written
-            eta = item.get("eta")
-            if eta is None or eta <= now:  # received and started: stored as one
-                out.append(events.task_event(stored_events.TAKEN, now, item, name, self.wid, named))
-            else:
-                out.append(events.task_event(events.TASK_RECEIVED, now, item, name, self.wid,
-                                             named))
-                self._later.add(item["id"])
         return out
 
     def function(self, h: str) -> list:
@@ -293,8 +276,7 @@ class RedisWorker(WorkerConnection):
             self._costs.add(task.get("h"), item.get("d"))
             parts.append((task, item, payload))
             self._reported.add(item["id"])
-        if self._events.on and parts:
-            self._events.add(self._results(parts))
+        self._seen.results(parts)
         acks, spilled = [], []
         for tid in self._carried & {item["id"] for item, _ in results}:
             self._carried.discard(tid)  # held past its batch (due later), now done
@@ -321,23 +303,6 @@ class RedisWorker(WorkerConnection):
         taken = self._finish(parts, acks, spilled, take=(self.wid, ntake, last, self.queues))
         self._prefetched = self._begin(self._verify(taken))
 
-    def _results(self, parts: list) -> list[dict]:
-        """The events of result parts [(task item, result item, payload)]; counted for the
-        supervisor's heartbeat events (written with them, counts_pipe)."""
-        now, out = time.time(), []
-        for task, item, _ in parts:
-            name = self._names.get(task.get("h"))
-            if self._later and task["id"] in self._later:
-                self._later.discard(task["id"])
-                if not item.get("rv"):
-                    out.append(events.task_event(events.TASK_STARTED, now - item.get("d", 0.0),
-                                                 task, name, self.wid))
-            out += events.result_events(now, task, item, name, self.wid)
-            n = item.get("n", 1)
-            self._processed += n
-            self._failed += n * (not item["ok"]) if "ok" in item else item.get("nx", 0)
-        return out
-
     def _write_pending(self) -> None:
         """Write the pending events and counts now (a round trip of their own)."""
         def write():
@@ -353,23 +318,12 @@ class RedisWorker(WorkerConnection):
         """Add this process's pending events and counts to pipe (with its results): at most
         every EVENTS_EVERY seconds, with results or on their own once the process waits."""
         self._events_due = time.monotonic() + EVENTS_EVERY
-        self._events.commands(pipe)
-        if self._processed:
-            key = stored_events.counts_key(self.sid)
-            pipe.hincrby(key, "processed", self._processed)
-            if self._failed:
-                pipe.hincrby(key, "failed", self._failed)
-            pipe.expire(key, self.store.ttl_s)
-            self._processed = self._failed = 0
+        self._seen.commands(pipe, self.store.ttl_s)
 
     def notice(self, ids: list[str], state: str) -> None:
         st = self.store
-        if self._events.on:
-            now = time.time()
-            self._events.add([events.task_event(
-                events.TASK_RETRIED if state == "RETRY" else events.TASK_STARTED, now,
-                entry[2], self._names.get(entry[2].get("h")), self.wid)
-                for entry in map(self._batch.get, ids) if entry is not None])
+        self._seen.notice([entry[2] for entry in map(self._batch.get, ids) if entry is not None],
+                          state)
         if state == "RETRY":
             self._notices.done(ids)  # no "started" notice after this one
         msgs = [(tid, pack(st.signer.encode({"k": "state", "ids": [tid], "state": state})))
@@ -400,7 +354,7 @@ class RedisWorker(WorkerConnection):
 
     def _finish(self, parts: list, acks: list, spilled: list, take: tuple = ("", 0, "", ())) -> list:
         """Store results, acknowledge finished entries, drop their large inputs (no re-run needs them)."""
-        due = (self._events or self._processed) and time.monotonic() >= self._events_due
+        due = self._seen and time.monotonic() >= self._events_due
         taken = self.store.store(parts, acks=acks, take=take,
                                  extra=self._write_events if due else None)
         if spilled:
