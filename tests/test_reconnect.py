@@ -275,7 +275,7 @@ def test_a_redis_worker_stops_on_sigterm_while_its_redis_is_down(procs, tmp_path
             client.wait_for_workers(1)
         server.kill()
         worker.terminate()
-        out = worker.communicate(timeout=8)[0]  # before the fix: never, without SIGKILL
+        out = worker.communicate(timeout=20)[0]  # before the fix: never; a process may be in a 5 s backoff
         assert worker.returncode is not None, out
     finally:
         server.stop()
