@@ -45,7 +45,7 @@ def _bin(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def _stop(procs: list[subprocess.Popen], grace: float = 10) -> None:
+def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
     """Stop worker processes by their handles: SIGTERM, then SIGKILL after grace seconds."""
     for p in procs:
         if p.poll() is None:
@@ -96,7 +96,7 @@ class NbqRedisAdapter(NbqZmqAdapter):
         try:
             super().close()
         finally:
-            _stop(self.procs)
+            stop(self.procs)
 
 
 class CeleryFuture:
@@ -141,7 +141,7 @@ class CeleryAdapter(be.Adapter):
         return [y for part in res.get() for y in part]
 
     def close(self) -> None:
-        _stop(self.procs)
+        stop(self.procs)
 
 
 class RqFuture:
@@ -182,7 +182,7 @@ class RqAdapter(be.Adapter):
         return [y for f in futs for y in f.result().items]
 
     def close(self) -> None:
-        _stop(self.procs)
+        stop(self.procs)
         self.conn.close()
 
 

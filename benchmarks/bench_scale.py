@@ -31,6 +31,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.
     "PYTHONPATH", "").split(os.pathsep) if p])  # the brokers and workers started run this nbq too
 import nbq  # noqa: E402
 from nbq import protocol  # noqa: E402
+from bench_redis import stop  # noqa: E402  (SIGTERM by handle, SIGKILL after grace)
 
 ROWS: list[tuple[str, str, str]] = []  # (what, figure, note)
 STEP = 50_000  # submits between waits for the broker to have queued them all
@@ -116,20 +117,6 @@ def unqueued(broker: subprocess.Popen, client: "nbq.Client"):
     finally:
         stop([broker])
         client.shutdown(wait=False)
-
-
-def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
-    """SIGTERM each by its handle, SIGKILL after grace seconds."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 # --- the parts ---------------------------------------------------------------------------

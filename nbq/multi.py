@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .utils.processes import alive
+
 STOP_WAIT = 30.0
 
 
@@ -31,28 +33,13 @@ def _expand(template: str, name: str) -> Path:
     return Path(template.replace("%n", name).replace("%h", f"{name}@{host}").replace("%I", ""))
 
 
-def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie nobody has reaped yet has stopped, for us)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
 def _running(pidfile: Path) -> int | None:
     """The pid in pidfile if that process is alive; a stale file is removed."""
     try:
         pid = int(pidfile.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    if _alive(pid):
+    if alive(pid):
         return pid
     pidfile.unlink(missing_ok=True)
     return None
@@ -139,9 +126,9 @@ def _signal(names: list[str], pidfile: str, signum: int, verb: str) -> list[tupl
 def _gone(label: str, pid: int, pid_path: Path, timeout: float, quiet: bool = False) -> bool:
     """Wait up to timeout seconds for pid to exit; then remove its pid file.  False if it lives."""
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _alive(pid):
+    if alive(pid):
         if not quiet:
             print(f"    > {label}: still running after {timeout:g} s")
         return False

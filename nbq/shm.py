@@ -40,6 +40,7 @@ import stat
 from typing import Sequence
 
 from .errors import NbqError
+from .utils.processes import alive as running
 
 SHARE_MIN = 1 << 20            # frames this large go through shared memory
 DIR = "/dev/shm"
@@ -246,18 +247,8 @@ def sweep(own: str | None = None) -> int:
             continue
         pid = int(m.group(2))
         if pid not in alive:
-            alive[pid] = _running(pid)
+            alive[pid] = running(pid)
         if not alive[pid] or (own is not None and name.startswith(own + "-")):
             _unlink(name)
             gone += 1
     return gone
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

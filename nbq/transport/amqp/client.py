@@ -3,7 +3,6 @@ a submit that returns has been accepted) and answers requests; receive() consume
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 
@@ -12,6 +11,7 @@ import pika
 from ... import protocol
 from ...errors import BrokerUnavailable, NbqError
 from ..base import MessageClient
+from ..sendthread import SendThread
 from ..redis import answers
 from ..redis import events as stored_events
 from ..redis.frames import stored_apart
@@ -59,12 +59,8 @@ class AmqpClient(MessageClient):
         self._rx = Link(address, self._on_receiver_connect, transactional=False)
         self._rx.call("connecting", lambda: None)  # now: wake() needs its connection
         self._inbox: deque = deque()
-        self._outbox: deque = deque()
-        self._cv = threading.Condition()
-        self._closing = False
-        self._sender = threading.Thread(target=self._send_loop, name=f"nbq-amqp-sender-{client_id}",
-                                        daemon=True)
-        self._sender.start()
+        self._sender = SendThread(f"nbq-amqp-sender-{client_id}", self._handle, BATCH,
+                                  f"RabbitMQ at {self._tx.safe}")
 
     def _on_connect(self, link: Link) -> None:
         self._declared.clear()
@@ -93,9 +89,7 @@ class AmqpClient(MessageClient):
         self._put({"k": "hello", "rq": rq}, [])
 
     def _put(self, header: dict, frames: list) -> None:
-        with self._cv:
-            self._outbox.append((header, list(frames)))
-            self._cv.notify()
+        self._sender.put(header, frames)
 
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
         out = []
@@ -112,7 +106,7 @@ class AmqpClient(MessageClient):
                 self._rx.conn.process_data_events(time_limit=wait)
         try:
             self._rx.call("receiving", read,
-                          give_up=lambda: self._closing or time.monotonic() > until)
+                          give_up=lambda: self._sender.closing or time.monotonic() > until)
         except NbqError as e:
             if not isinstance(e, BrokerUnavailable):
                 log.error("%s", e)
@@ -132,10 +126,7 @@ class AmqpClient(MessageClient):
                 pass
 
     def close(self) -> None:
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        self._sender.join(10.0)
+        self._sender.close()
         if self._feed is not None:
             self._feed.close()
         self._rx.close()
@@ -164,23 +155,6 @@ class AmqpClient(MessageClient):
         self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": header["r"]}, []))
         self._inbox.extend(messages)
         self.wake()
-
-    def _send_loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._outbox and not self._closing:
-                    self._cv.wait()
-                if not self._outbox:
-                    return
-                batch = []
-                while self._outbox and len(batch) < BATCH:
-                    batch.append(self._outbox.popleft())
-            try:
-                self._handle(batch)
-            except NbqError as e:
-                log.error("%s", e)
-            except Exception:
-                log.exception("error sending to RabbitMQ at %s", self._tx.safe)
 
     def _handle(self, batch: list) -> None:
         simple: list = []

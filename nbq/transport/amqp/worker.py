@@ -11,6 +11,7 @@ from collections import deque
 from ... import deaths, policy, protocol
 from ...errors import FunctionRefused, NbqError, WorkerLost
 from ..base import WorkerConnection
+from ..notices import StartedNotices
 from ..redis.events import ProcessEvents
 from . import names
 from .backend import Backend
@@ -36,9 +37,7 @@ class Outbox:
         self._backend = backend  # its events (the process's received ones) go with the notices
         self._link: Link | None = None
         self._lock = threading.Lock()
-        self._cv = threading.Condition()
-        self._due: dict[str, tuple[float, str]] = {}
-        self._thread: threading.Thread | None = None
+        self.notices = StartedNotices(self._tell)
 
     def send(self, cid: str, header: dict, frames=()) -> None:
         """Best effort: dropped if RabbitMQ cannot take it now."""
@@ -52,44 +51,15 @@ class Outbox:
             except NbqError:
                 pass
 
-    def running(self, items: list[dict]) -> None:
-        when = time.monotonic() + policy.STARTED_DELAY
-        with self._cv:
-            for item in items:
-                if item.get("f") and item.get("c"):
-                    self._due[item["id"]] = (when, item["c"])
-            if self._due and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="nbq-started", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def done(self, ids) -> None:
-        with self._cv:
-            for tid in ids:
-                self._due.pop(tid, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._due:
-                    self._cv.wait()
-                wait = min(w for w, _ in self._due.values()) - time.monotonic()
-                if wait > 0:
-                    self._cv.wait(wait)
-                    continue
-                now = time.monotonic()
-                due: dict[str, list] = {}
-                for tid, (when, c) in list(self._due.items()):
-                    if when <= now:
-                        due.setdefault(c, []).append(tid)
-                        del self._due[tid]
-            for c, ids in due.items():
-                self.send(c, {"k": "started", "ids": ids})
-            if self._backend is not None:
-                try:
-                    self._backend.events.flush()
-                except NbqError as e:
-                    log.warning("could not write events: %s", e)
+    def _tell(self, due: dict[str, list[str]]) -> None:
+        """Send the due "started" notices, with the process's events when there is a backend."""
+        for c, ids in due.items():
+            self.send(c, {"k": "started", "ids": ids})
+        if self._backend is not None:
+            try:
+                self._backend.events.flush()
+            except NbqError as e:
+                log.warning("could not write events: %s", e)
 
     def close(self) -> None:
         with self._lock:
@@ -199,7 +169,7 @@ class AmqpWorker(WorkerConnection):
             self._commit([], drop)
         for gen, tag, item, _ in good:
             self._batch[item["id"]] = (gen, tag, item)
-        self._outbox.running([item for _, _, item, _ in good])
+        self._outbox.notices.running([item for _, _, item, _ in good])
         if self._seen is not None:
             self._seen.received([item for _, _, item, _ in good])
         return [(item, payload) for _, _, item, payload in good]
@@ -306,7 +276,7 @@ class AmqpWorker(WorkerConnection):
         return payload
 
     def report(self, results: list[tuple[dict, list]], ready: bool) -> None:
-        self._outbox.done(item["id"] for item, _ in results)
+        self._outbox.notices.done(item["id"] for item, _ in results)
         by_client: dict[str, list] = {}
         stored, parts = [], []
         last = None
@@ -379,7 +349,7 @@ class AmqpWorker(WorkerConnection):
 
     def notice(self, ids: list[str], state: str) -> None:
         if state == "RETRY":
-            self._outbox.done(ids)
+            self._outbox.notices.done(ids)
         if self._seen is not None:
             self._seen.notice([e[2] for e in map(self._batch.get, ids) if e is not None], state)
             self._write_events()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 
@@ -11,6 +10,7 @@ import redis
 from ... import events, protocol
 from ...errors import BrokerUnavailable, NbqError, SignatureError
 from ..base import MessageClient
+from ..sendthread import SendThread
 from .answers import ANSWERS, FALLBACK
 from . import events as stored_events
 from .connection import check, connect
@@ -53,9 +53,6 @@ class RedisClient(MessageClient):
         self._last = {self._rs: "0-0", self._wk: "0-0"}
         self._untrimmed = 0  # bytes read from rs: since it was last trimmed (64 KiB at least each)
         self._inbox: deque = deque()
-        self._outbox: deque = deque()
-        self._cv = threading.Condition()
-        self._closing = False
         self._queues: set[tuple[str, int]] = set()  # (queue, priority) with a stream made sure of
         self._maps: set[str] = set()
         self._events = stored_events.EventWriter(self.store)
@@ -64,9 +61,8 @@ class RedisClient(MessageClient):
         # task id -> (its entry "queue key entry id", mode, items) for unfinished tasks with
         # frames stored apart: the only entries of this client a worker may drop (_dropped)
         self._own: dict[str, tuple[str, str, int]] = {}
-        self._sender = threading.Thread(target=self._send_loop, name=f"nbq-redis-sender-{client_id}",
-                                        daemon=True)
-        self._sender.start()
+        self._sender = SendThread(f"nbq-redis-sender-{client_id}", self._handle, 2000,
+                                  f"Redis at {self.store.safe}")
 
     def hello(self, rq: int | None) -> None:
         try:
@@ -80,9 +76,7 @@ class RedisClient(MessageClient):
         self._reply_local({"k": "welcome", "rq": rq, "b": boot})
 
     def _put(self, header: dict, frames: list) -> None:
-        with self._cv:
-            self._outbox.append((header, list(frames)))
-            self._cv.notify()
+        self._sender.put(header, frames)
 
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
         out = []
@@ -106,7 +100,7 @@ class RedisClient(MessageClient):
         until = time.monotonic() + (1.0 if timeout is None else timeout)
         try:
             got = self.store.retry("receiving", read,
-                                   give_up=lambda: self._closing or time.monotonic() > until)
+                                   give_up=lambda: self._sender.closing or time.monotonic() > until)
         except BrokerUnavailable:
             return out
         if trim is not None:
@@ -169,10 +163,7 @@ class RedisClient(MessageClient):
             pass
 
     def close(self) -> None:
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        self._sender.join(10.0)
+        self._sender.close()
         try:
             self.store.r.delete(self._rs, self._wk)
         except redis.RedisError:
@@ -185,23 +176,6 @@ class RedisClient(MessageClient):
     def _reply_local(self, header: dict, frames: list = ()) -> None:
         self._inbox.append((header, list(frames)))
         self.wake()
-
-    def _send_loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._outbox and not self._closing:
-                    self._cv.wait()
-                if not self._outbox:
-                    return
-                batch = []
-                while self._outbox and len(batch) < 2000:
-                    batch.append(self._outbox.popleft())
-            try:
-                self._handle(batch)
-            except NbqError as e:
-                log.error("%s", e)
-            except Exception:
-                log.exception("error sending to Redis at %s", self.store.safe)
 
     def _handle(self, batch: list) -> None:
         simple: list = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from collections import deque
 
@@ -14,6 +13,7 @@ import redis
 from ... import policy, protocol
 from ...errors import FunctionRefused, MessageTooLarge, NbqError
 from ..base import WorkerConnection
+from ..notices import StartedNotices
 from . import events as stored_events
 from . import scripts
 from .frames import BadMessage, Spilled, entry_frames, pack
@@ -30,63 +30,24 @@ FUNCTION_WAIT = 10.0      # a function not stored is waited for this long: a Red
                           # empty gets it again from its client (the tasks may come first)
 
 
-class Notices:
-    """A worker process's "started" notices: for submitted tasks still running STARTED_DELAY
-    after they started, sent by a thread of their own."""
+def started_notices(st: Store, writer: stored_events.EventWriter) -> StartedNotices:
+    """A worker process's "started" notices, each batch XADDed to its clients' result streams
+    with the process's events (live) in one pipeline."""
+    def tell(due: dict[str, list[str]]) -> None:
+        def send():
+            pipe = st.r.pipeline(transaction=False)
+            for c, ids in due.items():
+                pipe.xadd(P + "rs:" + c, {"m": pack(st.signer.encode({"k": "started", "ids": ids}))})
+                pipe.expire(P + "rs:" + c, st.ttl_s)
+            writer.commands(pipe)
+            pipe.execute()
 
-    def __init__(self, store: Store, writer: stored_events.EventWriter) -> None:
-        self._store = store
-        self._writer = writer  # the process's events: sent with these notices too (live)
-        self._cv = threading.Condition()
-        self._due: dict[str, tuple[float, str]] = {}  # task id -> (when, submitting client)
-        threading.Thread(target=self._run, name="nbq-started", daemon=True).start()
+        try:
+            st.retry("telling submitters", send)
+        except NbqError as e:
+            log.warning("could not send started notices: %s", e)
 
-    def running(self, items: list[dict]) -> None:
-        """Tasks that start now."""
-        when = time.monotonic() + policy.STARTED_DELAY
-        with self._cv:
-            idle = not self._due  # else the thread already waits for an earlier time
-            for item in items:
-                if item.get("f") and item.get("c"):
-                    self._due[item["id"]] = (when, item["c"])
-            if idle and self._due:
-                self._cv.notify()
-
-    def done(self, ids) -> None:
-        """Tasks that need no notice any more."""
-        with self._cv:
-            for tid in ids:
-                self._due.pop(tid, None)
-
-    def _run(self) -> None:
-        st = self._store
-        while True:
-            with self._cv:
-                while not self._due:
-                    self._cv.wait()
-                wait = min(when for when, _ in self._due.values()) - time.monotonic()
-                if wait > 0:
-                    self._cv.wait(wait)
-                    continue
-                now = time.monotonic()
-                due: dict[str, list] = {}
-                for tid, (when, c) in list(self._due.items()):
-                    if when <= now:
-                        due.setdefault(c, []).append(tid)
-                        del self._due[tid]
-
-            def tell():
-                pipe = st.r.pipeline(transaction=False)
-                for c, ids in due.items():
-                    pipe.xadd(P + "rs:" + c, {"m": pack(st.signer.encode({"k": "started", "ids": ids}))})
-                    pipe.expire(P + "rs:" + c, st.ttl_s)
-                self._writer.commands(pipe)
-                pipe.execute()
-
-            try:
-                st.retry("telling submitters", tell)
-            except NbqError as e:
-                log.warning("could not send started notices: %s", e)
+    return StartedNotices(tell)
 
 
 def _too_large(item: dict, size: int, limit: int) -> tuple[dict, list]:
@@ -136,7 +97,7 @@ class RedisWorker(WorkerConnection):
         self._names = self._events.names  # function hash -> name (signed in its fn message)
         self._seen = stored_events.ProcessEvents(self._events, wid, self.sid)
         self._events_due = 0.0  # when pending events go with the next results
-        self._notices = Notices(self.store, self._events)
+        self._notices = started_notices(self.store, self._events)
         self._costs = policy.Costs()
         self._next_reclaim = time.monotonic() + random.random() * RECLAIM_EVERY
 
