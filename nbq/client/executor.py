@@ -156,13 +156,8 @@ class Client(concurrent.futures.Executor):
         as its arguments (default: a short repr of args and kwargs); ``parent_id``,
         ``root_id``: the tasks it follows in a chain or chord, for its events.
         """
-        options = task_options(eta, expires, priority, max_task_deaths)
-        if argsrepr is not None:
-            options["ar"] = argsrepr[:200]
-        if parent_id is not None:
-            options["pa"] = parent_id
-        if root_id is not None:
-            options["ro"] = root_id
+        options = task_options(eta, expires, priority, max_task_deaths, argsrepr, parent_id,
+                               root_id)
         return self._submit(fn, tuple(args), kwargs or {}, queue=queue, tid=task_id,
                             options=options)
 

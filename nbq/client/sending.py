@@ -111,7 +111,8 @@ def client_task_header(max_task_deaths: int) -> dict:
 
 
 def task_options(eta: float | None, expires: float | None, priority: int | None,
-                 max_task_deaths: int | None) -> dict:
+                 max_task_deaths: int | None, argsrepr: str | None = None,
+                 parent_id: str | None = None, root_id: str | None = None) -> dict:
     """The header fields of Client.apply's options (none for the defaults)."""
     if priority is not None and (type(priority) is not int or not 0 <= priority <= PRIORITY_MAX):
         raise ValueError(f"priority must be an integer from 0 to {PRIORITY_MAX}, not {priority!r}")
@@ -127,4 +128,10 @@ def task_options(eta: float | None, expires: float | None, priority: int | None,
         header["pr"] = priority
     if max_task_deaths is not None:
         header["md"] = max_task_deaths
+    if argsrepr is not None:
+        header["ar"] = argsrepr[:200]
+    if parent_id is not None:
+        header["pa"] = parent_id
+    if root_id is not None:
+        header["ro"] = root_id
     return header
