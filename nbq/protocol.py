@@ -150,7 +150,10 @@ class Signer:
     """
 
     def __init__(self, key: bytes) -> None:
-        self._base = hmac.new(key, digestmod=hashlib.sha256)
+        base = hmac.new(key, digestmod=hashlib.sha256)
+        # OpenSSL's HMAC object itself where hmac wraps one: its copy, update and digest are
+        # C calls (the wrapper's are Python, a few µs per message)
+        self._base = getattr(base, "_hmac", None) or base
         self._bulk_key = hmac.new(key, b"nbq blake3 large frames", hashlib.sha256).digest()
         self._new_sender()
         _signers.add(self)
@@ -162,15 +165,21 @@ class Signer:
     def sign(self, header: bytes, frames: Sequence, bulk: bool | None = None) -> bytes:
         """The signature of header and frames; bulk (default: blake3 imports and a frame is
         LARGE_FRAME or more) signs large frames by their keyed BLAKE3 digest."""
-        views = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+        views, sizes = [], []
+        for f in frames:
+            if type(f) is bytes:  # most frames: no buffer object made
+                sizes.append(len(f))
+            else:
+                f = f.buffer if hasattr(f, "buffer") else f
+                sizes.append(memoryview(f).nbytes)
+            views.append(f)
         if bulk is None:
-            bulk = blake3 is not None and any(memoryview(v).nbytes >= LARGE_FRAME for v in views)
+            bulk = blake3 is not None and bool(sizes) and max(sizes) >= LARGE_FRAME
         mac = self._base.copy()
         if bulk:
             mac.update(BULK_SCHEME)
         mac.update(header)
-        for buf in views:
-            n = memoryview(buf).nbytes
+        for buf, n in zip(views, sizes):
             mac.update(n.to_bytes(8, "little"))
             mac.update(self.digest(buf) if bulk and n >= LARGE_FRAME else buf)
         return mac.digest() + BULK_SCHEME if bulk else mac.digest()
@@ -253,8 +262,28 @@ def split(items: list[dict], frames: list) -> Iterable[tuple[dict, list]]:
 
 # -- pickling ---------------------------------------------------------------
 
+_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
+_PLAIN_MAX = 64  # entries of a container dumps checks item by item before pickling it plainly
+
+
+def _plain(obj: Any, depth: int = 2) -> bool:
+    """Whether obj is scalars only, or small tuples, lists and str-keyed dicts of them (depth
+    levels): pickled the same by the C pickler alone, without cloudpickle's setup per call
+    (a few µs: a task's arguments and result are often just this)."""
+    t = type(obj)
+    if t in _SCALARS:
+        return True
+    if t not in (tuple, list, dict) or not depth or len(obj) > _PLAIN_MAX:
+        return False
+    if t is dict:
+        return all(type(k) is str and _plain(v, depth - 1) for k, v in obj.items())
+    return all(_plain(x, depth - 1) for x in obj)
+
+
 def dumps(obj: Any) -> list:
     """Pickle obj (cloudpickle, protocol 5) to frames: the stream, then out-of-band buffers."""
+    if _plain(obj):  # (nothing in it could leave the stream: no buffers)
+        return [pickle.dumps(obj, protocol=5)]
     buffers: list = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -269,6 +298,8 @@ def dumps(obj: Any) -> list:
 
 def loads(frames: Sequence) -> Any:
     """Inverse of dumps; frames may be bytes or zmq.Frame (zero copy)."""
+    if len(frames) == 1:  # most payloads: no out-of-band buffers
+        return pickle.loads(shm.view(frames[0]))
     views = [shm.view(f) for f in frames]  # a shared memory descriptor (shm.py) is mapped
     return pickle.loads(views[0], buffers=views[1:])
 

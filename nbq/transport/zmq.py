@@ -31,6 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol, secure, shm
 from ..errors import KeyMismatch, SignatureError
+from . import zmqframes
 from .base import MessageClient, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
@@ -239,7 +240,7 @@ class ZmqWorker(WorkerConnection):
                 if deadline is not None and time.monotonic() >= deadline:
                     return []
                 continue
-            msg = self.sock.recv_multipart(copy=False)
+            msg = zmqframes.receive(self.sock)
             decoded = _decode(self.signer, msg)
             if decoded is None:
                 if protocol.refused(msg) is None:  # (a refusal of the key: the supervisor stops)
@@ -285,11 +286,11 @@ class ZmqWorker(WorkerConnection):
         if shm.usable(self._shared):
             frames = shm.export(frames, self._shared)
         msg = self.signer.encode({"k": "res", "w": self.wid, "t": items, "rdy": int(ready)}, frames)
-        self.sock.send_multipart(msg, copy=False)
+        zmqframes.send(self.sock, msg)
 
     def notice(self, ids: list[str], state: str) -> None:
-        self.sock.send_multipart(self.signer.encode({"k": "ntc", "w": self.wid, "ids": ids,
-                                                     "state": state}))
+        zmqframes.send(self.sock, self.signer.encode({"k": "ntc", "w": self.wid, "ids": ids,
+                                                      "state": state}))
 
     def output(self, task: dict, frames: list) -> None:
         msg = self.signer.encode({"k": "out", "w": self.wid, "id": task["id"]}, frames)
@@ -297,7 +298,7 @@ class ZmqWorker(WorkerConnection):
             if self._out is None:
                 self._out = _dealer(self.ctx, b"o" + self.wid.encode(), self._address, self._key)
             try:
-                self._out.send_multipart(msg, copy=False, flags=zmq.NOBLOCK)
+                zmqframes.send(self._out, msg, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # not connected yet, or the broker is gone: it travels with the result
 
