@@ -242,7 +242,8 @@ def loads_header(frame) -> dict:
 
 
 def _bytes(frame) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    return frame if type(frame) is bytes else frame.bytes if hasattr(frame, "bytes") else \
+        bytes(frame)
 
 
 def frame_size(frames: Iterable) -> int:
