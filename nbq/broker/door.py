@@ -8,8 +8,8 @@ only messages it signed itself or verified when they came).  So such a client pu
 handles them as it handles a verified message from its socket.  Messages from worker
 processes still come through the socket, signed, and are verified before anything is
 loaded.  This saves, per message, the client's signing and the broker's receiving,
-verifying and parsing, and a turn of the broker's loop per result (transport/embedded.py
-is the client's side).
+verifying and parsing, and a turn of the broker's loop per result (client/embedded.py is
+the client's side).
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ class Broker:
         self._stop_r.bind(self._stop_addr)
         self.boot = uuid.uuid4().hex[:12]  # tells a client this is a broker it has not seen
 
-        self.door = Door()  # clients of this process (transport/embedded.py)
+        self.door = Door()  # clients of this process (client/embedded.py)
         self.outbox = Outbox(self.sock, self.signer)
         self.outbox.shared = shm.prefix(self.boot)  # large frames by shared memory on this host
         if self.outbox.shared is not None:

@@ -44,7 +44,7 @@ from ..policy import RESULT_EXPIRES
 from .. import version
 from ..transport import client_connection, with_result_expires
 from ..transport.base import ClientConnection
-from ..transport.embedded import EmbeddedClient
+from ..client.embedded import EmbeddedClient
 from . import table
 from .scaling import ADAPT_WAIT, Adapter, Unit, plan_shrink
 

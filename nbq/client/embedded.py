@@ -2,11 +2,11 @@
 
 ``nbq.Client()`` runs its broker on a thread of its own process; its connection puts each
 message through the broker's door (broker/door.py) as objects, unsigned (the process is
-the trust boundary), and the broker hands back what it sends the client, already signed or
-verified, without a socket: the client neither verifies nor unpickles anything it did not
-get from the broker.  Worker processes still sign what they send, and the broker verifies
-it before anything is loaded.  The client's receiving runs on the broker's thread
-(Broker.attach), so ``receive`` only takes what the broker handed over.
+the trust boundary), and the broker hands back what it sends the client without a socket:
+messages it signed itself, or verified when they came from a worker process (whose
+messages are still signed, and verified before anything is loaded), so the client only
+reads them.  The client's receiving runs on the broker's thread (Broker.attach), so
+``receive`` only takes what the broker handed over.
 
 Clients in other processes reach the same broker at its address (transport/zmq.py).
 """
@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import protocol, shm
-from .zmq import BrokerClient
+from ..transport.zmq import BrokerClient
 
 if TYPE_CHECKING:
     from ..broker import Broker
