@@ -214,7 +214,8 @@ class RedisClient(MessageClient):
             return self.store.retry(header["k"], lambda: answer(self.store, self.cid, header),
                                     give_up=lambda: self._sender.closing)
         except Exception:  # the request must still be answered, or the caller waits
-            log.exception("error answering %r from Redis state", header["k"])
+            if not self._sender.closing:  # closing: a dead Redis is not retried, nor an error
+                log.exception("error answering %r from Redis state", header["k"])
             return FALLBACK[header["k"]], []
 
     def _flush(self, messages: list, wake: bool = False) -> None:
