@@ -48,10 +48,15 @@ def test_ready_keeps_an_unreachable_process_apart_until_its_time():
 
 
 def test_queued_task_keeps_its_header_item_and_frames():
-    item = {"id": "t1", "h": "f0", "c": "c1", "f": 1, "nf": 1, "ar": "(1,)"}
-    task = QueuedTask(dict(item), [b"payload"])
-    assert task.item == item and task.rest is None
-    assert task["id"] == "t1" and task.get("ar") == "(1,)" and "mp" not in task
+    item = {"id": "t1", "h": "f0", "c": "c1", "f": 1, "nf": 1}
+    task = QueuedTask(dict(item, ar="(1,)"), [b"payload"])
+    assert task.item == item and task.rest is None  # its args repr is its task-sent event's
+    assert task["id"] == "t1" and task.get("ar") is None and "mp" not in task
+    assert task.f == 1 and not task.retrying
+    task.retrying = True
+    assert task.retrying and task.f == 1
+    task.retrying = False
+    assert not task.retrying and task.f == 1
     assert task.frames == (b"payload",) and task.original is None
     assert task.n == 1 and task.undelivered() == [0]
     chunk = {"id": "m:10", "h": "f0", "c": "c1", "mp": "m", "s0": 10, "n": 3, "nf": 2, "q": "x"}
