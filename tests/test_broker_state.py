@@ -68,3 +68,18 @@ def test_queued_task_keeps_its_header_item_and_frames():
     message = [b"header", b"signature", b"payload"]
     task = QueuedTask({"id": "t2", "h": "f0", "c": "c1", "nf": 1}, message[2:], message)
     assert task.original is message and task.frames == [b"payload"]
+
+
+def test_batches_share_the_queue_but_never_below_a_quarter_batch():
+    from nbq.policy import BATCH_MAX, Costs
+    costs = Costs()
+    assert costs.batch("f", 1000) == 1  # not measured: one task at a time
+    costs.add("f", 1e-6)  # trivial: a full batch is BATCH_MAX tasks
+    assert costs.batch("f") == BATCH_MAX and costs.batch("f", 1000) == BATCH_MAX
+    assert costs.batch("f", 100) == 100  # a fair share of what is queued
+    # with many processes idle a share may be a few tasks: a quarter batch still goes at once
+    assert costs.batch("f", 3) == BATCH_MAX // 4
+    costs.add("g", 0.0009)  # ~1 ms: two to a batch, and a share of one is one
+    assert costs.batch("g") == 2 and costs.batch("g", 1) == 1
+    costs.add("h", 0.01)  # long: always alone
+    assert costs.batch("h", 1000) == 1
