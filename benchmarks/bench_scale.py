@@ -58,6 +58,18 @@ def rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) used so far by these processes and this one: unlike wall
+    time, hardly changed by what else runs on a shared machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(os.times()[:2])
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def row(what: str, value: float, fmt: str, note: str = "") -> None:
     ROWS.append((what, value, fmt, note))
     print(f"  {what}: {value:{fmt}} {note}", file=sys.stderr, flush=True)
@@ -103,7 +115,8 @@ def redis_server():
 @contextlib.contextmanager
 def worker(address: str, n: int, client: "nbq.Client | None" = None):
     """`nbq worker -c n` on address; with client: waits until its n processes joined.
-    Stopped by its handle, then any of its processes left, by PID."""
+    Stopped by its handle, then any of its processes left, by PID.  Its ``pids``
+    attribute: the supervisor's and (with client) its processes'."""
     proc = subprocess.Popen([sys.executable, "-m", "nbq", "worker", "--broker", address, "-c", str(n)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     pids: list[int] = []
@@ -111,6 +124,7 @@ def worker(address: str, n: int, client: "nbq.Client | None" = None):
         if client is not None:
             client.wait_for_workers(n, timeout=120)
             pids = [p for w in client.workers() if w["pid"] == proc.pid for p in w["processes"]]
+        proc.pids = [proc.pid] + pids
         yield proc
     finally:
         stop([proc])
@@ -172,28 +186,36 @@ def map_memory(n: int) -> None:
         f"{payload / chunksize:.1f} B per item")
 
 
-def throughput(client: "nbq.Client", n: int, runs: int = RUNS) -> float:
-    """n trivial submits, then all their results: tasks/s, the median of runs."""
+def throughput(client: "nbq.Client", n: int, runs: int = RUNS, pids: list[int] = ()) -> tuple:
+    """n trivial submits, then all their results: (tasks/s, the median of runs; CPU
+    seconds per task of this process and pids, over all runs)."""
     rates = []
+    cpu0 = cpu_seconds(pids)
     for _ in range(runs):
         t0 = time.perf_counter()
         futures = [client.submit(inc, i) for i in range(n)]
         assert client.gather(futures) == list(range(1, n + 1))
         rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return statistics.median(rates), (cpu_seconds(pids) - cpu0) / (runs * n)
 
 
-def dispatch_rows(kind: str, address_of, counts: list[int], n: int) -> None:
-    """Trivial-task throughput with each count of worker processes connected."""
-    rates = {}
+def dispatch_rows(kind: str, address_of, server: int, counts: list[int], n: int) -> None:
+    """Trivial-task throughput with each count of worker processes connected, and the CPU
+    time per task of the client, the server (pid) and the worker with its processes."""
+    rates, cpus = {}, {}
     for procs in counts:
         address = address_of()
-        with nbq.Client(address) as client, worker(address, procs, client):
+        with nbq.Client(address) as client, worker(address, procs, client) as w:
             throughput(client, n, 1)  # warm: functions shipped to every process, costs measured
-            rates[procs] = throughput(client, n)
+            rates[procs], cpus[procs] = throughput(client, n, pids=[server] + w.pids)
         row(f"{kind}: {n:,} trivial tasks, {procs} worker processes (tasks/s)", rates[procs], ",.0f")
+        row(f"{kind}: CPU per task, all processes, {procs} worker processes (µs)",
+            cpus[procs] * 1e6, ",.0f")
     last = counts[-1]
-    row(f"{kind}: {last} processes against {counts[0]} (x)", rates[last] / rates[counts[0]], ".2f")
+    row(f"{kind}: {last} processes against {counts[0]}, tasks/s (x)",
+        rates[last] / rates[counts[0]], ".2f")
+    row(f"{kind}: {last} processes against {counts[0]}, CPU per task (x)",
+        cpus[last] / cpus[counts[0]], ".2f")
 
 
 def first_task(kind: str, address_of, queued: int) -> None:
@@ -267,7 +289,7 @@ def profile_dispatch(counts: list[int], n: int) -> None:
             with nbq.Client(address) as client, worker(address, procs, client):
                 throughput(client, n, 1)
                 prof.clear()  # the runs only, not the start-up
-                rate = throughput(client, n)
+                rate = throughput(client, n)[0]
         finally:
             broker.stop()
             thread.join(10)
@@ -332,16 +354,17 @@ def main() -> None:
     parts = args.parts.split(",")
     ntasks = 5_000 if q else 20_000
     with contextlib.ExitStack() as stack:
-        zmq_address = stack.enter_context(zmq_broker())[0] if {"zmq", "first"} & set(parts) else None
+        zmq_address, zmq_proc = (stack.enter_context(zmq_broker()) if {"zmq", "first"} & set(parts)
+                                 else (None, None))
         server = stack.enter_context(redis_server()) if {"redis", "first"} & set(parts) else None
         if "memory" in parts:
             queued_memory(100_000 if q else 1_000_000)
         if "map" in parts:
             map_memory(10_000_000)
         if "zmq" in parts:
-            dispatch_rows("ZeroMQ", lambda: zmq_address, [2, 8, 32, 64], ntasks)
+            dispatch_rows("ZeroMQ", lambda: zmq_address, zmq_proc.pid, [2, 8, 32, 64], ntasks)
         if "redis" in parts:
-            dispatch_rows("Redis", server.url, [2, 8, 64], ntasks)
+            dispatch_rows("Redis", server.url, server.proc.pid, [2, 8, 64], ntasks)
         if "first" in parts:
             first_task("ZeroMQ", lambda: zmq_address, 10_000 if q else 100_000)
             first_task("Redis", server.url, 10_000 if q else 100_000)
