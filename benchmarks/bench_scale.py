@@ -76,9 +76,13 @@ def row(what: str, value: float, fmt: str, note: str = "") -> None:
 
 
 def wait(cond, timeout: float, what: str) -> None:
-    """Poll cond() until true; TimeoutError naming what after timeout seconds."""
+    """Poll cond() until true (a broker too busy to answer yet: not yet); TimeoutError
+    naming what after timeout seconds."""
     deadline = time.monotonic() + timeout
-    while not cond():
+    while True:
+        with contextlib.suppress(nbq.BrokerUnavailable):
+            if cond():
+                return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached after {timeout:g} s")
         time.sleep(0.05)
