@@ -71,6 +71,19 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
+def held_until(gate):
+    """A task (any arguments) that ends once the test creates the file gate, 30 s at most: it
+    outlasts the waits the test makes while it runs, and ends when the test says, not after a
+    fixed sleep.  A closure, so that workers get it by value, not by importing conftest."""
+    gate = str(gate)
+
+    def held(*_):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return held
+
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 

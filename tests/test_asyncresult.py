@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 import nbq
-from conftest import TRANSPORTS, wait_until
+from conftest import TRANSPORTS, held_until, wait_until
 
 pytestmark = pytest.mark.conformance  # every transport, memory:// too (conftest.py)
 
@@ -96,17 +96,22 @@ def alarm_raising(seconds: float):
             signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - set_at), 0.001))
 
 
-def test_get_without_propagate_is_interrupted_by_ctrl_c_and_signal_handlers(shared_client, other):
+def test_get_without_propagate_is_interrupted_by_ctrl_c_and_signal_handlers(shared_client, other,
+                                                                           tmp_path):
     """get(propagate=False) returns the task's own failure, never what interrupts the wait: a
     Ctrl-C or a signal handler's exception is raised, as in Celery, and the task goes on."""
-    fut = shared_client.submit(time.sleep, 8)
+    gate = tmp_path / "gate"
+    fut = shared_client.submit(held_until(gate))
     res = nbq.AsyncResult(fut.id, client=other)
-    with pytest.raises(KeyboardInterrupt):
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # as in a terminal
-        res.get(propagate=False)
-    with alarm_raising(0.2), pytest.raises(Alarm):
-        res.get(timeout=30, propagate=False)
-    assert not res.ready()  # both came while the task ran: neither waited for its end
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # as in a terminal
+            res.get(propagate=False)
+        with alarm_raising(0.2), pytest.raises(Alarm):
+            res.get(timeout=30, propagate=False)
+        assert not res.ready()  # both came while the task ran: neither waited for its end
+    finally:
+        gate.touch()
     assert res.get(timeout=30, propagate=False) is None and res.successful()
 
 

@@ -221,8 +221,13 @@ def test_pool_grow_and_shrink_add_and_cancel_consumer_and_shutdown(workers):
 
     assert control.pool_grow(2, [gamma_name], reply=True, timeout=5) == [
         {gamma_name: {"ok": "pool will grow"}}]
-    wait_until(lambda: len(seen().get("processes", ())) == 3, what="three processes")
-    assert seen()["concurrency"] == 3
+    def grown() -> bool:
+        """On Redis a process is listed once it registers, the concurrency at the supervisor's
+        next heartbeat (each second): either can come first."""
+        w = seen()
+        return len(w.get("processes", ())) == 3 and w.get("concurrency") == 3
+
+    wait_until(grown, what="three processes and a concurrency of 3")
     assert control.pool_shrink(1, [gamma_name], reply=True, timeout=5) == [
         {gamma_name: {"ok": "pool will shrink"}}]
     wait_until(lambda: len(seen().get("processes", ())) == 2, what="two processes")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import nbq
-from conftest import make_client, wait_until
+from conftest import held_until, make_client, wait_until
 
 pytestmark = pytest.mark.conformance  # every transport, memory:// too (conftest.py)
 
@@ -145,14 +145,21 @@ def test_failing_item_does_not_fail_its_chunk(shared_client):
     assert dict(res.as_completed(errors="skip")) == {i: 1 // (i % 10) for i in range(100) if i % 10}
 
 
-def test_map_timeout(client):
-    res = client.map(time.sleep, [0.0, 30.0], timeout=3.0, chunksize=1)
+def test_map_timeout(client, tmp_path):
+    gate = tmp_path / "gate"
+    held = held_until(gate)
+    res = client.map(lambda first: None if first else held(), [True, False], timeout=1.0,
+                     chunksize=1)
     it = iter(res)
-    assert next(it) is None
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError):
-        next(it)
-    assert time.monotonic() - t0 < 15.0  # at the map's deadline, not when its item ends
+    try:
+        assert next(it) is None
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            next(it)
+        assert time.monotonic() - t0 < 15.0  # at the map's deadline, not when its item ends
+        assert not res.done()
+    finally:
+        gate.touch()
 
 
 def test_result_timeout(shared_client):
@@ -164,14 +171,7 @@ def test_result_timeout(shared_client):
 
 def test_as_completed_and_wait(shared_client, tmp_path):
     gate = tmp_path / "gate"
-
-    def held():
-        """Ends once the test creates gate (30 s at most): after the other task came first."""
-        deadline = time.monotonic() + 30
-        while not os.path.exists(gate) and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    futs = [shared_client.submit(held), shared_client.submit(time.sleep, 0.0)]
+    futs = [shared_client.submit(held_until(gate)), shared_client.submit(time.sleep, 0.0)]
     first = next(nbq.as_completed(futs, timeout=10))
     assert first is futs[1]
     assert not futs[0].done()

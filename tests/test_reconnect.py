@@ -19,6 +19,11 @@ import pytest
 import nbq
 from conftest import redis_server, start_broker, wait_until
 
+#: Seconds a wait may end after the client's broker_grace: far from the default grace (30 s) and
+#: the tasks' own durations, room for a loaded machine (6 s after a 1 s grace failed once at a
+#: load of 21 on 2 cores)
+SLACK = 15
+
 
 def record(path: str, x, pause: float = 0.0):
     """x * 2, after appending x to path: how many times each item ran."""
@@ -110,7 +115,7 @@ def test_broker_that_stays_dead_raises_after_grace_and_work_resumes_when_it_retu
         t0 = time.monotonic()
         with pytest.raises(nbq.BrokerUnavailable, match=address):
             fut.result()
-        assert time.monotonic() - t0 < 2 + 5
+        assert time.monotonic() - t0 < 2 + SLACK
         waiter.join(5)
         assert isinstance(waited[0], nbq.BrokerUnavailable)
         with pytest.raises(nbq.BrokerUnavailable):
@@ -169,7 +174,7 @@ def test_redis_sigkilled_waits_raise_after_grace_and_work_continues(procs, tmp_p
             t0 = time.monotonic()
             with pytest.raises(nbq.BrokerUnavailable, match="127.0.0.1"):
                 res.result()
-            assert time.monotonic() - t0 < 2 + 6
+            assert time.monotonic() - t0 < 2 + SLACK
             with pytest.raises(nbq.BrokerUnavailable):
                 fut.result()
             late = client.submit(record, str(log), "late")  # while Redis is down
@@ -224,7 +229,7 @@ def test_remote_cell_with_a_dead_broker_fails_after_grace(procs):
         t0 = time.monotonic()
         r = sh.run_cell("%%remote\nimport time\ntime.sleep(60)")
         assert isinstance(r.error_in_exec, nbq.BrokerUnavailable), r.error_in_exec
-        assert time.monotonic() - t0 < 1 + 5
+        assert time.monotonic() - t0 < 1 + SLACK  # not the cell's 60 s
     finally:
         magics.client = None
         client.shutdown(wait=False)

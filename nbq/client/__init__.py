@@ -4,9 +4,9 @@ executor.py is the Client, owning small collaborators, each in a module named af
 job: sending.py (tasks, at once or batched), shipping.py (function pickles, once each),
 feeding.py (a map's lazy chunked input), requests.py (request/reply), control.py
 (control commands), watching.py (work submitted elsewhere), link.py (heartbeats, a
-silent or restarted broker), receiver.py (the receiver thread), registry.py (the
-current client, shutdown at exit).  future.py, mapresult.py, waiting.py, progress.py,
-frames.py and status.py are what users hold and see.
+silent or restarted broker), receiver.py (the receiver thread), shutdown.py (its
+shutdown sequence), registry.py (the current client, shutdown at exit).  future.py,
+mapresult.py, waiting.py, progress.py, frames.py and status.py are what users hold and see.
 """
 from .executor import Client
 from .future import Future

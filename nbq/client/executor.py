@@ -2,12 +2,12 @@
 
 The user's threads pickle and send; the receiver thread (receiver.py) completes the
 work.  The Client owns its collaborators (see nbq/client/__init__.py) and the tables of
-its unfinished work (``_futures``, ``_chunks``), and holds the public API and shutdown.
+its unfinished work (``_futures``, ``_chunks``), and holds the public API; its shutdown
+sequence is shutdown.py's.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import itertools
 import math
 import os
@@ -34,13 +34,14 @@ from .receiver import Receiver
 from .requests import Requests
 from .sending import Sender, client_task_header, task_options
 from .shipping import FunctionCache, function_name, ship_modules
+from .shutdown import ClientShutdown
 from .watching import Watches
 
 if TYPE_CHECKING:
     from ..clusters.base import Cluster
 
 
-class Client(concurrent.futures.Executor):
+class Client(ClientShutdown, concurrent.futures.Executor):
     """Submit work to nbq workers.
 
     ``Client()`` starts a private broker and ``os.cpu_count()`` worker processes;
@@ -91,9 +92,6 @@ class Client(concurrent.futures.Executor):
             self._cluster._clients.add(self)
         self.address = self._cluster.address
         self._pid = os.getpid()
-        self._closed = False      # no new work accepted
-        self._conn_closed = False
-        self._down = False        # every step of _shutdown_now has been done
         self.wait_at_exit = True  # what the interpreter's exit does: shutdown(wait=this)
         self._seq = itertools.count()  # task, map and request numbers
         self._futures: dict[str, Future] = {}  # tasks not seen finish, by id
@@ -345,91 +343,12 @@ class Client(concurrent.futures.Executor):
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("cannot submit to an nbq client after shutdown")
-
-    @property
-    def closed(self) -> bool:
-        """True once shut down, and in a process forked from the one that made it (its threads
-        stayed behind): such a client sends nothing, make a new one."""
-        return self._closed or self._pid != os.getpid()
-
     @property
     def private_broker(self) -> bool:
         """Whether this client's broker runs inside this process (a private one, as Client()
         with no address starts): its tasks end with the process, so exit should wait for them
         (``wait_at_exit``)."""
         return self._cluster.broker is not None
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; wait for what was submitted; stop local workers and broker.
-
-        A map's ``timeout`` bounds waits on that map only, never this wait.  Whatever
-        interrupts the wait (Ctrl-C, an error), the client's threads and local
-        processes are stopped before it propagates; a second call finishes a stop
-        that was itself interrupted.
-        """
-        if self._inbox.stopped:
-            self._shutdown_now()
-            return
-        self._closed = True
-        try:
-            if cancel_futures:
-                self._feeder.stop_all()
-                pending = [tid for tid, f in list(self._futures.items()) if f._state == "PENDING"]
-                pending += list(self._chunks)
-                if pending:
-                    answer = self._requests.ask("cancel", lambda rq: self._conn.cancel(rq, pending))
-                    for tid, ok in answer.items():
-                        if ok:
-                            self._revoke(tid)
-            if wait:
-                self._wait_for_work()
-        finally:
-            self._shutdown_now()
-
-    def _wait_for_work(self) -> None:
-        """Until every task and map item this client submitted has finished; BrokerUnavailable
-        once the client has given up on its broker."""
-        for fut in list(self._futures.values()):
-            if not getattr(fut, "_foreign", False):
-                fut._await(None)
-        for res, *_ in list(self._chunks.values()):
-            with res._cond:  # not res._wait: that obeys the map's own timeout
-                while not res.done():
-                    self._check_broker()  # woken when the client gives up on its broker
-                    res._cond.wait()
-
-    def _shutdown_now(self) -> None:
-        """Stop the receiver thread, the connection and the local cluster, each step run even
-        when one before it fails or is interrupted; a repeated call does what is left."""
-        if self._down:
-            return
-        self._closed = self._inbox.stopped = True
-        with contextlib.ExitStack() as steps:  # callbacks run last-registered first
-            steps.callback(self._close_cluster)
-            steps.callback(self._subscriptions.end_all)
-            steps.callback(self._inbox.fail_unfinished)
-            steps.callback(self._close_connection)
-            steps.callback(self._stop_receiver)
-            if not self._conn_closed:
-                steps.callback(self._conn.wake)
-                self._sender.flush()
-        self._down = True
-        registry.closed(self)
-
-    def _close_cluster(self) -> None:
-        if self._owns_cluster:
-            self._cluster.close()
-
-    def _stop_receiver(self) -> None:
-        self._inbox.join(5.0)
-
-    def _close_connection(self) -> None:
-        if not self._conn_closed:
-            self._conn_closed = True
-            self._inbox.close()
 
     def __repr__(self) -> str:
         return f"<nbq.Client {self.address} {'closed' if self._closed else 'open'}>"
