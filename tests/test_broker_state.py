@@ -1,7 +1,13 @@
 """The ZeroMQ broker's state structures on their own: the index of idle worker processes
-(dispatch finds one without a scan over all) and the compact queued task."""
+(dispatch finds one without a scan over all), the compact queued task, and the door through
+which clients of the broker's own process hand it messages."""
 from __future__ import annotations
 
+import os
+import select
+import threading
+
+from nbq.broker.door import Door
 from nbq.broker.members import ProcessRecord
 from nbq.broker.queues import QueuedTask
 from nbq.broker.ready import Ready
@@ -83,3 +89,59 @@ def test_batches_share_the_queue_but_never_below_a_quarter_batch():
     assert costs.batch("g") == 2 and costs.batch("g", 1) == 1
     costs.add("h", 0.01)  # long: always alone
     assert costs.batch("h", 1000) == 1
+
+
+def readable(fd: int, timeout: float = 0.0) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_the_door_wakes_its_reader_while_a_message_waits_and_loses_none():
+    door = Door()
+    try:
+        door.put(b"e1", {"k": "a"}, [])
+        door.put(b"e1", {"k": "b"}, [])
+        assert readable(door.fd)
+        assert [h["k"] for _, h, _ in door.take()] == ["a", "b"]
+        assert not readable(door.fd)  # nothing waits: the broker's poll sleeps
+        # several threads put while the reader takes: each message taken once, in each
+        # thread's order, and never one waiting behind a quiet pipe
+        writers, each = 4, 1000
+        def put_all(i: int) -> None:
+            for j in range(each):
+                door.put(b"e%d" % i, {"n": j}, [])
+        threads = [threading.Thread(target=put_all, args=(i,)) for i in range(writers)]
+        for t in threads:
+            t.start()
+        taken: list = []
+        while len(taken) < writers * each:
+            assert readable(door.fd, 5.0), "messages wait behind a door that did not ring"
+            taken += door.take()
+        for t in threads:
+            t.join()
+        for i in range(writers):
+            assert [h["n"] for peer, h, _ in taken if peer == b"e%d" % i] == list(range(each))
+        if readable(door.fd):  # at most a spare ring, with nothing behind it
+            assert door.take() == []
+        assert not readable(door.fd)
+    finally:
+        door.close()
+
+
+def test_a_put_while_the_door_is_read_still_wakes_the_reader(monkeypatch):
+    door = Door()
+    try:
+        door.put(b"e", {"n": 0}, [])
+        read = os.read
+
+        def put_then_read(fd: int, n: int) -> bytes:  # another thread puts as the pipe is read
+            door.put(b"e", {"n": 1}, [])
+            return read(fd, n)
+
+        monkeypatch.setattr(os, "read", put_then_read)
+        assert [h["n"] for _, h, _ in door.take()] == [0, 1]
+        monkeypatch.setattr(os, "read", read)
+        door.put(b"e", {"n": 2}, [])
+        assert readable(door.fd), "a message waits behind a door that did not ring"
+        assert [h["n"] for _, h, _ in door.take()] == [2]
+    finally:
+        door.close()

@@ -14,6 +14,7 @@ light load keeps to the processes already running rather than waking every one.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from .. import protocol, shm
@@ -23,6 +24,8 @@ from .members import Members, ProcessRecord
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
 from .results import Results
+
+log = logging.getLogger("nbq.broker")
 
 
 class Dispatcher:
@@ -126,8 +129,12 @@ class Dispatcher:
             self.queues.requeue(t)
 
     def on_res(self, peer, header, frames, body):
-        """Results from a worker process: to their clients; with ``rdy`` it takes more work."""
+        """Results from a worker process: to their clients; with ``rdy`` it takes more work,
+        handed to it first (its process waits for it; the clients' results can wait)."""
         proc = self.members.procs.get(header.get("w", ""))
+        ready = proc is not None and header.get("rdy")
+        if ready:
+            self._next(proc)
         held = shm.hold(frames)  # results in shared memory: held open while stored
         shared, frames = held is not frames, held
         parts = []
@@ -161,11 +168,22 @@ class Dispatcher:
             for f in frames:
                 if isinstance(f, shm.Held):
                     f.forget()
-        if proc is not None and header.get("rdy"):
-            # what it still holds (tasks due later) stays its own; a ready process takes more
+        if ready:  # what it still holds (tasks due later, the batch just handed) stays its own
             proc.running = [t for t in proc.running
                             if t.where == proc.wid and t.id in self.queues.tasks]
-            self.members.ready.add(proc)
+
+    def _next(self, proc: ProcessRecord) -> None:
+        """A process is ready: its next batch now, when its queues hold one (else it waits,
+        idle, for dispatch)."""
+        self.members.ready.add(proc)
+        if proc.away_until:
+            return
+        try:
+            batch = self._take(proc)
+            if batch:
+                self._hand(proc, batch, time.monotonic())
+        except Exception:  # dispatch() tries again; these results must still be delivered
+            log.exception("error dispatching tasks")
 
     def flush_started(self, now: float) -> None:
         """Report STARTED for tasks still running STARTED_DELAY after dispatch.

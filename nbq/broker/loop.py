@@ -43,8 +43,9 @@ maps, joins, claims, expiry), members.py (supervisors, processes, deaths,
 control) and outbox.py (sends; messages held for clients away); events.py (core) the events
 made from what these see, kept in a ring buffer (EventLog) and sent to subscribers.
 
-An embedded broker (a thread of the client's process) also serves its clients' receiving
-sockets (``attach``): the client and its broker share one interpreter lock, so one thread
+An embedded broker (a thread of the client's process) takes its clients' messages through
+its door (door.py: as objects, no socket, no signature inside one process) and runs their
+receiving (``attach``): the client and its broker share one interpreter lock, so one thread
 doing both saves a thread wake-up per result, and nothing runs in parallel that did before.
 
 A broker that restarts starts empty: each client re-sends what it has not
@@ -56,13 +57,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Callable, Sequence
+from typing import Callable
 
 import zmq
 
 from .. import events, keys, policy, protocol, replay, schema, secure, shm
 from ..errors import SignatureError
 from .dispatch import Dispatcher
+from .door import Door
 from .members import Members
 from .outbox import Outbox
 from .queues import Queues
@@ -112,6 +114,7 @@ class Broker:
         self._stop_r.bind(self._stop_addr)
         self.boot = uuid.uuid4().hex[:12]  # tells a client this is a broker it has not seen
 
+        self.door = Door()  # clients of this process (client/embedded.py)
         self.outbox = Outbox(self.sock, self.signer)
         self.outbox.shared = shm.prefix(self.boot)  # large frames by shared memory on this host
         if self.outbox.shared is not None:
@@ -124,7 +127,7 @@ class Broker:
                                max_message_size)
         self.dispatcher = Dispatcher(self.queues, self.members, self.results, self.outbox)
         self._timer = 0.0
-        self._guests: list[tuple[Sequence[zmq.Socket], Callable[[bool], bool], Callable]] = []
+        self._guests: list[tuple[Callable[[bool], bool], Callable[[], None]]] = []
         self._new_guests: list = []  # attached by other threads, served from the next turn
         self._ended = False
         self.replays = replay.ReplayWindow(max_age)
@@ -149,6 +152,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
+        poller.register(self.door.fd, zmq.POLLIN)
         zap = self._zap.sock if self._zap is not None else None
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
@@ -160,15 +164,16 @@ class Broker:
                     break
                 if zap in ready:
                     self._zap.answer()
-                if self.sock in ready:
-                    self._drain()
+                rung = self.door.fd in ready
+                if self.sock in ready or rung:
+                    self._drain(rung)
                 now = time.monotonic()
                 self.dispatcher.flush_started(now)
                 if self.events.subscribers:
                     self._publish()
                 sent = self.outbox.flush()
                 if self._new_guests or self._guests:
-                    self._serve_guests(poller, ready, sent)
+                    self._serve_guests(sent or rung)
                 if now >= self._timer:
                     self._timer = now + policy.HEARTBEAT / 2
                     self.members.check_heartbeats(now)
@@ -185,55 +190,50 @@ class Broker:
         s.send(b"")
         s.close(linger=1000)
 
-    def attach(self, sockets: Sequence[zmq.Socket], turn: Callable[[bool], bool],
-               left: Callable[[], None]) -> None:
-        """Serve a guest on this broker's thread: ``turn(ready)`` is called on each loop turn
-        (at least every HEARTBEAT / 2 seconds), ``ready`` True when one of its sockets may
-        have a message, until it returns False; then ``left()``, once its sockets are no
-        longer polled (they may be closed).  Safe from any thread."""
-        self._new_guests.append((sockets, turn, left))
+    def attach(self, turn: Callable[[bool], bool], left: Callable[[], None]) -> None:
+        """Serve a guest on this broker's thread (a client of this process receiving): ``turn(ready)``
+        is called on each loop turn (at least every HEARTBEAT / 2 seconds), ``ready`` True
+        when something may have come for it (sent to a client, or its door rang), until it
+        returns False; then ``left()``.  Safe from any thread."""
+        self._new_guests.append((turn, left))
         if self._ended:  # no turn will come (left may be called twice: it must not mind)
             left()
 
-    def _serve_guests(self, poller: zmq.Poller, ready: dict, sent: bool) -> None:
+    def _serve_guests(self, ready: bool) -> None:
         """One turn of each guest; those done are unregistered and told so."""
         while self._new_guests:
-            guest = self._new_guests.pop(0)
-            for s in guest[0]:
-                poller.register(s, zmq.POLLIN)
-            self._guests.append(guest)
-            sent = True  # what was sent to it before it came is waiting
+            self._guests.append(self._new_guests.pop(0))
+            ready = True  # what was sent to it before it came is waiting
         for guest in list(self._guests):
-            sockets, turn, left = guest
+            turn, left = guest
             try:
-                more = turn(sent or any(s in ready for s in sockets))
+                more = turn(ready)
             except Exception:  # a guest's bug must not stop the broker
                 log.exception("error in a guest of the broker's thread")
                 more = False
             if not more:
-                self._leave(poller, guest)
-
-    def _leave(self, poller: zmq.Poller, guest: tuple) -> None:
-        for s in guest[0]:
-            poller.unregister(s)
-        self._guests.remove(guest)
-        guest[2]()
+                self._guests.remove(guest)
+                left()
 
     def _shutdown(self) -> None:
         self._ended = True
         self._guests += self._new_guests
         for guest in self._guests:
-            guest[2]()
+            guest[1]()
         self._guests.clear()
         self.members.stop_all()
         if self.outbox.shared is not None:
             shm.sweep(own=self.outbox.shared)
         self.sock.close(linger=200)
         self._stop_r.close(linger=0)
+        self.door.close()
         if self._zap is not None:
             self._zap.close()
 
-    def _drain(self) -> None:
+    def _drain(self, rung: bool = False) -> None:
+        """Handle what came through the door (rung) and the socket, then dispatch."""
+        for peer, header, frames in self.door.take() if rung else ():
+            self._act(peer, header, frames, None)
         sock = self.sock
         for _ in range(DRAIN_MAX):
             # asked, not raised: zmq.Again and recv_multipart's per-frame option reads cost
@@ -272,6 +272,10 @@ class Broker:
         if why is not None:
             self._drop(peer, "replay", why)
             return
+        self._act(peer, header, frames, body)
+
+    def _act(self, peer: bytes, header: dict, frames: list, body: list | None) -> None:
+        """Handle a message that may be acted on: verified, or from this process (body None)."""
         try:
             self._handlers[header["k"]](peer, header, frames, body)
         except Exception:  # a bad but signed message must not stop the broker

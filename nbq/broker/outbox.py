@@ -8,6 +8,8 @@ handled and sent once idle worker processes have their next tasks.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import zmq
 
 from .. import protocol, shm
@@ -24,6 +26,7 @@ class Outbox:
         self._outgoing: list[tuple[str, list]] = []  # for clients, sent after dispatching
         self.shared: str | None = None               # this broker's shared memory prefix (shm.py)
         self._sharing: set[str] = set()              # clients of its host: sent descriptors
+        self.local: dict[bytes, Callable[[list], None]] = {}  # peers of this process (door.py)
 
     def shares(self, lo: str | None) -> bool:
         """Whether a peer that said hello with locality lo is sent shared memory descriptors."""
@@ -37,7 +40,12 @@ class Outbox:
         return self.send_raw(peer, self.signer.encode(header, frames))
 
     def send_raw(self, peer: bytes, msg: list) -> bool:
-        """Send a message (signed already) now; False when the peer is not connected."""
+        """Send a message (signed already) now; False when the peer is not connected.
+        To a client of this process it is handed over, not sent."""
+        local = self.local.get(peer)
+        if local is not None:
+            local(msg)
+            return True
         try:
             self.sock.send_multipart([peer, *msg], copy=False)
             return True

@@ -190,9 +190,11 @@ class Queues:
         self.parked: dict[str, list] = {}            # function hash -> tasks waiting for it
         self._names: dict[str, str] = {}             # one copy of each function hash and queue name
 
-    def receive(self, header: dict, frames: list, body: list) -> list[tuple[QueuedTask, str | None]]:
-        """Queue the tasks of a client's ``tasks`` message (body: as it came); the new ones,
-        each with its arguments' repr (header ``ar``, for its task-sent event: not kept)."""
+    def receive(self, header: dict, frames: list,
+                body: list | None) -> list[tuple[QueuedTask, str | None]]:
+        """Queue the tasks of a client's ``tasks`` message (body: as it came, None from a client
+        of this process); the new ones, each with its arguments' repr (header ``ar``, for its
+        task-sent event: not kept)."""
         items = header["t"]
         alone = len(items) == 1 and "a" not in items[0]
         names = self._names
@@ -210,7 +212,8 @@ class Queues:
             if q != "default":
                 item["q"] = names.setdefault(q, q)
             if not keep:  # a zmq.Frame costs ~180 bytes of memory beside its data
-                payload = [f.bytes if len(f) < SMALL_FRAME else f for f in payload]
+                payload = [f.bytes if type(f) is not bytes and len(f) < SMALL_FRAME else f
+                           for f in payload]
             task = QueuedTask(item, payload, body if keep else None)
             self.tasks[task.id] = task
             self.lanes_of(task).append(task)

@@ -68,8 +68,7 @@ class Receiver:
         self._left = threading.Event()
         self._after_left: list = []  # what runs once the host's thread has left it
         self._left_lock = threading.Lock()
-        host.attach(self._conn.sockets, _guest_turn(weakref.ref(self), self._conn),
-                    self._on_left)
+        host.attach(_guest_turn(weakref.ref(self), self._conn), self._on_left)
 
     def _on_left(self) -> None:
         with self._left_lock:

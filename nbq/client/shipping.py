@@ -139,17 +139,23 @@ def fingerprint(fn) -> tuple | None:
 
     An object may say for itself, with a ``__nbq_fingerprint__()`` method.
     """
-    custom = getattr(type(fn), "__nbq_fingerprint__", None)
-    if custom is not None:
-        return custom(fn)
-    if not isinstance(fn, types.FunctionType):
-        return None
+    if type(fn) is not types.FunctionType:  # (a plain function's type has no method of its own)
+        custom = getattr(type(fn), "__nbq_fingerprint__", None)
+        return custom(fn) if custom is not None else None
     code = fn.__code__
+    names = _NAMES.get(id(code))
+    if names is None or names[0] is not code:  # (the code is held: its id is not reused)
+        if len(_NAMES) >= FUNCTION_CACHE:
+            _NAMES.clear()
+        names = _NAMES[id(code)] = (code, _global_names(code))
     g = fn.__globals__
-    names = _global_names(code)
-    cells = tuple(id(c.cell_contents) if _filled(c) else None for c in fn.__closure__ or ())
+    closure = fn.__closure__
+    cells = tuple(id(c.cell_contents) if _filled(c) else None for c in closure) if closure else ()
     return (fn, code, id(fn.__defaults__), id(fn.__kwdefaults__), cells,
-            tuple(id(g.get(n)) for n in names))
+            tuple([id(g.get(n)) for n in names[1]]))
+
+
+_NAMES: dict[int, tuple] = {}  # id(code) -> (code, the global names it and its inner code read)
 
 
 def _global_names(code) -> tuple:

@@ -44,6 +44,7 @@ from ..policy import RESULT_EXPIRES
 from .. import version
 from ..transport import client_connection, with_result_expires
 from ..transport.base import ClientConnection
+from ..client.embedded import EmbeddedClient
 from . import table
 from .scaling import ADAPT_WAIT, Adapter, Unit, plan_shrink
 
@@ -93,16 +94,14 @@ class Cluster:
         self._thread: threading.Thread | None = None
         if broker is None:
             self.context = zmq.Context()
-            inproc = f"inproc://nbq-broker-{id(self)}"
-            self.broker = Broker(self.key, [listen, inproc], self.context,
+            self.broker = Broker(self.key, listen, self.context,
                                  result_expires=result_expires or RESULT_EXPIRES,
                                  events_on=os.environ.get("NBQ_EVENTS", "1") != "0")
             self.address = self.broker.addresses[0]
-            self.connect_address = inproc
             self._thread = threading.Thread(target=self.broker.run, name="nbq-broker", daemon=True)
             self._thread.start()
         else:
-            self.address = self.connect_address = with_result_expires(broker, result_expires)
+            self.address = with_result_expires(broker, result_expires)
         self._units: dict[str, Unit] = {}   # started, not stopped, not failed
         self._failed: dict[str, Unit] = {}  # ended on their own
         self._count = itertools.count()
@@ -161,8 +160,12 @@ class Cluster:
         return self.broker if isinstance(self.broker, Broker) else None
 
     def client_connection(self, client_id: str) -> ClientConnection:
-        """The connection of a client of this cluster to its broker."""
-        return client_connection(self.connect_address, self.key, client_id, self.context)
+        """The connection of a client of this cluster to its broker (embedded: through its
+        door, as objects)."""
+        host = self.host()
+        if host is not None:
+            return EmbeddedClient(host, client_id)
+        return client_connection(self.address, self.key, client_id)
 
     def handshake(self) -> bytes:
         """What a unit writes on the worker's standard input (then keeps it open)."""

@@ -62,11 +62,11 @@ class MemoryCluster(Cluster):
             self._scale(workers)
 
     def client_connection(self, client_id: str) -> ClientConnection:
-        return MemoryClient(self.connect_address, client_id,
+        return MemoryClient(self.address, client_id,
                             inline=run_inline if self.inline else None)
 
     def _start(self, name: str, n: int) -> ThreadPool:
-        return ThreadPool(self.connect_address, name, n)
+        return ThreadPool(self.address, name, n)
 
     def _stop(self, pool: ThreadPool) -> None:
         pool.close()

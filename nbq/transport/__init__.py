@@ -68,7 +68,7 @@ def with_result_expires(address: str, seconds: float | None) -> str:
     return unsplit(parts._replace(query=urlencode(query)))
 
 
-def client_connection(address: str, key: bytes, client_id: str, context=None) -> ClientConnection:
+def client_connection(address: str, key: bytes, client_id: str) -> ClientConnection:
     """A client's connection to the broker at address (a memory:// one: memory.MemoryClient,
     which runs no task itself; the cluster layer adds threads or inline running)."""
     if is_memory(address):
@@ -81,7 +81,7 @@ def client_connection(address: str, key: bytes, client_id: str, context=None) ->
         from .redis import RedisClient
         return RedisClient(address, key, client_id)
     from .zmq import ZmqClient
-    return ZmqClient(address, key, client_id, context)
+    return ZmqClient(address, key, client_id)
 
 
 def supervisor_connector(address: str, key: bytes) -> Callable[[str], SupervisorConnection]:

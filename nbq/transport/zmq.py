@@ -67,21 +67,42 @@ def _decode(signer: protocol.Signer, msg: list):
         return None
 
 
-class ZmqClient(MessageClient):
-    raise_limit = "start the broker with a larger --max-message-size"
+class BrokerClient(MessageClient):
+    """What a client of nbq's broker does to what it sends and notes of what comes, through a
+    socket (ZmqClient) or handed over inside the broker's process (embedded.EmbeddedClient)."""
 
-    def __init__(self, address: str, key: bytes, client_id: str,
-                 context: zmq.Context | None = None) -> None:
-        self.ctx = context or zmq.Context()
-        self._own_ctx = context is None
+    raise_limit = "start the broker with a larger --max-message-size"
+    max_message_size: int | None = None  # the broker's, from its welcome
+    _shared: str | None = None  # the broker's shared memory prefix, when of this host
+
+    def _outgoing(self, header: dict, frames: list) -> list:
+        """frames as they leave: a task's large ones through shared memory, when it can."""
+        if header["k"] == "tasks" and shm.usable(self._shared):
+            return shm.export(frames, self._shared)
+        return frames
+
+    def _arrived(self, header: dict, frames: list) -> tuple[dict, list]:
+        """A message from the broker, noted: its welcome says its largest message and shared
+        memory prefix; a result's segments are this client's (mapped and unlinked)."""
+        kind = header.get("k")
+        if kind == "welcome":
+            self.max_message_size = header.get("mx")
+            self._shared = header.get("lo")
+        elif kind == "res":
+            frames = shm.hold(frames, forget=True)
+        return header, frames
+
+
+class ZmqClient(BrokerClient):
+
+    def __init__(self, address: str, key: bytes, client_id: str) -> None:
+        self.ctx = zmq.Context()
         self.signer = protocol.Signer(key)
         self.key, self.address = key, address
         self._hello_rq: int | None = None
         self.cid = client_id
         self._rx = _dealer(self.ctx, b"c" + client_id.encode(), address, key)
         self._tx = _dealer(self.ctx, b"t" + client_id.encode(), address, key)
-        self.max_message_size: int | None = None  # the broker's, from its welcome
-        self._shared: str | None = None  # the broker's shared memory prefix, when of this host
         self._lock = threading.Lock()
         wake_addr = f"inproc://nbq-wake-{client_id}"
         self._wake_r = self.ctx.socket(zmq.PAIR)
@@ -100,17 +121,9 @@ class ZmqClient(MessageClient):
                                                     "lo": shm.locality()}))
 
     def _put(self, header: dict, frames: list) -> None:
-        if header["k"] == "tasks" and shm.usable(self._shared):
-            frames = shm.export(frames, self._shared)
-        msg = self.signer.encode(header, frames)
+        msg = self.signer.encode(header, self._outgoing(header, frames))
         with self._lock:
             self._tx.send_multipart(msg, copy=False)
-
-    @property
-    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
-        """The sockets receive() waits on, for a thread that polls them itself (an embedded
-        broker's: Broker.attach)."""
-        return self._rx, self._wake_r
 
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
         events = dict(self._poller.poll(None if timeout is None else timeout * 1000))
@@ -122,13 +135,7 @@ class ZmqClient(MessageClient):
             msg = self._rx.recv_multipart(copy=False)
             decoded = _decode(self.signer, msg) or self._refused(msg)
             if decoded is not None:
-                kind = decoded[0].get("k")
-                if kind == "welcome":
-                    self.max_message_size = decoded[0].get("mx")
-                    self._shared = decoded[0].get("lo")
-                elif kind == "res":  # a result's segments are this client's: mapped, unlinked
-                    decoded = decoded[0], shm.hold(decoded[1], forget=True)
-                out.append(decoded)
+                out.append(self._arrived(*decoded))
         return out
 
     def _refused(self, msg: list) -> tuple[dict, list] | None:
@@ -150,8 +157,7 @@ class ZmqClient(MessageClient):
             pass
         for s in (self._rx, self._tx, self._wake_r, self._wake_w):
             s.close(linger=500)
-        if self._own_ctx:
-            self.ctx.term()
+        self.ctx.term()
 
 
 class ZmqSupervisor(SupervisorConnection):
