@@ -150,7 +150,10 @@ class Signer:
     """
 
     def __init__(self, key: bytes) -> None:
-        self._base = hmac.new(key, digestmod=hashlib.sha256)
+        base = hmac.new(key, digestmod=hashlib.sha256)
+        # OpenSSL's HMAC object itself where hmac wraps one: its copy, update and digest are
+        # C calls (the wrapper's are Python, a few µs per message)
+        self._base = getattr(base, "_hmac", None) or base
         self._bulk_key = hmac.new(key, b"nbq blake3 large frames", hashlib.sha256).digest()
         self._new_sender()
         _signers.add(self)
@@ -165,14 +168,14 @@ class Signer:
         # bytes as they are; a zmq.Frame (or other) by a memoryview, 4x cheaper than its .buffer
         views = [f if type(f) is bytes else f.buffer if type(f) is shm.Held else memoryview(f)
                  for f in frames]
+        sizes = [len(v) if type(v) is bytes else v.nbytes for v in views]
         if bulk is None:
-            bulk = blake3 is not None and any(memoryview(v).nbytes >= LARGE_FRAME for v in views)
+            bulk = blake3 is not None and bool(sizes) and max(sizes) >= LARGE_FRAME
         mac = self._base.copy()
         if bulk:
             mac.update(BULK_SCHEME)
         mac.update(header)
-        for buf in views:
-            n = memoryview(buf).nbytes
+        for buf, n in zip(views, sizes):
             mac.update(n.to_bytes(8, "little"))
             mac.update(self.digest(buf) if bulk and n >= LARGE_FRAME else buf)
         return mac.digest() + BULK_SCHEME if bulk else mac.digest()
@@ -235,7 +238,8 @@ def loads_header(frame) -> dict:
 
 
 def _bytes(frame) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    return frame if type(frame) is bytes else frame.bytes if hasattr(frame, "bytes") else \
+        bytes(frame)
 
 
 def frame_size(frames: Iterable) -> int:
@@ -254,8 +258,30 @@ def split(items: list[dict], frames: list) -> Iterable[tuple[dict, list]]:
 
 # -- pickling ---------------------------------------------------------------
 
+#: Types that pickle alike by reference and by value, never out of band: values made of
+#: these (_plain) skip cloudpickle's Pickler (10x dearer than pickle's).
+PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+_PLAIN_MAX = 64  # entries of a container dumps checks item by item before pickling it plainly
+
+
+def _plain(obj: Any, depth: int = 2) -> bool:
+    """Whether obj is scalars only, or small tuples, lists and str-keyed dicts of them (depth
+    levels): pickled the same by the C pickler alone, without cloudpickle's setup per call
+    (a few µs: a task's arguments and result are often just this)."""
+    t = type(obj)
+    if t in PLAIN:
+        return True
+    if t not in (tuple, list, dict) or not depth or len(obj) > _PLAIN_MAX:
+        return False
+    if t is dict:
+        return all(type(k) is str and _plain(v, depth - 1) for k, v in obj.items())
+    return all(_plain(x, depth - 1) for x in obj)
+
+
 def dumps(obj: Any) -> list:
     """Pickle obj (cloudpickle, protocol 5) to frames: the stream, then out-of-band buffers."""
+    if _plain(obj):  # (nothing in it could leave the stream: no buffers)
+        return [pickle.dumps(obj, protocol=5)]
     buffers: list = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
@@ -270,6 +296,8 @@ def dumps(obj: Any) -> list:
 
 def loads(frames: Sequence) -> Any:
     """Inverse of dumps; frames may be bytes or zmq.Frame (zero copy)."""
+    if len(frames) == 1:  # most payloads: no out-of-band buffers
+        return pickle.loads(shm.view(frames[0]))
     views = [shm.view(f) for f in frames]  # a shared memory descriptor (shm.py) is mapped
     return pickle.loads(views[0], buffers=views[1:])
 
@@ -282,15 +310,10 @@ def dumps_named(obj: Any, what: str) -> list:
         raise SerializationError(f"{what} could not be pickled: {type(e).__name__}: {e}") from e
 
 
-#: Types that pickle alike by reference and by value, never out of band: calls whose
-#: arguments are all of these skip cloudpickle's Pickler (10x dearer than pickle's).
-PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
 def dumps_call(fn_name: str, args: tuple, kwargs: dict) -> list:
     """Pickle a call's arguments; on failure name the argument that cannot be pickled."""
     if all(type(a) in PLAIN for a in args) and all(type(v) in PLAIN for v in kwargs.values()):
-        return [pickle.dumps((args, kwargs), protocol=5)]
+        return [pickle.dumps((args, kwargs), protocol=5)]  # (flat: cheaper checked than _plain)
     try:
         return dumps((args, kwargs))
     except Exception:

@@ -88,12 +88,14 @@ def usable(broker_prefix: str | None) -> bool:
 
 def is_descriptor(frame) -> bool:
     """Whether a frame is a descriptor (checked on every frame loaded: cheap first)."""
-    if type(frame) is bytes:
-        return len(frame) <= DESCRIPTOR_MAX and frame.startswith(MAGIC)
-    if isinstance(frame, Held):
-        return False
-    mv = memoryview(frame)  # (a zmq.Frame is a buffer: its .buffer costs 4x more)
-    return mv.nbytes <= DESCRIPTOR_MAX and mv[:len(MAGIC)] == MAGIC
+    if type(frame) is not bytes:
+        if isinstance(frame, Held):
+            return False
+        mv = memoryview(frame)  # (a zmq.Frame is a buffer: its .buffer costs 4x more)
+        if mv.nbytes > DESCRIPTOR_MAX:
+            return False
+        frame = bytes(mv)  # at most DESCRIPTOR_MAX bytes: cheaper than comparing a memoryview
+    return len(frame) <= DESCRIPTOR_MAX and frame.startswith(MAGIC)
 
 
 def export(frames: Sequence, broker_prefix: str) -> list:

@@ -69,6 +69,19 @@ def test_large_buffers_travel_out_of_band():
     assert np.array_equal(out["a"], a) and list(out["small"]) == [0, 1, 2]
 
 
+def test_plain_values_skip_cloudpickle_and_nothing_else_does():
+    """Scalars and small containers of them take the C pickler alone (one frame); a lambda
+    inside a container still goes by value, an array inside one still leaves the stream."""
+    for value in [1, -2.5, "é", None, True, 1j, b"x" * 100, (1, "a"), ((1,), {}),
+                  {"a": [1, 2]}, [[[1]]], list(range(1000))]:
+        frames = protocol.dumps(value)
+        assert len(frames) == 1 and protocol.loads(frames) == value
+    assert protocol.loads(protocol.dumps(((lambda x: x + 1),)))[0](1) == 2
+    assert protocol.loads(protocol.dumps({"f": [lambda: 3]}))["f"][0]() == 3
+    frames = protocol.dumps((np.ones(protocol.OUT_OF_BAND_MIN),))
+    assert len(frames) == 2 and protocol.loads(frames)[0].sum() == protocol.OUT_OF_BAND_MIN
+
+
 def test_unpicklable_argument_is_named():
     import threading
     with pytest.raises(SerializationError, match=r"keyword argument 'lock' \(lock\) of f"):

@@ -104,11 +104,10 @@ def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], Non
     """
     item = context.item
     tid = item["id"]
-    base = {"id": tid, "s0": item.get("s0", 0)}
     t0 = time.perf_counter()
     if item.get("m", "call") == "call":
         if item.get("x") is not None and time.time() > item["x"]:
-            emit(dict(base, s=0, n=1, rv=1, nf=0), [])
+            emit({"id": tid, "s0": item.get("s0", 0), "s": 0, "n": 1, "rv": 1, "nf": 0}, [])
             return None
         with running(context):
             try:
@@ -124,12 +123,17 @@ def run(context: TaskContext, frames: list, fn, emit: Callable[[dict, list], Non
                 return dict(item, eta=r.eta, rt=item.get("rt", 0) + 1, nf=len(frames)), frames
             except BaseException as e:
                 record = protocol.error_record(e)
-                payload, ok = protocol.dumps(record), 0
-                base.update(failure_fields(record))
+                payload, ok, failure = protocol.dumps(record), 0, failure_fields(record)
             else:
                 payload, ok = _dump_value(value, f"the result of task {tid}", max_result)
-        emit(dict(base, s=0, n=1, ok=ok, nf=len(payload), d=time.perf_counter() - t0), payload)
+                failure = None
+        part = {"id": tid, "s0": item.get("s0", 0), "s": 0, "n": 1, "ok": ok, "nf": len(payload),
+                "d": time.perf_counter() - t0}
+        if failure:
+            part.update(failure)
+        emit(part, payload)
         return None
+    base = {"id": tid, "s0": item.get("s0", 0)}
     try:
         items = protocol.loads(frames)
     except BaseException as e:  # the whole chunk's input is unreadable: every item fails
