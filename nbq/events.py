@@ -230,7 +230,7 @@ class EventLog:
     header item (and a result's part) instead of copying them, and become dicts only when
     read (``since``, ``take_new``): a broker pays almost nothing for events nobody reads.
     kind RESULT: extra is (result part, fresh items), read as result_events; TAKEN: received
-    and started, one record; item None:
+    and started, one record; TASK_SENT: extra may be the arguments' repr (a str); item None:
     extra is a ready event dict.  Kept: the last ``most`` records, none older than
     ``keep`` seconds (``prune``), and each worker's last heartbeat apart (they would
     crowd out the rest).
@@ -288,6 +288,8 @@ class EventLog:
                 out += [task_event(TASK_RECEIVED, ts, item, name, worker),
                         task_event(TASK_STARTED, ts, item, name, worker)]
             else:
+                if kind == TASK_SENT and type(extra) is str:  # its arguments' repr, kept here
+                    extra = {"args": extra}                   # rather than by the broker's task
                 out.append(task_event(kind, ts, item, names.get(item.get("h")), worker, extra))
         return out
 

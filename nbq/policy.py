@@ -36,12 +36,14 @@ class Costs:
 
     def batch(self, h: str | None, queued: int | None = None) -> int:
         """How many tasks of function h to hand out at once; queued (when known) caps it at
-        a fair share, so that one process does not take what others could run."""
+        a fair share, so that one process does not take what others could run, but not below
+        a quarter batch (~0.5 ms of work): with many processes idle, shares of a few tasks
+        would cost more in messages (~50 µs each, both ends) than they spread."""
         cost = self._cost.get(h)
         if cost is None or cost > BATCH_SECONDS / 2:
             return 1
         n = min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6)))
-        return max(1, n if queued is None else min(n, queued))
+        return max(1, n if queued is None else min(n, max(queued, n // 4)))
 
 
 def backoff(delay: float) -> float:

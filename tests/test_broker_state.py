@@ -54,10 +54,15 @@ def test_ready_keeps_an_unreachable_process_apart_until_its_time():
 
 
 def test_queued_task_keeps_its_header_item_and_frames():
-    item = {"id": "t1", "h": "f0", "c": "c1", "f": 1, "nf": 1, "ar": "(1,)"}
-    task = QueuedTask(dict(item), [b"payload"])
-    assert task.item == item and task.rest is None
-    assert task["id"] == "t1" and task.get("ar") == "(1,)" and "mp" not in task
+    item = {"id": "t1", "h": "f0", "c": "c1", "f": 1, "nf": 1}
+    task = QueuedTask(dict(item, ar="(1,)"), [b"payload"])
+    assert task.item == item and task.rest is None  # its args repr is its task-sent event's
+    assert task["id"] == "t1" and task.get("ar") is None and "mp" not in task
+    assert task.f == 1 and not task.retrying
+    task.retrying = True
+    assert task.retrying and task.f == 1
+    task.retrying = False
+    assert not task.retrying and task.f == 1
     assert task.frames == (b"payload",) and task.original is None
     assert task.n == 1 and task.undelivered() == [0]
     chunk = {"id": "m:10", "h": "f0", "c": "c1", "mp": "m", "s0": 10, "n": 3, "nf": 2, "q": "x"}
@@ -69,6 +74,21 @@ def test_queued_task_keeps_its_header_item_and_frames():
     message = [b"header", b"signature", b"payload"]
     task = QueuedTask({"id": "t2", "h": "f0", "c": "c1", "nf": 1}, message[2:], message)
     assert task.original is message and task.frames == [b"payload"]
+
+
+def test_batches_share_the_queue_but_never_below_a_quarter_batch():
+    from nbq.policy import BATCH_MAX, Costs
+    costs = Costs()
+    assert costs.batch("f", 1000) == 1  # not measured: one task at a time
+    costs.add("f", 1e-6)  # trivial: a full batch is BATCH_MAX tasks
+    assert costs.batch("f") == BATCH_MAX and costs.batch("f", 1000) == BATCH_MAX
+    assert costs.batch("f", 100) == 100  # a fair share of what is queued
+    # with many processes idle a share may be a few tasks: a quarter batch still goes at once
+    assert costs.batch("f", 3) == BATCH_MAX // 4
+    costs.add("g", 0.0009)  # ~1 ms: two to a batch, and a share of one is one
+    assert costs.batch("g") == 2 and costs.batch("g", 1) == 1
+    costs.add("h", 0.01)  # long: always alone
+    assert costs.batch("h", 1000) == 1
 
 
 def readable(fd: int, timeout: float = 0.0) -> bool:

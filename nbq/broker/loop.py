@@ -329,13 +329,13 @@ class Broker:
 
     def _on_tasks(self, peer, header, frames, body):
         sent, log_event = header["mt"], self.events.task
-        for task in self.queues.receive(header, frames, body):
+        for task, ar in self.queues.receive(header, frames, body):
             frames = task.frames
             held = shm.hold(frames, unlink=True)  # the broker's until it is done
             if held is not frames:
                 task.frames = held
             self.results.add_chunk(task)
-            log_event(sent, events.TASK_SENT, task)
+            log_event(sent, events.TASK_SENT, task, None, ar)  # the record keeps ar, not the task
 
     def _on_events(self, peer, header, frames, body):
         """Subscribe a client to events (the stored ones from since first), or unsubscribe it."""

@@ -25,20 +25,23 @@ ORIGINALS_KEPT = 10_000  # a lone task's message is kept, to forward as is, whil
 
 
 _OWN = {"id": lambda t: t.id, "h": lambda t: t.h, "c": lambda t: t.c,
-        "f": lambda t: t.f or None, "ar": lambda t: t.ar, "nf": lambda t: len(t.frames)}
+        "f": lambda t: t.f or None, "nf": lambda t: len(t.frames)}
+_STARTED, _RETRYING = 1, 2  # QueuedTask._flags: report STARTED (header f), held for a retry
 
 
 class QueuedTask:
     """A task as the broker sees it: its header item and payload, never unpickled.
 
     Kept compact, as a million of them may wait: the fields every task has are slots (their
-    strings shared), the rest of its header item a dict only when there is any, its
-    per-item delivery marks made at its first result; ``item`` rebuilds the header item.
-    One slot holds its frames: the message it came in (a list) when that is kept, else
-    its payload frames (a tuple), or the one frame itself when it has one.
+    strings shared, its flags in one), the rest of its header item a dict only when there
+    is any, its per-item delivery marks made at its first result; ``item`` rebuilds the
+    header item.  One slot holds its frames: the message it came in (a list) when that is
+    kept, else its payload frames (a tuple), or the one frame itself when it has one.
+    Its arguments' repr (``ar``) is not kept: only its task-sent event shows it, and that
+    event's record holds it (Queues.receive returns it).
     """
 
-    __slots__ = ("id", "h", "c", "f", "ar", "rest", "_msg", "where", "retrying", "_delivered")
+    __slots__ = ("id", "h", "c", "rest", "_msg", "where", "_flags", "_delivered")
 
     def __init__(self, item: dict, frames: list | tuple, original: list | None = None,
                  delivered: bytearray | None = None) -> None:
@@ -46,8 +49,8 @@ class QueuedTask:
         self.id: str = item.pop("id")
         self.h: str = item.pop("h")
         self.c: str = item.pop("c")
-        self.f: int = item.pop("f", 0)  # report STARTED
-        self.ar: str | None = item.pop("ar", None)  # its arguments' repr (events)
+        self._flags = _STARTED if item.pop("f", 0) else 0
+        item.pop("ar", None)  # its arguments' repr: its task-sent event's, not kept here
         item.pop("nf", None)  # len(frames)
         self.rest: dict | None = item or None  # any other header fields (ITEM_FIELDS)
         if original is not None:
@@ -55,8 +58,21 @@ class QueuedTask:
         else:
             self._msg = tuple(frames) if len(frames) != 1 else frames[0]
         self.where = "queued"  # or "parked", "cancelled", "done", or its worker process's id
-        self.retrying = False  # held by its worker until a retry's eta (a RETRY notice)
         self._delivered = delivered  # per item: has a result reached its client
+
+    @property
+    def f(self) -> int:
+        """1 when its client wants it reported STARTED (header ``f``), else 0."""
+        return self._flags & _STARTED
+
+    @property
+    def retrying(self) -> bool:
+        """Held by its worker until a retry's eta (a RETRY notice)."""
+        return bool(self._flags & _RETRYING)
+
+    @retrying.setter
+    def retrying(self, on: bool) -> None:
+        self._flags = self._flags | _RETRYING if on else self._flags & ~_RETRYING
 
     @property
     def original(self) -> list | None:
@@ -81,8 +97,6 @@ class QueuedTask:
         item = {"id": self.id, "h": self.h, "c": self.c, "nf": len(self.frames)}
         if self.f:
             item["f"] = self.f
-        if self.ar is not None:
-            item["ar"] = self.ar
         if self.rest:
             item.update(self.rest)
         return item
@@ -176,9 +190,11 @@ class Queues:
         self.parked: dict[str, list] = {}            # function hash -> tasks waiting for it
         self._names: dict[str, str] = {}             # one copy of each function hash and queue name
 
-    def receive(self, header: dict, frames: list, body: list) -> list[QueuedTask]:
+    def receive(self, header: dict, frames: list,
+                body: list | None) -> list[tuple[QueuedTask, str | None]]:
         """Queue the tasks of a client's ``tasks`` message (body: as it came, None from a client
-        of this process); the new ones."""
+        of this process); the new ones, each with its arguments' repr (header ``ar``, for its
+        task-sent event: not kept)."""
         items = header["t"]
         alone = len(items) == 1 and "a" not in items[0]
         names = self._names
@@ -201,7 +217,7 @@ class Queues:
             task = QueuedTask(item, payload, body if keep else None)
             self.tasks[task.id] = task
             self.lanes_of(task).append(task)
-            new.append(task)
+            new.append((task, item.get("ar")))
         return new
 
     def lanes_of(self, task: QueuedTask) -> Lanes:
