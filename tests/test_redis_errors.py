@@ -3,6 +3,8 @@ naming the Redis without its password), or silence where the contract says so, n
 redis-py exception reaching the client, supervisor or worker code above."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 from redis_server import RedisServer
@@ -47,6 +49,10 @@ def test_a_stopped_redis_is_an_nbq_error_never_a_redis_py_one(tmp_path):
             sup.heartbeat({"queues": ["default"], "name": "w", "host": "h", "spid": 1, "conc": 1})
             sup.lost("sup-1/1", "was killed", None, leaving=True)
             sup.close(goodbye=True)
+            closing = time.monotonic()
+        # a closing client stops retrying its unanswered requests: its sender thread ends
+        # (it used to retry the dead Redis until the process ended, close() waiting 10 s on it)
+        assert time.monotonic() - closing < 8
         with pytest.raises(nbq.BrokerUnavailable, match=f"127.0.0.1:{server.port}") as raised:
             RedisClient(url, client.key, "late-client")  # no Redis to connect to at all
         assert PASSWORD not in str(raised.value)

@@ -13,14 +13,14 @@ from ..base import MessageClient
 from ..sendthread import SendThread
 from .answers import ANSWERS, FALLBACK
 from . import events as stored_events
-from .connection import check, connect
+from .connection import Batch, check, connect, raise_errors, send_batch
 from .frames import entry_fields, pack, stored_apart
 from .keys import P, group, queue_key, text
-from .scripts import SUBMIT
 from .store import Store
 
 log = logging.getLogger("nbq.transport.redis")
 
+WAKE = {"k": "wake"}  # put to the sender thread by wake(): it adds an entry to wk:
 TRIM_AFTER = 4 << 20      # a client trims what it has read of its rs: after 4 MiB or 64 messages
 
 
@@ -157,8 +157,14 @@ class RedisClient(MessageClient):
         return {"k": "res", "t": [item]}, payload
 
     def wake(self) -> None:
+        """The receiver's XREAD returns when an entry reaches wk:, which the sender thread adds
+        with what it sends next: the caller (a submit in a burst) does not wait for Redis."""
+        self._sender.put(WAKE, ())
+
+    def _wake_now(self, batch: Batch | None = None) -> None:
+        """Add the entry to wk: that makes the receiver's XREAD return (to batch, if given)."""
         try:
-            self.store.r.xadd(self._wk, {"w": b""}, maxlen=1, approximate=False)
+            (batch or self.store.r).xadd(self._wk, {"w": b""}, maxlen=1, approximate=False)
         except redis.RedisError:
             pass
 
@@ -175,12 +181,15 @@ class RedisClient(MessageClient):
 
     def _reply_local(self, header: dict, frames: list = ()) -> None:
         self._inbox.append((header, list(frames)))
-        self.wake()
+        self._wake_now()
 
     def _handle(self, batch: list) -> None:
         simple: list = []
+        wake = False
         for header, frames in batch:
-            if header["k"] == "events":
+            if header is WAKE:
+                wake = True
+            elif header["k"] == "events":
                 self._flush(simple)
                 simple = []
                 self._subscribe(header)
@@ -193,22 +202,27 @@ class RedisClient(MessageClient):
                 answer, messages = self._answer(header)
                 self._inbox.append(({"k": "reply", "rq": header.get("rq"), "r": answer}, []))
                 self._inbox.extend(messages)
-                self.wake()
+                self._wake_now()
             else:
                 simple.append((header, frames))
-        self._flush(simple)
+        self._flush(simple, wake)
 
     def _answer(self, header: dict) -> tuple[dict, list]:
         """A request's answer from Redis state, and the messages it brings (stored results)."""
         answer = ANSWERS[header["k"]]
         try:
-            return self.store.retry(header["k"], lambda: answer(self.store, self.cid, header))
+            return self.store.retry(header["k"], lambda: answer(self.store, self.cid, header),
+                                    give_up=lambda: self._sender.closing)
         except Exception:  # the request must still be answered, or the caller waits
-            log.exception("error answering %r from Redis state", header["k"])
+            if not self._sender.closing:  # closing: a dead Redis is not retried, nor an error
+                log.exception("error answering %r from Redis state", header["k"])
             return FALLBACK[header["k"]], []
 
-    def _flush(self, messages: list) -> None:
+    def _flush(self, messages: list, wake: bool = False) -> None:
+        """Send tasks, functions and map records (one round trip), then wake the receiver if asked."""
         if not messages:
+            if wake:
+                self._wake_now()
             return
         st = self.store
         for header, _ in messages:
@@ -265,31 +279,37 @@ class RedisClient(MessageClient):
                 cmds.append(("hset", (P + "m:" + header["mp"], "total", header["total"]), {}))
                 cmds.append(("expire", (P + "m:" + header["mp"], st.ttl_s), {}))
         cmds += [("expire", (P + "mc:" + mp, st.ttl_s), {}) for mp in chunked]
-        if tasks:  # after the functions they name, in one step with their owners (EVAL: no
-            # script cache to reload after a Redis restart; Redis compiles it once)
-            hashes.discard(None)
-            cmds.append(("eval", (SUBMIT, 0, P, st.ttl_s, self.cid, len(hashes), *hashes,
-                                  ntasks, *tasks), {}))
+        hashes.discard(None)
+        events = self._events.commands if self._events else None  # after the tasks (best effort)
 
-        piped = len(cmds) > 1 or bool(self._events)
+        def before(batch: Batch) -> None:
+            for name, args, kwargs in cmds:
+                getattr(batch, name)(*args, **kwargs)
+
+        def after(batch: Batch) -> None:
+            if events:
+                events(batch)
+            if wake:
+                self._wake_now(batch)
 
         def execute():
-            if not piped:  # a lone task: no pipeline's cost
-                name, args, kwargs = cmds[0]
-                return getattr(st.r, name)(*args, **kwargs)
-            pipe = st.r.pipeline(transaction=False)
-            for name, args, kwargs in cmds:
-                getattr(pipe, name)(*args, **kwargs)
-            self._events.commands(pipe)  # after the tasks (written once: best effort)
-            return pipe.execute()
+            if tasks:  # after the functions they name, in one step with their owners
+                return st.run_script(st.submit, [P, st.ttl_s, self.cid, len(hashes), *hashes,
+                                                 ntasks, *tasks], before if cmds else None,
+                                     after if events or wake else None)
+            batch = Batch()
+            before(batch)
+            after(batch)
+            raise_errors(send_batch(st.r, batch.commands))
+            return []
 
-        if cmds:
-            got = st.retry("sending", execute)
-            if big:
-                added = got[len(cmds) - 1] if piped else got
-                for tid, eid in zip(added[::2], added[1::2]):
-                    qk, mode, n = big[text(tid)]
-                    self._own[text(tid)] = (f"{qk} {text(eid)}", mode, n)
+        if cmds or tasks:
+            added = st.retry("sending", execute)
+            for tid, eid in zip(added[::2], added[1::2]) if big else ():
+                qk, mode, n = big[text(tid)]
+                self._own[text(tid)] = (f"{qk} {text(eid)}", mode, n)
+        elif wake:
+            self._wake_now()
 
     def _subscribe(self, header: dict) -> None:
         """An events subscription (sender thread): the stored events, then live ones (receive)."""
@@ -308,7 +328,7 @@ class RedisClient(MessageClient):
         self._last.setdefault(stored_events.STREAM, last)
         self._last.setdefault(stored_events.BEATS, last_beat)
         self._subs[sub] = last
-        self.wake()
+        self._wake_now()
 
     def _live(self, stream: str, eid: str, fields: dict) -> list:
         """ev messages of a live event entry, for each subscription that has not seen it."""

@@ -13,11 +13,14 @@ from ... import protocol
 from ...errors import NbqError, SignatureError
 from . import scripts
 from .connection import (
+    Batch,
     claim_key,
     compare_key,
     connect,
     parse_address,
+    raise_errors,
     retrying,
+    send_batch,
     settings,
 )
 from .frames import BadMessage, Frames, entry_frames, pack, unpack
@@ -55,6 +58,7 @@ class Store:
         self._drop_log_at = 0.0
         self.frames = Frames(self.r, self.retry, self.ttl_s, self.settings.max_message_size)
         self.report = self.r.register_script(scripts.REPORT)
+        self.submit = self.r.register_script(scripts.SUBMIT)
         self.start = self.r.register_script(scripts.START)
         self.cancel = self.r.register_script(scripts.CANCEL)
         self.join = self.r.register_script(scripts.JOIN)
@@ -161,7 +165,7 @@ class Store:
         it is the only one); large frames are stored apart, once.
         take = (worker id, n, function hash, queue names) takes and starts up to
         n entries for that worker in the same step, most urgent first; they are returned as
-        [(queue key, entry id, fields)].  extra(pipeline) adds commands sent in the same round
+        [(queue key, entry id, fields)].  extra(batch) adds commands sent in the same round
         trip, after (events).
         """
         spill = self.frames.spiller([f for _, _, payload in parts for f in payload])
@@ -190,21 +194,28 @@ class Store:
             args += [qk, eid, tid]
         wid, n, h, queues = take
         args += [wid, n, h, len(queues), *queues]
-        def run():
-            if extra is None:
-                return self.report(args=args)
-            # EVALSHA itself: a Script in a pipeline costs a SCRIPT EXISTS round trip each time
-            pipe = self.r.pipeline(transaction=False)
-            pipe.evalsha(self.report.sha, 0, *args)
-            extra(pipe)
-            try:
-                return pipe.execute()[0]
-            except redis.exceptions.NoScriptError:  # a Redis that restarted: load it, once
-                self.r.script_load(scripts.REPORT)
-                return self.report(args=args)
-
-        got = self.retry("storing results", run)
+        got = self.retry("storing results", lambda: self.run_script(self.report, args, after=extra))
         return [scripts.taken(e) for e in got]
+
+    def run_script(self, script, args: list, before: Callable[[Any], None] | None = None,
+                   after: Callable[[Any], None] | None = None):
+        """A registered script's raw reply on args (EVALSHA: its text is not sent and hashed
+        each time), with the commands before(batch) and after(batch) add around it sent in the
+        same write (a Batch: no pipeline bookkeeping).  A Redis that does not hold the script
+        (it restarted) gets it loaded and runs it alone again: the other commands ran once."""
+        if before is None and after is None:
+            return script(args=args)  # redis-py's Script loads it on NoScriptError
+        batch = Batch()
+        if before is not None:
+            before(batch)
+        at = len(batch.commands)
+        batch.evalsha(script.sha, 0, *args)
+        if after is not None:
+            after(batch)
+        got = send_batch(self.r, batch.commands)
+        if isinstance(got[at], redis.exceptions.NoScriptError):
+            got[at] = script(args=args)
+        return raise_errors(got)[at]
 
     def delivered(self, tid: str, n: int) -> list[int]:
         """Positions of a task with no stored result yet (from the headers: nothing is unpickled)."""
