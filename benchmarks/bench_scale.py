@@ -38,7 +38,8 @@ if "--root" in sys.argv:  # a child of --before: nbq (and its tests' helpers) fr
 sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]  # nbq from this checkout; redis_server
 os.environ.setdefault("NBQ_KEY", secrets.token_hex(32))  # one key for all, no key file written
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get(
-    "PYTHONPATH", "").split(os.pathsep) if p])  # the brokers and workers started run this nbq too
+    "PYTHONPATH", "").split(os.pathsep) if p])  # the brokers and workers started run this nbq
+# too, started in ROOT: `python -m` puts its working directory first on their path
 import nbq  # noqa: E402
 from nbq import protocol  # noqa: E402
 from bench_redis import stop  # noqa: E402  (SIGTERM by handle, SIGKILL after grace)
@@ -95,7 +96,7 @@ def zmq_broker():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    proc = subprocess.Popen([sys.executable, "-m", "nbq", "broker", "--bind", address],
+    proc = subprocess.Popen([sys.executable, "-m", "nbq", "broker", "--bind", address], cwd=ROOT,
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         proc.stdout.readline()  # it prints its address once bound
@@ -122,7 +123,7 @@ def worker(address: str, n: int, client: "nbq.Client | None" = None):
     Stopped by its handle, then any of its processes left, by PID.  Its ``pids``
     attribute: the supervisor's and (with client) its processes'."""
     proc = subprocess.Popen([sys.executable, "-m", "nbq", "worker", "--broker", address, "-c", str(n)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     pids: list[int] = []
     try:
         if client is not None:
