@@ -138,7 +138,10 @@ def test_chain_steps_name_their_parent_and_root(client):
         res = nbq.chain(add.s(1, 2) | add.s(3) | add.s(4))()
         assert res.get(timeout=15) == 10
         second, first = res.parent, res.parent.parent
-        events = collect(client, lambda ev: kinds(ev, res.id)["task-succeeded"])
+        # a step's task-sent is written by the process that sent it (the previous step's
+        # worker), so it may come after the last step's success: wait for every one
+        events = collect(client, lambda ev: kinds(ev, res.id)["task-succeeded"] and all(
+            kinds(ev, t.id)["task-sent"] for t in (first, second, res)))
         sent = {e["id"]: e for e in events if e["type"] == "task-sent"}
         assert sent[first.id]["args"] == "(1, 2)" and "parent" not in sent[first.id]
         assert (sent[second.id]["parent"], sent[second.id]["root"]) == (first.id, first.id)
