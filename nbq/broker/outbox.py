@@ -13,6 +13,7 @@ from typing import Callable
 import zmq
 
 from .. import protocol, shm
+from ..transport import zmqframes
 
 
 class Outbox:
@@ -47,7 +48,7 @@ class Outbox:
             local(msg)
             return True
         try:
-            self.sock.send_multipart([peer, *msg], copy=False)
+            zmqframes.send(self.sock, [peer, *msg])
             return True
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:

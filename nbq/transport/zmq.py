@@ -128,7 +128,7 @@ class ZmqClient(BrokerClient):
     def _put(self, header: dict, frames: list) -> None:
         msg = self.signer.encode(header, self._outgoing(header, frames))
         with self._lock:
-            self._tx.send_multipart(msg, copy=False)
+            zmqframes.send(self._tx, msg)
 
     def receive(self, timeout: float | None) -> list[tuple[dict, list]]:
         events = dict(self._poller.poll(None if timeout is None else timeout * 1000))
