@@ -30,7 +30,7 @@ LAYERS = [
     ("nbq.notebook", "notebook"),
     ("nbq.tasks", "tasks"), ("nbq.exceptions", "tasks"), ("nbq.result", "tasks"),
     ("nbq.schedules", "tasks"),
-    ("nbq.version", "core"),
+    ("nbq.version", "core"), ("nbq.zmqframes", "core"),
     ("nbq.dashboard", "dashboard"),
     ("nbq.cli", "app"), ("nbq.jupyter_ext", "app"), ("nbq.demo", "app"), ("nbq.multi", "app"), ("nbq.__main__", "app"),
     ("nbq", "app"),  # the package's __init__: the public facade

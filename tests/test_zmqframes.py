@@ -1,8 +1,8 @@
-"""Multipart sends and receives with integer flags (transport/zmqframes.py), over inproc."""
+"""Multipart sends and receives with integer flags (nbq/zmqframes.py), over inproc."""
 import pytest
 import zmq
 
-from nbq.transport import zmqframes
+from nbq import zmqframes
 
 
 def test_frames_arrive_whole_and_in_order_and_a_nonblocking_send_can_fail():

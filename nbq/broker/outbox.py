@@ -13,7 +13,7 @@ from typing import Callable
 import zmq
 
 from .. import protocol, shm
-from ..transport import zmqframes
+from .. import zmqframes
 
 
 class Outbox:

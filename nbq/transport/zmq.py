@@ -31,7 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol, secure, shm
 from ..errors import KeyMismatch, SignatureError
-from . import zmqframes
+from .. import zmqframes
 from .base import MessageClient, SupervisorConnection, WorkerConnection, check_key
 
 log = logging.getLogger("nbq.transport")
