@@ -359,6 +359,18 @@ def test_state_folds_chains_maps_and_forgets_the_oldest():
     assert [r["id"] for r in st.find({"state": "REVOKED"})] == ["m:7"]
 
 
+def test_a_worker_first_seen_in_its_events_has_its_name():
+    """A worker the dashboard hears of by its events before the broker's status reply is
+    listed (and labelled in /metrics) by its name, not its id."""
+    from nbq.dashboard.metrics import render
+    from nbq.dashboard.state import State
+    st = State()
+    st.fold([{"type": "worker-heartbeat", "ts": time.time(), "worker": "host:12:ab",
+              "name": "dash@test", "processes": [13, 14], "concurrency": 2}])
+    assert [(w["name"], w["concurrency"]) for w in st.snapshot()["workers"]] == [("dash@test", 2)]
+    assert 'nbq_worker_processes{broker="b",worker="dash@test"} 2.0' in render(st.metrics(), "b")
+
+
 @pytest.mark.timeout(60)
 def test_redis_broker_history_and_workers(procs):
     """The same picture from a Redis broker: a dashboard's Source started after a map and

@@ -141,8 +141,8 @@ class State:
         w = self._worker(wid)
         w["online"] = kind != "worker-offline"
         w["last_heartbeat"] = ev.get("ts") or time.time()
-        for key in ("processed", "failed", "active", "load", "memory", "processes", "host",
-                    "pid", "queues"):
+        for key in ("name", "processed", "failed", "active", "load", "memory", "processes",
+                    "host", "pid", "queues", "concurrency"):
             if ev.get(key) is not None:
                 w[key] = ev[key]
         self._dirty_workers.add(wid)
