@@ -280,13 +280,45 @@ def test_a_redis_worker_stops_on_sigterm_while_its_redis_is_down(procs, tmp_path
             client.wait_for_workers(1)
         server.kill()
         worker.terminate()
-        # before the fix: never; a process may be in a 5 s backoff (over 20 s once in a full run
-        # at load ~10, cause not found)
-        out = worker.communicate(timeout=60)[0]
+        # before the fix: never, and 1 in 30 runs (a process still connecting, or RETIRE landing
+        # in a log line's write: the test below); a process may be in a 5 s backoff
+        out = worker.communicate(timeout=30)[0]
         assert worker.returncode is not None, out
     finally:
         server.stop()
 
+
+RETIRED_WHILE_CONNECTING = """
+import logging, signal, time
+from nbq.worker import process
+signal.pthread_sigmask(signal.SIG_BLOCK, {process.RETIRE})  # as the supervisor forks it
+
+class SlowStream:  # a log line's write takes a while: RETIRE lands inside one
+    def write(self, text):
+        print("logging", flush=True)
+        time.sleep(0.05)
+    def flush(self): pass
+
+logging.basicConfig(stream=SlowStream())
+
+def make():  # a broker that never answers: the connection is retried, with warnings
+    while True:
+        logging.warning("joining: unavailable; retrying")
+
+print("left" if process.connect(make) is None else "connected", flush=True)
+"""
+
+
+def test_a_process_retired_while_it_connects_leaves(procs):
+    """RETIRE ends a worker process's connecting (retried for ever while its broker is away),
+    even when it lands inside logging, which swallows any Exception a handler raises."""
+    import sys
+    from nbq.worker.process import RETIRE
+    child = procs.start([sys.executable, "-c", RETIRED_WHILE_CONNECTING])
+    assert child.stdout.readline().strip() == "logging"
+    child.send_signal(RETIRE)
+    out = child.communicate(timeout=10)[0]
+    assert child.returncode == 0 and out.strip().endswith("left"), out
 
 
 def test_an_embedded_brokers_thread_completes_its_clients_futures(procs):

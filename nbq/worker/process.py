@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import time
+from typing import Callable
 
 from ..states import RETRY, STARTED
 from ..transport.base import WorkerConnection
@@ -29,8 +30,9 @@ _retire = False   # set by RETIRE, or by this process's own limits: leave after 
 _waiting = False  # serve() waits for tasks: RETIRE ends the wait at once
 
 
-class _Retire(Exception):
-    """Raised by RETIRE in a process waiting for tasks (it holds nothing it must finish)."""
+class _Retire(BaseException):
+    """Raised by RETIRE in a process waiting for tasks (it holds nothing it must finish).
+    Not an Exception: nothing on the way (logging's handler, a library's retry) may swallow it."""
 
 
 def _on_retire(signum, frame) -> None:
@@ -38,6 +40,23 @@ def _on_retire(signum, frame) -> None:
     _retire = True
     if _waiting:
         raise _Retire
+
+
+def connect(make: Callable[[], WorkerConnection]) -> WorkerConnection | None:
+    """make()'s connection, or None when RETIRE came first: a process retired while it
+    connects (its broker unreachable, retried for ever) holds nothing, so it leaves at once."""
+    global _waiting
+    signal.signal(RETIRE, _on_retire)
+    _waiting = True
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {RETIRE})
+        conn = make()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {RETIRE})  # pending until serve() is ready
+        return conn
+    except _Retire:
+        return None
+    finally:
+        _waiting = False
 
 
 def resident(pid: int | str = "self") -> int:

@@ -181,8 +181,9 @@ class Supervisor:
     def _serve(self, wid: str, marker: Marker) -> None:
         """What a forked worker process runs: the initializer, then tasks until it leaves."""
         failed = self.initializer.run() if self.initializer is not None else None
-        process.serve(self._connect_worker(wid, dict(self.info, pid=os.getpid())), marker,
-                      self.rates, failed, self.max_tasks, self.max_memory)
+        conn = process.connect(lambda: self._connect_worker(wid, dict(self.info, pid=os.getpid())))
+        if conn is not None:
+            process.serve(conn, marker, self.rates, failed, self.max_tasks, self.max_memory)
 
     def _on_control(self, conn: SupervisorConnection, request: dict) -> None:
         """Answer a control command addressed to this worker (by name or id, or to all)."""
