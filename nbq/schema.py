@@ -109,7 +109,7 @@ _end = _optional(_object({"id": _optional(_str), "how": _str,
                           "text": lambda v: type(v) is str}, ("how", "text")))
 _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _count(v[1]))
 _SUPERVISOR = {"sup": _str, "name": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
-               "queues": _queues, "autoscale": _count, "ld": _seconds,
+               "cpu": _ints(1, 1 << 20), "queues": _queues, "autoscale": _count, "ld": _seconds,
                "act": _count}
 
 CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
