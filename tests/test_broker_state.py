@@ -16,7 +16,7 @@ from nbq.broker import Broker
 from nbq.broker.door import Door
 from nbq.broker.members import ProcessRecord
 from nbq.broker.queues import QueuedTask
-from nbq.broker.ready import Host, Ready
+from nbq.broker.ready import LATE, Host, Ready
 from nbq.keys import load_key
 from nbq.transport.zmq import ZmqWorker
 
@@ -61,6 +61,31 @@ def test_ready_keeps_an_unreachable_process_apart_until_its_time():
     ready.discard(p)  # gone while away: never comes back
     ready.wake(30.0)
     assert len(ready) == 0
+
+
+def test_a_host_counts_its_processes_running_short_tasks_against_its_cores():
+    host, ready = Host("h"), Ready()
+    host.tell("s", 2)
+    a, b, c = (proc(w, host=host) for w in "abc")
+    for p in (a, b, c):
+        ready.add(p)
+    assert not host.full(0.0)
+    ready.discard(a, 0.0)  # running short tasks since 0.0
+    assert not host.full(0.0)
+    ready.discard(b, 0.01)
+    ready.discard(c)  # busy with a longer task: not counted
+    assert host.full(0.05) and idle_by_queues(ready) == {}
+    ready.add(a)  # it reported: room for one
+    assert not host.full(0.05)
+    ready.discard(a, 0.06)
+    assert host.full(0.01 + LATE / 2)
+    assert not host.full(0.01 + 2 * LATE) and list(host.short) == [a]  # b ran late: not counted
+    ready.add(b)  # its report, late: nothing changes
+    assert list(host.short) == [a] and not host.full(0.07)  # one of its 2 cores
+    ready.discard(a)  # gone
+    assert not host.short
+    host.tell("s", None)  # no worker says its cores: no limit
+    assert host.cpus == 0 and host.slots == host.procs
 
 
 def test_queued_task_keeps_its_header_item_and_frames():

@@ -60,7 +60,7 @@ class Dispatcher:
         for _, idle in ready.groups():
             while idle:
                 proc = idle[next(reversed(idle))]
-                batch = self._take(proc)
+                batch = self._take(proc, now)
                 if not batch:  # its group's queues are empty (or its host full) for all of them
                     break
                 self._hand(proc, batch, now)
@@ -76,7 +76,7 @@ class Dispatcher:
                 proc.functions.add(h)
         if not batch:
             return
-        self.members.ready.discard(proc, self.costs.short(batch[0].h))
+        self.members.ready.discard(proc, now if self.costs.short(batch[0].h) else None)
         proc.running.extend(batch)
         log_event = self.results.events.task
         wall = time.time()
@@ -104,7 +104,7 @@ class Dispatcher:
         if not sent:
             self._put_back(proc, batch, now)
 
-    def _take(self, proc: ProcessRecord) -> list:
+    def _take(self, proc: ProcessRecord, now: float) -> list:
         """The next batch for proc from the first of its queues with a task waiting; none
         when that task is short and its host's cores are taken by short ones already."""
         for q in proc.queues:
@@ -112,7 +112,7 @@ class Dispatcher:
             dq = lanes.head() if lanes is not None else None
             if dq is None:
                 continue
-            if proc.host.full and self.costs.short(dq[0].h):
+            if proc.host.full(now) and self.costs.short(dq[0].h):
                 return []
             first = dq.popleft()
             if not dq:
@@ -187,9 +187,10 @@ class Dispatcher:
         if proc.away_until:
             return
         try:
-            batch = self._take(proc)
+            now = time.monotonic()
+            batch = self._take(proc, now)
             if batch:
-                self._hand(proc, batch, time.monotonic())
+                self._hand(proc, batch, now)
         except Exception:  # dispatch() tries again; these results must still be delivered
             log.exception("error dispatching tasks")
 

@@ -43,7 +43,6 @@ class ProcessRecord:
     running: list = field(default_factory=list)
     functions: set = field(default_factory=set)
     idle: bool = False  # set by Ready.add and Ready.discard, which index the idle ones
-    short: bool = False  # running short tasks (set by them too): one of its host's cores
     away_until: float = 0.0  # unreachable at the last send: not tried again before then
     sharing: bool = False    # of the broker's host: sent shared memory descriptors (shm.py)
 

@@ -12,11 +12,15 @@ Short tasks (dispatch.py) run on at most as many processes of a host at once as 
 workers said it has cores (``Host.cpus``): a burst of them is run by the processes already
 busy, each taking its next batch as it reports, instead of waking every idle process of
 the host to share one core among several (the operating system's work per task then grows
-with the processes).  Longer tasks go one to each idle process, counted or not.
+with the processes).  Longer tasks go one to each idle process, counted or not.  A process
+holding short tasks for over LATE seconds (one of them blocked, say) counts no more, so
+that the others of its host are not kept from short tasks by it.
 """
 from __future__ import annotations
 
 from typing import Any, Iterator
+
+LATE = 0.1  # seconds after which a process running short tasks no longer counts (~50 batches)
 
 
 class Host:
@@ -29,7 +33,7 @@ class Host:
         self.cpus = 0        # cores its workers may use (the most one said); 0: not said, no limit
         self.said: dict[str, int] = {}  # supervisor id -> cores it said (0: nothing)
         self.procs = 0       # its worker processes
-        self.short = 0       # of which running short tasks now
+        self.short: dict[Any, float] = {}  # those running short tasks -> since (oldest first)
 
     def tell(self, sid: str, cpus: int | None) -> None:
         """Supervisor sid of this host says its processes may use cpus cores (None: gone)."""
@@ -39,10 +43,16 @@ class Host:
             self.said[sid] = cpus
         self.cpus = max(self.said.values(), default=0)
 
-    @property
-    def full(self) -> bool:
-        """Whether as many of its processes run short tasks as it has cores."""
-        return 0 < self.cpus <= self.short
+    def full(self, now: float) -> bool:
+        """Whether as many of its processes run short tasks as it has cores (the one running
+        them since LATE before now, if any, counts no more)."""
+        if not 0 < self.cpus <= len(self.short):
+            return False
+        proc, since = next(iter(self.short.items()))
+        if now - since < LATE:
+            return True
+        del self.short[proc]
+        return False
 
     @property
     def slots(self) -> int:
@@ -62,15 +72,15 @@ class Ready:
     def add(self, proc: Any) -> None:
         """proc is idle: it takes work from its queues (once back, when it is away)."""
         proc.idle = True
-        self._short(proc, False)
+        self._short(proc, None)
         if proc.away_until:
             self._away[proc.wid] = proc
         else:
             self._groups.setdefault((proc.host, proc.queues), {})[proc.wid] = proc
 
-    def discard(self, proc: Any, short: bool = False) -> None:
-        """proc is busy (short: with short tasks, taking one of its host's cores) or gone:
-        no work goes to it from here."""
+    def discard(self, proc: Any, short: float | None = None) -> None:
+        """proc is busy (short: with short tasks since then, taking one of its host's cores)
+        or gone: no work goes to it from here."""
         proc.idle = False
         self._short(proc, short)
         if self._away.pop(proc.wid, None) is not None:
@@ -81,10 +91,12 @@ class Ready:
             del self._groups[key]
 
     @staticmethod
-    def _short(proc: Any, on: bool) -> None:
-        if proc.short != on:
-            proc.short = on
-            proc.host.short += 1 if on else -1
+    def _short(proc: Any, since: float | None) -> None:
+        short = proc.host.short
+        if short:
+            short.pop(proc, None)
+        if since is not None:  # (last: the oldest stay first)
+            short[proc] = since
 
     def wake(self, now: float) -> None:
         """Processes away until now or earlier take work again."""
