@@ -75,7 +75,7 @@ class Members:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size  # told to each process in its welcome
         self.procs: dict[str, ProcessRecord] = {}
-        self.ready = Ready()  # the idle ones, by the queues they serve
+        self.ready = Ready()  # the idle ones, by host and the queues they serve
         self.supervisors: dict[str, SupervisorRecord] = {}
         self.hosts: dict[str, Host] = {}  # by name, while a supervisor of it is known
         self.slots = 0  # processes that may run short tasks at once (Host.slots, all hosts)
