@@ -154,6 +154,35 @@ table.insert(out, 1, 1)
 return out
 """
 
+# ARGV: prefix, ttl, worker id, nstreams, [queue key, entry id]*, nfn, [function hash, batch]*
+# Sent behind the worker's blocking XREADGROUP, in the same write, so that what it delivered
+# starts without a round trip more: the entries pending on the worker past the id it had last
+# of each stream (delivered once: none claimed), in the streams' order, and the first of them
+# started as START starts, with up to its function's batch - 1 more of its queue taken.
+# -> {} (none), or {flag, {delivered...}, {taken...}}, entries as take's: flag 1 started,
+# 0 revoked or a replay (acked, deleted, never run), 2 not started (a header that does not
+# parse or names another stream: the worker verifies it, and drops it or STARTs it)
+PICKUP = SHARED + """
+local p, ttl, wid, ns = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local got = {}
+for k = 0, ns - 1 do
+  local qk = ARGV[5 + 2 * k]
+  for _, pe in ipairs(redis.call('XPENDING', qk, 'nbq', '(' .. ARGV[6 + 2 * k], '+', 16, wid)) do
+    local e = pe[4] == 1 and redis.call('XRANGE', qk, pe[1], pe[1]) or {}
+    if #e > 0 then got[#got + 1] = {qk, pe[1], e[1][2]} end
+  end
+end
+if #got == 0 then return {} end
+local i, batch = 5 + 2 * ns, {}
+for k = 1, tonumber(ARGV[i]) do batch[ARGV[i + 2 * k - 1]] = tonumber(ARGV[i + 2 * k]) end
+local qk, eid = got[1][1], got[1][2]
+local item = task_item(got[1][3])
+if item == nil or not routed(p, qk, item) then return {2, got, {}} end
+if not start(p, ttl, qk, eid, item.id) then return {0, got, {}} end
+local h = type(item.h) == 'string' and item.h or ''
+return {1, got, take(p, ttl, wid, {qk}, (batch[h] or 1) - 1, h)}
+"""
+
 # ARGV: prefix, ttl, client, nfn, function hash*, ntask, [task id, queue key, 2 x nfields,
 #       (name, value)*]*: a client's tasks added with their owner (o:), their functions kept
 # -> {task id, entry id}* of the tasks with frames stored apart (the client keeps them: see

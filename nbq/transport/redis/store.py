@@ -60,6 +60,7 @@ class Store:
         self.report = self.r.register_script(scripts.REPORT)
         self.submit = self.r.register_script(scripts.SUBMIT)
         self.start = self.r.register_script(scripts.START)
+        self.pickup = self.r.register_script(scripts.PICKUP)
         self.cancel = self.r.register_script(scripts.CANCEL)
         self.join = self.r.register_script(scripts.JOIN)
         self.notice = self.r.register_script(scripts.NOTICE)
@@ -198,13 +199,13 @@ class Store:
         return [scripts.taken(e) for e in got]
 
     def run_script(self, script, args: list, before: Callable[[Any], None] | None = None,
-                   after: Callable[[Any], None] | None = None):
+                   after: Callable[[Any], None] | None = None, whole: bool = False):
         """A registered script's raw reply on args (EVALSHA: its text is not sent and hashed
         each time), with the commands before(batch) and after(batch) add around it sent in the
-        same write (a Batch: no pipeline bookkeeping).  A Redis that does not hold the script
-        (it restarted) gets it loaded and runs it alone again: the other commands ran once."""
-        if before is None and after is None:
-            return script(args=args)  # redis-py's Script loads it on NoScriptError
+        same write (a Batch: none of redis-py's per-command bookkeeping, ~30 us less per round
+        trip, alone too); whole: every command's reply, in order.
+        A Redis that does not hold the script (it restarted) gets it loaded and runs it alone
+        again: the other commands ran once."""
         batch = Batch()
         if before is not None:
             before(batch)
@@ -215,7 +216,7 @@ class Store:
         got = send_batch(self.r, batch.commands)
         if isinstance(got[at], redis.exceptions.NoScriptError):
             got[at] = script(args=args)
-        return raise_errors(got)[at]
+        return raise_errors(got) if whole else raise_errors(got)[at]
 
     def delivered(self, tid: str, n: int) -> list[int]:
         """Positions of a task with no stored result yet (from the headers: nothing is unpickled)."""
