@@ -92,7 +92,8 @@ class RedisClient(MessageClient):
             batch = Batch()
             if trim is not None:
                 batch.xtrim(self._rs, minid=trim)
-            batch.xread(dict(self._last), block=block)
+            batch.commands.append(("XREAD", *(() if block is None else ("BLOCK", block)),
+                                   "STREAMS", *self._last, *self._last.values()))
             return raise_errors(send_batch(self._rx, batch.commands))[-1]
 
         # an outage returns after about timeout, so that the client's heartbeat goes on

@@ -180,9 +180,10 @@ class RedisWorker(WorkerConnection):
             args += [k, "%d-%d" % self._after.get(k, (0, 0))]
         batch = self._costs.batches()
         args += [len(batch), *(x for hn in batch.items() for x in hn)]
+        read = ("XREADGROUP", "GROUP", GROUP, self.wid, "COUNT", 1, "BLOCK", block_ms,
+                "STREAMS", *self.keys, *[">"] * len(self.keys))
         read, picked = st.retry("fetching tasks", lambda: st.run_script(
-            st.pickup, args, whole=True, before=lambda b: b.xreadgroup(
-                GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1, block=block_ms)))
+            st.pickup, args, whole=True, before=lambda b: b.commands.append(read)))
         read = read.items() if isinstance(read, dict) else read or ()  # RESP3 or RESP2
         entries = self._delivered(sorted(
             ((text(s), eid, dict(zip(f[::2], f[1::2]))) for s, es in read for eid, f in es),
@@ -197,7 +198,8 @@ class RedisWorker(WorkerConnection):
         """entries, noted as delivered to this consumer: PICKUP looks only past the last of
         each stream, so that it never starts an entry again that this worker already has."""
         for qk, eid, _ in entries:
-            at = tuple(int(x) for x in text(eid).split("-"))
+            ms, _, seq = text(eid).partition("-")
+            at = (int(ms), int(seq))
             if at > self._after.get(qk, (0, 0)):
                 self._after[qk] = at
         return entries
@@ -223,6 +225,8 @@ class RedisWorker(WorkerConnection):
 
     def _begin(self, batch: list) -> list[tuple[dict, list]]:
         """The batch of started entries, noted for report() and for "started" notices."""
+        if not batch:
+            return []
         out = []
         for qk, eid, item, payload, fields in batch:
             spilled = ([f.key for f in entry_frames(fields) if isinstance(f, Spilled)]
