@@ -99,7 +99,8 @@ end
 
 # ARGV: prefix, ttl, now, nparts, [task id, owner client, to owner (0/1), packed part]*,
 #       nmsg, [client, packed]*, nadd, [queue key, 2 x nfields, (name, value)*]*,
-#       nack, [queue key, entry id, task id]*, worker id, ntake, function hash, nqueues, queue*
+#       nack, [queue key, entry id, task id]*, trim done (0/1), worker id, ntake, function hash,
+#       nqueues, queue*
 # -> the entries taken for the worker's next batch (SHARED's take), from the queues' streams
 # in the worker's order, each queue's most urgent first (as queue_streams)
 REPORT = SHARED + """
@@ -136,10 +137,10 @@ for _ = 1, n do
   redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
   if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid); redis.call('DEL', p .. 'o:' .. tid) end
 end
-if n > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
-local wid, ntake, h = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+if ARGV[i] == '1' then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
+local wid, ntake, h = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
 local queues = {}
-for k = 1, tonumber(ARGV[i + 3]) do queues[k] = ARGV[i + 3 + k] end
+for k = 1, tonumber(ARGV[i + 4]) do queues[k] = ARGV[i + 4 + k] end
 return take(p, ttl, wid, streams(p, queues), ntake, h)
 """
 

@@ -29,6 +29,7 @@ from .keys import P, queue_key, text
 log = logging.getLogger("nbq.transport.redis")
 
 DROP_LOG_EVERY = 1.0      # seconds between log lines about dropped messages
+TRIM_DONE_EVERY = 1.0     # seconds between one side's trims of the done set (older than ttl)
 
 
 def _claimed(fields: dict | None) -> tuple[str, str]:
@@ -56,6 +57,7 @@ class Store:
         self.troubles = 0  # connection errors so far: a reply lost with one may hide a delivery
         self.dropped = dict.fromkeys(("signature", "invalid", "replay", "size"), 0)
         self._drop_log_at = 0.0
+        self._trim_done_at = 0.0
         self.frames = Frames(self.r, self.retry, self.ttl_s, self.settings.max_message_size)
         self.report = self.r.register_script(scripts.REPORT)
         self.submit = self.r.register_script(scripts.SUBMIT)
@@ -193,6 +195,10 @@ class Store:
         args.append(len(acks))
         for qk, eid, tid in acks:
             args += [qk, eid, tid]
+        trim = bool(acks) and time.monotonic() >= self._trim_done_at
+        if trim:  # entries done longer ago than ttl leave the done set: not at every ack
+            self._trim_done_at = time.monotonic() + TRIM_DONE_EVERY
+        args.append(int(trim))
         wid, n, h, queues = take
         args += [wid, n, h, len(queues), *queues]
         got = self.retry("storing results", lambda: self.run_script(self.report, args, after=extra))
