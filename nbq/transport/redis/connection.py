@@ -21,15 +21,15 @@ from redis.connection import Encoder, PythonRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 from redis.retry import Retry
 
-if HIREDIS_AVAILABLE:
-    import hiredis
-
 from ... import policy
 from ...errors import BrokerUnavailable, NbqError
 from ...keys import fingerprint
 from .. import unsplit
 from ..base import check_key
 from .keys import KEYFP
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 log = logging.getLogger("nbq.transport.redis")
 

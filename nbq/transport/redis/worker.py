@@ -180,10 +180,10 @@ class RedisWorker(WorkerConnection):
             args += [k, "%d-%d" % self._after.get(k, (0, 0))]
         batch = self._costs.batches()
         args += [len(batch), *(x for hn in batch.items() for x in hn)]
-        read = ("XREADGROUP", "GROUP", GROUP, self.wid, "COUNT", 1, "BLOCK", block_ms,
+        wait = ("XREADGROUP", "GROUP", GROUP, self.wid, "COUNT", 1, "BLOCK", block_ms,
                 "STREAMS", *self.keys, *[">"] * len(self.keys))
         read, picked = st.retry("fetching tasks", lambda: st.run_script(
-            st.pickup, args, whole=True, before=lambda b: b.commands.append(read)))
+            st.pickup, args, whole=True, before=lambda b: b.commands.append(wait)))
         read = read.items() if isinstance(read, dict) else read or ()  # RESP3 or RESP2
         entries = self._delivered(sorted(
             ((text(s), eid, dict(zip(f[::2], f[1::2]))) for s, es in read for eid, f in es),
