@@ -214,7 +214,7 @@ class Members:
         sup = self.supervisors.get(proc.sid)
         if sup:
             sup.procs.discard(wid)
-        for task in proc.running:
+        for task in reversed(proc.running):  # each goes first: the last first keeps their order
             if task.where != wid or task.id not in self.queues.tasks:
                 continue
             if task.retrying:  # its retry is lost with the process: it runs again from the start
