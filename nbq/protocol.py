@@ -84,6 +84,7 @@ FIELDS = {
     "lo": "shared memory locality (hello) or the broker's segment prefix (welcome), shm.py",
     "w": "worker process id", "how": "how a process died", "at": "[task id, item] it ran",
     "run": "task id it ran", "end": "why its supervisor ended a task (deaths.py)",
+    "was": "the death a replacement process's hello names (w, how, at, run, end of lost)",
     "rdy": "a worker process is ready for more", "state": "RETRY or STARTED (a notice)",
     "why": "why an entry was dropped", "e": "a dropped entry's stream and id",
     "sub": "an event subscription's id", "since": "events stored from (epoch s; null: none)",
