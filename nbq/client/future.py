@@ -87,9 +87,10 @@ class Future(concurrent.futures.Future):
     def result(self, timeout: float | None = None):
         """The task's value (its exception raised); BrokerUnavailable once the client has
         waited broker_grace for a silent broker (the task is kept: ask again later)."""
+        if self._state != FINISHED:
+            self._await(timeout)
         if self._state == FINISHED and self._exception is None:  # (a finished future stays so)
             return self._result
-        self._await(timeout)
         return super().result(0)
 
     def exception(self, timeout: float | None = None):
