@@ -200,6 +200,8 @@ def pack(batch: list[dict]) -> list:
     """A batch of events in fewer bytes (for storing): grouped by their keys, each group
     [constant fields, varying keys, rows of the varying values]; ``unpack`` inverts it,
     but for the order of events of different groups (readers sort by ts)."""
+    if len(batch) == 1:  # a client's task-sent, alone in its flush: every field constant
+        return [[dict(batch[0]), [], [[]]]]
     groups: dict[tuple, list[dict]] = {}
     for event in batch:
         groups.setdefault(tuple(event), []).append(event)

@@ -50,6 +50,10 @@ class Costs:
         n = min(BATCH_MAX, int(BATCH_SECONDS / max(self._cost[h], 1e-6)))
         return max(1, n if queued is None else min(n, max(queued, n // 4)))
 
+    def batches(self) -> dict[str, int]:
+        """batch(h) of each function measured, where it is more than one task."""
+        return {h: n for h in self._cost if (n := self.batch(h)) > 1}
+
 
 def backoff(delay: float) -> float:
     """The wait after one of delay before the next retry of a lost connection."""

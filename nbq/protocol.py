@@ -85,6 +85,7 @@ FIELDS = {
     "lo": "shared memory locality (hello) or the broker's segment prefix (welcome), shm.py",
     "w": "worker process id", "how": "how a process died", "at": "[task id, item] it ran",
     "run": "task id it ran", "end": "why its supervisor ended a task (deaths.py)",
+    "was": "the death a replacement process's hello names (w, how, at, run, end of lost)",
     "rdy": "a worker process is ready for more", "state": "RETRY or STARTED (a notice)",
     "why": "why an entry was dropped", "e": "a dropped entry's stream and id",
     "sub": "an event subscription's id", "since": "events stored from (epoch s; null: none)",
@@ -166,17 +167,19 @@ class Signer:
     def sign(self, header: bytes, frames: Sequence, bulk: bool | None = None) -> bytes:
         """The signature of header and frames; bulk (default: blake3 imports and a frame is
         LARGE_FRAME or more) signs large frames by their keyed BLAKE3 digest."""
-        # bytes as they are; a zmq.Frame (or other) by a memoryview, 4x cheaper than its .buffer
-        views = [f if type(f) is bytes else f.buffer if type(f) is shm.Held else memoryview(f)
-                 for f in frames]
-        sizes = [len(v) if type(v) is bytes else v.nbytes for v in views]
         if bulk is None:
-            bulk = blake3 is not None and bool(sizes) and max(sizes) >= LARGE_FRAME
+            bulk = blake3 is not None and any(map(_large, frames))
         mac = self._base.copy()
         if bulk:
             mac.update(BULK_SCHEME)
         mac.update(header)
-        for buf, n in zip(views, sizes):
+        for buf in frames:
+            # bytes as they are; a zmq.Frame (or other) by a memoryview, 4x cheaper than its .buffer
+            if type(buf) is bytes:
+                n = len(buf)
+            else:
+                buf = buf.buffer if type(buf) is shm.Held else memoryview(buf)
+                n = buf.nbytes
             mac.update(n.to_bytes(8, "little"))
             mac.update(self.digest(buf) if bulk and n >= LARGE_FRAME else buf)
         return mac.digest() + BULK_SCHEME if bulk else mac.digest()
@@ -213,6 +216,13 @@ class Signer:
         if not isinstance(header, dict):
             raise SignatureError("message header is not a JSON object")
         return header, payload
+
+
+def _large(frame) -> bool:
+    """Whether a frame is signed by its digest (LARGE_FRAME bytes or more)."""
+    n = (len(frame) if type(frame) is bytes else frame.size if type(frame) is shm.Held
+         else memoryview(frame).nbytes)
+    return n >= LARGE_FRAME
 
 
 def refusal(fingerprint: str) -> list:

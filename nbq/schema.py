@@ -108,6 +108,9 @@ _queues = _list(_str)
 _end = _optional(_object({"id": _optional(_str), "how": _str,
                           "text": lambda v: type(v) is str}, ("how", "text")))
 _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _count(v[1]))
+#: A process's death, as a supervisor's lost and its replacement's hello (was) say it.
+_DEATH = {"w": _str, "how": lambda v: type(v) is str, "at": _at, "run": _optional(_str),
+          "end": _end}
 _SUPERVISOR = {"sup": _str, "name": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
                "cpu": _ints(1, 1 << 20), "queues": _queues, "autoscale": _count, "ld": _seconds,
                "act": _count}
@@ -117,7 +120,8 @@ CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"
 #: kind -> (peers that may send it, field checks, required fields: a tuple, or a dict by peer)
 KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
     "hello": (CLIENT + WORKER, dict(_SUPERVISOR, c=_str, rq=_optional(_count), w=_str, pid=_count,
-                                                 lo=_optional(_str)),
+                                                 lo=_optional(_str),
+                                                 was=_optional(_object(_DEATH, ("w",)))),
               {CLIENT: ("c",), WORKER: ("w", "sup", "pid", "host", "spid", "conc", "queues")}),
     "fn": (SENDER, {"c": _str, "h": _str, "name": _text}, ("c", "h")),
     "events": (SENDER, {"c": _str, "sub": _str, "since": _optional(_time), "live": _flag},
@@ -136,8 +140,7 @@ KINDS: dict[str, tuple[bytes, dict[str, Check], tuple | dict]] = {
                      "args": _any}, ("c", "cmd", "ci", "rq")),
     "bye": (SENDER + SUPERVISOR, {"c": _str, "sup": _str}, {SENDER: ("c",), SUPERVISOR: ("sup",)}),
     "hb": (SUPERVISOR, _SUPERVISOR, ("sup", "host", "spid", "conc", "queues")),
-    "lost": (SUPERVISOR, {"sup": _str, "w": _str, "how": lambda v: type(v) is str, "at": _at,
-                          "run": _optional(_str), "end": _end}, ("sup", "w")),
+    "lost": (SUPERVISOR, dict(_DEATH, sup=_str), ("sup", "w")),
     "ctlr": (SUPERVISOR, {"sup": _str, "c": _str, "ci": _str, "name": _str, "r": _any},
              ("sup", "c", "ci", "name")),
     "res": (WORKER, {"w": _str, "t": _list(_result), "rdy": _flag}, ("w", "t")),

@@ -1,7 +1,7 @@
 """The ZeroMQ broker's state structures on their own: the index of idle worker processes
-(dispatch finds one without a scan over all), the compact queued task, and the door through
-which clients of the broker's own process hand it messages; and dispatch's rule that short
-tasks keep to as many processes of a host as it has cores."""
+(dispatch finds one without a scan over all), the compact queued task, what a gone process's
+tasks become, and the door through which clients of the broker's own process hand it messages;
+and dispatch's rule that short tasks keep to as many processes of a host as it has cores."""
 from __future__ import annotations
 
 import os
@@ -14,9 +14,12 @@ from conftest import wait_until
 from nbq import protocol
 from nbq.broker import Broker
 from nbq.broker.door import Door
-from nbq.broker.members import ProcessRecord
-from nbq.broker.queues import QueuedTask
+from nbq.broker.members import Members, ProcessRecord
+from nbq.broker.outbox import Outbox
+from nbq.broker.queues import QueuedTask, Queues
 from nbq.broker.ready import LATE, Host, Ready
+from nbq.broker.results import Results
+from nbq.events import EventLog
 from nbq.keys import load_key
 from nbq.transport.zmq import ZmqWorker
 
@@ -109,6 +112,26 @@ def test_queued_task_keeps_its_header_item_and_frames():
     message = [b"header", b"signature", b"payload"]
     task = QueuedTask({"id": "t2", "h": "f0", "c": "c1", "nf": 1}, message[2:], message)
     assert task.original is message and task.frames == [b"payload"]
+
+
+def test_a_gone_processs_tasks_run_again_first_in_the_order_they_were_queued():
+    """A dead process's batch goes back ahead of its priority's queue, in its order: the task
+    it was running (its death counted) first, then the ones it held; FIFO kept within."""
+    queues = Queues()
+    outbox = Outbox(None, None)  # nothing is sent: no task fails, no client waits
+    members = Members(queues, Results(queues, outbox, 1 << 20, 60.0, EventLog(60.0, 100, False)),
+                      outbox, 4.0, 1 << 20)
+    queues.receive({"c": "c1", "t": [{"id": i, "h": "f", "nf": 1, "pr": 5} for i in "xyzw"]},
+                   [b"p"] * 4, None)
+    dead = proc("s/0")
+    members.procs[dead.wid] = dead
+    lane = queues.lanes["default"].head()
+    dead.running = [lane.popleft() for _ in range(3)]  # x, y, z handed out as one batch
+    for task in dead.running:
+        task.where = dead.wid
+    members.on_lost(None, {"w": dead.wid, "how": "was killed", "at": ["x", 0]}, [], None)
+    assert [t.id for t in queues.lanes["default"].head()] == ["x", "y", "z", "w"]
+    assert queues.tasks["x"].get("st") == 1 and not queues.tasks["y"].get("st")
 
 
 def test_batches_share_the_queue_but_never_below_a_quarter_batch():

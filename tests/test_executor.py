@@ -182,6 +182,46 @@ def test_as_completed_and_wait(shared_client, tmp_path):
     assert done.pop().result() == 1
 
 
+def test_future_waits_as_a_standard_future_across_threads():
+    """nbq.Future waits on a lock of its own, not a threading.Condition: it keeps every field
+    concurrent.futures.Future has, and its waits, callbacks, wait() and as_completed()."""
+    assert set(vars(concurrent.futures.Future())) <= set(vars(nbq.Future("t")))
+    fut, other, third = nbq.Future("a"), nbq.Future("b"), nbq.Future("c")
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.01)
+    got, called = [], []
+    fut.add_done_callback(called.append)
+    threads = [threading.Thread(target=lambda: got.append(fut.result(timeout=30)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(fut._condition._sleepers) == 3)  # all three wait
+    fut.set_running_or_notify_cancel()
+    fut.set_result(7)
+    for t in threads:
+        t.join(30)
+    assert got == [7, 7, 7] and called == [fut] and fut.state == nbq.SUCCESS
+    assert concurrent.futures.wait([other, third], timeout=0.01).done == set()
+    setter = threading.Timer(0.05, lambda: (third.set_running_or_notify_cancel(),
+                                            third.set_exception(KeyError("k"))))
+    setter.start()
+    assert next(concurrent.futures.as_completed([other, third], timeout=30)) is third
+    assert isinstance(third.exception(timeout=0), KeyError)
+    cancelled = []
+
+    def wait_other():
+        try:
+            other.result(timeout=30)
+        except concurrent.futures.CancelledError as e:
+            cancelled.append(e)
+    waiter = threading.Thread(target=wait_other)
+    waiter.start()
+    wait_until(lambda: other._condition._sleepers)
+    assert other._revoked() and other.cancelled()
+    waiter.join(30)
+    assert cancelled and other.state == nbq.REVOKED
+
+
 def test_mapresult_as_completed_modes(shared_client):
     def f(x):
         if x == 2:

@@ -9,6 +9,7 @@ import pytest
 
 import nbq
 from conftest import Processes, redis_url, start_broker, wait_until
+from relay import Relay
 from test_tasks import Project
 
 #: (label, priority) in the order sent: mixed, with repeats to show FIFO within a priority.
@@ -17,9 +18,11 @@ SENT = [("a", 3), ("b", None), ("c", 9), ("d", 0), ("e", 5), ("f", 9), ("g", 1),
 
 
 @contextlib.contextmanager
-def project_on(transport: str, procs: Processes, tmp_path) -> Iterator[Project]:
-    """The test project on a broker of its own (ZeroMQ) or a fresh Redis database; no workers."""
-    broker = start_broker(procs) if transport == "zmq" else redis_url()
+def project_on(transport: str, procs: Processes, tmp_path,
+               broker: str | None = None) -> Iterator[Project]:
+    """The test project on a broker of its own (ZeroMQ) or a fresh Redis database, or on the
+    broker address given; no workers."""
+    broker = broker or (start_broker(procs) if transport == "zmq" else redis_url())
     proj = Project(procs, broker, tmp_path / "notes.txt")
     try:
         yield proj
@@ -28,10 +31,11 @@ def project_on(transport: str, procs: Processes, tmp_path) -> Iterator[Project]:
 
 
 @contextlib.contextmanager
-def one_busy_worker(transport: str, procs: Processes, tmp_path) -> Iterator[tuple]:
+def one_busy_worker(transport: str, procs: Processes, tmp_path,
+                    broker: str | None = None) -> Iterator[tuple]:
     """(project, release path, gate result): one worker process on queue prio, busy with a
     gate task until the release path exists, so what is sent meanwhile waits in the queue."""
-    with project_on(transport, procs, tmp_path) as proj:
+    with project_on(transport, procs, tmp_path, broker) as proj:
         proj.worker("one", "prio", 1)
         proj.app.client.wait_for_workers(1)
         release = tmp_path / "release"
@@ -45,6 +49,30 @@ def all_queued(proj: Project, n: int) -> None:
     submits from its sender thread: without this the worker could be released before some arrive)."""
     wait_until(lambda: sum(proj.app.client.status()["queues"].values()) >= n, timeout=20,
                what=f"{n} tasks queued")
+
+
+def ran(proj: Project) -> list[str]:
+    """The labels of the ranked tasks and dies_once values that ran, in the order they ran."""
+    return [line.split()[-1] for line in proj.notes.read_text().splitlines()
+            if line.startswith(("ranked ", "survived "))]
+
+
+def a_death_queued(proj: Project, key: str) -> tuple:
+    """(d, [a, c, b]) sent and queued: d at priority 5 kills its process the first time it
+    runs, then a at 5, c at 9, b at 5.  Run by one process: c, then d, which dies; d runs
+    again first among priority 5 (before a and b) once the broker knows of the death."""
+    t = proj.tasks
+    dies = t.dies_once.apply_async((key, "d"), queue="prio", priority=5)
+    rest = [t.ranked.apply_async((label,), queue="prio", priority=pr)
+            for label, pr in (("a", 5), ("c", 9), ("b", 5))]
+    all_queued(proj, 4)
+    return dies, rest
+
+
+def ran_dead_first(proj: Project, dies, rest) -> None:
+    """Every one of a_death_queued's tasks done, d re-run first among priority 5."""
+    assert dies.get(timeout=30) == "d" and [r.get(timeout=30) for r in rest] == ["a", "c", "b"]
+    assert ran(proj) == ["c", "d", "a", "b"]
 
 
 def by_urgency(sent: list[tuple[str, int | None]]) -> list[str]:
@@ -73,22 +101,28 @@ def test_most_urgent_first_fifo_within_a_priority(transport, procs, tmp_path):
 def test_a_task_requeued_after_its_worker_died_goes_first_among_its_priority(transport, procs,
                                                                               tmp_path):
     with one_busy_worker(transport, procs, tmp_path) as (proj, release, gate):
-        t = proj.tasks
-        dies = t.dies_once.apply_async((f"requeue-{transport}", "d"), queue="prio", priority=5)
-        rest = [t.ranked.apply_async((label,), queue="prio", priority=pr)
-                for label, pr in (("a", 5), ("c", 9), ("b", 5))]
-        all_queued(proj, 4)
+        dies, rest = a_death_queued(proj, f"requeue-{transport}")
         release.touch()
         assert gate.get(timeout=20) is True
-        assert dies.get(timeout=30) == "d" and [r.get(timeout=30) for r in rest] == ["a", "c", "b"]
-        ran = [line.split()[-1] for line in proj.notes.read_text().splitlines()
-               if line.startswith(("ranked ", "survived "))]
-        # d runs again first among priority 5 once the broker hears of the death. That word
-        # (the supervisor's "lost") and the replacement process's hello come on two connections:
-        # under load the forked replacement can be served a and b before the death is heard
-        # (seen once in a full run at load ~10), so d may then come after a, or after a and b
-        # handed out together; never before c, and a and b keep their order.
-        assert ran in (["c", "d", "a", "b"], ["c", "a", "d", "b"], ["c", "a", "b", "d"])
+        ran_dead_first(proj, dies, rest)
+
+
+def test_a_death_heard_after_its_replacements_hello_still_runs_first(procs, tmp_path):
+    """The supervisor's "lost" held on the wire (a relay in front of the broker holds what the
+    supervisor sends from its "lost" on) while the process forked in place of the dead one
+    says hello on its own connection: that hello names the death, so the broker re-queues
+    the dead process's task before it hands the replacement anything (without it the
+    replacement ran a and b first: the death came later, on the other connection)."""
+    broker = start_broker(procs, None, "--heartbeat-timeout", "60")  # the held one stays a member
+    with Relay(broker, b'"k":"lost"') as relay, \
+            one_busy_worker("zmq", procs, tmp_path, relay.address) as (proj, release, gate):
+        dies, rest = a_death_queued(proj, "held")
+        release.touch()
+        assert gate.get(timeout=20) is True
+        assert relay.held.wait(timeout=30), "the supervisor never said lost"
+        wait_until(lambda: len(ran(proj)) >= 2, timeout=30, what="the replacement's first task")
+        relay.release()
+        ran_dead_first(proj, dies, rest)
 
 
 @pytest.mark.parametrize("transport", ["zmq", "redis"])

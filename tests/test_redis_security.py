@@ -175,6 +175,8 @@ def test_function_swap_is_refused_and_the_function_shipped_again(cluster):
     client, r, _ = cluster
     pids = _pids(client)
     h_pow, h_max = client._ship(pow), client._ship(max)  # pow ran in the fixture; max not yet
+    # the client's sender thread stores max: swapped after that write, not before it
+    wait_until(lambda: r.exists(P + "fn:" + h_max), what="max stored")
     r.set(P + "fn:" + h_max, r.get(P + "fn:" + h_pow))
     with pytest.raises(FunctionRefused, match="refused"):
         client.submit(max, 3, 5).result(timeout=10)

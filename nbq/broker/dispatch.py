@@ -54,6 +54,8 @@ class Dispatcher:
 
     def dispatch(self) -> None:
         """Hand queued tasks to idle worker processes, batching short ones."""
+        if not self.queues.tasks:  # none held, so none queued (a turn after the last result)
+            return
         now = time.monotonic()
         ready = self.members.ready
         ready.wake(now)

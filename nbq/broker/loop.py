@@ -74,6 +74,8 @@ log = logging.getLogger("nbq.broker")
 
 DROP_LOG_EVERY = 1.0  # seconds between warnings of dropped messages
 DRAIN_MAX = 10000     # messages handled at most before dispatching
+# plain integers: with pyzmq's enums, ``events & POLLIN`` runs enum.Flag.__and__ in Python
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Broker:
@@ -165,8 +167,9 @@ class Broker:
                 if zap in ready:
                     self._zap.answer()
                 rung = self.door.fd in ready
-                if self.sock in ready or rung:
-                    self._drain(rung)
+                heard = self.sock in ready
+                if heard or rung:
+                    self._drain(rung, heard)
                 now = time.monotonic()
                 self.dispatcher.flush_started(now)
                 if self.events.subscribers:
@@ -230,15 +233,16 @@ class Broker:
         if self._zap is not None:
             self._zap.close()
 
-    def _drain(self, rung: bool = False) -> None:
-        """Handle what came through the door (rung) and the socket, then dispatch."""
+    def _drain(self, rung: bool = False, heard: bool = True) -> None:
+        """Handle what came through the door (rung) and the socket (heard: poll said it is
+        readable; what comes meanwhile makes the next poll return at once), then dispatch."""
         for peer, header, frames in self.door.take() if rung else ():
             self._act(peer, header, frames, None)
         sock = self.sock
-        for _ in range(DRAIN_MAX):
+        for _ in range(DRAIN_MAX if heard else 0):
             # asked, not raised: zmq.Again and recv_multipart's per-frame option reads cost
             # more than the rest of receiving a small message
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.get(_EVENTS) & _POLLIN:
                 break
             frame = sock.recv(copy=False)
             msg = [frame]

@@ -4,6 +4,10 @@ dies, goes silent or leaves.
 
 A supervisor registers with its first heartbeat (or its first process's hello),
 and a worker process with its hello; after a broker restart both come back that way.
+A process started in place of a dead one names that death in its hello (``was``, the
+fields of its supervisor's ``lost``), which comes on another connection and may come
+later: the death is acted on first, and once, whichever brings it, so the replacement is
+never handed the tasks queued behind the dead process's before those are queued again.
 
 A task whose process died while running it, its worker alive, runs again
 until such deaths reach its limit (max_task_deaths), then fails with WorkerLost;
@@ -100,8 +104,11 @@ class Members:
     # -- handlers -----------------------------------------------------------------
 
     def on_process_hello(self, peer, header, frames, body):
-        """A worker process is ready (new, or reconnected): registered idle, welcomed."""
+        """A worker process is ready (new, or reconnected): registered idle, welcomed; the
+        death it replaces (``was``) acted on first, if not heard yet."""
         sup = self.supervisor(header)
+        if header.get("was"):
+            self.on_lost(peer, header["was"], frames, body)
         if header["w"] in self.procs:  # reconnected: what it ran was lost with the link
             self.proc_gone(header["w"], died=False)
         proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues),
@@ -147,6 +154,8 @@ class Members:
                 self.proc_gone(wid, died=False)
 
     def on_lost(self, peer, header, frames, body):
+        """A supervisor's word that a process died (or a replacement's ``was``): what it ran
+        runs again, by deaths.py's rules; nothing the second time."""
         at = header.get("at") or (header.get("run") and [header["run"], None])
         self.proc_gone(header["w"], died=True, how=header.get("how", "died"), at=at or None,
                        end=header.get("end"))
@@ -216,7 +225,7 @@ class Members:
         sup = self.supervisors.get(proc.sid)
         if sup:
             sup.procs.discard(wid)
-        for task in proc.running:
+        for task in reversed(proc.running):  # each goes first: the last first keeps their order
             if task.where != wid or task.id not in self.queues.tasks:
                 continue
             if task.retrying:  # its retry is lost with the process: it runs again from the start

@@ -220,7 +220,8 @@ class SupervisorConnection(ABC):
         running, if any (its death counts against that task); end says why the supervisor
         killed it, if it did: that task ends, never re-run (deaths.py).  leaving: this worker
         is stopping, so an unreachable broker is not waited for (its tasks are recovered as a
-        dead worker's are)."""
+        dead worker's are).  The process started in its place names the same death in its
+        hello (``was``, WorkerConnection): the broker acts on whichever comes first, once."""
 
     @abstractmethod
     def poll(self, timeout: float, fds: list[int]) -> tuple[list[dict], list[int]]:
@@ -236,7 +237,19 @@ class SupervisorConnection(ABC):
 
 
 class WorkerConnection(ABC):
-    """A worker process's link: fetch tasks, fetch functions, report results."""
+    """A worker process's link: fetch tasks, fetch functions, report results.
+
+    A transport makes one from (address, key, wid, hello) in the forked process (its
+    ``worker_connector``).  hello is the supervisor's heartbeat info with the process's
+    ``pid`` and ``was``: the death this process replaces, as its supervisor's lost() was
+    told it ({"w", "how", "at", "end"}), or None.  The death comes before the replacement's
+    work: a transport whose broker may hear the replacement before the supervisor's lost()
+    (the ZeroMQ broker: two connections) acts on ``was`` first, once whichever comes first
+    (the tasks queued behind the dead process's would otherwise run before them).  Redis
+    and RabbitMQ ignore it: on Redis lost() has re-queued them before it returns, before the
+    fork; RabbitMQ re-queues them itself when the dead process's connection closes, which
+    the kernel does before the supervisor can reap it, so before the replacement connects.
+    """
 
     #: The largest result payload the broker takes (its largest message, less room for a
     #: result message's header), once this connection knows it (fetch sets it); None: no

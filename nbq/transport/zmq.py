@@ -165,6 +165,14 @@ class ZmqClient(BrokerClient):
         self.ctx.term()
 
 
+def death(w: str, how: str, at: list | None, end: dict | None) -> dict:
+    """A process's death as the broker reads it, in a supervisor's ``lost`` and in its
+    replacement's hello (``was``): "at" [task id, item] only when the item is known, "run"
+    the task id."""
+    return {"w": w, "how": how, "end": end, "at": at if at and at[1] is not None else None,
+            "run": at and at[0]}
+
+
 class ZmqSupervisor(SupervisorConnection):
     def __init__(self, address: str, key: bytes, sid: str) -> None:
         self.ctx = zmq.Context()
@@ -184,9 +192,7 @@ class ZmqSupervisor(SupervisorConnection):
 
     def lost(self, wid: str, how: str, at: list | None, end: dict | None = None,
              leaving: bool = False) -> None:  # a send: never waits
-        # on the wire: "at" [task id, item] only when the item is known, "run" the task id
-        self._send({"k": "lost", "w": wid, "how": how, "end": end,
-                    "at": at if at and at[1] is not None else None, "run": at and at[0]})
+        self._send({"k": "lost", **death(wid, how, at, end)})
 
     def answer(self, request: dict, name: str, reply) -> None:
         self._send({"k": "ctlr", "c": request["c"], "ci": request["ci"], "name": name, "r": reply})
@@ -235,6 +241,8 @@ class ZmqWorker(WorkerConnection):
         self._out: zmq.Socket | None = None  # output streaming's socket (output())
         self._out_lock = threading.Lock()
         self._hello = dict(hello, k="hello", w=wid, lo=shm.locality())
+        if hello.get("was"):  # the death it replaces: heard before it takes work (base.py)
+            self._hello["was"] = death(**hello["was"])
         self._shared: str | None = None  # the broker's shared memory prefix, when of this host
         self.sock.send_multipart(self.signer.encode(self._hello))
 

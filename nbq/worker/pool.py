@@ -4,7 +4,10 @@ Each process is forked from the supervisor (a fresh, single-threaded interpreter
 dies with it (PR_SET_PDEATHSIG), and leads a process group, killed with it, so what
 its tasks started goes too (groups.py).  When one dies the broker is told at once,
 with what it was running, so that task's death counts against it (deaths.py), and a
-new one is started unless the process was retired or the supervisor is stopping.
+new one is started unless the process was retired or the supervisor is stopping.  The new
+one is given that death too, to name in its hello (``was``, transport/base.py): a broker
+that hears the two on different connections acts on the death first, so the replacement
+never takes the tasks queued behind the dead one's before those run again.
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ log = logging.getLogger("nbq.worker")
 class Pool:
     """The worker processes of one supervisor, by pid, each with its id and its Marker.
 
-    ``serve(wid, marker)`` is what a forked process runs; ``parent`` is the supervisor's pid.
+    ``serve(wid, marker, was)`` is what a forked process runs (was: the death it replaces,
+    or None); ``parent`` is the supervisor's pid.
     """
 
-    def __init__(self, sid: str, parent: int, serve: Callable[[str, Marker], None]) -> None:
+    def __init__(self, sid: str, parent: int,
+                 serve: Callable[[str, Marker, dict | None], None]) -> None:
         self.sid = sid
         self.parent = parent
         self._serve = serve
@@ -47,8 +52,9 @@ class Pool:
         """The processes not retiring."""
         return [pid for pid in self.children if pid not in self.retiring]
 
-    def spawn(self) -> None:
-        """Fork one more worker process."""
+    def spawn(self, was: dict | None = None) -> None:
+        """Fork one more worker process; was: the death it replaces, as the broker was told it
+        ({"w", "how", "at", "end"}: SupervisorConnection.lost's arguments), for its hello."""
         wid = f"{self.sid}/{self._count}"
         self._count += 1
         marker = Marker()
@@ -57,7 +63,7 @@ class Pool:
             code = 0
             try:
                 _become_child(self.parent, self._undertaker.fd)
-                self._serve(wid, marker)
+                self._serve(wid, marker, was)
             except BaseException:
                 log.exception("worker process %s failed", wid)
                 code = 1
@@ -117,10 +123,11 @@ class Pool:
                 log.warning("worker process %s (pid %d) %s%s%s", wid, pid, how,
                             f" ({end['text']})" if end else "",
                             "; starting a new one" if again else "")
-            conn.lost(wid, how, marker.running(), end, leaving=leaving)
+            at = marker.running()
+            conn.lost(wid, how, at, end, leaving=leaving)
             marker.close()
             if again:
-                self.spawn()
+                self.spawn({"w": wid, "how": how, "at": at, "end": end})
 
     def close(self) -> None:
         """Stop every process (SIGTERM, SIGKILL after 2 s) and their groups, then the

@@ -180,10 +180,12 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
 
-    def _serve(self, wid: str, marker: Marker) -> None:
-        """What a forked worker process runs: the initializer, then tasks until it leaves."""
+    def _serve(self, wid: str, marker: Marker, was: dict | None) -> None:
+        """What a forked worker process runs: the initializer, then tasks until it leaves.
+        was: the death this process replaces, named in its hello (transport/base.py)."""
         failed = self.initializer.run() if self.initializer is not None else None
-        conn = process.connect(lambda: self._connect_worker(wid, dict(self.info, pid=os.getpid())))
+        conn = process.connect(lambda: self._connect_worker(wid, dict(self.info, pid=os.getpid(),
+                                                                      was=was)))
         if conn is not None:
             process.serve(conn, marker, self.rates, failed, self.max_tasks, self.max_memory)
 

@@ -88,13 +88,13 @@ class RedisClient(MessageClient):
             block = 0 if timeout is None else max(1, int(timeout * 1000))
         trim = self._last[self._rs] if self._untrimmed >= TRIM_AFTER else None
 
-        def read():
-            if trim is None:
-                return self._rx.xread(dict(self._last), block=block)
-            pipe = self._rx.pipeline(transaction=False)
-            pipe.xtrim(self._rs, minid=trim)
-            pipe.xread(dict(self._last), block=block)
-            return pipe.execute()[-1]
+        def read():  # a Batch: none of redis-py's per-command bookkeeping, raw replies
+            batch = Batch()
+            if trim is not None:
+                batch.xtrim(self._rs, minid=trim)
+            batch.commands.append(("XREAD", *(() if block is None else ("BLOCK", block)),
+                                   "STREAMS", *self._last, *self._last.values()))
+            return raise_errors(send_batch(self._rx, batch.commands))[-1]
 
         # an outage returns after about timeout, so that the client's heartbeat goes on
         until = time.monotonic() + (1.0 if timeout is None else timeout)
@@ -106,9 +106,10 @@ class RedisClient(MessageClient):
         if trim is not None:
             self._untrimmed = 0
         large: list = []  # (task id, bytes, keys) of results read with frames stored apart
-        for stream, entries in got or ():
-            stream = stream.decode() if isinstance(stream, bytes) else stream
-            for eid, fields in entries:
+        for stream, entries in got.items() if isinstance(got, dict) else got or ():  # RESP3, 2
+            stream = text(stream)
+            for eid, flat in entries:
+                fields = dict(zip(flat[::2], flat[1::2]))
                 self._last[stream] = eid.decode() if isinstance(eid, bytes) else eid
                 if stream in (stored_events.STREAM, stored_events.BEATS):
                     out += self._live(stream, self._last[stream], fields)

@@ -7,15 +7,17 @@ password), never a redis-py exception.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+import weakref
 from typing import Callable, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import CoreCommands
-from redis.connection import Encoder, HiredisRespSerializer, PythonRespSerializer
-from redis.exceptions import DataError
+from redis.connection import Encoder, PythonRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 from redis.retry import Retry
 
@@ -25,6 +27,9 @@ from ...keys import fingerprint
 from .. import unsplit
 from ..base import check_key
 from .keys import KEYFP
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 log = logging.getLogger("nbq.transport.redis")
 
@@ -102,14 +107,21 @@ class _Packer:
 
     def __init__(self) -> None:
         self._python = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
-        self._hiredis = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+        self._hiredis = HIREDIS_AVAILABLE
 
     def pack(self, *args) -> list:
-        if self._hiredis is not None and not any(map(_large, args)):
-            try:
-                return self._hiredis.pack(*args)
-            except DataError:  # a type hiredis does not take (a PickleBuffer)
-                pass
+        if self._hiredis:
+            for arg in args:  # most are str or int: no call for them
+                if type(arg) is not str and type(arg) is not int and _large(arg):
+                    break
+            else:
+                name = args[0]  # "XGROUP CREATE" is two words
+                if (" " if isinstance(name, str) else b" ") in name:
+                    args = (*name.split(), *args[1:])
+                try:
+                    return [hiredis.pack_command(args)]
+                except TypeError:  # a type hiredis does not take (a PickleBuffer, a bytearray)
+                    pass
         return self._python.pack(*args)
 
 
@@ -140,11 +152,31 @@ class Batch(CoreCommands):
         self.commands.append(args)
 
 
-def send_batch(r: redis.Redis, commands: list[tuple]) -> list:
-    """The raw replies (no redis-py callbacks) to commands sent in one write on one of r's
-    connections; an error reply is returned in its place, a connection error raised."""
+_PINNED = threading.local()  # .conns: id(pool) -> (pool's weakref, pid, this thread's connection)
+
+
+def _pinned(r: redis.Redis):
+    """The connection of r's pool that the calling thread keeps for its batches: taken from the
+    pool once, not for each batch (the pool's bookkeeping and its can-read check cost ~40 us a
+    round trip); a new one in a forked child.  A lost one reconnects on its next send."""
+    try:
+        conns = _PINNED.conns
+    except AttributeError:
+        conns = _PINNED.conns = {}
     pool = r.connection_pool
-    conn = pool.get_connection()
+    got = conns.get(id(pool))
+    if got is None or got[0]() is not pool or got[1] != os.getpid():
+        for k in [k for k, v in conns.items() if v[0]() is None]:
+            del conns[k]  # pools closed and gone
+        got = conns[id(pool)] = (weakref.ref(pool), os.getpid(), pool.get_connection())
+    return got[2]
+
+
+def send_batch(r: redis.Redis, commands: list[tuple]) -> list:
+    """The raw replies (no redis-py callbacks) to commands sent in one write on the connection of
+    r's pool the calling thread keeps (_pinned); an error reply is returned in its place, a
+    connection error raised."""
+    conn = _pinned(r)
     try:
         conn.send_packed_command(conn.pack_commands(commands))
         out: list = []
@@ -157,8 +189,6 @@ def send_batch(r: redis.Redis, commands: list[tuple]) -> list:
     except BaseException:
         conn.disconnect()  # replies may be left unread on it
         raise
-    finally:
-        pool.release(conn)
 
 
 def raise_errors(replies: list) -> list:

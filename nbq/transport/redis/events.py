@@ -79,7 +79,7 @@ class EventWriter:
                 event["name"] = event["name"] or self.names.get(h)
         for batch in events.batches(pending):
             blob = pack(self.store.signer.encode({"k": "ev", "p": events.pack(batch)}))
-            pipe.xadd(STREAM, {"m": blob}, maxlen=self._most, approximate=True)
+            pipe.execute_command("XADD", STREAM, "MAXLEN", "~", self._most, "*", "m", blob)
         now = time.time()
         if now - self._trimmed > TRIM_EVERY:
             self._trimmed = now

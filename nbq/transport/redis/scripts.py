@@ -99,7 +99,8 @@ end
 
 # ARGV: prefix, ttl, now, nparts, [task id, owner client, to owner (0/1), packed part]*,
 #       nmsg, [client, packed]*, nadd, [queue key, 2 x nfields, (name, value)*]*,
-#       nack, [queue key, entry id, task id]*, worker id, ntake, function hash, nqueues, queue*
+#       nack, [queue key, entry id, task id]*, trim done (0/1), worker id, ntake, function hash,
+#       nqueues, queue*
 # -> the entries taken for the worker's next batch (SHARED's take), from the queues' streams
 # in the worker's order, each queue's most urgent first (as queue_streams)
 REPORT = SHARED + """
@@ -136,10 +137,10 @@ for _ = 1, n do
   redis.call('XACK', qk, 'nbq', eid); redis.call('XDEL', qk, eid)
   if tid ~= '' then redis.call('ZADD', p .. 'done', now, tid); redis.call('DEL', p .. 'o:' .. tid) end
 end
-if n > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
-local wid, ntake, h = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+if ARGV[i] == '1' then redis.call('ZREMRANGEBYSCORE', p .. 'done', '-inf', now - ttl) end
+local wid, ntake, h = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
 local queues = {}
-for k = 1, tonumber(ARGV[i + 3]) do queues[k] = ARGV[i + 3 + k] end
+for k = 1, tonumber(ARGV[i + 4]) do queues[k] = ARGV[i + 4 + k] end
 return take(p, ttl, wid, streams(p, queues), ntake, h)
 """
 
@@ -152,6 +153,35 @@ if not start(p, ttl, qk, ARGV[5], ARGV[6]) then return {0} end
 local out = take(p, ttl, wid, {qk}, tonumber(ARGV[7]), ARGV[8])
 table.insert(out, 1, 1)
 return out
+"""
+
+# ARGV: prefix, ttl, worker id, nstreams, [queue key, entry id]*, nfn, [function hash, batch]*
+# Sent behind the worker's blocking XREADGROUP, in the same write, so that what it delivered
+# starts without a round trip more: the entries pending on the worker past the id it had last
+# of each stream (delivered once: none claimed), in the streams' order, and the first of them
+# started as START starts, with up to its function's batch - 1 more of its queue taken.
+# -> {} (none), or {flag, {delivered...}, {taken...}}, entries as take's: flag 1 started,
+# 0 revoked or a replay (acked, deleted, never run), 2 not started (a header that does not
+# parse or names another stream: the worker verifies it, and drops it or STARTs it)
+PICKUP = SHARED + """
+local p, ttl, wid, ns = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local got = {}
+for k = 0, ns - 1 do
+  local qk = ARGV[5 + 2 * k]
+  for _, pe in ipairs(redis.call('XPENDING', qk, 'nbq', '(' .. ARGV[6 + 2 * k], '+', 16, wid)) do
+    local e = pe[4] == 1 and redis.call('XRANGE', qk, pe[1], pe[1]) or {}
+    if #e > 0 then got[#got + 1] = {qk, pe[1], e[1][2]} end
+  end
+end
+if #got == 0 then return {} end
+local i, batch = 5 + 2 * ns, {}
+for k = 1, tonumber(ARGV[i]) do batch[ARGV[i + 2 * k - 1]] = tonumber(ARGV[i + 2 * k]) end
+local qk, eid = got[1][1], got[1][2]
+local item = task_item(got[1][3])
+if item == nil or not routed(p, qk, item) then return {2, got, {}} end
+if not start(p, ttl, qk, eid, item.id) then return {0, got, {}} end
+local h = type(item.h) == 'string' and item.h or ''
+return {1, got, take(p, ttl, wid, {qk}, (batch[h] or 1) - 1, h)}
 """
 
 # ARGV: prefix, ttl, client, nfn, function hash*, ntask, [task id, queue key, 2 x nfields,

@@ -29,6 +29,7 @@ from .keys import P, queue_key, text
 log = logging.getLogger("nbq.transport.redis")
 
 DROP_LOG_EVERY = 1.0      # seconds between log lines about dropped messages
+TRIM_DONE_EVERY = 1.0     # seconds between one side's trims of the done set (older than ttl)
 
 
 def _claimed(fields: dict | None) -> tuple[str, str]:
@@ -56,10 +57,12 @@ class Store:
         self.troubles = 0  # connection errors so far: a reply lost with one may hide a delivery
         self.dropped = dict.fromkeys(("signature", "invalid", "replay", "size"), 0)
         self._drop_log_at = 0.0
+        self._trim_done_at = 0.0
         self.frames = Frames(self.r, self.retry, self.ttl_s, self.settings.max_message_size)
         self.report = self.r.register_script(scripts.REPORT)
         self.submit = self.r.register_script(scripts.SUBMIT)
         self.start = self.r.register_script(scripts.START)
+        self.pickup = self.r.register_script(scripts.PICKUP)
         self.cancel = self.r.register_script(scripts.CANCEL)
         self.join = self.r.register_script(scripts.JOIN)
         self.notice = self.r.register_script(scripts.NOTICE)
@@ -192,19 +195,23 @@ class Store:
         args.append(len(acks))
         for qk, eid, tid in acks:
             args += [qk, eid, tid]
+        trim = bool(acks) and time.monotonic() >= self._trim_done_at
+        if trim:  # entries done longer ago than ttl leave the done set: not at every ack
+            self._trim_done_at = time.monotonic() + TRIM_DONE_EVERY
+        args.append(int(trim))
         wid, n, h, queues = take
         args += [wid, n, h, len(queues), *queues]
         got = self.retry("storing results", lambda: self.run_script(self.report, args, after=extra))
         return [scripts.taken(e) for e in got]
 
     def run_script(self, script, args: list, before: Callable[[Any], None] | None = None,
-                   after: Callable[[Any], None] | None = None):
+                   after: Callable[[Any], None] | None = None, whole: bool = False):
         """A registered script's raw reply on args (EVALSHA: its text is not sent and hashed
         each time), with the commands before(batch) and after(batch) add around it sent in the
-        same write (a Batch: no pipeline bookkeeping).  A Redis that does not hold the script
-        (it restarted) gets it loaded and runs it alone again: the other commands ran once."""
-        if before is None and after is None:
-            return script(args=args)  # redis-py's Script loads it on NoScriptError
+        same write (a Batch: none of redis-py's per-command bookkeeping, ~30 us less per round
+        trip, alone too); whole: every command's reply, in order.
+        A Redis that does not hold the script (it restarted) gets it loaded and runs it alone
+        again: the other commands ran once."""
         batch = Batch()
         if before is not None:
             before(batch)
@@ -215,7 +222,7 @@ class Store:
         got = send_batch(self.r, batch.commands)
         if isinstance(got[at], redis.exceptions.NoScriptError):
             got[at] = script(args=args)
-        return raise_errors(got)[at]
+        return raise_errors(got) if whole else raise_errors(got)[at]
 
     def delivered(self, tid: str, n: int) -> list[int]:
         """Positions of a task with no stored result yet (from the headers: nothing is unpickled)."""

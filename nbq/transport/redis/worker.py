@@ -17,7 +17,7 @@ from ..notices import StartedNotices
 from . import events as stored_events
 from . import scripts
 from .frames import BadMessage, Spilled, entry_frames, pack
-from .keys import GROUP, P, group, stream_keys
+from .keys import GROUP, P, group, stream_keys, text
 from .recovery import reclaim
 from .store import Store
 
@@ -92,6 +92,7 @@ class RedisWorker(WorkerConnection):
         # one by one before any new ones are taken
         self._held: deque = deque()
         self._prefetched: list = []  # the next batch, taken (and started) when the last one ended
+        self._after: dict[str, tuple[int, int]] = {}  # stream -> its last entry delivered here
         self._troubles_seen = self.store.troubles
         self._events = stored_events.EventWriter(self.store)
         self._names = self._events.names  # function hash -> name (signed in its fn message)
@@ -135,8 +136,8 @@ class RedisWorker(WorkerConnection):
             held = {eid for _, eid, _ in self._held}
             got = st.retry("recovering tasks", lambda: st.r.xreadgroup(
                 GROUP, self.wid, dict.fromkeys(self.keys, "0"), count=policy.BATCH_MAX))
-            self._held.extend((s.decode(), eid, f) for s, es in got or () for eid, f in es
-                              if eid not in held)
+            self._held.extend(self._delivered([(s.decode(), eid, f) for s, es in got or ()
+                                               for eid, f in es if eid not in held]))
         held = bool(self._held)
         if held:
             entries = [self._held.popleft()]
@@ -147,29 +148,66 @@ class RedisWorker(WorkerConnection):
                 taken = self._verify(st.store([], take=(self.wid, 1, "", self.queues)))
                 if taken:
                     return self._begin(taken)
-            got = st.retry("fetching tasks", lambda: st.r.xreadgroup(
-                GROUP, self.wid, dict.fromkeys(self.keys, ">"), count=1, block=block_ms))
+            flag, entries, taken = self._read(block_ms)
             # one entry of each stream that had any: the most urgent runs, the rest (pending
             # on this consumer now) are held to run next, one by one
-            entries = sorted(((s.decode(), eid, f) for s, es in got or () for eid, f in es),
-                             key=lambda e: self.keys.index(e[0]))
             self._held.extend(entries[1:])
             entries = entries[:1]
+            if flag == 0:
+                return []  # revoked: acknowledged and deleted by the script, never run
+            if flag == 1:
+                return self._begin(self._verify(entries + taken))
         first = self._verify(entries)
         if not first:
             return []
         qk, eid, item, _, _ = first[0]
         h = item.get("h") or ""
         more = 0 if held else self._costs.batch(h) - 1
-        got = st.retry("starting tasks", lambda: st.start(
-            args=[P, st.ttl_s, self.wid, qk, eid, item["id"], more, h]))
+        got = st.retry("starting tasks", lambda: st.run_script(
+            st.start, [P, st.ttl_s, self.wid, qk, eid, item["id"], more, h]))
         if not got[0]:
             return []  # revoked: acknowledged and deleted by the script, never run
         return self._begin(first + self._verify([scripts.taken(e) for e in got[1:]]))
 
+    def _read(self, block_ms: int) -> tuple[int, list, list]:
+        """A blocking XREADGROUP of an entry of each stream, and PICKUP sent behind it in the
+        same write: (flag, the entries delivered, most urgent first, those taken with the
+        first).  flag 1: the first is started; 0: it was revoked (acked and deleted); 2: it
+        is to be verified and STARTed (PICKUP did not start it, or did not see it)."""
+        st = self.store
+        args: list = [P, st.ttl_s, self.wid, len(self.keys)]
+        for k in self.keys:
+            args += [k, "%d-%d" % self._after.get(k, (0, 0))]
+        batch = self._costs.batches()
+        args += [len(batch), *(x for hn in batch.items() for x in hn)]
+        wait = ("XREADGROUP", "GROUP", GROUP, self.wid, "COUNT", 1, "BLOCK", block_ms,
+                "STREAMS", *self.keys, *[">"] * len(self.keys))
+        read, picked = st.retry("fetching tasks", lambda: st.run_script(
+            st.pickup, args, whole=True, before=lambda b: b.commands.append(wait)))
+        read = read.items() if isinstance(read, dict) else read or ()  # RESP3 or RESP2
+        entries = self._delivered(sorted(
+            ((text(s), eid, dict(zip(f[::2], f[1::2]))) for s, es in read for eid, f in es),
+            key=lambda e: self.keys.index(e[0])))
+        if not picked:
+            return 2, entries, []
+        flag, got, taken = picked
+        return flag, self._delivered([scripts.taken(e) for e in got]), [
+            scripts.taken(e) for e in taken]
+
+    def _delivered(self, entries: list) -> list:
+        """entries, noted as delivered to this consumer: PICKUP looks only past the last of
+        each stream, so that it never starts an entry again that this worker already has."""
+        for qk, eid, _ in entries:
+            ms, _, seq = text(eid).partition("-")
+            at = (int(ms), int(seq))
+            if at > self._after.get(qk, (0, 0)):
+                self._after[qk] = at
+        return entries
+
     def _verify(self, entries: list) -> list:
         """(queue key, entry id, item, payload, fields) of entries that are verified tasks of
         the stream they came from; the others are dropped (Store.drop), never run."""
+        self._delivered(entries)
         out, bad = [], []
         for qk, eid, fields in entries:
             try:
@@ -187,6 +225,8 @@ class RedisWorker(WorkerConnection):
 
     def _begin(self, batch: list) -> list[tuple[dict, list]]:
         """The batch of started entries, noted for report() and for "started" notices."""
+        if not batch:
+            return []
         out = []
         for qk, eid, item, payload, fields in batch:
             spilled = ([f.key for f in entry_frames(fields) if isinstance(f, Spilled)]
