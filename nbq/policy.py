@@ -34,20 +34,15 @@ class Costs:
         old = self._cost.get(h)
         self._cost[h] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def short(self, h: str | None) -> bool:
-        """Whether tasks of function h are short: measured at BATCH_SECONDS / 2 or under, so
-        batched (and run on no more processes of a host at once than it has cores)."""
-        cost = self._cost.get(h)
-        return cost is not None and cost <= BATCH_SECONDS / 2
-
     def batch(self, h: str | None, queued: int | None = None) -> int:
         """How many tasks of function h to hand out at once; queued (when known) caps it at
         a fair share, so that one process does not take what others could run, but not below
         a quarter batch (~0.5 ms of work): with many processes idle, shares of a few tasks
         would cost more in messages (~50 µs each, both ends) than they spread."""
-        if not self.short(h):
+        cost = self._cost.get(h)
+        if cost is None or cost > BATCH_SECONDS / 2:
             return 1
-        n = min(BATCH_MAX, int(BATCH_SECONDS / max(self._cost[h], 1e-6)))
+        n = min(BATCH_MAX, int(BATCH_SECONDS / max(cost, 1e-6)))
         return max(1, n if queued is None else min(n, max(queued, n // 4)))
 
     def batches(self) -> dict[str, int]:

@@ -112,7 +112,7 @@ _at = _optional(lambda v: type(v) is list and len(v) == 2 and _str(v[0]) and _co
 _DEATH = {"w": _str, "how": lambda v: type(v) is str, "at": _at, "run": _optional(_str),
           "end": _end}
 _SUPERVISOR = {"sup": _str, "name": _str, "host": _str, "spid": _count, "conc": _ints(1, 1 << 20),
-               "cpu": _ints(1, 1 << 20), "queues": _queues, "autoscale": _count, "ld": _seconds,
+               "queues": _queues, "autoscale": _count, "ld": _seconds,
                "act": _count}
 
 CLIENT, SENDER, SUPERVISOR, WORKER, OUTPUT = b"c", b"t", b"s", b"w", b"o"

@@ -1,37 +1,27 @@
 """The ZeroMQ broker's state structures on their own: the index of idle worker processes
 (dispatch finds one without a scan over all), the compact queued task, what a gone process's
-tasks become, and the door through which clients of the broker's own process hand it messages;
-and dispatch's rule that short tasks keep to as many processes of a host as it has cores."""
+tasks become, and the door through which clients of the broker's own process hand it messages."""
 from __future__ import annotations
 
 import os
 import select
 import threading
-import time
 
-import nbq
-from conftest import wait_until
-from nbq import protocol
-from nbq.broker import Broker
 from nbq.broker.door import Door
 from nbq.broker.members import Members, ProcessRecord
 from nbq.broker.outbox import Outbox
 from nbq.broker.queues import QueuedTask, Queues
-from nbq.broker.ready import LATE, Host, Ready
+from nbq.broker.ready import Ready
 from nbq.broker.results import Results
 from nbq.events import EventLog
-from nbq.keys import load_key
-from nbq.transport.zmq import ZmqWorker
-
-HERE = Host("here")
 
 
-def proc(wid: str, queues: tuple = ("default",), host: Host = HERE) -> ProcessRecord:
-    return ProcessRecord(wid, "sup", 1, queues, host)
+def proc(wid: str, queues: tuple = ("default",)) -> ProcessRecord:
+    return ProcessRecord(wid, "sup", 1, queues)
 
 
 def idle_by_queues(ready: Ready) -> dict:
-    return {q: list(procs) for (_, q), procs in ready.groups()}
+    return {q: list(procs) for q, procs in ready.groups()}
 
 
 def test_ready_groups_idle_processes_by_their_queues():
@@ -64,31 +54,6 @@ def test_ready_keeps_an_unreachable_process_apart_until_its_time():
     ready.discard(p)  # gone while away: never comes back
     ready.wake(30.0)
     assert len(ready) == 0
-
-
-def test_a_host_counts_its_processes_running_short_tasks_against_its_cores():
-    host, ready = Host("h"), Ready()
-    host.tell("s", 2)
-    a, b, c = (proc(w, host=host) for w in "abc")
-    for p in (a, b, c):
-        ready.add(p)
-    assert not host.full(0.0)
-    ready.discard(a, 0.0)  # running short tasks since 0.0
-    assert not host.full(0.0)
-    ready.discard(b, 0.01)
-    ready.discard(c)  # busy with a longer task: not counted
-    assert host.full(0.05) and idle_by_queues(ready) == {}
-    ready.add(a)  # it reported: room for one
-    assert not host.full(0.05)
-    ready.discard(a, 0.06)
-    assert host.full(0.01 + LATE / 2)
-    assert not host.full(0.01 + 2 * LATE) and list(host.short) == [a]  # b ran late: not counted
-    ready.add(b)  # its report, late: nothing changes
-    assert list(host.short) == [a] and not host.full(0.07)  # one of its 2 cores
-    ready.discard(a)  # gone
-    assert not host.short
-    host.tell("s", None)  # no worker says its cores: no limit
-    assert host.cpus == 0 and host.slots == host.procs
 
 
 def test_queued_task_keeps_its_header_item_and_frames():
@@ -203,69 +168,3 @@ def test_a_put_while_the_door_is_read_still_wakes_the_reader(monkeypatch):
         assert [h["n"] for _, h, _ in door.take()] == [2]
     finally:
         door.close()
-
-
-def inc(x: int) -> int:
-    return x + 1
-
-
-def serve(conns: list, until, seconds: float = 1e-4, timeout: float = 30.0) -> set:
-    """Run the tasks that reach these worker connections (inc's, reported as taking seconds
-    each) one connection at a time, until until(); the ids of those that got any."""
-    got = set()
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "tasks not all run"
-        for conn in conns:
-            batch = conn.fetch(timeout=0)
-            if batch:
-                got.add(conn.wid)
-                results = []
-                for item, frames in batch:
-                    (x,), _ = protocol.loads(frames)
-                    payload = protocol.dumps(x + 1)
-                    results.append(({"id": item["id"], "s": 0, "n": 1, "ok": 1, "nf": len(payload),
-                                     "d": seconds}, payload))
-                conn.report(results, ready=True)
-    return got
-
-
-def test_short_tasks_run_on_no_more_processes_of_a_host_than_its_cores():
-    """8 processes of a host whose worker says it has 2 cores: a burst of tasks measured short
-    goes to 2 of them, each taking more as it reports (the 6 others are not woken); a second
-    host has cores of its own; tasks of a function not measured yet go one to each process."""
-    key = load_key()
-    broker = Broker(key, bind="tcp://127.0.0.1:0", heartbeat_timeout=120)
-    thread = threading.Thread(target=broker.run, daemon=True)
-    thread.start()
-    address = broker.addresses[0]
-    hello = {"sup": "s1", "name": "s1", "host": "h1", "spid": 1, "conc": 8,
-             "queues": ["default"], "cpu": 2}
-    conns = [ZmqWorker(address, key, f"s1/{i}", dict(hello, pid=100 + i)) for i in range(8)]
-    try:
-        with nbq.Client(address) as client:
-            wait_until(lambda: len(broker.members.procs) == 8, what="8 processes")
-            first = client.submit(inc, 0)
-            serve(conns, first.done)  # its duration measured: inc's tasks are short from now
-            futures = [client.submit(inc, i) for i in range(200)]
-            assert len(serve(conns, lambda: all(f.done() for f in futures))) <= 2
-            assert [f.result() for f in futures] == list(range(1, 201))
-
-            other = {"sup": "s2", "name": "s2", "host": "h2", "spid": 2, "conc": 2,
-                     "queues": ["default"], "cpu": 1}
-            conns += [ZmqWorker(address, key, f"s2/{i}", dict(other, pid=200 + i))
-                      for i in range(2)]
-            wait_until(lambda: len(broker.members.procs) == 10, what="10 processes")
-            futures = [client.submit(inc, i) for i in range(200)]
-            got = serve(conns, lambda: all(f.done() for f in futures))
-            assert len(got) <= 3 and len({w for w in got if w.startswith("s2/")}) <= 1
-
-            futures = [client.submit(lambda x: x + 1, i) for i in range(8)]  # not measured yet
-            wait_until(lambda: client.status()["tasks"] == 8
-                       and not sum(client.status()["queues"].values()), what="all handed out")
-            assert len(serve(conns, lambda: all(f.done() for f in futures), seconds=0.05)) == 8
-    finally:
-        for conn in conns:
-            conn.close()
-        broker.stop()
-        thread.join(10)

@@ -7,16 +7,10 @@ from the durations results report), and never more than a fair share of what is
 queued, so that one process does not take what others could run.  A task still
 running STARTED_DELAY after dispatch is reported STARTED to its client.
 
-Short tasks (those batched) run on no more processes of a host at once than it has
-cores, as its workers said (ready.py): the processes already running them take the
-rest as they report, and the others stay asleep; longer tasks go one to each idle
-process.  A share of the queue is counted over the processes that may run it.
-
 Idle processes are found through an index (ready.py), never by a scan over all
 processes: a dispatch costs O(1) per batch handed out, plus one look at each group
-of processes of one host serving the same queues.  The process idle last is served
-first, so a light load keeps to the processes already running rather than waking
-every one.
+of processes serving the same queues.  The process idle last is served first, so a
+light load keeps to the processes already running rather than waking every one.
 """
 from __future__ import annotations
 
@@ -62,8 +56,8 @@ class Dispatcher:
         for _, idle in ready.groups():
             while idle:
                 proc = idle[next(reversed(idle))]
-                batch = self._take(proc, now)
-                if not batch:  # its group's queues are empty (or its host full) for all of them
+                batch = self._take(proc)
+                if not batch:  # its group's queues are empty for all of them
                     break
                 self._hand(proc, batch, now)
 
@@ -78,7 +72,7 @@ class Dispatcher:
                 proc.functions.add(h)
         if not batch:
             return
-        self.members.ready.discard(proc, now if self.costs.short(batch[0].h) else None)
+        self.members.ready.discard(proc)
         proc.running.extend(batch)
         log_event = self.results.events.task
         wall = time.time()
@@ -106,20 +100,18 @@ class Dispatcher:
         if not sent:
             self._put_back(proc, batch, now)
 
-    def _take(self, proc: ProcessRecord, now: float) -> list:
-        """The next batch for proc from the first of its queues with a task waiting; none
-        when that task is short and its host's cores are taken by short ones already."""
+    def _take(self, proc: ProcessRecord) -> list:
+        """The next batch for proc from the first of its queues with a task waiting."""
         for q in proc.queues:
             lanes = self.queues.lanes.get(q)
             dq = lanes.head() if lanes is not None else None
             if dq is None:
                 continue
-            if proc.host.full(now) and self.costs.short(dq[0].h):
-                return []
             first = dq.popleft()
             if not dq:
                 return [first]
-            limit = self.costs.batch(first.h, len(dq) // max(1, self.members.slots))
+            limit = self.costs.batch(first.h,
+                                     len(dq) // max(1, len(self.members.procs)))
             batch = [first]
             while dq and len(batch) < limit:
                 t = dq.popleft()
@@ -189,10 +181,9 @@ class Dispatcher:
         if proc.away_until:
             return
         try:
-            now = time.monotonic()
-            batch = self._take(proc, now)
+            batch = self._take(proc)
             if batch:
-                self._hand(proc, batch, now)
+                self._hand(proc, batch, time.monotonic())
         except Exception:  # dispatch() tries again; these results must still be delivered
             log.exception("error dispatching tasks")
 

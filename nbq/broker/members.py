@@ -30,7 +30,7 @@ from .. import deaths, events
 from ..errors import SignatureError
 from .outbox import Outbox
 from .queues import QueuedTask, Queues
-from .ready import Host, Ready
+from .ready import Ready
 from .results import Results
 
 log = logging.getLogger("nbq.broker")
@@ -43,7 +43,6 @@ class ProcessRecord:
     sid: str
     pid: int
     queues: tuple
-    host: Host  # its machine (ready.py counts its processes running short tasks)
     running: list = field(default_factory=list)
     functions: set = field(default_factory=set)
     idle: bool = False  # set by Ready.add and Ready.discard, which index the idle ones
@@ -60,7 +59,6 @@ class SupervisorRecord:
     concurrency: int
     queues: tuple
     seen: float
-    machine: Host  # its host's record, shared with the other supervisors there
     name: str = ""
     procs: set = field(default_factory=set)
     memory: int | None = None  # resident bytes of it and its processes, as its heartbeat said
@@ -79,21 +77,17 @@ class Members:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size  # told to each process in its welcome
         self.procs: dict[str, ProcessRecord] = {}
-        self.ready = Ready()  # the idle ones, by host and the queues they serve
+        self.ready = Ready()  # the idle ones, by the queues they serve
         self.supervisors: dict[str, SupervisorRecord] = {}
-        self.hosts: dict[str, Host] = {}  # by name, while a supervisor of it is known
-        self.slots = 0  # processes that may run short tasks at once (Host.slots, all hosts)
 
     def supervisor(self, header: dict) -> SupervisorRecord:
         """The supervisor a heartbeat or worker hello names, registered on first sight."""
         sid = header["sup"]
         sup = self.supervisors.get(sid)
         if sup is None:
-            host = self.hosts.setdefault(header["host"], Host(header["host"]))
             sup = self.supervisors[sid] = SupervisorRecord(
                 sid, header["host"], header["spid"], header["conc"], tuple(header["queues"]),
-                time.monotonic(), host, header.get("name", sid))
-            self._count(host, sid, header.get("cpu", 0))
+                time.monotonic(), header.get("name", sid))
             log.info("worker %s joined (%s pid %s, %s processes)", sid, sup.host, sup.pid,
                      sup.concurrency)
             self.results.events.event(events.worker_event(
@@ -112,9 +106,8 @@ class Members:
         if header["w"] in self.procs:  # reconnected: what it ran was lost with the link
             self.proc_gone(header["w"], died=False)
         proc = ProcessRecord(header["w"], header["sup"], header["pid"], tuple(sup.queues),
-                             sup.machine, sharing=self.outbox.shares(header.get("lo")))
+                             sharing=self.outbox.shares(header.get("lo")))
         self.procs[proc.wid] = proc
-        self._count(sup.machine, proc=1)
         self.ready.add(proc)
         sup.procs.add(proc.wid)
         self.outbox.send(peer, {"k": "welcome", "mx": self.max_message_size,
@@ -125,19 +118,16 @@ class Members:
         sup.seen = time.monotonic()
         sup.concurrency = header["conc"]
         sup.memory = header.get("mem")
-        if header.get("cpu", 0) != sup.machine.said.get(sup.sid):
-            self._count(sup.machine, sup.sid, header.get("cpu", 0))
         queues = tuple(header["queues"])
         if queues != sup.queues:  # add_consumer or cancel_consumer: its processes follow
             sup.queues = queues
             for wid in sup.procs & self.procs.keys():
                 proc = self.procs[wid]
-                if not proc.idle:
-                    proc.queues = queues
-                    continue
+                idle = proc.idle
                 self.ready.discard(proc)  # indexed by its queues: moved to its new group
                 proc.queues = queues
-                self.ready.add(proc)
+                if idle:
+                    self.ready.add(proc)
         if self.results.events.on:
             self.results.events.event(self._heartbeat_event(sup, header.get("ld")))
         reply = {"k": "hb"}
@@ -221,7 +211,6 @@ class Members:
         if proc is None:
             return
         self.ready.discard(proc)
-        self._count(proc.host, proc=-1)
         sup = self.supervisors.get(proc.sid)
         if sup:
             sup.procs.discard(wid)
@@ -262,21 +251,7 @@ class Members:
             "processes": sorted(p.pid for p in procs), "host": sup.host, "pid": sup.pid,
             "queues": list(sup.queues), "name": sup.name, "concurrency": sup.concurrency})
 
-    def _count(self, host: Host, sid: str | None = None, cpus: int | None = None,
-               proc: int = 0) -> None:
-        """Count a change of host (what supervisor sid says of its cores, None: it left; proc
-        processes more) in ``slots``; a host no supervisor is left on is forgotten."""
-        self.slots -= host.slots
-        if sid is not None:
-            host.tell(sid, cpus)
-        host.procs += proc
-        self.slots += host.slots
-        if not host.said and not host.procs and self.hosts.get(host.name) is host:
-            del self.hosts[host.name]
-
     def _offline(self, sup: SupervisorRecord) -> None:
-        """sup is gone (its processes next): an event; its word on its host's cores no more."""
-        self._count(sup.machine, sup.sid)
         self.results.events.event(events.worker_event(events.WORKER_OFFLINE, time.time(), sup.sid,
                                                       {"host": sup.host, "pid": sup.pid}))
 

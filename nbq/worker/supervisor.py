@@ -73,8 +73,6 @@ class Supervisor:
         self.started = time.time()
         self.rates = ratelimit.RateLimits()
         self.concurrency = concurrency
-        self.cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else os.cpu_count() or 1)  # cores its processes may use (the broker's rule)
         self.queues = list(queues)
         self.lifeline = lifeline
         self.broker_grace = broker_grace  # a broker silent this long is not coming back: exit
@@ -95,7 +93,7 @@ class Supervisor:
     def info(self) -> dict:
         """What each heartbeat tells the broker about this worker."""
         info = {"sup": self.sid, "name": self.name, "host": self.host, "spid": self.pid,
-                "conc": self.concurrency, "cpu": self.cpus, "queues": self.queues,
+                "conc": self.concurrency, "queues": self.queues,
                 "mem": sum(process.resident(p) for p in [self.pid, *self.pool.children]),
                 "ld": round(os.getloadavg()[0], 2),
                 "act": sum(1 for _, marker in self.pool.children.values() if marker.current())}
