@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
 import threading
 import time
 
@@ -220,6 +221,29 @@ def test_future_waits_as_a_standard_future_across_threads():
     assert other._revoked() and other.cancelled()
     waiter.join(30)
     assert cancelled and other.state == nbq.REVOKED
+
+
+def test_a_future_wait_interrupted_by_a_signal_leaves_no_waiter_behind():
+    """A signal handler's exception (as Ctrl-C's KeyboardInterrupt) ends a result() wait; the
+    future keeps no trace of that wait, and a later wait gets the result."""
+    class Alarm(Exception):
+        pass
+
+    def ring(signum, frame):
+        raise Alarm
+    fut = nbq.Future("a")
+    old = signal.signal(signal.SIGALRM, ring)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Alarm):
+            fut.result(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert fut._condition._sleepers == []
+    fut.set_running_or_notify_cancel()
+    fut.set_result(5)
+    assert fut.result(timeout=1) == 5
 
 
 def test_mapresult_as_completed_modes(shared_client):

@@ -32,15 +32,16 @@ class _Gate(_thread.RLock):
         waiter.acquire()
         self._sleepers.append(waiter)
         saved = self._release_save()
+        woken = False
         try:
             woken = waiter.acquire(True, -1 if timeout is None else max(timeout, 0))
         finally:
             self._acquire_restore(saved)
-        if not woken:
-            try:
-                self._sleepers.remove(waiter)
-            except ValueError:  # notified between the timeout and taking the lock again
-                pass
+            if not woken:  # timed out, or interrupted (Ctrl-C, a signal handler's exception)
+                try:
+                    self._sleepers.remove(waiter)
+                except ValueError:  # notified between the timeout and taking the lock again
+                    pass
         return woken
 
     def notify_all(self) -> None:
