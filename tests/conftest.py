@@ -15,6 +15,11 @@ import pytest
 import nbq
 from ports import free_port
 
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and
+# so would every process it starts; the Ctrl-C tests need what a terminal gives a user.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 TRANSPORTS = ["zmq", "redis"]
 #: The transports every behaviour of the contract must hold on: a test module, class or
 #: function marked ``conformance`` gets its ``transport``, ``shared_client`` and ``client``
