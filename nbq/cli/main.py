@@ -11,6 +11,7 @@ import sys
 
 from ..errors import NbqError
 from . import beat, broker, control, dashboard, events, launch, worker
+from .options import log_level
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbq", description="Run Python work on many processes and machines.")
-    p.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
+    p.add_argument("--log-level", default="warning", type=log_level, help="debug, info, warning (default), error")
     sub = p.add_subparsers(dest="command", required=True)
     broker.add_parser(sub)
     worker.add_worker_parser(sub)
