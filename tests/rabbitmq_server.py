@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ports import free_port
@@ -175,13 +176,17 @@ class RabbitServer:
             self.proc.wait()
             self.proc = None
 
-    def restart(self) -> None:
-        """Stop and start the node again on the same ports and data (its epmd stays)."""
+    def restart(self, down_for: float = 0.0, while_down: Callable[[], None] = lambda: None) -> None:
+        """Stop the node, call while_down(), keep it down for down_for seconds in all, and
+        start it again on the same ports and data (its epmd stays)."""
         self._restarting = True
         try:
             self.stop()
         finally:
             self._restarting = False
+        until = time.monotonic() + down_for
+        while_down()
+        time.sleep(max(0.0, until - time.monotonic()))  # an outage of a given length
         self.start()
 
     def _make_vhosts(self, n: int) -> None:
