@@ -12,6 +12,7 @@ import random
 import socket
 
 LOWEST = 10000  # above the well-known and most registered service ports
+_pick = random.Random()  # its own seed (from os.urandom): a test seeding random changes nothing here
 
 
 def _ephemeral_start() -> int:
@@ -26,7 +27,7 @@ def free_port() -> int:
     """A port nothing on 127.0.0.1 is bound to now, outside the ephemeral range."""
     high = _ephemeral_start()
     for _ in range(1000):
-        port = random.randrange(LOWEST, high)
+        port = _pick.randrange(LOWEST, high)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

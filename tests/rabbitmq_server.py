@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ports import free_port
@@ -26,6 +27,19 @@ CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 BOOT_TIMEOUT = 60.0
 VHOST_BATCH = 16  # fresh vhosts made at once (url())
 
+
+def _wait_free(*ports: int, timeout: float = 30.0) -> None:
+    """Wait until each port can be bound on 127.0.0.1 (at most timeout seconds)."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.2)
 
 
 def _epmd() -> str:
@@ -43,23 +57,22 @@ class RabbitServer:
             raise RuntimeError(f"{SERVER} is missing: apt-get install rabbitmq-server")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
+        self.epmd_port = free_port()
         self.node = f"nbqtest{uuid.uuid4().hex[:8]}@localhost"
-        (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
-            "log.console = false\nlog.file.level = warning\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text("")
         self.env = dict(
             os.environ, HOME=str(self.dir), RABBITMQ_NODENAME=self.node,
-            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_NODE_PORT=str(self.port),
-            RABBITMQ_DIST_PORT=str(self.dist_port), ERL_EPMD_PORT=str(self.epmd_port),
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", ERL_EPMD_PORT=str(self.epmd_port),
             ERL_EPMD_ADDRESS="127.0.0.1",
+            # the distribution listener on loopback too (Erlang's default is every interface)
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
             RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"), RABBITMQ_LOG_BASE=str(self.dir / "log"),
             RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
             RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
             RABBITMQ_PID_FILE=str(self.dir / "rabbit.pid"))
+        self._ports()
         self.epmd = subprocess.Popen([_epmd(), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
                                      env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -77,15 +90,47 @@ class RabbitServer:
     def log(self) -> Path:
         return self.dir / "server.log"
 
+    def _ports(self) -> None:
+        """Free AMQP and distribution ports, written where the node reads them."""
+        self.port, self.dist_port = free_port(), free_port()
+        self.env.update(RABBITMQ_NODE_PORT=str(self.port), RABBITMQ_DIST_PORT=str(self.dist_port))
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            "log.console = false\nlog.file.level = warning\n")
+
     def start(self) -> None:
+        """Boot the node and wait until it speaks AMQP.  A port another process took meanwhile
+        (a free port is only free when chosen) is waited for on a restart, which must keep its
+        port, or replaced by a new one on a first start; three tries."""
+        for attempt in range(3):
+            logged = self.log.stat().st_size if self.log.exists() else 0
+            if self._boot():
+                return
+            with open(self.log, "rb") as f:
+                f.seek(logged)
+                said = f.read().decode(errors="replace")
+            if "eaddrinuse" not in said or attempt == 2:
+                raise RuntimeError(f"rabbitmq-server did not start: {said[-3000:]}")
+            self.kill()  # what the node started before it gave up
+            if self._vhosts:  # clients know this port: wait for whoever holds it to let go
+                _wait_free(self.port, self.dist_port)
+            else:
+                self._ports()
+
+    def _boot(self) -> bool:
+        """Start the node; True once it answers, False if it exits first."""
         self.proc = subprocess.Popen([SERVER], env=self.env, cwd=self.dir, stdin=subprocess.DEVNULL,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + BOOT_TIMEOUT
         while not self._answers():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rabbitmq-server did not start: {self.log.read_text()[-3000:]}")
+            if self.proc.poll() is not None:
+                return False
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rabbitmq-server did not answer in {BOOT_TIMEOUT:.0f} s: "
+                                   f"{self.log.read_text()[-3000:]}")
             time.sleep(0.1)
+        return True
 
     def _answers(self) -> bool:
         """Whether the node speaks AMQP (a protocol header answered by Connection.Start)."""
@@ -113,12 +158,7 @@ class RabbitServer:
                     self.proc.wait(15)
                 except subprocess.TimeoutExpired:
                     pass
-            try:  # erl_child_setup and helpers of the node share its process group
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-            self.proc = None
+            self.kill()  # erl_child_setup and helpers of the node share its process group
         if getattr(self, "epmd", None) is not None and not self._restarting:
             self.epmd.kill()
             self.epmd.wait()
@@ -129,17 +169,24 @@ class RabbitServer:
     def kill(self) -> None:
         """SIGKILL the node, as a crash: what it wrote to disk is all that survives."""
         if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the node had ended
+                pass
             self.proc.wait()
             self.proc = None
 
-    def restart(self) -> None:
-        """Stop and start the node again on the same ports and data (its epmd stays)."""
+    def restart(self, down_for: float = 0.0, while_down: Callable[[], None] = lambda: None) -> None:
+        """Stop the node, call while_down(), keep it down for down_for seconds in all, and
+        start it again on the same ports and data (its epmd stays)."""
         self._restarting = True
         try:
             self.stop()
         finally:
             self._restarting = False
+        until = time.monotonic() + down_for
+        while_down()
+        time.sleep(max(0.0, until - time.monotonic()))  # an outage of a given length
         self.start()
 
     def _make_vhosts(self, n: int) -> None:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import nbq
+from nbq import policy
 from conftest import Processes, make_client, rabbit_server, rabbit_url, wait_until
 from nbq.errors import NbqError
 from nbq.transport.amqp.connection import parse
@@ -57,6 +58,7 @@ def test_a_task_that_keeps_killing_its_process_fails_with_worker_lost(procs):
         client.shutdown(wait=False)
 
 
+@pytest.mark.timeout(300)
 def test_rabbitmq_restarted_mid_run_loses_nothing(procs):
     # the node recovers every vhost the session made before it listens again: 30 s and more on
     # a loaded 2-core machine, past the default broker_grace (what the test is about is that
@@ -65,8 +67,11 @@ def test_rabbitmq_restarted_mid_run_loses_nothing(procs):
     try:
         res = client.map(time.sleep, [0.01] * 300, chunksize=1)
         wait_until(lambda: res.counts()["done"] >= 20, 30, what="the first results")
-        rabbit_server().restart()
+        late = []  # submitted while RabbitMQ is down, for longer than a first connection is given
+        rabbit_server().restart(down_for=policy.CONNECT_TIMEOUT + 2,
+                                while_down=lambda: late.append(client.submit(abs, -5)))
         assert res.result(timeout=120) == [None] * 300
+        assert late[0].result(timeout=30) == 5
         assert client.submit(abs, -3).result(timeout=30) == 3
     finally:
         client.shutdown(wait=False)

@@ -307,7 +307,9 @@ class AmqpClient(MessageClient):
                 ch.basic_publish("", q, blob, props(pr))
             ch.tx_commit()
 
-        self._tx.call("sending", send)
+        # through any outage, as Redis's client does: what the client submitted is kept until
+        # RabbitMQ takes it (waits say BrokerUnavailable after broker_grace meanwhile)
+        self._tx.call("sending", send, give_up=lambda: self._sender.closing)
         if self.backend is not None and self.backend.events:  # task-sent, map-sent: after the
             self.backend.write_events()                       # tasks, off a submit's path
 
