@@ -129,6 +129,7 @@ def test_status_without_a_broker_is_one_line_error(procs):
     (["worker", "-A", "no_such_module_nbq", "--broker", "tcp://127.0.0.1:1"], "worker",
      "no module named 'no_such_module_nbq'"),
     (["broker", "--bind", "127.0.0.1:5555"], "broker", "cannot listen on '127.0.0.1:5555'"),
+    (["demo", "--items", "0"], "demo", "--items must be at least 1"),
 ])
 def test_bad_arguments_are_one_line_errors(procs, args, command, words):
     rc, out, err = run_nbq(procs, *args, timeout=15)

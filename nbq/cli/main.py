@@ -58,5 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args) -> None:
+    if args.items < 1:  # an empty map has no rows to show, nor a rate
+        raise ValueError(f"--items must be at least 1, not {args.items}")
     from ..demo import run
     run(args.items, args.workers)
