@@ -40,6 +40,11 @@ class SerializationError(NbqError, TypeError):
     """A function, argument or result could not be pickled; the message names which."""
 
 
+class AddressError(NbqError, ValueError):
+    """A broker address nbq cannot use (an unknown scheme, such as http:// or none): a
+    ValueError, as redis-py's and urllib's are for a malformed URL."""
+
+
 class MessageTooLarge(NbqError, ValueError):
     """A message (a task's arguments, a function) is larger than the broker's max_message_size."""
 

@@ -56,6 +56,18 @@ def test_failure_by_id_carries_type_and_traceback(shared_client, other):
     assert isinstance(res.result, ValueError) and "in boom" in res.traceback
 
 
+def test_celerys_other_names_for_id_result_and_state(shared_client, other):
+    """res.task_id, res.info and res.status, as Celery projects read them."""
+    def boom():
+        raise ValueError("nope")
+    good = nbq.AsyncResult(shared_client.submit(pow, 2, 8).id, client=other)
+    bad = nbq.AsyncResult(shared_client.submit(boom).id, client=other)
+    assert good.get(timeout=10) == 256 and good.task_id == good.id
+    assert (good.info, good.status) == (256, nbq.SUCCESS)
+    assert isinstance(bad.get(timeout=10, propagate=False), ValueError)
+    assert isinstance(bad.info, ValueError) and bad.status == nbq.FAILURE
+
+
 def _held(gate: str) -> None:
     """Runs until the test creates gate (30 s at most)."""
     deadline = time.monotonic() + 30

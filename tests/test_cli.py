@@ -126,11 +126,32 @@ def test_status_without_a_broker_is_one_line_error(procs):
     (["worker", "-c", "0"], "worker", "--concurrency"),
     (["status", "--broker", "http://x"], "status", "unsupported broker address"),
     (["worker", "--broker", "http://x", "-c", "1"], "worker", "unsupported broker address"),
+    (["worker", "-A", "no_such_module_nbq", "--broker", "tcp://127.0.0.1:1"], "worker",
+     "no module named 'no_such_module_nbq'"),
+    (["broker", "--bind", "127.0.0.1:5555"], "broker", "cannot listen on '127.0.0.1:5555'"),
+    (["demo", "--items", "0"], "demo", "--items must be at least 1"),
 ])
 def test_bad_arguments_are_one_line_errors(procs, args, command, words):
     rc, out, err = run_nbq(procs, *args, timeout=15)
     line = assert_one_line_error(rc, err, command)
     assert words in line, line
+
+
+def test_broker_on_a_port_in_use_is_a_one_line_error(procs):
+    """A second `nbq broker` on a port taken (by another broker, say) says so and exits."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        rc, _, err = run_nbq(procs, "broker", "--bind", address, timeout=15)
+    line = assert_one_line_error(rc, err, "broker")
+    assert f"cannot listen on '{address}'" in line and "in use" in line, line
+
+
+def test_unknown_log_level_is_a_usage_error(procs):
+    rc, out, err = run_nbq(procs, "--log-level", "verbose", "status", timeout=15)
+    assert rc == 2 and "Traceback" not in err, err
+    assert "--log-level" in err and "'verbose'" in err, err
 
 
 def test_worker_exits_with_an_error_when_its_broker_stops(procs):

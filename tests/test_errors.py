@@ -28,6 +28,14 @@ def test_every_public_error_is_an_nbq_error():
     assert {"nbq.exceptions.Retry", "nbq.BrokerTimeout", "nbq.errors.RemoteTraceback"} <= set(found)
 
 
+@pytest.mark.parametrize("address", ["http://127.0.0.1:5555", "localhost:5555"])
+def test_an_unusable_broker_address_is_a_value_error_naming_the_schemes(address):
+    """As a malformed URL is for redis-py and urllib: ValueError, still an NbqError."""
+    with pytest.raises(ValueError, match=r"unsupported broker address .*use tcp://host:port") as e:
+        nbq.Client(address)
+    assert isinstance(e.value, nbq.NbqError)
+
+
 def test_broker_timeout_is_a_timeout_error_that_says_what_to_do(procs):
     """A broker that does not answer a request, and one no worker joins, raise BrokerTimeout:
     an NbqError that ``except TimeoutError`` still catches."""

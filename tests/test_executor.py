@@ -183,6 +183,34 @@ def test_as_completed_and_wait(shared_client, tmp_path):
     assert done.pop().result() == 1
 
 
+def test_as_completed_timeout_counts_the_callers_futures(shared_client, tmp_path):
+    """The TimeoutError says how many of the futures given are unfinished, as
+    concurrent.futures' does (not counting what nbq waits on beside them)."""
+    fut = shared_client.submit(held_until(tmp_path / "gate"))
+    try:
+        with pytest.raises(TimeoutError, match=r"^1 \(of 1\) futures unfinished$"):
+            list(nbq.as_completed([fut], timeout=0.05))
+    finally:
+        (tmp_path / "gate").touch()
+    assert fut.result(timeout=10) is None
+
+
+@pytest.mark.parametrize("chunksize", [2.5, "3"])
+def test_map_refuses_a_chunksize_that_is_not_an_int(shared_client, chunksize):
+    """As ProcessPoolExecutor.map: a TypeError in the caller, not a map that never ends."""
+    with pytest.raises(TypeError, match="chunksize must be an int"):
+        shared_client.map(abs, range(3), chunksize=chunksize)
+
+
+@pytest.mark.parametrize("queue", [None, 5, ""])
+def test_a_queue_that_is_not_a_name_fails_in_the_caller(shared_client, queue):
+    """Not a task sent where no worker will ever look (and a shutdown waiting for it)."""
+    with pytest.raises((TypeError, ValueError), match="queue must be"):
+        shared_client.submit(abs, 1, queue=queue)
+    with pytest.raises((TypeError, ValueError), match="queue must be"):
+        shared_client.map(abs, [1], queue=queue)
+
+
 def test_future_waits_as_a_standard_future_across_threads():
     """nbq.Future waits on a lock of its own, not a threading.Condition: it keeps every field
     concurrent.futures.Future has, and its waits, callbacks, wait() and as_completed()."""

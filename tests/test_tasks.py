@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -286,6 +287,24 @@ def test_json_tasks_and_a_worker_that_refuses_pickle(project, tmp_path):
     assert t.add.apply_async((1, 2), queue="json", serializer="json").get(timeout=20) == 3
     with pytest.raises(ContentDisallowed, match="accepts json only"):
         t.add.apply_async((1, 2), queue="json").get(timeout=10)
+
+
+def test_an_unpicklable_argument_is_named_in_the_caller():
+    """As Client.submit: the task's own argument and name, not its runner's (body, request)."""
+    app = nbq.App("unpicklable", broker="memory://unpicklable")
+
+    @app.task
+    def second(x, y):
+        return y
+
+    try:
+        with pytest.raises(nbq.SerializationError,
+                           match=r"^argument 1 \(lock\) of test_tasks\.second could not be pickled"):
+            second.delay(1, threading.Lock())
+        with pytest.raises(nbq.SerializationError, match=r"keyword argument 'y' \(lock\) of"):
+            second.apply_async((1,), {"y": threading.Lock()})
+    finally:
+        app.close()
 
 
 def test_app_conf_and_config_from_object():

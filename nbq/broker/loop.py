@@ -62,7 +62,7 @@ from typing import Callable
 import zmq
 
 from .. import events, keys, policy, protocol, replay, schema, secure, shm
-from ..errors import SignatureError
+from ..errors import NbqError, SignatureError
 from .dispatch import Dispatcher
 from .door import Door
 from .members import Members
@@ -105,11 +105,14 @@ class Broker:
         self._zap = secure.CurveGate(self.sock, key) if self.curve else None
         self.addresses = []
         for addr in binds:
-            if addr.startswith("tcp://") and addr.endswith(":0"):
-                port = self.sock.bind_to_random_port(addr.rsplit(":", 1)[0])
-                addr = f"{addr.rsplit(':', 1)[0]}:{port}"
-            else:
-                self.sock.bind(addr)
+            try:
+                addr = self._bind(addr)
+            except zmq.ZMQError as e:  # a port in use, a typo: said in a line, sockets closed
+                self.sock.close(linger=0)
+                if self._zap:
+                    self._zap.close()
+                raise NbqError(f"cannot listen on {addr!r}: {e.strerror} (give --bind "
+                               "tcp://HOST:PORT with a free port)") from None
             self.addresses.append(addr)
         self._stop_r = self.ctx.socket(zmq.PAIR)
         self._stop_addr = f"inproc://nbq-broker-stop-{id(self)}"
@@ -148,6 +151,14 @@ class Broker:
         }
 
     # -- loop -----------------------------------------------------------------
+
+    def _bind(self, addr: str) -> str:
+        """Listen on addr (``tcp://HOST:0``: a free port); the address bound."""
+        if addr.startswith("tcp://") and addr.endswith(":0"):
+            port = self.sock.bind_to_random_port(addr.rsplit(":", 1)[0])
+            return f"{addr.rsplit(':', 1)[0]}:{port}"
+        self.sock.bind(addr)
+        return addr
 
     def run(self) -> None:
         """Serve until stop() is called from any thread."""

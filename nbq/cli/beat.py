@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .options import BROKER_HELP, add_key_file, app_broker, load_app
+from .options import BROKER_HELP, add_key_file, app_broker, load_app, log_level
 
 
 def add_parser(sub) -> None:
@@ -24,7 +24,7 @@ def add_beat_options(parser: argparse.ArgumentParser) -> None:
                         "was last sent, read when it restarts (beats share ticks through the broker, "
                         "not this file; default: nbq-beat-schedule, here)")
     parser.add_argument("-l", "--loglevel", dest="log_level", default=argparse.SUPPRESS,
-                        help="as --log-level (info logs each beat send)")
+                        type=log_level, help="as --log-level (info logs each beat send)")
 
 
 def _beat(args) -> None:

@@ -11,6 +11,7 @@ import sys
 
 from ..errors import NbqError
 from . import beat, broker, control, dashboard, events, launch, worker
+from .options import log_level
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nbq", description="Run Python work on many processes and machines.")
-    p.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
+    p.add_argument("--log-level", default="warning", type=log_level, help="debug, info, warning (default), error")
     sub = p.add_subparsers(dest="command", required=True)
     broker.add_parser(sub)
     worker.add_worker_parser(sub)
@@ -57,5 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args) -> None:
+    if args.items < 1:  # an empty map has no rows to show, nor a rate
+        raise ValueError(f"--items must be at least 1, not {args.items}")
     from ..demo import run
     run(args.items, args.workers)

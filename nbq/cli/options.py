@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
+from ..errors import NbqError
 from ..transport import across_processes
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -23,6 +25,13 @@ def add_max_message_age(parser: argparse.ArgumentParser) -> None:
                         "which a message (on a worker: a control command) is refused as a "
                         "possible replay; also the clock difference tolerated between hosts "
                         "(default 300)")
+
+
+def log_level(name: str) -> str:
+    """--log-level's (and -l's) value: a logging level's name, any case (as Celery's -l INFO)."""
+    if not isinstance(logging.getLevelName(name.upper()), int):
+        raise argparse.ArgumentTypeError(f"{name!r}: use debug, info, warning or error")
+    return name
 
 
 def given(**options) -> dict:
@@ -48,7 +57,15 @@ def load_app(spec: str):
     """The app of ``-A spec``, imported from the current directory as Celery does."""
     from ..tasks import load_app as load
     cwd_on_path()
-    return load(spec)
+    module = spec.partition(":")[0]
+    try:
+        return load(spec)
+    except ModuleNotFoundError as e:  # only -A's own module: a missing import inside it keeps
+        if e.name is None or not f"{module}.".startswith(f"{e.name}."):  # its traceback
+            raise
+        raise NbqError(f"-A {spec}: no module named {e.name!r} in {os.getcwd()} or on "
+                       "sys.path: start the command in the folder of the app's module, or "
+                       "install it") from None
 
 
 def cwd_on_path() -> None:

@@ -26,13 +26,13 @@ from ..policy import CONNECT_TIMEOUT
 from . import registry
 from .control import Controls, terminate
 from .events import Subscriptions
-from .feeding import Chunker, Feeder, ProcessCount, default_chunksize
+from .feeding import Chunker, Feeder, ProcessCount, chunk_count, default_chunksize
 from .future import Future
 from .link import BROKER_GRACE, BrokerLink
 from .mapresult import MapResult
 from .receiver import Receiver
 from .requests import Requests
-from .sending import Sender, client_task_header, task_options
+from .sending import Sender, check_queue, client_task_header, task_options
 from .shipping import FunctionCache, function_name, ship_modules
 from .shutdown import ClientShutdown
 from .watching import Watches
@@ -163,6 +163,7 @@ class Client(ClientShutdown, concurrent.futures.Executor):
                 tid: str | None = None, options: dict | None = None) -> Future:
         """submit() with a chosen task id and header options (``eta``, ``x`` expiry: epoch seconds)."""
         self._check_open()
+        check_queue(queue)
         h = self._ship(fn)
         payload = protocol.dumps_call(function_name(fn), args, kwargs)
         tid = tid or f"{self.id}-{next(self._seq)}"
@@ -199,11 +200,12 @@ class Client(ClientShutdown, concurrent.futures.Executor):
 
     def _map(self, fn, source, star: bool, timeout, chunksize, queue) -> MapResult:
         self._check_open()
+        check_queue(queue)
         total = len(source) if hasattr(source, "__len__") and hasattr(source, "__getitem__") else None
         if chunksize is None:
             chunksize = default_chunksize(total, self._processes)
-        elif chunksize < 1:
-            raise ValueError("chunksize must be at least 1")
+        else:
+            chunksize = chunk_count(chunksize)
         h = self._ship(fn)
         map_id = f"{self.id}-m{next(self._seq)}"
         keep = None if total is not None else []

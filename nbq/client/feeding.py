@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -189,6 +190,19 @@ class ProcessCount:
                 n = 0
             self._asked = (time.monotonic(), n)
         return n
+
+
+def chunk_count(chunksize: object) -> int:
+    """A map's chunksize as an int of at least 1 (numpy's integers too), else TypeError or
+    ValueError in the caller: a float or a str would fail the map's first chunk and leave
+    the map waiting for items never sent."""
+    try:
+        chunksize = operator.index(chunksize)
+    except TypeError:
+        raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}") from None
+    if chunksize < 1:
+        raise ValueError("chunksize must be at least 1")
+    return chunksize
 
 
 def default_chunksize(total: int | None, processes: Callable[[], int]) -> int:

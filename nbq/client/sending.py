@@ -110,6 +110,16 @@ def client_task_header(max_task_deaths: int) -> dict:
     return {} if max_task_deaths == MAX_DEATHS else {"md": max_task_deaths}
 
 
+def check_queue(queue: object) -> None:
+    """Raise unless queue is a queue's name: a task sent under None or 5 would wait where no
+    worker looks (and a shutdown with it)."""
+    if not isinstance(queue, str):
+        raise TypeError(f"queue must be a queue's name (a str such as 'default'), not "
+                        f"{type(queue).__name__}")
+    if not queue:
+        raise ValueError("queue must be a queue's name, not an empty string")
+
+
 def task_options(eta: float | None, expires: float | None, priority: int | None,
                  max_task_deaths: int | None, argsrepr: str | None = None,
                  parent_id: str | None = None, root_id: str | None = None) -> dict:

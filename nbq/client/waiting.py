@@ -53,12 +53,16 @@ def as_completed(fs: Iterable, timeout: float | None = None) -> Iterator:
     """concurrent.futures.as_completed; BrokerUnavailable once a client of fs gave up on its
     broker."""
     fs = set(fs)
+    total = len(fs)
     signals = _signals(fs)
-    for f in cf.as_completed(fs | signals, timeout):
+    finished = cf.as_completed(fs | signals, timeout)
+    while fs:
+        try:
+            f = next(finished)
+        except cf.TimeoutError:  # counted as concurrent.futures counts: the caller's futures
+            raise cf.TimeoutError(f"{len(fs)} (of {total}) futures unfinished") from None
         if f in signals:
             f.result()  # raises BrokerUnavailable
         else:
             yield f
             fs.discard(f)
-            if not fs:
-                return

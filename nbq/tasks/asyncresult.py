@@ -58,6 +58,13 @@ class AsyncResult:
             return None
         return self._future.exception() or self._future.result()
 
+    info = result  # Celery's other name for it
+
+    @property
+    def task_id(self) -> str:
+        """The task's id (Celery's other name for ``id``)."""
+        return self.id
+
     @property
     def traceback(self) -> str | None:
         """The worker's traceback text of a failed task."""

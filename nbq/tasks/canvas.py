@@ -13,6 +13,8 @@ import uuid
 from datetime import datetime
 from typing import Any, Iterable
 
+from .. import protocol
+from ..errors import SerializationError
 from ..events import args_repr
 from .asyncresult import AsyncResult
 from . import serializers
@@ -191,11 +193,16 @@ def send(client, sig: Signature, chain: list | None = None, chord: dict | None =
     body = (ser, serializers.encode(ser, (sig.args, sig.kwargs) if ser == "pickle"
                                     else [list(sig.args), sig.kwargs], f"the arguments of {sig.name}"))
     # reject_on_worker_lost=False is Celery's "the first death of its process fails it"
-    client.apply(sig.runner, (body, req), task_id=sig.id, queue=opts["queue"], eta=eta,
-                 expires=expires, priority=opts.get("priority"),
-                 max_task_deaths=1 if opts.get("reject_on_worker_lost") is False else None,
-                 argsrepr=args_repr(sig.args, sig.kwargs), parent_id=opts.get("parent_id"),
-                 root_id=opts.get("root_id"))
+    try:
+        client.apply(sig.runner, (body, req), task_id=sig.id, queue=opts["queue"], eta=eta,
+                     expires=expires, priority=opts.get("priority"),
+                     max_task_deaths=1 if opts.get("reject_on_worker_lost") is False else None,
+                     argsrepr=args_repr(sig.args, sig.kwargs), parent_id=opts.get("parent_id"),
+                     root_id=opts.get("root_id"))
+    except SerializationError:  # named as the task's own argument, not the runner's tuple
+        if ser == "pickle":
+            protocol.dumps_call(sig.name, sig.args, sig.kwargs)
+        raise
 
 
 class GroupResult:

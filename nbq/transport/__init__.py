@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ..errors import NbqError
+from ..errors import AddressError, NbqError
 from .base import ClientConnection, SupervisorConnection, WorkerConnection
 
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
@@ -47,7 +47,7 @@ def _check(address: str) -> bool:
     if address.startswith(REDIS_SCHEMES):
         return True
     if not address.startswith(ZMQ_SCHEMES + AMQP_SCHEMES):
-        raise NbqError(f"unsupported broker address {address!r}: use tcp://host:port "
+        raise AddressError(f"unsupported broker address {address!r}: use tcp://host:port "
                        "(an `nbq broker`), ipc://path, redis://[user:password@]host:port/db, "
                        "unix:///path/to/redis.sock, amqp://user:password@host:port/vhost, "
                        "or memory:// (in-process)")
