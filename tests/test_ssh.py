@@ -256,7 +256,7 @@ def test_lab_notebook(ssh_config, slurm, tmp_path, monkeypatch):
     assert "left running: 0" in text and not slurm.jobs(), text
     assert "a cell ran on 127.0.0." in text, text  # %nbq launch ssh, then %%remote
     # the displayed cluster is a live table: redrawn until it closed
-    tables = [st["state"].get("value", "") for st in widget_states(nb).values()]
+    tables = [v for st in widget_states(nb).values() if isinstance(v := st["state"].get("value"), str)]
     assert any("<b>SSHCluster</b>" in t and "closed" in t for t in tables), tables
 
 

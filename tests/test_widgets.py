@@ -147,3 +147,47 @@ def test_quickstart_notebook_runs_on_a_real_kernel(tmp_path):
     progress = [s["state"] for s in states.values() if s["model_name"] == "IntProgressModel"]
     assert {(p["value"], p["max"], p["bar_style"]) for p in progress} >= {
         (2000, 2000, "success"), (50, 50, "success"), (49, 49, "danger")}, progress
+
+
+class _ClosedWhileDrawn:
+    """A cluster as the live view sees it, closed by another thread during its second draw."""
+
+    def __init__(self) -> None:
+        self._closed, self.draws = False, 0
+
+    def _repr_html_(self) -> str:
+        self.draws += 1
+        html = "closed" if self._closed else "open"
+        if self.draws == 2:
+            self._closed = True  # close() ran while this table was being drawn
+        return html
+
+
+def test_a_cluster_table_closed_during_a_draw_is_redrawn_closed(monkeypatch):
+    import weakref
+
+    import ipywidgets
+
+    from nbq.clusters import view
+    monkeypatch.setattr(view, "INTERVAL", 0.01)
+    cluster, widget = _ClosedWhileDrawn(), ipywidgets.HTML("first")
+    view._redraw(weakref.ref(cluster), widget)  # returns after its last draw
+    assert widget.value == "closed" and cluster.draws == 3
+
+
+def test_closing_a_cluster_redraws_its_live_table_at_once(monkeypatch):
+    """close() draws the table closed from its own thread (the closing cell's), not a second
+    later from the view's thread (whose output a notebook run may have stopped recording)."""
+    from ipywidgets.widgets.widget import _instances
+
+    from nbq.clusters import view
+    from nbq.clusters.base import Cluster
+    monkeypatch.setattr(view, "INTERVAL", 3600)  # only close() can redraw it here
+    cluster = Cluster()  # an embedded broker, no workers
+    try:
+        bundle = cluster._repr_mimebundle_()
+        widget = _instances[bundle["application/vnd.jupyter.widget-view+json"]["model_id"]]
+        assert "closed" not in widget.value
+    finally:
+        cluster.close()
+    assert "<b>Cluster</b>" in widget.value and "closed" in widget.value, widget.value

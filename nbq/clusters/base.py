@@ -285,6 +285,7 @@ class Cluster:
         self._closed = True
         _open.discard(self)
         with contextlib.ExitStack() as steps:  # callbacks run last-registered first
+            steps.callback(table.show_closed, self)
             steps.callback(self._stop_broker)
             steps.callback(self._stop_client)
             steps.callback(self._stop_units)

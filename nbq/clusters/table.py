@@ -3,12 +3,24 @@ memory), and in Jupyter the live view of view.py around it."""
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Callable
 
 from ..client.status import dashboard_link
 
 if TYPE_CHECKING:
     from .base import Cluster
+
+#: cluster -> a draw(cluster) for each of its live tables (view.py), for show_closed
+views: "weakref.WeakKeyDictionary[Cluster, list[Callable[[Cluster], None]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def show_closed(cluster: "Cluster") -> None:
+    """Redraw a closing cluster's live tables from the thread closing it: the cell that closed
+    it shows it closed at once, and a notebook saved then has it so."""
+    for draw in views.pop(cluster, ()):
+        draw(cluster)
 
 
 def html_table(cluster: "Cluster") -> str:
