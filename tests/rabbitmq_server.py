@@ -34,7 +34,8 @@ def _wait_free(*ports: int, timeout: float = 30.0) -> None:
     for port in ports:
         while time.monotonic() < deadline:
             with socket.socket() as s:
-                try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the node listens:
+                try:                                                    # TIME_WAIT is no owner
                     s.bind(("127.0.0.1", port))
                     break
                 except OSError:
@@ -127,8 +128,9 @@ class RabbitServer:
             if self.proc.poll() is not None:
                 return False
             if time.monotonic() > deadline:
-                raise RuntimeError(f"rabbitmq-server did not answer in {BOOT_TIMEOUT:.0f} s: "
-                                   f"{self.log.read_text()[-3000:]}")
+                said = self.log.read_text()[-3000:]
+                self.kill()  # down, so that the next test starts a node of its own
+                raise RuntimeError(f"rabbitmq-server did not answer in {BOOT_TIMEOUT:.0f} s: {said}")
             time.sleep(0.1)
         return True
 

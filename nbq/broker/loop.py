@@ -111,7 +111,7 @@ class Broker:
                 self.sock.close(linger=0)
                 if self._zap:
                     self._zap.close()
-                raise NbqError(f"cannot listen on {addr!r}: {e.strerror} (give --bind "
+                raise NbqError(f"cannot listen on {addr!r}: {zmq.strerror(e.errno)} (give --bind "
                                "tcp://HOST:PORT with a free port)") from None
             self.addresses.append(addr)
         self._stop_r = self.ctx.socket(zmq.PAIR)
